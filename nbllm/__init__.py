@@ -1,0 +1,66 @@
+"""nbllm: run datasets of (multi-turn) LLM conversations in parallel, from a notebook or a script.
+
+import nbllm
+result = nbllm.run(data, model="openai/gpt-4o-mini", concurrency=64, rpm=500)
+result.df        # one row per turn
+result.summary   # the run's figures
+"""
+
+from __future__ import annotations
+
+from nbllm.api import arun, run
+from nbllm.config import RunConfig
+from nbllm.dataset import load_conversations
+from nbllm.engines import Engine, FakeEngine, LiteLLMEngine, OpenAIEngine
+from nbllm.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectionFailed,
+    DatasetError,
+    EngineError,
+    EngineUnavailable,
+    NbllmError,
+    RateLimitError,
+    RequestRejected,
+    RequestTimeout,
+    RetryableError,
+    ServerError,
+)
+from nbllm.executor import Executor, RateLimiter, RetryPolicy
+from nbllm.results import RunResult, RunSummary
+from nbllm.types import ChatRequest, ChatResponse, Conversation, TurnRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "ChatRequest",
+    "ChatResponse",
+    "ConfigError",
+    "ConnectionFailed",
+    "Conversation",
+    "DatasetError",
+    "Engine",
+    "EngineError",
+    "EngineUnavailable",
+    "Executor",
+    "FakeEngine",
+    "LiteLLMEngine",
+    "NbllmError",
+    "OpenAIEngine",
+    "RateLimitError",
+    "RateLimiter",
+    "RequestRejected",
+    "RequestTimeout",
+    "RetryPolicy",
+    "RetryableError",
+    "RunConfig",
+    "RunResult",
+    "RunSummary",
+    "ServerError",
+    "TurnRecord",
+    "__version__",
+    "arun",
+    "load_conversations",
+    "run",
+]

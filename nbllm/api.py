@@ -1,0 +1,225 @@
+"""``nbllm.run`` and ``nbllm.arun``: the public way in.
+
+``run`` blocks until the batch is done and works everywhere: in a plain script it
+drives its own event loop; where a loop is already running (a Jupyter kernel) it runs
+the batch on a private loop in a worker thread, so there is never an "event loop is
+already running" error. Ctrl-C (or the kernel's interrupt) stops the batch cleanly
+and returns what finished. ``arun`` is the same as a coroutine, for ``await``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from nbllm.config import RunConfig
+from nbllm.dataset import load_conversations
+from nbllm.engines import Engine, create_engine
+from nbllm.errors import ConfigError
+from nbllm.executor import Event, Executor
+from nbllm.results import RunResult
+
+__all__ = ["arun", "run"]
+
+
+def _check_persistence(checkpoint: Any, cache: Any) -> None:
+    # Checkpoint files and the response cache are not part of this release: refuse
+    # rather than silently run without the persistence the caller asked for.
+    if checkpoint not in (False, None):
+        msg = (
+            f"checkpoint={checkpoint!r}: checkpointing to disk is not available in this "
+            "version of nbllm; pass checkpoint=False to run without it"
+        )
+        raise ConfigError(msg)
+    if cache not in (False, None):
+        msg = (
+            f"cache={cache!r}: the response cache is not available in this version of "
+            "nbllm; pass cache=False to run without it"
+        )
+        raise ConfigError(msg)
+
+
+def _api_key_for(engine: Any, api_base: str | None, api_key: str | None) -> str | None:
+    """The key for a server given by ``api_base`` when ``api_key=`` is not given.
+
+    ``OPENAI_API_KEY`` is only ever sent to OpenAI's own host, never to another server;
+    ``NBLLM_API_KEY`` is for any other server. Without ``api_base``, litellm reads its
+    usual variables itself.
+    """
+    if api_key is not None or api_base is None or isinstance(engine, Engine):
+        return api_key
+    host = urllib.parse.urlsplit(api_base).hostname or ""
+    if host == "api.openai.com":
+        return os.environ.get("OPENAI_API_KEY")
+    return os.environ.get("NBLLM_API_KEY")
+
+
+def _progress_listener(progress: bool | None) -> Callable[[Event], None] | None:
+    if progress is None:
+        progress = sys.stderr.isatty() or "ipykernel" in sys.modules
+    if not progress:
+        return None
+    from nbllm.ui.progress import TextProgress
+
+    return TextProgress()
+
+
+async def arun(
+    data: Any,
+    *,
+    model: str | None = None,
+    api_base: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 32,
+    rpm: float | None = None,
+    tpm: float | None = None,
+    timeout: float | None = 120.0,
+    retries: Any = 5,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    progress: bool | None = None,
+    checkpoint: Any = False,
+    cache: Any = False,
+    engine: str | Engine = "auto",
+    max_conversations: int | None = None,
+    listeners: Iterable[Callable[[Event], None]] = (),
+    **params: Any,
+) -> RunResult:
+    """Run a dataset of conversations and return one row per turn; see ``run``."""
+    if model is None:
+        if isinstance(engine, Engine):
+            model = engine.name
+        else:
+            msg = (
+                "model= is required: a litellm model string such as 'openai/gpt-4o-mini', "
+                "or the model name a server at api_base= serves"
+            )
+            raise ConfigError(msg)
+    config = RunConfig(
+        model=model,
+        api_base=api_base,
+        api_key=api_key,
+        concurrency=concurrency,
+        max_conversations=max_conversations,
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        retries=retries,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        progress=progress,
+        params=params,
+    )
+    _check_persistence(checkpoint, cache)
+    conversations = load_conversations(data)
+    chosen = create_engine(
+        engine,
+        model=config.model,
+        api_base=config.api_base,
+        api_key=_api_key_for(engine, config.api_base, config.api_key),
+        max_connections=max(config.concurrency, 8),
+    )
+    every = list(listeners)
+    bar = _progress_listener(config.progress)
+    if bar is not None:
+        every.append(bar)
+    executor = Executor(
+        chosen,
+        model=config.model,
+        concurrency=config.concurrency,
+        max_conversations=config.max_conversations,
+        rpm=config.rpm,
+        tpm=config.tpm,
+        timeout=config.timeout,
+        retry=config.retry_policy,
+        system=config.system,
+        params=config.sampling_params,
+        listeners=every,
+    )
+    try:
+        return await executor.run(conversations)
+    finally:
+        if chosen is not engine:
+            await chosen.aclose()
+
+
+def run(data: Any, **options: Any) -> RunResult:
+    """Run a dataset of (multi-turn) conversations in parallel; return a ``RunResult``.
+
+    ``data``: a long or wide DataFrame, a list of ``{"id", "turns", ...}`` records, a
+    JSONL path, or ``Conversation`` objects (see ``nbllm.dataset``). Options:
+    ``model`` (any litellm model string), ``api_base`` / ``api_key`` (any
+    OpenAI-compatible server), ``concurrency`` (requests in flight), ``rpm`` / ``tpm``
+    (per-minute budgets), ``timeout`` (seconds per attempt), ``retries`` (an int or a
+    ``RetryPolicy``), ``system`` (default system prompt), ``max_tokens``,
+    ``temperature``, ``progress`` (a text bar; default: when interactive),
+    ``engine`` ("auto", "openai", "litellm" or an ``Engine``), ``max_conversations``,
+    ``listeners`` (callables receiving executor events). ``checkpoint`` and ``cache``
+    must be False in this version. Any other keyword is passed to the engine as a
+    sampling parameter (``top_p=0.9``, ``seed=1``, ...).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(arun(data, **options))
+    return _run_beside_running_loop(data, options)
+
+
+def _run_beside_running_loop(data: Any, options: dict[str, Any]) -> RunResult:
+    """Run on a private loop in a worker thread while the caller's loop (a kernel's) waits."""
+    box: dict[str, Any] = {}
+    ready = threading.Event()
+    done = threading.Event()
+
+    def target() -> None:
+        async def main() -> RunResult:
+            box["loop"] = asyncio.get_running_loop()
+            box["task"] = asyncio.current_task()
+            ready.set()
+            return await arun(data, **options)
+
+        try:
+            box["result"] = asyncio.run(main())
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            ready.set()
+            done.set()
+
+    thread = threading.Thread(target=target, name="nbllm-run", daemon=True)
+    thread.start()
+    ready.wait()
+
+    def stop_batch(*_: Any) -> None:
+        loop, task = box.get("loop"), box.get("task")
+        if loop is not None and task is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+
+    # While the batch runs, Ctrl-C (or a kernel interrupt) stops the batch rather than
+    # whatever the caller's loop would do with it; the previous handler comes back after.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            previous = signal.signal(signal.SIGINT, stop_batch)
+        except ValueError:
+            previous = None
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        stop_batch()
+        done.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

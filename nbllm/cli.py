@@ -1,0 +1,214 @@
+"""The ``nbllm`` command: run a file of conversations from a terminal.
+
+::
+
+    nbllm run conversations.jsonl --model openai/gpt-4o-mini --rpm 500 --out results.csv
+
+Thin on purpose: parse the arguments, read the file, call ``nbllm.run``, print the
+summary, write ``--out``. Anything the command does, ``nbllm.run`` does.
+
+Exit codes: 0 every turn succeeded, 1 some turns failed, 2 bad input or option
+(nothing was sent), 130 interrupted (``--out`` still holds what finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nbllm
+from nbllm.engines import ENGINE_NAMES
+from nbllm.errors import ConfigError, DatasetError, NbllmError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["main"]
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_OUT_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+def _require_pyarrow(what: str) -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        msg = f"{what} needs pyarrow, which is not installed (pip install pyarrow)"
+        raise ConfigError(msg) from None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    # Text stays text ("007", "12" as a reference answer); only the turn numbers are numbers.
+    df = pd.read_csv(path, dtype=str)
+    if "turn" in df.columns:
+        # On failure load_conversations names the row that holds the bad turn number.
+        with contextlib.suppress(ValueError, TypeError):
+            df["turn"] = pd.to_numeric(df["turn"])
+    return df
+
+
+def _read_data(path: Path) -> Any:
+    """What ``nbllm.run`` takes for this file: the path itself, or a DataFrame."""
+    suffix = path.suffix.lower()
+    if suffix not in _DATA_SUFFIXES:
+        msg = f"{str(path)!r}: expected a .jsonl, .json, .csv or .parquet file, got {suffix!r}"
+        raise DatasetError(msg)
+    if not path.is_file():
+        msg = f"no such file: {str(path)!r}"
+        raise DatasetError(msg)
+    if suffix in (".jsonl", ".json"):
+        return path
+    if suffix == ".parquet":
+        _require_pyarrow("reading a .parquet file")
+    import pandas as pd
+
+    try:
+        return _read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # unreadable, not CSV / Parquet, not UTF-8
+        msg = f"cannot read {str(path)!r}: {exc}"
+        raise DatasetError(msg) from exc
+
+
+def _check_out(path: Path) -> None:
+    """Refuse an output we could not write, before any request is sent."""
+    suffix = path.suffix.lower()
+    if suffix not in _OUT_SUFFIXES:
+        msg = f"--out {str(path)!r}: expected a .csv, .jsonl or .parquet file, got {suffix!r}"
+        raise ConfigError(msg)
+    if suffix == ".parquet":
+        _require_pyarrow("--out with .parquet")
+    parent = path.parent
+    if not parent.is_dir():
+        msg = f"--out {str(path)!r}: the folder {str(parent)!r} does not exist"
+        raise ConfigError(msg)
+
+
+def _write_out(df: pd.DataFrame, path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        # One JSON object per turn; missing values (NaN, NA) become null.
+        text = df.to_json(orient="records", lines=True, force_ascii=False)
+        if text and not text.endswith("\n"):
+            text += "\n"
+        path.write_text(text, encoding="utf-8")
+    else:
+        df.to_parquet(path, index=False)
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_out(out)
+    data = _read_data(Path(args.data))
+    result = nbllm.run(
+        data,
+        model=args.model,
+        api_base=args.api_base,
+        api_key=args.api_key,
+        concurrency=args.concurrency,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        timeout=args.timeout,
+        retries=args.retries,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        engine=args.engine,
+        progress=not args.no_progress,
+    )
+    print(result.summary)
+    summary = result.summary
+    if out is not None:
+        try:
+            _write_out(result.df, out)
+        except OSError as exc:
+            msg = f"cannot write {str(out)!r}: {exc}"
+            raise ConfigError(msg) from exc
+        print(f"nbllm: wrote {len(result.df)} rows to {out}", file=sys.stderr)
+    if result.interrupted:
+        print(
+            f"nbllm: interrupted: {summary.turns_ok} of {summary.turns} turns finished",
+            file=sys.stderr,
+        )
+        return 130
+    if summary.turns_failed:
+        print(
+            f"nbllm: {summary.turns_failed} of {summary.turns} turns failed "
+            "(see the 'error' column)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbllm",
+        description="Run datasets of multi-turn LLM conversations in parallel.",
+    )
+    parser.add_argument("--version", action="version", version=f"nbllm {nbllm.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run a file of conversations and print the summary",
+        description=(
+            "Run every conversation in DATA and print the run's summary. The API key comes "
+            "from --api-key or the environment (NBLLM_API_KEY for a server at --api-base; "
+            "the provider's usual variable, such as OPENAI_API_KEY, otherwise)."
+        ),
+        epilog="exit codes: 0 all turns ok, 1 some turns failed, 2 bad input, 130 interrupted",
+    )
+    run.add_argument(
+        "data", metavar="DATA", help="a .jsonl/.json, .csv (long or wide) or .parquet file"
+    )
+    run.add_argument("--model", required=True, help="e.g. openai/gpt-4o-mini")
+    run.add_argument("--api-base", metavar="URL", help="an OpenAI-compatible server's URL")
+    run.add_argument("--api-key", metavar="KEY", help="never printed nor written anywhere")
+    run.add_argument("--concurrency", type=int, default=32, metavar="N", help="requests in flight")
+    run.add_argument("--rpm", type=float, metavar="N", help="requests per minute")
+    run.add_argument("--tpm", type=float, metavar="N", help="tokens per minute")
+    run.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="seconds per attempt"
+    )
+    run.add_argument("--retries", type=int, default=5, metavar="N", help="retries per request")
+    run.add_argument("--system", metavar="S", help="default system prompt")
+    run.add_argument("--max-tokens", type=int, metavar="N")
+    run.add_argument("--temperature", type=float, metavar="T")
+    run.add_argument("--engine", choices=ENGINE_NAMES, default="auto")
+    run.add_argument(
+        "--out", metavar="FILE", help="write one row per turn to .csv, .jsonl or .parquet"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nbllm`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 0
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except NbllmError as exc:
+        print(f"nbllm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nbllm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

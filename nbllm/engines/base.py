@@ -1,0 +1,62 @@
+"""The engine seam: one async method, ``complete(request) -> response``, plus ``aclose()``.
+
+API engines send each request as it comes; local engines (a later addition) gather
+concurrent requests into batches behind the same method, so the executor never
+needs to know which kind it drives. Engines raise only ``nbllm.errors.EngineError``
+subclasses from ``complete``: backend exceptions are mapped at this boundary.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import ClassVar
+
+from nbllm.errors import EngineError
+from nbllm.types import ChatRequest, ChatResponse
+
+__all__ = ["Engine", "EngineState"]
+
+
+class EngineState(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Engine(ABC):
+    """Base class of every engine. Use as ``async with engine:`` or call ``aclose()``."""
+
+    name: ClassVar[str] = "engine"
+
+    def __init__(self) -> None:
+        self.state = EngineState.OPEN
+
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        """Answer one chat request."""
+        if self.state is EngineState.CLOSED:
+            msg = f"the {self.name} engine is closed; create a new one to send more requests"
+            raise EngineError(msg)
+        return await self._complete(request)
+
+    @abstractmethod
+    async def _complete(self, request: ChatRequest) -> ChatResponse: ...
+
+    async def aclose(self) -> None:
+        """Release connections or models. Idempotent."""
+        self.state = EngineState.CLOSED
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def describe(self) -> str:
+        """A short, secret-free description for logs and results."""
+        return self.name

@@ -1,0 +1,61 @@
+"""An engine built from a function, for tests and teaching notebooks: no server, no key."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+
+from nbllm.engines.base import Engine
+from nbllm.types import ChatRequest, ChatResponse
+
+__all__ = ["FakeEngine", "echo"]
+
+HandlerResult = str | ChatResponse
+Handler = Callable[[ChatRequest], HandlerResult | Awaitable[HandlerResult]]
+
+
+def _count_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def echo(request: ChatRequest) -> str:
+    """The default handler: repeats the last message back."""
+    last = str(request.messages[-1].get("content", ""))
+    return f"You asked: {last}"
+
+
+class FakeEngine(Engine):
+    """Answers each request with ``handler(request)``.
+
+    The handler may be sync or async and return a string or a full ``ChatResponse``;
+    raising an ``nbllm.errors.EngineError`` subclass simulates a provider failure
+    (e.g. ``RateLimitError("slow down", retry_after=1)``). ``latency`` adds a sleep
+    per request. ``calls`` counts the requests seen.
+    """
+
+    name = "fake"
+
+    def __init__(self, handler: Handler = echo, *, latency: float = 0.0) -> None:
+        super().__init__()
+        self.handler = handler
+        self.latency = latency
+        self.calls = 0
+
+    async def _complete(self, request: ChatRequest) -> ChatResponse:
+        self.calls += 1
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        result = self.handler(request)
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, ChatResponse):
+            return result
+        text = str(result)
+        prompt = sum(_count_tokens(str(m.get("content", ""))) for m in request.messages)
+        return ChatResponse(
+            text=text,
+            model=request.model,
+            prompt_tokens=prompt,
+            completion_tokens=_count_tokens(text),
+        )

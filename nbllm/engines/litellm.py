@@ -1,0 +1,128 @@
+"""The litellm engine: one model string reaches 100+ providers.
+
+litellm costs 2-3 s to import, so it is imported on the first request, never at
+``import nbllm``. Before that import, litellm is told to use its bundled price map
+(``LITELLM_LOCAL_MODEL_COST_MAP``) and the Hugging Face hub is kept offline, so no
+request leaves the machine except the chat requests themselves. litellm's own
+retries are turned off: the executor owns retries, limits and timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from nbllm.engines.base import Engine
+from nbllm.engines.http import error_for_status
+from nbllm.errors import ConnectionFailed, EngineError, RequestTimeout
+from nbllm.types import ChatRequest, ChatResponse
+
+__all__ = ["LiteLLMEngine", "import_litellm"]
+
+
+def import_litellm() -> Any:
+    """Import litellm with every start-up network call turned off."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("LITELLM_TELEMETRY", "False")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.telemetry = False
+    return litellm
+
+
+def _headers_of(exc: BaseException) -> Mapping[str, str] | None:
+    for attr in ("litellm_response_headers", "headers"):
+        headers = getattr(exc, attr, None)
+        if headers:
+            return dict(headers)
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    return dict(headers) if headers else None
+
+
+class LiteLLMEngine(Engine):
+    """Sends each request through ``litellm.acompletion``.
+
+    ``api_base`` and ``api_key`` are passed through when given; otherwise litellm
+    reads its usual environment variables (``OPENAI_API_KEY``, ...).
+    """
+
+    name = "litellm"
+
+    def __init__(self, *, api_base: str | None = None, api_key: str | None = None) -> None:
+        super().__init__()
+        self.api_base = api_base
+        self._api_key = api_key
+        self._litellm: Any = None
+
+    def __repr__(self) -> str:
+        return f"LiteLLMEngine(api_base={self.api_base!r})"
+
+    def describe(self) -> str:
+        return f"litellm @ {self.api_base}" if self.api_base else "litellm"
+
+    def _module(self) -> Any:
+        if self._litellm is None:
+            self._litellm = import_litellm()
+        return self._litellm
+
+    async def _complete(self, request: ChatRequest) -> ChatResponse:
+        litellm = self._module()
+        kwargs: dict[str, Any] = dict(request.params)
+        if self.api_base:
+            kwargs["api_base"] = self.api_base
+        if self._api_key:
+            kwargs["api_key"] = self._api_key
+        elif self.api_base and request.model.startswith("openai/"):
+            # An OpenAI-compatible server of one's own often needs no key, but litellm
+            # insists on one; a placeholder keeps it from sending OPENAI_API_KEY elsewhere.
+            kwargs["api_key"] = "EMPTY"
+        try:
+            response = await litellm.acompletion(
+                model=request.model,
+                messages=list(request.messages),
+                timeout=request.timeout,
+                max_retries=0,
+                num_retries=0,
+                **kwargs,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._map_error(litellm, exc) from exc
+        return self._parse(litellm, response, request.model)
+
+    def _map_error(self, litellm: Any, exc: Exception) -> EngineError:
+        detail = str(getattr(exc, "message", None) or exc)[:500]
+        if isinstance(exc, (litellm.Timeout, asyncio.TimeoutError)):
+            return RequestTimeout(f"no answer within the timeout: {detail}")
+        if isinstance(exc, litellm.APIConnectionError):
+            return ConnectionFailed(f"connection failed: {detail}")
+        status = getattr(exc, "status_code", None)
+        if isinstance(status, int):
+            return error_for_status(status, detail, _headers_of(exc))
+        return EngineError(f"{type(exc).__name__}: {detail}")
+
+    def _parse(self, litellm: Any, response: Any, model: str) -> ChatResponse:
+        try:
+            text = response.choices[0].message.content
+        except (AttributeError, IndexError) as exc:
+            msg = f"litellm returned a response without a message: {response!r:.200}"
+            raise EngineError(msg) from exc
+        usage = getattr(response, "usage", None)
+        cost: float | None
+        try:
+            cost = float(litellm.completion_cost(completion_response=response))
+        except Exception:
+            cost = None  # models missing from the bundled price map
+        return ChatResponse(
+            text=text if isinstance(text, str) else "",
+            model=getattr(response, "model", None) or model,
+            prompt_tokens=getattr(usage, "prompt_tokens", None),
+            completion_tokens=getattr(usage, "completion_tokens", None),
+            cost_usd=cost,
+        )

@@ -1,0 +1,111 @@
+"""A lean client for any OpenAI-compatible ``/chat/completions`` endpoint.
+
+vLLM's server, llama.cpp's server, ``nbllm serve`` and most gateways speak this API.
+One pooled ``aiohttp`` session carries every request; nothing else sits between the
+executor and the socket, which is why this path runs an order of magnitude more
+requests per second than going through litellm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from nbllm.engines.base import Engine
+from nbllm.engines.http import error_for_status
+from nbllm.errors import ConnectionFailed, EngineError, RequestTimeout
+from nbllm.types import ChatRequest, ChatResponse
+
+__all__ = ["OpenAIEngine"]
+
+
+def _error_detail(body: bytes) -> str:
+    try:
+        payload = json.loads(body)
+        error = payload.get("error", payload)
+        if isinstance(error, dict):
+            return str(error.get("message") or error)[:500]
+        return str(error)[:500]
+    except (ValueError, AttributeError):
+        return body[:500].decode("utf-8", "replace")
+
+
+class OpenAIEngine(Engine):
+    """Sends chat requests to ``api_base`` (e.g. ``http://127.0.0.1:8000/v1``).
+
+    The ``openai/`` prefix of a model name is dropped before sending. ``api_key`` is
+    sent as a Bearer token and kept out of ``repr`` and every message.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self, api_base: str, *, api_key: str | None = None, max_connections: int = 256
+    ) -> None:
+        super().__init__()
+        self.api_base = api_base.rstrip("/")
+        self._url = self.api_base + "/chat/completions"
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"OpenAIEngine(api_base={self.api_base!r})"
+
+    def describe(self) -> str:
+        return f"openai @ {self.api_base}"
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        # Created on first use so that it belongs to the loop that runs the requests.
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, json_serialize=json.dumps
+            )
+        return self._session
+
+    async def _complete(self, request: ChatRequest) -> ChatResponse:
+        model = request.model.removeprefix("openai/")
+        body: dict[str, Any] = {"model": model, "messages": list(request.messages)}
+        body.update(request.params)
+        timeout = aiohttp.ClientTimeout(total=request.timeout)
+        session = self._get_session()
+        try:
+            async with session.post(self._url, data=json.dumps(body), timeout=timeout) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise error_for_status(resp.status, _error_detail(raw), resp.headers)
+        except asyncio.TimeoutError as exc:
+            msg = f"no answer from {self.api_base} within {request.timeout} s"
+            raise RequestTimeout(msg) from exc
+        except aiohttp.ClientError as exc:
+            msg = f"connection to {self.api_base} failed: {type(exc).__name__}: {exc}"
+            raise ConnectionFailed(msg) from exc
+        return self._parse(raw, model)
+
+    def _parse(self, raw: bytes, model: str) -> ChatResponse:
+        try:
+            payload = json.loads(raw)
+            choice = payload["choices"][0]
+            text = choice["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            msg = f"{self.api_base} answered with something not a chat completion: {raw[:200]!r}"
+            raise EngineError(msg) from exc
+        usage = payload.get("usage") or {}
+        return ChatResponse(
+            text=text if isinstance(text, str) else "",
+            model=payload.get("model") or model,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await super().aclose()

@@ -1,0 +1,29 @@
+"""Scheduling, limits, retries and events. Never imports IPython, ipywidgets or matplotlib."""
+
+from __future__ import annotations
+
+from nbllm.executor.events import (
+    Event,
+    Listener,
+    RequestSent,
+    RetryScheduled,
+    RunFinished,
+    RunStarted,
+    TurnFinished,
+)
+from nbllm.executor.limiter import RateLimiter
+from nbllm.executor.retry import RetryPolicy
+from nbllm.executor.runner import Executor
+
+__all__ = [
+    "Event",
+    "Executor",
+    "Listener",
+    "RateLimiter",
+    "RequestSent",
+    "RetryPolicy",
+    "RetryScheduled",
+    "RunFinished",
+    "RunStarted",
+    "TurnFinished",
+]

@@ -1,0 +1,103 @@
+"""What the executor tells the world while it runs.
+
+Small frozen dataclasses, delivered in order to every listener (any callable taking
+one event) on the executor's loop. Progress bars, the notebook dashboard, logs and
+metrics all subscribe here; the executor never calls into them otherwise.
+A listener that raises is logged once and dropped, never allowed to stop the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from nbllm.types import TurnRecord
+
+__all__ = [
+    "Event",
+    "Listener",
+    "RequestSent",
+    "RetryScheduled",
+    "RunFinished",
+    "RunStarted",
+    "TurnFinished",
+]
+
+log = logging.getLogger("nbllm")
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    conversations: int
+    turns: int
+    model: str
+    engine: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSent:
+    """One attempt left for the engine; ``in_flight`` counts it."""
+
+    conversation_id: Hashable
+    turn: int
+    attempt: int
+    in_flight: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled:
+    conversation_id: Hashable
+    turn: int
+    attempt: int
+    error: str
+    delay_s: float
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFinished:
+    """A turn has its final row: answered, failed, or skipped because an earlier turn failed."""
+
+    record: TurnRecord
+    in_flight: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunFinished:
+    turns_ok: int
+    turns_failed: int
+    wall_s: float
+    interrupted: bool
+    t: float
+
+
+Event = RunStarted | RequestSent | RetryScheduled | TurnFinished | RunFinished
+
+
+class Listener(Protocol):
+    def __call__(self, event: Event) -> None: ...
+
+
+class EventBus:
+    """Delivers each event to every listener; a listener that raises is dropped."""
+
+    __slots__ = ("_listeners",)
+
+    def __init__(self, listeners: Iterable[Callable[[Event], None]] = ()) -> None:
+        self._listeners = list(listeners)
+
+    def __bool__(self) -> bool:
+        return bool(self._listeners)
+
+    def emit(self, event: Event) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("nbllm: event listener %r failed and was removed", listener)
+                self._listeners.remove(listener)

@@ -1,0 +1,161 @@
+"""Requests-per-minute and tokens-per-minute budgets.
+
+A ``RateLimiter`` promises one thing that can be checked from the outside: no window
+of ``period`` seconds ever holds more than ``rate`` units (requests, or tokens).
+A log of recent acquisitions enforces that promise exactly; a token bucket with a
+small burst (one second's worth) spreads acquisitions out so a limit of 600 per
+minute does not go out as 600 requests in the first millisecond.
+
+Waiters sleep on futures, served in arrival order and woken by one loop timer set
+for the moment the first waiter can go; nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+
+__all__ = ["Grant", "RateLimiter"]
+
+
+@dataclass(slots=True, eq=False)
+class Grant:
+    """One acquisition: when it was granted and how many units it spent."""
+
+    t: float
+    amount: float
+
+
+class RateLimiter:
+    """At most ``rate`` units in any ``period`` seconds, smoothed to a burst of ``burst``.
+
+    ``burst`` defaults to one second's worth of the rate (at least one unit).
+    An acquisition larger than ``rate`` waits for an empty window and then goes alone.
+    """
+
+    def __init__(self, rate: float, period: float = 60.0, *, burst: float | None = None) -> None:
+        if not rate > 0:
+            msg = f"rate must be > 0, got {rate!r}"
+            raise ValueError(msg)
+        if not period > 0:
+            msg = f"period must be > 0, got {period!r}"
+            raise ValueError(msg)
+        self.rate = float(rate)
+        self.period = float(period)
+        self.burst = float(burst) if burst is not None else max(1.0, self.rate / self.period)
+        # Arrival on the server lags a send by a little; a small margin keeps a send
+        # that is exactly one period after another from landing inside the server's window.
+        self._margin = min(1.0, 0.02 * self.period)
+        self._fill_per_s = self.rate / self.period
+        self._level = self.burst
+        self._stamp: float | None = None
+        self._log: collections.deque[Grant] = collections.deque()
+        self._in_window = 0.0
+        self._waiters: collections.deque[tuple[float, asyncio.Future[Grant]]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"RateLimiter(rate={self.rate:g}, period={self.period:g}, burst={self.burst:g})"
+
+    async def acquire(self, amount: float = 1.0) -> Grant:
+        """Wait until ``amount`` units may be spent, spend them, and return the grant."""
+        loop = asyncio.get_running_loop()
+        if not self._waiters:
+            grant = self._try_take(amount, loop.time())
+            if grant is not None:
+                return grant
+        fut: asyncio.Future[Grant] = loop.create_future()
+        self._waiters.append((amount, fut))
+        self._schedule(loop)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.settle(fut.result(), 0.0)
+            self._schedule(loop)
+            raise
+
+    def settle(self, grant: Grant, actual: float) -> None:
+        """Replace a grant's estimated amount by what was really spent (e.g. real token usage)."""
+        delta = actual - grant.amount
+        if delta == 0:
+            return
+        grant.amount = actual
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._refill(now)
+        self._level = min(self.burst, self._level - delta)
+        if self._log and grant.t > now - self.period - self._margin:
+            self._in_window += delta
+        if delta < 0:
+            self._schedule(loop)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is not None:
+            self._level = min(self.burst, self._level + (now - self._stamp) * self._fill_per_s)
+        self._stamp = now
+        horizon = now - self.period - self._margin
+        while self._log and self._log[0].t <= horizon:
+            self._in_window -= self._log.popleft().amount
+        if not self._log:
+            self._in_window = 0.0
+
+    def _try_take(self, amount: float, now: float) -> Grant | None:
+        self._refill(now)
+        if self._in_window + min(amount, self.rate) > self.rate + 1e-9:
+            return None
+        if self._level + 1e-9 < min(amount, self.burst):
+            return None
+        self._level -= amount
+        grant = Grant(now, amount)
+        self._log.append(grant)
+        self._in_window += amount
+        return grant
+
+    def _ready_at(self, amount: float, now: float) -> float:
+        """The earliest time ``amount`` could be taken, if nothing else is taken first."""
+        ready = now
+        excess = self._in_window + min(amount, self.rate) - self.rate
+        if excess > 1e-9:
+            freed = 0.0
+            for grant in self._log:
+                freed += grant.amount
+                if freed + 1e-9 >= excess:
+                    ready = grant.t + self.period + self._margin + 1e-4
+                    break
+        shortfall = min(amount, self.burst) - self._level
+        if shortfall > 1e-9:
+            ready = max(ready, now + shortfall / self._fill_per_s)
+        return ready
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiters and self._waiters[0][1].done():
+            self._waiters.popleft()
+        if not self._waiters:
+            return
+        now = loop.time()
+        self._refill(now)
+        when = self._ready_at(self._waiters[0][0], now)
+        self._timer = loop.call_at(max(when, now), self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._waiters:
+            amount, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            grant = self._try_take(amount, now)
+            if grant is None:
+                break
+            self._waiters.popleft()
+            fut.set_result(grant)
+        self._schedule(loop)

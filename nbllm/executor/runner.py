@@ -1,0 +1,315 @@
+"""The executor: conversations in, one ``TurnRecord`` per turn out.
+
+Each conversation is a chain of turns run by one worker; turn k+1 is sent the moment
+turn k's answer arrives, never after a barrier across conversations. Workers take
+conversations longest first and take the next one as soon as they finish, so slots
+refill at once. A request passes through a chain of single-concern steps::
+
+    _turn      retries: backoff with jitter, Retry-After, never 4xx
+    _attempt   a request slot (``concurrency``), then the RPM / TPM budgets
+    _send      the engine call under the per-request timeout
+
+A failure ends only its own conversation: its later turns are marked as skipped.
+Cancelling the run (Ctrl-C) stops it cleanly and returns every turn that finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from nbllm.engines.base import Engine
+from nbllm.errors import ConfigError, EngineError, RateLimitError, RequestTimeout
+from nbllm.executor.events import (
+    Event,
+    EventBus,
+    RequestSent,
+    RetryScheduled,
+    RunFinished,
+    RunStarted,
+    TurnFinished,
+)
+from nbllm.executor.limiter import RateLimiter
+from nbllm.executor.retry import RetryPolicy
+from nbllm.results import RunResult
+from nbllm.types import ChatRequest, ChatResponse, Conversation, TurnRecord
+
+__all__ = ["MINUTE_S", "Executor"]
+
+MINUTE_S = 60.0
+"""Length of the "minute" in ``rpm`` / ``tpm``. Tests shrink it to check limits quickly."""
+
+_DEFAULT_COMPLETION_ESTIMATE = 256
+STOPPED = "not run: the run was stopped before this turn finished"
+
+
+def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> int:
+    """A pre-call token estimate for the TPM budget: ~4 characters a token, plus the answer budget.
+
+    Reconciled with the real usage when the answer arrives.
+    """
+    chars = sum(len(str(m.get("content", ""))) + 8 for m in messages)
+    completion = params.get("max_tokens") or params.get("max_completion_tokens")
+    return chars // 4 + int(completion or _DEFAULT_COMPLETION_ESTIMATE)
+
+
+class Executor:
+    """Runs conversations against one engine with caps, limits and retries.
+
+    ``concurrency`` caps requests in flight; ``max_conversations`` caps conversations
+    in progress (default: ``concurrency``). ``rpm`` / ``tpm``: no minute ever holds more
+    requests / tokens than these. ``timeout``: seconds per request attempt.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        model: str,
+        concurrency: int = 32,
+        max_conversations: int | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        system: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        listeners: Iterable[Callable[[Event], None]] = (),
+    ) -> None:
+        if concurrency < 1:
+            msg = f"concurrency must be >= 1, got {concurrency!r}"
+            raise ConfigError(msg)
+        self.engine = engine
+        self.model = model
+        self.concurrency = concurrency
+        self.max_conversations = max_conversations or concurrency
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.system = system
+        self.params = dict(params or {})
+        self.rpm = RateLimiter(rpm, MINUTE_S) if rpm else None
+        self.tpm = RateLimiter(tpm, MINUTE_S) if tpm else None
+        self._events = EventBus(listeners)
+        self._stopping = False
+        self._running = False
+
+    def stop(self) -> None:
+        """Start no new turn; requests in flight finish. ``run`` then returns what finished."""
+        self._stopping = True
+
+    async def run(self, conversations: Sequence[Conversation]) -> RunResult:
+        """Run every conversation; rows come back in input order, whatever finished first."""
+        if self._running:
+            msg = "this Executor is already running; create another for a second run"
+            raise RuntimeError(msg)
+        self._running = True
+        self._stopping = False
+        try:
+            return await self._run(conversations)
+        finally:
+            self._running = False
+
+    async def _run(self, conversations: Sequence[Conversation]) -> RunResult:
+        self._conversations = conversations
+        self._offsets = []
+        total = 0
+        for conv in conversations:
+            self._offsets.append(total)
+            total += len(conv)
+        self._records: list[TurnRecord | None] = [None] * total
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._in_flight = 0
+        self._cooldown_until = 0.0
+        self._ok = self._failed = 0
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+
+        started_at = time.time()
+        t0 = time.perf_counter()
+        self._emit(RunStarted(len(conversations), total, self.model, self.engine.name, started_at))
+        order = sorted(range(len(conversations)), key=lambda i: -len(conversations[i]))
+        queue = collections.deque(order)
+        n_workers = min(self.max_conversations, len(conversations))
+        workers = [loop.create_task(self._worker(queue)) for _ in range(n_workers)]
+        interrupted = False
+        try:
+            await asyncio.gather(*workers)
+        except asyncio.CancelledError:
+            # Ctrl-C or a cancelled task: stop cleanly and hand back what finished.
+            interrupted = True
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        wall = time.perf_counter() - t0
+        interrupted = interrupted or (self._stopping and any(r is None for r in self._records))
+        records = self._complete_records()
+        self._emit(RunFinished(self._ok, total - self._ok, wall, interrupted, time.time()))
+        return RunResult(
+            records,
+            conversations=len(conversations),
+            wall_s=wall,
+            started_at=started_at,
+            interrupted=interrupted,
+            model=self.model,
+            engine=self.engine.name,
+        )
+
+    # -- conversations -------------------------------------------------------------
+
+    async def _worker(self, queue: collections.deque[int]) -> None:
+        while queue and not self._stopping:
+            await self._conversation(queue.popleft())
+
+    async def _conversation(self, index: int) -> None:
+        conv = self._conversations[index]
+        base = self._offsets[index]
+        answers: list[str] = []
+        for k in range(len(conv)):
+            if self._stopping:
+                return
+            record = await self._turn(conv, k, answers)
+            self._finish(base + k, record)
+            if record.answer is None:
+                reason = f"skipped: turn {k} failed"
+                for j in range(k + 1, len(conv)):
+                    self._finish(base + j, self._unanswered(conv, j, reason))
+                return
+            answers.append(record.answer)
+
+    def _finish(self, slot: int, record: TurnRecord) -> None:
+        self._records[slot] = record
+        if record.ok:
+            self._ok += 1
+        else:
+            self._failed += 1
+        if self._events:
+            self._emit(TurnFinished(record, self._in_flight, time.time()))
+
+    @staticmethod
+    def _unanswered(conv: Conversation, turn: int, error: str) -> TurnRecord:
+        return TurnRecord(
+            conversation_id=conv.id,
+            turn=turn,
+            question=conv.questions[turn],
+            reference=conv.references[turn],
+            error=error,
+        )
+
+    def _complete_records(self) -> list[TurnRecord]:
+        records: list[TurnRecord] = []
+        for conv, base in zip(self._conversations, self._offsets, strict=True):
+            for k in range(len(conv)):
+                record = self._records[base + k]
+                records.append(record if record is not None else self._unanswered(conv, k, STOPPED))
+        return records
+
+    # -- one turn: retries ---------------------------------------------------------
+
+    async def _turn(self, conv: Conversation, k: int, answers: Sequence[str]) -> TurnRecord:
+        messages = conv.messages_for(k, answers, self.system)
+        request = ChatRequest(self.model, messages, self.params, self.timeout)
+        estimate = estimate_tokens(messages, self.params) if self.tpm else 0
+        started_at: float | None = None
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response, sent_at, latency = await self._attempt(
+                    request, conv.id, k, attempt, estimate
+                )
+            except EngineError as error:
+                started_at = started_at or getattr(error, "_nbllm_sent_at", None) or time.time()
+                if not self.retry.should_retry(error, attempt):
+                    return TurnRecord(
+                        conversation_id=conv.id,
+                        turn=k,
+                        question=conv.questions[k],
+                        reference=conv.references[k],
+                        model=self.model,
+                        engine=self.engine.name,
+                        attempts=attempt,
+                        error=f"{type(error).__name__}: {error}",
+                        started_at=started_at,
+                        finished_at=time.time(),
+                    )
+                delay = self.retry.delay(error, attempt)
+                if isinstance(error, RateLimitError) and error.retry_after:
+                    self._cooldown_until = max(
+                        self._cooldown_until, self._loop.time() + error.retry_after
+                    )
+                if self._events:
+                    self._emit(RetryScheduled(conv.id, k, attempt, str(error), delay, time.time()))
+                await asyncio.sleep(delay)
+                continue
+            return TurnRecord(
+                conversation_id=conv.id,
+                turn=k,
+                question=conv.questions[k],
+                answer=response.text,
+                reference=conv.references[k],
+                model=response.model,
+                engine=self.engine.name,
+                latency_s=latency,
+                prompt_tokens=response.prompt_tokens,
+                completion_tokens=response.completion_tokens,
+                cost_usd=response.cost_usd,
+                attempts=attempt,
+                started_at=started_at or sent_at,
+                finished_at=time.time(),
+            )
+
+    # -- one attempt: slots and budgets ----------------------------------------------
+
+    async def _attempt(
+        self, request: ChatRequest, conversation_id: Any, turn: int, attempt: int, estimate: int
+    ) -> tuple[ChatResponse, float, float]:
+        async with self._slots:
+            wait = self._cooldown_until - self._loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if self.rpm is not None:
+                await self.rpm.acquire(1)
+            grant = await self.tpm.acquire(estimate) if self.tpm is not None else None
+            self._in_flight += 1
+            sent_at = time.time()
+            if self._events:
+                self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
+            t0 = time.perf_counter()
+            try:
+                response = await self._send(request)
+            except EngineError as error:
+                error._nbllm_sent_at = sent_at  # type: ignore[attr-defined]
+                raise
+            finally:
+                self._in_flight -= 1
+            latency = time.perf_counter() - t0
+            if grant is not None and self.tpm is not None:
+                used = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
+                if used:
+                    self.tpm.settle(grant, used)
+            return response, sent_at, latency
+
+    async def _send(self, request: ChatRequest) -> ChatResponse:
+        try:
+            if self.timeout is None:
+                return await self.engine.complete(request)
+            if sys.version_info >= (3, 11):
+                async with asyncio.timeout(self.timeout):
+                    return await self.engine.complete(request)
+            return await asyncio.wait_for(self.engine.complete(request), self.timeout)
+        except EngineError:
+            raise
+        except asyncio.TimeoutError as exc:
+            msg = f"no answer within timeout={self.timeout} s"
+            raise RequestTimeout(msg) from exc
+        except Exception as exc:
+            # An engine bug must not abort the batch: it becomes this row's error.
+            msg = f"{type(exc).__name__}: {exc}"
+            raise EngineError(msg) from exc
+
+    def _emit(self, event: Event) -> None:
+        self._events.emit(event)

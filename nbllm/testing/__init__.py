@@ -1,0 +1,31 @@
+"""Test helpers: a real OpenAI-compatible chat server on localhost, with faults and rate limits.
+
+``TestServer`` runs in a background thread (``with TestServer() as server: server.url``);
+``start_subprocess`` runs the same server as ``python -m nbllm.testing`` in a child process.
+Answers are ``"Answer to turn {turn}: {last user text[:60]} [{key[:8]}]"`` and the server
+rejects (400, ``history_errors``) any assistant message it did not itself answer.
+"""
+
+from __future__ import annotations
+
+from nbllm.testing.server import (
+    URL_LINE_PREFIX,
+    Fault,
+    RequestLogEntry,
+    SubprocessServer,
+    TestServer,
+    messages_key,
+    read_log,
+    start_subprocess,
+)
+
+__all__ = [
+    "URL_LINE_PREFIX",
+    "Fault",
+    "RequestLogEntry",
+    "SubprocessServer",
+    "TestServer",
+    "messages_key",
+    "read_log",
+    "start_subprocess",
+]

@@ -1,0 +1,115 @@
+"""``python -m nbllm.testing``: the test server in the foreground, for benchmarks and demos.
+
+It prints exactly one line, ``nbllm test server listening on URL``, once it listens, so a parent
+process can read the URL; SIGINT/SIGTERM stop it gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from nbllm.testing.server import URL_LINE_PREFIX, Fault, TestServer
+
+
+def _latency(text: str) -> float | tuple[float, float]:
+    """``S`` for a fixed latency, ``LOW,HIGH`` for a uniform random one."""
+    parts = [float(x) for x in text.split(",")]
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    msg = f"expected S or LOW,HIGH, got {text!r}"
+    raise argparse.ArgumentTypeError(msg)
+
+
+def _fault_rate(text: str) -> tuple[Fault, float]:
+    """``KIND=P`` with KIND one of server_error, unavailable, drop, hang."""
+    kind, sep, p = text.partition("=")
+    if not sep:
+        msg = f"expected KIND=P, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    try:
+        return Fault.parse(kind), float(p)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nbllm.testing",
+        description="Run the nbllm OpenAI-compatible test server in the foreground.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port (0: a free one)")
+    parser.add_argument("--latency", type=_latency, default=0.0, help="seconds: S or LOW,HIGH")
+    parser.add_argument("--rpm", type=int, default=None, help="accepted requests per window")
+    parser.add_argument("--window-s", type=float, default=60.0, help="rate-limit window")
+    parser.add_argument(
+        "--fault-rate",
+        type=_fault_rate,
+        action="append",
+        default=[],
+        metavar="KIND=P",
+        help="fault probability per request; KIND: server_error, unavailable, drop, hang",
+    )
+    parser.add_argument(
+        "--fault-first", type=int, default=None, help="fail each distinct request's first N tries"
+    )
+    parser.add_argument("--hang-s", type=float, default=30.0, help="how long a hang lasts")
+    parser.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds")
+    parser.add_argument("--seed", type=int, default=0, help="seed for faults and latency")
+    parser.add_argument("--api-key", default=None, help="require this Bearer key")
+    parser.add_argument("--log", default=None, metavar="FILE.jsonl", help="append a request log")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    faults: dict[Fault, float] = {}
+    for kind, p in args.fault_rate:
+        faults[kind] = faults.get(kind, 0.0) + p
+    try:
+        server = TestServer(
+            latency=args.latency,
+            rpm=args.rpm,
+            window_s=args.window_s,
+            faults=faults or None,
+            fault_first=args.fault_first,
+            hang_s=args.hang_s,
+            retry_after=args.retry_after,
+            seed=args.seed,
+            api_key=args.api_key,
+            host=args.host,
+            port=args.port,
+            log_path=args.log,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_ready() -> None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, server._request_stop)
+                except (NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
+                    signal.signal(sig, lambda *_: loop.call_soon_threadsafe(server._request_stop))
+            print(f"{URL_LINE_PREFIX}{server.url}", flush=True)
+
+        await server._serve(on_ready)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:  # a SIGINT before the handlers were installed
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

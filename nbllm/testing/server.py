@@ -1,0 +1,834 @@
+"""A real OpenAI-compatible chat-completions server for tests, benchmarks and teaching.
+
+It speaks HTTP on 127.0.0.1 so that the whole client stack (sessions, retries, rate limiting,
+connection errors) is exercised for real, yet it needs no API key, no network and no GPU.
+Answers are deterministic in the messages and the server remembers what it answered, so a
+test can prove that turn k of a conversation carried the model's real earlier answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import queue
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from aiohttp import web
+
+__all__ = [
+    "URL_LINE_PREFIX",
+    "Fault",
+    "RequestLogEntry",
+    "SubprocessServer",
+    "TestServer",
+    "messages_key",
+    "read_log",
+    "start_subprocess",
+]
+
+#: The first stdout line of ``python -m nbllm.testing`` starts with this, then the URL.
+URL_LINE_PREFIX = "nbllm test server listening on "
+
+MODEL_ID = "nbllm-test"
+_JSON = "application/json"
+_START_TIMEOUT_S = 30.0
+_STOP_TIMEOUT_S = 15.0
+
+
+class Fault(str, Enum):
+    """Failure kinds the server can inject; a ``str`` enum so CLI/JSON spellings map directly."""
+
+    SERVER_ERROR = "server_error"  # 500 with an OpenAI-shaped error body
+    UNAVAILABLE = "unavailable"  # 503 with Retry-After
+    DROP = "drop"  # the connection is closed without any response
+    HANG = "hang"  # held for hang_s, then answered normally (cut off by shutdown)
+
+    @classmethod
+    def parse(cls, value: Fault | str) -> Fault:
+        """Accept a Fault, its value or its name, in any case (for CLI and dict keys)."""
+        if isinstance(value, Fault):
+            return value
+        text = str(value).strip().lower().replace("-", "_")
+        for kind in cls:
+            if text in (kind.value, kind.name.lower()):
+                return kind
+        msg = f"unknown fault {value!r}; expected one of {[k.value for k in cls]}"
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLogEntry:
+    """One request as the server saw it, so tests can check what the client really sent.
+
+    ``status`` is the HTTP status answered, 0 for a dropped connection, or -1 for a request
+    cut off by server shutdown (a hang, or a latency sleep) before it was answered.
+    ``key`` is ``messages_key(messages)`` ("" when the body could not be read as messages).
+    """
+
+    t: float
+    conversation: str | None
+    key: str
+    status: int
+    n_messages: int
+    turn: int
+
+
+def messages_key(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Hex sha256 of the canonical JSON of ``[[role, content], ...]``.
+
+    Only role and content count, so a client that echoes back the full assistant message object
+    (with fields such as ``refusal: null``) still matches the answer the server gave.
+    """
+    return _prefix_keys(messages, ())[1]
+
+
+def _prefix_keys(
+    messages: Sequence[Mapping[str, Any]], at: Iterable[int]
+) -> tuple[dict[int, str], str]:
+    """Keys of ``messages[:i]`` for each i in ``at`` and of all messages, in one pass.
+
+    The canonical form is ``json.dumps([[role, content], ...], separators=(",", ":"),
+    ensure_ascii=False)``, which is hashed incrementally so the history check stays O(n).
+    """
+    wanted = set(at)
+    prefixes: dict[int, str] = {}
+    h = hashlib.sha256(b"[")
+    for i, m in enumerate(messages):
+        if i in wanted:
+            c = h.copy()
+            c.update(b"]")
+            prefixes[i] = c.hexdigest()
+        item = json.dumps([m["role"], m["content"]], separators=(",", ":"), ensure_ascii=False)
+        h.update(item.encode() if i == 0 else b"," + item.encode())
+    h.update(b"]")
+    return prefixes, h.hexdigest()
+
+
+def _tokens(n_chars: int) -> int:
+    return max(1, n_chars // 4)
+
+
+def _error_body(message: str, type_: str, code: str | None = None) -> bytes:
+    """OpenAI-shaped error JSON, which the openai/litellm clients turn into typed exceptions."""
+    return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
+
+
+def _retry_after_text(seconds: float) -> str:
+    """Whole seconds rounded up (at least 1) as HTTP wants; sub-second values stay floats."""
+    if seconds < 1:
+        return f"{seconds:g}"
+    return str(max(1, math.ceil(seconds)))
+
+
+class TestServer:
+    """An OpenAI-compatible chat-completions server on a free local port.
+
+    Runs in a daemon thread with its own event loop (``start``/``stop``, or ``with`` /
+    ``async with``) so that tests in any loop, notebooks and scripts can all use it.
+    See the module docs of ``nbllm.testing`` for the behaviour of each option.
+    """
+
+    __test__ = False  # its name starts with "Test": keep pytest from collecting it
+
+    def __init__(
+        self,
+        latency: float | tuple[float, float] = 0.0,
+        rpm: int | None = None,
+        window_s: float = 60.0,
+        faults: Mapping[Fault, float] | Mapping[str, float] | None = None,
+        fault_first: int | None = None,
+        hang_s: float = 30.0,
+        retry_after: float = 1.0,
+        seed: int = 0,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if isinstance(latency, tuple):
+            low, high = (float(x) for x in latency)
+            if low < 0 or high < low:
+                msg = f"latency range must satisfy 0 <= low <= high, got {latency!r}"
+                raise ValueError(msg)
+            self._latency: tuple[float, float] = (low, high)
+        else:
+            if latency < 0:
+                msg = f"latency must be >= 0, got {latency!r}"
+                raise ValueError(msg)
+            self._latency = (float(latency), float(latency))
+        if rpm is not None and rpm < 1:
+            msg = f"rpm must be >= 1 or None, got {rpm!r}"
+            raise ValueError(msg)
+        if window_s <= 0:
+            msg = f"window_s must be > 0, got {window_s!r}"
+            raise ValueError(msg)
+        if fault_first is not None and fault_first < 0:
+            msg = f"fault_first must be >= 0 or None, got {fault_first!r}"
+            raise ValueError(msg)
+        table: dict[Fault, float] = {}
+        for k, p in (faults or {}).items():
+            p = float(p)
+            if not 0.0 <= p <= 1.0:
+                msg = f"fault probability for {k!r} must be in [0, 1], got {p!r}"
+                raise ValueError(msg)
+            table[Fault.parse(k)] = table.get(Fault.parse(k), 0.0) + p
+        if fault_first is None and sum(table.values()) > 1.0 + 1e-9:
+            msg = f"fault probabilities add up to more than 1: {table!r}"
+            raise ValueError(msg)
+        self.latency = latency
+        self.rpm = rpm
+        self.window_s = float(window_s)
+        self.faults: dict[Fault, float] = table
+        self.fault_first = fault_first
+        self.hang_s = float(hang_s)
+        self.retry_after = float(retry_after)
+        self.seed = seed
+        self.api_key = api_key
+        self.host = host
+        self.log_path = None if log_path is None else Path(log_path)
+        self._requested_port = port
+        # Cumulative table for one random draw per request; rotation list for fault_first.
+        self._fault_cum: list[tuple[float, Fault]] = []
+        acc = 0.0
+        for kind, p in table.items():
+            if p > 0:
+                acc += p
+                self._fault_cum.append((acc, kind))
+        self._rotation: list[Fault] = [k for k, p in table.items() if p > 0] or [Fault.SERVER_ERROR]
+        self._auth = None if api_key is None else f"Bearer {api_key}"
+        self._retry_after_headers = {
+            "Retry-After": _retry_after_text(self.retry_after),
+            "retry-after-ms": str(round(self.retry_after * 1000)),
+        }
+        # Server state. Mutated only on the server's loop, read from any thread (GIL-atomic).
+        self._answers: dict[str, str] = {}
+        self._window: deque[float] = deque()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._port: int | None = None
+        self._closing = False
+        self._sleepers: set[asyncio.Future[bool]] = set()
+        self._log_file: IO[str] | None = None
+        self._in_flight = 0
+        self._counter = 0
+        self._reset_state()
+
+    # ----------------------------------------------------------------- public state
+
+    def _reset_state(self) -> None:
+        self._requests: list[RequestLogEntry] = []
+        self._accepted: list[float] = []
+        self._attempts: dict[str, int] = {}
+        self._history_errors = 0
+        self._max_in_flight = self._in_flight
+        self._rng_faults = random.Random(self.seed)
+        self._rng_latency = random.Random(self.seed + 1)
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (known once started, also when asked for port 0)."""
+        if self._port is None:
+            msg = "TestServer is not running: call start() first"
+            raise RuntimeError(msg)
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The ``api_base`` to give OpenAI-compatible clients, e.g. ``http://127.0.0.1:PORT/v1``."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._port is not None
+
+    @property
+    def requests(self) -> list[RequestLogEntry]:
+        """A snapshot of the request log, in order of completion."""
+        return list(self._requests)
+
+    @property
+    def accepted_times(self) -> list[float]:
+        """``time.monotonic()`` at which each request answered 200 was admitted by the limiter.
+
+        This is the instant the rate limiter counted it, so a sliding window over these times
+        is exactly what ``rpm`` bounds.
+        """
+        return sorted(self._accepted)
+
+    @property
+    def history_errors(self) -> int:
+        """Requests whose assistant messages were not what this server had answered."""
+        return self._history_errors
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._max_in_flight
+
+    def reset(self) -> None:
+        """Clear the request log, counters and fault_first attempts (answers are kept).
+
+        The remembered answers and the rate-limit window are server state, not logs: keeping
+        them means a reset between runs neither breaks history checks nor allows a burst.
+        """
+        self._reset_state()
+
+    def stats(self) -> dict[str, Any]:
+        """Summary counts: total, by_status, history_errors, max_in_flight, in_flight."""
+        by_status: dict[int, int] = {}
+        for entry in self.requests:
+            by_status[entry.status] = by_status.get(entry.status, 0) + 1
+        return {
+            "total": sum(by_status.values()),
+            "by_status": dict(sorted(by_status.items())),
+            "history_errors": self._history_errors,
+            "max_in_flight": self._max_in_flight,
+            "in_flight": self._in_flight,
+        }
+
+    def __repr__(self) -> str:
+        where = self.url if self._port is not None else "not running"
+        return f"<TestServer {where}>"
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> TestServer:
+        """Start serving in a daemon thread; returns once it listens (idempotent)."""
+        with self._lock:
+            if self._thread is not None:
+                return self
+            ready = threading.Event()
+            failure: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    asyncio.run(self._serve(ready.set))
+                except BaseException as exc:  # reported to start() if it happens before ready
+                    if not ready.is_set():
+                        failure.append(exc)
+                        ready.set()
+                    else:
+                        raise
+
+            thread = threading.Thread(target=run, name="nbllm-test-server", daemon=True)
+            thread.start()
+            if not ready.wait(_START_TIMEOUT_S):
+                msg = f"TestServer did not start listening within {_START_TIMEOUT_S} s"
+                raise RuntimeError(msg)
+            if failure:
+                thread.join()
+                self._port = None
+                raise failure[0]
+            self._thread = thread
+            return self
+
+    def stop(self) -> None:
+        """Stop listening, cut off hanging handlers, join the thread (idempotent)."""
+        with self._lock:
+            thread, loop = self._thread, self._loop
+            if thread is None:
+                return
+            if loop is not None and not loop.is_closed():
+                # RuntimeError: the loop closed in between, so there is nothing left to stop.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._request_stop)
+            thread.join(_STOP_TIMEOUT_S)
+            if thread.is_alive():
+                msg = f"TestServer thread did not stop within {_STOP_TIMEOUT_S} s"
+                raise RuntimeError(msg)
+            self._thread = None
+            self._port = None
+
+    def __enter__(self) -> TestServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> TestServer:
+        # start/stop block briefly on a thread handshake: keep the caller's loop free meanwhile.
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def _request_stop(self) -> None:
+        """Ask ``_serve`` to shut down; must run on the server's loop."""
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    async def _serve(self, on_ready: Callable[[], None]) -> None:
+        """Listen, call ``on_ready``, serve until ``_request_stop``, then shut down cleanly.
+
+        Used both by the background thread and by the foreground CLI (``python -m``).
+        """
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._closing = False
+        self._sleepers = set()
+        log_file: IO[str] | None = None
+        if self.log_path is not None:
+            log_file = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+        self._log_file = log_file
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle_chat)
+        app.router.add_get("/v1/models", self._handle_models)
+        app.router.add_get("/health", self._handle_health)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, self.host, self._requested_port)
+            await site.start()
+            self._port = int(runner.addresses[0][1])
+            on_ready()
+            await self._stop_event.wait()
+        finally:
+            # Cut off hangs and latency sleeps first so the runner's graceful wait is short.
+            self._closing = True
+            for fut in list(self._sleepers):
+                if not fut.done():
+                    fut.set_result(False)
+            await runner.cleanup()
+            self._log_file = None
+            if log_file is not None:
+                log_file.close()
+            self._loop = None
+            self._stop_event = None
+
+    async def _sleep(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; False if server shutdown cut the sleep short."""
+        if self._closing:
+            return False
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        handle = loop.call_later(delay, _set_result_if_pending, fut, True)
+        self._sleepers.add(fut)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+            self._sleepers.discard(fut)
+
+    # ----------------------------------------------------------------- handlers
+
+    async def _handle_health(self, request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+
+    async def _handle_models(self, request: web.Request) -> web.Response:
+        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+            return self._unauthorized()
+        body = {
+            "object": "list",
+            "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "nbllm"}],
+        }
+        return web.Response(body=json.dumps(body).encode(), content_type=_JSON)
+
+    def _unauthorized(self) -> web.Response:
+        body = _error_body(
+            "Incorrect or missing API key for the nbllm test server.",
+            "invalid_request_error",
+            "invalid_api_key",
+        )
+        return web.Response(status=401, body=body, content_type=_JSON)
+
+    def _record(
+        self,
+        t: float,
+        conversation: str | None,
+        key: str,
+        status: int,
+        n_messages: int,
+        turn: int,
+    ) -> None:
+        entry = RequestLogEntry(t, conversation, key, status, n_messages, turn)
+        self._requests.append(entry)
+        if self._log_file is not None:
+            self._log_file.write(json.dumps(asdict(entry)) + "\n")
+            self._log_file.flush()
+
+    async def _handle_chat(self, request: web.Request) -> web.Response:
+        t = time.monotonic()
+        self._in_flight += 1
+        if self._in_flight > self._max_in_flight:
+            self._max_in_flight = self._in_flight
+        try:
+            return await self._chat(request, t)
+        finally:
+            self._in_flight -= 1
+
+    async def _chat(self, request: web.Request, t: float) -> web.Response:
+        conversation = request.headers.get("X-Conversation-Id")
+        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+            self._record(t, conversation, "", 401, 0, -1)
+            return self._unauthorized()
+
+        # --- parse and validate
+        raw = await request.read()
+        problem: str | None = None
+        messages: list[dict[str, Any]] = []
+        body: Any = None
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            problem = "The request body is not valid JSON."
+        if problem is None:
+            if not isinstance(body, dict):
+                problem = "The request body must be a JSON object."
+            else:
+                messages = body.get("messages")  # type: ignore[assignment]
+                problem = _check_messages(messages)
+                if problem is None and body.get("stream"):
+                    problem = "Streaming is not supported by the nbllm test server."
+        if problem is not None:
+            n = len(messages) if isinstance(messages, list) else 0
+            self._record(t, conversation, "", 400, n, -1)
+            return web.Response(
+                status=400, body=_error_body(problem, "invalid_request_error"), content_type=_JSON
+            )
+
+        # --- history check: every assistant message must be what this server answered
+        assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        prefixes, key = _prefix_keys(messages, assistant_at)
+        n_user = 0
+        last_user = ""
+        for m in messages:
+            if m["role"] == "user":
+                n_user += 1
+                last_user = m["content"]
+        turn = n_user - 1
+        n = len(messages)
+        answers = self._answers
+        for i in assistant_at:
+            if answers.get(prefixes[i]) != messages[i]["content"]:
+                self._history_errors += 1
+                self._record(t, conversation, key, 400, n, turn)
+                body400 = _error_body(f"history mismatch at message {i}", "invalid_request_error")
+                return web.Response(status=400, body=body400, content_type=_JSON)
+
+        # --- rate limit over a sliding window of admitted requests
+        rl_headers: dict[str, str] | None = None
+        admitted_at = 0.0
+        if self.rpm is not None:
+            now = time.monotonic()
+            window = self._window
+            edge = now - self.window_s
+            while window and window[0] <= edge:
+                window.popleft()
+            if len(window) >= self.rpm:
+                self._record(t, conversation, key, 429, n, turn)
+                headers = {
+                    **self._retry_after_headers,
+                    "x-ratelimit-limit-requests": str(self.rpm),
+                    "x-ratelimit-remaining-requests": "0",
+                }
+                body429 = _error_body(
+                    f"Rate limit reached: {self.rpm} requests per {self.window_s:g} s.",
+                    "rate_limit_error",
+                    "rate_limit_exceeded",
+                )
+                return web.Response(status=429, body=body429, headers=headers, content_type=_JSON)
+
+        # --- faults (decided before admission so failed requests never count as accepted)
+        fault = self._pick_fault(key)
+        if fault is Fault.SERVER_ERROR:
+            self._record(t, conversation, key, 500, n, turn)
+            body500 = _error_body("The server had an error (injected fault).", "server_error")
+            return web.Response(status=500, body=body500, content_type=_JSON)
+        if fault is Fault.UNAVAILABLE:
+            self._record(t, conversation, key, 503, n, turn)
+            body503 = _error_body("The server is overloaded (injected fault).", "server_error")
+            return web.Response(
+                status=503, body=body503, headers=self._retry_after_headers, content_type=_JSON
+            )
+        if fault is Fault.DROP:
+            self._record(t, conversation, key, 0, n, turn)
+            return _drop(request)
+
+        if self.rpm is not None:
+            admitted_at = time.monotonic()
+            self._window.append(admitted_at)
+            rl_headers = {
+                "x-ratelimit-limit-requests": str(self.rpm),
+                "x-ratelimit-remaining-requests": str(max(0, self.rpm - len(self._window))),
+            }
+
+        # --- hang / latency, both cut short by shutdown
+        delay = self._latency[0]
+        if self._latency[1] > delay:
+            delay = self._rng_latency.uniform(delay, self._latency[1])
+        if fault is Fault.HANG:
+            delay += self.hang_s
+        if delay > 0 and not await self._sleep(delay):
+            if self.rpm is not None:
+                self._window.remove(admitted_at)  # never answered: give the slot back
+            self._record(t, conversation, key, -1, n, turn)
+            return _drop(request)
+
+        # --- the answer
+        answer = f"Answer to turn {turn}: {last_user[:60]} [{key[:8]}]"
+        answers[key] = answer
+        self._counter += 1
+        prompt_tokens = _tokens(sum(len(m["content"]) for m in messages))
+        completion_tokens = _tokens(len(answer))
+        payload = {
+            "id": f"chatcmpl-{self._counter}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or MODEL_ID,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        self._accepted.append(admitted_at if self.rpm is not None else t)
+        self._record(t, conversation, key, 200, n, turn)
+        return web.Response(
+            body=json.dumps(payload).encode(), headers=rl_headers, content_type=_JSON
+        )
+
+    def _pick_fault(self, key: str) -> Fault | None:
+        """The fault for this attempt: deterministic with fault_first, else one random draw."""
+        if self.fault_first is not None:
+            attempt = self._attempts.get(key, 0)
+            self._attempts[key] = attempt + 1
+            if attempt >= self.fault_first:
+                return None
+            # Rotate per request and attempt, independent of arrival order under concurrency.
+            rotation = self._rotation
+            return rotation[(int(key[:8], 16) + attempt) % len(rotation)]
+        if not self._fault_cum:
+            return None
+        u = self._rng_faults.random()
+        for edge, kind in self._fault_cum:
+            if u < edge:
+                return kind
+        return None
+
+
+def _set_result_if_pending(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _drop(request: web.Request) -> web.Response:
+    """Close the connection with no response at all; the client sees a disconnect.
+
+    aiohttp then fails to write the returned response to the closed transport, which it treats
+    as a client disconnect and ignores quietly.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return web.Response(status=204)
+
+
+def _check_messages(messages: Any) -> str | None:
+    """Why ``messages`` is not a non-empty list of {role: str, content: str}, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list."
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] must be an object."
+        if not isinstance(m.get("role"), str):
+            return f"messages[{i}].role must be a string."
+        if not isinstance(m.get("content"), str):
+            return f"messages[{i}].content must be a string."
+    return None
+
+
+def read_log(path: str | os.PathLike[str]) -> list[RequestLogEntry]:
+    """Read a ``--log`` JSONL file back; a torn last line (server killed mid-write) is skipped."""
+    entries: list[RequestLogEntry] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                entries.append(RequestLogEntry(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue
+    return entries
+
+
+# --------------------------------------------------------------------- subprocess
+
+
+def _cli_args(options: Mapping[str, Any]) -> list[str]:
+    """Translate TestServer keyword options into ``python -m nbllm.testing`` arguments."""
+    args: list[str] = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name == "latency":
+            text = ",".join(str(float(x)) for x in value) if isinstance(value, tuple) else value
+            args += ["--latency", str(text)]
+        elif name == "faults":
+            for kind, p in value.items():
+                args += ["--fault-rate", f"{Fault.parse(kind).value}={float(p)}"]
+        elif name == "log_path":
+            args += ["--log", os.fspath(value)]
+        elif name in (
+            "rpm",
+            "window_s",
+            "fault_first",
+            "hang_s",
+            "retry_after",
+            "seed",
+            "api_key",
+            "host",
+            "port",
+        ):
+            args += ["--" + name.replace("_", "-"), str(value)]
+        else:
+            msg = f"start_subprocess() got an unexpected option {name!r}"
+            raise TypeError(msg)
+    return args
+
+
+class SubprocessServer:
+    """``python -m nbllm.testing`` running in a child process (so it gets its own CPU core).
+
+    Use ``start_subprocess(...)`` to create one; ``.url`` is read from its first stdout line.
+    """
+
+    def __init__(self, args: Sequence[str], timeout: float = _START_TIMEOUT_S) -> None:
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        # The child must import this very nbllm even if it is not installed (e.g. a checkout).
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH", "")) if p
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        # A file, not a pipe: it can never fill up and block the child. Closed in stop().
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "nbllm.testing", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+        )
+        self.url = ""
+        self._stopped = False
+        try:
+            self.url = self._read_url(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read_url(self, timeout: float) -> str:
+        assert self.process.stdout is not None
+        stdout = self.process.stdout
+        lines: queue.Queue[bytes] = queue.Queue()
+        reader = threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True)
+        reader.start()
+        try:
+            line = lines.get(timeout=timeout).decode("utf-8", "replace").strip()
+        except queue.Empty:
+            self._kill()
+            reader.join(5)
+            msg = (
+                f"nbllm test server subprocess printed no URL within {timeout:g} s; "
+                f"stderr:\n{self.stderr_text()}"
+            )
+            raise RuntimeError(msg) from None
+        if not line.startswith(URL_LINE_PREFIX):
+            self._kill()
+            msg = (
+                f"nbllm test server subprocess failed to start (exit code "
+                f"{self.process.returncode}, first line {line!r}); stderr:\n{self.stderr_text()}"
+            )
+            raise RuntimeError(msg)
+        return line[len(URL_LINE_PREFIX) :]
+
+    def _kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stderr_text(self) -> str:
+        """What the child wrote to stderr so far (for error messages)."""
+        try:
+            self._stderr.flush()
+            self._stderr.seek(0)
+            return self._stderr.read().decode("utf-8", "replace")
+        except ValueError:  # already closed
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (a graceful stop), then kill if it lingers; idempotent. Returns the exit code."""
+        if self._stopped:
+            return self.process.returncode
+        self._stopped = True
+        try:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._kill()
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+            self._stderr.close()
+        return self.process.returncode
+
+    def __enter__(self) -> SubprocessServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<SubprocessServer pid={self.process.pid} {self.url or 'starting'}>"
+
+
+def start_subprocess(*, timeout: float = _START_TIMEOUT_S, **options: Any) -> SubprocessServer:
+    """Run the server as ``python -m nbllm.testing`` in a child process and wait for its URL.
+
+    Takes the same options as ``TestServer`` (``log_path`` becomes ``--log``). Raises
+    RuntimeError, with the child's stderr, if no URL line comes within ``timeout`` seconds.
+    """
+    return SubprocessServer(_cli_args(options), timeout=timeout)

@@ -1,0 +1,115 @@
+"""Plain data that flows along nbllm's one path: conversations in, turn records out.
+
+Nothing here does I/O. ``Conversation`` is what the dataset layer produces,
+``ChatRequest`` / ``ChatResponse`` cross the engine seam, ``TurnRecord`` is one
+row of the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ChatRequest", "ChatResponse", "Conversation", "Message", "TurnRecord"]
+
+Message = dict[str, Any]
+"""One chat message as OpenAI-compatible APIs take it: ``{"role": ..., "content": ...}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """One conversation: questions asked in order, each seeing every earlier answer.
+
+    ``references`` holds a reference answer per turn (or ``None`` per turn when absent);
+    it is never sent to the model.
+    """
+
+    id: Hashable
+    questions: tuple[str, ...]
+    references: tuple[str | None, ...] = ()
+    system: str | None = None
+    context: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.references:
+            object.__setattr__(self, "references", (None,) * len(self.questions))
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def system_message(self, default_system: str | None = None) -> str | None:
+        """The system message text: the system prompt, then the context, if either is set."""
+        parts = [p for p in (self.system or default_system, self.context) if p]
+        return "\n\n".join(parts) if parts else None
+
+    def messages_for(
+        self, turn: int, answers: Sequence[str], default_system: str | None = None
+    ) -> list[Message]:
+        """Messages for ``turn`` (from 0): system, earlier question/answer pairs, the question.
+
+        ``answers`` are the model's actual answers to turns ``0..turn-1``.
+        """
+        if len(answers) < turn:
+            msg = f"turn {turn} needs {turn} earlier answers, got {len(answers)}"
+            raise ValueError(msg)
+        messages: list[Message] = []
+        system = self.system_message(default_system)
+        if system:
+            messages.append({"role": "system", "content": system})
+        for question, answer in zip(self.questions[:turn], answers[:turn], strict=True):
+            messages.append({"role": "user", "content": question})
+            messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "user", "content": self.questions[turn]})
+        return messages
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """What crosses the engine seam: the model, the messages and sampling parameters.
+
+    Credentials and the server address belong to the engine, never to a request,
+    so a request can be logged, hashed or stored without leaking a secret.
+    """
+
+    model: str
+    messages: Sequence[Message]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResponse:
+    """An engine's answer: text, token usage, the model that actually answered, cost if known."""
+
+    text: str
+    model: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """One row of a run's result. ``turn`` counts from 0; times are Unix seconds."""
+
+    conversation_id: Hashable
+    turn: int
+    question: str
+    answer: str | None = None
+    reference: str | None = None
+    model: str | None = None
+    engine: str | None = None
+    latency_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.answer is not None

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from nbllm.executor import runner
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads():
+    """A test must stop every server and run-thread it started."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    leaked = []
+    for thread in threading.enumerate():
+        if thread.ident in before or (thread.daemon and not thread.name.startswith("nbllm")):
+            continue  # e.g. tqdm's monitor thread
+        thread.join(timeout=5)
+        if thread.is_alive():
+            leaked.append(thread.name)
+    assert not leaked, f"threads left running: {leaked}"
+
+
+@pytest.fixture
+def short_minute(monkeypatch):
+    """Make the "minute" of rpm / tpm last 2 seconds, so limits bind within a short test."""
+    monkeypatch.setattr(runner, "MINUTE_S", 2.0)
+    return 2.0

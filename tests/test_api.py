@@ -1,0 +1,226 @@
+"""nbllm.run / nbllm.arun: options, validation before any request, event loops, interruption."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import nbllm
+from nbllm import ChatRequest, ConfigError, DatasetError, FakeEngine, RetryPolicy
+
+RECORDS = [
+    {"id": "a", "turns": ["What is 2+2?", "And times 3?"], "references": ["4", "12"]},
+    {"id": "b", "turns": ["Capital of France?"], "context": "Geography quiz."},
+]
+
+
+def test_run_returns_one_row_per_turn_with_the_documented_columns():
+    result = nbllm.run(RECORDS, engine=FakeEngine(), model="fake-model", progress=False)
+    assert list(result.df.columns) == [
+        "conversation_id", "turn", "question", "answer", "reference", "model", "engine",
+        "latency_s", "prompt_tokens", "completion_tokens", "cost_usd", "attempts", "error",
+        "started_at", "finished_at",
+    ]  # fmt: skip
+    assert list(result.df["conversation_id"]) == ["a", "a", "b"]
+    assert list(result.df["turn"]) == [0, 1, 0]
+    assert list(result.df["reference"][:2]) == ["4", "12"]
+    assert set(result.df["engine"]) == {"fake"}
+    s = result.summary
+    assert (s.conversations, s.turns, s.turns_ok, s.turns_failed) == (2, 3, 3, 0)
+    assert s.latency_p50 is not None and s.latency_p50 <= s.latency_p95 <= s.latency_p99
+    assert s.requests_per_s > 0 and s.tokens_per_s > 0
+    assert s.retries == 0
+    assert "turns_ok" in str(s)
+
+
+async def test_arun_is_awaitable_on_the_callers_loop():
+    result = await nbllm.arun(RECORDS, engine=FakeEngine(), model="m", progress=False)
+    assert result.summary.turns_ok == 3
+
+
+async def test_run_works_inside_an_already_running_loop():
+    """As in a Jupyter cell: a loop is running in this thread and run() still blocks and returns."""
+    result = nbllm.run(RECORDS, engine=FakeEngine(latency=0.01), model="m", progress=False)
+    assert result.summary.turns_ok == 3
+
+
+def test_run_works_in_a_plain_script(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import nbllm
+            data = [{"id": i, "turns": ["hi", "again"]} for i in range(5)]
+            result = nbllm.run(data, engine=nbllm.FakeEngine(), model="m")
+            print(result.summary.turns_ok)
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "10"
+
+
+async def test_ctrl_c_inside_a_running_loop_returns_what_finished():
+    started = threading.Event()
+
+    waiting = []
+
+    async def handler(request: ChatRequest) -> str:
+        if request.messages[-1]["content"] == "again":
+            waiting.append(1)
+            if len(waiting) == 3:  # every first turn is done
+                started.set()
+            await asyncio.sleep(30)
+        return "answer"
+
+    data = [{"id": i, "turns": ["hi", "again"]} for i in range(3)]
+    threading.Thread(
+        target=lambda: started.wait(10) and os.kill(os.getpid(), signal.SIGINT), daemon=True
+    ).start()
+    result = nbllm.run(data, engine=FakeEngine(handler), model="m", progress=False)
+    assert result.interrupted
+    assert result.summary.turns_ok == 3
+    assert result.summary.turns == 6
+
+
+def test_ctrl_c_in_a_plain_script_returns_what_finished(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, os, signal, threading
+            import nbllm
+
+            waiting = []
+
+            async def handler(request):
+                if request.messages[-1]["content"] == "again":
+                    waiting.append(1)
+                    if len(waiting) == 3:  # every first turn is done
+                        os.kill(os.getpid(), signal.SIGINT)
+                    await asyncio.sleep(30)
+                return "answer"
+
+            data = [{"id": i, "turns": ["hi", "again"]} for i in range(3)]
+            result = nbllm.run(data, engine=nbllm.FakeEngine(handler), model="m", progress=False)
+            print(result.interrupted, result.summary.turns_ok, result.summary.turns)
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["True", "3", "6"]
+
+
+def test_unknown_keywords_are_sampling_parameters():
+    seen: list[dict] = []
+
+    def handler(request: ChatRequest) -> str:
+        seen.append(dict(request.params))
+        return "ok"
+
+    nbllm.run(
+        RECORDS[1:], engine=FakeEngine(handler), model="m", progress=False,
+        max_tokens=64, temperature=0, top_p=0.5, seed=7,
+    )  # fmt: skip
+    assert seen == [{"max_tokens": 64, "temperature": 0, "top_p": 0.5, "seed": 7}]
+
+
+def test_system_prompt_comes_first_then_context():
+    seen: list[list[dict]] = []
+
+    def handler(request: ChatRequest) -> str:
+        seen.append(list(request.messages))
+        return "ok"
+
+    nbllm.run(RECORDS[1:], engine=FakeEngine(handler), model="m", system="Be terse.")
+    assert seen[0][0] == {"role": "system", "content": "Be terse.\n\nGeography quiz."}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"concurrency": 0}, "concurrency= expected a whole number >= 1"),
+        ({"concurrency": 2.5}, "concurrency="),
+        ({"rpm": -5}, "rpm= expected a number > 0"),
+        ({"tpm": "lots"}, "tpm="),
+        ({"timeout": 0}, "timeout="),
+        ({"retries": -1}, "retries="),
+        ({"max_tokens": 0}, "max_tokens="),
+        ({"temperature": 3}, "temperature= expected a number between 0 and 2"),
+        ({"api_base": "localhost:8000"}, "api_base= expected an http"),
+        ({"engine": "gpt"}, "engine must be one of"),
+        ({"checkpoint": True}, "checkpoint=True"),
+        ({"cache": "dir"}, "cache='dir'"),
+        ({"progress": "yes"}, "progress="),
+    ],
+)
+def test_bad_options_fail_before_any_request(options, message):
+    engine = FakeEngine()
+    if options.get("engine") == "gpt":
+        engine = options.pop("engine")
+    with pytest.raises(ConfigError, match=message):
+        nbllm.run(RECORDS, model="m", engine=engine, **options)
+    assert not isinstance(engine, FakeEngine) or engine.calls == 0
+
+
+def test_model_is_required_for_a_named_engine():
+    with pytest.raises(ConfigError, match="model= is required"):
+        nbllm.run(RECORDS, engine="litellm")
+
+
+def test_bad_data_fails_before_any_request():
+    engine = FakeEngine()
+    with pytest.raises(DatasetError):
+        nbllm.run([{"id": "x", "turns": []}], model="m", engine=engine)
+    assert engine.calls == 0
+
+
+def test_openai_engine_needs_an_api_base():
+    with pytest.raises(ConfigError, match="needs api_base"):
+        nbllm.run(RECORDS, model="gpt-4o-mini", engine="openai")
+
+
+def test_retries_accepts_a_policy():
+    calls = 0
+
+    def handler(request: ChatRequest) -> str:
+        nonlocal calls
+        calls += 1
+        raise nbllm.ServerError("HTTP 502", status=502)
+
+    result = nbllm.run(
+        RECORDS[1:], engine=FakeEngine(handler), model="m",
+        retries=RetryPolicy(retries=2, initial=0), progress=False,
+    )  # fmt: skip
+    assert calls == 3
+    assert result.df["attempts"].tolist() == [3]
+
+
+def test_the_api_key_never_shows_in_the_config_repr():
+    config = nbllm.RunConfig(model="m", api_key="sk-sentinel-secret")
+    assert "sk-sentinel-secret" not in repr(config)
+
+
+def test_progress_bar_draws_to_stderr(capsys):
+    nbllm.run(RECORDS, engine=FakeEngine(), model="m", progress=True)
+    err = capsys.readouterr().err
+    assert "3/3" in err
+
+
+def test_plot_draws_a_figure():
+    pytest.importorskip("matplotlib")
+    result = nbllm.run(RECORDS, engine=FakeEngine(latency=0.01), model="m", progress=False)
+    fig = result.plot()
+    assert len(fig.axes) == 2
+    assert fig.axes[0].get_title() == "latency of answered turns"

@@ -1,0 +1,172 @@
+"""The API engines over real HTTP, against nbllm's OpenAI-compatible test server on loopback."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+import nbllm
+from nbllm import RetryPolicy
+from nbllm.engines import LiteLLMEngine, OpenAIEngine, create_engine
+from nbllm.testing import Fault, TestServer
+
+FAST = RetryPolicy(retries=4, initial=0.0)
+ENGINES = [
+    pytest.param({"model": "nbllm-test"}, "openai", id="openai"),
+    pytest.param({"model": "openai/nbllm-test", "engine": "litellm"}, "litellm", id="litellm"),
+]
+
+
+def dataset(n: int = 12) -> list[dict]:
+    return [
+        {
+            "id": f"c{i}",
+            "turns": [f"conversation {i}, question {k}" for k in range(1 + i % 4)],
+            "context": "Revenue 2023: 120; 2024: 150.",
+        }
+        for i in range(n)
+    ]
+
+
+def n_turns(data: list[dict]) -> int:
+    return sum(len(r["turns"]) for r in data)
+
+
+@pytest.mark.parametrize(("options", "engine"), ENGINES)
+def test_multi_turn_history_is_exactly_what_the_server_answered(options, engine):
+    data = dataset()
+    with TestServer() as server:
+        result = nbllm.run(data, api_base=server.url, progress=False, **options)
+    assert server.history_errors == 0
+    assert result.summary.turns_ok == n_turns(data)
+    assert set(result.df["engine"]) == {engine}
+    assert result.df["answer"].str.startswith("Answer to turn").all()
+    assert (result.df["prompt_tokens"] > 0).all()
+    # One request per turn, and the deepest turn carried every earlier answer.
+    assert len(server.requests) == n_turns(data)
+    assert max(r.n_messages for r in server.requests) == 1 + 2 * 3 + 1
+
+
+@pytest.mark.parametrize(("options", "engine"), ENGINES)
+def test_injected_faults_end_as_retried_successes(options, engine):
+    data = dataset(8)
+    faults = {Fault.SERVER_ERROR: 1, Fault.UNAVAILABLE: 1, Fault.DROP: 1, Fault.HANG: 1}
+    with TestServer(faults=faults, fault_first=1, hang_s=5, retry_after=0.01) as server:
+        result = nbllm.run(
+            data, api_base=server.url, retries=FAST, timeout=0.5, progress=False, **options
+        )
+    assert result.summary.turns_ok == n_turns(data), result.df["error"].dropna().tolist()
+    assert (result.df["attempts"] == 2).all()
+    assert result.summary.retries == n_turns(data)
+    statuses = collections.Counter(r.status for r in server.requests)
+    assert statuses[200] == n_turns(data)
+    assert statuses[500] and statuses[503] and statuses[0]  # 0: a dropped connection
+
+
+def test_random_faults_never_lose_a_row():
+    data = dataset(30)
+    faults = {Fault.SERVER_ERROR: 0.15, Fault.UNAVAILABLE: 0.1, Fault.DROP: 0.1, Fault.HANG: 0.05}
+    with TestServer(faults=faults, hang_s=5, retry_after=0.01, seed=3) as server:
+        result = nbllm.run(
+            data, model="nbllm-test", api_base=server.url, timeout=0.3,
+            retries=RetryPolicy(retries=1, initial=0.0), progress=False,
+        )  # fmt: skip
+    assert len(result.df) == n_turns(data)
+    ok = result.df["error"].isna()
+    assert result.df.loc[ok, "answer"].notna().all()
+    assert result.df.loc[~ok, "answer"].isna().all()
+    assert 0 < ok.sum() < len(ok)  # some succeeded, some ran out of retries
+    assert result.df["attempts"].sum() == len(server.requests)
+
+
+@pytest.mark.parametrize(("options", "engine"), ENGINES)
+def test_429_with_retry_after_is_retried_and_counted(options, engine):
+    data = dataset(6)
+    with TestServer(rpm=4, window_s=0.5, retry_after=0.2) as server:
+        result = nbllm.run(
+            data, api_base=server.url, concurrency=8,
+            retries=RetryPolicy(retries=10, initial=0.01), progress=False, **options,
+        )  # fmt: skip
+    rejected = sum(1 for r in server.requests if r.status == 429)
+    assert rejected > 0
+    assert result.summary.turns_ok == n_turns(data)
+    assert result.summary.retries == rejected
+    assert result.df["attempts"].sum() == len(server.requests)
+
+
+@pytest.mark.parametrize(("options", "engine"), ENGINES)
+def test_rpm_limit_is_never_exceeded_on_the_server(options, engine, short_minute):
+    data = dataset(12)  # 30 turns against 12 per "minute" of 2 s
+    with TestServer(rpm=12, window_s=short_minute) as server:
+        result = nbllm.run(
+            data, api_base=server.url, rpm=12, concurrency=16, progress=False, **options
+        )
+    assert [r.status for r in server.requests if r.status != 200] == []
+    assert result.summary.turns_ok == n_turns(data)
+    # The budget is used, not wasted: 30 requests at 12 per 2 s need a little over 3 s.
+    assert result.summary.wall_s < 6.5
+
+
+@pytest.mark.parametrize(("options", "engine"), ENGINES)
+def test_bad_credentials_are_not_retried_and_never_echoed(options, engine):
+    with TestServer(api_key="sk-right-key") as server:
+        bad = nbllm.run(
+            dataset(2), api_base=server.url, api_key="sk-sentinel-wrong-key", retries=FAST,
+            progress=False, **options,
+        )  # fmt: skip
+        good = nbllm.run(
+            dataset(2), api_base=server.url, api_key="sk-right-key", progress=False, **options
+        )
+    assert bad.summary.turns_ok == 0
+    assert bad.df["attempts"].iloc[0] == 1
+    assert bad.df["error"].iloc[0].startswith("AuthenticationError")
+    assert "sk-sentinel-wrong-key" not in bad.df.to_csv()
+    assert "sk-sentinel-wrong-key" not in repr(bad)
+    assert good.summary.turns_ok == good.summary.turns
+
+
+def test_a_request_the_server_refuses_is_not_retried():
+    with TestServer() as server:
+        result = nbllm.run(
+            dataset(1), model="nbllm-test", api_base=server.url, retries=FAST, progress=False,
+            stream=True,  # the test server refuses streaming with a 400
+        )  # fmt: skip
+    assert result.df["error"].iloc[0].startswith("RequestRejected: HTTP 400")
+    assert len(server.requests) == 1
+
+
+def test_a_server_that_is_not_there_is_a_connection_error():
+    with TestServer() as server:
+        url = server.url
+    result = nbllm.run(
+        dataset(1), model="nbllm-test", api_base=url, retries=RetryPolicy(1, initial=0),
+        progress=False,
+    )  # fmt: skip
+    assert result.df["error"].iloc[0].startswith("ConnectionFailed")
+    assert result.df["attempts"].iloc[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("model", "api_base", "expected"),
+    [
+        ("nbllm-test", "http://127.0.0.1:9/v1", OpenAIEngine),
+        ("openai/gpt-4o-mini", "http://127.0.0.1:9/v1", OpenAIEngine),
+        ("meta-llama/Llama-3.1-8B-Instruct", "http://127.0.0.1:9/v1", OpenAIEngine),
+        ("anthropic/claude-3-5-haiku", "http://127.0.0.1:9/v1", LiteLLMEngine),
+        ("openai/gpt-4o-mini", None, LiteLLMEngine),
+    ],
+)
+async def test_auto_picks_the_lean_client_for_openai_compatible_servers(model, api_base, expected):
+    engine = create_engine("auto", model=model, api_base=api_base)
+    try:
+        assert type(engine) is expected
+    finally:
+        await engine.aclose()
+
+
+async def test_a_closed_engine_says_so():
+    engine = OpenAIEngine("http://127.0.0.1:9/v1")
+    await engine.aclose()
+    with pytest.raises(nbllm.EngineError, match="closed"):
+        await engine.complete(nbllm.ChatRequest("m", [{"role": "user", "content": "hi"}]))

@@ -1,0 +1,41 @@
+"""The public API changes only on purpose: this list is the contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nbllm
+
+
+def test_public_names():
+    assert sorted(nbllm.__all__) == sorted(
+        [
+            "AuthenticationError", "ChatRequest", "ChatResponse", "ConfigError",
+            "ConnectionFailed", "Conversation", "DatasetError", "Engine", "EngineError",
+            "EngineUnavailable", "Executor", "FakeEngine", "LiteLLMEngine", "NbllmError",
+            "OpenAIEngine", "RateLimitError", "RateLimiter", "RequestRejected", "RequestTimeout",
+            "RetryPolicy", "RetryableError", "RunConfig", "RunResult", "RunSummary",
+            "ServerError", "TurnRecord", "__version__", "arun", "load_conversations", "run",
+        ]
+    )  # fmt: skip
+    for name in nbllm.__all__:
+        assert hasattr(nbllm, name), name
+
+
+def test_every_error_is_an_nbllm_error():
+    for name in nbllm.__all__:
+        obj = getattr(nbllm, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, nbllm.NbllmError), name
+
+
+def test_import_is_light_and_offline():
+    """``import nbllm`` loads neither litellm nor the UI stack, and so touches no network."""
+    code = (
+        "import sys, nbllm; "
+        "heavy = [m for m in ('litellm', 'matplotlib', 'ipywidgets', 'IPython', 'openai') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
