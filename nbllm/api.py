@@ -176,14 +176,21 @@ def run(data: Any, **options: Any) -> RunResult:
 def _run_beside_running_loop(data: Any, options: dict[str, Any]) -> RunResult:
     """Run on a private loop in a worker thread while the caller's loop (a kernel's) waits."""
     box: dict[str, Any] = {}
-    ready = threading.Event()
+    stop_requested = threading.Event()
     done = threading.Event()
+
+    def stop_batch(*_: Any) -> None:
+        stop_requested.set()
+        loop, task = box.get("loop"), box.get("task")
+        if loop is not None and task is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
 
     def target() -> None:
         async def main() -> RunResult:
             box["loop"] = asyncio.get_running_loop()
-            box["task"] = asyncio.current_task()
-            ready.set()
+            box["task"] = task = asyncio.current_task()
+            if stop_requested.is_set() and task is not None:
+                task.cancel()  # Ctrl-C came before this task existed
             return await arun(data, **options)
 
         try:
@@ -191,17 +198,7 @@ def _run_beside_running_loop(data: Any, options: dict[str, Any]) -> RunResult:
         except BaseException as exc:
             box["error"] = exc
         finally:
-            ready.set()
             done.set()
-
-    thread = threading.Thread(target=target, name="nbllm-run", daemon=True)
-    thread.start()
-    ready.wait()
-
-    def stop_batch(*_: Any) -> None:
-        loop, task = box.get("loop"), box.get("task")
-        if loop is not None and task is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(task.cancel)
 
     # While the batch runs, Ctrl-C (or a kernel interrupt) stops the batch rather than
     # whatever the caller's loop would do with it; the previous handler comes back after.
@@ -211,11 +208,14 @@ def _run_beside_running_loop(data: Any, options: dict[str, Any]) -> RunResult:
             previous = signal.signal(signal.SIGINT, stop_batch)
         except ValueError:
             previous = None
+    thread = threading.Thread(target=target, name="nbllm-run", daemon=True)
     try:
-        done.wait()
-    except KeyboardInterrupt:
-        stop_batch()
-        done.wait()
+        thread.start()
+        try:
+            done.wait()
+        except KeyboardInterrupt:
+            stop_batch()
+            done.wait()
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
