@@ -108,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(run())
     except KeyboardInterrupt:  # a SIGINT before the handlers were installed
         return 130
+    except OSError as exc:  # e.g. the port is taken: one clear line for start_subprocess()
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
