@@ -169,8 +169,22 @@ def run(data: Any, **options: Any) -> RunResult:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(arun(data, **options))
+        return asyncio.run(_arun_stopping_on_ctrl_c(data, options))
     return _run_beside_running_loop(data, options)
+
+
+async def _arun_stopping_on_ctrl_c(data: Any, options: dict[str, Any]) -> RunResult:
+    """``arun`` where Ctrl-C cancels the batch (which then returns what finished)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    previous = None
+    if task is not None and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(task.cancel))
+    try:
+        return await arun(data, **options)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _run_beside_running_loop(data: Any, options: dict[str, Any]) -> RunResult:

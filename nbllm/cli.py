@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +32,20 @@ __all__ = ["main"]
 
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _OUT_SUFFIXES = (".csv", ".jsonl", ".parquet")
+_RUN_OPTIONS = (
+    "model",
+    "api_base",
+    "api_key",
+    "concurrency",
+    "rpm",
+    "tpm",
+    "timeout",
+    "retries",
+    "system",
+    "max_tokens",
+    "temperature",
+    "engine",
+)
 
 
 def _require_pyarrow(what: str) -> None:
@@ -108,28 +123,16 @@ def _run(args: argparse.Namespace) -> int:
     if out is not None:
         _check_out(out)
     data = _read_data(Path(args.data))
-    result = nbllm.run(
-        data,
-        model=args.model,
-        api_base=args.api_base,
-        api_key=args.api_key,
-        concurrency=args.concurrency,
-        rpm=args.rpm,
-        tpm=args.tpm,
-        timeout=args.timeout,
-        retries=args.retries,
-        system=args.system,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        engine=args.engine,
-        progress=not args.no_progress,
-    )
+    # Options left out on the command line keep nbllm.run's own defaults.
+    given = {name: getattr(args, name) for name in _RUN_OPTIONS}
+    options = {name: value for name, value in given.items() if value is not None}
+    result = nbllm.run(data, progress=not args.no_progress, **options)
     print(result.summary)
     summary = result.summary
     if out is not None:
         try:
             _write_out(result.df, out)
-        except OSError as exc:
+        except (OSError, ValueError, TypeError) as exc:  # no disk space, mixed-type column, ...
             msg = f"cannot write {str(out)!r}: {exc}"
             raise ConfigError(msg) from exc
         print(f"nbllm: wrote {len(result.df)} rows to {out}", file=sys.stderr)
@@ -147,6 +150,11 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _default(option: str) -> str:
+    """`` (default: X)`` as ``nbllm.run`` has it, for the help text."""
+    return f" (default: {inspect.signature(nbllm.arun).parameters[option].default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,17 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", required=True, help="e.g. openai/gpt-4o-mini")
     run.add_argument("--api-base", metavar="URL", help="an OpenAI-compatible server's URL")
     run.add_argument("--api-key", metavar="KEY", help="never printed nor written anywhere")
-    run.add_argument("--concurrency", type=int, default=32, metavar="N", help="requests in flight")
+    run.add_argument(
+        "--concurrency", type=int, metavar="N", help=f"requests in flight{_default('concurrency')}"
+    )
     run.add_argument("--rpm", type=float, metavar="N", help="requests per minute")
     run.add_argument("--tpm", type=float, metavar="N", help="tokens per minute")
     run.add_argument(
-        "--timeout", type=float, default=120.0, metavar="S", help="seconds per attempt"
+        "--timeout", type=float, metavar="S", help=f"seconds per attempt{_default('timeout')}"
     )
-    run.add_argument("--retries", type=int, default=5, metavar="N", help="retries per request")
+    run.add_argument(
+        "--retries", type=int, metavar="N", help=f"retries per request{_default('retries')}"
+    )
     run.add_argument("--system", metavar="S", help="default system prompt")
     run.add_argument("--max-tokens", type=int, metavar="N")
     run.add_argument("--temperature", type=float, metavar="T")
-    run.add_argument("--engine", choices=ENGINE_NAMES, default="auto")
+    run.add_argument("--engine", choices=ENGINE_NAMES, help=f"which engine{_default('engine')}")
     run.add_argument(
         "--out", metavar="FILE", help="write one row per turn to .csv, .jsonl or .parquet"
     )

@@ -1,0 +1,238 @@
+"""The ``nbllm`` command, end to end against the real test HTTP server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import nbllm
+from nbllm.cli import main
+from nbllm.executor.events import TurnFinished
+from nbllm.results import COLUMNS
+from nbllm.testing import TestServer
+
+SECRET = "sentinel-key-123"
+
+RECORDS = [
+    {"id": "a", "turns": ["Revenue in 2019?", "And in 2020?"], "references": ["10", "12"]},
+    {"id": "b", "turns": ["Net income?"]},
+]
+
+
+@pytest.fixture
+def server():
+    with TestServer() as srv:
+        yield srv
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def cli(server: TestServer, data: Path | str, *extra: str) -> int:
+    args = ["run", str(data), "--model", "nbllm-test", "--api-base", server.url]
+    return main([*args, "--no-progress", *extra])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_jsonl_input_to_jsonl_output(server, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    out = tmp_path / "results.jsonl"
+
+    assert cli(server, data, "--out", str(out)) == 0
+
+    stdout = capsys.readouterr().out
+    assert "turns_ok           3" in stdout
+    rows = read_jsonl(out)
+    assert [(r["conversation_id"], r["turn"]) for r in rows] == [("a", 0), ("a", 1), ("b", 0)]
+    assert all(list(r) == list(COLUMNS) for r in rows)
+    assert rows[1]["answer"].startswith("Answer to turn 1: And in 2020?")
+    assert rows[1]["reference"] == "12"
+    assert rows[2]["reference"] is None  # missing values are null, not NaN
+    assert rows[0]["error"] is None
+    assert server.history_errors == 0
+
+
+def test_long_csv_input_to_csv_output(server, tmp_path, capsys):
+    data = tmp_path / "long.csv"
+    data.write_text(
+        "conversation_id,turn,question,reference\n"
+        "c1,1,What was revenue?,007\n"
+        "c1,2,And costs?,\n"
+        "c2,1,How many stores?,12\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "results.csv"
+
+    assert cli(server, data, "--out", str(out)) == 0
+
+    df = pd.read_csv(out, dtype={"reference": str})
+    assert list(df.columns) == list(COLUMNS)
+    assert df["conversation_id"].tolist() == ["c1", "c1", "c2"]
+    assert df["reference"].tolist()[::2] == ["007", "12"]  # text stays text
+    assert df["error"].isna().all()
+    assert "turns_failed       0" in capsys.readouterr().out
+
+
+def test_wide_csv_input(server, tmp_path, capsys):
+    data = tmp_path / "wide.csv"
+    data.write_text(
+        "id,question_0,question_1,answer_0,answer_1\n"
+        "x,Revenue 2019?,And 2020?,10,12\n"
+        "y,Net income?,,3,\n",
+        encoding="utf-8",
+    )
+
+    assert cli(server, data, "--system", "Answer with a number.") == 0
+
+    out = capsys.readouterr().out
+    assert "turns              3" in out
+    assert "conversations      2" in out
+
+
+def test_bad_out_suffix_sends_nothing(server, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    out = tmp_path / "results.xlsx"
+
+    assert cli(server, data, "--out", str(out)) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("nbllm: error: --out")
+    assert "'.xlsx'" in err
+    assert len(err.splitlines()) == 1
+    assert server.requests == []
+    assert not out.exists()
+
+
+def test_missing_file(server, tmp_path, capsys):
+    assert cli(server, tmp_path / "nope.csv") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nbllm: error: no such file")
+    assert "nope.csv" in err
+    assert "Traceback" not in err
+    assert server.requests == []
+
+
+def test_dataset_error_names_the_problem(server, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "bad.jsonl", [RECORDS[0], {"id": "b", "turn": ["Hi"]}])
+
+    assert cli(server, data) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("nbllm: error: ")
+    assert "line 2" in err
+    assert "'turn'" in err and "did you mean 'turns'" in err
+    assert server.requests == []
+
+
+def test_bad_option_value(server, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    assert cli(server, data, "--concurrency", "0") == 2
+    assert "concurrency" in capsys.readouterr().err
+    assert main(["run", str(data), "--model", "m", "--engine", "nope"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_parquet_without_pyarrow_is_one_clear_line(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    table = tmp_path / "convs.parquet"
+    table.write_bytes(b"PAR1")
+
+    assert cli(server, data, "--out", str(tmp_path / "results.parquet")) == 2
+    assert cli(server, table) == 2
+
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("nbllm: error: ") and "needs pyarrow" in line for line in lines)
+    assert server.requests == []
+
+
+def test_failed_turns_exit_1(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    out = tmp_path / "results.csv"
+    with TestServer(faults={"server_error": 1.0}) as failing:
+        assert cli(failing, data, "--retries", "0", "--out", str(out)) == 1
+
+    captured = capsys.readouterr()
+    assert "3 of 3 turns failed" in captured.err
+    assert "turns_failed       3" in captured.out
+    df = pd.read_csv(out)
+    assert df["error"].notna().all()
+
+
+def test_api_key_is_used_but_never_shown(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    out = tmp_path / "results.jsonl"
+    with TestServer(api_key=SECRET) as guarded:  # answers 401 unless the key is sent
+        args = ["run", str(data), "--model", "nbllm-test", "--api-base", guarded.url]
+        code = main([*args, "--api-key", SECRET, "--out", str(out)])  # progress bar on
+
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "turns_ok           3" in captured.out
+    for text in (captured.out, captured.err, out.read_text(encoding="utf-8")):
+        assert SECRET not in text
+
+
+def test_ctrl_c_writes_what_finished(server, tmp_path, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    out = tmp_path / "results.jsonl"
+    real_run = nbllm.run
+
+    def run_then_interrupt(data, **options):
+        sent = []
+
+        def on_event(event):
+            if isinstance(event, TurnFinished) and not sent:
+                sent.append(event)
+                signal.raise_signal(signal.SIGINT)  # as if Ctrl-C after the first finished turn
+
+        return real_run(data, listeners=[on_event], **options)
+
+    monkeypatch.setattr(nbllm, "run", run_then_interrupt)
+
+    assert cli(server, data, "--concurrency", "1", "--out", str(out)) == 130
+
+    assert "interrupted" in capsys.readouterr().err
+    errors = [r["error"] for r in read_jsonl(out)]
+    assert len(errors) == 3
+    assert None in errors
+    assert any(e is not None for e in errors)
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"nbllm {nbllm.__version__}"
+
+
+def test_console_script_writes_one_json_object_per_turn(server, tmp_path):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    out = tmp_path / "results.jsonl"
+    args = ["run", str(data), "--model", "nbllm-test", "--api-base", server.url]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbllm.cli", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert "turns_ok" in proc.stdout
+    rows = read_jsonl(out)
+    assert len(rows) == 3
+    assert all(isinstance(r, dict) and list(r) == list(COLUMNS) for r in rows)
+    assert [r["turn"] for r in rows] == [0, 1, 0]
