@@ -2,8 +2,8 @@
 
 litellm costs 2-3 s to import, so it is imported on the first request, never at
 ``import nbllm``. Before that import, litellm is told to use its bundled price map
-(``LITELLM_LOCAL_MODEL_COST_MAP``) and the Hugging Face hub is kept offline, so no
-request leaves the machine except the chat requests themselves. litellm's own
+(``LITELLM_LOCAL_MODEL_COST_MAP``) and its telemetry is off, so no request leaves the
+machine except the chat requests themselves. litellm's own
 retries are turned off: the executor owns retries, limits and timeouts.
 """
 
@@ -25,8 +25,10 @@ __all__ = ["LiteLLMEngine", "import_litellm"]
 def import_litellm() -> Any:
     """Import litellm with every start-up network call turned off."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LITELLM_TELEMETRY", "False")
+    # HF_HUB_OFFLINE is left alone: setting it would also cut off the user's own model
+    # downloads in this process, and nbllm never calls litellm's token counter (the one
+    # part that reads tokenizers from the hub); usage comes from the responses.
     import litellm
 
     litellm.suppress_debug_info = True

@@ -1,0 +1,62 @@
+"""How HTTP answers map to nbllm errors, and how retry hints are read."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import pytest
+
+from nbllm.engines.http import error_for_status, parse_retry_after
+from nbllm.errors import (
+    AuthenticationError,
+    RateLimitError,
+    RequestRejected,
+    RetryableError,
+    ServerError,
+)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "3"}, 3.0),
+        ({"retry-after": "0.25"}, 0.25),
+        ({"retry-after-ms": "1500", "Retry-After": "9"}, 1.5),  # the precise one wins
+        ({"Retry-After": "soon"}, None),
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_retry_after_is_read_from_either_header(headers, expected):
+    assert parse_retry_after(headers) == expected
+
+
+def test_retry_after_as_an_http_date():
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < parse_retry_after({"Retry-After": when}) <= 31
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "retryable"),
+    [
+        (429, RateLimitError, True),
+        (500, ServerError, True),
+        (503, ServerError, True),
+        (408, ServerError, True),
+        (409, ServerError, True),
+        (400, RequestRejected, False),
+        (404, RequestRejected, False),
+        (422, RequestRejected, False),
+        (401, AuthenticationError, False),
+        (403, AuthenticationError, False),
+    ],
+)
+def test_status_codes_map_to_the_error_tree(status, kind, retryable):
+    error = error_for_status(status, "detail", {"retry-after": "2"})
+    assert type(error) is kind
+    assert isinstance(error, RetryableError) is retryable
+    assert error.status == status
+    assert str(error) == f"HTTP {status}: detail"
+    if retryable:
+        assert error.retry_after == 2.0
