@@ -151,7 +151,28 @@ async def arun(
             await chosen.aclose()
 
 
-def run(data: Any, **options: Any) -> RunResult:
+def run(
+    data: Any,
+    *,
+    model: str | None = None,
+    api_base: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 32,
+    rpm: float | None = None,
+    tpm: float | None = None,
+    timeout: float | None = 120.0,
+    retries: Any = 5,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    progress: bool | None = None,
+    checkpoint: Any = False,
+    cache: Any = False,
+    engine: str | Engine = "auto",
+    max_conversations: int | None = None,
+    listeners: Iterable[Callable[[Event], None]] = (),
+    **params: Any,
+) -> RunResult:
     """Run a dataset of (multi-turn) conversations in parallel; return a ``RunResult``.
 
     ``data``: a long or wide DataFrame, a list of ``{"id", "turns", ...}`` records, a
@@ -166,6 +187,9 @@ def run(data: Any, **options: Any) -> RunResult:
     must be False in this version. Any other keyword is passed to the engine as a
     sampling parameter (``top_p=0.9``, ``seed=1``, ...).
     """
+    options = dict(locals())
+    del options["data"], options["params"]
+    options.update(params)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

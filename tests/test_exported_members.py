@@ -39,3 +39,20 @@ def test_import_is_light_and_offline():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_run_and_arun_name_the_documented_options():
+    """Later layers (the magic, the CLI) rely on these keyword names."""
+    import inspect
+
+    named = [
+        "model", "api_base", "api_key", "concurrency", "rpm", "tpm", "timeout", "retries",
+        "system", "max_tokens", "temperature", "progress", "checkpoint", "cache",
+    ]  # fmt: skip
+    for function in (nbllm.run, nbllm.arun):
+        parameters = inspect.signature(function).parameters
+        for name in named:
+            assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, (function, name)
+    assert inspect.signature(nbllm.run).parameters.keys() == (
+        inspect.signature(nbllm.arun).parameters.keys()
+    )
