@@ -23,26 +23,16 @@ from nbllm.dataset import load_conversations
 from nbllm.engines import Engine, create_engine
 from nbllm.errors import ConfigError
 from nbllm.executor import Event, Executor
+from nbllm.executor.cache import ResponseCache, resolve_cache_path
+from nbllm.executor.checkpoint import (
+    CheckpointStore,
+    RunIdentity,
+    dataset_hash,
+    resolve_checkpoint_path,
+)
 from nbllm.results import RunResult
 
 __all__ = ["arun", "run"]
-
-
-def _check_persistence(checkpoint: Any, cache: Any) -> None:
-    # Checkpoint files and the response cache are not part of this release: refuse
-    # rather than silently run without the persistence the caller asked for.
-    if checkpoint not in (False, None):
-        msg = (
-            f"checkpoint={checkpoint!r}: checkpointing to disk is not available in this "
-            "version of nbllm; pass checkpoint=False to run without it"
-        )
-        raise ConfigError(msg)
-    if cache not in (False, None):
-        msg = (
-            f"cache={cache!r}: the response cache is not available in this version of "
-            "nbllm; pass cache=False to run without it"
-        )
-        raise ConfigError(msg)
 
 
 def _api_key_for(engine: Any, api_base: str | None, api_key: str | None) -> str | None:
@@ -85,8 +75,9 @@ async def arun(
     max_tokens: int | None = None,
     temperature: float | None = None,
     progress: bool | None = None,
-    checkpoint: Any = False,
-    cache: Any = False,
+    checkpoint: Any = True,
+    cache: Any = True,
+    resume: bool = True,
     engine: str | Engine = "auto",
     max_conversations: int | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
@@ -118,7 +109,10 @@ async def arun(
         progress=progress,
         params=params,
     )
-    _check_persistence(checkpoint, cache)
+    if not isinstance(resume, bool):
+        msg = f"resume= expected True or False, got {resume!r}"
+        raise ConfigError(msg)
+    cache_path = resolve_cache_path(cache)
     conversations = load_conversations(data)
     chosen = create_engine(
         engine,
@@ -127,26 +121,52 @@ async def arun(
         api_key=_api_key_for(engine, config.api_base, config.api_key),
         max_connections=max(config.concurrency, 8),
     )
-    every = list(listeners)
-    bar = _progress_listener(config.progress)
-    if bar is not None:
-        every.append(bar)
-    executor = Executor(
-        chosen,
-        model=config.model,
-        concurrency=config.concurrency,
-        max_conversations=config.max_conversations,
-        rpm=config.rpm,
-        tpm=config.tpm,
-        timeout=config.timeout,
-        retry=config.retry_policy,
-        system=config.system,
-        params=config.sampling_params,
-        listeners=every,
-    )
+    store: CheckpointStore | None = None
+    response_cache: ResponseCache | None = None
     try:
+        identity = RunIdentity(
+            dataset=dataset_hash(conversations),
+            model=config.model,
+            engine=chosen.identity(),
+            params=config.sampling_params,
+            system=config.system,
+        )
+        path = resolve_checkpoint_path(checkpoint, identity.fingerprint)
+        if path is not None:
+            store = CheckpointStore.open(
+                path,
+                identity,
+                conversations=len(conversations),
+                turns=sum(len(c) for c in conversations),
+                resume=resume,
+            )
+        if cache_path is not None:
+            response_cache = ResponseCache(cache_path, reuse_sampled=cache == "always")
+        every = list(listeners)
+        bar = _progress_listener(config.progress)
+        if bar is not None:
+            every.append(bar)
+        executor = Executor(
+            chosen,
+            model=config.model,
+            concurrency=config.concurrency,
+            max_conversations=config.max_conversations,
+            rpm=config.rpm,
+            tpm=config.tpm,
+            timeout=config.timeout,
+            retry=config.retry_policy,
+            system=config.system,
+            params=config.sampling_params,
+            listeners=every,
+            checkpoint=store,
+            cache=response_cache,
+        )
         return await executor.run(conversations)
     finally:
+        # Commit the last batch of finished turns whatever happened: nothing finished is lost.
+        for closeable in (store, response_cache):
+            if closeable is not None:
+                closeable.close()
         if chosen is not engine:
             await chosen.aclose()
 
@@ -166,8 +186,9 @@ def run(
     max_tokens: int | None = None,
     temperature: float | None = None,
     progress: bool | None = None,
-    checkpoint: Any = False,
-    cache: Any = False,
+    checkpoint: Any = True,
+    cache: Any = True,
+    resume: bool = True,
     engine: str | Engine = "auto",
     max_conversations: int | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
@@ -183,9 +204,17 @@ def run(
     ``RetryPolicy``), ``system`` (default system prompt), ``max_tokens``,
     ``temperature``, ``progress`` (a text bar; default: when interactive),
     ``engine`` ("auto", "openai", "litellm" or an ``Engine``), ``max_conversations``,
-    ``listeners`` (callables receiving executor events). ``checkpoint`` and ``cache``
-    must be False in this version. Any other keyword is passed to the engine as a
-    sampling parameter (``top_p=0.9``, ``seed=1``, ...).
+    ``listeners`` (callables receiving executor events).
+
+    ``checkpoint`` (default True: ``.nbllm/runs/<id>/``; a path; False): every answered
+    turn is committed to SQLite within a quarter of a second, and re-running the same
+    call sends no request for a finished turn (``resumed`` rows); ``resume=False``
+    starts over. ``cache`` (default True: ``.nbllm/cache.sqlite``; a path; "always";
+    False): identical requests are answered from earlier runs (``cached`` rows), except
+    those with a non-zero ``temperature`` unless ``cache="always"``.
+
+    Any other keyword is passed to the engine as a sampling parameter (``top_p=0.9``,
+    ``seed=1``, ...).
     """
     options = dict(locals())
     del options["data"], options["params"]

@@ -6,6 +6,7 @@
     ├── DatasetError          bad input data: names the row / column and what was expected
     ├── ConfigError           a bad option value: names the option and what was expected
     ├── EngineUnavailable     a named engine cannot run here (missing package, no model, ...)
+    ├── CheckpointError       a checkpoint or cache file cannot be used (corrupt, locked, other run)
     └── EngineError           one request failed; lands in a row's ``error`` column
         ├── RetryableError    worth trying again after a pause
         │   ├── RateLimitError    HTTP 429 (``retry_after`` holds the server's hint)
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "CheckpointError",
     "ConfigError",
     "ConnectionFailed",
     "DatasetError",
@@ -51,6 +53,13 @@ class ConfigError(NbllmError, ValueError):
 
 class EngineUnavailable(NbllmError):
     """A named engine is not installed or cannot run on this machine."""
+
+
+class CheckpointError(NbllmError):
+    """A checkpoint or cache file cannot be used; the message names the file and what to do.
+
+    nbllm never deletes or overwrites such a file on its own.
+    """
 
 
 class EngineError(NbllmError):

@@ -32,6 +32,8 @@ COLUMNS = (
     "error",
     "started_at",
     "finished_at",
+    "cached",
+    "resumed",
 )
 
 
@@ -47,7 +49,11 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class RunSummary:
-    """The run's figures. Latencies are of successful requests, in seconds."""
+    """The run's figures. Latencies are of answered requests, in seconds.
+
+    ``cached``: turns answered from the response cache; ``resumed``: turns read back from
+    the checkpoint. Neither sent a request in this run.
+    """
 
     conversations: int
     turns: int
@@ -60,6 +66,8 @@ class RunSummary:
     latency_p95: float | None
     latency_p99: float | None
     retries: int
+    cached: int
+    resumed: int
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float | None
@@ -150,12 +158,16 @@ class RunResult:
             frame[column] = frame[column].astype("Int64")
         frame["turn"] = frame["turn"].astype("int64")
         frame["attempts"] = frame["attempts"].astype("int64")
+        frame["cached"] = frame["cached"].astype("bool")
+        frame["resumed"] = frame["resumed"].astype("bool")
         return frame
 
     @cached_property
     def summary(self) -> RunSummary:
         ok = [r for r in self.records if r.ok]
-        latencies = sorted(r.latency_s for r in ok if r.latency_s is not None)
+        latencies = sorted(
+            r.latency_s for r in ok if r.latency_s is not None and not (r.cached or r.resumed)
+        )
         attempts = sum(r.attempts for r in self.records)
         sent = sum(1 for r in self.records if r.attempts)
         prompt = sum(r.prompt_tokens or 0 for r in self.records)
@@ -174,6 +186,8 @@ class RunResult:
             latency_p95=_percentile(latencies, 0.95),
             latency_p99=_percentile(latencies, 0.99),
             retries=attempts - sent,
+            cached=sum(1 for r in self.records if r.cached),
+            resumed=sum(1 for r in self.records if r.resumed),
             prompt_tokens=prompt,
             completion_tokens=completion,
             cost_usd=sum(costs) if costs else None,

@@ -92,7 +92,11 @@ class ChatResponse:
 
 @dataclass(frozen=True, slots=True)
 class TurnRecord:
-    """One row of a run's result. ``turn`` counts from 0; times are Unix seconds."""
+    """One row of a run's result. ``turn`` counts from 0; times are Unix seconds.
+
+    ``cached``: answered from the response cache, no request sent. ``resumed``: read back
+    from the run's checkpoint, finished by an earlier (interrupted) run of the same call.
+    """
 
     conversation_id: Hashable
     turn: int
@@ -109,6 +113,8 @@ class TurnRecord:
     error: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    cached: bool = False
+    resumed: bool = False
 
     @property
     def ok(self) -> bool:

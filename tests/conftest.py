@@ -8,6 +8,13 @@ from nbllm.executor import runner
 
 
 @pytest.fixture(autouse=True)
+def _nbllm_dir(tmp_path, monkeypatch):
+    """Checkpoints and the response cache of a test live in its own temporary folder."""
+    monkeypatch.setenv("NBLLM_DIR", str(tmp_path / ".nbllm"))
+    return tmp_path / ".nbllm"
+
+
+@pytest.fixture(autouse=True)
 def _no_leaked_threads():
     """A test must stop every server and run-thread it started."""
     before = {t.ident for t in threading.enumerate()}

@@ -26,7 +26,7 @@ def test_run_returns_one_row_per_turn_with_the_documented_columns():
     assert list(result.df.columns) == [
         "conversation_id", "turn", "question", "answer", "reference", "model", "engine",
         "latency_s", "prompt_tokens", "completion_tokens", "cost_usd", "attempts", "error",
-        "started_at", "finished_at",
+        "started_at", "finished_at", "cached", "resumed",
     ]  # fmt: skip
     assert list(result.df["conversation_id"]) == ["a", "a", "b"]
     assert list(result.df["turn"]) == [0, 1, 0]
@@ -160,8 +160,9 @@ def test_system_prompt_comes_first_then_context():
         ({"temperature": 3}, "temperature= expected a number between 0 and 2"),
         ({"api_base": "localhost:8000"}, "api_base= expected an http"),
         ({"engine": "gpt"}, "engine must be one of"),
-        ({"checkpoint": True}, "checkpoint=True"),
-        ({"cache": "dir"}, "cache='dir'"),
+        ({"checkpoint": 3}, "checkpoint= expected True, False or a path"),
+        ({"cache": 1.5}, "cache= expected True, False, 'always' or a path"),
+        ({"resume": "yes"}, "resume= expected True or False"),
         ({"progress": "yes"}, "progress="),
     ],
 )

@@ -60,3 +60,7 @@ class Engine(ABC):
     def describe(self) -> str:
         """A short, secret-free description for logs and results."""
         return self.name
+
+    def identity(self) -> str:
+        """What about this engine decides its answers (for a run's fingerprint); no secrets."""
+        return self.name

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
+import types
 from collections.abc import Awaitable, Callable
 
 from nbllm.engines.base import Engine
@@ -13,6 +15,15 @@ __all__ = ["FakeEngine", "echo"]
 
 HandlerResult = str | ChatResponse
 Handler = Callable[[ChatRequest], HandlerResult | Awaitable[HandlerResult]]
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """A digest of a function's code that is the same in every process."""
+    digest = hashlib.sha256(code.co_code)
+    for const in code.co_consts:
+        part = _code_digest(const) if inspect.iscode(const) else repr(const)
+        digest.update(part.encode())
+    return digest.hexdigest()[:12]
 
 
 def _count_tokens(text: str) -> int:
@@ -41,6 +52,13 @@ class FakeEngine(Engine):
         self.handler = handler
         self.latency = latency
         self.calls = 0
+
+    def identity(self) -> str:
+        # The handler decides the answers: its name and code, so editing it starts a new run.
+        code = getattr(self.handler, "__code__", None)
+        digest = _code_digest(code) if code is not None else type(self.handler).__qualname__
+        name = getattr(self.handler, "__qualname__", type(self.handler).__name__)
+        return f"fake {name} {digest}"
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
         self.calls += 1

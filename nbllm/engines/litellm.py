@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbllm.engines.base import Engine
-from nbllm.engines.http import error_for_status
+from nbllm.engines.http import error_for_status, public_url
 from nbllm.errors import ConnectionFailed, EngineError, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
@@ -62,10 +62,14 @@ class LiteLLMEngine(Engine):
         self._litellm: Any = None
 
     def __repr__(self) -> str:
-        return f"LiteLLMEngine(api_base={self.api_base!r})"
+        api_base = public_url(self.api_base) if self.api_base else None
+        return f"LiteLLMEngine(api_base={api_base!r})"
 
     def describe(self) -> str:
-        return f"litellm @ {self.api_base}" if self.api_base else "litellm"
+        return f"litellm @ {public_url(self.api_base)}" if self.api_base else "litellm"
+
+    def identity(self) -> str:
+        return self.describe()
 
     def _module(self) -> Any:
         if self._litellm is None:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from nbllm.engines.base import Engine
-from nbllm.engines.http import error_for_status
+from nbllm.engines.http import error_for_status, public_url
 from nbllm.errors import ConnectionFailed, EngineError, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
@@ -55,10 +55,13 @@ class OpenAIEngine(Engine):
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
-        return f"OpenAIEngine(api_base={self.api_base!r})"
+        return f"OpenAIEngine(api_base={public_url(self.api_base)!r})"
 
     def describe(self) -> str:
-        return f"openai @ {self.api_base}"
+        return f"openai @ {public_url(self.api_base)}"
+
+    def identity(self) -> str:
+        return self.describe()
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created on first use so that it belongs to the loop that runs the requests.

@@ -30,11 +30,14 @@ log = logging.getLogger("nbllm")
 
 @dataclass(frozen=True, slots=True)
 class RunStarted:
+    """``resumed`` turns were read back from the checkpoint and need no request."""
+
     conversations: int
     turns: int
     model: str
     engine: str
     t: float
+    resumed: int = 0
 
 
 @dataclass(frozen=True, slots=True)

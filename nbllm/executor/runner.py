@@ -24,6 +24,8 @@ from typing import Any
 
 from nbllm.engines.base import Engine
 from nbllm.errors import ConfigError, EngineError, RateLimitError, RequestTimeout
+from nbllm.executor.cache import ResponseCache, request_key
+from nbllm.executor.checkpoint import CheckpointStore
 from nbllm.executor.events import (
     Event,
     EventBus,
@@ -79,6 +81,8 @@ class Executor:
         system: str | None = None,
         params: Mapping[str, Any] | None = None,
         listeners: Iterable[Callable[[Event], None]] = (),
+        checkpoint: CheckpointStore | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         if concurrency < 1:
             msg = f"concurrency must be >= 1, got {concurrency!r}"
@@ -93,6 +97,9 @@ class Executor:
         self.params = dict(params or {})
         self.rpm = RateLimiter(rpm, MINUTE_S) if rpm else None
         self.tpm = RateLimiter(tpm, MINUTE_S) if tpm else None
+        self.checkpoint = checkpoint
+        self.cache = cache
+        self._reuse_cached = cache is not None and cache.reusable(self.params)
         self._events = EventBus(listeners)
         self._stopping = False
         self._running = False
@@ -127,10 +134,20 @@ class Executor:
         self._ok = self._failed = 0
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._done = self.checkpoint.done(conversations) if self.checkpoint is not None else {}
 
         started_at = time.time()
         t0 = time.perf_counter()
-        self._emit(RunStarted(len(conversations), total, self.model, self.engine.name, started_at))
+        self._emit(
+            RunStarted(
+                len(conversations),
+                total,
+                self.model,
+                self.engine.name,
+                started_at,
+                resumed=len(self._done),
+            )
+        )
         order = sorted(range(len(conversations)), key=lambda i: -len(conversations[i]))
         queue = collections.deque(order)
         n_workers = min(self.max_conversations, len(conversations))
@@ -169,10 +186,17 @@ class Executor:
         base = self._offsets[index]
         answers: list[str] = []
         for k in range(len(conv)):
+            stored = self._done.get((index, k))
+            if stored is not None:
+                self._finish(base + k, stored)
+                answers.append(stored.answer or "")
+                continue
             if self._stopping:
                 return
             record = await self._turn(conv, k, answers)
             self._finish(base + k, record)
+            if record.ok and self.checkpoint is not None:
+                self.checkpoint.record(index, record)
             if record.answer is None:
                 reason = f"skipped: turn {k} failed"
                 for j in range(k + 1, len(conv)):
@@ -212,6 +236,29 @@ class Executor:
     async def _turn(self, conv: Conversation, k: int, answers: Sequence[str]) -> TurnRecord:
         messages = conv.messages_for(k, answers, self.system)
         request = ChatRequest(self.model, messages, self.params, self.timeout)
+        key = None
+        if self.cache is not None:
+            key = request_key(request)
+            hit = self.cache.get(key) if self._reuse_cached else None
+            if hit is not None:
+                now = time.time()
+                return TurnRecord(
+                    conversation_id=conv.id,
+                    turn=k,
+                    question=conv.questions[k],
+                    answer=hit.text,
+                    reference=conv.references[k],
+                    model=hit.model,
+                    engine=self.engine.name,
+                    latency_s=0.0,
+                    prompt_tokens=hit.prompt_tokens,
+                    completion_tokens=hit.completion_tokens,
+                    cost_usd=0.0 if hit.cost_usd is not None else None,
+                    attempts=0,
+                    started_at=now,
+                    finished_at=now,
+                    cached=True,
+                )
         estimate = estimate_tokens(messages, self.params) if self.tpm else 0
         started_at: float | None = None
         attempt = 0
@@ -245,6 +292,8 @@ class Executor:
                     self._emit(RetryScheduled(conv.id, k, attempt, str(error), delay, time.time()))
                 await asyncio.sleep(delay)
                 continue
+            if key is not None and self.cache is not None:
+                self.cache.put(key, response)
             return TurnRecord(
                 conversation_id=conv.id,
                 turn=k,

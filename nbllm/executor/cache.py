@@ -1,0 +1,120 @@
+"""The response cache: an answer already paid for is not paid for again.
+
+Keyed by a hash of the normalised request — the model, the messages and the sampling
+parameters, nothing else (never a key, a header or the server's address) — and kept in
+one SQLite file shared by every run in the folder (``.nbllm/cache.sqlite`` by default),
+so it works across runs, kernels and sessions. An explicitly non-zero ``temperature``
+asks for a fresh sample each time, so such requests are not answered from the cache
+unless ``cache="always"``; their answers are still stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nbllm.errors import ConfigError
+from nbllm.executor.checkpoint import nbllm_dir
+from nbllm.executor.storage import BatchWriter, open_database
+from nbllm.types import ChatRequest, ChatResponse
+
+__all__ = ["CACHE_FILE", "ResponseCache", "request_key", "resolve_cache_path"]
+
+SCHEMA_VERSION = 1
+CACHE_FILE = "cache.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    text TEXT NOT NULL,
+    model TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    cost_usd REAL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def request_key(request: ChatRequest) -> str:
+    """The cache key: a hash of the model, the messages and the sampling parameters."""
+    payload = [
+        request.model.removeprefix("openai/"),
+        [dict(m) for m in request.messages],
+        dict(request.params),
+    ]
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def resolve_cache_path(cache: Any) -> Path | None:
+    """The cache file for ``cache=``: False/None off, True/"always" the default file, or a path."""
+    if cache is False or cache is None:
+        return None
+    if cache is True or cache == "always":
+        return nbllm_dir() / CACHE_FILE
+    if isinstance(cache, (str, os.PathLike)):
+        path = Path(cache).expanduser()
+        return path if path.suffix in (".sqlite", ".sqlite3", ".db") else path / CACHE_FILE
+    msg = f"cache= expected True, False, 'always' or a path, got {cache!r}"
+    raise ConfigError(msg)
+
+
+class ResponseCache(BatchWriter):
+    """Answers by request key. Reads see committed and pending answers alike."""
+
+    def __init__(self, path: Path, *, reuse_sampled: bool = False, **batch: Any) -> None:
+        conn = open_database(path, kind="response cache", schema=_SCHEMA, version=SCHEMA_VERSION)
+        super().__init__(conn, **batch)
+        self.path = path
+        self.reuse_sampled = reuse_sampled
+        self._recent: dict[str, ChatResponse] = {}
+        self.hits = 0
+
+    def reusable(self, params: Mapping[str, Any]) -> bool:
+        """Whether answers to requests with these parameters may come from the cache."""
+        temperature = params.get("temperature")
+        return self.reuse_sampled or temperature is None or temperature == 0
+
+    def get(self, key: str) -> ChatResponse | None:
+        hit = self._recent.get(key)
+        if hit is None:
+            row = self._conn.execute(
+                "SELECT text, model, prompt_tokens, completion_tokens, cost_usd "
+                "FROM responses WHERE key = ?",
+                (key,),
+            ).fetchone()
+            if row is None:
+                return None
+            hit = ChatResponse(*row)
+        self.hits += 1
+        return hit
+
+    def put(self, key: str, response: ChatResponse) -> None:
+        self._recent[key] = response
+        self.add(
+            (
+                key,
+                response.text,
+                response.model,
+                response.prompt_tokens,
+                response.completion_tokens,
+                response.cost_usd,
+                time.time(),
+            )
+        )
+
+    def flush(self) -> None:
+        super().flush()
+        if not self._pending:
+            self._recent.clear()
+
+    def _write(self, conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+        conn.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def describe(self) -> str:
+        return f"the response cache {self.path}"

@@ -1,0 +1,345 @@
+"""The run's checkpoint: every finished turn on disk, so a re-run pays for nothing twice.
+
+One SQLite file per run (``.nbllm/runs/<id>/checkpoint.sqlite`` by default, where
+``<id>`` starts the run's fingerprint). The fingerprint is a hash of what decides the
+answers: the dataset's conversations, the model, the engine, the sampling parameters
+and the default system prompt; never a key or a credential. A re-run of the same call
+finds the same file, reads the finished turns back (``resumed=True``) and sends
+requests only for the rest. A file made for another call is refused, naming what
+differs. A lock held for the whole run keeps a second process off the same file.
+
+Only answered turns are stored: a turn that failed is tried again on a re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from nbllm.errors import CheckpointError, ConfigError
+from nbllm.executor.storage import BatchWriter, open_database
+from nbllm.types import Conversation, TurnRecord
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CheckpointStore",
+    "RunIdentity",
+    "dataset_hash",
+    "nbllm_dir",
+    "resolve_checkpoint_path",
+]
+
+log = logging.getLogger("nbllm")
+
+SCHEMA_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS turns (
+    conversation INTEGER NOT NULL,
+    turn INTEGER NOT NULL,
+    conversation_id TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    model TEXT,
+    engine TEXT,
+    latency_s REAL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    cost_usd REAL,
+    attempts INTEGER NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    cached INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (conversation, turn)
+) WITHOUT ROWID;
+"""
+_COLUMNS = (
+    "conversation, turn, conversation_id, answer, model, engine, latency_s, prompt_tokens, "
+    "completion_tokens, cost_usd, attempts, started_at, finished_at, cached"
+)
+
+
+def nbllm_dir() -> Path:
+    """Where nbllm keeps runs and the response cache: ``$NBLLM_DIR`` or ``./.nbllm``."""
+    return Path(os.environ.get("NBLLM_DIR") or ".nbllm")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(
+        value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=repr
+    )
+
+
+def dataset_hash(conversations: Sequence[Conversation]) -> str:
+    """A hash of what is sent for each conversation (not references or meta, never sent)."""
+    digest = hashlib.sha256()
+    for conv in conversations:
+        digest.update(_canonical([conv.id, conv.questions, conv.system, conv.context]).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What decides a run's answers. Equal identities may share a checkpoint."""
+
+    dataset: str
+    model: str
+    engine: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    system: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(_canonical(asdict(self)).encode()).hexdigest()
+
+    def differences(self, stored: Mapping[str, Any]) -> list[str]:
+        """What differs from a stored identity, in words."""
+        mine = json.loads(_canonical(asdict(self)))
+        names = {
+            "dataset": "the dataset's conversations",
+            "params": "the sampling parameters",
+            "system": "the system prompt",
+            "model": "the model",
+            "engine": "the engine",
+        }
+        out = []
+        for key, label in names.items():
+            if stored.get(key) != mine.get(key):
+                if key == "dataset":
+                    out.append(f"{label} changed")
+                else:
+                    out.append(f"{label}: stored {stored.get(key)!r}, now {mine.get(key)!r}")
+        return out
+
+
+def resolve_checkpoint_path(checkpoint: Any, fingerprint: str) -> Path | None:
+    """The checkpoint file for ``checkpoint=``: False/None off, True the default place,
+    a path ending in .sqlite/.db a file, any other path a folder to hold one."""
+    if checkpoint is False or checkpoint is None:
+        return None
+    if checkpoint is True:
+        return nbllm_dir() / "runs" / fingerprint[:16] / CHECKPOINT_FILE
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = Path(checkpoint).expanduser()
+        if path.suffix in (".sqlite", ".sqlite3", ".db"):
+            return path
+        return path / CHECKPOINT_FILE
+    msg = f"checkpoint= expected True, False or a path, got {checkpoint!r}"
+    raise ConfigError(msg)
+
+
+class _FileLock:
+    """An exclusive lock on ``path`` that the OS drops when the process dies (even kill -9)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def acquire(self, what: Path) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run
+        try:
+            _lock_file(handle)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            msg = (
+                f"{what} is in use by another run ({holder}). Wait for it to finish, stop it, "
+                "or pass another checkpoint= path"
+            )
+            raise CheckpointError(msg) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            _unlock_file(self._file)
+            self._file.close()
+            self._file = None
+
+
+if os.name == "nt":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def _lock_file(handle: IO[str]) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+
+    def _unlock_file(handle: IO[str]) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock_file(handle: IO[str]) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock_file(handle: IO[str]) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class CheckpointStore(BatchWriter):
+    """The finished turns of one run, in one SQLite file, written in batches.
+
+    Use ``CheckpointStore.open(...)``; ``close()`` commits the last batch and drops the lock.
+    """
+
+    def __init__(self, conn: Any, path: Path, lock: _FileLock, **batch: Any) -> None:
+        super().__init__(conn, **batch)
+        self.path = path
+        self._lock = lock
+        self.discarded = 0
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        identity: RunIdentity,
+        *,
+        conversations: int,
+        turns: int,
+        resume: bool = True,
+        **batch: Any,
+    ) -> CheckpointStore:
+        lock = _FileLock(path.with_name(path.name + ".lock"))
+        lock.acquire(path)
+        conn = None
+        try:
+            conn = open_database(path, kind="checkpoint", schema=_SCHEMA, version=SCHEMA_VERSION)
+            store = cls(conn, path, lock, **batch)
+            store._prepare(identity, conversations=conversations, turns=turns, resume=resume)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            lock.release()
+            raise
+        return store
+
+    def _meta(self) -> dict[str, str]:
+        return dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def _prepare(
+        self, identity: RunIdentity, *, conversations: int, turns: int, resume: bool
+    ) -> None:
+        meta = self._meta()
+        stored = meta.get("fingerprint")
+        done = self._conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0]
+        if stored is not None and stored != identity.fingerprint and resume:
+            stored_identity = json.loads(meta.get("identity", "{}"))
+            differs = "; ".join(identity.differences(stored_identity)) or "its fingerprint"
+            msg = (
+                f"{self.path} holds another run ({done} finished turns): {differs}. "
+                "Pass resume=False (--fresh) to start over in that file, or another "
+                "checkpoint= path (checkpoint=True picks one per call)"
+            )
+            raise CheckpointError(msg)
+        now = str(time.time())
+        values = {
+            "fingerprint": identity.fingerprint,
+            "identity": _canonical(asdict(identity)),
+            "model": identity.model,
+            "engine": identity.engine,
+            "conversations": str(conversations),
+            "turns": str(turns),
+            "updated_at": now,
+        }
+        if "created_at" not in meta or not resume:
+            values["created_at"] = now
+        self._conn.execute("BEGIN IMMEDIATE")
+        if not resume and done:
+            self._conn.execute("DELETE FROM turns")
+            self.discarded = done
+        self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
+        self._conn.execute("COMMIT")
+        if self.discarded:
+            log.warning(
+                "nbllm: starting over (resume=False): %d finished turns in %s discarded",
+                self.discarded,
+                self.path,
+            )
+
+    def done(self, conversations: Sequence[Conversation]) -> dict[tuple[int, int], TurnRecord]:
+        """The finished turns, as result rows marked ``resumed``, by (conversation, turn)."""
+        out: dict[tuple[int, int], TurnRecord] = {}
+        query = f"SELECT {_COLUMNS} FROM turns ORDER BY conversation, turn"
+        for row in self._conn.execute(query):
+            index, turn = row[0], row[1]
+            if index >= len(conversations) or turn >= len(conversations[index]):
+                continue
+            conv = conversations[index]
+            if turn > 0 and (index, turn - 1) not in out:
+                continue  # never reached without its earlier turns; kept out of the history
+            out[(index, turn)] = TurnRecord(
+                conversation_id=conv.id,
+                turn=turn,
+                question=conv.questions[turn],
+                answer=row[3],
+                reference=conv.references[turn],
+                model=row[4],
+                engine=row[5],
+                latency_s=row[6],
+                prompt_tokens=row[7],
+                completion_tokens=row[8],
+                cost_usd=row[9],
+                attempts=row[10],
+                started_at=row[11],
+                finished_at=row[12],
+                cached=bool(row[13]),
+                resumed=True,
+            )
+        return out
+
+    def record(self, conversation: int, record: TurnRecord) -> None:
+        """Queue an answered turn; it counts as done once its batch is committed."""
+        self.add(
+            (
+                conversation,
+                record.turn,
+                _canonical(_plain_id(record.conversation_id)),
+                record.answer,
+                record.model,
+                record.engine,
+                record.latency_s,
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.cost_usd,
+                record.attempts,
+                record.started_at,
+                record.finished_at,
+                int(record.cached),
+            )
+        )
+
+    def _write(self, conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+        placeholders = ", ".join("?" * 14)
+        conn.executemany(f"INSERT OR REPLACE INTO turns ({_COLUMNS}) VALUES ({placeholders})", rows)
+
+    def describe(self) -> str:
+        return f"the checkpoint {self.path}"
+
+    def close(self) -> None:
+        try:
+            if self._conn is not None:
+                self.flush()
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('updated_at', ?)", (str(time.time()),)
+                )
+            super().close()
+        finally:
+            self._lock.release()
+
+
+def _plain_id(value: Hashable) -> Any:
+    return value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)

@@ -1,0 +1,172 @@
+"""SQLite files nbllm writes: opening them safely, and writing rows in batches.
+
+Both the checkpoint and the response cache are SQLite databases in WAL mode
+(standard library only, no pickle). Opening checks that the file really is an nbllm
+database of a schema this version understands; anything else is a ``CheckpointError``
+naming the file and what to do. nbllm never deletes or rewrites such a file itself.
+
+Rows are written in batches: a batch is committed when it holds ``max_rows`` rows or
+its oldest row is ``max_delay_s`` old, whichever comes first. A crash therefore loses
+at most the rows of the batch not yet committed (by default 0.25 s or 200 rows of
+work); every committed row is whole, because each batch is one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nbllm.errors import CheckpointError
+
+__all__ = ["BatchWriter", "open_database"]
+
+log = logging.getLogger("nbllm")
+
+MAX_ROWS = 200
+MAX_DELAY_S = 0.25
+
+
+def _unusable(path: Path, what: str, advice: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}. {advice} (nbllm leaves the file as it is.)")
+
+
+def open_database(
+    path: Path, *, kind: str, schema: str, version: int, readonly: bool = False
+) -> sqlite3.Connection:
+    """Open (or create) an nbllm SQLite file of ``kind`` with ``schema`` at ``version``."""
+    advice = "Move it aside or pass another path"
+    if path.exists() and path.is_dir():
+        raise _unusable(path, "is a folder, not an nbllm database file", advice)
+    existed = path.exists() and path.stat().st_size > 0
+    if not readonly:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        else:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if existed:
+            check = conn.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                msg = f"integrity check failed: {check}"
+                raise sqlite3.DatabaseError(msg)
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as exc:
+        raise _unusable(
+            path, f"is not a readable nbllm {kind} (SQLite says: {exc})", advice
+        ) from exc
+    if existed and "meta" not in tables:
+        conn.close()
+        raise _unusable(path, f"is an SQLite database but not an nbllm {kind}", advice)
+    if "meta" in tables:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'kind'").fetchone()
+        found_kind = row[0] if row else None
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        found = int(row[0]) if row else None
+        if found_kind != kind:
+            conn.close()
+            raise _unusable(path, f"holds an nbllm {found_kind}, not a {kind}", advice)
+        if found is None or found > version:
+            conn.close()
+            raise _unusable(
+                path,
+                f"was written by a newer nbllm ({kind} schema {found}; this version reads "
+                f"up to {version})",
+                "Upgrade nbllm, or pass another path",
+            )
+    elif not readonly:
+        conn.executescript(
+            "BEGIN;"
+            + schema
+            + "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            + f"INSERT INTO meta VALUES ('kind', '{kind}'), ('schema_version', '{version}');"
+            + "COMMIT;"
+        )
+    return conn
+
+
+class BatchWriter:
+    """Collects rows and commits them in batches from the event loop.
+
+    Subclasses say how rows are written (``_write``). ``add`` never blocks for long: it
+    commits only when a batch is full; otherwise a timer commits the batch soon after.
+    A failed write is logged once and the rows stay pending for the next try, so a full
+    disk slows nothing down and loses no row that can still be written later.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        max_rows: int = MAX_ROWS,
+        max_delay_s: float = MAX_DELAY_S,
+    ) -> None:
+        self._conn = conn
+        self._pending: list[tuple[Any, ...]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.max_rows = max_rows
+        self.max_delay_s = max_delay_s
+        self._warned = False
+        self.rows_written = 0
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        self._pending.append(row)
+        if len(self._pending) >= self.max_rows:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._timer = loop.call_later(self.max_delay_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Commit every pending row now, in one transaction."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._write(self._conn, rows)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._pending = rows + self._pending
+            if not self._warned:
+                self._warned = True
+                log.error("nbllm: could not write to %s: %s; will retry", self.describe(), exc)
+            return
+        self.rows_written += len(rows)
+
+    def _write(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return "the database"
+
+    def close(self) -> None:
+        """Commit what is pending and close the file. Idempotent."""
+        if self._conn is None:
+            return
+        self.flush()
+        self._conn.close()
+        self._conn = None  # type: ignore[assignment]
