@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +26,8 @@ from nbllm.executor.storage import BatchWriter, open_database
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["CACHE_FILE", "ResponseCache", "request_key", "resolve_cache_path"]
+
+log = logging.getLogger("nbllm")
 
 SCHEMA_VERSION = 1
 CACHE_FILE = "cache.sqlite"
@@ -68,11 +72,14 @@ class ResponseCache(BatchWriter):
     """Answers by request key. Reads see committed and pending answers alike."""
 
     def __init__(self, path: Path, *, reuse_sampled: bool = False, **batch: Any) -> None:
-        conn = open_database(path, kind="response cache", schema=_SCHEMA, version=SCHEMA_VERSION)
+        conn = open_database(
+            path, kind="response cache", schema=_SCHEMA, version=SCHEMA_VERSION, verify=False
+        )
         super().__init__(conn, **batch)
         self.path = path
         self.reuse_sampled = reuse_sampled
         self._recent: dict[str, ChatResponse] = {}
+        self._read_failed = False
         self.hits = 0
 
     def reusable(self, params: Mapping[str, Any]) -> bool:
@@ -83,11 +90,18 @@ class ResponseCache(BatchWriter):
     def get(self, key: str) -> ChatResponse | None:
         hit = self._recent.get(key)
         if hit is None:
-            row = self._conn.execute(
-                "SELECT text, model, prompt_tokens, completion_tokens, cost_usd "
-                "FROM responses WHERE key = ?",
-                (key,),
-            ).fetchone()
+            try:
+                row = self._conn.execute(
+                    "SELECT text, model, prompt_tokens, completion_tokens, cost_usd "
+                    "FROM responses WHERE key = ?",
+                    (key,),
+                ).fetchone()
+            except sqlite3.Error as exc:
+                # A damaged page must not stop the run: the request is simply sent.
+                if not self._read_failed:
+                    self._read_failed = True
+                    log.error("nbllm: could not read %s: %s; sending requests", self.path, exc)
+                return None
             if row is None:
                 return None
             hit = ChatResponse(*row)

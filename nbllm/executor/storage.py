@@ -35,9 +35,19 @@ def _unusable(path: Path, what: str, advice: str) -> CheckpointError:
 
 
 def open_database(
-    path: Path, *, kind: str, schema: str, version: int, readonly: bool = False
+    path: Path,
+    *,
+    kind: str,
+    schema: str,
+    version: int,
+    readonly: bool = False,
+    verify: bool = True,
 ) -> sqlite3.Connection:
-    """Open (or create) an nbllm SQLite file of ``kind`` with ``schema`` at ``version``."""
+    """Open (or create) an nbllm SQLite file of ``kind`` with ``schema`` at ``version``.
+
+    ``verify`` runs SQLite's quick integrity check on an existing file (time grows with
+    its size: right for a run's checkpoint, too slow for a large shared cache).
+    """
     advice = "Move it aside or pass another path"
     if path.exists() and path.is_dir():
         raise _unusable(path, "is a folder, not an nbllm database file", advice)
@@ -50,7 +60,7 @@ def open_database(
         else:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")
-        if existed:
+        if existed and verify:
             check = conn.execute("PRAGMA quick_check").fetchone()
             if check is None or check[0] != "ok":
                 msg = f"integrity check failed: {check}"
