@@ -8,12 +8,14 @@ result.summary   # the run's figures
 
 from __future__ import annotations
 
+from nbllm import runs
 from nbllm.api import arun, run
 from nbllm.config import RunConfig
 from nbllm.dataset import load_conversations
 from nbllm.engines import Engine, FakeEngine, LiteLLMEngine, OpenAIEngine
 from nbllm.errors import (
     AuthenticationError,
+    CheckpointError,
     ConfigError,
     ConnectionFailed,
     DatasetError,
@@ -36,6 +38,7 @@ __all__ = [
     "AuthenticationError",
     "ChatRequest",
     "ChatResponse",
+    "CheckpointError",
     "ConfigError",
     "ConnectionFailed",
     "Conversation",
@@ -63,4 +66,5 @@ __all__ = [
     "arun",
     "load_conversations",
     "run",
+    "runs",
 ]

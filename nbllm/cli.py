@@ -3,9 +3,11 @@
 ::
 
     nbllm run conversations.jsonl --model openai/gpt-4o-mini --rpm 500 --out results.csv
+    nbllm runs                  # the stored runs (checkpoints)
+    nbllm runs rm 3dd51522      # remove one
 
 Thin on purpose: parse the arguments, read the file, call ``nbllm.run``, print the
-summary, write ``--out``. Anything the command does, ``nbllm.run`` does.
+summary, write ``--out``. Anything the command does, ``nbllm.run`` / ``nbllm.runs`` do.
 
 Exit codes: 0 every turn succeeded, 1 some turns failed, 2 bad input or option
 (nothing was sent), 130 interrupted (``--out`` still holds what finished).
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import nbllm
 from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, DatasetError, NbllmError
+from nbllm.executor.checkpoint import nbllm_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -126,9 +129,23 @@ def _run(args: argparse.Namespace) -> int:
     # Options left out on the command line keep nbllm.run's own defaults.
     given = {name: getattr(args, name) for name in _RUN_OPTIONS}
     options = {name: value for name, value in given.items() if value is not None}
+    if args.no_checkpoint:
+        options["checkpoint"] = False
+    elif args.checkpoint is not None:
+        options["checkpoint"] = args.checkpoint
+    if args.no_cache:
+        options["cache"] = False
+    if args.fresh:
+        options["resume"] = False
     result = nbllm.run(data, progress=not args.no_progress, **options)
     print(result.summary)
     summary = result.summary
+    if summary.resumed or summary.cached:
+        print(
+            f"nbllm: {summary.resumed} of {summary.turns} turns resumed from the checkpoint, "
+            f"{summary.cached} answered from the cache (no request sent for them)",
+            file=sys.stderr,
+        )
     if out is not None:
         try:
             _write_out(result.df, out)
@@ -149,6 +166,56 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError  # pragma: no cover - the loop always returns
+
+
+def _runs(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    df = nbllm.runs.list(args.root)
+    if df.empty:
+        where = Path(args.root) if args.root else nbllm_dir()
+        print(f"no stored runs under {where / 'runs'}")
+        return 0
+    header = ("ID", "CREATED (UTC)", "MODEL", "DONE/TOTAL", "SIZE", "IN USE")
+    table = [header]
+    notes = []
+    for run in df.itertuples(index=False):
+        if run.error is not None:
+            notes.append(f"{run.id}: {run.error}")
+        created = "-" if pd.isna(run.created) else run.created.strftime("%Y-%m-%d %H:%M:%S")
+        done = "-" if run.error is not None else f"{run.done}/{run.total}"
+        table.append(
+            (
+                run.id,
+                created,
+                run.model or "-",
+                done,
+                _size(run.size_bytes),
+                "yes" if run.in_use else "no",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    for note in notes:
+        print(f"unreadable: {note}")
+    return 0
+
+
+def _runs_rm(args: argparse.Namespace) -> int:
+    removed = nbllm.runs.remove(args.id, args.root)
+    print(f"removed run {removed.name} ({removed})")
     return 0
 
 
@@ -200,7 +267,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="FILE", help="write one row per turn to .csv, .jsonl or .parquet"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    stored = run.add_mutually_exclusive_group()
+    stored.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="keep finished turns in this file or folder (default: .nbllm/runs/<id>/)",
+    )
+    stored.add_argument(
+        "--no-checkpoint", action="store_true", help="keep no checkpoint; nothing to resume"
+    )
+    run.add_argument(
+        "--fresh", action="store_true", help="start over: discard the checkpoint's finished turns"
+    )
+    run.add_argument("--no-cache", action="store_true", help="send every request (no cache)")
     run.set_defaults(handler=_run)
+
+    root_help = "the folder that holds runs/ (default: $NBLLM_DIR or .nbllm)"
+    runs = commands.add_parser(
+        "runs",
+        help="list the stored runs (checkpoints)",
+        description="List the stored runs (checkpoints), newest first; 'runs rm ID' removes one.",
+    )
+    runs.add_argument("--root", metavar="DIR", help=root_help)
+    runs.set_defaults(handler=_runs)
+    actions = runs.add_subparsers(dest="action", metavar="ACTION")
+    rm = actions.add_parser(
+        "rm",
+        help="remove a stored run",
+        description="Remove a stored run's folder. Refused while the run is in progress.",
+    )
+    rm.add_argument("id", metavar="ID", help="the run's id, or a start of it naming one run")
+    # SUPPRESS: "runs --root DIR rm ID" keeps the --root given before "rm".
+    rm.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
+    rm.set_defaults(handler=_runs_rm)
     return parser
 
 

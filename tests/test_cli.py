@@ -236,3 +236,128 @@ def test_console_script_writes_one_json_object_per_turn(server, tmp_path):
     assert len(rows) == 3
     assert all(isinstance(r, dict) and list(r) == list(COLUMNS) for r in rows)
     assert [r["turn"] for r in rows] == [0, 1, 0]
+
+
+def test_no_checkpoint_writes_no_run_folder(server, tmp_path, _nbllm_dir, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+
+    assert cli(server, data, "--no-checkpoint") == 0
+
+    assert not (_nbllm_dir / "runs").exists()
+    assert nbllm.runs.list().empty
+    assert main(["run", str(data), "--model", "m", "--checkpoint", "x", "--no-checkpoint"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_checkpoint_path(server, tmp_path, _nbllm_dir, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    path = tmp_path / "mine.sqlite"
+
+    assert cli(server, data, "--checkpoint", str(path)) == 0
+    assert cli(server, data, "--checkpoint", str(path)) == 0
+
+    assert path.is_file()
+    assert not (_nbllm_dir / "runs").exists()
+    assert "3 of 3 turns resumed from the checkpoint" in capsys.readouterr().err
+    assert len(server.requests) == 3
+
+
+def test_rerun_resumes_and_sends_nothing(server, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    out = tmp_path / "results.jsonl"
+
+    assert cli(server, data) == 0
+    first = capsys.readouterr()
+    assert "resumed" not in first.err
+    assert len(server.requests) == 3
+
+    assert cli(server, data, "--out", str(out)) == 0
+
+    second = capsys.readouterr()
+    assert "nbllm: 3 of 3 turns resumed from the checkpoint, 0 answered from the cache" in (
+        second.err
+    )
+    assert "resumed            3" in second.out
+    assert len(server.requests) == 3  # not one more request
+    rows = read_jsonl(out)
+    assert all(r["resumed"] for r in rows)
+    assert rows[1]["answer"].startswith("Answer to turn 1: And in 2020?")
+
+
+def test_fresh_starts_over(server, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    assert cli(server, data) == 0
+
+    # Starting over, the answers still come from the response cache ...
+    assert cli(server, data, "--fresh") == 0
+    assert "0 of 3 turns resumed from the checkpoint, 3 answered from the cache" in (
+        capsys.readouterr().err
+    )
+    assert len(server.requests) == 3
+
+    # ... and without the cache every turn is asked again.
+    assert cli(server, data, "--fresh", "--no-cache") == 0
+    assert "resumed from the checkpoint" not in capsys.readouterr().err
+    assert len(server.requests) == 6
+    assert server.history_errors == 0
+
+
+def test_no_cache_sends_every_request(server, tmp_path, _nbllm_dir, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    assert cli(server, data, "--no-checkpoint") == 0
+    assert cli(server, data, "--no-checkpoint") == 0
+    assert "3 answered from the cache" in capsys.readouterr().err
+    assert len(server.requests) == 3
+
+    assert cli(server, data, "--no-checkpoint", "--no-cache") == 0
+    assert len(server.requests) == 6
+
+
+def test_runs_lists_the_stored_runs(server, tmp_path, _nbllm_dir, capsys):
+    assert main(["runs"]) == 0
+    assert capsys.readouterr().out.startswith("no stored runs under ")
+
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    assert cli(server, data) == 0
+    capsys.readouterr()
+    (run_id,) = nbllm.runs.list()["id"]
+    (_nbllm_dir / "runs" / "broken").mkdir()
+
+    assert main(["runs"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert [t.strip() for t in lines[0].split("  ") if t.strip()] == [
+        "ID", "CREATED (UTC)", "MODEL", "DONE/TOTAL", "SIZE", "IN USE"
+    ]  # fmt: skip
+    fields = lines[1].split()
+    assert fields[0] == run_id
+    assert fields[3:] == ["nbllm-test", "3/3", fields[5], "KiB", "no"]
+    assert lines[2].split()[0] == "broken"
+    assert lines[3] == "unreadable: broken: no checkpoint.sqlite in this folder"
+
+    # --root names another folder.
+    assert main(["runs", "--root", str(tmp_path / "elsewhere")]) == 0
+    assert "no stored runs under" in capsys.readouterr().out
+    assert main(["runs", "--root", str(_nbllm_dir)]) == 0
+    assert run_id in capsys.readouterr().out
+
+
+def test_runs_rm_removes_a_run(server, tmp_path, _nbllm_dir, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    assert cli(server, data) == 0
+    (run_id,) = nbllm.runs.list()["id"]
+    capsys.readouterr()
+
+    assert main(["runs", "rm", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nbllm: error: no stored run 'nope'")
+    assert run_id in err
+
+    assert main(["runs", "--root", str(_nbllm_dir), "rm", run_id[:8]]) == 0
+
+    assert capsys.readouterr().out.strip() == (
+        f"removed run {run_id} ({_nbllm_dir / 'runs' / run_id})"
+    )
+    assert nbllm.runs.list().empty
+    assert main(["runs", "rm", run_id, "--root", str(_nbllm_dir)]) == 2
+    assert "no stored run" in capsys.readouterr().err

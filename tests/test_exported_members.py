@@ -11,12 +11,13 @@ import nbllm
 def test_public_names():
     assert sorted(nbllm.__all__) == sorted(
         [
-            "AuthenticationError", "ChatRequest", "ChatResponse", "ConfigError",
+            "AuthenticationError", "ChatRequest", "ChatResponse", "CheckpointError", "ConfigError",
             "ConnectionFailed", "Conversation", "DatasetError", "Engine", "EngineError",
             "EngineUnavailable", "Executor", "FakeEngine", "LiteLLMEngine", "NbllmError",
             "OpenAIEngine", "RateLimitError", "RateLimiter", "RequestRejected", "RequestTimeout",
             "RetryPolicy", "RetryableError", "RunConfig", "RunResult", "RunSummary",
             "ServerError", "TurnRecord", "__version__", "arun", "load_conversations", "run",
+            "runs",
         ]
     )  # fmt: skip
     for name in nbllm.__all__:

@@ -1,0 +1,275 @@
+"""Stored runs: the checkpoints under ``.nbllm/runs/``, listed and removed.
+
+::
+
+    nbllm.runs.list()               # one row per stored run, newest first
+    nbllm.runs.remove("3dd51522")   # a run's id, or a unique start of it
+
+Listing only reads: each checkpoint is opened read-only (and no SQLite side file is
+created for it), and a file that cannot be read gets a row with an ``error`` instead of
+stopping the listing. A run still in progress shows ``in_use=True`` and cannot be removed.
+Checkpoints kept elsewhere (``checkpoint="some/path"``) are not listed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from nbllm.errors import CheckpointError
+from nbllm.executor.checkpoint import (
+    CHECKPOINT_FILE,
+    SCHEMA_VERSION,
+    _lock_file,
+    _unlock_file,
+    nbllm_dir,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["list", "remove"]
+
+COLUMNS = (
+    "id",
+    "created",
+    "updated",
+    "model",
+    "engine",
+    "done",
+    "total",
+    "conversations",
+    "size_bytes",
+    "in_use",
+    "path",
+    "error",
+)
+_LOCK_SUFFIX = ".lock"
+
+
+def _runs_dir(root: str | Path | None) -> Path:
+    base = Path(root).expanduser() if root is not None else nbllm_dir()
+    return base / "runs"
+
+
+def _run_dirs(runs: Path) -> builtins.list[Path]:
+    if not runs.is_dir():
+        return []
+    return sorted(p for p in runs.iterdir() if p.is_dir())
+
+
+def _lock_path(folder: Path) -> Path:
+    return folder / (CHECKPOINT_FILE + _LOCK_SUFFIX)
+
+
+@contextmanager
+def _try_lock(folder: Path) -> Iterator[bool]:
+    """Hold the run's lock for the ``with`` block if it is free: yields False when a live
+    run holds it. A folder without a lock file is free (and no lock file is created)."""
+    try:
+        handle: IO[str] = open(_lock_path(folder), encoding="utf-8")  # noqa: SIM115
+    except FileNotFoundError:
+        yield True
+        return
+    with handle:
+        try:
+            _lock_file(handle)
+            locked = True
+        except OSError:
+            locked = False
+        try:
+            yield locked
+        finally:
+            if locked:
+                _unlock_file(handle)
+
+
+def _in_use(folder: Path) -> bool:
+    with _try_lock(folder) as free:
+        return not free
+
+
+def _holder(folder: Path) -> str:
+    try:
+        return _lock_path(folder).read_text(encoding="utf-8").strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for entry in folder.iterdir():
+        try:
+            if entry.is_file():
+                total += entry.stat().st_size
+        except OSError:  # removed while we looked
+            continue
+    return total
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection that writes nothing, not even SQLite's -wal / -shm files.
+
+    Without a -wal file every committed turn is in the main file, which is then opened
+    as immutable; with one (a run in progress, or one that was killed), the -shm file is
+    there too and a plain read-only connection reads the log as well.
+    """
+    wal = path.with_name(path.name + "-wal")
+    mode = "mode=ro" if wal.exists() else "immutable=1"
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The stored figures of one checkpoint file; raises CheckpointError if unusable."""
+    if not path.is_file():
+        msg = f"no {CHECKPOINT_FILE} in this folder"
+        raise CheckpointError(msg)
+    try:
+        conn = _connect_readonly(path)
+    except sqlite3.Error as exc:
+        msg = f"cannot open it: {exc}"
+        raise CheckpointError(msg) from exc
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" not in tables:
+            msg = "an SQLite database but not an nbllm checkpoint"
+            raise CheckpointError(msg)
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("kind") != "checkpoint":
+            msg = f"holds an nbllm {meta.get('kind')}, not a checkpoint"
+            raise CheckpointError(msg)
+        version = meta.get("schema_version")
+        if version is None or not version.isdigit() or int(version) > SCHEMA_VERSION:
+            msg = f"written by a newer nbllm (checkpoint schema {version})"
+            raise CheckpointError(msg)
+        if "turns" not in tables:
+            msg = "a damaged nbllm checkpoint (no turns table)"
+            raise CheckpointError(msg)
+        done = conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0]
+    except sqlite3.Error as exc:
+        msg = f"not a readable nbllm checkpoint (SQLite says: {exc})"
+        raise CheckpointError(msg) from exc
+    finally:
+        conn.close()
+    return {"meta": meta, "done": done}
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _integer(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _row(folder: Path) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row["id"] = folder.name
+    row["path"] = str(folder)
+    row["in_use"] = _in_use(folder)
+    row["size_bytes"] = _size(folder)
+    try:
+        found = _read(folder / CHECKPOINT_FILE)
+    except CheckpointError as exc:
+        row["error"] = str(exc)
+        return row
+    meta = found["meta"]
+    row.update(
+        created=_number(meta.get("created_at")),
+        updated=_number(meta.get("updated_at")),
+        model=meta.get("model"),
+        engine=meta.get("engine"),
+        done=found["done"],
+        total=_integer(meta.get("turns")),
+        conversations=_integer(meta.get("conversations")),
+    )
+    return row
+
+
+def list(root: str | Path | None = None) -> pd.DataFrame:
+    """One row per stored run under ``<root>/runs/`` (``root``: ``$NBLLM_DIR`` or ``.nbllm``).
+
+    Columns: ``id`` (the folder's name, for ``remove``), ``created`` / ``updated`` (UTC),
+    ``model``, ``engine``, ``done`` (finished turns), ``total`` (turns), ``conversations``,
+    ``size_bytes`` (the folder's files), ``in_use`` (a live run holds its lock), ``path``
+    and ``error`` (why a run's file could not be read; its figures are then missing).
+    Newest first. Nothing is written, not even to a damaged file.
+    """
+    import pandas as pd
+
+    rows = [_row(folder) for folder in _run_dirs(_runs_dir(root))]
+    frame = pd.DataFrame(rows, columns=builtins.list(COLUMNS))
+    for column in ("created", "updated"):
+        frame[column] = pd.to_datetime(frame[column].astype("float64"), unit="s", utc=True)
+    for column in ("done", "total", "conversations"):
+        frame[column] = frame[column].astype("Int64")
+    frame["size_bytes"] = frame["size_bytes"].astype("int64")
+    frame["in_use"] = frame["in_use"].astype("bool")
+    for column in ("id", "model", "engine", "path", "error"):
+        frame[column] = frame[column].astype("object")
+        frame[column] = frame[column].where(frame[column].notna(), None)
+    frame = frame.sort_values(
+        ["created", "id"], ascending=[False, True], na_position="last", kind="stable"
+    )
+    return frame.reset_index(drop=True)
+
+
+def _find(run_id: str, runs: Path) -> Path:
+    if not isinstance(run_id, str) or run_id in ("", ".", "..") or "/" in run_id or "\\" in run_id:
+        msg = f"{run_id!r} is not a run id (see nbllm.runs.list() or `nbllm runs`)"
+        raise CheckpointError(msg)
+    folders = _run_dirs(runs)
+    names = [p.name for p in folders]
+    if run_id in names:
+        return runs / run_id
+    matches = [name for name in names if name.startswith(run_id)]
+    if len(matches) == 1:
+        return runs / matches[0]
+    if matches:
+        msg = f"{run_id!r} matches {len(matches)} runs: {', '.join(matches)}; give more of the id"
+        raise CheckpointError(msg)
+    stored = ", ".join(names) if names else "none"
+    msg = f"no stored run {run_id!r} under {runs} (stored runs: {stored})"
+    raise CheckpointError(msg)
+
+
+def remove(run_id: str, root: str | Path | None = None) -> Path:
+    """Delete a stored run's folder (its checkpoint); returns the folder that was removed.
+
+    ``run_id`` is an id from ``list()`` or a start of one that names a single run. A run
+    that is in progress (its lock is held) is refused, as are unknown and ambiguous ids:
+    all with ``CheckpointError``, and nothing is deleted.
+    """
+    runs = _runs_dir(root)
+    folder = _find(run_id, runs)
+    with _try_lock(folder) as free:
+        if not free:
+            msg = (
+                f"run {folder.name} is in use by a live run ({_holder(folder)}); "
+                "wait for it to finish or stop it, then remove it"
+            )
+            raise CheckpointError(msg)
+        # The lock is held while the run's files go, so no run can start on them meanwhile.
+        lock = _lock_path(folder)
+        for entry in folder.iterdir():
+            if entry == lock:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    shutil.rmtree(folder)
+    return folder
