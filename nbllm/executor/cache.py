@@ -63,7 +63,9 @@ def resolve_cache_path(cache: Any) -> Path | None:
         return nbllm_dir() / CACHE_FILE
     if isinstance(cache, (str, os.PathLike)):
         path = Path(cache).expanduser()
-        return path if path.suffix in (".sqlite", ".sqlite3", ".db") else path / CACHE_FILE
+        if path.suffix in (".sqlite", ".sqlite3", ".db") and not path.is_dir():
+            return path
+        return path / CACHE_FILE
     msg = f"cache= expected True, False, 'always' or a path, got {cache!r}"
     raise ConfigError(msg)
 

@@ -129,7 +129,7 @@ def resolve_checkpoint_path(checkpoint: Any, fingerprint: str) -> Path | None:
         return nbllm_dir() / "runs" / fingerprint[:16] / CHECKPOINT_FILE
     if isinstance(checkpoint, (str, os.PathLike)):
         path = Path(checkpoint).expanduser()
-        if path.suffix in (".sqlite", ".sqlite3", ".db"):
+        if path.suffix in (".sqlite", ".sqlite3", ".db") and not path.is_dir():
             return path
         return path / CHECKPOINT_FILE
     msg = f"checkpoint= expected True, False or a path, got {checkpoint!r}"

@@ -60,48 +60,61 @@ def open_database(
             conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         else:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise _unusable(path, f"cannot be opened (SQLite says: {exc})", advice) from exc
+    try:
+        # Only reads until the file is known to be ours: a foreign file stays byte-identical.
         conn.execute("PRAGMA busy_timeout = 5000")
         if existed and verify:
             check = conn.execute("PRAGMA quick_check").fetchone()
             if check is None or check[0] != "ok":
                 msg = f"integrity check failed: {check}"
                 raise sqlite3.DatabaseError(msg)
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if existed:
+            _check_ours(conn, path, tables, kind=kind, version=version, advice=advice)
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "meta" not in tables:
+                conn.executescript(
+                    "BEGIN;"
+                    + schema
+                    + "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                    + f"INSERT INTO meta VALUES ('kind', '{kind}'), "
+                    + f"('schema_version', '{version}');"
+                    + "COMMIT;"
+                )
+    except CheckpointError:
+        conn.close()
+        raise
     except sqlite3.DatabaseError as exc:
+        conn.close()
         raise _unusable(
             path, f"is not a readable nbllm {kind} (SQLite says: {exc})", advice
         ) from exc
-    if existed and "meta" not in tables:
-        conn.close()
-        raise _unusable(path, f"is an SQLite database but not an nbllm {kind}", advice)
-    if "meta" in tables:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'kind'").fetchone()
-        found_kind = row[0] if row else None
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        found = int(row[0]) if row else None
-        if found_kind != kind:
-            conn.close()
-            raise _unusable(path, f"holds an nbllm {found_kind}, not a {kind}", advice)
-        if found is None or found > version:
-            conn.close()
-            raise _unusable(
-                path,
-                f"was written by a newer nbllm ({kind} schema {found}; this version reads "
-                f"up to {version})",
-                "Upgrade nbllm, or pass another path",
-            )
-    elif not readonly:
-        conn.executescript(
-            "BEGIN;"
-            + schema
-            + "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-            + f"INSERT INTO meta VALUES ('kind', '{kind}'), ('schema_version', '{version}');"
-            + "COMMIT;"
-        )
     return conn
+
+
+def _check_ours(
+    conn: sqlite3.Connection, path: Path, tables: set[str], *, kind: str, version: int, advice: str
+) -> None:
+    if "meta" not in tables:
+        raise _unusable(path, f"is an SQLite database but not an nbllm {kind}", advice)
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        found = int(meta["schema_version"])
+    except (sqlite3.Error, KeyError, ValueError, TypeError):
+        raise _unusable(path, f"is an SQLite database but not an nbllm {kind}", advice) from None
+    if meta.get("kind") != kind:
+        raise _unusable(path, f"holds an nbllm {meta.get('kind')}, not a {kind}", advice)
+    if found > version:
+        raise _unusable(
+            path,
+            f"was written by a newer nbllm ({kind} schema {found}; this version reads "
+            f"up to {version})",
+            "Upgrade nbllm, or pass another path",
+        )
 
 
 class BatchWriter:
