@@ -51,8 +51,8 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float | None:
 class RunSummary:
     """The run's figures. Latencies are of answered requests, in seconds.
 
-    ``cached``: turns answered from the response cache; ``resumed``: turns read back from
-    the checkpoint. Neither sent a request in this run.
+    ``cached``: turns answered from the response cache in this run; ``resumed``: turns
+    read back from the checkpoint. Neither sent a request in this run.
     """
 
     conversations: int
@@ -186,7 +186,7 @@ class RunResult:
             latency_p95=_percentile(latencies, 0.95),
             latency_p99=_percentile(latencies, 0.99),
             retries=attempts - sent,
-            cached=sum(1 for r in self.records if r.cached),
+            cached=sum(1 for r in self.records if r.cached and not r.resumed),
             resumed=sum(1 for r in self.records if r.resumed),
             prompt_tokens=prompt,
             completion_tokens=completion,

@@ -46,8 +46,8 @@ class OpenAIEngine(Engine):
         self, api_base: str, *, api_key: str | None = None, max_connections: int = 256
     ) -> None:
         super().__init__()
-        self.api_base = api_base.rstrip("/")
-        self._url = self.api_base + "/chat/completions"
+        self._url = api_base.rstrip("/") + "/chat/completions"
+        self.api_base = public_url(api_base.rstrip("/"))  # what messages and logs may show
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -55,10 +55,10 @@ class OpenAIEngine(Engine):
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
-        return f"OpenAIEngine(api_base={public_url(self.api_base)!r})"
+        return f"OpenAIEngine(api_base={self.api_base!r})"
 
     def describe(self) -> str:
-        return f"openai @ {public_url(self.api_base)}"
+        return f"openai @ {self.api_base}"
 
     def identity(self) -> str:
         return self.describe()
@@ -76,10 +76,15 @@ class OpenAIEngine(Engine):
         model = request.model.removeprefix("openai/")
         body: dict[str, Any] = {"model": model, "messages": list(request.messages)}
         body.update(request.params)
+        # The OpenAI client's conventions for what is not a body field.
+        headers = body.pop("extra_headers", None)
+        body.update(body.pop("extra_body", None) or {})
         timeout = aiohttp.ClientTimeout(total=request.timeout)
         session = self._get_session()
         try:
-            async with session.post(self._url, data=json.dumps(body), timeout=timeout) as resp:
+            async with session.post(
+                self._url, data=json.dumps(body), timeout=timeout, headers=headers
+            ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise error_for_status(resp.status, _error_detail(raw), resp.headers)

@@ -77,6 +77,22 @@ def _canonical(value: Any) -> str:
     )
 
 
+_SECRET_WORDS = frozenset(
+    {"key", "secret", "token", "password", "headers", "header", "auth", "authorization",
+     "credential", "credentials", "cookie", "cookies"}
+)  # fmt: skip
+
+
+def _redacted(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampling parameters fit to store or show: anything that may carry a credential
+    (``extra_headers``, ``aws_secret_access_key``, ...) is replaced by a marker. The
+    fingerprint still covers the real values."""
+    return {
+        k: "<hidden>" if _SECRET_WORDS.intersection(k.lower().split("_")) else v
+        for k, v in params.items()
+    }
+
+
 def dataset_hash(conversations: Sequence[Conversation]) -> str:
     """A hash of what is sent for each conversation (not references or meta, never sent)."""
     digest = hashlib.sha256()
@@ -100,9 +116,13 @@ class RunIdentity:
     def fingerprint(self) -> str:
         return hashlib.sha256(_canonical(asdict(self)).encode()).hexdigest()
 
+    def public(self) -> dict[str, Any]:
+        """The identity as stored in the checkpoint and shown in messages: no secrets."""
+        return {**asdict(self), "params": _redacted(self.params)}
+
     def differences(self, stored: Mapping[str, Any]) -> list[str]:
-        """What differs from a stored identity, in words."""
-        mine = json.loads(_canonical(asdict(self)))
+        """What differs from a stored (public) identity, in words."""
+        mine = json.loads(_canonical(self.public()))
         names = {
             "dataset": "the dataset's conversations",
             "params": "the sampling parameters",
@@ -249,7 +269,7 @@ class CheckpointStore(BatchWriter):
         now = str(time.time())
         values = {
             "fingerprint": identity.fingerprint,
-            "identity": _canonical(asdict(identity)),
+            "identity": _canonical(identity.public()),
             "model": identity.model,
             "engine": identity.engine,
             "conversations": str(conversations),

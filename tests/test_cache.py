@@ -1,0 +1,372 @@
+"""The response cache: a request already answered is not sent again, across runs.
+
+Promises pinned here: identical requests are answered from the cache whatever the
+checkpoint (another path, or none), with ``cached=True``, ``latency_s == 0``,
+``attempts == 0`` and a count in ``summary.cached``; ``cache=False`` sends everything;
+an explicit non-zero temperature is not reused unless ``cache="always"``; the key is the
+model, the messages and the sampling parameters (never the key or the server's address);
+a file nbllm cannot use is refused before any request and left as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import nbllm
+from nbllm import ChatRequest, FakeEngine
+from nbllm.errors import CheckpointError
+from nbllm.testing import TestServer
+
+
+def dataset(n: int = 6, question: str = "question") -> list[dict]:
+    return [
+        {"id": f"c{i}", "turns": [f"c{i} {question} {k}" for k in range(1 + i % 3)]}
+        for i in range(n)
+    ]
+
+
+def n_turns(data: list[dict]) -> int:
+    return sum(len(r["turns"]) for r in data)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def recording_engine() -> tuple[FakeEngine, list[str]]:
+    sent: list[str] = []
+
+    def handler(request: ChatRequest) -> str:
+        sent.append(str(request.messages[-1]["content"]))
+        return f"A({request.model}, {len(request.messages)}): {request.messages[-1]['content']}"
+
+    return FakeEngine(handler), sent
+
+
+def assert_all_cached(result: nbllm.RunResult) -> None:
+    df = result.df
+    assert df["cached"].all()
+    assert (df["latency_s"] == 0).all()
+    assert (df["attempts"] == 0).all()
+    assert df["error"].isna().all()
+    assert not df["resumed"].any()
+    assert result.summary.cached == len(df) == result.summary.turns_ok
+    assert result.summary.latency_p50 is None  # no request was sent: no latency to report
+    assert result.summary.retries == 0
+
+
+# --------------------------------------------------------------------------- across runs
+
+
+@pytest.mark.parametrize("checkpoints", [("a.sqlite", "b.sqlite"), (False, False), (True, False)])
+def test_a_second_run_is_served_from_the_cache(tmp_path, checkpoints):
+    first_ckpt, second_ckpt = (c if isinstance(c, bool) else tmp_path / c for c in checkpoints)
+    data = dataset()
+    with TestServer() as server:
+        options = {"model": "nbllm-test", "api_base": server.url, "progress": False}
+        first = nbllm.run(data, checkpoint=first_ckpt, **options)
+        assert len(server.requests) == n_turns(data)
+        second = nbllm.run(data, checkpoint=second_ckpt, **options)
+        assert len(server.requests) == n_turns(data)  # nothing more was sent
+    assert server.history_errors == 0
+    assert not first.df["cached"].any()
+    assert first.summary.cached == 0
+    assert_all_cached(second)
+    assert list(second.df["answer"]) == list(first.df["answer"])
+    assert list(second.df["prompt_tokens"]) == list(first.df["prompt_tokens"])
+    assert list(second.df["completion_tokens"]) == list(first.df["completion_tokens"])
+
+
+def test_cache_false_sends_every_request(_nbllm_dir):
+    data = dataset()
+    engine, sent = recording_engine()
+    for _ in range(2):
+        result = nbllm.run(
+            data, engine=engine, model="m", checkpoint=False, cache=False, progress=False
+        )
+        assert not result.df["cached"].any() and result.summary.cached == 0
+    assert len(sent) == 2 * n_turns(data)
+    assert not (_nbllm_dir / "cache.sqlite").exists()
+
+
+def test_cache_false_neither_reads_nor_writes_an_existing_cache(_nbllm_dir):
+    data = dataset()
+    engine, sent = recording_engine()
+    options = {"engine": engine, "model": "m", "checkpoint": False, "progress": False}
+    nbllm.run(data, **options)  # fills the default cache
+    before = digest(_nbllm_dir / "cache.sqlite")
+    result = nbllm.run(data, cache=False, **options)
+    assert len(sent) == 2 * n_turns(data)
+    assert not result.df["cached"].any()
+    assert digest(_nbllm_dir / "cache.sqlite") == before
+
+
+# --------------------------------------------------------------------------- temperature
+
+
+def test_a_non_zero_temperature_is_not_reused_but_its_answers_are_stored():
+    data = dataset()
+    engine, sent = recording_engine()
+    options = {"engine": engine, "model": "m", "checkpoint": False, "progress": False}
+    nbllm.run(data, temperature=0.7, **options)
+    again = nbllm.run(data, temperature=0.7, **options)
+    assert len(sent) == 2 * n_turns(data)
+    assert not again.df["cached"].any()
+    # The answers were stored all the same: cache="always" reuses them.
+    always = nbllm.run(data, temperature=0.7, cache="always", **options)
+    assert len(sent) == 2 * n_turns(data)
+    assert_all_cached(always)
+
+
+def test_cache_always_reuses_sampled_answers():
+    data = dataset()
+    engine, sent = recording_engine()
+    options = {"engine": engine, "model": "m", "checkpoint": False, "progress": False}
+    first = nbllm.run(data, temperature=1.0, cache="always", **options)
+    second = nbllm.run(data, temperature=1.0, cache="always", **options)
+    assert len(sent) == n_turns(data)
+    assert not first.df["cached"].any()
+    assert_all_cached(second)
+
+
+@pytest.mark.parametrize("temperature", [None, 0, 0.0])
+def test_greedy_or_default_temperature_is_reused(temperature):
+    data = dataset()
+    engine, sent = recording_engine()
+    options = {"engine": engine, "model": "m", "checkpoint": False, "progress": False}
+    nbllm.run(data, temperature=temperature, **options)
+    second = nbllm.run(data, temperature=temperature, **options)
+    assert len(sent) == n_turns(data)
+    assert_all_cached(second)
+
+
+# --------------------------------------------------------------------------- the key
+
+
+def test_the_key_ignores_the_api_key_and_the_server_address():
+    data = dataset()
+    with TestServer(api_key="key-one") as one, TestServer(api_key="key-two") as two:
+        assert one.url != two.url
+        options = {"model": "nbllm-test", "progress": False}
+        first = nbllm.run(data, api_base=one.url, api_key="key-one", **options)
+        second = nbllm.run(data, api_base=two.url, api_key="key-two", **options)
+    assert first.summary.turns_ok == n_turns(data)
+    assert len(one.requests) == n_turns(data)
+    assert two.requests == []
+    assert_all_cached(second)
+    assert list(second.df["answer"]) == list(first.df["answer"])
+
+
+def test_a_changed_question_sends_only_what_depends_on_it():
+    data = dataset()
+    engine, sent = recording_engine()
+    options = {"engine": engine, "model": "m", "checkpoint": False, "progress": False}
+    nbllm.run(data, **options)
+    sent.clear()
+    changed = dataset()
+    changed[5]["turns"][1] = "c5 a different question 1"  # c5 has turns 0, 1, 2
+    result = nbllm.run(changed, **options)
+    # Turn 0 is the same request; turn 1 changed; turn 2 has a new history.
+    assert sorted(sent) == ["c5 a different question 1", "c5 question 2"]
+    cached = result.df.set_index(["conversation_id", "turn"])["cached"]
+    assert not cached[("c5", 1)] and not cached[("c5", 2)]
+    assert cached.drop([("c5", 1), ("c5", 2)]).all()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"model": "other-model"}, id="model"),
+        pytest.param({"max_tokens": 7}, id="max_tokens"),
+        pytest.param({"system": "Be brief."}, id="system"),
+        pytest.param({"top_p": 0.5}, id="extra-param"),
+    ],
+)
+def test_the_key_changes_with_what_is_sent(change):
+    data = dataset()
+    engine, sent = recording_engine()
+    options = {"engine": engine, "model": "m", "checkpoint": False, "progress": False}
+    nbllm.run(data, **options)
+    result = nbllm.run(data, **{**options, **change})
+    assert len(sent) == 2 * n_turns(data)
+    assert not result.df["cached"].any()
+
+
+# --------------------------------------------------------------------------- where it lives
+
+
+def test_the_default_cache_is_nbllm_dir_cache_sqlite(_nbllm_dir):
+    nbllm.run(dataset(2), engine=FakeEngine(), model="m", checkpoint=False, progress=False)
+    path = _nbllm_dir / "cache.sqlite"
+    assert path.is_file()
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == n_turns(dataset(2))
+        assert dict(conn.execute("SELECT key, value FROM meta"))["kind"] == "response cache"
+    finally:
+        conn.close()
+
+
+def test_a_custom_cache_path_is_used(tmp_path, _nbllm_dir):
+    data = dataset()
+    engine, sent = recording_engine()
+    options = {"engine": engine, "model": "m", "checkpoint": False, "progress": False}
+    custom = tmp_path / "c.sqlite"
+    nbllm.run(data, cache=custom, **options)
+    assert custom.is_file()
+    assert not (_nbllm_dir / "cache.sqlite").exists()
+    assert_all_cached(nbllm.run(data, cache=custom, **options))
+    assert len(sent) == n_turns(data)
+    # The default cache is another file: it has none of these answers.
+    default = nbllm.run(data, **options)
+    assert not default.df["cached"].any()
+    assert len(sent) == 2 * n_turns(data)
+    # A path without a .sqlite suffix is a folder holding cache.sqlite.
+    folder = tmp_path / "cache-folder"
+    nbllm.run(data, cache=folder, **options)
+    assert (folder / "cache.sqlite").is_file()
+
+
+async def test_runs_at_the_same_time_share_the_cache():
+    one, two = dataset(8), dataset(8, question="other question")
+    engine, sent = recording_engine()
+    options = {"engine": engine, "model": "m", "progress": False, "concurrency": 4}
+    results = await asyncio.wait_for(
+        asyncio.gather(nbllm.arun(one, **options), nbllm.arun(two, **options)), 20
+    )
+    assert [r.summary.turns_ok for r in results] == [n_turns(one), n_turns(two)]
+    both = nbllm.run(one + [{**r, "id": f"two-{r['id']}"} for r in two], **options)
+    assert len(sent) == n_turns(one) + n_turns(two)
+    assert_all_cached(both)
+
+
+def test_cached_answers_are_checkpointed_and_resumed(tmp_path):
+    data = dataset()
+    engine, sent = recording_engine()
+    options = {"engine": engine, "model": "m", "progress": False}
+    nbllm.run(data, checkpoint=tmp_path / "one.sqlite", **options)
+    cached = nbllm.run(data, checkpoint=tmp_path / "two.sqlite", **options)
+    resumed = nbllm.run(data, checkpoint=tmp_path / "two.sqlite", **options)
+    assert len(sent) == n_turns(data)
+    assert_all_cached(cached)
+    assert resumed.df["resumed"].all()
+    assert list(resumed.df["answer"]) == list(cached.df["answer"])
+
+
+# --------------------------------------------------------------------------- unusable files
+
+
+def _real_cache(path: Path) -> None:
+    data = [{"id": i, "turns": [f"{i} " + "x" * 300, "y" * 300]} for i in range(60)]
+    nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=False, cache=path, progress=False)
+
+
+def _truncated(path: Path) -> None:
+    _real_cache(path)
+    raw = path.read_bytes()
+    assert len(raw) >= 8 * 4096
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(random.Random(11).randbytes(20_000))
+
+
+def _text(path: Path) -> None:
+    path.write_text("key,answer\n" * 200)
+
+
+def _foreign(path: Path, *, wal: bool = False) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        if wal:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, text TEXT)")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _future(path: Path) -> None:
+    _real_cache(path)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _checkpoint_file(path: Path) -> None:
+    checkpoint = path.with_name("a-checkpoint.sqlite")
+    nbllm.run(
+        dataset(2), engine=FakeEngine(), model="m", checkpoint=checkpoint, cache=False,
+        progress=False,
+    )  # fmt: skip
+    path.write_bytes(checkpoint.read_bytes())
+
+
+UNUSABLE = {
+    "truncated-to-half": (_truncated, "not a readable nbllm response cache"),
+    "random-bytes": (_random_bytes, "not a readable nbllm response cache"),
+    "text": (_text, "not a readable nbllm response cache"),
+    "foreign-sqlite": (_foreign, "not an nbllm response cache"),
+    "foreign-sqlite-wal": (lambda p: _foreign(p, wal=True), "not an nbllm response cache"),
+    "future-schema": (_future, "newer nbllm"),
+    "a-checkpoint": (_checkpoint_file, "checkpoint"),
+}
+
+
+@pytest.mark.parametrize("where", ["default", "custom"])
+@pytest.mark.parametrize("kind", list(UNUSABLE))
+def test_an_unusable_cache_is_refused_before_any_request(tmp_path, _nbllm_dir, kind, where):
+    make, reason = UNUSABLE[kind]
+    path = _nbllm_dir / "cache.sqlite" if where == "default" else tmp_path / "mine.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make(path)
+    before = digest(path)
+    engine = FakeEngine()
+    with pytest.raises(CheckpointError) as info:
+        nbllm.run(
+            dataset(),
+            engine=engine,
+            model="m",
+            checkpoint=False,
+            cache=True if where == "default" else path,
+            progress=False,
+        )
+    message = str(info.value)
+    assert str(path) in message
+    assert reason in message
+    assert "pass another path" in message
+    assert engine.calls == 0
+    assert digest(path) == before
+
+
+def test_an_unusable_cache_sends_no_http_request(_nbllm_dir):
+    path = _nbllm_dir / "cache.sqlite"
+    path.parent.mkdir(parents=True)
+    _random_bytes(path)
+    with TestServer() as server, pytest.raises(CheckpointError, match=r"cache\.sqlite"):
+        nbllm.run(dataset(), model="nbllm-test", api_base=server.url, progress=False)
+    assert server.requests == []
+
+
+def test_a_refused_cache_leaves_the_checkpoint_free(tmp_path, _nbllm_dir):
+    path = _nbllm_dir / "cache.sqlite"
+    path.parent.mkdir(parents=True)
+    _random_bytes(path)
+    checkpoint = tmp_path / "ckpt.sqlite"
+    options = {"model": "m", "checkpoint": checkpoint, "progress": False}
+    with pytest.raises(CheckpointError, match=r"cache\.sqlite"):
+        nbllm.run(dataset(), engine=FakeEngine(), **options)
+    # The checkpoint opened before the cache was refused: its lock is free again.
+    engine = FakeEngine()
+    result = nbllm.run(dataset(), engine=engine, cache=False, **options)
+    assert result.summary.turns_ok == engine.calls == n_turns(dataset())
