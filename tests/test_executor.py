@@ -261,6 +261,7 @@ async def test_events_tell_the_story_of_the_run():
     assert isinstance(events[0], RunStarted) and events[0].turns == 1 + 2 + 3
     assert isinstance(events[-1], RunFinished) and events[-1].turns_ok == 6
     assert sum(isinstance(e, TurnFinished) for e in events) == 6
+    assert sum(isinstance(e, TurnFinished) and e.conversation_done for e in events) == 3
     assert sum(isinstance(e, RetryScheduled) for e in events) == 1
 
 

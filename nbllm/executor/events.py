@@ -63,11 +63,15 @@ class RetryScheduled:
 
 @dataclass(frozen=True, slots=True)
 class TurnFinished:
-    """A turn has its final row: answered, failed, or skipped because an earlier turn failed."""
+    """A turn has its final row: answered, failed, or skipped because an earlier turn failed.
+
+    ``conversation_done``: this was the conversation's last row.
+    """
 
     record: TurnRecord
     in_flight: int
     t: float
+    conversation_done: bool = False
 
 
 @dataclass(frozen=True, slots=True)

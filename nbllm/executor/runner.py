@@ -188,30 +188,31 @@ class Executor:
         for k in range(len(conv)):
             stored = self._done.get((index, k))
             if stored is not None:
-                self._finish(base + k, stored)
+                self._finish(index, base + k, stored)
                 answers.append(stored.answer or "")
                 continue
             if self._stopping:
                 return
             record = await self._turn(conv, k, answers)
-            self._finish(base + k, record)
+            self._finish(index, base + k, record)
             if record.ok and self.checkpoint is not None:
                 self.checkpoint.record(index, record)
             if record.answer is None:
                 reason = f"skipped: turn {k} failed"
                 for j in range(k + 1, len(conv)):
-                    self._finish(base + j, self._unanswered(conv, j, reason))
+                    self._finish(index, base + j, self._unanswered(conv, j, reason))
                 return
             answers.append(record.answer)
 
-    def _finish(self, slot: int, record: TurnRecord) -> None:
+    def _finish(self, index: int, slot: int, record: TurnRecord) -> None:
         self._records[slot] = record
         if record.ok:
             self._ok += 1
         else:
             self._failed += 1
         if self._events:
-            self._emit(TurnFinished(record, self._in_flight, time.time()))
+            last = record.turn == len(self._conversations[index]) - 1
+            self._emit(TurnFinished(record, self._in_flight, time.time(), last))
 
     @staticmethod
     def _unanswered(conv: Conversation, turn: int, error: str) -> TurnRecord:
