@@ -318,3 +318,22 @@ async def test_an_executor_runs_one_batch_at_a_time():
     with pytest.raises(RuntimeError, match="already running"):
         await executor.run(conversations(2))
     await first
+
+
+async def test_stop_sends_nothing_that_was_still_waiting_for_a_slot():
+    executor: Executor
+    sent = 0
+
+    async def handler(request: ChatRequest) -> str:
+        nonlocal sent
+        sent += 1
+        await asyncio.sleep(0.05)
+        executor.stop()
+        return answer_of(request)
+
+    # 8 conversations want to go at once, but only 2 slots: the 6 waiting never go.
+    executor = Executor(FakeEngine(handler), model="m", concurrency=2, max_conversations=8)
+    result = await executor.run(conversations(8, turns=lambda i: 2))
+    assert sent == 2
+    assert result.summary.turns_ok == 2
+    assert result.interrupted

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from nbllm.types import TurnRecord
@@ -30,7 +30,11 @@ log = logging.getLogger("nbllm")
 
 @dataclass(frozen=True, slots=True)
 class RunStarted:
-    """``resumed`` turns were read back from the checkpoint and need no request."""
+    """``resumed`` turns were read back from the checkpoint and need no request.
+
+    ``stop`` asks the run to stop (no new turn starts; requests in flight finish); safe to
+    call from any thread, e.g. a notebook's Stop button.
+    """
 
     conversations: int
     turns: int
@@ -38,6 +42,7 @@ class RunStarted:
     engine: str
     t: float
     resumed: int = 0
+    stop: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

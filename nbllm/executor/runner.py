@@ -105,7 +105,10 @@ class Executor:
         self._running = False
 
     def stop(self) -> None:
-        """Start no new turn; requests in flight finish. ``run`` then returns what finished."""
+        """Start no new turn; requests in flight finish. ``run`` then returns what finished.
+
+        Safe to call from any thread: it only sets a flag the workers read between turns.
+        """
         self._stopping = True
 
     async def run(self, conversations: Sequence[Conversation]) -> RunResult:
@@ -146,6 +149,7 @@ class Executor:
                 self.engine.name,
                 started_at,
                 resumed=len(self._done),
+                stop=self.stop,
             )
         )
         order = sorted(range(len(conversations)), key=lambda i: -len(conversations[i]))
@@ -194,6 +198,8 @@ class Executor:
             if self._stopping:
                 return
             record = await self._turn(conv, k, answers)
+            if record is None:
+                return  # stopped before this turn was sent
             self._finish(index, base + k, record)
             if record.ok and self.checkpoint is not None:
                 self.checkpoint.record(index, record)
@@ -234,7 +240,9 @@ class Executor:
 
     # -- one turn: retries ---------------------------------------------------------
 
-    async def _turn(self, conv: Conversation, k: int, answers: Sequence[str]) -> TurnRecord:
+    async def _turn(
+        self, conv: Conversation, k: int, answers: Sequence[str]
+    ) -> TurnRecord | None:
         messages = conv.messages_for(k, answers, self.system)
         request = ChatRequest(self.model, messages, self.params, self.timeout)
         key = None
@@ -266,9 +274,10 @@ class Executor:
         while True:
             attempt += 1
             try:
-                response, sent_at, latency = await self._attempt(
-                    request, conv.id, k, attempt, estimate
-                )
+                sent = await self._attempt(request, conv.id, k, attempt, estimate)
+                if sent is None:
+                    return None
+                response, sent_at, latency = sent
             except EngineError as error:
                 started_at = started_at or getattr(error, "_nbllm_sent_at", None) or time.time()
                 if not self.retry.should_retry(error, attempt):
@@ -316,7 +325,8 @@ class Executor:
 
     async def _attempt(
         self, request: ChatRequest, conversation_id: Any, turn: int, attempt: int, estimate: int
-    ) -> tuple[ChatResponse, float, float]:
+    ) -> tuple[ChatResponse, float, float] | None:
+        """Send once; None when the run was stopped before the request could go."""
         async with self._slots:
             wait = self._cooldown_until - self._loop.time()
             if wait > 0:
@@ -324,6 +334,8 @@ class Executor:
             if self.rpm is not None:
                 await self.rpm.acquire(1)
             grant = await self.tpm.acquire(estimate) if self.tpm is not None else None
+            if self._stopping:
+                return None
             self._in_flight += 1
             sent_at = time.time()
             if self._events:
