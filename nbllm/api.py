@@ -16,6 +16,7 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from nbllm.config import RunConfig
@@ -31,8 +32,9 @@ from nbllm.executor.checkpoint import (
     resolve_checkpoint_path,
 )
 from nbllm.results import RunResult
+from nbllm.types import Conversation
 
-__all__ = ["arun", "run"]
+__all__ = ["PreparedRun", "arun", "prepare_run", "progress_listener", "run"]
 
 
 def _api_key_for(engine: Any, api_base: str | None, api_key: str | None) -> str | None:
@@ -50,17 +52,93 @@ def _api_key_for(engine: Any, api_base: str | None, api_key: str | None) -> str 
     return os.environ.get("NBLLM_API_KEY")
 
 
-def _progress_listener(progress: bool | None) -> Callable[[Event], None] | None:
-    if progress is None:
-        progress = sys.stderr.isatty() or "ipykernel" in sys.modules
-    if not progress:
+def _in_notebook() -> bool:
+    """Whether this code runs in a Jupyter kernel (where widgets can be shown)."""
+    if "IPython" not in sys.modules:
+        return False
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def progress_listener(progress: Any) -> Callable[[Event], None] | None:
+    """The live progress for ``progress=``: the dashboard in a notebook, tqdm in a terminal.
+
+    Call it in the thread that runs the cell, so the dashboard lands in that cell's output.
+    ``None`` means: in a notebook or a terminal, not when output goes to a file or a pipe.
+    """
+    if progress is False or not isinstance(progress, (bool, type(None))):
+        return None  # a bad value is reported by RunConfig
+    if _in_notebook():
+        try:
+            from nbllm.ui.dashboard import Dashboard
+        except ImportError:  # ipywidgets missing: text it is
+            pass
+        else:
+            from IPython.display import display
+
+            dashboard = Dashboard()
+            display(dashboard)
+            return dashboard
+    if progress is None and not sys.stderr.isatty():
         return None
     from nbllm.ui.progress import TextProgress
 
     return TextProgress()
 
 
-async def arun(
+@dataclass
+class PreparedRun:
+    """A validated run, ready to execute: data loaded, engine chosen, checkpoint opened.
+
+    Made by ``prepare_run`` (all checks happen there, before any request); ``execute``
+    runs it once and releases the engine, the checkpoint and the cache.
+    """
+
+    config: RunConfig
+    conversations: list[Conversation]
+    engine: Engine
+    owns_engine: bool
+    listeners: list[Callable[[Event], None]]
+    store: CheckpointStore | None = None
+    cache: ResponseCache | None = None
+
+    @property
+    def turns(self) -> int:
+        return sum(len(c) for c in self.conversations)
+
+    async def execute(self) -> RunResult:
+        executor = Executor(
+            self.engine,
+            model=self.config.model,
+            concurrency=self.config.concurrency,
+            max_conversations=self.config.max_conversations,
+            rpm=self.config.rpm,
+            tpm=self.config.tpm,
+            timeout=self.config.timeout,
+            retry=self.config.retry_policy,
+            system=self.config.system,
+            params=self.config.sampling_params,
+            listeners=self.listeners,
+            checkpoint=self.store,
+            cache=self.cache,
+        )
+        try:
+            return await executor.run(self.conversations)
+        finally:
+            self.release()
+            if self.owns_engine:
+                await self.engine.aclose()
+
+    def release(self) -> None:
+        """Commit and close the checkpoint and the cache (the last batch is never lost)."""
+        for closeable in (self.store, self.cache):
+            if closeable is not None:
+                closeable.close()
+
+
+def prepare_run(
     data: Any,
     *,
     model: str | None = None,
@@ -82,8 +160,12 @@ async def arun(
     max_conversations: int | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
-) -> RunResult:
-    """Run a dataset of conversations and return one row per turn; see ``run``."""
+) -> PreparedRun:
+    """Check every option and the data, choose the engine, open the checkpoint.
+
+    Raises ``ConfigError`` / ``DatasetError`` / ``CheckpointError`` before any request.
+    ``progress`` is checked here but no progress is attached: see ``progress_listener``.
+    """
     if model is None:
         if isinstance(engine, Engine):
             model = engine.name
@@ -121,54 +203,65 @@ async def arun(
         api_key=_api_key_for(engine, config.api_base, config.api_key),
         max_connections=max(config.concurrency, 8),
     )
-    store: CheckpointStore | None = None
-    response_cache: ResponseCache | None = None
+    plan = PreparedRun(config, conversations, chosen, chosen is not engine, list(listeners))
     try:
-        identity = RunIdentity(
-            dataset=dataset_hash(conversations),
-            model=config.model,
-            engine=chosen.identity(),
-            params=config.sampling_params,
-            system=config.system,
-        )
-        path = resolve_checkpoint_path(checkpoint, identity.fingerprint)
-        if path is not None:
-            store = CheckpointStore.open(
-                path,
-                identity,
-                conversations=len(conversations),
-                turns=sum(len(c) for c in conversations),
-                resume=resume,
+        if checkpoint is not False and checkpoint is not None:
+            identity = RunIdentity(
+                dataset=dataset_hash(conversations),
+                model=config.model,
+                engine=chosen.identity(),
+                params=config.sampling_params,
+                system=config.system,
             )
+            path = resolve_checkpoint_path(checkpoint, identity.fingerprint)
+            if path is not None:
+                plan.store = CheckpointStore.open(
+                    path,
+                    identity,
+                    conversations=len(conversations),
+                    turns=plan.turns,
+                    resume=resume,
+                )
         if cache_path is not None:
-            response_cache = ResponseCache(cache_path, reuse_sampled=cache == "always")
-        every = list(listeners)
-        bar = _progress_listener(config.progress)
-        if bar is not None:
-            every.append(bar)
-        executor = Executor(
-            chosen,
-            model=config.model,
-            concurrency=config.concurrency,
-            max_conversations=config.max_conversations,
-            rpm=config.rpm,
-            tpm=config.tpm,
-            timeout=config.timeout,
-            retry=config.retry_policy,
-            system=config.system,
-            params=config.sampling_params,
-            listeners=every,
-            checkpoint=store,
-            cache=response_cache,
-        )
-        return await executor.run(conversations)
-    finally:
-        # Commit the last batch of finished turns whatever happened: nothing finished is lost.
-        for closeable in (store, response_cache):
-            if closeable is not None:
-                closeable.close()
-        if chosen is not engine:
-            await chosen.aclose()
+            plan.cache = ResponseCache(cache_path, reuse_sampled=cache == "always")
+    except BaseException:
+        plan.release()
+        raise
+    return plan
+
+
+async def arun(
+    data: Any,
+    *,
+    model: str | None = None,
+    api_base: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 32,
+    rpm: float | None = None,
+    tpm: float | None = None,
+    timeout: float | None = 120.0,
+    retries: Any = 5,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    progress: bool | None = None,
+    checkpoint: Any = True,
+    cache: Any = True,
+    resume: bool = True,
+    engine: str | Engine = "auto",
+    max_conversations: int | None = None,
+    listeners: Iterable[Callable[[Event], None]] = (),
+    **params: Any,
+) -> RunResult:
+    """Run a dataset of conversations and return one row per turn; see ``run``."""
+    options = dict(locals())
+    del options["data"], options["params"]
+    options.update(params)
+    plan = prepare_run(data, **options)
+    bar = progress_listener(progress)
+    if bar is not None:
+        plan.listeners.append(bar)
+    return await plan.execute()
 
 
 def run(
@@ -219,28 +312,32 @@ def run(
     options = dict(locals())
     del options["data"], options["params"]
     options.update(params)
+    plan = prepare_run(data, **options)
+    bar = progress_listener(progress)
+    if bar is not None:
+        plan.listeners.append(bar)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_arun_stopping_on_ctrl_c(data, options))
-    return _run_beside_running_loop(data, options)
+        return asyncio.run(_execute_stopping_on_ctrl_c(plan))
+    return _run_beside_running_loop(plan)
 
 
-async def _arun_stopping_on_ctrl_c(data: Any, options: dict[str, Any]) -> RunResult:
-    """``arun`` where Ctrl-C cancels the batch (which then returns what finished)."""
+async def _execute_stopping_on_ctrl_c(plan: PreparedRun) -> RunResult:
+    """``plan.execute()`` where Ctrl-C cancels the batch (which then returns what finished)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     previous = None
     if task is not None and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(task.cancel))
     try:
-        return await arun(data, **options)
+        return await plan.execute()
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
 
-def _run_beside_running_loop(data: Any, options: dict[str, Any]) -> RunResult:
+def _run_beside_running_loop(plan: PreparedRun) -> RunResult:
     """Run on a private loop in a worker thread while the caller's loop (a kernel's) waits."""
     box: dict[str, Any] = {}
     stop_requested = threading.Event()
@@ -258,7 +355,7 @@ def _run_beside_running_loop(data: Any, options: dict[str, Any]) -> RunResult:
             box["task"] = task = asyncio.current_task()
             if stop_requested.is_set() and task is not None:
                 task.cancel()  # Ctrl-C came before this task existed
-            return await arun(data, **options)
+            return await plan.execute()
 
         try:
             box["result"] = asyncio.run(main())

@@ -370,3 +370,21 @@ def test_a_refused_cache_leaves_the_checkpoint_free(tmp_path, _nbllm_dir):
     engine = FakeEngine()
     result = nbllm.run(dataset(), engine=engine, cache=False, **options)
     assert result.summary.turns_ok == engine.calls == n_turns(dataset())
+
+
+def test_incremental_keys_equal_whole_request_keys():
+    """The executor hashes a conversation's history incrementally; the key must not differ."""
+    from nbllm.executor.cache import KeyChain, request_key
+    from nbllm.types import ChatRequest, Conversation
+
+    conv = Conversation(id="c", questions=("q0", "q1", "q2"), system="sys", context="ctx")
+    answers = ["a0", "a1"]
+    params = {"max_tokens": 8, "temperature": 0}
+    chain = KeyChain("openai/m", params)
+    chain.extend({"role": "system", "content": conv.system_message()})
+    for k in range(3):
+        messages = conv.messages_for(k, answers[:k])
+        assert chain.key_with(messages[-1]) == request_key(ChatRequest("m", messages, params))
+        if k < 2:
+            chain.extend({"role": "user", "content": conv.questions[k]})
+            chain.extend({"role": "assistant", "content": answers[k]})

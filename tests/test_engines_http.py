@@ -77,7 +77,8 @@ def test_random_faults_never_lose_a_row():
     assert result.df.loc[ok, "answer"].notna().all()
     assert result.df.loc[~ok, "answer"].isna().all()
     assert 0 < ok.sum() < len(ok)  # some succeeded, some ran out of retries
-    assert result.df["attempts"].sum() == len(server.requests)
+    # A request the client gave up on may never have reached the server's log.
+    assert result.df["attempts"].sum() >= len(server.requests)
 
 
 @pytest.mark.parametrize(("options", "engine"), ENGINES)

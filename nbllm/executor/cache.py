@@ -25,11 +25,11 @@ from nbllm.executor.checkpoint import nbllm_dir
 from nbllm.executor.storage import BatchWriter, open_database
 from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = ["CACHE_FILE", "ResponseCache", "request_key", "resolve_cache_path"]
+__all__ = ["CACHE_FILE", "KeyChain", "ResponseCache", "request_key", "resolve_cache_path"]
 
 log = logging.getLogger("nbllm")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # keys carry their own version tag ("nbllm-request-v1")
 CACHE_FILE = "cache.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -44,15 +44,57 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
+class KeyChain:
+    """Cache keys for the turns of one conversation, hashed incrementally.
+
+    Turn k's messages are turn k-1's plus two, so each key costs only its new messages:
+    the hash state after the shared prefix is copied rather than the whole history
+    re-encoded. ``request_key`` gives the same key for a whole request.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, model: str, params: Mapping[str, Any]) -> None:
+        head = json.dumps(
+            [model.removeprefix("openai/"), dict(params)],
+            sort_keys=True,
+            ensure_ascii=False,
+            separators=(",", ":"),
+            default=repr,
+        )
+        self._state = hashlib.sha256(b"nbllm-request-v1\0")
+        self._feed(self._state, head)
+
+    @staticmethod
+    def _feed(state: Any, text: str) -> None:
+        data = text.encode()
+        state.update(len(data).to_bytes(8, "little"))
+        state.update(data)
+
+    def _feed_message(self, state: Any, message: Mapping[str, Any]) -> None:
+        extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+        self._feed(state, str(message.get("role", "")))
+        content = message.get("content", "")
+        self._feed(state, content if isinstance(content, str) else json.dumps(content))
+        self._feed(state, json.dumps(extra, sort_keys=True) if extra else "")
+
+    def extend(self, message: Mapping[str, Any]) -> None:
+        """Add a message that every later request of this conversation starts with."""
+        self._feed_message(self._state, message)
+
+    def key_with(self, message: Mapping[str, Any]) -> str:
+        """The key of the request made of the messages so far plus ``message``."""
+        state = self._state.copy()
+        self._feed_message(state, message)
+        return state.hexdigest()
+
+
 def request_key(request: ChatRequest) -> str:
     """The cache key: a hash of the model, the messages and the sampling parameters."""
-    payload = [
-        request.model.removeprefix("openai/"),
-        [dict(m) for m in request.messages],
-        dict(request.params),
-    ]
-    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    chain = KeyChain(request.model, request.params)
+    for message in request.messages[:-1]:
+        chain.extend(message)
+    return chain.key_with(request.messages[-1])
 
 
 def resolve_cache_path(cache: Any) -> Path | None:

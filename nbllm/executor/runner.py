@@ -24,7 +24,7 @@ from typing import Any
 
 from nbllm.engines.base import Engine
 from nbllm.errors import ConfigError, EngineError, RateLimitError, RequestTimeout
-from nbllm.executor.cache import ResponseCache, request_key
+from nbllm.executor.cache import KeyChain, ResponseCache, request_key
 from nbllm.executor.checkpoint import CheckpointStore
 from nbllm.executor.events import (
     Event,
@@ -189,26 +189,50 @@ class Executor:
         conv = self._conversations[index]
         base = self._offsets[index]
         answers: list[str] = []
+        keys = None
+        if self.cache is not None:
+            keys = KeyChain(self.model, self.params)
+            system = conv.system_message(self.system)
+            if system:
+                keys.extend({"role": "system", "content": system})
         for k in range(len(conv)):
             stored = self._done.get((index, k))
+            answer: str | None
             if stored is not None:
                 self._finish(index, base + k, stored)
-                answers.append(stored.answer or "")
-                continue
-            if self._stopping:
-                return
-            record = await self._turn(conv, k, answers)
-            if record is None:
-                return  # stopped before this turn was sent
-            self._finish(index, base + k, record)
-            if record.ok and self.checkpoint is not None:
-                self.checkpoint.record(index, record)
-            if record.answer is None:
-                reason = f"skipped: turn {k} failed"
-                for j in range(k + 1, len(conv)):
-                    self._finish(index, base + j, self._unanswered(conv, j, reason))
-                return
-            answers.append(record.answer)
+                answer = stored.answer or ""
+            else:
+                if self._stopping:
+                    return
+                answer = await self._run_turn(index, base, conv, k, answers, keys)
+                if answer is None:
+                    return
+            answers.append(answer)
+            if keys is not None:
+                keys.extend({"role": "user", "content": conv.questions[k]})
+                keys.extend({"role": "assistant", "content": answer})
+
+    async def _run_turn(
+        self,
+        index: int,
+        base: int,
+        conv: Conversation,
+        k: int,
+        answers: Sequence[str],
+        keys: KeyChain | None,
+    ) -> str | None:
+        """Turn k of a conversation; its answer, or None when the conversation ends here."""
+        record = await self._turn(conv, k, answers, keys)
+        if record is None:
+            return None  # stopped before this turn was sent
+        self._finish(index, base + k, record)
+        if record.ok and self.checkpoint is not None:
+            self.checkpoint.record(index, record)
+        if record.answer is None:
+            reason = f"skipped: turn {k} failed"
+            for j in range(k + 1, len(conv)):
+                self._finish(index, base + j, self._unanswered(conv, j, reason))
+        return record.answer
 
     def _finish(self, index: int, slot: int, record: TurnRecord) -> None:
         self._records[slot] = record
@@ -241,13 +265,13 @@ class Executor:
     # -- one turn: retries ---------------------------------------------------------
 
     async def _turn(
-        self, conv: Conversation, k: int, answers: Sequence[str]
+        self, conv: Conversation, k: int, answers: Sequence[str], keys: KeyChain | None = None
     ) -> TurnRecord | None:
         messages = conv.messages_for(k, answers, self.system)
         request = ChatRequest(self.model, messages, self.params, self.timeout)
         key = None
         if self.cache is not None:
-            key = request_key(request)
+            key = keys.key_with(messages[-1]) if keys is not None else request_key(request)
             hit = self.cache.get(key) if self._reuse_cached else None
             if hit is not None:
                 now = time.time()
