@@ -225,3 +225,33 @@ def test_plot_draws_a_figure():
     fig = result.plot()
     assert len(fig.axes) == 2
     assert fig.axes[0].get_title() == "latency of answered turns"
+
+
+def test_in_a_notebook_the_run_shows_a_live_dashboard(monkeypatch):
+    import IPython.display
+
+    from nbllm import api
+    from nbllm.ui.dashboard import Dashboard
+
+    shown = []
+    monkeypatch.setattr(api, "_in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    result = nbllm.run(RECORDS, engine=FakeEngine(), model="m", progress=None)
+    assert result.summary.turns_ok == 3
+    (dashboard,) = shown
+    assert isinstance(dashboard, Dashboard)
+    assert dashboard.turns_bar.value == dashboard.turns_bar.max == 3
+    assert dashboard.turns_bar.bar_style == "success"
+    assert dashboard.stop_button is None  # a blocking cell offers the kernel's interrupt
+
+
+def test_progress_false_shows_nothing_even_in_a_notebook(monkeypatch):
+    import IPython.display
+
+    from nbllm import api
+
+    shown = []
+    monkeypatch.setattr(api, "_in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    nbllm.run(RECORDS, engine=FakeEngine(), model="m", progress=False)
+    assert shown == []
