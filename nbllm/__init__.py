@@ -4,9 +4,14 @@ import nbllm
 result = nbllm.run(data, model="openai/gpt-4o-mini", concurrency=64, rpm=500)
 result.df        # one row per turn
 result.summary   # the run's figures
+
+job = nbllm.submit(data, model=...)   # the same run in the background; nbllm.jobs() lists them
+%load_ext nbllm                        # in IPython / Jupyter: the %%llm_batch cell magic
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from nbllm import runs
 from nbllm.api import arun, run
@@ -29,6 +34,7 @@ from nbllm.errors import (
     ServerError,
 )
 from nbllm.executor import Executor, RateLimiter, RetryPolicy
+from nbllm.jobs import jobs, submit
 from nbllm.results import RunResult, RunSummary
 from nbllm.types import ChatRequest, ChatResponse, Conversation, TurnRecord
 
@@ -64,7 +70,23 @@ __all__ = [
     "TurnRecord",
     "__version__",
     "arun",
+    "jobs",
     "load_conversations",
     "run",
     "runs",
+    "submit",
 ]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbllm``: the ``%%llm_batch`` and ``%llm_config`` magics."""
+    from nbllm.ui.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext nbllm``: remove the magics again."""
+    from nbllm.ui.magics import unload_ipython_extension as unload
+
+    unload(ipython)

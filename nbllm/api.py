@@ -62,11 +62,15 @@ def _in_notebook() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def progress_listener(progress: Any) -> Callable[[Event], None] | None:
+def progress_listener(
+    progress: Any, *, stop: Callable[[], None] | None = None
+) -> Callable[[Event], None] | None:
     """The live progress for ``progress=``: the dashboard in a notebook, tqdm in a terminal.
 
     Call it in the thread that runs the cell, so the dashboard lands in that cell's output.
     ``None`` means: in a notebook or a terminal, not when output goes to a file or a pipe.
+    ``stop`` gives the dashboard a Stop button (only useful where the kernel is free to
+    handle the click, i.e. for a run in the background).
     """
     if progress is False or not isinstance(progress, (bool, type(None))):
         return None  # a bad value is reported by RunConfig
@@ -78,7 +82,7 @@ def progress_listener(progress: Any) -> Callable[[Event], None] | None:
         else:
             from IPython.display import display
 
-            dashboard = Dashboard()
+            dashboard = Dashboard(stop=stop)
             display(dashboard)
             return dashboard
     if progress is None and not sys.stderr.isatty():

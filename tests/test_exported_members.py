@@ -16,8 +16,8 @@ def test_public_names():
             "EngineUnavailable", "Executor", "FakeEngine", "LiteLLMEngine", "NbllmError",
             "OpenAIEngine", "RateLimitError", "RateLimiter", "RequestRejected", "RequestTimeout",
             "RetryPolicy", "RetryableError", "RunConfig", "RunResult", "RunSummary",
-            "ServerError", "TurnRecord", "__version__", "arun", "load_conversations", "run",
-            "runs",
+            "ServerError", "TurnRecord", "__version__", "arun", "jobs", "load_conversations",
+            "run", "runs", "submit",
         ]
     )  # fmt: skip
     for name in nbllm.__all__:

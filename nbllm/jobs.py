@@ -1,0 +1,243 @@
+"""Background runs: ``nbllm.submit`` starts a batch and hands back a ``Job`` while it runs.
+
+::
+
+    job = nbllm.submit(df, model="openai/gpt-4o-mini", concurrency=64)
+    job             # <Job 1 running: 120/400 turns, 12.3 s, model 'openai/gpt-4o-mini'>
+    nbllm.jobs()    # every job of this process, most recent first
+    job.result()    # blocks until the end; job.stop() ends it early, keeping what finished
+
+``submit`` checks the options, loads the data, chooses the engine and opens the
+checkpoint in the calling cell (``nbllm.api.prepare_run``, as ``nbllm.run`` does), so bad
+input raises there; then the run goes on, on its own event loop in a daemon thread named
+``nbllm-job-<id>``, and the kernel stays free for other cells. In a notebook its
+dashboard, shown in the calling cell, has a Stop button.
+
+Status: ``"running"``, then ``"done"`` (every turn has its row, answered or failed),
+``"stopped"`` (``stop()`` ended it early: the result has ``interrupted=True``) or
+``"failed"`` (the run itself raised; ``result()`` raises it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from nbllm.api import PreparedRun, prepare_run, progress_listener
+from nbllm.executor.events import Event, RunFinished, RunStarted, TurnFinished
+from nbllm.results import RunResult
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["Job", "JobStatus", "jobs", "submit"]
+
+log = logging.getLogger("nbllm")
+
+JobStatus = Literal["running", "done", "failed", "stopped"]
+JOB_COLUMNS = ("id", "status", "turns_done", "turns_total", "started", "wall_s", "model")
+
+_ids = itertools.count(1)
+_registry: list[Job] = []
+_registry_lock = threading.Lock()
+
+
+class Job:
+    """One batch running in the background; made by ``nbllm.submit``.
+
+    ``turns_done`` / ``turns_total`` follow the run's progress; ``started_at`` is a Unix
+    time; ``wall_s`` counts seconds from submit to the end (or to now while running).
+    """
+
+    def __init__(self, plan: PreparedRun) -> None:
+        self.id = next(_ids)
+        self.model: str | None = plan.config.model
+        self.started_at = time.time()
+        self.turns_done = 0
+        self.turns_total: int | None = plan.turns
+        self._t0 = time.perf_counter()
+        self._wall_s: float | None = None
+        self._status: JobStatus = "running"
+        self._result: RunResult | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Job], Any]] | None = []
+        self._started = threading.Event()  # the run began, or ended before it could
+        self._finished = threading.Event()  # the outcome is set and done callbacks have run
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[RunResult] | None = None
+        self._stop_requested = False
+        self._run_finished = False
+        plan.listeners.append(self._on_event)
+        self._thread = threading.Thread(
+            target=self._main, args=(plan,), name=f"nbllm-job-{self.id}", daemon=True
+        )
+
+    # -- what callers see ------------------------------------------------------------
+
+    @property
+    def status(self) -> JobStatus:
+        return self._status
+
+    @property
+    def wall_s(self) -> float:
+        wall = self._wall_s
+        return wall if wall is not None else time.perf_counter() - self._t0
+
+    def done(self) -> bool:
+        """True once the run has ended, whatever the outcome."""
+        return self._status != "running"
+
+    def result(self, timeout: float | None = None) -> RunResult:
+        """The run's ``RunResult``, waiting up to ``timeout`` seconds (default: as long as it
+        takes); raises ``TimeoutError`` if it is still running then, or the run's own
+        exception if it failed."""
+        if threading.current_thread() is not self._thread:
+            if not self._finished.wait(timeout):
+                msg = f"job {self.id} is still running after {timeout} s"
+                raise TimeoutError(msg)
+        elif self._status == "running":
+            msg = f"job {self.id}: result() was called from the job's own run (a listener)"
+            raise RuntimeError(msg)
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def stop(self, timeout: float | None = None) -> RunResult:
+        """Stop the batch and return what finished: turns already answered are kept, the
+        others carry a "not run" error, and the result has ``interrupted=True``. A job that
+        has already ended just returns its result."""
+        self._request_stop()
+        return self.result(timeout)
+
+    def add_done_callback(self, fn: Callable[[Job], Any]) -> None:
+        """Call ``fn(job)`` when the run ends, in the job's thread; at once (in this thread)
+        if it has ended already. An exception in ``fn`` is logged, not raised."""
+        with self._lock:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        self._call(fn)
+
+    def __repr__(self) -> str:
+        total = "?" if self.turns_total is None else self.turns_total
+        text = (
+            f"<Job {self.id} {self._status}: {self.turns_done}/{total} turns, "
+            f"{self.wall_s:.1f} s, model {self.model!r}"
+        )
+        if self._error is not None:
+            text += f", {type(self._error).__name__}: {self._error}"
+        return text + ">"
+
+    # -- the job's thread ------------------------------------------------------------
+
+    def _main(self, plan: PreparedRun) -> None:
+        async def main() -> RunResult:
+            self._loop = asyncio.get_running_loop()
+            self._task = task = asyncio.current_task()
+            if self._stop_requested and task is not None:
+                task.cancel()  # stop() came before this task existed
+            return await plan.execute()
+
+        result: RunResult | None = None
+        error: BaseException | None = None
+        try:
+            result = asyncio.run(main())
+        except BaseException as exc:  # handed to result(), which raises it again
+            error = exc
+        self._settle(result, error)
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, TurnFinished):
+            self.turns_done += 1
+        elif isinstance(event, RunStarted):
+            self.turns_total = event.turns
+            self.model = event.model
+            self._started.set()
+        elif isinstance(event, RunFinished):
+            self._run_finished = True
+
+    def _request_stop(self) -> None:
+        self._stop_requested = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the run is over already
+                loop.call_soon_threadsafe(self._cancel_run)
+
+    def _cancel_run(self) -> None:
+        # On the job's loop, like the listener: once RunFinished was emitted the result is
+        # complete, and a cancel now would only break arun's clean-up.
+        if self._task is not None and not self._run_finished:
+            self._task.cancel()
+
+    def _settle(self, result: RunResult | None, error: BaseException | None) -> None:
+        with self._lock:
+            self._result, self._error = result, error
+            self._wall_s = time.perf_counter() - self._t0
+            if error is not None:
+                self._status = "failed"
+            elif result is not None and result.interrupted:
+                self._status = "stopped"
+            else:
+                self._status = "done"
+            callbacks, self._callbacks = self._callbacks or [], None
+        self._started.set()
+        for fn in callbacks:
+            self._call(fn)
+        self._finished.set()
+
+    def _call(self, fn: Callable[[Job], Any]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            log.exception("nbllm: done callback %r of job %s failed", fn, self.id)
+
+
+def submit(data: Any, **options: Any) -> Job:
+    """Start a run in the background and return its ``Job`` at once.
+
+    Takes the same arguments as ``nbllm.run`` (``model=``, ``concurrency=``, ``rpm=``,
+    ``checkpoint=``, ``listeners=``, ...). Bad options or data raise here, in the calling
+    cell, before any request is sent.
+    """
+    progress = options.pop("progress", None)
+    plan = prepare_run(data, progress=progress, **options)
+    job = Job(plan)
+    bar = progress_listener(progress, stop=job._request_stop)
+    if bar is not None:
+        plan.listeners.append(bar)
+    job._thread.start()
+    with _registry_lock:
+        _registry.append(job)
+    return job
+
+
+def jobs() -> pd.DataFrame:
+    """The jobs of this process, most recent first, finished ones included: ``id``,
+    ``status``, ``turns_done``, ``turns_total``, ``started`` (local time), ``wall_s``,
+    ``model``."""
+    import pandas as pd
+
+    with _registry_lock:
+        listed = list(reversed(_registry))
+    rows = [
+        (
+            job.id,
+            job.status,
+            job.turns_done,
+            job.turns_total,
+            datetime.fromtimestamp(job.started_at),
+            job.wall_s,
+            job.model,
+        )
+        for job in listed
+    ]
+    return pd.DataFrame.from_records(rows, columns=list(JOB_COLUMNS))

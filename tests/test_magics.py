@@ -1,0 +1,335 @@
+"""``%%llm_batch`` and ``%llm_config`` through a real IPython ``InteractiveShell``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
+
+import nbllm
+from nbllm.jobs import Job
+from nbllm.results import RunResult
+from nbllm.testing import TestServer, messages_key
+from nbllm.ui.magics import ENVIRONMENT, SESSION, LlmBatchMagics
+
+SYSTEM = "You are a careful financial analyst."
+TEMPLATE = f"""system: {SYSTEM}
+{{context}}
+user: {{question_0}}
+user: {{question_1}}
+"""
+
+
+@pytest.fixture
+def shell(monkeypatch):
+    """A shell with ``%load_ext nbllm`` done; the extension and the namespace are reset after."""
+    for variable in ENVIRONMENT.values():
+        monkeypatch.delenv(variable, raising=False)
+    config = Config()
+    config.HistoryManager.enabled = False
+    ip = InteractiveShell.instance(config=config)
+    ip.run_line_magic("load_ext", "nbllm")
+    yield ip
+    ip.run_line_magic("unload_ext", "nbllm")
+    ip.config.pop("LlmBatchMagics", None)  # what %config put there would outlive the test
+    ip.reset(new_session=False)
+
+
+@pytest.fixture
+def server():
+    with TestServer() as running:
+        yield running
+
+
+def magics(shell) -> LlmBatchMagics:
+    return shell.magics_manager.registry["LlmBatchMagics"]
+
+
+def frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "context": ["Revenue was 10 in 2019.", "Net income was 3."],
+            "question_0": ["What was revenue?", "What was net income?"],
+            "question_1": ["And doubled?", np.nan],  # the second conversation ends early
+        },
+        index=["a", "b"],
+    )
+
+
+def usage_error(result) -> str:
+    """The one-line message of the UsageError a cell raised."""
+    error = result.error_in_exec
+    assert isinstance(error, UsageError), error
+    message = str(error)
+    assert "\n" not in message
+    return message
+
+
+def test_a_template_over_a_dataframe(shell, server, capsys):
+    shell.user_ns["df"] = frame()
+    cell = shell.run_cell(f"%%llm_batch df -m nbllm-test --api-base {server.url}\n{TEMPLATE}")
+    assert cell.error_in_exec is None and cell.error_before_exec is None
+    assert cell.result is None  # shown once, by display, not echoed as Out[]
+
+    result = shell.user_ns["llm_result"]
+    assert isinstance(result, RunResult)
+    df = result.df
+    assert list(zip(df["conversation_id"], df["turn"], strict=True)) == [
+        ("a", 0),
+        ("a", 1),
+        ("b", 0),
+    ]
+    assert list(df["question"]) == ["What was revenue?", "And doubled?", "What was net income?"]
+    assert df["error"].isna().all()
+    assert server.history_errors == 0
+
+    # the system message is the system block with this row's context filled in
+    system = f"{SYSTEM}\nRevenue was 10 in 2019."
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "What was revenue?"},
+    ]
+    key = messages_key(messages)
+    assert df["answer"].iloc[0] == f"Answer to turn 0: What was revenue? [{key[:8]}]"
+    assert df["answer"].iloc[1].startswith("Answer to turn 1: And doubled?")
+
+    shown = capsys.readouterr().out
+    assert "turns_ok=3" in shown  # the summary
+    assert "[3 rows x 17 columns]" in shown  # df.head()
+
+
+def test_an_empty_body_runs_a_conversation_dataset(shell, server):
+    shell.user_ns["records"] = [
+        {"id": "x", "turns": ["Hello", "Again"]},
+        {"id": "y", "turns": ["Hi"]},
+    ]
+    line = f"records -m nbllm-test --api-base {server.url} -o answers"
+    shell.run_cell_magic("llm_batch", line, "\n")  # IPython refuses a body of ""
+    assert shell.user_ns["answers"].summary.turns_ok == 3
+    assert "llm_result" not in shell.user_ns
+
+    cell = shell.run_cell(f"%llm_batch records -m nbllm-test --api-base {server.url}")
+    assert cell.error_in_exec is None
+    assert shell.user_ns["llm_result"].df["resumed"].all()  # the same run again: checkpointed
+    assert len(server.requests) == 3
+    assert server.history_errors == 0
+
+
+def test_a_template_over_records_and_references(shell, server):
+    shell.user_ns["rows"] = [
+        {"id": "r1", "q": "Two plus two?", "a": 4},
+        {"id": "r2", "q": "Capital of France?", "a": "Paris"},
+    ]
+    body = "user: {q}\nreference: {a}\n"
+    cell = shell.run_cell(f"%%llm_batch rows -m nbllm-test --api-base {server.url}\n{body}")
+    assert cell.error_in_exec is None
+    df = shell.user_ns["llm_result"].df
+    assert list(df["conversation_id"]) == ["r1", "r2"]
+    assert list(df["question"]) == ["Two plus two?", "Capital of France?"]
+    assert list(df["reference"]) == ["4", "Paris"]
+
+
+def test_a_path_is_read_as_records_or_passed_to_nbllm(shell, server, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "p1", "q": "First?"}\n\n{"id": "p2", "q": "Second?"}\n')
+    convs = tmp_path / "convs.jsonl"
+    convs.write_text('{"id": "c1", "turns": ["Hi", "And?"]}\n')
+    shell.user_ns.update(rows=str(rows), convs=convs)
+
+    cell = shell.run_cell(f"%%llm_batch rows -m nbllm-test --api-base {server.url}\nuser: {{q}}")
+    assert cell.error_in_exec is None
+    assert list(shell.user_ns["llm_result"].df["question"]) == ["First?", "Second?"]
+
+    cell = shell.run_cell(f"%llm_batch convs -m nbllm-test --api-base {server.url} -o plain")
+    assert cell.error_in_exec is None
+    assert list(shell.user_ns["plain"].df["question"]) == ["Hi", "And?"]
+
+
+def test_a_missing_column_is_named_before_any_request(shell, server):
+    shell.user_ns["df"] = frame()
+    body = "user: {question_0}\nuser: {question_2}\n"
+    cell = shell.run_cell(f"%%llm_batch df -m nbllm-test --api-base {server.url}\n{body}")
+    message = usage_error(cell)
+    assert "{question_2}" in message
+    assert "['context', 'question_0', 'question_1']" in message
+    assert server.requests == []
+    assert "llm_result" not in shell.user_ns
+
+
+def test_a_first_turn_with_no_value_is_an_error(shell, server):
+    shell.user_ns["df"] = pd.DataFrame({"q": ["Fine?", None]})
+    cell = shell.run_cell(f"%%llm_batch df -m nbllm-test --api-base {server.url}\nuser: {{q}}")
+    assert "row 1: the first turn is empty ({q} has no value)" in usage_error(cell)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("line", "body", "expected"),
+    [
+        ("df -m m --bogus", "user: {question_0}", "unrecognized arguments: --bogus"),
+        ("df -m m --concurrency -2", "user: {question_0}", "concurrency= expected a whole"),
+        ("df -m m --concurrency many", "user: {question_0}", "invalid int value: 'many'"),
+        ("df -m m --engine tpu", "user: {question_0}", "invalid choice: 'tpu'"),
+        ("dff -m m", "user: {question_0}", "DATA 'dff' is not defined"),
+        ("df", "user: {question_0}", "no model: pass -m MODEL"),
+        ("df -m m -o 1x", "user: {question_0}", "-o expects a Python name"),
+        ("df -m m --checkpoint here --no-checkpoint", "user: {q}", "not allowed with argument"),
+        ("df -m m", "hello\nuser: {question_0}", "comes before the first 'system:' or 'user:'"),
+        ("df -m m", "system: only a system prompt", "no 'user:' line"),
+        ("df -m m", "user: {question_0} {", "literal braces"),
+    ],
+)
+def test_bad_input_is_one_line(shell, line, body, expected):
+    shell.user_ns["df"] = frame()
+    cell = shell.run_cell(f"%%llm_batch {line}\n{body}")
+    assert expected in usage_error(cell)
+    assert "llm_result" not in shell.user_ns
+
+
+def test_an_engine_nbllm_cannot_run_is_its_own_error_in_one_line(shell, server):
+    shell.user_ns["df"] = frame()
+    cell = shell.run_cell(
+        f"%%llm_batch df -m some/model --engine vllm --api-base {server.url}\n{TEMPLATE}"
+    )
+    message = usage_error(cell)
+    assert message.startswith("nbllm: ") and "vllm" in message
+    assert isinstance(cell.error_in_exec.__cause__, nbllm.NbllmError)
+    assert server.requests == []
+
+
+def test_llm_config_sets_and_shows_the_session_defaults(shell, capsys):
+    shell.run_line_magic("llm_config", "model=openai/gpt-4o-mini concurrency=16 rpm=600")
+    m = magics(shell)
+    assert (m.model, m.concurrency, m.rpm) == ("openai/gpt-4o-mini", 16, 600.0)
+
+    shell.run_line_magic("llm_config", "")
+    shown = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in shown.splitlines()[1:]}
+    assert "openai/gpt-4o-mini" in lines["model"] and SESSION in lines["model"]
+    assert "16" in lines["concurrency"] and SESSION in lines["concurrency"]
+    assert lines["tpm"].split()[1:] == ["-", "default"]
+    assert "checkpoint dir" in shown and "$NBLLM_DIR" in shown
+
+    shell.run_line_magic("llm_config", "concurrency=none")
+    assert m.concurrency is None
+    assert m.setting("concurrency") == (32, "default")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("api_key=sk-secret", "api_key is not a setting"),
+        ("colour=blue", "unknown key 'colour'; allowed keys: model, api_base, concurrency"),
+        ("concurrency=0", "concurrency= expected a whole number >= 1, got 0"),
+        ("temperature=hot", "temperature expects a number, got 'hot'"),
+        ("api_base=localhost", "api_base= expected an http(s) URL"),
+        ("model", "expected key=value"),
+    ],
+)
+def test_llm_config_refuses_bad_settings_in_one_line(shell, line, expected):
+    cell = shell.run_cell(f"%llm_config {line}")
+    message = usage_error(cell)
+    assert expected in message
+    assert "sk-secret" not in message
+    m = magics(shell)
+    assert all(getattr(m, key) is None for key in ("model", "api_base", "concurrency"))
+
+
+def test_config_magic_sets_the_same_traits(shell):
+    shell.run_cell("%config LlmBatchMagics.concurrency = 8")
+    assert magics(shell).concurrency == 8
+    assert magics(shell).setting("concurrency") == (8, SESSION)
+
+    shell.run_cell("%config LlmBatchMagics.concurrency = 0")  # refused by the same check
+    assert magics(shell).concurrency == 8
+
+
+def test_precedence_magic_then_session_then_environment_then_default(shell, monkeypatch):
+    calls = []
+
+    def spy(data, **options):
+        calls.append(options)
+        return RunResult([], conversations=0, wall_s=0.0, started_at=0.0)
+
+    monkeypatch.setattr(nbllm, "run", spy)
+    shell.user_ns["records"] = [{"id": 1, "turns": ["hi"]}]
+    m = magics(shell)
+
+    def options(line: str = "") -> dict:
+        cell = shell.run_cell(f"%llm_batch records {line}")
+        assert cell.error_in_exec is None, cell.error_in_exec
+        return calls[-1]
+
+    monkeypatch.setenv("NBLLM_MODEL", "env-model")
+    opts = options()
+    assert opts["model"] == "env-model"
+    assert "concurrency" not in opts  # nbllm.run's own default applies
+    assert m.setting("concurrency") == (32, "default")
+    assert opts["progress"] is None  # automatic: the dashboard in a notebook
+
+    monkeypatch.setenv("NBLLM_CONCURRENCY", "4")
+    monkeypatch.setenv("NBLLM_API_BASE", "http://127.0.0.1:9/v1")
+    opts = options()
+    assert (opts["concurrency"], opts["api_base"]) == (4, "http://127.0.0.1:9/v1")
+    assert m.setting("concurrency") == (4, "$NBLLM_CONCURRENCY")
+
+    shell.run_line_magic("llm_config", "concurrency=8 model=session-model")
+    opts = options()
+    assert (opts["concurrency"], opts["model"]) == (8, "session-model")
+
+    opts = options("--concurrency 2 -m magic-model --no-checkpoint --engine openai")
+    assert (opts["concurrency"], opts["model"]) == (2, "magic-model")
+    assert (opts["checkpoint"], opts["engine"]) == (False, "openai")
+    assert options("--checkpoint runs/here")["checkpoint"] == "runs/here"
+
+
+def test_a_bad_environment_value_names_the_variable(shell, monkeypatch):
+    monkeypatch.setenv("NBLLM_CONCURRENCY", "lots")
+    shell.user_ns["records"] = [{"id": 1, "turns": ["hi"]}]
+    cell = shell.run_cell("%llm_batch records -m m")
+    assert "$NBLLM_CONCURRENCY: concurrency expects a whole number, got 'lots'" in usage_error(cell)
+
+
+def test_no_api_key_is_ever_shown(shell, monkeypatch, capsys):
+    monkeypatch.setenv("NBLLM_API_KEY", "sk-very-secret")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-very-secret")
+    shell.run_line_magic("llm_config", "")
+    assert "sk-very-secret" not in capsys.readouterr().out
+
+
+def test_background_binds_the_job_now_and_the_result_at_the_end(shell, capsys):
+    with TestServer(latency=0.3) as slow:
+        shell.user_ns["df"] = frame()
+        line = f"df -m nbllm-test --api-base {slow.url} -o bg --background"
+        cell = shell.run_cell(f"%%llm_batch {line}\n{TEMPLATE}")
+        assert cell.error_in_exec is None
+
+        job = shell.user_ns["bg_job"]
+        assert isinstance(job, Job)
+        assert job.status == "running"
+        assert "bg" not in shell.user_ns
+        assert f"nbllm job {job.id}" in capsys.readouterr().out
+
+        result = job.result(timeout=30)
+        assert shell.user_ns["bg"] is result
+        assert result.summary.turns_ok == 3
+        assert slow.history_errors == 0
+
+
+def test_background_refuses_bad_input_in_the_cell(shell):
+    shell.user_ns["df"] = frame()
+    cell = shell.run_cell(f"%%llm_batch df -m m --background --concurrency 0\n{TEMPLATE}")
+    assert "concurrency=" in usage_error(cell)
+    assert "llm_result_job" not in shell.user_ns
+
+
+def test_unload_removes_the_magics(shell):
+    shell.run_line_magic("unload_ext", "nbllm")
+    assert "llm_batch" not in shell.magics_manager.magics["cell"]
+    assert "llm_config" not in shell.magics_manager.magics["line"]
+    assert not any(isinstance(c, LlmBatchMagics) for c in shell.configurables)
+    shell.run_line_magic("load_ext", "nbllm")  # and back, for the fixture's teardown
+    assert "llm_batch" in shell.magics_manager.magics["cell"]
