@@ -265,7 +265,15 @@ async def arun(
     bar = progress_listener(progress)
     if bar is not None:
         plan.listeners.append(bar)
-    return await plan.execute()
+    return _with_gpu_samples(await plan.execute(), bar)
+
+
+def _with_gpu_samples(result: RunResult, bar: Any) -> RunResult:
+    """Hand the GPU readings the dashboard took during the run to the result's plots."""
+    monitor = getattr(bar, "gpu_monitor", None)
+    if monitor is not None:
+        result.gpu_samples = [s for device in monitor.history() for s in device]
+    return result
 
 
 def run(
@@ -323,8 +331,8 @@ def run(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_execute_stopping_on_ctrl_c(plan))
-    return _run_beside_running_loop(plan)
+        return _with_gpu_samples(asyncio.run(_execute_stopping_on_ctrl_c(plan)), bar)
+    return _with_gpu_samples(_run_beside_running_loop(plan), bar)
 
 
 async def _execute_stopping_on_ctrl_c(plan: PreparedRun) -> RunResult:

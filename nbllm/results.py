@@ -134,6 +134,7 @@ class RunResult:
         self.interrupted = interrupted
         self.model = model
         self.engine = engine
+        self.gpu_samples: list[Any] = []  # filled by the notebook dashboard when it sampled GPUs
 
     def __repr__(self) -> str:
         s = self.summary
@@ -195,7 +196,8 @@ class RunResult:
         )
 
     def plot(self) -> Any:
-        """A matplotlib figure: latency histogram and requests finished per second."""
+        """A matplotlib figure: latency by turn, turns in flight and throughput over time,
+        and GPU utilisation over the run when a GPU was sampled (``gpu_samples``)."""
         from nbllm.ui.plots import plot_result
 
-        return plot_result(self)
+        return plot_result(self, self.gpu_samples)

@@ -223,8 +223,27 @@ def test_plot_draws_a_figure():
     pytest.importorskip("matplotlib")
     result = nbllm.run(RECORDS, engine=FakeEngine(latency=0.01), model="m", progress=False)
     fig = result.plot()
-    assert len(fig.axes) == 2
-    assert fig.axes[0].get_title() == "latency of answered turns"
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "latency of answered turns, by turn",
+        "turns in flight (first send to answer)",
+        "throughput",
+        "GPU utilisation",
+    ]
+
+
+def test_plot_draws_gpu_use_when_it_was_sampled():
+    pytest.importorskip("matplotlib")
+    from nbllm.ui.gpu import GpuSample
+    from nbllm.ui.plots import _in_flight
+
+    result = nbllm.run(RECORDS, engine=FakeEngine(latency=0.01), model="m", progress=False)
+    t = result.started_at
+    result.gpu_samples = [GpuSample(0, "H100", t + i, utilization_pct=10.0 * i) for i in range(5)]
+    fig = result.plot()
+    (line,) = fig.axes[3].get_lines()
+    assert list(line.get_ydata()) == [0.0, 10.0, 20.0, 30.0, 40.0]
+    assert _in_flight([(0, 2), (1, 3)], [0, 1, 2, 3]) == [1, 2, 1, 0]
 
 
 def test_in_a_notebook_the_run_shows_a_live_dashboard(monkeypatch):
