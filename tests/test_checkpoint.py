@@ -753,3 +753,19 @@ def test_a_password_in_api_base_is_not_in_a_failed_rows_error(_nbllm_dir, caplog
     assert [e for e in errors if e.startswith("ConnectionFailed")], errors
     assert [e for e in errors if SENTINEL in e] == []
     assert SENTINEL not in caplog.text
+
+
+def test_a_file_left_by_a_crash_before_the_schema_was_written_is_made_anew(tmp_path):
+    """Creating the file and committing its schema are two steps; a kill between them
+    leaves an SQLite file with no table, which must not block the next run forever."""
+    path = tmp_path / "run.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")  # writes the header, as a new checkpoint does
+    conn.close()
+    assert path.stat().st_size > 0
+    engine = nbllm.FakeEngine()
+    result = nbllm.run(
+        [{"id": "a", "turns": ["q"]}], engine=engine, model="m", checkpoint=path, progress=False
+    )
+    assert result.summary.turns_ok == 1
+    assert engine.calls == 1

@@ -71,7 +71,9 @@ def open_database(
                 msg = f"integrity check failed: {check}"
                 raise sqlite3.DatabaseError(msg)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if existed:
+        # A file with no table at all holds nothing to lose: it is what a crash between
+        # creating the file and committing the schema leaves behind, so it is made anew.
+        if existed and tables:
             _check_ours(conn, path, tables, kind=kind, version=version, advice=advice)
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
