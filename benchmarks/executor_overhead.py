@@ -43,6 +43,7 @@ from typing import Any
 MODEL = "nbllm-test"
 TARGET_VS_AIOHTTP = 0.5
 TARGET_VS_OPENAI = 2.0
+TARGET_DASHBOARD = 0.95  # the live dashboard may cost at most 5 % of throughput
 HIGH_RPM = 10_000_000
 HIGH_TPM = 10_000_000_000
 
@@ -174,7 +175,17 @@ def _run_nbllm(
     import nbllm
 
     options.setdefault("model", MODEL)
-    return nbllm.run(workload, api_base=url, concurrency=concurrency, progress=False, **options)
+    # The executor alone: no checkpoint or cache (benchmarks/checkpoint_overhead.py has those),
+    # so no round is ever resumed or answered from an earlier round's cache.
+    return nbllm.run(
+        workload,
+        api_base=url,
+        concurrency=concurrency,
+        progress=False,
+        checkpoint=False,
+        cache=False,
+        **options,
+    )
 
 
 def run_nbllm(url: str, workload: Sequence[dict[str, Any]], concurrency: int) -> Any:
@@ -183,6 +194,18 @@ def run_nbllm(url: str, workload: Sequence[dict[str, Any]], concurrency: int) ->
 
 def run_nbllm_limits(url: str, workload: Sequence[dict[str, Any]], concurrency: int) -> Any:
     return _run_nbllm(url, workload, concurrency, rpm=HIGH_RPM, tpm=HIGH_TPM)
+
+
+def run_nbllm_dashboard(url: str, workload: Sequence[dict[str, Any]], concurrency: int) -> Any:
+    """With the notebook dashboard listening (widgets built and updated, no kernel to show
+    them), to measure what live progress costs."""
+    from nbllm.ui.dashboard import Dashboard
+
+    dashboard = Dashboard(gpu=False)
+    try:
+        return _run_nbllm(url, workload, concurrency, listeners=[dashboard])
+    finally:
+        dashboard.close()
 
 
 def run_litellm(url: str, workload: Sequence[dict[str, Any]], concurrency: int) -> Any:
@@ -310,12 +333,21 @@ def report(ways: Sequence[Way], args: argparse.Namespace) -> dict[str, Any]:
         pick = (lambda w: w.best) if best else (lambda w: w.median)
         return pick(by_name[a]) / pick(by_name[b])
 
-    pairs = [("nbllm", "aiohttp"), ("nbllm", "openai"), ("nbllm+limits", "nbllm")]
+    pairs = [
+        ("nbllm", "aiohttp"),
+        ("nbllm", "openai"),
+        ("nbllm+limits", "nbllm"),
+        ("nbllm+dash", "nbllm"),
+    ]
     if "litellm" in by_name:
         pairs += [("litellm", "aiohttp"), ("nbllm", "litellm")]
     ratios = {f"{a}/{b}": ratio(a, b) for a, b in pairs}
     best_ratios = {f"{a}/{b}": ratio(a, b, best=True) for a, b in pairs}
-    targets = {"nbllm/aiohttp": TARGET_VS_AIOHTTP, "nbllm/openai": TARGET_VS_OPENAI}
+    targets = {
+        "nbllm/aiohttp": TARGET_VS_AIOHTTP,
+        "nbllm/openai": TARGET_VS_OPENAI,
+        "nbllm+dash/nbllm": TARGET_DASHBOARD,
+    }
     print(f"\n{'ratio of req/s':<20} {'median':>6} {'best':>6}")
     for name, value in ratios.items():
         if name in targets:
@@ -392,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         Way("openai", run_openai, workload),
         Way("nbllm", run_nbllm, workload, engine="openai"),
         Way("nbllm+limits", run_nbllm_limits, workload, engine="openai"),
+        Way("nbllm+dash", run_nbllm_dashboard, workload, engine="openai"),
     ]
+    import nbllm.ui.dashboard  # noqa: F401 - a one-off import, not a per-run cost
     if args.litellm_conversations:
         subset = workload[: args.litellm_conversations]
         ways.append(Way("litellm", run_litellm, subset, engine="litellm"))

@@ -96,20 +96,41 @@ class Listener(Protocol):
 
 
 class EventBus:
-    """Delivers each event to every listener; a listener that raises is dropped."""
+    """Delivers each event to the listeners that want its kind; one that raises is dropped.
 
-    __slots__ = ("_listeners",)
+    A listener takes every kind of event unless it has an ``event_types`` attribute (a
+    tuple of event classes). The executor asks ``wants(kind)`` before building an event,
+    so a kind nobody listens to costs nothing per request.
+    """
+
+    __slots__ = ("_by_kind", "_listeners")
 
     def __init__(self, listeners: Iterable[Callable[[Event], None]] = ()) -> None:
         self._listeners = list(listeners)
+        self._by_kind: dict[type, list[Callable[[Event], None]]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._listeners)
 
+    def _for(self, kind: type) -> list[Callable[[Event], None]]:
+        found = self._by_kind.get(kind)
+        if found is None:
+            found = [
+                listener
+                for listener in self._listeners
+                if kind in getattr(listener, "event_types", (kind,))
+            ]
+            self._by_kind[kind] = found
+        return found
+
+    def wants(self, kind: type) -> bool:
+        return bool(self._for(kind))
+
     def emit(self, event: Event) -> None:
-        for listener in list(self._listeners):
+        for listener in self._for(type(event)):
             try:
                 listener(event)
             except Exception:
                 log.exception("nbllm: event listener %r failed and was removed", listener)
                 self._listeners.remove(listener)
+                self._by_kind.clear()

@@ -101,6 +101,9 @@ class Executor:
         self.cache = cache
         self._reuse_cached = cache is not None and cache.reusable(self.params)
         self._events = EventBus(listeners)
+        self._wants_sent = self._events.wants(RequestSent)
+        self._wants_retry = self._events.wants(RetryScheduled)
+        self._wants_finished = self._events.wants(TurnFinished)
         self._stopping = False
         self._running = False
 
@@ -240,7 +243,7 @@ class Executor:
             self._ok += 1
         else:
             self._failed += 1
-        if self._events:
+        if self._wants_finished:
             last = record.turn == len(self._conversations[index]) - 1
             self._emit(TurnFinished(record, self._in_flight, time.time(), last))
 
@@ -322,7 +325,7 @@ class Executor:
                     self._cooldown_until = max(
                         self._cooldown_until, self._loop.time() + error.retry_after
                     )
-                if self._events:
+                if self._wants_retry:
                     self._emit(RetryScheduled(conv.id, k, attempt, str(error), delay, time.time()))
                 await asyncio.sleep(delay)
                 continue
@@ -362,7 +365,7 @@ class Executor:
                 return None
             self._in_flight += 1
             sent_at = time.time()
-            if self._events:
+            if self._wants_sent:
                 self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
             t0 = time.perf_counter()
             try:

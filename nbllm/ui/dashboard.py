@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nbllm.executor.events import Event, RunFinished, RunStarted
+from nbllm.executor.events import Event, RetryScheduled, RunFinished, RunStarted, TurnFinished
 from nbllm.ui.gpu import GpuMonitor, GpuSample
 from nbllm.ui.state import RunState, Snapshot
 
@@ -153,6 +153,9 @@ class Dashboard:
     ``figures``, ``stop_button``, ``gpu_gauges`` (one per device), ``gpu_label``.
     ``widget`` is None where ipywidgets cannot be used; the text summary still works.
     """
+
+    # Requests in flight also come with each TurnFinished: no need for an event per send.
+    event_types = (RunStarted, RetryScheduled, TurnFinished, RunFinished)
 
     def __init__(
         self,
