@@ -443,8 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_aiohttp(server.url, workload, args.concurrency)
         for way in ways:
             way.run(server.url, way.workload[:4], args.concurrency)
+        shuffle = random.Random(args.seed)
         for r in range(args.rounds):
-            order = ways[r % len(ways) :] + ways[: r % len(ways)]
+            # A new order each round: a fixed rotation keeps each way behind the same
+            # neighbour, and what one way leaves behind (garbage, a busy server) biases the next.
+            order = list(ways)
+            shuffle.shuffle(order)
             for way in order:
                 measure(way, server.url, args.concurrency, server.pid)
                 print(
