@@ -427,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Way("nbllm+dash", run_nbllm_dashboard, workload, engine="openai"),
     ]
     import nbllm.ui.dashboard  # noqa: F401 - a one-off import, not a per-run cost
+
     if args.litellm_conversations:
         subset = workload[: args.litellm_conversations]
         ways.append(Way("litellm", run_litellm, subset, engine="litellm"))
