@@ -14,7 +14,7 @@ from nbllm.types import TurnRecord
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["COLUMNS", "RunResult", "RunSummary"]
+__all__ = ["COLUMNS", "RunResult", "RunSummary", "percentile"]
 
 COLUMNS = (
     "conversation_id",
@@ -37,7 +37,7 @@ COLUMNS = (
 )
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float | None:
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     """Linear-interpolated percentile (as numpy's default) of already sorted values."""
     if not sorted_values:
         return None
@@ -183,9 +183,9 @@ class RunResult:
             wall_s=self.wall_s,
             requests_per_s=attempts / wall if self.wall_s > 0 else 0.0,
             tokens_per_s=(prompt + completion) / wall if self.wall_s > 0 else 0.0,
-            latency_p50=_percentile(latencies, 0.50),
-            latency_p95=_percentile(latencies, 0.95),
-            latency_p99=_percentile(latencies, 0.99),
+            latency_p50=percentile(latencies, 0.50),
+            latency_p95=percentile(latencies, 0.95),
+            latency_p99=percentile(latencies, 0.99),
             retries=attempts - sent,
             cached=sum(1 for r in self.records if r.cached and not r.resumed),
             resumed=sum(1 for r in self.records if r.resumed),

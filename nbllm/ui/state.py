@@ -7,7 +7,6 @@ percentiles) at the pace a view redraws. One thread may write while another read
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -21,6 +20,7 @@ from nbllm.executor.events import (
     RunStarted,
     TurnFinished,
 )
+from nbllm.results import percentile
 
 __all__ = ["RunState", "Snapshot"]
 
@@ -59,16 +59,6 @@ class Snapshot:
     started: bool = False
     finished: bool = False
     interrupted: bool = False
-
-
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default) of sorted values."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q
-    low = math.floor(pos)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
 
 
 class RunState:
@@ -223,8 +213,8 @@ class RunState:
                 in_flight=self._in_flight,
                 requests_per_s=requests_per_s,
                 tokens_per_s=tokens_per_s,
-                latency_p50=_percentile(self._latencies, 0.50),
-                latency_p95=_percentile(self._latencies, 0.95),
+                latency_p50=percentile(self._latencies, 0.50),
+                latency_p95=percentile(self._latencies, 0.95),
                 retries=self._retries,
                 errors=self._errors,
                 cached=self._cached,
