@@ -163,6 +163,8 @@ def run_config(
                     rpm=config.rpm,
                     concurrency=config.concurrency,
                     progress=False,
+                    checkpoint=False,  # every run sends every request: nothing resumed
+                    cache=False,
                 )
                 wall = time.perf_counter() - t0
         finally:
