@@ -24,7 +24,7 @@ from typing import Any
 
 from nbllm.engines.base import Engine
 from nbllm.errors import ConfigError, EngineError, RateLimitError, RequestTimeout
-from nbllm.executor.cache import KeyChain, ResponseCache, request_key
+from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
 from nbllm.executor.events import (
     Event,
@@ -248,13 +248,30 @@ class Executor:
             self._emit(TurnFinished(record, self._in_flight, time.time(), last))
 
     @staticmethod
-    def _unanswered(conv: Conversation, turn: int, error: str) -> TurnRecord:
+    def _unanswered(conv: Conversation, turn: int, error: str, **fields: Any) -> TurnRecord:
         return TurnRecord(
             conversation_id=conv.id,
             turn=turn,
             question=conv.questions[turn],
             reference=conv.references[turn],
             error=error,
+            **fields,
+        )
+
+    def _answered(
+        self, conv: Conversation, turn: int, response: ChatResponse, **fields: Any
+    ) -> TurnRecord:
+        return TurnRecord(
+            conversation_id=conv.id,
+            turn=turn,
+            question=conv.questions[turn],
+            answer=response.text,
+            reference=conv.references[turn],
+            model=response.model,
+            engine=self.engine.name,
+            prompt_tokens=response.prompt_tokens,
+            completion_tokens=response.completion_tokens,
+            **fields,
         )
 
     def _complete_records(self) -> list[TurnRecord]:
@@ -268,56 +285,50 @@ class Executor:
     # -- one turn: retries ---------------------------------------------------------
 
     async def _turn(
-        self, conv: Conversation, k: int, answers: Sequence[str], keys: KeyChain | None = None
+        self, conv: Conversation, k: int, answers: Sequence[str], keys: KeyChain | None
     ) -> TurnRecord | None:
+        """Turn k: from the cache, or sent (with retries); None if stopped before sending.
+
+        ``keys`` hashes this conversation's requests for the cache (None without a cache).
+        """
         messages = conv.messages_for(k, answers, self.system)
         request = ChatRequest(self.model, messages, self.params, self.timeout)
         key = None
-        if self.cache is not None:
-            key = keys.key_with(messages[-1]) if keys is not None else request_key(request)
+        if self.cache is not None and keys is not None:
+            key = keys.key_with(messages[-1])
             hit = self.cache.get(key) if self._reuse_cached else None
             if hit is not None:
                 now = time.time()
-                return TurnRecord(
-                    conversation_id=conv.id,
-                    turn=k,
-                    question=conv.questions[k],
-                    answer=hit.text,
-                    reference=conv.references[k],
-                    model=hit.model,
-                    engine=self.engine.name,
+                return self._answered(
+                    conv,
+                    k,
+                    hit,
                     latency_s=0.0,
-                    prompt_tokens=hit.prompt_tokens,
-                    completion_tokens=hit.completion_tokens,
                     cost_usd=0.0 if hit.cost_usd is not None else None,
-                    attempts=0,
                     started_at=now,
                     finished_at=now,
                     cached=True,
                 )
         estimate = estimate_tokens(messages, self.params) if self.tpm else 0
-        started_at: float | None = None
+        sends: list[float] = []  # when each attempt left, filled by _attempt
         attempt = 0
         while True:
             attempt += 1
             try:
-                sent = await self._attempt(request, conv.id, k, attempt, estimate)
+                sent = await self._attempt(request, conv.id, k, attempt, estimate, sends)
                 if sent is None:
                     return None
-                response, sent_at, latency = sent
+                response, latency = sent
             except EngineError as error:
-                started_at = started_at or getattr(error, "_nbllm_sent_at", None) or time.time()
                 if not self.retry.should_retry(error, attempt):
-                    return TurnRecord(
-                        conversation_id=conv.id,
-                        turn=k,
-                        question=conv.questions[k],
-                        reference=conv.references[k],
+                    return self._unanswered(
+                        conv,
+                        k,
+                        f"{type(error).__name__}: {error}",
                         model=self.model,
                         engine=self.engine.name,
                         attempts=attempt,
-                        error=f"{type(error).__name__}: {error}",
-                        started_at=started_at,
+                        started_at=sends[0] if sends else time.time(),
                         finished_at=time.time(),
                     )
                 delay = self.retry.delay(error, attempt)
@@ -331,29 +342,32 @@ class Executor:
                 continue
             if key is not None and self.cache is not None:
                 self.cache.put(key, response)
-            return TurnRecord(
-                conversation_id=conv.id,
-                turn=k,
-                question=conv.questions[k],
-                answer=response.text,
-                reference=conv.references[k],
-                model=response.model,
-                engine=self.engine.name,
+            return self._answered(
+                conv,
+                k,
+                response,
                 latency_s=latency,
-                prompt_tokens=response.prompt_tokens,
-                completion_tokens=response.completion_tokens,
                 cost_usd=response.cost_usd,
                 attempts=attempt,
-                started_at=started_at or sent_at,
+                started_at=sends[0],
                 finished_at=time.time(),
             )
 
     # -- one attempt: slots and budgets ----------------------------------------------
 
     async def _attempt(
-        self, request: ChatRequest, conversation_id: Any, turn: int, attempt: int, estimate: int
-    ) -> tuple[ChatResponse, float, float] | None:
-        """Send once; None when the run was stopped before the request could go."""
+        self,
+        request: ChatRequest,
+        conversation_id: Any,
+        turn: int,
+        attempt: int,
+        estimate: int,
+        sends: list[float],
+    ) -> tuple[ChatResponse, float] | None:
+        """Send once: the answer and its latency; None when stopped before it could go.
+
+        The moment the request leaves is appended to ``sends``.
+        """
         async with self._slots:
             wait = self._cooldown_until - self._loop.time()
             if wait > 0:
@@ -365,14 +379,12 @@ class Executor:
                 return None
             self._in_flight += 1
             sent_at = time.time()
+            sends.append(sent_at)
             if self._wants_sent:
                 self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
             t0 = time.perf_counter()
             try:
                 response = await self._send(request)
-            except EngineError as error:
-                error._nbllm_sent_at = sent_at  # type: ignore[attr-defined]
-                raise
             finally:
                 self._in_flight -= 1
             latency = time.perf_counter() - t0
@@ -380,7 +392,7 @@ class Executor:
                 used = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
                 if used:
                     self.tpm.settle(grant, used)
-            return response, sent_at, latency
+            return response, latency
 
     async def _send(self, request: ChatRequest) -> ChatResponse:
         try:
