@@ -25,10 +25,11 @@ from nbllm.errors import CheckpointError
 from nbllm.executor.checkpoint import (
     CHECKPOINT_FILE,
     SCHEMA_VERSION,
-    _lock_file,
-    _unlock_file,
+    lock_file,
     nbllm_dir,
+    unlock_file,
 )
+from nbllm.executor.storage import open_database
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,7 +79,7 @@ def _try_lock(folder: Path) -> Iterator[bool]:
         return
     with handle:
         try:
-            _lock_file(handle)
+            lock_file(handle)
             locked = True
         except OSError:
             locked = False
@@ -86,7 +87,7 @@ def _try_lock(folder: Path) -> Iterator[bool]:
             yield locked
         finally:
             if locked:
-                _unlock_file(handle)
+                unlock_file(handle)
 
 
 def _in_use(folder: Path) -> bool:
@@ -112,49 +113,19 @@ def _size(folder: Path) -> int:
     return total
 
 
-def _connect_readonly(path: Path) -> sqlite3.Connection:
-    """A read-only connection that writes nothing, not even SQLite's -wal / -shm files.
-
-    Without a -wal file every committed turn is in the main file, which is then opened
-    as immutable; with one (a run in progress, or one that was killed), the -shm file is
-    there too and a plain read-only connection reads the log as well.
-    """
-    wal = path.with_name(path.name + "-wal")
-    mode = "mode=ro" if wal.exists() else "immutable=1"
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout = 5000")
-    return conn
-
-
 def _read(path: Path) -> dict[str, Any]:
     """The stored figures of one checkpoint file; raises CheckpointError if unusable."""
     if not path.is_file():
         msg = f"no {CHECKPOINT_FILE} in this folder"
         raise CheckpointError(msg)
+    conn = open_database(
+        path, kind="checkpoint", schema="", version=SCHEMA_VERSION, readonly=True, verify=False
+    )
     try:
-        conn = _connect_readonly(path)
-    except sqlite3.Error as exc:
-        msg = f"cannot open it: {exc}"
-        raise CheckpointError(msg) from exc
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "meta" not in tables:
-            msg = "an SQLite database but not an nbllm checkpoint"
-            raise CheckpointError(msg)
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("kind") != "checkpoint":
-            msg = f"holds an nbllm {meta.get('kind')}, not a checkpoint"
-            raise CheckpointError(msg)
-        version = meta.get("schema_version")
-        if version is None or not version.isdigit() or int(version) > SCHEMA_VERSION:
-            msg = f"written by a newer nbllm (checkpoint schema {version})"
-            raise CheckpointError(msg)
-        if "turns" not in tables:
-            msg = "a damaged nbllm checkpoint (no turns table)"
-            raise CheckpointError(msg)
         done = conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0]
     except sqlite3.Error as exc:
-        msg = f"not a readable nbllm checkpoint (SQLite says: {exc})"
+        msg = f"{path}: not a readable nbllm checkpoint (SQLite says: {exc})"
         raise CheckpointError(msg) from exc
     finally:
         conn.close()

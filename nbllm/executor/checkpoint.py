@@ -33,8 +33,10 @@ __all__ = [
     "CheckpointStore",
     "RunIdentity",
     "dataset_hash",
+    "lock_file",
     "nbllm_dir",
     "resolve_checkpoint_path",
+    "unlock_file",
 ]
 
 log = logging.getLogger("nbllm")
@@ -167,7 +169,7 @@ class _FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run
         try:
-            _lock_file(handle)
+            lock_file(handle)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -185,7 +187,7 @@ class _FileLock:
 
     def release(self) -> None:
         if self._file is not None:
-            _unlock_file(self._file)
+            unlock_file(self._file)
             self._file.close()
             self._file = None
 
@@ -193,21 +195,21 @@ class _FileLock:
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
 
-    def _lock_file(handle: IO[str]) -> None:
+    def lock_file(handle: IO[str]) -> None:
         handle.seek(0)
         msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
 
-    def _unlock_file(handle: IO[str]) -> None:
+    def unlock_file(handle: IO[str]) -> None:
         handle.seek(0)
         msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 
 else:
     import fcntl
 
-    def _lock_file(handle: IO[str]) -> None:
+    def lock_file(handle: IO[str]) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-    def _unlock_file(handle: IO[str]) -> None:
+    def unlock_file(handle: IO[str]) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 

@@ -56,8 +56,7 @@ def open_database(
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         if readonly:
-            uri = path.absolute().as_uri() + "?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+            conn = _connect_readonly(path)
         else:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -73,7 +72,7 @@ def open_database(
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         # A file with no table at all holds nothing to lose: it is what a crash between
         # creating the file and committing the schema leaves behind, so it is made anew.
-        if existed and tables:
+        if existed and (tables or readonly):
             _check_ours(conn, path, tables, kind=kind, version=version, advice=advice)
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -96,6 +95,18 @@ def open_database(
             path, f"is not a readable nbllm {kind} (SQLite says: {exc})", advice
         ) from exc
     return conn
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing, not even SQLite's -wal / -shm files.
+
+    Without a -wal file every committed row is in the main file, which is then opened as
+    immutable; with one (a run in progress, or one that was killed), the -shm file is
+    there too and a plain read-only connection reads the log as well.
+    """
+    wal = path.with_name(path.name + "-wal")
+    mode = "mode=ro" if wal.exists() else "immutable=1"
+    return sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, isolation_level=None)
 
 
 def _check_ours(
