@@ -22,7 +22,7 @@ from typing import Any
 
 from nbllm.errors import ConfigError
 from nbllm.executor.checkpoint import nbllm_dir
-from nbllm.executor.storage import BatchWriter, open_database
+from nbllm.executor.storage import BatchWriter, database_path, open_database
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["CACHE_FILE", "KeyChain", "ResponseCache", "request_key", "resolve_cache_path"]
@@ -104,10 +104,7 @@ def resolve_cache_path(cache: Any) -> Path | None:
     if cache is True or cache == "always":
         return nbllm_dir() / CACHE_FILE
     if isinstance(cache, (str, os.PathLike)):
-        path = Path(cache).expanduser()
-        if path.suffix in (".sqlite", ".sqlite3", ".db") and not path.is_dir():
-            return path
-        return path / CACHE_FILE
+        return database_path(cache, CACHE_FILE)
     msg = f"cache= expected True, False, 'always' or a path, got {cache!r}"
     raise ConfigError(msg)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nbllm.errors import CheckpointError, ConfigError
-from nbllm.executor.storage import BatchWriter, open_database
+from nbllm.executor.storage import BatchWriter, database_path, open_database
 from nbllm.types import Conversation, TurnRecord
 
 __all__ = [
@@ -150,10 +150,7 @@ def resolve_checkpoint_path(checkpoint: Any, fingerprint: str) -> Path | None:
     if checkpoint is True:
         return nbllm_dir() / "runs" / fingerprint[:16] / CHECKPOINT_FILE
     if isinstance(checkpoint, (str, os.PathLike)):
-        path = Path(checkpoint).expanduser()
-        if path.suffix in (".sqlite", ".sqlite3", ".db") and not path.is_dir():
-            return path
-        return path / CHECKPOINT_FILE
+        return database_path(checkpoint, CHECKPOINT_FILE)
     msg = f"checkpoint= expected True, False or a path, got {checkpoint!r}"
     raise ConfigError(msg)
 

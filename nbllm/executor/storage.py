@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,12 +23,22 @@ from typing import Any
 
 from nbllm.errors import CheckpointError
 
-__all__ = ["BatchWriter", "open_database"]
+__all__ = ["BatchWriter", "database_path", "open_database"]
 
 log = logging.getLogger("nbllm")
 
 MAX_ROWS = 200
 MAX_DELAY_S = 0.25
+
+
+def database_path(path: str | os.PathLike[str], file_name: str) -> Path:
+    """The database file for a path the user gave: a ``.sqlite``/``.sqlite3``/``.db`` path
+    that is not a folder is the file itself; any other path is a folder holding
+    ``file_name``."""
+    given = Path(path).expanduser()
+    if given.suffix in (".sqlite", ".sqlite3", ".db") and not given.is_dir():
+        return given
+    return given / file_name
 
 
 def _unusable(path: Path, what: str, advice: str) -> CheckpointError:
