@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from nbllm.api import PreparedRun, prepare_run, progress_listener
-from nbllm.executor.events import Event, RunFinished, RunStarted, TurnFinished
+from nbllm.executor.events import Event, RunFinished, TurnFinished
 from nbllm.results import RunResult
 
 if TYPE_CHECKING:
@@ -69,7 +69,6 @@ class Job:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Job], Any]] | None = []
-        self._started = threading.Event()  # the run began, or ended before it could
         self._finished = threading.Event()  # the outcome is set and done callbacks have run
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[RunResult] | None = None
@@ -158,10 +157,6 @@ class Job:
     def _on_event(self, event: Event) -> None:
         if isinstance(event, TurnFinished):
             self.turns_done += 1
-        elif isinstance(event, RunStarted):
-            self.turns_total = event.turns
-            self.model = event.model
-            self._started.set()
         elif isinstance(event, RunFinished):
             self._run_finished = True
 
@@ -189,7 +184,6 @@ class Job:
             else:
                 self._status = "done"
             callbacks, self._callbacks = self._callbacks or [], None
-        self._started.set()
         for fn in callbacks:
             self._call(fn)
         self._finished.set()
