@@ -58,7 +58,7 @@ import pandas as pd
 from nbllm.errors import ConfigError, DatasetError
 from nbllm.types import Conversation
 
-__all__ = ["load_conversations"]
+__all__ = ["load_conversations", "read_records"]
 
 _SHAPES = (
     "accepted inputs: a long DataFrame (columns 'conversation_id', 'turn', 'question'; one row "
@@ -612,6 +612,13 @@ def _from_wide(
 
 def _from_path(path_like: str | os.PathLike[str]) -> list[Conversation]:
     path = Path(os.fsdecode(path_like))
+    return _from_items(read_records(path), f"{path}, ")
+
+
+def read_records(path_like: str | os.PathLike[str]) -> list[tuple[str, Any]]:
+    """The JSON records of a ``.jsonl`` file (or a ``.json`` array), each with its position
+    (``line 4`` / ``record 3``) for messages; any problem is a ``DatasetError``."""
+    path = Path(os.fsdecode(path_like))
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json"):
         msg = (
@@ -659,7 +666,7 @@ def _from_path(path_like: str | os.PathLike[str]) -> list[Conversation]:
     if not items:
         msg = f"{path}: empty dataset (no records)"
         raise DatasetError(msg)
-    return _from_items(items, f"{path}, ")
+    return items
 
 
 def _from_items(items: list[tuple[str, Any]], prefix: str) -> list[Conversation]:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
-import json
 import keyword
 import math
 import os
@@ -69,6 +68,7 @@ from traitlets import Float, Integer, TraitError, Unicode, validate
 import nbllm
 from nbllm import api
 from nbllm.config import RunConfig
+from nbllm.dataset import read_records
 from nbllm.errors import ConfigError, NbllmError
 from nbllm.executor.checkpoint import nbllm_dir
 from nbllm.jobs import Job
@@ -366,23 +366,11 @@ def _rows(data: Any) -> tuple[list[str], Iterator[tuple[str, Any, dict[str, Any]
 
 def _read_records(path: Path) -> list[Any]:
     """The records of a .jsonl (one object a line) or .json (a list of objects) file."""
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json"):
-        msg = f"%%llm_batch: {str(path)!r}: a template reads .jsonl or .json files"
-        raise UsageError(msg)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        msg = f"%%llm_batch: cannot read {str(path)!r}: {exc.strerror or exc}"
-        raise UsageError(msg) from None
-    try:
-        if suffix == ".json":
-            loaded = json.loads(text)
-            return loaded if isinstance(loaded, list) else [loaded]
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        msg = f"%%llm_batch: {str(path)!r} is not valid JSON: {exc}"
-        raise UsageError(msg) from None
+        return [record for _, record in read_records(path)]
+    except NbllmError as exc:
+        msg = f"nbllm: {exc}"
+        raise UsageError(msg) from exc
 
 
 # --------------------------------------------------------------------------- the line
