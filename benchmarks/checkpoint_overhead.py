@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -48,26 +47,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Run as `python benchmarks/<script>.py`: this folder is first on sys.path.
+import executor_overhead
+
 MODEL = "nbllm-test"
 TARGET_RATIO = 0.9
 BUSY_CORES = 0.25  # above this (median), warn that neighbours distort the req/s ratios
 
 
-def _sibling(name: str) -> Any:
-    """Import ``benchmarks/<name>.py`` by path (``benchmarks`` is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_workload(n: int, *, seed: int = 0, context_chars: int = 4096) -> list[dict[str, Any]]:
     """The same seeded conversations as ``executor_overhead.py`` sends."""
-    return _sibling("executor_overhead").make_workload(n, seed=seed, context_chars=context_chars)
+    return executor_overhead.make_workload(n, seed=seed, context_chars=context_chars)
 
 
 def count_requests(workload: Sequence[dict[str, Any]]) -> int:
@@ -205,7 +195,7 @@ def measure(
     server_pid: int,
 ) -> None:
     """One timed run of one way on new paths under ``folder``; checks it, sizes its files."""
-    overhead = _sibling("executor_overhead")
+    overhead = executor_overhead
     paths = way.new_paths(folder)
     expected = count_requests(workload)
     log.new_requests()

@@ -12,26 +12,16 @@ Target: with / without >= 0.95 (the dashboard costs at most 5 % of throughput).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
 import statistics
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+# Run as `python benchmarks/<script>.py`: this folder is first on sys.path.
+import executor_overhead
+
 TARGET = 0.95
-
-
-def _executor_overhead() -> Any:
-    path = Path(__file__).with_name("executor_overhead.py")
-    spec = importlib.util.spec_from_file_location("executor_overhead", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["executor_overhead"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_once(url: str, workload: Sequence[dict[str, Any]], dashboard: bool) -> tuple[float, float]:
@@ -68,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    eo = _executor_overhead()
+    eo = executor_overhead
     import nbllm.ui.dashboard  # noqa: F401 - a one-off import, not a per-run cost
     from nbllm.testing import start_subprocess
 

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import bisect
 import datetime as dt
-import importlib.util
 import json
 import math
 import os
@@ -42,6 +41,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# Run as `python benchmarks/<script>.py`: this folder is first on sys.path.
+import executor_overhead
 
 MODEL = "nbllm-test"
 TARGET_RATIO = 1.10
@@ -77,21 +79,9 @@ CONFIGS = (
 )
 
 
-def _sibling(name: str) -> Any:
-    """Import ``benchmarks/<name>.py`` by path (``benchmarks`` is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_workload(config: Config, seed: int = 0) -> list[dict[str, Any]]:
     """The same seeded conversations as ``executor_overhead.py`` makes, in this shape."""
-    return _sibling("executor_overhead").make_workload(
+    return executor_overhead.make_workload(
         config.conversations,
         seed=seed,
         context_chars=config.context_chars,
@@ -126,7 +116,7 @@ def floor_wall(workload: Sequence[dict[str, Any]], latency: float, concurrency: 
     """Wall time of the bare aiohttp loop (no limiter) on a fresh server with no rpm."""
     from nbllm.testing import start_subprocess
 
-    overhead = _sibling("executor_overhead")
+    overhead = executor_overhead
     with start_subprocess(latency=latency) as server:
         t0 = time.perf_counter()
         sent = asyncio.run(overhead._aiohttp_loop(server.url, workload, concurrency))
