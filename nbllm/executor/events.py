@@ -109,9 +109,6 @@ class EventBus:
         self._listeners = list(listeners)
         self._by_kind: dict[type, list[Callable[[Event], None]]] = {}
 
-    def __bool__(self) -> bool:
-        return bool(self._listeners)
-
     def _for(self, kind: type) -> list[Callable[[Event], None]]:
         found = self._by_kind.get(kind)
         if found is None:
