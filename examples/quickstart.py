@@ -1,7 +1,9 @@
-"""Run a small financial-QA dataset of multi-turn conversations in parallel.
+"""Run a small financial-QA dataset of multi-turn conversations in parallel, on this machine.
 
-Everything stays on this machine: the answers come from nbllm's test server, an
-OpenAI-compatible HTTP server on 127.0.0.1 (no API key, no network, no GPU).
+No API key, no network, no GPU: the answers come from nbllm's embedded default model,
+SmolLM2-135M-Instruct (a 135M-parameter instruct model, about 100 MB), on the CPU. It is
+small, so expect fluent but often wrong figures; the point is the pipeline. The first
+run converts the model once (about half a minute); later runs load it in a second.
 
     python examples/quickstart.py
 """
@@ -13,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 
 import nbllm
-from nbllm.testing import TestServer
 
 DATA = Path(__file__).resolve().parent / "data" / "finqa_sample.jsonl"
 
@@ -24,25 +25,17 @@ SYSTEM = (
 
 
 def main() -> None:
-    # Each answer takes 50-200 ms, like a small hosted model.
-    with TestServer(latency=(0.05, 0.2)) as server:
-        # With a real provider: model="openai/gpt-4o-mini" and no api_base
-        # (the key comes from OPENAI_API_KEY).
-        result = nbllm.run(
-            DATA,
-            model="nbllm-test",
-            api_base=server.url,
-            concurrency=8,
-            rpm=600,
-            system=SYSTEM,
-        )
+    # With a provider instead: model="openai/gpt-4o-mini" (the key comes from
+    # OPENAI_API_KEY); with an OpenAI-compatible server: api_base= and its model name.
+    # Run it twice: the second run reads every answer back from its checkpoint.
+    result = nbllm.run(DATA, system=SYSTEM, max_tokens=32)
 
     print(result.summary)
     print()
     with pd.option_context(
         "display.width", 160, "display.max_columns", None, "display.max_colwidth", 44
     ):
-        print(result.df[["conversation_id", "turn", "question", "answer", "latency_s"]].head(8))
+        print(result.df[["conversation_id", "turn", "question", "answer", "engine"]].head(8))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 from nbllm.config import RunConfig
 from nbllm.dataset import load_conversations
-from nbllm.engines import Engine, create_engine
+from nbllm.engines import EMBEDDED_MODEL, Engine, create_engine, is_local
 from nbllm.errors import ConfigError
 from nbllm.executor import Event, Executor
 from nbllm.executor.cache import ResponseCache, resolve_cache_path
@@ -161,6 +161,7 @@ def prepare_run(
     cache: Any = True,
     resume: bool = True,
     engine: str | Engine = "auto",
+    worker: bool | None = None,
     max_conversations: int | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
@@ -173,10 +174,12 @@ def prepare_run(
     if model is None:
         if isinstance(engine, Engine):
             model = engine.name
+        elif is_local(engine, model, api_base):
+            model = EMBEDDED_MODEL
         else:
             msg = (
-                "model= is required: a litellm model string such as 'openai/gpt-4o-mini', "
-                "or the model name a server at api_base= serves"
+                "model= is required with api_base= or a provider: a litellm model string such "
+                "as 'openai/gpt-4o-mini', or the model name a server at api_base= serves"
             )
             raise ConfigError(msg)
     config = RunConfig(
@@ -206,6 +209,7 @@ def prepare_run(
         api_base=config.api_base,
         api_key=_api_key_for(engine, config.api_base, config.api_key),
         max_connections=max(config.concurrency, 8),
+        worker=worker,
     )
     plan = PreparedRun(config, conversations, chosen, chosen is not engine, list(listeners))
     try:
@@ -253,6 +257,7 @@ async def arun(
     cache: Any = True,
     resume: bool = True,
     engine: str | Engine = "auto",
+    worker: bool | None = None,
     max_conversations: int | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
@@ -295,6 +300,7 @@ def run(
     cache: Any = True,
     resume: bool = True,
     engine: str | Engine = "auto",
+    worker: bool | None = None,
     max_conversations: int | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
@@ -308,8 +314,13 @@ def run(
     (per-minute budgets), ``timeout`` (seconds per attempt), ``retries`` (an int or a
     ``RetryPolicy``), ``system`` (default system prompt), ``max_tokens``,
     ``temperature``, ``progress`` (a text bar; default: when interactive),
-    ``engine`` ("auto", "openai", "litellm" or an ``Engine``), ``max_conversations``,
-    ``listeners`` (callables receiving executor events).
+    ``engine`` ("auto", "openai", "litellm", a local engine — "vllm", "deepspeed",
+    "onnx", "torch" — or an ``Engine``), ``worker`` (run a local engine in a child
+    process; default: on a CUDA GPU), ``max_conversations``, ``listeners`` (callables
+    receiving executor events).
+
+    Without ``model`` and ``api_base``, the embedded SmolLM2-135M-Instruct answers on
+    this machine; ``model`` may also be a Hugging Face model directory or a GGUF file.
 
     ``checkpoint`` (default True: ``.nbllm/runs/<id>/``; a path; False): every answered
     turn is committed to SQLite within a quarter of a second, and re-running the same

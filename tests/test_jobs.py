@@ -137,7 +137,7 @@ def test_a_run_that_raises_fails_the_job(monkeypatch):
     ("options", "error", "message"),
     [
         ({"model": "m", "concurrency": 0}, ConfigError, "concurrency="),
-        ({}, ConfigError, "model= is required"),
+        ({"api_base": "http://127.0.0.1:9/v1"}, ConfigError, "model= is required"),
         ({"model": "m", "engine": "no-such-engine"}, ConfigError, "no-such-engine"),
         ({"model": "m", "checkpoint": 3}, ConfigError, "checkpoint="),
     ],

@@ -174,7 +174,7 @@ def test_a_first_turn_with_no_value_is_an_error(shell, server):
         ("df -m m --concurrency many", "user: {question_0}", "invalid int value: 'many'"),
         ("df -m m --engine tpu", "user: {question_0}", "invalid choice: 'tpu'"),
         ("dff -m m", "user: {question_0}", "DATA 'dff' is not defined"),
-        ("df", "user: {question_0}", "no model: pass -m MODEL"),
+        ("df --api-base http://127.0.0.1:9/v1", "user: {question_0}", "model= is required"),
         ("df -m m -o 1x", "user: {question_0}", "-o expects a Python name"),
         ("df -m m --checkpoint here --no-checkpoint", "user: {q}", "not allowed with argument"),
         ("df -m m", "hello\nuser: {question_0}", "comes before the first 'system:' or 'user:'"),

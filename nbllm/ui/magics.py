@@ -28,9 +28,10 @@ nothing below) ``DATA`` already is a conversation dataset in any shape ``nbllm.r
 
 Everything else is one call of ``nbllm.run`` (or ``nbllm.submit`` with ``--background``):
 the magic binds the ``RunResult`` to ``-o NAME`` (default ``llm_result``) and shows its
-summary and first rows. With ``--background`` it binds the ``Job`` to ``NAME_job`` at once
-and the ``RunResult`` to ``NAME`` when the job ends (not if it failed: then
-``NAME_job.result()`` raises its error).
+summary and first rows. Without ``-m`` (and no session default) the embedded local
+model answers, as ``nbllm.run`` without ``model=`` does. With ``--background`` it binds
+the ``Job`` to ``NAME_job`` at once and the ``RunResult`` to ``NAME`` when the job ends
+(not if it failed: then ``NAME_job.result()`` raises its error).
 
 Where an option's value comes from, first match wins:
 
@@ -69,6 +70,7 @@ import nbllm
 from nbllm import api
 from nbllm.config import RunConfig
 from nbllm.dataset import read_records
+from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, NbllmError
 from nbllm.executor.checkpoint import nbllm_dir
 from nbllm.jobs import Job
@@ -80,7 +82,6 @@ __all__ = [
     "unload_ipython_extension",
 ]
 
-ENGINES = ("auto", "litellm", "openai", "vllm", "deepspeed", "onnx", "torch")
 SETTINGS = ("model", "api_base", "concurrency", "rpm", "tpm", "max_tokens", "temperature")
 ENVIRONMENT = {
     "model": "NBLLM_MODEL",
@@ -402,7 +403,7 @@ def _line_parser() -> _LineParser:
     parser.add_argument("--tpm", type=float, metavar="N", help="tokens per minute")
     parser.add_argument("--max-tokens", type=int, metavar="N")
     parser.add_argument("--temperature", type=float, metavar="T")
-    parser.add_argument("--engine", choices=ENGINES, help="default: auto")
+    parser.add_argument("--engine", choices=ENGINE_NAMES, help="default: auto")
     parser.add_argument("--api-base", metavar="URL", help="an OpenAI-compatible server")
     checkpoint = parser.add_mutually_exclusive_group()
     checkpoint.add_argument("--checkpoint", metavar="PATH", help="default: under $NBLLM_DIR")
@@ -465,12 +466,6 @@ class LlmBatchMagics(Magics):
                 value, source = self.setting(key)
                 if source != "default":
                     options[key] = value
-        if options.get("model") is None:
-            msg = (
-                "%%llm_batch: no model: pass -m MODEL, or set a session default with "
-                "%llm_config model=... (or $NBLLM_MODEL)"
-            )
-            raise UsageError(msg)
         if args.engine is not None:
             options["engine"] = args.engine
         if args.no_checkpoint:
@@ -544,7 +539,7 @@ class LlmBatchMagics(Magics):
 
         ::
 
-            %%llm_batch DATA -m MODEL [-o NAME] [--concurrency N] [--rpm N] [--tpm N]
+            %%llm_batch DATA [-m MODEL] [-o NAME] [--concurrency N] [--rpm N] [--tpm N]
                         [--max-tokens N] [--temperature T] [--engine auto|litellm|openai|...]
                         [--api-base URL] [--checkpoint PATH | --no-checkpoint] [--background]
             system: You are a careful financial analyst.

@@ -1,0 +1,294 @@
+"""What every in-process local engine shares: the model, its chat template, the batcher.
+
+A subclass loads its backend in ``_load`` and generates a batch in ``_generate``
+(token ids in, new token ids out). Everything else — turning chat messages into token
+ids with the model's own chat template, gathering concurrent requests into batches,
+sampling options, stop strings, out-of-memory handling, releasing the model — lives
+here once.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import threading
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nbllm.engines.base import Engine
+from nbllm.engines.hardware import Hardware, hardware
+from nbllm.engines.local.batching import DynamicBatcher
+from nbllm.engines.local.models import LocalModel, resolve_local_model
+from nbllm.errors import EngineError, EngineUnavailable, RequestRejected
+from nbllm.types import ChatRequest, ChatResponse, Message
+
+__all__ = ["DEFAULT_MAX_TOKENS", "Generation", "LocalEngine"]
+
+#: Tokens generated per answer when the request does not say (``max_tokens=``).
+DEFAULT_MAX_TOKENS = 256
+
+_KNOWN_PARAMS = frozenset(
+    {"max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """The sampling options a batch shares. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Generation:
+        """Read OpenAI-style sampling parameters; anything a local engine cannot honour is refused.
+
+        Temperature defaults to 0 (greedy): a local batch run should be repeatable.
+        """
+        unknown = sorted(set(params) - _KNOWN_PARAMS)
+        if unknown:
+            msg = (
+                f"local engines do not support the parameter(s) {', '.join(unknown)}; "
+                f"supported: {', '.join(sorted(_KNOWN_PARAMS))}"
+            )
+            raise RequestRejected(msg)
+        if params.get("n", 1) != 1:
+            msg = f"local engines answer with one choice, got n={params['n']!r}"
+            raise RequestRejected(msg)
+        max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
+        stop = params.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        try:
+            generation = cls(
+                max_new_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else int(max_tokens),
+                temperature=float(params.get("temperature") or 0.0),
+                top_p=float(params.get("top_p", 1.0) if params.get("top_p") is not None else 1.0),
+                seed=None if params.get("seed") is None else int(params["seed"]),
+                stop=tuple(str(s) for s in stop),
+            )
+        except (TypeError, ValueError) as exc:
+            msg = f"bad sampling parameter: {exc}"
+            raise RequestRejected(msg) from exc
+        if generation.max_new_tokens < 1:
+            msg = f"max_tokens must be >= 1, got {max_tokens!r}"
+            raise RequestRejected(msg)
+        if not (0 < generation.top_p <= 1) or not math.isfinite(generation.temperature):
+            msg = (
+                f"bad sampling parameters: temperature={generation.temperature}, "
+                f"top_p={generation.top_p}"
+            )
+            raise RequestRejected(msg)
+        return generation
+
+    def cut(self, text: str) -> str:
+        """``text`` up to the first stop string."""
+        for stop in self.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text = text[:at]
+        return text
+
+
+class LocalEngine(Engine):
+    """A model loaded in this process, answering batches of concurrent requests.
+
+    ``model``: a Hugging Face model directory, a GGUF file, or None / the embedded
+    default's name (SmolLM2-135M-Instruct). ``batch_size`` (default from
+    ``nbllm.hardware()``) and ``batch_wait_s`` set the dynamic batcher;
+    ``batch_size=1`` turns batching off. ``device``: "cpu", "cuda", "mps" (default: the
+    best this machine has).
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        batch_size: int | None = None,
+        batch_wait_s: float = 0.01,
+        device: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.hardware: Hardware = hardware()
+        self.device = device or self.hardware.device
+        self.model: LocalModel = resolve_local_model(model)
+        self.batch_size = batch_size or self.hardware.default_batch_size
+        self._batcher: DynamicBatcher[tuple[list[int], Generation], list[int]] = DynamicBatcher(
+            self._run_batch, max_batch_size=self.batch_size, max_wait_s=batch_wait_s
+        )
+        self._lock = threading.Lock()
+        self.tokenizer: Any = None
+        self._load()
+
+    # -- for subclasses ----------------------------------------------------------
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Load the tokenizer (``self.tokenizer``) and the model; raise EngineUnavailable."""
+
+    @abstractmethod
+    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
+        """New token ids for each prompt (left to right, without padding or end-of-text)."""
+
+    def _release(self) -> None:
+        """Drop the model (called once, by ``aclose``)."""
+
+    # -- shared ------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"{self.name} {self.model.name} on {self.device}"
+
+    def identity(self) -> str:
+        return f"{self.name} {self.model.identity}"
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = getattr(self, "_eos_ids", None)
+        if ids is None:
+            found: set[int] = set()
+            generation_config = getattr(getattr(self, "hf_model", None), "generation_config", None)
+            configured = getattr(generation_config, "eos_token_id", None)
+            if isinstance(configured, int):
+                found.add(configured)
+            elif configured:
+                found.update(int(i) for i in configured)
+            if self.tokenizer.eos_token_id is not None:
+                found.add(int(self.tokenizer.eos_token_id))
+            ids = self._eos_ids = sorted(found)
+        return ids
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.eos_token_ids[0])
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of the chat, rendered with the model's chat template, ready to answer."""
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True
+            )
+        except Exception as exc:
+            msg = f"the chat template of {self.model.name} refused these messages: {exc}"
+            raise RequestRejected(msg) from exc
+        if isinstance(ids, Mapping):  # some tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
+
+    def strip_eos(self, ids: Sequence[int]) -> list[int]:
+        """The ids up to (not including) the first end-of-text token."""
+        eos = set(self.eos_token_ids)
+        out = []
+        for token in ids:
+            if token in eos:
+                break
+            out.append(int(token))
+        return out
+
+    async def _complete(self, request: ChatRequest) -> ChatResponse:
+        generation = Generation.from_params(request.params)
+        prompt = self.encode(request.messages)
+        new_ids = await self._batcher.submit((prompt, generation), generation)
+        return ChatResponse(
+            text=generation.cut(self.decode(new_ids)),
+            model=self.model.name,
+            prompt_tokens=len(prompt),
+            completion_tokens=len(new_ids),
+            cost_usd=0.0,
+        )
+
+    def _run_batch(self, items: Sequence[tuple[list[int], Generation]]) -> list[list[int]]:
+        """Generate one batch (in the batcher's thread); on out-of-memory, halve and retry."""
+        generation = items[0][1]
+        prompts = [prompt for prompt, _ in items]
+        with self._lock:
+            if self.state.value == "closed":
+                msg = f"the {self.name} engine was closed while requests were waiting"
+                raise EngineError(msg)
+            try:
+                return self._generate(prompts, generation)
+            except Exception as exc:
+                if not _is_out_of_memory(exc):
+                    if isinstance(exc, EngineError):
+                        raise
+                    msg = f"{self.name} failed to generate: {type(exc).__name__}: {exc}"
+                    raise EngineError(msg) from exc
+                self._free_cached_memory()
+                if len(prompts) == 1:
+                    msg = (
+                        f"{self.device} out of memory generating one answer of up to "
+                        f"{generation.max_new_tokens} tokens for a {len(prompts[0])}-token "
+                        f"prompt ({_memory_figures()}); lower max_tokens or use a smaller model"
+                    )
+                    raise EngineError(msg) from exc
+        half = len(items) // 2
+        return self._run_batch(items[:half]) + self._run_batch(items[half:])
+
+    def _free_cached_memory(self) -> None:
+        gc.collect()
+        try:
+            import torch
+        except ImportError:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    async def aclose(self) -> None:
+        if self.state.value != "closed":
+            await self._batcher.aclose()
+            with self._lock:
+                self._release()
+                self.tokenizer = None
+            self._free_cached_memory()
+        await super().aclose()
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if type(exc).__name__ in ("OutOfMemoryError", "OutOfMemoryException"):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _memory_figures() -> str:
+    """Free and total memory of each CUDA device, as far as torch can tell."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        figures = []
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            figures.append(f"GPU {index}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+        return "; ".join(figures)
+    except Exception as exc:
+        return f"memory figures unavailable: {exc}"
+
+
+def require(module: str, extra: str, engine: str) -> Any:
+    """Import ``module`` or raise EngineUnavailable saying which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        msg = (
+            f"engine {engine!r} needs the Python package {module!r}, which is not installed "
+            f"(pip install 'nbllm[{extra}]'): {exc}"
+        )
+        raise EngineUnavailable(msg) from exc

@@ -1,0 +1,140 @@
+"""The dynamic batcher: concurrent requests gathered into one generate call.
+
+Engines without a scheduler of their own (torch, onnx, deepspeed) run one batch at a
+time on their model. A request joins the queue; a batch is cut as soon as it holds
+``max_batch_size`` requests, or once its oldest request has waited ``max_wait_s`` —
+so batching never adds more than ``max_wait_s`` to any request's wait before its batch
+starts. Requests whose sampling options differ are never mixed in one batch.
+
+The model runs in a worker thread, so the event loop (and the dashboard on it) stays
+live while a batch generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["DynamicBatcher"]
+
+Item = TypeVar("Item")
+Out = TypeVar("Out")
+
+
+@dataclass(slots=True)
+class _Pending(Generic[Item, Out]):
+    item: Item
+    group: Hashable
+    future: asyncio.Future[Out]
+    since: float
+
+
+class DynamicBatcher(Generic[Item, Out]):
+    """Runs ``run_batch(items) -> outputs`` (same length, same order) on gathered requests.
+
+    ``max_batch_size=1`` turns batching off: each request runs alone, in arrival order.
+    Its batching task lives on the event loop of the latest ``submit``.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Item]], Sequence[Out]],
+        *,
+        max_batch_size: int = 8,
+        max_wait_s: float = 0.01,
+    ) -> None:
+        if max_batch_size < 1:
+            msg = f"max_batch_size must be >= 1, got {max_batch_size!r}"
+            raise ValueError(msg)
+        if max_wait_s < 0:
+            msg = f"max_wait_s must be >= 0, got {max_wait_s!r}"
+            raise ValueError(msg)
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._queue: list[_Pending[Item, Out]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.batches_run = 0
+        self.largest_batch = 0
+
+    async def submit(self, item: Item, group: Hashable = None) -> Out:
+        """Queue ``item`` and wait for its output; requests of one ``group`` share batches."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            # First use, or a new event loop (each nbllm.run in a notebook has its own).
+            self._queue = [p for p in self._queue if p.future.get_loop() is loop]
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._serve())
+        assert self._wakeup is not None
+        pending: _Pending[Item, Out] = _Pending(item, group, loop.create_future(), time.monotonic())
+        self._queue.append(pending)
+        self._wakeup.set()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # A request given up before its batch started leaves the queue; one whose
+            # batch already runs is simply not waited for.
+            with contextlib.suppress(ValueError):
+                self._queue.remove(pending)
+            raise
+
+    async def _serve(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = await self._gather()
+            if not batch:
+                continue
+            self.batches_run += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
+            try:
+                outputs = await asyncio.to_thread(self._run_batch, [p.item for p in batch])
+            except Exception as exc:
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            for pending, output in zip(batch, outputs, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(output)
+
+    async def _gather(self) -> list[_Pending[Item, Out]]:
+        """Wait until the oldest request's group fills a batch or the oldest waited enough."""
+        assert self._wakeup is not None
+        while self._queue:
+            oldest = self._queue[0]
+            same = [p for p in self._queue if p.group == oldest.group]
+            left = oldest.since + self.max_wait_s - time.monotonic()
+            if len(same) >= self.max_batch_size or left <= 0:
+                batch = same[: self.max_batch_size]
+                taken = {id(p) for p in batch}
+                self._queue = [p for p in self._queue if id(p) not in taken]
+                return batch
+            self._wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), left)
+        return []
+
+    async def aclose(self) -> None:
+        """Stop the batching task; requests still queued fail with ``CancelledError``."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            loop = task.get_loop()
+            if loop is asyncio.get_running_loop():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(task.cancel)
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.cancel()
+        self._queue.clear()

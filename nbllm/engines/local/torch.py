@@ -1,0 +1,84 @@
+"""The PyTorch engine: a transformers model's ``generate`` over dynamically gathered batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from nbllm.engines.local.base import Generation, LocalEngine, require
+from nbllm.engines.local.models import transformers_checkpoint
+from nbllm.errors import EngineUnavailable
+
+__all__ = ["TorchEngine", "load_transformers"]
+
+
+def load_transformers(engine: LocalEngine, *, dtype: Any = None) -> tuple[Any, Any]:
+    """Tokenizer and model of ``engine.model`` (GGUF converted once), on ``engine.device``."""
+    torch = require("torch", "local", engine.name)
+    transformers = require("transformers", "local", engine.name)
+    transformers.utils.logging.disable_progress_bar()
+    checkpoint = transformers_checkpoint(engine.model)
+    if dtype is None:
+        dtype = torch.float32 if engine.device == "cpu" else torch.float16
+        if engine.device == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+        model.to(engine.device)
+    except Exception as exc:
+        msg = f"{engine.name} cannot load {engine.model.name}: {type(exc).__name__}: {exc}"
+        raise EngineUnavailable(msg) from exc
+    model.eval()
+    return tokenizer, model
+
+
+def pad_left(prompts: Sequence[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Left-padded ids and their attention mask, so every prompt ends where generation starts."""
+    width = max(len(p) for p in prompts)
+    ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return ids, mask
+
+
+class TorchEngine(LocalEngine):
+    """transformers ``generate`` on CPU, CUDA or MPS, with the dynamic batcher in front."""
+
+    name = "torch"
+
+    def _load(self) -> None:
+        self.tokenizer, self.hf_model = load_transformers(self)
+
+    def _generator(self) -> Any:
+        """What ``generate`` is called on (DeepSpeed wraps the model)."""
+        return self.hf_model
+
+    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
+        import torch
+
+        ids, mask = pad_left(prompts, self.pad_token_id)
+        options: dict[str, Any] = {
+            "max_new_tokens": generation.max_new_tokens,
+            "do_sample": not generation.greedy,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_ids,
+        }
+        if generation.greedy:
+            # The model's own sampling defaults would only draw a warning in greedy mode.
+            options.update(temperature=None, top_p=None, top_k=None)
+        else:
+            options.update(temperature=generation.temperature, top_p=generation.top_p)
+            if generation.seed is not None:
+                torch.manual_seed(generation.seed)
+        device = self.device
+        with torch.inference_mode():
+            out = self._generator().generate(
+                input_ids=torch.tensor(ids, device=device),
+                attention_mask=torch.tensor(mask, device=device),
+                **options,
+            )
+        width = len(ids[0])
+        return [self.strip_eos(row[width:].tolist()) for row in out]
+
+    def _release(self) -> None:
+        self.hf_model = None

@@ -1,0 +1,97 @@
+"""The vLLM engine: vLLM's async engine in this process, with its own continuous batching.
+
+Prefix caching is on, so the earlier turns of a conversation (sent again with every
+turn) are not recomputed. ``tensor_parallel_size`` defaults to the visible GPUs. vLLM
+keeps GPU memory while the process lives, so in a notebook prefer ``worker=True``
+(the default on a GPU): the model then lives in a worker process that can be stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from nbllm.engines.local.base import Generation, LocalEngine, require
+from nbllm.engines.local.models import transformers_checkpoint
+from nbllm.errors import EngineError, EngineUnavailable
+from nbllm.types import ChatRequest, ChatResponse
+
+__all__ = ["VllmEngine"]
+
+_request_ids = itertools.count()
+
+
+class VllmEngine(LocalEngine):
+    """``vllm.AsyncLLMEngine`` behind the engine seam (GPU only)."""
+
+    name = "vllm"
+
+    def _load(self) -> None:
+        if not self.hardware.has_cuda:
+            msg = "vllm needs a CUDA or ROCm GPU, and none was found"
+            raise EngineUnavailable(msg)
+        vllm = require("vllm", "vllm", self.name)
+        transformers = require("transformers", "local", self.name)
+        checkpoint = str(transformers_checkpoint(self.model))
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+        gpus = sum(1 for g in self.hardware.gpus if g.kind in ("cuda", "rocm"))
+        try:
+            args = vllm.AsyncEngineArgs(
+                model=checkpoint,
+                served_model_name=self.model.name,
+                enable_prefix_caching=True,
+                tensor_parallel_size=max(1, gpus),
+                max_num_seqs=max(self.batch_size, 8),
+            )
+            self.vllm_engine: Any = vllm.AsyncLLMEngine.from_engine_args(args)
+        except Exception as exc:
+            msg = f"vllm cannot load {self.model.name}: {type(exc).__name__}: {exc}"
+            raise EngineUnavailable(msg) from exc
+        self._vllm = vllm
+
+    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
+        msg = "vllm schedules its own batches; requests go through complete()"
+        raise NotImplementedError(msg)
+
+    def _sampling_params(self, generation: Generation) -> Any:
+        return self._vllm.SamplingParams(
+            max_tokens=generation.max_new_tokens,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            seed=generation.seed,
+            stop=list(generation.stop) or None,
+        )
+
+    async def _complete(self, request: ChatRequest) -> ChatResponse:
+        generation = Generation.from_params(request.params)
+        prompt = self.encode(request.messages)
+        final = None
+        try:
+            async for output in self.vllm_engine.generate(
+                {"prompt_token_ids": prompt},
+                self._sampling_params(generation),
+                request_id=f"nbllm-{next(_request_ids)}",
+            ):
+                final = output
+        except Exception as exc:
+            msg = f"vllm failed to generate: {type(exc).__name__}: {exc}"
+            raise EngineError(msg) from exc
+        if final is None or not final.outputs:
+            msg = "vllm returned no output"
+            raise EngineError(msg)
+        completion = final.outputs[0]
+        return ChatResponse(
+            text=generation.cut(completion.text.strip()),
+            model=self.model.name,
+            prompt_tokens=len(prompt),
+            completion_tokens=len(completion.token_ids),
+            cost_usd=0.0,
+        )
+
+    def _release(self) -> None:
+        engine = getattr(self, "vllm_engine", None)
+        shutdown = getattr(engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        self.vllm_engine = None

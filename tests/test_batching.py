@@ -1,0 +1,136 @@
+"""The dynamic batcher: batches by size or by wait, never mixes groups, keeps order."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from nbllm.engines.local.batching import DynamicBatcher
+
+
+class Recorder:
+    """A batch function that records the batches it ran and answers each item doubled."""
+
+    def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.threads: set[str] = set()
+
+    def __call__(self, items):
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(items))
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError(f"cannot do {self.fail_on}")
+        if self.delay:
+            time.sleep(self.delay)
+        return [2 * item for item in items]
+
+
+async def test_concurrent_requests_share_a_batch_and_get_their_own_answers():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=4, max_wait_s=0.05)
+    answers = await asyncio.gather(*(batcher.submit(i) for i in range(4)))
+    assert answers == [0, 2, 4, 6]
+    assert run.batches == [[0, 1, 2, 3]]
+    assert threading.current_thread().name not in run.threads  # the model runs off the loop
+    await batcher.aclose()
+
+
+async def test_a_full_batch_starts_without_waiting_for_the_wait_bound():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=2, max_wait_s=30)
+    t0 = time.monotonic()
+    assert await asyncio.gather(batcher.submit(1), batcher.submit(2)) == [2, 4]
+    assert time.monotonic() - t0 < 5
+    await batcher.aclose()
+
+
+async def test_a_lone_request_waits_no_longer_than_the_wait_bound():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=64, max_wait_s=0.05)
+    t0 = time.monotonic()
+    assert await batcher.submit(21) == 42
+    waited = time.monotonic() - t0
+    assert 0.04 <= waited < 2
+    await batcher.aclose()
+
+
+async def test_more_requests_than_a_batch_are_split_in_arrival_order():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=3, max_wait_s=0.02)
+    answers = await asyncio.gather(*(batcher.submit(i) for i in range(7)))
+    assert answers == [2 * i for i in range(7)]
+    assert [len(b) for b in run.batches] == [3, 3, 1]
+    assert [i for b in run.batches for i in b] == list(range(7))
+    await batcher.aclose()
+
+
+async def test_groups_never_share_a_batch():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=8, max_wait_s=0.02)
+    answers = await asyncio.gather(
+        *(batcher.submit(i, group="even" if i % 2 == 0 else "odd") for i in range(6))
+    )
+    assert answers == [2 * i for i in range(6)]
+    assert sorted(map(sorted, run.batches)) == [[0, 2, 4], [1, 3, 5]]
+    await batcher.aclose()
+
+
+async def test_batch_size_one_runs_each_request_alone():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=1, max_wait_s=0.5)
+    t0 = time.monotonic()
+    assert await asyncio.gather(*(batcher.submit(i) for i in range(3))) == [0, 2, 4]
+    assert run.batches == [[0], [1], [2]]
+    assert time.monotonic() - t0 < 1  # a full batch of one never waits
+    await batcher.aclose()
+
+
+async def test_requests_arriving_during_a_batch_form_the_next_one():
+    run = Recorder(delay=0.2)
+    batcher = DynamicBatcher(run, max_batch_size=4, max_wait_s=0.01)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.05)  # batch [0] is generating now
+    later = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3)]
+    assert await first == 0
+    assert [await f for f in later] == [2, 4, 6]
+    assert run.batches == [[0], [1, 2, 3]]
+    await batcher.aclose()
+
+
+async def test_a_failed_batch_fails_its_requests_only():
+    run = Recorder(fail_on=1)
+    batcher = DynamicBatcher(run, max_batch_size=2, max_wait_s=0.01)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+    assert isinstance(results[0], RuntimeError) and isinstance(results[1], RuntimeError)
+    assert results[2:] == [4, 6]
+    await batcher.aclose()
+
+
+async def test_a_cancelled_request_leaves_the_queue():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=8, max_wait_s=0.2)
+    doomed = asyncio.ensure_future(batcher.submit(99))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    assert await batcher.submit(1) == 2
+    assert 99 not in [i for b in run.batches for i in b]
+    await batcher.aclose()
+
+
+def test_the_batcher_works_again_on_a_new_event_loop():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=2, max_wait_s=0.01)
+    assert asyncio.run(batcher.submit(1)) == 2
+    assert asyncio.run(batcher.submit(2)) == 4  # the first loop is closed by now
+    asyncio.run(batcher.aclose())
+
+
+@pytest.mark.parametrize(("size", "wait"), [(0, 0.01), (2, -1)])
+def test_bad_settings_are_refused(size, wait):
+    with pytest.raises(ValueError, match="max_"):
+        DynamicBatcher(Recorder(), max_batch_size=size, max_wait_s=wait)

@@ -1,0 +1,312 @@
+"""Local engines on the embedded SmolLM2-135M-Instruct, for real, on this machine's CPU.
+
+Generation is kept short (a few tokens) so the whole module runs in well under a minute
+once the model has been converted (the first use converts it, about 20 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+import pandas as pd
+import pytest
+from conftest import require_embedded_model
+
+import nbllm
+from nbllm.engines import EMBEDDED_MODEL, available, create_engine, hardware, is_local
+from nbllm.engines.local import CPU_ORDER, create_local_engine, engine_status
+from nbllm.engines.local.base import Generation
+from nbllm.engines.local.models import (
+    LocalModel,
+    is_local_model,
+    resolve_local_model,
+    transformers_checkpoint,
+)
+from nbllm.errors import ConfigError, EngineUnavailable, RequestRejected
+from nbllm.types import ChatRequest
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = [
+    "What is the capital of France?",
+    "What is 2 + 2?",
+    "Name a primary colour.",
+]
+
+
+def ask(content: str, **params) -> ChatRequest:
+    return ChatRequest(EMBEDDED_MODEL, [{"role": "user", "content": content}], params)
+
+
+@pytest.fixture(scope="module")
+def torch_engine():
+    require_embedded_model()
+    from nbllm.engines.local.torch import TorchEngine
+
+    engine = TorchEngine(batch_size=4, batch_wait_s=0.05)
+    yield engine
+    asyncio.run(engine.aclose())
+
+
+# -- the embedded model and model paths --------------------------------------------------
+
+
+def test_the_embedded_model_is_found_and_converted_once():
+    require_embedded_model()
+    model = resolve_local_model(None)
+    assert model.name == EMBEDDED_MODEL and model.is_gguf
+    checkpoint = transformers_checkpoint(model)
+    assert (checkpoint / "config.json").is_file()
+    assert "quantization_config" not in (checkpoint / "config.json").read_text()
+    # The conversion is kept: asking again returns the same folder without converting.
+    stamp = (checkpoint / "config.json").stat().st_mtime_ns
+    assert transformers_checkpoint(model) == checkpoint
+    assert (checkpoint / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_a_model_directory_is_used_as_it_is(tmp_path):
+    require_embedded_model()
+    checkpoint = transformers_checkpoint(resolve_local_model(None))
+    model = resolve_local_model(str(checkpoint))
+    assert model == LocalModel(str(checkpoint), checkpoint.resolve())
+    assert transformers_checkpoint(model) == checkpoint.resolve()
+
+
+@pytest.mark.parametrize(
+    ("model", "local"),
+    [(None, True), ("SmolLM2-135M-Instruct", True), ("openai/gpt-4o-mini", False)],
+)
+def test_which_models_are_local(model, local):
+    assert is_local_model(model) is local
+
+
+def test_a_directory_that_is_not_a_model_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"without config\.json"):
+        resolve_local_model(str(tmp_path))
+
+
+def test_a_missing_path_is_not_taken_for_a_local_model(tmp_path):
+    with pytest.raises(ConfigError, match="nothing is downloaded"):
+        resolve_local_model(str(tmp_path / "nope.gguf"))
+
+
+# -- selection -------------------------------------------------------------------------
+
+
+def test_available_lists_every_local_engine_with_a_reason_when_unusable():
+    table = available()
+    assert list(table.columns) == ["engine", "installed", "usable", "device", "version", "reason"]
+    assert list(table["engine"]) == ["vllm", "deepspeed", "onnx", "torch"]
+    for row in table.itertuples():
+        assert row.usable == pd.isna(row.reason)
+        if row.usable:
+            assert row.installed and row.device in ("cpu", "cuda", "mps") and row.version
+    if not hardware().has_cuda:
+        vllm = table.set_index("engine").loc["vllm"]
+        assert not vllm.usable and ("GPU" in vllm.reason or "not installed" in vllm.reason)
+
+
+def test_a_named_engine_that_cannot_run_here_says_why():
+    if engine_status("vllm").usable:
+        pytest.skip("vllm is usable here")
+    with pytest.raises(EngineUnavailable, match="vllm"):
+        create_engine("vllm", model=None, worker=False)
+
+
+def test_options_for_local_engines_are_refused_for_a_server():
+    with pytest.raises(ConfigError, match="batch_size"):
+        create_engine("openai", model="m", api_base="http://127.0.0.1:9/v1", batch_size=4)
+    with pytest.raises(ConfigError, match="worker=True"):
+        create_engine("litellm", model="openai/gpt-4o-mini", worker=True)
+
+
+@pytest.mark.parametrize(
+    ("engine", "model", "api_base", "local"),
+    [
+        ("auto", None, None, True),
+        ("auto", "openai/gpt-4o-mini", None, False),
+        ("auto", None, "http://127.0.0.1:9/v1", False),
+        ("torch", "anything", "http://127.0.0.1:9/v1", True),
+    ],
+)
+def test_auto_picks_a_local_engine_only_for_a_local_model(engine, model, api_base, local):
+    assert is_local(engine, model, api_base) is local
+
+
+def test_auto_falls_through_an_engine_that_fails_to_load(monkeypatch):
+    require_embedded_model()
+    from nbllm.engines import local
+
+    class Broken(local.LocalEngine):
+        name = "broken"
+
+        def _load(self):
+            raise EngineUnavailable("broken on purpose")
+
+        def _generate(self, prompts, generation):
+            raise AssertionError
+
+    original = local.engine_class
+    monkeypatch.setattr(local, "CPU_ORDER", ("onnx", "torch"))
+    monkeypatch.setattr(local, "GPU_ORDER", ("onnx", "torch"))
+    monkeypatch.setattr(
+        local, "engine_class", lambda name: Broken if name == "onnx" else original(name)
+    )
+    monkeypatch.setattr(
+        local, "engine_status", lambda name: local.EngineStatus(name, True, True, "cpu", "1")
+    )
+    skipped = []
+    engine = create_local_engine("auto", None, on_skip=lambda n, r: skipped.append((n, r)))
+    try:
+        assert engine.name == "torch"
+        assert skipped == [("onnx", "broken on purpose")]
+    finally:
+        asyncio.run(engine.aclose())
+
+
+def test_cpu_order_starts_with_an_engine_that_exists():
+    assert set(CPU_ORDER) <= {"onnx", "torch", "deepspeed"}
+
+
+# -- sampling options ---------------------------------------------------------------------
+
+
+def test_sampling_options_are_read_and_checked():
+    generation = Generation.from_params({"max_tokens": 5, "temperature": 0.7, "stop": "\n"})
+    assert generation == Generation(5, 0.7, 1.0, None, ("\n",))
+    assert Generation.from_params({}).greedy
+    with pytest.raises(RequestRejected, match="logprobs"):
+        Generation.from_params({"logprobs": True})
+    with pytest.raises(RequestRejected, match="max_tokens"):
+        Generation.from_params({"max_tokens": 0})
+    assert Generation(stop=("Paris",)).cut("It is Paris.") == "It is "
+
+
+# -- generation ---------------------------------------------------------------------------
+
+
+async def test_torch_answers_a_question(torch_engine):
+    response = await torch_engine.complete(ask(PROMPTS[0], max_tokens=16))
+    assert "Paris" in response.text
+    assert response.model == EMBEDDED_MODEL
+    assert response.prompt_tokens > 5 and 1 <= response.completion_tokens <= 16
+
+
+async def test_concurrent_requests_are_batched_with_the_answers_they_get_alone(torch_engine):
+    alone = [(await torch_engine.complete(ask(p, max_tokens=8))).text for p in PROMPTS]
+    before = torch_engine._batcher.largest_batch
+    together = await asyncio.gather(*(torch_engine.complete(ask(p, max_tokens=8)) for p in PROMPTS))
+    assert torch_engine._batcher.largest_batch == 3 >= before
+    # Left padding with an attention mask must not change a greedy answer.
+    assert [r.text for r in together] == alone
+
+
+async def test_a_two_turn_conversation_sees_its_earlier_answer(torch_engine):
+    messages = [
+        {"role": "user", "content": "My name is Ada. Remember it."},
+        {"role": "assistant", "content": "Nice to meet you, Ada."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    request = ChatRequest(EMBEDDED_MODEL, messages, {"max_tokens": 12})
+    response = await torch_engine.complete(request)
+    assert "Ada" in response.text
+
+
+async def test_max_tokens_bounds_the_answer(torch_engine):
+    response = await torch_engine.complete(ask("Write a long story about a cat.", max_tokens=3))
+    assert response.completion_tokens == 3
+
+
+async def test_a_seeded_sample_repeats(torch_engine):
+    params = {"max_tokens": 6, "temperature": 1.0, "seed": 7}
+    first = await torch_engine.complete(ask("Tell me a word.", **params))
+    second = await torch_engine.complete(ask("Tell me a word.", **params))
+    assert first.text == second.text
+
+
+async def test_a_closed_engine_refuses_requests():
+    require_embedded_model()
+    from nbllm.engines.local.torch import TorchEngine
+
+    engine = TorchEngine(batch_size=1)
+    await engine.aclose()
+    assert engine.hf_model is None  # the model is released
+    with pytest.raises(nbllm.EngineError, match="closed"):
+        await engine.complete(ask("Hi", max_tokens=2))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed missing")
+async def test_deepspeed_gives_the_greedy_answers_torch_gives(torch_engine):
+    require_embedded_model("deepspeed")
+    from nbllm.engines.local.deepspeed import DeepSpeedEngine
+
+    engine = DeepSpeedEngine(batch_size=4, batch_wait_s=0.05)
+    try:
+        ours = await asyncio.gather(*(engine.complete(ask(p, max_tokens=8)) for p in PROMPTS))
+        reference = await asyncio.gather(
+            *(torch_engine.complete(ask(p, max_tokens=8)) for p in PROMPTS)
+        )
+        assert [r.text for r in ours] == [r.text for r in reference]
+        assert engine.describe().startswith("deepspeed")
+    finally:
+        await engine.aclose()
+
+
+# -- through nbllm.run ---------------------------------------------------------------------
+
+
+def test_run_without_a_model_answers_multi_turn_conversations_locally():
+    require_embedded_model()
+    data = [
+        {"id": "a", "turns": ["What is the capital of France?", "And of Italy?"]},
+        {"id": "b", "turns": ["What is 2 + 2?"]},
+    ]
+    result = nbllm.run(data, engine="torch", max_tokens=12, progress=False)
+    df = result.df
+    assert list(df["turn"]) == [0, 1, 0] and df["error"].isna().all()
+    assert "Paris" in df.loc[0, "answer"]
+    assert set(df["engine"]) == {"torch"} and set(df["model"]) == {EMBEDDED_MODEL}
+    assert (df["cost_usd"] == 0).all()
+    # The second run of the same call reads every turn back from the checkpoint.
+    again = nbllm.run(data, engine="torch", max_tokens=12, progress=False)
+    assert again.df["resumed"].all() and list(again.df["answer"]) == list(df["answer"])
+
+
+@pytest.mark.gpu
+async def test_torch_on_the_gpu_answers_and_frees_its_memory():
+    require_embedded_model()
+    import torch
+
+    from nbllm.engines.local.torch import TorchEngine
+
+    engine = TorchEngine(device="cuda")
+    response = await engine.complete(ask(PROMPTS[0], max_tokens=16))
+    assert "Paris" in response.text
+    await engine.aclose()
+    assert torch.cuda.memory_allocated() < 50 * 2**20
+
+
+@pytest.mark.gpu
+async def test_deepspeed_with_kernel_injection_on_the_gpu():
+    require_embedded_model("deepspeed")
+    from nbllm.engines.local.deepspeed import DeepSpeedEngine
+
+    engine = DeepSpeedEngine(device="cuda")
+    try:
+        response = await engine.complete(ask(PROMPTS[0], max_tokens=16))
+        assert "Paris" in response.text
+    finally:
+        await engine.aclose()
+
+
+@pytest.mark.gpu
+async def test_vllm_answers_with_prefix_caching():
+    require_embedded_model("vllm")
+    from nbllm.engines.local.vllm import VllmEngine
+
+    engine = VllmEngine()
+    try:
+        answers = await asyncio.gather(*(engine.complete(ask(p, max_tokens=16)) for p in PROMPTS))
+        assert "Paris" in answers[0].text
+    finally:
+        await engine.aclose()
