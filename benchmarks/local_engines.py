@@ -1,6 +1,6 @@
 """Tokens per second of each installed local engine: the dynamic batcher against a plain loop.
 
-For each installed CPU engine (torch, onnx, deepspeed; vllm on a GPU) and for 1, 4, 8 and
+For each installed engine with the dynamic batcher (torch, onnx, deepspeed) and for 1, 4, 8 and
 16 conversations at once, the same two-turn conversations (turn 2 carries turn 1's real
 answer) on the embedded SmolLM2-135M-Instruct, greedy, a fixed ``max_tokens``, are
 answered two ways, side by side in one process:
@@ -13,6 +13,12 @@ answered two ways, side by side in one process:
 It prints generated tokens per second for both, and the ratio nbllm / plain, which must
 never fall below 1.0 (the batcher may never make things slower) and should approach the
 machine's batch speed-up as N grows. Both ways produce the same greedy answers (checked).
+
+With ``--vllm`` on a GPU with vLLM installed, it also runs the multi-turn comparison: 64
+four-turn conversations through nbllm's vllm engine (every conversation moves on to its next
+turn as soon as its answer is back) against vLLM's own ``LLM.chat`` called turn by turn
+with a barrier across conversations (what people write by hand); target nbllm / LLM.chat
+>= 1.2. Without a usable vLLM it says so and skips that part.
 
 Run: ``python benchmarks/local_engines.py`` (``--quick``: N in 1, 4 and 6-token answers;
 ``--engines torch,onnx`` to choose; ``--json PATH`` to keep the figures).
@@ -45,9 +51,7 @@ QUESTIONS = [
 
 
 def conversations(n: int) -> list[dict[str, Any]]:
-    return [
-        {"id": f"c{i}", "turns": list(QUESTIONS[i % len(QUESTIONS)])} for i in range(n)
-    ]
+    return [{"id": f"c{i}", "turns": list(QUESTIONS[i % len(QUESTIONS)])} for i in range(n)]
 
 
 def plain_loop(engine: Any, convs: list[dict[str, Any]], max_tokens: int) -> tuple[float, list]:
@@ -103,6 +107,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="rounds per figure (median)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--vllm", action="store_true", help="the vLLM multi-turn comparison")
     args = parser.parse_args()
 
     from nbllm.engines import available, hardware
@@ -110,7 +115,8 @@ def main() -> None:
     sizes = [1, 4] if args.quick else [1, 4, 8, 16]
     max_tokens = args.max_tokens or (6 if args.quick else 24)
     table = available()
-    usable = [row.engine for row in table.itertuples() if row.usable]
+    # vllm batches on its own (continuous batching): it has its own comparison, --vllm.
+    usable = [row.engine for row in table.itertuples() if row.usable and row.engine != "vllm"]
     names = args.engines.split(",") if args.engines else usable
     print(f"# {platform.platform()} python {sys.version.split()[0]}")
     print(f"# {hardware()}".replace("\n", "; "))
@@ -151,9 +157,77 @@ def main() -> None:
     worst = min(f["ratio"] for f in figures)
     print()
     print(f"lowest nbllm / plain ratio: {worst:.2f} (must be >= 1.0)")
+    report: dict[str, Any] = {"batching": figures}
+    if args.vllm:
+        report["vllm_multiturn"] = vllm_multiturn()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+            json.dump(report, f, indent=2)
+
+
+TARGET_VLLM_MULTITURN = 1.2
+FOLLOW_UPS = ("Explain that in one sentence.", "Give an example.", "Summarise in three words.")
+
+
+def vllm_multiturn(conversations_n: int = 64, max_tokens: int = 64) -> dict[str, Any] | None:
+    """nbllm's vllm engine against ``LLM.chat`` turn by turn with a barrier; None if no vLLM."""
+    from nbllm.engines.local import engine_status
+
+    status = engine_status("vllm")
+    if not status.usable:
+        print(f"vllm multi-turn comparison skipped: {status.reason}")
+        return None
+    import gc
+
+    import torch
+    import vllm
+
+    import nbllm
+    from nbllm.engines.local.models import resolve_local_model, transformers_checkpoint
+
+    convs = [
+        {"id": f"c{i}", "turns": [QUESTIONS[i % len(QUESTIONS)][0], *FOLLOW_UPS]}
+        for i in range(conversations_n)
+    ]
+    checkpoint = str(transformers_checkpoint(resolve_local_model(None)))
+
+    # What people write by hand: every conversation's turn k, then a barrier, then turn k+1.
+    llm = vllm.LLM(model=checkpoint, enable_prefix_caching=True)
+    params = vllm.SamplingParams(max_tokens=max_tokens, temperature=0)
+    histories: list[list[dict[str, str]]] = [[] for _ in convs]
+    tokens = 0
+    t0 = time.perf_counter()
+    for turn in range(len(convs[0]["turns"])):
+        for history, conv in zip(histories, convs, strict=True):
+            history.append({"role": "user", "content": conv["turns"][turn]})
+        outputs = llm.chat(histories, params, use_tqdm=False)
+        for history, output in zip(histories, outputs, strict=True):
+            tokens += len(output.outputs[0].token_ids)
+            history.append({"role": "assistant", "content": output.outputs[0].text})
+    by_hand = tokens / (time.perf_counter() - t0)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    t0 = time.perf_counter()
+    result = nbllm.run(
+        convs,
+        engine="vllm",
+        worker=False,
+        concurrency=conversations_n,
+        max_tokens=max_tokens,
+        checkpoint=False,
+        cache=False,
+        progress=False,
+    )
+    ours = int(result.df["completion_tokens"].sum()) / (time.perf_counter() - t0)
+    ratio = ours / by_hand
+    print(
+        f"vllm multi-turn, {conversations_n} x {len(convs[0]['turns'])} turns: LLM.chat with "
+        f"a barrier {by_hand:.0f} tok/s, nbllm {ours:.0f} tok/s, ratio {ratio:.2f} "
+        f"(target >= {TARGET_VLLM_MULTITURN})"
+    )
+    return {"by_hand_tokens_per_s": by_hand, "nbllm_tokens_per_s": ours, "ratio": ratio}
 
 
 def _gen(tokens: int) -> Any:

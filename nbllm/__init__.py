@@ -4,6 +4,7 @@ import nbllm
 result = nbllm.run(data, model="openai/gpt-4o-mini", concurrency=64, rpm=500)
 result.df        # one row per turn
 result.summary   # the run's figures
+nbllm.run(data)  # no model: the embedded SmolLM2-135M-Instruct on this machine
 
 job = nbllm.submit(data, model=...)   # the same run in the background; nbllm.jobs() lists them
 %load_ext nbllm                        # in IPython / Jupyter: the %%llm_batch cell magic
@@ -17,7 +18,8 @@ from nbllm import runs
 from nbllm.api import arun, run
 from nbllm.config import RunConfig
 from nbllm.dataset import load_conversations
-from nbllm.engines import Engine, FakeEngine, LiteLLMEngine, OpenAIEngine
+from nbllm.engines import Engine, FakeEngine, LiteLLMEngine, OpenAIEngine, hardware
+from nbllm.engines.worker import stop_all_workers as stop_workers
 from nbllm.errors import (
     AuthenticationError,
     CheckpointError,
@@ -70,10 +72,12 @@ __all__ = [
     "TurnRecord",
     "__version__",
     "arun",
+    "hardware",
     "jobs",
     "load_conversations",
     "run",
     "runs",
+    "stop_workers",
     "submit",
 ]
 

@@ -5,6 +5,7 @@
     nbllm run conversations.jsonl --model openai/gpt-4o-mini --rpm 500 --out results.csv
     nbllm runs                  # the stored runs (checkpoints)
     nbllm runs rm 3dd51522      # remove one
+    nbllm serve --engine torch --port 8000   # a local model behind the OpenAI API
 
 Thin on purpose: parse the arguments, read the file, call ``nbllm.run``, print the
 summary, write ``--out``. Anything the command does, ``nbllm.run`` / ``nbllm.runs`` do.
@@ -27,6 +28,7 @@ import nbllm
 from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, DatasetError, NbllmError
 from nbllm.executor.checkpoint import nbllm_dir
+from nbllm.serve import add_parser as add_serve_parser
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -300,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: "runs --root DIR rm ID" keeps the --root given before "rm".
     rm.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
     rm.set_defaults(handler=_runs_rm)
+    add_serve_parser(commands)
     return parser
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import require_embedded_model
+from embedded_model import require_embedded_model
 
 from nbllm.engines import EMBEDDED_MODEL
 from nbllm.errors import EngineUnavailable

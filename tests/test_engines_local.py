@@ -11,7 +11,7 @@ import importlib.util
 
 import pandas as pd
 import pytest
-from conftest import require_embedded_model
+from embedded_model import require_embedded_model
 
 import nbllm
 from nbllm.engines import EMBEDDED_MODEL, available, create_engine, hardware, is_local
@@ -310,3 +310,24 @@ async def test_vllm_answers_with_prefix_caching():
         assert "Paris" in answers[0].text
     finally:
         await engine.aclose()
+
+
+def test_a_worker_runs_the_model_in_a_child_process_and_stops():
+    require_embedded_model()
+    from nbllm.engines.worker import shared_worker
+
+    data = [{"id": "a", "turns": ["What is the capital of France?", "And of Italy?"]}]
+    try:
+        result = nbllm.run(data, engine="torch", worker=True, max_tokens=12, progress=False)
+        df = result.df
+        assert df["error"].isna().all() and "Paris" in df.loc[0, "answer"]
+        assert set(df["engine"]) == {"torch worker"}
+        worker = shared_worker("torch", EMBEDDED_MODEL)  # the same worker, still running
+        assert worker.running and worker.served_engine == "torch"
+        # A second run reuses it, and resumes from the checkpoint of the first.
+        again = nbllm.run(data, engine="torch", worker=True, max_tokens=12, progress=False)
+        assert again.df["resumed"].all()
+        assert shared_worker("torch", EMBEDDED_MODEL) is worker
+    finally:
+        nbllm.stop_workers()
+    assert not worker.running

@@ -16,8 +16,8 @@ def test_public_names():
             "EngineUnavailable", "Executor", "FakeEngine", "LiteLLMEngine", "NbllmError",
             "OpenAIEngine", "RateLimitError", "RateLimiter", "RequestRejected", "RequestTimeout",
             "RetryPolicy", "RetryableError", "RunConfig", "RunResult", "RunSummary",
-            "ServerError", "TurnRecord", "__version__", "arun", "jobs", "load_conversations",
-            "run", "runs", "submit",
+            "ServerError", "TurnRecord", "__version__", "arun", "hardware", "jobs",
+            "load_conversations", "run", "runs", "stop_workers", "submit",
         ]
     )  # fmt: skip
     for name in nbllm.__all__:
@@ -32,10 +32,11 @@ def test_every_error_is_an_nbllm_error():
 
 
 def test_import_is_light_and_offline():
-    """``import nbllm`` loads neither litellm nor the UI stack, and so touches no network."""
+    """``import nbllm`` loads neither litellm, the UI stack nor a model runtime: no network."""
     code = (
         "import sys, nbllm; "
-        "heavy = [m for m in ('litellm', 'matplotlib', 'ipywidgets', 'IPython', 'openai') "
+        "heavy = [m for m in ('litellm', 'matplotlib', 'ipywidgets', 'IPython', 'openai', "
+        "'torch', 'transformers', 'onnxruntime', 'deepspeed', 'aiohttp.web') "
         "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,402 @@
+"""A worker: ``nbllm serve`` in a child process, and an engine that talks to it.
+
+::
+
+    with Worker("torch", "models/Qwen2.5-0.5B-Instruct", options=["--batch-size", "16"]) as worker:
+        result = nbllm.run(data, model=worker.model, engine=worker.engine())
+
+The model lives in its own process (its own GPU context, its own crash), behind the same
+OpenAI-compatible HTTP API that vLLM serves; ``worker.engine()`` is the lean
+``OpenAIEngine`` pointed at it. ``start()`` returns once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import enum
+import json
+import os
+import queue
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from nbllm.engines.local.models import EMBEDDED_MODEL
+from nbllm.engines.openai import OpenAIEngine
+from nbllm.errors import ConfigError, EngineUnavailable
+
+__all__ = [
+    "SERVE_API_KEY_ENV",
+    "SERVE_URL_LINE_PREFIX",
+    "Worker",
+    "WorkerState",
+    "local_option_args",
+    "shared_worker",
+    "stop_all_workers",
+]
+
+#: The one line ``nbllm serve`` prints to stdout starts with this, then the ``/v1`` URL.
+SERVE_URL_LINE_PREFIX = "nbllm serve listening on "
+#: The environment variable through which ``nbllm serve`` gets its API key: unlike a
+#: command-line argument, other users cannot read it with ``ps``.
+SERVE_API_KEY_ENV = "NBLLM_SERVE_API_KEY"
+
+_POLL_S = 0.15
+_STDERR_TAIL_CHARS = 2000
+# Options the worker sets itself: where it listens, and the key (never on a command line).
+_RESERVED_OPTIONS = ("--host", "--port", "--api-key")
+# urllib would send even 127.0.0.1 through $http_proxy.
+_LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class WorkerState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+def _read_line(stream: IO[bytes], timeout: float) -> bytes | None:
+    """One line from ``stream`` (b"" at its end), or None if none came within ``timeout``."""
+    lines: queue.Queue[bytes] = queue.Queue()
+    reader = threading.Thread(
+        target=lambda: lines.put(stream.readline()), name="nbllm-worker-stdout", daemon=True
+    )
+    reader.start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def _get_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
+    """GET ``url``: its status and JSON body ({} when the body is not a JSON object)."""
+    try:
+        with _LOCAL_OPENER.open(url, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            status, raw = err.code, err.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    return status, body if isinstance(body, dict) else {}
+
+
+def _end_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    finally:
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+class Worker:
+    """Runs ``python -m nbllm serve`` on 127.0.0.1 (a free port) in a child process.
+
+    ``engine`` and ``model`` are ``nbllm serve``'s ``--engine`` and ``--model`` (no model:
+    a local engine's embedded one); ``options`` are more of its arguments, passed as given
+    (e.g. ``["--batch-size", "8"]``). The server requires ``api_key`` (default: a random
+    one), which reaches the child through the environment, never its command line;
+    ``engine()`` sends it. ``start_timeout`` bounds the wait for the server to listen,
+    ``load_timeout`` the wait for the model to load.
+
+    Use as ``with Worker(...) as worker:`` (or ``async with``), or ``start()`` / ``stop()``.
+    """
+
+    def __init__(
+        self,
+        engine: str = "auto",
+        model: str | None = None,
+        *,
+        options: Sequence[str] = (),
+        api_key: str | None = None,
+        start_timeout: float = 60.0,
+        load_timeout: float = 600.0,
+    ) -> None:
+        reserved = [o for o in options if o.split("=", 1)[0] in _RESERVED_OPTIONS]
+        if reserved:
+            msg = (
+                f"Worker options may not set {', '.join(reserved)}: the worker listens on "
+                "127.0.0.1 on a free port, and takes the key as api_key="
+            )
+            raise ConfigError(msg)
+        self.engine_name = engine
+        self._model_option = model
+        #: The model name to put in requests (the worker answers any name).
+        self.model = model or ("fake" if engine == "fake" else EMBEDDED_MODEL)
+        self.options = tuple(options)
+        self.start_timeout = start_timeout
+        self.load_timeout = load_timeout
+        # Without a key of the caller's, a random one: other users of this machine can reach
+        # 127.0.0.1 too, and must not use (or stop) this process's model.
+        self._api_key = api_key or secrets.token_urlsafe(32)
+        self.state = WorkerState.NEW
+        #: The engine the worker loaded (what ``auto`` chose there), once it is ready.
+        self.served_engine: str | None = None
+        self._url: str | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+
+    def __repr__(self) -> str:  # no api_key
+        where = f" {self._url}" if self._url else ""
+        return f"<Worker {self.engine_name} {self.model!r} {self.state.value}{where}>"
+
+    @property
+    def command(self) -> list[str]:
+        """The child's command line (it holds no secret)."""
+        args = ["--engine", self.engine_name]
+        if self._model_option is not None:
+            args += ["--model", self._model_option]
+        args += ["--host", "127.0.0.1", "--port", "0", *self.options]
+        return [sys.executable, "-m", "nbllm", "serve", *args]
+
+    @property
+    def url(self) -> str:
+        """The server's ``/v1`` base URL."""
+        if self._url is None or self.state is not WorkerState.RUNNING:
+            msg = f"the worker is {self.state.value}: no URL; call start() first"
+            raise RuntimeError(msg)
+        return self._url
+
+    @property
+    def running(self) -> bool:
+        """Started, not stopped, and the child has not exited."""
+        process = self._process
+        return self.state is WorkerState.RUNNING and process is not None and process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def engine(self, **kwargs: Any) -> WorkerEngine:
+        """An ``OpenAIEngine`` that sends to this worker (kwargs: e.g. ``max_connections``)."""
+        return WorkerEngine(self, **kwargs)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self, *, wait: bool = True) -> Worker:
+        """Start the child and return once its model is loaded; raises ``EngineUnavailable``.
+
+        ``wait=False`` returns as soon as the server listens (``url`` is then known), so that
+        several workers can load at once; ``wait_ready()`` then waits for the load.
+        """
+        if self.state is not WorkerState.NEW:
+            msg = f"the worker is {self.state.value}; create a new Worker to start another"
+            raise RuntimeError(msg)
+        self.state = WorkerState.RUNNING
+        _started.add(self)
+        # A file, not a pipe: it never fills up and blocks the child. Closed in stop().
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            self._process = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                env=self._child_env(),
+            )
+            self._url = self._read_url()
+        except BaseException:
+            self.stop()
+            raise
+        return self.wait_ready() if wait else self
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The child must import this very nbllm, also from a checkout that is not installed.
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH", "")) if p
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        env[SERVE_API_KEY_ENV] = self._api_key
+        return env
+
+    def _read_url(self) -> str:
+        assert self._process is not None and self._process.stdout is not None
+        line = _read_line(self._process.stdout, self.start_timeout)
+        if line is None:
+            msg = f"nbllm serve did not start listening within {self.start_timeout:g} s"
+            raise EngineUnavailable(self._with_stderr(msg))
+        text = line.decode("utf-8", "replace").strip()
+        if not text.startswith(SERVE_URL_LINE_PREFIX):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(5)  # it printed no URL: it is exiting
+            msg = f"nbllm serve failed to start (exit code {self._process.returncode})"
+            raise EngineUnavailable(self._with_stderr(msg))
+        return text.removeprefix(SERVE_URL_LINE_PREFIX)
+
+    def wait_ready(self) -> Worker:
+        """Return once the model is loaded; if it cannot load, stop the child and say why."""
+        try:
+            self._poll_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _poll_ready(self) -> None:
+        """Poll ``/ready`` until the model is loaded, its load failed, or the child exits."""
+        ready_url = self.url.removesuffix("/v1") + "/ready"
+        assert self._process is not None
+        deadline = time.monotonic() + self.load_timeout
+        while True:
+            if self._process.poll() is not None:
+                msg = f"nbllm serve exited with code {self._process.returncode} while loading"
+                raise EngineUnavailable(self._with_stderr(msg))
+            try:
+                status, body = _get_json(ready_url)
+            except OSError:  # not answering yet, or busy: ask again
+                status, body = 0, {}
+            if status == 200:
+                self.served_engine = str(body.get("engine") or self.engine_name)
+                return
+            if body.get("status") == "failed":
+                error = body.get("error")
+                msg = f"the {self.engine_name} engine could not load {self.model}: {error}"
+                raise EngineUnavailable(msg)
+            if time.monotonic() > deadline:
+                msg = f"the {self.engine_name} engine did not load within {self.load_timeout:g} s"
+                raise EngineUnavailable(self._with_stderr(msg))
+            time.sleep(_POLL_S)
+
+    def stderr_tail(self) -> str:
+        """The end of what the child wrote to stderr (its logs)."""
+        if self._stderr is None or self._stderr.closed:
+            return ""
+        self._stderr.flush()
+        size = self._stderr.seek(0, os.SEEK_END)
+        self._stderr.seek(max(0, size - _STDERR_TAIL_CHARS))
+        return self._stderr.read().decode("utf-8", "replace")
+
+    def _with_stderr(self, message: str) -> str:
+        tail = self.stderr_tail().strip()
+        return f"{message}; its stderr ends with:\n{tail}" if tail else message
+
+    def stop(self, timeout: float = 35.0) -> int | None:
+        """Stop the child: SIGTERM, then SIGKILL after ``timeout`` s. Idempotent.
+
+        On SIGTERM the server drains (by default for up to 30 s); a second SIGTERM cuts the
+        drain short. Returns the child's exit code (None if it never started).
+        """
+        if self.state is not WorkerState.STOPPED:
+            self.state = WorkerState.STOPPED
+            _started.discard(self)
+            try:
+                if self._process is not None:
+                    _end_process(self._process, timeout)
+            finally:
+                if self._stderr is not None:
+                    self._stderr.close()
+        return None if self._process is None else self._process.returncode
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Worker:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+class WorkerEngine(OpenAIEngine):
+    """The lean HTTP client pointed at a worker.
+
+    Rows name the worker's engine (``"torch worker"``), and a run's fingerprint names the
+    engine and model rather than the port, which changes with every worker started, so a
+    run resumes with a new worker too.
+    """
+
+    def __init__(self, worker: Worker, **kwargs: Any) -> None:
+        super().__init__(worker.url, api_key=worker._api_key, **kwargs)
+        served = worker.served_engine or worker.engine_name
+        self.name = f"{served} worker"
+        self._identity = " ".join(["worker", served, str(worker.model), *worker.options])
+
+    def identity(self) -> str:
+        return self._identity
+
+
+# --------------------------------------------------------------------- workers of the process
+
+# Every worker started and not yet stopped. Strong references: a worker whose process runs
+# is never dropped unstopped, whether or not its caller still holds it.
+_started: set[Worker] = set()
+_shared: dict[tuple[str, str | None, tuple[str, ...]], Worker] = {}
+_shared_lock = threading.Lock()
+
+
+def local_option_args(
+    *, batch_size: int | None = None, batch_wait_s: float | None = None, device: str | None = None
+) -> list[str]:
+    """``nbllm serve`` arguments for a local engine's keyword options."""
+    args: list[str] = []
+    if batch_size is not None:
+        args += ["--batch-size", str(batch_size)]
+    if batch_wait_s is not None:
+        args += ["--batch-wait-ms", f"{batch_wait_s * 1000:g}"]
+    if device is not None:
+        args += ["--device", device]
+    return args
+
+
+def shared_worker(engine: str, model: str | None, **local_options: Any) -> Worker:
+    """A started worker for this engine, model and options, shared within the process.
+
+    The first call starts it and waits for the model to load; later calls with the same
+    arguments get the same worker while it runs. ``local_options``: ``batch_size``,
+    ``batch_wait_s``, ``device``. Every worker is stopped when the interpreter exits.
+    """
+    try:
+        options = tuple(local_option_args(**local_options))
+    except TypeError as exc:
+        msg = f"a local engine takes batch_size, batch_wait_s and device, got {local_options!r}"
+        raise ConfigError(msg) from exc
+    key = (engine, model, options)
+    with _shared_lock:
+        worker = _shared.get(key)
+        if worker is None or not worker.running:
+            worker = Worker(engine, model, options=options).start()
+            _shared[key] = worker
+        return worker
+
+
+@atexit.register
+def stop_all_workers() -> None:
+    """Stop every worker this process started (no model process outlives its user)."""
+    with _shared_lock:
+        _shared.clear()
+    for worker in list(_started):
+        worker.stop()
