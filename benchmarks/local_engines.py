@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--engines", default=None, help="comma-separated (default: usable ones)")
     parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--sizes", default=None, help="conversations at once, e.g. 1,4,8,16")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per figure (median)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--vllm", action="store_true", help="the vLLM multi-turn comparison")
@@ -113,6 +114,8 @@ def main() -> None:
     from nbllm.engines import available, hardware
 
     sizes = [1, 4] if args.quick else [1, 4, 8, 16]
+    if args.sizes:
+        sizes = [int(n) for n in args.sizes.split(",")]
     max_tokens = args.max_tokens or (6 if args.quick else 24)
     table = available()
     # vllm batches on its own (continuous batching): it has its own comparison, --vllm.

@@ -134,3 +134,17 @@ def test_the_batcher_works_again_on_a_new_event_loop():
 def test_bad_settings_are_refused(size, wait):
     with pytest.raises(ValueError, match="max_"):
         DynamicBatcher(Recorder(), max_batch_size=size, max_wait_s=wait)
+
+
+async def test_one_request_at_a_time_stops_paying_the_wait():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_batch_size=8, max_wait_s=0.2)
+    assert await batcher.submit(1) == 2  # the first waits: company may come
+    t0 = time.monotonic()
+    for i in range(3):
+        assert await batcher.submit(i) == 2 * i
+    assert time.monotonic() - t0 < 0.2  # after a batch of one, no more waiting
+    # Company arriving together is still batched.
+    assert await asyncio.gather(*(batcher.submit(i) for i in range(4))) == [0, 2, 4, 6]
+    assert run.batches[-1] == [0, 1, 2, 3]
+    await batcher.aclose()

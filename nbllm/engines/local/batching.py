@@ -4,7 +4,8 @@ Engines without a scheduler of their own (torch, onnx, deepspeed) run one batch 
 time on their model. A request joins the queue; a batch is cut as soon as it holds
 ``max_batch_size`` requests, or once its oldest request has waited ``max_wait_s`` —
 so batching never adds more than ``max_wait_s`` to any request's wait before its batch
-starts. Requests whose sampling options differ are never mixed in one batch.
+starts. Right after a batch of one the wait is skipped: with one request at a time
+there is nobody to wait for. Requests whose sampling options differ are never mixed in one batch.
 
 The model runs in a worker thread, so the event loop (and the dashboard on it) stays
 live while a batch generates.
@@ -61,6 +62,7 @@ class DynamicBatcher(Generic[Item, Out]):
         self._task: asyncio.Task[None] | None = None
         self.batches_run = 0
         self.largest_batch = 0
+        self._last_batch_size = 0
 
     async def submit(self, item: Item, group: Hashable = None) -> Out:
         """Queue ``item`` and wait for its output; requests of one ``group`` share batches."""
@@ -95,6 +97,7 @@ class DynamicBatcher(Generic[Item, Out]):
                 continue
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, len(batch))
+            self._last_batch_size = len(batch)
             try:
                 outputs = await asyncio.to_thread(self._run_batch, [p.item for p in batch])
             except Exception as exc:
@@ -112,7 +115,10 @@ class DynamicBatcher(Generic[Item, Out]):
         while self._queue:
             oldest = self._queue[0]
             same = [p for p in self._queue if p.group == oldest.group]
-            left = oldest.since + self.max_wait_s - time.monotonic()
+            # After a batch of one, nothing suggests company is coming: a lone request
+            # (one conversation at a time) then starts at once instead of waiting in vain.
+            wait = 0.0 if self._last_batch_size == 1 else self.max_wait_s
+            left = oldest.since + wait - time.monotonic()
             if len(same) >= self.max_batch_size or left <= 0:
                 batch = same[: self.max_batch_size]
                 taken = {id(p) for p in batch}
