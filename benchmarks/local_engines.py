@@ -1,6 +1,7 @@
 """Tokens per second of each installed local engine: the dynamic batcher against a plain loop.
 
-For each installed engine with the dynamic batcher (torch, onnx, deepspeed) and for 1, 4, 8 and
+For each installed engine but vllm (torch, onnx, deepspeed with the dynamic batcher;
+llamacpp, which answers one request at a time) and for 1, 4, 8 and
 16 conversations at once, the same two-turn conversations (turn 2 carries turn 1's real
 answer) on the embedded SmolLM2-135M-Instruct, greedy, a fixed ``max_tokens``, are
 answered two ways, side by side in one process:
@@ -66,12 +67,21 @@ def plain_loop(engine: Any, convs: list[dict[str, Any]], max_tokens: int) -> tup
         messages: list[dict[str, str]] = []
         for question in conv["turns"]:
             messages.append({"role": "user", "content": question})
-            new_ids = engine._generate([engine.encode(messages)], generation)[0]
-            tokens += len(new_ids)
-            answer = engine.decode(new_ids)
+            new_tokens, answer = one_request(engine, messages, generation)
+            tokens += new_tokens
             answers.append(answer)
             messages.append({"role": "assistant", "content": answer})
     return time.perf_counter() - t0, [tokens, answers]
+
+
+def one_request(engine: Any, messages: list[dict[str, str]], generation: Any) -> tuple[int, str]:
+    """The engine's model answering one chat, called directly: (new tokens, text)."""
+    if engine.name == "llamacpp":  # llama.cpp renders the chat itself
+        answer = engine._run_chats([(messages, generation)])[0]
+        text = answer["choices"][0]["message"]["content"] or ""
+        return answer["usage"]["completion_tokens"], text.strip()
+    new_ids = engine._generate([engine.encode(messages)], generation)[0]
+    return len(new_ids), engine.decode(new_ids)
 
 
 def through_nbllm(engine: Any, convs: list[dict[str, Any]], max_tokens: int) -> tuple[float, list]:
@@ -131,7 +141,7 @@ def main() -> None:
         t_load = time.perf_counter()
         engine = load(name, batch_size=max(sizes))
         load_s = time.perf_counter() - t_load
-        engine._generate([engine.encode([{"role": "user", "content": "Hi"}])], _gen(2))  # warm
+        one_request(engine, [{"role": "user", "content": "Hi"}], _gen(2))  # warm-up
         for n in sizes:
             convs = conversations(n)
             plain_rates, nbllm_rates = [], []

@@ -96,7 +96,7 @@ def test_a_missing_path_is_not_taken_for_a_local_model(tmp_path):
 def test_available_lists_every_local_engine_with_a_reason_when_unusable():
     table = available()
     assert list(table.columns) == ["engine", "installed", "usable", "device", "version", "reason"]
-    assert list(table["engine"]) == ["vllm", "deepspeed", "onnx", "torch"]
+    assert list(table["engine"]) == ["vllm", "deepspeed", "onnx", "torch", "llamacpp"]
     for row in table.itertuples():
         assert row.usable == pd.isna(row.reason)
         if row.usable:
@@ -165,7 +165,7 @@ def test_auto_falls_through_an_engine_that_fails_to_load(monkeypatch):
 
 
 def test_cpu_order_starts_with_an_engine_that_exists():
-    assert set(CPU_ORDER) <= {"onnx", "torch", "deepspeed"}
+    assert set(CPU_ORDER) <= {"llamacpp", "onnx", "torch", "deepspeed"}
 
 
 # -- sampling options ---------------------------------------------------------------------

