@@ -247,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "data", metavar="DATA", help="a .jsonl/.json, .csv (long or wide) or .parquet file"
     )
-    run.add_argument("--model", required=True, help="e.g. openai/gpt-4o-mini")
+    run.add_argument(
+        "--model",
+        help="e.g. openai/gpt-4o-mini, or a local model folder or .gguf file "
+        "(default: the embedded SmolLM2-135M-Instruct, on this machine)",
+    )
     run.add_argument("--api-base", metavar="URL", help="an OpenAI-compatible server's URL")
     run.add_argument("--api-key", metavar="KEY", help="never printed nor written anywhere")
     run.add_argument(

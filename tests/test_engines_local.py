@@ -331,3 +331,17 @@ def test_a_worker_runs_the_model_in_a_child_process_and_stops():
     finally:
         nbllm.stop_workers()
     assert not worker.running
+
+
+def test_the_command_line_runs_the_embedded_model_without_a_model_option(tmp_path, capsys):
+    require_embedded_model()
+    from nbllm.cli import main
+
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"id": "a", "turns": ["What is the capital of France?"]}\n')
+    out = tmp_path / "answers.csv"
+    code = main(["run", str(data), "--engine", "torch", "--max-tokens", "12", "--out", str(out)])
+    assert code == 0
+    answers = pd.read_csv(out)
+    assert "Paris" in answers.loc[0, "answer"] and answers.loc[0, "engine"] == "torch"
+    assert "turns_ok" in capsys.readouterr().out
