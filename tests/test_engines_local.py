@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -345,3 +346,30 @@ def test_the_command_line_runs_the_embedded_model_without_a_model_option(tmp_pat
     answers = pd.read_csv(out)
     assert "Paris" in answers.loc[0, "answer"] and answers.loc[0, "engine"] == "torch"
     assert "turns_ok" in capsys.readouterr().out
+
+
+async def test_out_of_memory_halves_the_batch_and_then_names_the_figures(monkeypatch):
+    from nbllm.engines.local import base
+
+    class Tight(base.LocalEngine):
+        """Fits batches of up to two prompts; a prompt of length 9 never fits."""
+
+        name = "tight"
+
+        def _load(self):
+            self.batches = []
+
+        def _generate(self, prompts, generation):
+            self.batches.append(len(prompts))
+            if len(prompts) > 2 or any(len(p) == 9 for p in prompts):
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return [[len(p)] for p in prompts]
+
+    monkeypatch.setattr(base, "resolve_local_model", lambda model: LocalModel("m", Path(".")))
+    engine = Tight(batch_size=4, batch_wait_s=0.05)
+    items = [([1] * n, Generation(max_new_tokens=4)) for n in (1, 2, 3, 4)]
+    assert engine._run_batch(items) == [[1], [2], [3], [4]]
+    assert engine.batches == [4, 2, 2]
+    with pytest.raises(nbllm.EngineError, match="out of memory generating one answer"):
+        engine._run_batch([([0] * 9, Generation(max_new_tokens=4))])
+    await engine.aclose()
