@@ -47,7 +47,7 @@ from nbllm.engines import EMBEDDED_MODEL, create_engine
 from nbllm.engines.base import Engine
 from nbllm.engines.fake import FakeEngine, echo
 from nbllm.engines.worker import SERVE_API_KEY_ENV, SERVE_URL_LINE_PREFIX
-from nbllm.errors import ConfigError, EngineError, RetryableError
+from nbllm.errors import ConfigError, EngineError, RequestRejected, RetryableError
 from nbllm.types import ChatRequest, ChatResponse, Message
 
 __all__ = [
@@ -123,8 +123,11 @@ def _error_type(status: int) -> str:
 
 
 def _engine_error(exc: EngineError) -> web.Response:
-    """The answer for a failed request: the engine's status (else 500) and its message."""
-    status = exc.status if exc.status is not None and 400 <= exc.status <= 599 else 500
+    """The answer for a failed request: the engine's status (else 400 for a refused
+    request, 500 for a failure) and its message."""
+    status = 400 if isinstance(exc, RequestRejected) else 500
+    if exc.status is not None and 400 <= exc.status <= 599:
+        status = exc.status
     headers = None
     if isinstance(exc, RetryableError) and exc.retry_after is not None:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}

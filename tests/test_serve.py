@@ -229,6 +229,7 @@ async def test_full_queue_answers_429_with_retry_after() -> None:
     ("error", "status", "retry_after"),
     [
         (RequestRejected("the prompt is too long", status=422), 422, None),
+        (RequestRejected("local engines do not support logprobs"), 400, None),
         (RateLimitError("slow down", status=429, retry_after=2.5), 429, "3"),
         (ServerError("the GPU is busy", status=503, retry_after=0.2), 503, "1"),
         (EngineError("something broke"), 500, None),
