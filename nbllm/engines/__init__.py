@@ -20,7 +20,6 @@ this one (``nbllm.engines.worker``); it is the default on a CUDA GPU.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from nbllm.engines.base import Engine, EngineState
@@ -56,8 +55,6 @@ __all__ = [
 
 ENGINE_NAMES = ("auto", "openai", "litellm", *LOCAL_ENGINE_NAMES)
 
-_log = logging.getLogger("nbllm")
-
 
 def _prefers_openai(model: str) -> bool:
     prefix, sep, _ = model.partition("/")
@@ -74,10 +71,6 @@ def is_local(engine: str | Engine, model: str | None, api_base: str | None) -> b
     if engine in LOCAL_ENGINE_NAMES:
         return True
     return engine == "auto" and api_base is None and is_local_model(model)
-
-
-def _log_skip(engine: str, reason: str) -> None:
-    _log.warning("nbllm: engine %s skipped: %s", engine, reason)
 
 
 def create_engine(
@@ -110,7 +103,7 @@ def create_engine(
             return shared_worker(engine, model, **local_options).engine(
                 max_connections=max_connections
             )
-        return create_local_engine(engine, model, on_skip=_log_skip, **local_options)
+        return create_local_engine(engine, model, **local_options)
     if worker:
         msg = "worker=True runs a local model; it cannot be used with an API server or provider"
         raise ConfigError(msg)

@@ -12,7 +12,8 @@ llamacpp   llama.cpp on a GGUF file (CPU)       ``llamacpp``       one request a
 
 ``engine="auto"`` tries, in order, vllm → deepspeed → onnx → torch on a GPU, and the
 fastest CPU engine first without one (``CPU_ORDER``); an engine that is not usable or
-fails to load is skipped, and the reason is logged (logger ``nbllm``).
+fails to load is skipped: a load failure is a warning on the ``nbllm`` logger, an engine
+that is not installed only an info line.
 ``available()`` tells, as a DataFrame, which engines are installed and usable here.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,8 @@ __all__ = [
     "engine_status",
     "is_local_model",
 ]
+
+_log = logging.getLogger("nbllm")
 
 LOCAL_ENGINE_NAMES = ("vllm", "deepspeed", "onnx", "torch", "llamacpp")
 GPU_ORDER = ("vllm", "deepspeed", "onnx", "torch")
@@ -202,9 +206,18 @@ def create_local_engine(
         reason = status.reason
         if status.usable:
             try:
-                return engine_class(candidate)(model, **options)
+                engine = engine_class(candidate)(model, **options)
             except EngineUnavailable as exc:
                 reason = str(exc)
+                _log.warning(
+                    "nbllm: engine %s could not load, trying the next: %s", candidate, reason
+                )
+            else:
+                _log.info("nbllm: auto chose %s", engine.describe())
+                return engine
+        else:
+            # Not installed or not for this machine: expected, so only a quiet note.
+            _log.info("nbllm: engine %s skipped: %s", candidate, reason)
         reason = reason or "not usable"
         reasons.append(f"{candidate}: {reason}")
         if on_skip is not None:

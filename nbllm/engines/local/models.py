@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -188,6 +189,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         )
         raise EngineUnavailable(msg) from exc
     transformers.utils.logging.disable_progress_bar()
+    print(
+        f"nbllm: converting {gguf.name} once into a transformers checkpoint in {out.parent} "
+        "(about 20 s on 2 cores; later runs load it at once)",
+        file=sys.stderr,
+    )
     try:
         folder, name = str(gguf.parent), gguf.name
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -47,7 +48,6 @@ from nbllm.errors import EngineUnavailable
 
 __all__ = ["DecoderLayout", "OnnxEngine", "export_decoder"]
 
-log = logging.getLogger("nbllm")
 
 _GRAPH = "decoder.onnx"
 _LAYOUT = "decoder.json"
@@ -151,7 +151,11 @@ def export_decoder(model: LocalModel) -> Path:
     target = cache_entry(model, "onnx")
     with building(target) as scratch:
         if scratch is not None:
-            log.info("exporting %s to ONNX once, into %s (a minute or two)", model.name, target)
+            print(
+                f"nbllm: exporting {model.name} to ONNX once, into {target} (a minute or two; "
+                "later runs load it at once)",
+                file=sys.stderr,
+            )
             _export(model, scratch)
     return target
 
