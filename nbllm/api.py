@@ -10,6 +10,7 @@ and returns what finished. ``arun`` is the same as a coroutine, for ``await``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -211,6 +212,9 @@ def prepare_run(
         max_connections=max(config.concurrency, 8),
         worker=worker,
     )
+    if chosen.max_in_flight is not None and chosen.max_in_flight < config.concurrency:
+        # More would only queue inside the engine, where their timeouts would run out.
+        config = dataclasses.replace(config, concurrency=chosen.max_in_flight)
     plan = PreparedRun(config, conversations, chosen, chosen is not engine, list(listeners))
     try:
         if checkpoint is not False and checkpoint is not None:

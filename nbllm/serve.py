@@ -471,7 +471,12 @@ class EngineServer:
     async def _handle_ready(self, request: web.Request) -> web.Response:
         if self.state is ServeState.READY:
             assert self._engine is not None
-            body = {"status": "ready", "model": self.served_model_name, "engine": self._engine.name}
+            body = {
+                "status": "ready",
+                "model": self.served_model_name,
+                "engine": self._engine.name,
+                "max_in_flight": self._engine.max_in_flight,
+            }
             return web.json_response(body)
         if self.state is ServeState.FAILED:
             return web.json_response({"status": "failed", "error": self.load_error}, status=503)

@@ -274,3 +274,24 @@ def test_progress_false_shows_nothing_even_in_a_notebook(monkeypatch):
     monkeypatch.setattr(IPython.display, "display", shown.append)
     nbllm.run(RECORDS, engine=FakeEngine(), model="m", progress=False)
     assert shown == []
+
+
+def test_an_engine_that_only_queues_beyond_a_batch_caps_the_requests_in_flight():
+    """A local model takes max_in_flight at once; more would wait, and time out, in its queue."""
+    import asyncio
+
+    state = {"now": 0, "peak": 0}
+
+    async def handler(request):
+        state["now"] += 1
+        state["peak"] = max(state["peak"], state["now"])
+        await asyncio.sleep(0.01)
+        state["now"] -= 1
+        return "ok"
+
+    engine = FakeEngine(handler)
+    engine.max_in_flight = 3
+    records = [{"id": i, "turns": ["a", "b"]} for i in range(12)]
+    result = nbllm.run(records, engine=engine, concurrency=32, checkpoint=False, cache=False)
+    assert result.summary.turns_ok == 24
+    assert state["peak"] == 3

@@ -325,6 +325,7 @@ def test_a_worker_runs_the_model_in_a_child_process_and_stops():
         assert set(df["engine"]) == {"torch worker"}
         worker = shared_worker("torch", EMBEDDED_MODEL)  # the same worker, still running
         assert worker.running and worker.served_engine == "torch"
+        assert worker.max_in_flight == hardware().default_batch_size  # as /ready says
         # A second run reuses it, and resumes from the checkpoint of the first.
         again = nbllm.run(data, engine="torch", worker=True, max_tokens=12, progress=False)
         assert again.df["resumed"].all()

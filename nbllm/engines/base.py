@@ -28,6 +28,10 @@ class Engine(ABC):
 
     #: Recorded in every row's ``engine`` column; an instance may name itself more precisely.
     name: str = "engine"
+    #: Requests beyond this many at once only wait in a queue inside the engine (a local
+    #: model's batch); a run keeps at most this many in flight, so no request's timeout
+    #: runs out while it waits its turn. None: no such limit.
+    max_in_flight: int | None = None
 
     def __init__(self) -> None:
         self.state = EngineState.OPEN

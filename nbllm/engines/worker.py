@@ -151,6 +151,8 @@ class Worker:
         self.state = WorkerState.NEW
         #: The engine the worker loaded (what ``auto`` chose there), once it is ready.
         self.served_engine: str | None = None
+        #: How many requests the worker's engine takes at once (what more would only queue).
+        self.max_in_flight: int | None = None
         self._url: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
@@ -268,6 +270,8 @@ class Worker:
                 status, body = 0, {}
             if status == 200:
                 self.served_engine = str(body.get("engine") or self.engine_name)
+                limit = body.get("max_in_flight")
+                self.max_in_flight = limit if isinstance(limit, int) and limit > 0 else None
                 return
             if body.get("status") == "failed":
                 error = body.get("error")
@@ -343,6 +347,7 @@ class WorkerEngine(OpenAIEngine):
         super().__init__(worker.url, api_key=worker._api_key, **kwargs)
         served = worker.served_engine or worker.engine_name
         self.name = f"{served} worker"
+        self.max_in_flight = worker.max_in_flight
         self._identity = " ".join(["worker", served, str(worker.model), *worker.options])
 
     def identity(self) -> str:

@@ -125,6 +125,7 @@ class LocalEngine(Engine):
         self.device = device or self.hardware.device
         self.model: LocalModel = resolve_local_model(model)
         self.batch_size = batch_size or self.hardware.default_batch_size
+        self.max_in_flight = self.batch_size
         self._batcher: DynamicBatcher[tuple[list[int], Generation], list[int]] = DynamicBatcher(
             self._run_batch, max_batch_size=self.batch_size, max_wait_s=batch_wait_s
         )

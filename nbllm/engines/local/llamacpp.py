@@ -52,6 +52,9 @@ class LlamaCppEngine(LocalEngine):
             msg = f"llama.cpp cannot load {self.model.path.name}: {type(exc).__name__}: {exc}"
             raise EngineUnavailable(msg) from exc
         self._in_flight = 0
+        # One request at a time: conversations then run one after another, each turn
+        # continuing the context the last one left (no state to save or restore).
+        self.max_in_flight = 1
         self._chats: DynamicBatcher[_Chat, dict[str, Any]] = DynamicBatcher(
             self._run_chats, max_batch_size=1, max_wait_s=0
         )

@@ -49,6 +49,7 @@ class VllmEngine(LocalEngine):
             msg = f"vllm cannot load {self.model.name}: {type(exc).__name__}: {exc}"
             raise EngineUnavailable(msg) from exc
         self._vllm = vllm
+        self.max_in_flight = None  # vLLM schedules any number of requests itself
 
     def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
         msg = "vllm schedules its own batches; requests go through complete()"
