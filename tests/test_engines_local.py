@@ -225,6 +225,19 @@ async def test_a_seeded_sample_repeats(torch_engine):
     assert first.text == second.text
 
 
+def test_a_local_engine_instance_names_its_model_in_the_rows(torch_engine):
+    result = nbllm.run(
+        [{"id": "a", "turns": ["What is 2 + 2?"]}],
+        engine=torch_engine,
+        max_tokens=8,
+        checkpoint=False,
+        cache=False,
+        progress=False,
+    )
+    assert result.model == EMBEDDED_MODEL and list(result.df["model"]) == [EMBEDDED_MODEL]
+    assert torch_engine.state.value != "closed"  # the caller's engine stays open
+
+
 async def test_a_closed_engine_refuses_requests():
     require_embedded_model()
     from nbllm.engines.local.torch import TorchEngine
