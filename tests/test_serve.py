@@ -144,7 +144,8 @@ async def test_completion_json_models_health_and_ready() -> None:
             assert (resp.status, await resp.json()) == (200, {"status": "ok"})
         async with session.get(root(server.url) + "/ready") as resp:
             body = await resp.json()
-            assert (resp.status, body) == (200, {"status": "ready", "model": "m", "engine": "fake"})
+            ready = {"status": "ready", "model": "m", "engine": "fake", "max_in_flight": None}
+            assert (resp.status, body) == (200, ready)
 
 
 @pytest.mark.parametrize(
