@@ -23,7 +23,6 @@ from typing import Any
 from nbllm.config import RunConfig
 from nbllm.dataset import load_conversations
 from nbllm.engines import EMBEDDED_MODEL, Engine, create_engine, is_local
-from nbllm.engines.local import LocalEngine
 from nbllm.errors import ConfigError
 from nbllm.executor import Event, Executor
 from nbllm.executor.cache import ResponseCache, resolve_cache_path
@@ -174,10 +173,8 @@ def prepare_run(
     ``progress`` is checked here but no progress is attached: see ``progress_listener``.
     """
     if model is None:
-        if isinstance(engine, LocalEngine):
-            model = engine.model.name
-        elif isinstance(engine, Engine):
-            model = engine.name
+        if isinstance(engine, Engine):
+            model = engine.default_model or engine.name
         elif is_local(engine, model, api_base):
             model = EMBEDDED_MODEL
         else:

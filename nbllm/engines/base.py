@@ -32,6 +32,8 @@ class Engine(ABC):
     #: model's batch); a run keeps at most this many in flight, so no request's timeout
     #: runs out while it waits its turn. None: no such limit.
     max_in_flight: int | None = None
+    #: The model this engine answers with when a run names none (a local model's name).
+    default_model: str | None = None
 
     def __init__(self) -> None:
         self.state = EngineState.OPEN

@@ -348,6 +348,7 @@ class WorkerEngine(OpenAIEngine):
         served = worker.served_engine or worker.engine_name
         self.name = f"{served} worker"
         self.max_in_flight = worker.max_in_flight
+        self.default_model = str(worker.model)
         self._identity = " ".join(["worker", served, str(worker.model), *worker.options])
 
     def identity(self) -> str:

@@ -124,6 +124,7 @@ class LocalEngine(Engine):
         self.hardware: Hardware = hardware()
         self.device = device or self.hardware.device
         self.model: LocalModel = resolve_local_model(model)
+        self.default_model = self.model.name
         self.batch_size = batch_size or self.hardware.default_batch_size
         self.max_in_flight = self.batch_size
         self._batcher: DynamicBatcher[tuple[list[int], Generation], list[int]] = DynamicBatcher(
