@@ -156,7 +156,7 @@ def main() -> None:
                     wall, (tokens, got) = way(engine, convs, max_tokens)
                     rates.append(tokens / wall)
                     answers.append(got)
-                same = same and _same(*answers, convs)
+                same = same and _same(*answers)
             plain, ours = statistics.median(plain_rates), statistics.median(nbllm_rates)
             print(f"{name:10} {n:>3} {plain:>12.1f} {ours:>12.1f} {ours / plain:>6.2f}  {same}")
             figures.append(
@@ -254,7 +254,7 @@ def _gen(tokens: int) -> Any:
     return Generation(max_new_tokens=tokens)
 
 
-def _same(plain: list[str], ours: list[str], convs: list[dict[str, Any]]) -> bool:
+def _same(plain: list[str], ours: list[str]) -> bool:
     # nbllm's rows come in input order: conversation by conversation, turn by turn.
     return [a.strip() for a in plain] == [str(a).strip() for a in ours]
 

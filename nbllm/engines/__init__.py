@@ -127,7 +127,4 @@ def create_engine(
             )
             raise ConfigError(msg)
         return OpenAIEngine(api_base, api_key=api_key, max_connections=max_connections)
-    if engine == "litellm":
-        return LiteLLMEngine(api_base=api_base, api_key=api_key)
-    msg = f"unknown engine {engine!r}"
-    raise ConfigError(msg)
+    return LiteLLMEngine(api_base=api_base, api_key=api_key)  # "litellm"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbllm.engines.base import Engine
+from nbllm.engines.base import Engine, EngineState
 from nbllm.engines.hardware import Hardware, hardware
 from nbllm.engines.local.batching import DynamicBatcher
 from nbllm.engines.local.models import LocalModel, resolve_local_model
@@ -219,7 +219,7 @@ class LocalEngine(Engine):
         generation = items[0][1]
         prompts = [prompt for prompt, _ in items]
         with self._lock:
-            if self.state.value == "closed":
+            if self.state is EngineState.CLOSED:
                 msg = f"the {self.name} engine was closed while requests were waiting"
                 raise EngineError(msg)
             try:
@@ -251,7 +251,7 @@ class LocalEngine(Engine):
             torch.cuda.empty_cache()
 
     async def aclose(self) -> None:
-        if self.state.value != "closed":
+        if self.state is not EngineState.CLOSED:
             await self._batcher.aclose()
             with self._lock:
                 self._release()

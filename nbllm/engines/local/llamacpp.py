@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine, require
 from nbllm.engines.local.batching import DynamicBatcher
 from nbllm.errors import EngineError, EngineUnavailable
@@ -94,7 +95,7 @@ class LlamaCppEngine(LocalEngine):
         if generation.stop:
             options["stop"] = list(generation.stop)
         with self._lock:
-            if self.state.value == "closed":
+            if self.state is EngineState.CLOSED:
                 msg = "the llamacpp engine was closed while requests were waiting"
                 raise EngineError(msg)
             self.llama.set_cache(self._states if self._in_flight > 1 else None)
@@ -105,7 +106,7 @@ class LlamaCppEngine(LocalEngine):
                 raise EngineError(msg) from exc
 
     async def aclose(self) -> None:
-        if self.state.value != "closed":
+        if self.state is not EngineState.CLOSED:
             await self._chats.aclose()
         await super().aclose()
 

