@@ -9,6 +9,7 @@ here once.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import threading
@@ -155,21 +156,19 @@ class LocalEngine(Engine):
     def identity(self) -> str:
         return f"{self.name} {self.model.identity}"
 
-    @property
+    @functools.cached_property
     def eos_token_ids(self) -> list[int]:
-        ids = getattr(self, "_eos_ids", None)
-        if ids is None:
-            found: set[int] = set()
-            generation_config = getattr(getattr(self, "hf_model", None), "generation_config", None)
-            configured = getattr(generation_config, "eos_token_id", None)
-            if isinstance(configured, int):
-                found.add(configured)
-            elif configured:
-                found.update(int(i) for i in configured)
-            if self.tokenizer.eos_token_id is not None:
-                found.add(int(self.tokenizer.eos_token_id))
-            ids = self._eos_ids = sorted(found)
-        return ids
+        """End-of-text ids: the tokenizer's and the model's generation config's (read once)."""
+        found: set[int] = set()
+        generation_config = getattr(getattr(self, "hf_model", None), "generation_config", None)
+        configured = getattr(generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            found.add(configured)
+        elif configured:
+            found.update(int(i) for i in configured)
+        if self.tokenizer.eos_token_id is not None:
+            found.add(int(self.tokenizer.eos_token_id))
+        return sorted(found)
 
     @property
     def pad_token_id(self) -> int:
