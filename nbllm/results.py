@@ -14,7 +14,14 @@ from nbllm.types import TurnRecord
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["COLUMNS", "RunResult", "RunSummary", "percentile"]
+__all__ = [
+    "COLUMNS",
+    "RowTotals",
+    "RunResult",
+    "RunSummary",
+    "percentile",
+    "request_latency",
+]
 
 COLUMNS = (
     "conversation_id",
@@ -47,6 +54,117 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
 
 
+# What one row counts for. The end-of-run summary and the live statistics
+# (nbllm.executor.stats) both count rows with these rules, so a figure means one thing.
+
+
+def request_latency(record: TurnRecord) -> float | None:
+    """The latency of a request answered in this run; None for a row that sent none
+    (cached, resumed) or got no answer."""
+    if record.cached or record.resumed or not record.ok:
+        return None
+    return record.latency_s
+
+
+class RowTotals:
+    """The running totals of a run's rows, added one row at a time.
+
+    ``add`` is a few additions (the live statistics call it for every finished turn);
+    the latencies are sorted only when asked for. Only answered rows bring tokens.
+    ``cached`` counts rows answered from the cache in this run, so a resumed row is never
+    also cached. ``attempts`` and ``sent`` (rows with at least one attempt) include resumed
+    rows, which keep their earlier run's attempts. Not locked: its owner serialises access.
+    """
+
+    __slots__ = (
+        "_latencies",
+        "_new_latencies",
+        "answered",
+        "attempts",
+        "cached",
+        "completion_tokens",
+        "cost_known",
+        "cost_sum",
+        "prompt_tokens",
+        "resumed",
+        "sent",
+        "turns",
+    )
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.answered = 0
+        self.attempts = 0
+        self.sent = 0
+        self.cached = 0
+        self.resumed = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost_sum = 0.0
+        self.cost_known = False
+        # Sorted latencies, plus those not merged in yet: an insort per row would move the
+        # whole list each time (quadratic over a long run); one merge per read is linear.
+        self._latencies: list[float] = []
+        self._new_latencies: list[float] = []
+
+    @classmethod
+    def of(cls, records: Sequence[TurnRecord]) -> RowTotals:
+        """The totals of ``records``."""
+        totals = cls()
+        for record in records:
+            totals.add(record)
+        return totals
+
+    def add(self, record: TurnRecord) -> None:
+        self.turns += 1
+        if record.ok:
+            self.answered += 1
+            self.prompt_tokens += record.prompt_tokens or 0
+            self.completion_tokens += record.completion_tokens or 0
+        if record.attempts:
+            self.attempts += record.attempts
+            self.sent += 1
+        if record.cost_usd is not None:
+            self.cost_sum += record.cost_usd
+            self.cost_known = True
+        if record.resumed:
+            self.resumed += 1
+        elif record.cached:
+            self.cached += 1
+        latency = request_latency(record)
+        if latency is not None:
+            self._new_latencies.append(latency)
+
+    @property
+    def errors(self) -> int:
+        """Rows without an answer: failed, skipped after an earlier failure, or not run."""
+        return self.turns - self.answered
+
+    @property
+    def retries(self) -> int:
+        """Attempts beyond each sent row's first."""
+        return self.attempts - self.sent
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def cost_usd(self) -> float | None:
+        """The sum of the known costs; None while no row has one."""
+        return self.cost_sum if self.cost_known else None
+
+    def latencies(self) -> list[float]:
+        """The latencies of requests answered in this run, sorted (the list itself: read it,
+        don't keep it)."""
+        if self._new_latencies:
+            # Sorting a sorted run followed by a short unsorted one is a merge (Timsort).
+            self._latencies.extend(self._new_latencies)
+            self._latencies.sort()
+            self._new_latencies.clear()
+        return self._latencies
+
+
 @dataclass(frozen=True, slots=True)
 class RunSummary:
     """The run's figures. Latencies are of answered requests, in seconds.
@@ -72,6 +190,33 @@ class RunSummary:
     completion_tokens: int
     cost_usd: float | None
     interrupted: bool
+
+    @classmethod
+    def from_totals(
+        cls, totals: RowTotals, *, conversations: int, wall_s: float, interrupted: bool
+    ) -> RunSummary:
+        """The whole run's figures from the totals of all its rows: rates are per second of
+        ``wall_s`` and count resumed rows too."""
+        latencies = totals.latencies()
+        return cls(
+            conversations=conversations,
+            turns=totals.turns,
+            turns_ok=totals.answered,
+            turns_failed=totals.errors,
+            wall_s=wall_s,
+            requests_per_s=totals.attempts / wall_s if wall_s > 0 else 0.0,
+            tokens_per_s=totals.tokens / wall_s if wall_s > 0 else 0.0,
+            latency_p50=percentile(latencies, 0.50),
+            latency_p95=percentile(latencies, 0.95),
+            latency_p99=percentile(latencies, 0.99),
+            retries=totals.retries,
+            cached=totals.cached,
+            resumed=totals.resumed,
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            cost_usd=totals.cost_usd,
+            interrupted=interrupted,
+        )
 
     @property
     def success_rate(self) -> float:
@@ -165,39 +310,20 @@ class RunResult:
 
     @cached_property
     def summary(self) -> RunSummary:
-        ok = [r for r in self.records if r.ok]
-        latencies = sorted(
-            r.latency_s for r in ok if r.latency_s is not None and not (r.cached or r.resumed)
-        )
-        attempts = sum(r.attempts for r in self.records)
-        sent = sum(1 for r in self.records if r.attempts)
-        prompt = sum(r.prompt_tokens or 0 for r in self.records)
-        completion = sum(r.completion_tokens or 0 for r in self.records)
-        costs = [r.cost_usd for r in self.records if r.cost_usd is not None]
-        wall = self.wall_s if self.wall_s > 0 else float("nan")
-        return RunSummary(
+        return RunSummary.from_totals(
+            RowTotals.of(self.records),
             conversations=self.conversations,
-            turns=len(self.records),
-            turns_ok=len(ok),
-            turns_failed=len(self.records) - len(ok),
             wall_s=self.wall_s,
-            requests_per_s=attempts / wall if self.wall_s > 0 else 0.0,
-            tokens_per_s=(prompt + completion) / wall if self.wall_s > 0 else 0.0,
-            latency_p50=percentile(latencies, 0.50),
-            latency_p95=percentile(latencies, 0.95),
-            latency_p99=percentile(latencies, 0.99),
-            retries=attempts - sent,
-            cached=sum(1 for r in self.records if r.cached and not r.resumed),
-            resumed=sum(1 for r in self.records if r.resumed),
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cost_usd=sum(costs) if costs else None,
             interrupted=self.interrupted,
         )
 
     def plot(self) -> Any:
         """A matplotlib figure: latency by turn, turns in flight and throughput over time,
-        and GPU utilisation over the run when a GPU was sampled (``gpu_samples``)."""
+        and GPU utilisation over the run when a GPU was sampled (``gpu_samples``).
+
+        A convenience for ``nbllm.ui.plots.plot_result(result)``; its import is the one
+        deliberate upward import from this data module, made only when a plot is asked for.
+        """
         from nbllm.ui.plots import plot_result
 
-        return plot_result(self, self.gpu_samples)
+        return plot_result(self)

@@ -1,4 +1,4 @@
-"""RunState's figures and the notebook Dashboard's widgets, driven by synthetic events."""
+"""RunStats' figures and the notebook Dashboard's widgets, driven by synthetic events."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from nbllm.executor.events import (
     RunStarted,
     TurnFinished,
 )
+from nbllm.executor.stats import RunStats, Snapshot
 from nbllm.types import TurnRecord
 from nbllm.ui.dashboard import Dashboard, format_duration, summary_line
-from nbllm.ui.state import RunState, Snapshot
 
 
 def record(
@@ -68,11 +68,11 @@ class FakeClock:
         return self.now
 
 
-# -- RunState ---------------------------------------------------------------------------
+# -- RunStats ---------------------------------------------------------------------------
 
 
 def test_counts_follow_the_events():
-    state = RunState()
+    state = RunStats()
     assert state.snapshot(now=0.0) == Snapshot()
     state.update(started(turns=4, conversations=2, t=100.0))
     state.update(RequestSent("a", 0, 1, 1, 100.1))
@@ -93,7 +93,7 @@ def test_counts_follow_the_events():
 
 
 def test_in_flight_is_the_latest_reported():
-    state = RunState()
+    state = RunStats()
     state.update(started())
     for n in range(1, 6):
         state.update(RequestSent("c", 0, 1, n, 0.1))
@@ -105,7 +105,7 @@ def test_in_flight_is_the_latest_reported():
 
 
 def test_latency_percentiles_only_of_requests_answered_in_this_run():
-    state = RunState()
+    state = RunStats()
     state.update(started(turns=200))
     latencies = [((i * 37) % 100 + 1) / 100 for i in range(100)]  # 0.01 .. 1.00, shuffled
     for i, latency in enumerate(latencies):
@@ -124,7 +124,7 @@ def test_latency_percentiles_only_of_requests_answered_in_this_run():
 
 
 def test_latency_percentiles_are_none_without_answered_requests():
-    state = RunState()
+    state = RunStats()
     state.update(started())
     state.update(done(record(cached=True, attempts=0), 0.1))
     s = state.snapshot(now=1.0)
@@ -132,7 +132,7 @@ def test_latency_percentiles_are_none_without_answered_requests():
 
 
 def test_rates_and_eta_over_the_recent_window():
-    state = RunState(window_s=5.0)
+    state = RunStats(window_s=5.0)
     state.update(started(turns=20, t=0.0))
     for i in range(10):  # one turn a second, at 0.5, 1.5, ..., 9.5; two attempts each
         state.update(done(record(i, attempts=2, prompt_tokens=10, completion_tokens=5), i + 0.5))
@@ -149,7 +149,7 @@ def test_rates_and_eta_over_the_recent_window():
 
 
 def test_the_window_is_the_elapsed_time_at_first():
-    state = RunState(window_s=5.0)
+    state = RunStats(window_s=5.0)
     state.update(started(turns=4, t=100.0))
     assert state.snapshot(now=100.0).requests_per_s is None
     assert state.snapshot(now=100.0).eta_s is None
@@ -160,7 +160,7 @@ def test_the_window_is_the_elapsed_time_at_first():
 
 
 def test_failed_rows_bring_no_tokens_but_count_their_requests():
-    state = RunState()
+    state = RunStats()
     state.update(started(t=0.0))
     state.update(done(record(error="ServerError: 500", attempts=3), 0.5))
     s = state.snapshot(now=1.0)
@@ -169,7 +169,7 @@ def test_failed_rows_bring_no_tokens_but_count_their_requests():
 
 
 def test_resumed_rows_do_not_make_the_pace():
-    state = RunState()
+    state = RunStats()
     state.update(started(turns=10, t=0.0, resumed=6))
     for i in range(6):
         state.update(done(record(i, resumed=True), 0.01))
@@ -182,7 +182,7 @@ def test_resumed_rows_do_not_make_the_pace():
 
 
 def test_cost_is_none_until_a_row_has_one_then_the_sum():
-    state = RunState()
+    state = RunStats()
     state.update(started())
     state.update(done(record(cost=None), 0.1))
     assert state.snapshot(now=1.0).cost_usd is None
@@ -193,7 +193,7 @@ def test_cost_is_none_until_a_row_has_one_then_the_sum():
 
 
 def test_figures_freeze_when_the_run_finishes():
-    state = RunState()
+    state = RunStats()
     state.update(started(turns=2, t=0.0))
     state.update(done(record(0), 1.0, last=True))
     state.update(done(record(1), 2.0, last=True))
@@ -206,7 +206,7 @@ def test_figures_freeze_when_the_run_finishes():
 
 
 def test_an_interrupted_run_has_no_eta():
-    state = RunState()
+    state = RunStats()
     state.update(started(turns=4, t=0.0))
     state.update(done(record(), 1.0))
     state.update(RunFinished(1, 3, 1.5, True, 1.5))
@@ -216,7 +216,7 @@ def test_an_interrupted_run_has_no_eta():
 
 
 def test_a_new_run_starts_over():
-    state = RunState()
+    state = RunStats()
     state.update(started(t=0.0))
     state.update(done(record(error="boom"), 0.5))
     state.update(RunFinished(0, 1, 1.0, False, 1.0))
@@ -227,7 +227,7 @@ def test_a_new_run_starts_over():
 
 
 def test_one_writer_thread_and_one_reader():
-    state = RunState()
+    state = RunStats()
     state.update(started(turns=20_000, t=time.time()))
 
     def write() -> None:

@@ -1,8 +1,9 @@
 """The notebook dashboard: live bars, figures, GPU gauges and a Stop button for one run.
 
-``Dashboard`` is an executor listener. Each event goes into a ``RunState``; at most
-``max_updates_per_s`` times a second (and always at the start and the end of a run) the
-widgets are redrawn from a snapshot of it, in whichever thread delivers the events.
+``Dashboard`` is an executor listener. Each event goes into its ``RunStats``
+(``nbllm.executor.stats``); at most ``max_updates_per_s`` times a second (and always at the
+start and the end of a run) the widgets are redrawn from a ``Snapshot`` of it, in whichever
+thread delivers the events.
 Frontends without widgets get a one-line text summary instead.
 """
 
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbllm.executor.events import Event, RetryScheduled, RunFinished, RunStarted, TurnFinished
+from nbllm.executor.stats import RunStats, Snapshot
 from nbllm.ui.gpu import GpuMonitor, GpuSample
-from nbllm.ui.state import RunState, Snapshot
 
 __all__ = [
     "Dashboard",
@@ -147,6 +148,7 @@ class Dashboard:
     ``stop``: called (once) by the Stop button; without it there is no button.
     ``gpu``: False hides the GPU gauges; None or True shows them, or "no GPU found".
     ``clock``: monotonic seconds, for the redraw throttle (tests pass a fake one).
+    ``stats``: the ``RunStats`` that the events go into and the widgets are drawn from.
 
     Widgets, for reading their state: ``widget`` (the whole VBox), ``title``,
     ``turns_bar`` / ``turns_label``, ``conversations_bar`` / ``conversations_label``,
@@ -168,7 +170,7 @@ class Dashboard:
         if not max_updates_per_s > 0:
             msg = f"max_updates_per_s must be positive, got {max_updates_per_s!r}"
             raise ValueError(msg)
-        self.state = RunState()
+        self.stats = RunStats()
         self.gpu_monitor = GpuMonitor() if gpu is not False else None
         self.gpu_found = self.gpu_monitor.available() if self.gpu_monitor is not None else False
         self._stop = stop
@@ -190,7 +192,7 @@ class Dashboard:
 
     def __call__(self, event: Event) -> None:
         try:
-            self.state.update(event)
+            self.stats.update(event)
             if isinstance(event, RunStarted):
                 if self.gpu_monitor is not None and self.gpu_found:
                     self.gpu_monitor.start()
@@ -212,7 +214,7 @@ class Dashboard:
     # -- display -------------------------------------------------------------------
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        text = summary_line(self.state.snapshot())
+        text = summary_line(self.stats.snapshot())
         bundle: dict[str, Any] = {}
         widget_bundle = getattr(self.widget, "_repr_mimebundle_", None)
         if callable(widget_bundle):
@@ -221,7 +223,7 @@ class Dashboard:
         return bundle
 
     def __str__(self) -> str:
-        return summary_line(self.state.snapshot())
+        return summary_line(self.stats.snapshot())
 
     # -- widgets -------------------------------------------------------------------
 
@@ -282,37 +284,39 @@ class Dashboard:
         """Redraw every widget from a fresh snapshot (the throttle's clock restarts)."""
         with self._render_lock:
             self._last_render = self._clock()
-            snap = self.state.snapshot()
-            if self.widget is None:
-                return
-            if snap.model is None:
-                self.title.value = "<b>nbllm</b> · waiting for the run to start"
-            else:
-                self.title.value = (
-                    f"<b>nbllm</b> · {html.escape(snap.model)} · {html.escape(snap.engine or '')}"
-                )
-            style = bar_style(snap)
-            for bar, label, done, total, unit in (
-                (self.turns_bar, self.turns_label, snap.turns_done, snap.turns_total, "turns"),
-                (
-                    self.conversations_bar,
-                    self.conversations_label,
-                    snap.conversations_done,
-                    snap.conversations_total,
-                    "conversations",
-                ),
-            ):
-                bar.max = total  # before the value, which is clamped to it
-                bar.value = min(done, total)
-                bar.bar_style = style
-                label.value = f"{done:,} / {total:,} {unit}"
-            self.figures.value = figures_line(snap)
-            if snap.finished and self.stop_button is not None:
-                self.stop_button.disabled = True
-                if self._stop_requested:
-                    self.stop_button.description = "stopped"
-            if self.gpu_monitor is not None and self.gpu_found:
-                self._render_gpu(self.gpu_monitor.latest())
+            if self.widget is not None:
+                self._draw(self.stats.snapshot())
+
+    def _draw(self, snap: Snapshot) -> None:
+        """Set every widget from ``snap`` (and the GPU monitor's latest samples)."""
+        if snap.model is None:
+            self.title.value = "<b>nbllm</b> · waiting for the run to start"
+        else:
+            self.title.value = (
+                f"<b>nbllm</b> · {html.escape(snap.model)} · {html.escape(snap.engine or '')}"
+            )
+        style = bar_style(snap)
+        for bar, label, done, total, unit in (
+            (self.turns_bar, self.turns_label, snap.turns_done, snap.turns_total, "turns"),
+            (
+                self.conversations_bar,
+                self.conversations_label,
+                snap.conversations_done,
+                snap.conversations_total,
+                "conversations",
+            ),
+        ):
+            bar.max = total  # before the value, which is clamped to it
+            bar.value = min(done, total)
+            bar.bar_style = style
+            label.value = f"{done:,} / {total:,} {unit}"
+        self.figures.value = figures_line(snap)
+        if snap.finished and self.stop_button is not None:
+            self.stop_button.disabled = True
+            if self._stop_requested:
+                self.stop_button.description = "stopped"
+        if self.gpu_monitor is not None and self.gpu_found:
+            self._render_gpu(self.gpu_monitor.latest())
 
     def _render_gpu(self, samples: list[GpuSample]) -> None:
         widgets = self._widgets

@@ -27,10 +27,15 @@ def _in_flight(spans: Sequence[tuple[float, float]], grid: Sequence[float]) -> l
 def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> Any:
     """A 2x2 figure: latency by turn, turns in flight, throughput, and GPU use if sampled.
 
-    ``gpu_samples``: ``GpuSample`` objects (``nbllm.ui.gpu``) taken during the run; without
-    them the fourth panel says that no GPU was sampled.
+    ``gpu_samples``: ``GpuSample`` objects (``nbllm.ui.gpu``) taken during the run, by
+    default the result's own ``gpu_samples``; without any the fourth panel says that no GPU
+    was sampled.
     """
     from matplotlib.figure import Figure
+
+    # Here, not at the top: RunResult.plot() imports this module, and the two modules
+    # must not import each other when loaded.
+    from nbllm.results import request_latency
 
     fig = Figure(figsize=(11, 7), layout="constrained")
     (ax_latency, ax_flight), (ax_rate, ax_gpu) = fig.subplots(2, 2)
@@ -38,8 +43,9 @@ def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> 
 
     by_turn: dict[int, list[float]] = defaultdict(list)
     for r in result.records:
-        if r.ok and r.latency_s is not None and not (r.cached or r.resumed):
-            by_turn[r.turn].append(r.latency_s)
+        latency = request_latency(r)
+        if latency is not None:
+            by_turn[r.turn].append(latency)
     if by_turn:
         turns = sorted(by_turn)
         ax_latency.hist(
@@ -81,7 +87,7 @@ def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> 
     ax_rate.set_xlabel("seconds since start")
     ax_rate.set_ylabel("turns finished / s")
 
-    samples = list(gpu_samples or [])
+    samples = list(result.gpu_samples if gpu_samples is None else gpu_samples)
     if samples:
         by_device: dict[Any, list[Any]] = defaultdict(list)
         for s in samples:

@@ -6,30 +6,35 @@ import sys
 from typing import IO, Any
 
 from nbllm.executor.events import Event, RetryScheduled, RunFinished, RunStarted, TurnFinished
+from nbllm.executor.stats import RunStats
 
 __all__ = ["TextProgress"]
 
 
 class TextProgress:
-    """Turns done / total with errors and retries in the postfix; closes when the run ends."""
+    """Turns done / total with errors and retries in the postfix; closes when the run ends.
+
+    The figures are read from ``stats``, fed with the same events.
+    """
+
+    # Requests in flight are not shown: no need for an event per send.
+    event_types = (RunStarted, RetryScheduled, TurnFinished, RunFinished)
 
     def __init__(self, file: IO[str] | None = None) -> None:
         self.file = file
+        self.stats = RunStats()
         self._bar: Any = None
-        self._errors = 0
-        self._retries = 0
+        self._shown = (0, 0)  # (errors, retries) in the postfix
 
     def __call__(self, event: Event) -> None:
+        self.stats.update(event)
         if isinstance(event, TurnFinished):
             if self._bar is not None:
-                if event.record.error is not None:
-                    self._errors += 1
-                    self._bar.set_postfix(errors=self._errors, retries=self._retries, refresh=False)
+                self._show_counts()
                 self._bar.update(1)
         elif isinstance(event, RetryScheduled):
-            self._retries += 1
             if self._bar is not None:
-                self._bar.set_postfix(errors=self._errors, retries=self._retries, refresh=False)
+                self._show_counts()
         elif isinstance(event, RunStarted):
             from tqdm import tqdm
 
@@ -43,3 +48,11 @@ class TextProgress:
         elif isinstance(event, RunFinished) and self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def _show_counts(self) -> None:
+        """Errors and retries in the postfix, redrawn with the bar when either changed."""
+        shown = (self.stats.errors, self.stats.retries)
+        if shown != self._shown:
+            self._shown = shown
+            errors, retries = shown
+            self._bar.set_postfix(errors=errors, retries=retries, refresh=False)

@@ -1,6 +1,13 @@
-"""The live figures of a run, accumulated from executor events; what every view renders.
+"""A run's figures, accumulated from the executor's events: what every view reads.
 
-``RunState.update(event)`` runs for every event (thousands a second), so it does a few
+The notebook dashboard, the terminal progress bar and jobs each feed a ``RunStats`` with
+the events they receive and read their figures from it; a metrics exporter plugs in the
+same way. Each finished row is counted by ``nbllm.results.RowTotals``, the rules that the
+end-of-run ``RunSummary`` counts the final rows with, so a live figure and the summary's
+mean the same thing. What only a live view has is computed here: the pace over a recent
+window, the ETA, the requests in flight, and retries as they are scheduled.
+
+``RunStats.update(event)`` runs for every event (thousands a second), so it does a few
 additions and appends and nothing more; ``snapshot()`` does the rest (window sums,
 percentiles) at the pace a view redraws. One thread may write while another reads.
 """
@@ -20,9 +27,9 @@ from nbllm.executor.events import (
     RunStarted,
     TurnFinished,
 )
-from nbllm.results import percentile
+from nbllm.results import RowTotals, percentile
 
-__all__ = ["RunState", "Snapshot"]
+__all__ = ["RunStats", "Snapshot"]
 
 WINDOW_S = 5.0
 """Rates and the ETA follow the turns finished in the last this-many seconds."""
@@ -33,9 +40,10 @@ class Snapshot:
     """A run's figures at one moment. Rates are per second over the recent window.
 
     Latencies (seconds) are of answered requests sent in this run: cached and resumed
-    rows sent none. ``errors`` counts rows with an error (failed or skipped). ``cost_usd``
-    is ``None`` while no row has a known cost. ``eta_s`` is ``None`` until there is a pace
-    to go by, and once the run was interrupted.
+    rows sent none. ``errors`` counts rows without an answer (failed or skipped);
+    ``retries`` counts the retries scheduled in this run. ``cost_usd`` is ``None`` while no
+    row has a known cost. ``eta_s`` is ``None`` until there is a pace to go by, and once
+    the run was interrupted.
     """
 
     model: str | None = None
@@ -61,8 +69,13 @@ class Snapshot:
     interrupted: bool = False
 
 
-class RunState:
-    """Accumulates events into the figures of ``Snapshot``; a new ``RunStarted`` starts over."""
+class RunStats:
+    """Accumulates events into the figures of ``Snapshot``; a new ``RunStarted`` starts over.
+
+    An event listener itself (``listeners=[stats]``). ``turns_done``, ``errors`` and
+    ``retries`` are plain counts, cheap enough to read after every event; ``snapshot``
+    gives every figure.
+    """
 
     def __init__(self, window_s: float = WINDOW_S) -> None:
         if window_s <= 0:
@@ -77,25 +90,17 @@ class RunState:
         self._engine: str | None = None
         self._turns_total = 0
         self._conversations_total = 0
-        self._turns_done = 0
         self._conversations_done = 0
         self._in_flight = 0
         self._retries = 0
-        self._errors = 0
-        self._cached = 0
-        self._resumed = 0
-        self._cost = 0.0
-        self._cost_known = False
+        self._rows = RowTotals()
         self._started_t: float | None = None
         self._finished_t: float | None = None
         self._wall_s: float | None = None
         self._interrupted = False
-        # Sorted latencies, plus those not merged in yet: an insort per row would move the
-        # whole list each time (quadratic over a long run); one merge per snapshot is linear.
-        self._latencies: list[float] = []
-        self._new_latencies: list[float] = []
         # (finish time, requests sent, tokens) of this run's turns in the recent window,
-        # with their running sums.
+        # with their running sums. Resumed rows stay out: read back from the checkpoint in a
+        # burst at the start, they are not this run's pace.
         self._window: deque[tuple[float, int, int]] = deque()
         self._window_turns = 0
         self._window_requests = 0
@@ -123,29 +128,20 @@ class RunState:
                 self._interrupted = event.interrupted
                 self._in_flight = 0
 
+    __call__ = update
+
     def _turn_finished(self, event: TurnFinished) -> None:
         record = event.record
-        self._turns_done += 1
+        rows = self._rows
+        tokens_before = rows.prompt_tokens + rows.completion_tokens
+        rows.add(record)
         self._in_flight = event.in_flight
         if event.conversation_done:
             self._conversations_done += 1
-        if record.error is not None:
-            self._errors += 1
-        if record.cost_usd is not None:
-            self._cost += record.cost_usd
-            self._cost_known = True
         if record.resumed:
-            # Read back from the checkpoint in a burst at the start: not this run's pace.
-            self._resumed += 1
             return
-        answered = record.error is None and record.answer is not None
-        tokens = 0
-        if record.cached:
-            self._cached += 1
-        elif answered and record.latency_s is not None:
-            self._new_latencies.append(record.latency_s)
-        if answered:
-            tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        # The row's tokens as the totals count them: one rule for both.
+        tokens = rows.prompt_tokens + rows.completion_tokens - tokens_before
         window = self._window
         window.append((event.t, record.attempts, tokens))
         self._window_turns += 1
@@ -158,6 +154,21 @@ class RunState:
             self._window_requests -= requests
             self._window_tokens -= old_tokens
 
+    @property
+    def turns_done(self) -> int:
+        with self._lock:
+            return self._rows.turns
+
+    @property
+    def errors(self) -> int:
+        with self._lock:
+            return self._rows.errors
+
+    @property
+    def retries(self) -> int:
+        with self._lock:
+            return self._retries
+
     def snapshot(self, now: float | None = None) -> Snapshot:
         """The figures at ``now`` (Unix seconds, as event times; default: the clock).
 
@@ -168,11 +179,6 @@ class RunState:
                 now = time.time()
             if self._finished_t is not None:
                 now = min(now, self._finished_t)
-            if self._new_latencies:
-                # Sorting a sorted run followed by a short unsorted one is a merge (Timsort).
-                self._latencies.extend(self._new_latencies)
-                self._latencies.sort()
-                self._new_latencies.clear()
 
             turns, requests, tokens = (
                 self._window_turns,
@@ -194,33 +200,35 @@ class RunState:
             tokens_per_s = tokens / span if span > 0 else None
             turns_per_s = turns / span if span > 0 else None
 
+            rows = self._rows
             finished = self._finished_t is not None
             eta: float | None = None
             if finished:
                 eta = None if self._interrupted else 0.0
             elif turns_per_s:
-                eta = max(0, self._turns_total - self._turns_done) / turns_per_s
+                eta = max(0, self._turns_total - rows.turns) / turns_per_s
             if self._wall_s is not None:
                 elapsed = self._wall_s
 
+            latencies = rows.latencies()
             return Snapshot(
                 model=self._model,
                 engine=self._engine,
-                turns_done=self._turns_done,
+                turns_done=rows.turns,
                 turns_total=self._turns_total,
                 conversations_done=self._conversations_done,
                 conversations_total=self._conversations_total,
                 in_flight=self._in_flight,
                 requests_per_s=requests_per_s,
                 tokens_per_s=tokens_per_s,
-                latency_p50=percentile(self._latencies, 0.50),
-                latency_p95=percentile(self._latencies, 0.95),
+                latency_p50=percentile(latencies, 0.50),
+                latency_p95=percentile(latencies, 0.95),
                 retries=self._retries,
-                errors=self._errors,
-                cached=self._cached,
-                resumed=self._resumed,
+                errors=rows.errors,
+                cached=rows.cached,
+                resumed=rows.resumed,
                 eta_s=eta,
-                cost_usd=self._cost if self._cost_known else None,
+                cost_usd=rows.cost_usd,
                 elapsed_s=elapsed,
                 started=start is not None,
                 finished=finished,
