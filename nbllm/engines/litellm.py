@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,11 @@ __all__ = ["LiteLLMEngine", "import_litellm"]
 
 
 def import_litellm() -> Any:
-    """Import litellm with every start-up network call turned off."""
+    """Import litellm with every start-up network call turned off.
+
+    Call it where litellm is about to be used, not once for good: it also sets again the
+    filter for litellm's pydantic warning in the warnings context of the call.
+    """
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("LITELLM_TELEMETRY", "False")
     # HF_HUB_OFFLINE is left alone: setting it would also cut off the user's own model
@@ -31,6 +36,14 @@ def import_litellm() -> Any:
     # part that reads tokenizers from the hub); usage comes from the responses.
     import litellm
 
+    # pydantic warns about the `ReadOnly` items of litellm's TypedDicts when it builds a
+    # response type's schema, which litellm defers to the type's first use (the first
+    # answer, not the import). litellm ignores the warning with a filter set at import, but
+    # a filter lasts only as long as the warnings context it was set in: an import inside
+    # `catch_warnings()` (each pytest test is one) loses it, and a later run shows the
+    # warning, or fails where warnings are errors. So set litellm's filter (this category,
+    # this message) again in the context of each caller.
+    warnings.filterwarnings("ignore", message=r".*`ReadOnly` qualifier.*", category=UserWarning)
     litellm.suppress_debug_info = True
     litellm.telemetry = False
     return litellm
