@@ -35,9 +35,10 @@ from nbllm.errors import (
     RetryableError,
     ServerError,
 )
-from nbllm.executor import Executor, RateLimiter, RetryPolicy
+from nbllm.executor import Executor, RateLimiter
 from nbllm.jobs import jobs, submit
 from nbllm.results import RunResult, RunSummary
+from nbllm.retry import RetryPolicy
 from nbllm.types import ChatRequest, ChatResponse, Conversation, TurnRecord
 
 __version__ = "0.1.0"

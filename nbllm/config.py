@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbllm.errors import ConfigError
-from nbllm.executor.retry import RetryPolicy
+from nbllm.retry import RetryPolicy
 
 __all__ = ["RunConfig"]
 

@@ -47,3 +47,10 @@ def test_a_custom_rule_decides_what_is_retried():
 def test_bad_policies_are_refused(options):
     with pytest.raises(ConfigError):
         RetryPolicy(**options)
+
+
+def test_one_policy_class_below_the_executor():
+    import nbllm.executor
+    import nbllm.retry
+
+    assert nbllm.retry.RetryPolicy is nbllm.executor.RetryPolicy is RetryPolicy

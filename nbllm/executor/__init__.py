@@ -12,8 +12,8 @@ from nbllm.executor.events import (
     TurnFinished,
 )
 from nbllm.executor.limiter import RateLimiter
-from nbllm.executor.retry import RetryPolicy
 from nbllm.executor.runner import Executor
+from nbllm.retry import RetryPolicy
 
 __all__ = [
     "Event",

@@ -36,8 +36,8 @@ from nbllm.executor.events import (
     TurnFinished,
 )
 from nbllm.executor.limiter import RateLimiter
-from nbllm.executor.retry import RetryPolicy
 from nbllm.results import RunResult
+from nbllm.retry import RetryPolicy
 from nbllm.types import ChatRequest, ChatResponse, Conversation, TurnRecord
 
 __all__ = ["MINUTE_S", "Executor"]
