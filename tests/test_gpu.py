@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+from nbllm.engines.hardware import hardware
 from nbllm.executor.events import RunFinished, RunStarted
 from nbllm.ui.dashboard import Dashboard
 from nbllm.ui.gpu import GpuMonitor
@@ -69,6 +70,7 @@ def fake_nvml(
     )
     call("nvmlDeviceGetTemperature", lambda h, sensor: 60 + h)
     call("nvmlDeviceGetPowerUsage", lambda h: 250_000 + 1000 * h)
+    call("nvmlDeviceGetCudaComputeCapability", lambda h: (9, 0))
     return nvml
 
 
@@ -76,11 +78,33 @@ def gpu_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "nbllm-gpu"]
 
 
-def test_no_gpu_on_this_machine_is_found_quickly():
+@pytest.mark.parametrize(
+    ("fake", "expected"), [(fake_nvml(devices=1), True), (fake_nvml(init_fails=True), False)]
+)
+def test_whether_there_is_a_gpu_is_found_quickly(monkeypatch, fake, expected):
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
     t0 = time.perf_counter()
     found = GpuMonitor().available()
     assert time.perf_counter() - t0 < 1.0
-    assert isinstance(found, bool)
+    assert found is expected
+    assert fake.shutdowns == fake.inits
+
+
+def test_hardware_lists_the_devices_nvml_lists(monkeypatch):
+    fake = fake_nvml(devices=2)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, "pynvml", fake)
+            machine = hardware(refresh=True)
+    finally:
+        hardware(refresh=True)  # later tests see this machine again
+    assert [(g.index, g.name, g.kind, g.memory_total) for g in machine.gpus] == [
+        (0, "Fake H000", "cuda", 8000 * MIB),
+        (1, "Fake H100", "cuda", 8000 * MIB),
+    ]
+    assert machine.has_cuda and machine.gpus[0].compute_capability == "9.0"
+    assert "GPU 1 (cuda): Fake H100, 7.8 GiB, compute 9.0" in str(machine)
+    assert fake.shutdowns == fake.inits == 1
 
 
 @pytest.mark.parametrize("fake", [None, fake_nvml(init_fails=True), fake_nvml(devices=0)])

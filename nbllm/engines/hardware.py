@@ -2,19 +2,33 @@
 
 ``hardware()`` reads it once per process (GPUs through ``pynvml`` from the
 ``nvidia-ml-py`` package, falling back to torch when that is installed) and the local
-engines take their default batch size from it.
+engines take their default batch size from it. ``open_nvml()`` is the one place NVML is
+opened: the GPU gauges (``nbllm.ui.gpu``) sample the devices it lists.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
 import platform
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import Any, TypeVar
 
-__all__ = ["GpuInfo", "Hardware", "hardware"]
+__all__ = [
+    "GpuInfo",
+    "Hardware",
+    "NvmlDevice",
+    "NvmlDevices",
+    "hardware",
+    "nvml_reading",
+    "open_nvml",
+]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +49,6 @@ class Hardware:
     cpu_count: int
     memory_total: int | None
     gpus: tuple[GpuInfo, ...] = ()
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def has_cuda(self) -> bool:
@@ -66,7 +79,6 @@ class Hardware:
             lines.append(f"GPU {gpu.index} ({gpu.kind}): {gpu.name}, {gpu_memory}{cc}")
         if not self.gpus:
             lines.append("GPU: none found")
-        lines.extend(self.notes)
         return "\n".join(lines)
 
 
@@ -83,36 +95,123 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def nvml_reading(read: Callable[[], _T]) -> _T | None:
+    """``read()``, or None where NVML cannot say (a sensor this board or VM lacks)."""
+    try:
+        return read()
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlDevice:
+    """One NVIDIA device as NVML lists it; ``handle`` is what ``pynvml`` reads it through."""
+
+    index: int
+    handle: Any
+    name: str
+    memory_total: int | None  # bytes; None where NVML cannot say
+
+
+class NvmlDevices:
+    """NVML, opened once, and the devices it lists; ``close()`` (or ``with``) shuts it down.
+
+    ``nvml`` is the initialised ``pynvml`` module, for reading the devices' sensors.
+    """
+
+    def __init__(self, nvml: ModuleType, devices: tuple[NvmlDevice, ...]) -> None:
+        self.nvml = nvml
+        self.devices = devices
+        self._open = True
+
+    def __iter__(self) -> Iterator[NvmlDevice]:
+        return iter(self.devices)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def close(self) -> None:
+        """Shut NVML down (each ``open_nvml()`` has one); idempotent."""
+        if self._open:
+            self._open = False
+            nvml_reading(self.nvml.nvmlShutdown)
+
+    def __enter__(self) -> NvmlDevices:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _import_pynvml() -> ModuleType | None:
+    try:
+        with warnings.catch_warnings():
+            # An old third-party "pynvml" wrapper warns on import; that says nothing about a GPU.
+            warnings.simplefilter("ignore")
+            import pynvml
+    except Exception:
+        return None
+    return pynvml
+
+
+def _nvml_device(nvml: ModuleType, index: int) -> NvmlDevice:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    name = nvml_reading(lambda: nvml.nvmlDeviceGetName(handle))
+    if isinstance(name, bytes):  # older NVML bindings return bytes
+        name = name.decode(errors="replace")
+    memory = nvml_reading(lambda: int(nvml.nvmlDeviceGetMemoryInfo(handle).total))
+    return NvmlDevice(index, handle, str(name) if name else f"GPU {index}", memory)
+
+
+def open_nvml() -> NvmlDevices | None:
+    """NVML and its devices, or None (in about a millisecond) where there is no GPU.
+
+    None where ``pynvml``, the driver or every device is missing, or NVML cannot list them;
+    NVML is then already shut down again.
+    """
+    nvml = _import_pynvml()
+    if nvml is None:
+        return None
+    try:
+        nvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        devices = tuple(_nvml_device(nvml, index) for index in range(nvml.nvmlDeviceGetCount()))
+    except Exception:
+        devices = ()
+    if not devices:
+        nvml_reading(nvml.nvmlShutdown)
+        return None
+    return NvmlDevices(nvml, devices)
+
+
 def _nvml_gpus() -> list[GpuInfo]:
-    """CUDA GPUs through NVML; none (in about a millisecond) where there is no driver."""
-    try:
-        import pynvml
-    except ImportError:
+    """CUDA GPUs through NVML; none where there is no driver."""
+    devices = open_nvml()
+    if devices is None:
         return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return []
-    try:
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            if isinstance(name, bytes):
-                name = name.decode()
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-            try:
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-                capability: str | None = f"{major}.{minor}"
-            except Exception:
-                capability = None
-            gpus.append(GpuInfo(index, str(name), "cuda", int(memory), capability))
-        return gpus
-    except Exception:
-        return []
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
+    with devices:
+        return [
+            GpuInfo(
+                device.index,
+                device.name,
+                "cuda",
+                device.memory_total,
+                _compute_capability(devices.nvml, device.handle),
+            )
+            for device in devices
+        ]
+
+
+def _compute_capability(nvml: ModuleType, handle: Any) -> str | None:
+    capability = nvml_reading(lambda: nvml.nvmlDeviceGetCudaComputeCapability(handle))
+    return None if capability is None else f"{capability[0]}.{capability[1]}"
 
 
 def _torch_gpus() -> list[GpuInfo]:

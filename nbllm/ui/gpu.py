@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
+
+from nbllm.engines.hardware import NvmlDevice, NvmlDevices, nvml_reading, open_nvml
 
 __all__ = ["GpuMonitor", "GpuSample"]
 
 _MIB = 1024 * 1024
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,26 +32,6 @@ class GpuSample:
     memory_total_mib: float | None = None
     temperature_c: float | None = None
     power_w: float | None = None
-
-
-def _load_nvml() -> ModuleType | None:
-    """``pynvml``, initialised; ``None`` when the module, the driver or a device is missing."""
-    try:
-        with warnings.catch_warnings():
-            # An old third-party "pynvml" wrapper warns on import; that says nothing about a GPU.
-            warnings.simplefilter("ignore")
-            import pynvml
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    return pynvml
-
-
-def _reading(read: Callable[[], _T]) -> _T | None:
-    try:
-        return read()
-    except Exception:
-        return None
 
 
 class GpuMonitor:
@@ -71,9 +49,7 @@ class GpuMonitor:
         self.interval_s = interval_s
         self.max_samples = max_samples
         self._available: bool | None = None
-        self._nvml: Any = None
-        self._handles: list[Any] = []
-        self._names: list[str] = []
+        self._devices: NvmlDevices | None = None
         self._lock = threading.Lock()
         self._history: list[deque[GpuSample]] = []
         self._thread: threading.Thread | None = None
@@ -82,12 +58,10 @@ class GpuMonitor:
     def available(self) -> bool:
         """Whether NVML works here and sees at least one device (found once, then remembered)."""
         if self._available is None:
-            nvml = _load_nvml()
-            count = 0
-            if nvml is not None:
-                count = _reading(nvml.nvmlDeviceGetCount) or 0
-                _reading(nvml.nvmlShutdown)
-            self._available = count > 0
+            devices = open_nvml()
+            if devices is not None:
+                devices.close()
+            self._available = devices is not None
         return self._available
 
     @property
@@ -100,20 +74,12 @@ class GpuMonitor:
             return True
         if not self.available():
             return False
-        nvml = _load_nvml()
-        if nvml is None:
+        devices = open_nvml()
+        if devices is None:
             return False
-        handles = []
-        try:
-            for index in range(nvml.nvmlDeviceGetCount()):
-                handles.append(nvml.nvmlDeviceGetHandleByIndex(index))
-        except Exception:
-            _reading(nvml.nvmlShutdown)
-            return False
-        self._nvml, self._handles = nvml, handles
-        self._names = [self._name(index, handle) for index, handle in enumerate(handles)]
+        self._devices = devices
         with self._lock:
-            self._history = [deque(maxlen=self.max_samples) for _ in handles]
+            self._history = [deque(maxlen=self.max_samples) for _ in devices]
         self._sample()
         self._stopping = threading.Event()
         self._thread = threading.Thread(
@@ -127,9 +93,9 @@ class GpuMonitor:
         self._stopping.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        if self._nvml is not None:
-            _reading(self._nvml.nvmlShutdown)
-            self._nvml = None
+        if self._devices is not None:
+            self._devices.close()
+            self._devices = None
 
     def latest(self) -> list[GpuSample]:
         with self._lock:
@@ -143,35 +109,35 @@ class GpuMonitor:
         while not stopping.wait(self.interval_s):
             self._sample()
 
-    def _name(self, index: int, handle: Any) -> str:
-        name = _reading(lambda: self._nvml.nvmlDeviceGetName(handle))
-        if isinstance(name, bytes):  # older NVML bindings return bytes
-            name = name.decode(errors="replace")
-        return str(name) if name else f"GPU {index}"
-
     def _sample(self) -> None:
+        devices = self._devices
+        if devices is None:
+            return
         now = time.time()
-        samples = [self._read(index, handle, now) for index, handle in enumerate(self._handles)]
+        samples = [self._read(devices.nvml, device, now) for device in devices]
         with self._lock:
             for history, sample in zip(self._history, samples, strict=True):
                 history.append(sample)
 
-    def _read(self, index: int, handle: Any, now: float) -> GpuSample:
-        nvml = self._nvml
+    @staticmethod
+    def _read(nvml: Any, device: NvmlDevice, now: float) -> GpuSample:
+        handle = device.handle
         used = total = None
-        memory = _reading(lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
+        memory = nvml_reading(lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
         if memory is not None:
-            used = _reading(lambda: memory.used / _MIB)
-            total = _reading(lambda: memory.total / _MIB)
+            used = nvml_reading(lambda: memory.used / _MIB)
+            total = nvml_reading(lambda: memory.total / _MIB)
         return GpuSample(
-            index=index,
-            name=self._names[index],
+            index=device.index,
+            name=device.name,
             t=now,
-            utilization_pct=_reading(lambda: float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)),
+            utilization_pct=nvml_reading(
+                lambda: float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            ),
             memory_used_mib=used,
             memory_total_mib=total,
-            temperature_c=_reading(
+            temperature_c=nvml_reading(
                 lambda: float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
             ),
-            power_w=_reading(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000),
+            power_w=nvml_reading(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000),
         )
