@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from nbllm.engines.http import error_for_status, parse_retry_after
+from nbllm.engines.http_status import error_for_status, parse_retry_after
 from nbllm.errors import (
     AuthenticationError,
     RateLimitError,

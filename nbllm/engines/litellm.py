@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbllm.engines.base import Engine
-from nbllm.engines.http import error_for_status, public_url
+from nbllm.engines.http_status import error_for_status, public_url
 from nbllm.errors import ConnectionFailed, EngineError, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 

@@ -15,22 +15,12 @@ from typing import Any
 import aiohttp
 
 from nbllm.engines.base import Engine
-from nbllm.engines.http import error_for_status, public_url
+from nbllm.engines.http_status import error_for_status, public_url
+from nbllm.engines.openai_wire import error_message, read_completion
 from nbllm.errors import ConnectionFailed, EngineError, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["OpenAIEngine"]
-
-
-def _error_detail(body: bytes) -> str:
-    try:
-        payload = json.loads(body)
-        error = payload.get("error", payload)
-        if isinstance(error, dict):
-            return str(error.get("message") or error)[:500]
-        return str(error)[:500]
-    except (ValueError, AttributeError):
-        return body[:500].decode("utf-8", "replace")
 
 
 class OpenAIEngine(Engine):
@@ -87,7 +77,7 @@ class OpenAIEngine(Engine):
             ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
-                    raise error_for_status(resp.status, _error_detail(raw), resp.headers)
+                    raise error_for_status(resp.status, error_message(raw), resp.headers)
         except asyncio.TimeoutError as exc:
             msg = f"no answer from {self.api_base} within {request.timeout} s"
             raise RequestTimeout(msg) from exc
@@ -98,19 +88,10 @@ class OpenAIEngine(Engine):
 
     def _parse(self, raw: bytes, model: str) -> ChatResponse:
         try:
-            payload = json.loads(raw)
-            choice = payload["choices"][0]
-            text = choice["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            return read_completion(raw, model)
+        except ValueError as exc:
             msg = f"{self.api_base} answered with something not a chat completion: {raw[:200]!r}"
             raise EngineError(msg) from exc
-        usage = payload.get("usage") or {}
-        return ChatResponse(
-            text=text if isinstance(text, str) else "",
-            model=payload.get("model") or model,
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-        )
 
     async def aclose(self) -> None:
         if self._session is not None:
