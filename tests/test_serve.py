@@ -1,7 +1,8 @@
-"""Tests for ``nbllm serve`` and ``Worker``, over real HTTP on 127.0.0.1.
+"""Tests for ``nbllm serve``, over real HTTP on 127.0.0.1 (``Worker``: tests/test_worker.py).
 
-The first part serves a FakeEngine in this process; the second runs ``python -m nbllm serve``
-in a child process, as ``Worker`` does. Every test stops the server it started.
+The first part serves a FakeEngine in this process; the second serves in a child process,
+to test the command and its signals. Every test stops the server it started. Requests an
+engine holds wait on events, never on the clock.
 """
 
 from __future__ import annotations
@@ -15,32 +16,21 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from nbllm.engines import EMBEDDED_MODEL, FakeEngine, OpenAIEngine
-from nbllm.engines.worker import (
-    Worker,
-    WorkerState,
-    local_option_args,
-    shared_worker,
-    stop_all_workers,
-)
+from nbllm.engines import FakeEngine, OpenAIEngine
 from nbllm.errors import (
     ConfigError,
-    ConnectionFailed,
     EngineError,
-    EngineUnavailable,
     RateLimitError,
     RequestRejected,
     ServerError,
 )
-from nbllm.serve import URL_LINE_PREFIX, EngineServer, ServeState, add_parser, engine_factory
+from nbllm.serve import URL_LINE_PREFIX, EngineServer, ServeState, add_parser
+from nbllm.serve.command import engine_factory
 from nbllm.types import ChatRequest
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -65,13 +55,31 @@ async def fetch(
         return resp.status, resp.headers, await resp.text()
 
 
-def _get_json_status(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code, err.read().decode()
+class HeldRequests:
+    """An engine handler that holds each request until ``release()``.
+
+    ``arrived(n)`` returns once ``n`` requests have reached the engine, which is after the
+    server admitted them.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._released = asyncio.Event()
+        self._arrivals = asyncio.Condition()
+
+    async def __call__(self, request: ChatRequest) -> str:
+        async with self._arrivals:
+            self.count += 1
+            self._arrivals.notify_all()
+        await self._released.wait()
+        return f"You asked: {request.messages[-1]['content']}"
+
+    async def arrived(self, n: int) -> None:
+        async with self._arrivals:
+            await asyncio.wait_for(self._arrivals.wait_for(lambda: self.count >= n), 10)
+
+    def release(self) -> None:
+        self._released.set()
 
 
 def root(server_url: str) -> str:
@@ -205,21 +213,34 @@ async def test_api_key_required_on_v1_only_and_never_echoed() -> None:
 
 
 async def test_full_queue_answers_429_with_retry_after() -> None:
-    engine = FakeEngine(latency=1.0)
+    held = HeldRequests()
+    engine = FakeEngine(held)
     async with (
         EngineServer(engine, model="m", max_queue=2) as server,
         aiohttp.ClientSession() as session,
     ):
         chat = server.url + "/chat/completions"
-        results = await asyncio.gather(
-            *(fetch(session, "POST", chat, chat_body()) for _ in range(5))
-        )
-        statuses = sorted(status for status, _, _ in results)
-        assert statuses == [200, 200, 429, 429, 429]  # every request got an answer
-        for status, headers, text in results:
-            if status == 429:
-                assert int(headers["Retry-After"]) >= 1
-                assert assert_openai_error(text)["code"] == "queue_full"
+        requests = [
+            asyncio.create_task(fetch(session, "POST", chat, chat_body())) for _ in range(5)
+        ]
+        await held.arrived(2)
+        # The two admitted requests are held: the other three are answered at once.
+        refused: set[asyncio.Task[tuple[int, Any, str]]] = set()
+        pending = set(requests)
+        while len(refused) < 3:
+            done, pending = await asyncio.wait(
+                pending, timeout=10, return_when=asyncio.FIRST_COMPLETED
+            )
+            assert done, "three requests should have been refused"
+            refused |= done
+        assert len(refused) == 3
+        for task in refused:
+            status, headers, text = task.result()
+            assert status == 429  # every request got an answer
+            assert int(headers["Retry-After"]) >= 1
+            assert assert_openai_error(text)["code"] == "queue_full"
+        held.release()
+        assert [status for status, _, _ in await asyncio.gather(*requests)].count(200) == 2
         # Once the queue has room again, requests are admitted.
         status, _, _ = await fetch(session, "POST", chat, chat_body())
         assert status == 200
@@ -288,10 +309,7 @@ async def test_slow_load_503_until_ready() -> None:
         )
         assert (status, headers["Retry-After"]) == (503, "1")
         loaded.set()
-        for _ in range(100):
-            if server.state is ServeState.READY:
-                break
-            await asyncio.sleep(0.02)
+        assert await asyncio.wait_for(server.wait_loaded(), 5) is ServeState.READY
         status, _, _ = await fetch(session, "GET", root(server.url) + "/ready")
         assert status == 200
         status, _, _ = await fetch(session, "POST", server.url + "/chat/completions", chat_body())
@@ -303,10 +321,7 @@ async def test_failed_load_is_reported_by_ready_and_refuses_chat() -> None:
         raise ConfigError("no such model: nope")
 
     async with EngineServer(load, model="m") as server, aiohttp.ClientSession() as session:
-        for _ in range(100):
-            if server.state is ServeState.FAILED:
-                break
-            await asyncio.sleep(0.02)
+        assert await asyncio.wait_for(server.wait_loaded(), 5) is ServeState.FAILED
         async with session.get(root(server.url) + "/ready") as resp:
             assert resp.status == 503
             assert await resp.json() == {
@@ -320,24 +335,32 @@ async def test_failed_load_is_reported_by_ready_and_refuses_chat() -> None:
         assert "no such model" in assert_openai_error(text)["message"]
 
 
+async def test_wait_loaded_returns_at_once_for_an_engine_instance() -> None:
+    async with EngineServer(FakeEngine(), model="m") as server:
+        assert await server.wait_loaded() is ServeState.READY
+
+
 async def test_drain_answers_in_flight_and_refuses_new() -> None:
-    engine = FakeEngine(latency=0.6)
+    held = HeldRequests()
+    engine = FakeEngine(held)
     server = await EngineServer(engine, model="m").start()
     async with aiohttp.ClientSession() as session:
         chat = server.url + "/chat/completions"
         in_flight = [
             asyncio.create_task(fetch(session, "POST", chat, chat_body())) for _ in range(3)
         ]
-        while server.in_flight < 3:
-            await asyncio.sleep(0.01)
+        await held.arrived(3)
+        assert server.in_flight == 3
         closing = asyncio.create_task(server.aclose())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # aclose() starts draining before its first await
         assert server.state is ServeState.DRAINING
         status, _, text = await fetch(session, "GET", root(server.url) + "/ready")
         assert (status, text) == (503, '{"status": "draining"}')
         status, _, text = await fetch(session, "POST", chat, chat_body())
         assert status == 503
         assert assert_openai_error(text)["code"] == "draining"
+        assert not closing.done()  # still waiting for the three
+        held.release()
         assert [status for status, _, _ in await asyncio.gather(*in_flight)] == [200] * 3
         await closing
     assert server.state is ServeState.CLOSED
@@ -345,13 +368,13 @@ async def test_drain_answers_in_flight_and_refuses_new() -> None:
 
 
 async def test_grace_bounds_the_drain_and_cut_off_requests_get_503() -> None:
-    server = await EngineServer(FakeEngine(latency=30), model="m", grace=0.3).start()
+    held = HeldRequests()  # never released: only the end of the grace period ends it
+    server = await EngineServer(FakeEngine(held), model="m", grace=0.3).start()
     async with aiohttp.ClientSession() as session:
         request = asyncio.create_task(
             fetch(session, "POST", server.url + "/chat/completions", chat_body())
         )
-        while server.in_flight < 1:
-            await asyncio.sleep(0.01)
+        await held.arrived(1)
         started = asyncio.get_running_loop().time()
         await asyncio.wait_for(server.aclose(), 5)
         assert asyncio.get_running_loop().time() - started < 1.5
@@ -394,169 +417,129 @@ def test_engine_factory_passes_local_options_and_never_nests_a_worker() -> None:
         "batch_size": 8,
         "batch_wait_s": 0.005,
     }
-    assert local_option_args(batch_size=8, batch_wait_s=0.005, device="cpu") == [
-        "--batch-size",
-        "8",
-        "--batch-wait-ms",
-        "5",
-        "--device",
-        "cpu",
-    ]
 
 
 # --------------------------------------------------------------------------- subprocess
 
+# Serves like ``nbllm serve`` (the command's own signal handling), with an engine that says
+# on stdout when it holds a request and holds each until a line comes on stdin: a test
+# signals only once requests are in flight, and they end only when the test says so.
+SERVE_IN_CHILD = """
+import asyncio, contextlib, logging, sys, threading
+from nbllm.engines import FakeEngine
+from nbllm.serve import EngineServer
+from nbllm.serve.command import serve_until_signal
 
-def test_worker_command_and_key_stay_off_the_command_line() -> None:
-    worker = Worker("torch", "org/model", options=["--batch-size", "8"], api_key=KEY)
-    assert worker.command == [
-        sys.executable,
-        "-m",
-        "nbllm",
-        "serve",
-        "--engine",
-        "torch",
-        "--model",
-        "org/model",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--batch-size",
-        "8",
-    ]
-    assert KEY not in repr(worker)
-    with pytest.raises(ConfigError, match="--api-key"):
-        Worker("fake", options=["--api-key", KEY])
-    embedded = Worker("torch")
-    assert "--model" not in embedded.command
-    assert embedded.model == EMBEDDED_MODEL
-    assert worker.stop() is None  # never started
-    assert worker.state is WorkerState.STOPPED
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 
+async def main():
+    loop = asyncio.get_running_loop()
+    released = asyncio.Event()
 
-async def test_worker_serves_with_a_key_and_stops_cleanly() -> None:
-    worker = Worker("fake", api_key=KEY)
-    await asyncio.to_thread(worker.start)
-    try:
-        assert worker.url.startswith("http://127.0.0.1:")
-        cmdline = Path(f"/proc/{worker.pid}/cmdline")
-        if cmdline.exists():
-            assert KEY.encode() not in cmdline.read_bytes()
-        async with worker.engine() as client:
-            response = await client.complete(ChatRequest(model=worker.model, messages=HELLO))
-        assert response.text == "You asked: hello"
-        async with aiohttp.ClientSession() as session:
-            status, _, text = await fetch(session, "GET", worker.url + "/models")
-        assert status == 401
-        assert KEY not in text
-    finally:
-        code = await asyncio.to_thread(worker.stop, 10)
-    assert code == 0
-    assert worker.stop() == 0  # idempotent
-    with pytest.raises(RuntimeError, match="stopped"):
-        _ = worker.url
-    assert KEY not in worker.stderr_tail()
+    def wait_for_stdin():
+        sys.stdin.readline()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to release
+            loop.call_soon_threadsafe(released.set)
+
+    threading.Thread(target=wait_for_stdin, daemon=True).start()
+
+    async def answer(request):
+        print("holding a request", flush=True)
+        await released.wait()
+        return "You asked: hello"
+
+    await serve_until_signal(EngineServer(FakeEngine(answer), model="m", grace=30))
+
+asyncio.run(main())
+"""
 
 
-async def test_subprocess_ready_is_503_while_the_model_loads() -> None:
-    worker = Worker("fake", options=["--fake-load-s", "1.5"])
-    await asyncio.to_thread(worker.start, wait=False)
-    try:
-        async with aiohttp.ClientSession() as session:
-            status, _, text = await fetch(session, "GET", root(worker.url) + "/ready")
-            assert (status, text) == (503, '{"status": "loading"}')
-            status, _, _ = await fetch(session, "GET", root(worker.url) + "/health")
-            assert status == 200
-            await asyncio.to_thread(worker.wait_ready)
-            status, _, _ = await fetch(session, "GET", root(worker.url) + "/ready")
-            assert status == 200
-    finally:
-        assert await asyncio.to_thread(worker.stop, 10) == 0
+class ServingChild:
+    """``SERVE_IN_CHILD`` in a child process: ``line()`` reads its stdout."""
+
+    def __init__(self) -> None:
+        command = [sys.executable, "-c", SERVE_IN_CHILD]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+
+    async def line(self) -> str:
+        assert self.process.stdout is not None
+        raw = await asyncio.wait_for(asyncio.to_thread(self.process.stdout.readline), 10)
+        return raw.decode().rstrip("\n")
+
+    async def wait_for_line(self, prefix: str) -> str:
+        while not (line := await self.line()).startswith(prefix):
+            assert line, f"the child exited before printing {prefix!r}"
+        return line
+
+    def release(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"release\n")
+        self.process.stdin.flush()
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def wait(self) -> int:
+        return self.process.wait(10)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
 
 
 async def test_sigterm_finishes_requests_in_flight_then_exits_0() -> None:
-    worker = Worker("fake", options=["--fake-latency", "1.5"])
-    await asyncio.to_thread(worker.start)
+    child = ServingChild()
     try:
-        url = worker.url
-        async with worker.engine() as client:
+        url = (await child.line()).removeprefix(URL_LINE_PREFIX)
+        async with OpenAIEngine(url) as client:
             in_flight = [
                 asyncio.create_task(client.complete(ChatRequest(model="m", messages=HELLO)))
                 for _ in range(3)
             ]
-            await asyncio.sleep(0.5)  # the requests reach the server
-            assert worker.pid is not None
-            os.kill(worker.pid, signal.SIGTERM)
-            await asyncio.sleep(0.2)
+            for _ in range(3):
+                assert await child.line() == "holding a request"
+            child.terminate()
+            assert await child.wait_for_line("draining") == "draining 3 request(s), up to 30 s"
             async with aiohttp.ClientSession() as session:
                 status, _, text = await fetch(session, "GET", root(url) + "/ready")
-            assert (status, text) == (503, '{"status": "draining"}')
-            with pytest.raises((ServerError, ConnectionFailed)) as refused:
+                assert (status, text) == (503, '{"status": "draining"}')
+            with pytest.raises(ServerError) as refused:
                 await client.complete(ChatRequest(model="m", messages=HELLO))
-            if isinstance(refused.value, ServerError):
-                assert refused.value.status == 503
+            assert refused.value.status == 503
+            child.release()
             answers = await asyncio.gather(*in_flight)
         assert [a.text for a in answers] == ["You asked: hello"] * 3
+        assert await asyncio.to_thread(child.wait) == 0
     finally:
-        code = await asyncio.to_thread(worker.stop, 10)
-    assert code == 0
-
-
-@pytest.mark.parametrize(
-    ("engine", "model", "fragment"),
-    [("openai", "some-model", "api_base"), ("no-such-engine", "some-model", "no-such-engine")],
-)
-def test_worker_says_why_the_engine_cannot_load(engine: str, model: str, fragment: str) -> None:
-    worker = Worker(engine, model)
-    with pytest.raises(EngineUnavailable, match=fragment):
-        worker.start()
-    assert worker.state is WorkerState.STOPPED
-    assert worker.stop() is not None  # the child was stopped
-
-
-def test_shared_worker_is_reused_requires_its_random_key_and_stops_at_exit() -> None:
-    try:
-        worker = shared_worker("fake", None)
-        assert shared_worker("fake", None) is worker
-        status, _ = _get_json_status(worker.url + "/models")
-        assert status == 401  # a random key guards it from other users of this machine
-    finally:
-        stop_all_workers()
-    assert worker.state is WorkerState.STOPPED
-    assert worker.stop() == 0
+        child.close()
 
 
 async def test_second_signal_cuts_the_drain_short() -> None:
-    worker = Worker("fake", options=["--fake-latency", "30", "--grace", "30"])
-    await asyncio.to_thread(worker.start)
+    child = ServingChild()  # never released: only the second signal ends the request
     try:
-        async with worker.engine() as client:
+        url = (await child.line()).removeprefix(URL_LINE_PREFIX)
+        async with OpenAIEngine(url) as client:
             request = asyncio.create_task(client.complete(ChatRequest(model="m", messages=HELLO)))
-            await asyncio.sleep(0.5)
-            assert worker.pid is not None
-            os.kill(worker.pid, signal.SIGTERM)
-            await asyncio.sleep(0.2)
-            os.kill(worker.pid, signal.SIGTERM)
+            assert await child.line() == "holding a request"
+            child.terminate()
+            await child.wait_for_line("draining")
+            child.terminate()
             with pytest.raises(ServerError, match="shut down before the answer"):
                 await asyncio.wait_for(request, 5)
+        assert await asyncio.to_thread(child.wait) == 0
     finally:
-        code = await asyncio.to_thread(worker.stop, 10)
-    assert code == 0
-
-
-def test_worker_start_timeout_is_a_clear_error() -> None:
-    worker = Worker("fake", start_timeout=0.01)
-    with pytest.raises(EngineUnavailable, match=r"did not start listening within 0\.01 s"):
-        worker.start()
-    assert worker.state is WorkerState.STOPPED
-
-
-def test_worker_reports_a_child_that_exits_before_listening() -> None:
-    worker = Worker("fake", options=["--max-queue", "0"])
-    with pytest.raises(EngineUnavailable, match=r"exit code 2[\s\S]*--max-queue"):
-        worker.start()
-    assert worker.state is WorkerState.STOPPED
+        child.close()
 
 
 def test_the_nbllm_command_has_serve() -> None:

@@ -14,43 +14,32 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import enum
 import json
-import os
-import queue
 import secrets
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
+from nbllm.engines.child_process import ServerProcess
 from nbllm.engines.local.models import EMBEDDED_MODEL
 from nbllm.engines.openai import OpenAIEngine
+from nbllm.engines.openai_wire import SERVE_API_KEY_ENV, SERVE_URL_LINE_PREFIX
 from nbllm.errors import ConfigError, EngineUnavailable
 
 __all__ = [
-    "SERVE_API_KEY_ENV",
-    "SERVE_URL_LINE_PREFIX",
     "Worker",
+    "WorkerEngine",
     "WorkerState",
     "local_option_args",
     "shared_worker",
     "stop_all_workers",
 ]
-
-#: The one line ``nbllm serve`` prints to stdout starts with this, then the ``/v1`` URL.
-SERVE_URL_LINE_PREFIX = "nbllm serve listening on "
-#: The environment variable through which ``nbllm serve`` gets its API key: unlike a
-#: command-line argument, other users cannot read it with ``ps``.
-SERVE_API_KEY_ENV = "NBLLM_SERVE_API_KEY"
 
 _POLL_S = 0.15
 _STDERR_TAIL_CHARS = 2000
@@ -66,19 +55,6 @@ class WorkerState(enum.Enum):
     STOPPED = "stopped"
 
 
-def _read_line(stream: IO[bytes], timeout: float) -> bytes | None:
-    """One line from ``stream`` (b"" at its end), or None if none came within ``timeout``."""
-    lines: queue.Queue[bytes] = queue.Queue()
-    reader = threading.Thread(
-        target=lambda: lines.put(stream.readline()), name="nbllm-worker-stdout", daemon=True
-    )
-    reader.start()
-    try:
-        return lines.get(timeout=timeout)
-    except queue.Empty:
-        return None
-
-
 def _get_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
     """GET ``url``: its status and JSON body ({} when the body is not a JSON object)."""
     try:
@@ -92,20 +68,6 @@ def _get_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
     except ValueError:
         body = None
     return status, body if isinstance(body, dict) else {}
-
-
-def _end_process(process: subprocess.Popen[bytes], timeout: float) -> None:
-    try:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    finally:
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 class Worker:
@@ -154,8 +116,12 @@ class Worker:
         #: How many requests the worker's engine takes at once (what more would only queue).
         self.max_in_flight: int | None = None
         self._url: str | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._stderr: IO[bytes] | None = None
+        self._server = ServerProcess(
+            self.command,
+            url_prefix=SERVE_URL_LINE_PREFIX,
+            name="nbllm serve",
+            env={SERVE_API_KEY_ENV: self._api_key},
+        )
 
     def __repr__(self) -> str:  # no api_key
         where = f" {self._url}" if self._url else ""
@@ -181,12 +147,16 @@ class Worker:
     @property
     def running(self) -> bool:
         """Started, not stopped, and the child has not exited."""
-        process = self._process
-        return self.state is WorkerState.RUNNING and process is not None and process.poll() is None
+        server = self._server
+        return (
+            self.state is WorkerState.RUNNING
+            and server.process is not None
+            and server.returncode is None
+        )
 
     @property
     def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
+        return self._server.pid
 
     def engine(self, **kwargs: Any) -> WorkerEngine:
         """An ``OpenAIEngine`` that sends to this worker (kwargs: e.g. ``max_connections``)."""
@@ -205,46 +175,12 @@ class Worker:
             raise RuntimeError(msg)
         self.state = WorkerState.RUNNING
         _started.add(self)
-        # A file, not a pipe: it never fills up and blocks the child. Closed in stop().
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         try:
-            self._process = subprocess.Popen(
-                self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=self._stderr,
-                env=self._child_env(),
-            )
-            self._url = self._read_url()
+            self._url = self._server.start(self.start_timeout)
         except BaseException:
             self.stop()
             raise
         return self.wait_ready() if wait else self
-
-    def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # The child must import this very nbllm, also from a checkout that is not installed.
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p
-        )
-        env["PYTHONUNBUFFERED"] = "1"
-        env[SERVE_API_KEY_ENV] = self._api_key
-        return env
-
-    def _read_url(self) -> str:
-        assert self._process is not None and self._process.stdout is not None
-        line = _read_line(self._process.stdout, self.start_timeout)
-        if line is None:
-            msg = f"nbllm serve did not start listening within {self.start_timeout:g} s"
-            raise EngineUnavailable(self._with_stderr(msg))
-        text = line.decode("utf-8", "replace").strip()
-        if not text.startswith(SERVE_URL_LINE_PREFIX):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(5)  # it printed no URL: it is exiting
-            msg = f"nbllm serve failed to start (exit code {self._process.returncode})"
-            raise EngineUnavailable(self._with_stderr(msg))
-        return text.removeprefix(SERVE_URL_LINE_PREFIX)
 
     def wait_ready(self) -> Worker:
         """Return once the model is loaded; if it cannot load, stop the child and say why."""
@@ -258,12 +194,12 @@ class Worker:
     def _poll_ready(self) -> None:
         """Poll ``/ready`` until the model is loaded, its load failed, or the child exits."""
         ready_url = self.url.removesuffix("/v1") + "/ready"
-        assert self._process is not None
         deadline = time.monotonic() + self.load_timeout
         while True:
-            if self._process.poll() is not None:
-                msg = f"nbllm serve exited with code {self._process.returncode} while loading"
-                raise EngineUnavailable(self._with_stderr(msg))
+            code = self._server.returncode
+            if code is not None:
+                msg = f"nbllm serve exited with code {code} while loading"
+                raise EngineUnavailable(self._server.with_stderr(msg))
             try:
                 status, body = _get_json(ready_url)
             except OSError:  # not answering yet, or busy: ask again
@@ -279,21 +215,12 @@ class Worker:
                 raise EngineUnavailable(msg)
             if time.monotonic() > deadline:
                 msg = f"the {self.engine_name} engine did not load within {self.load_timeout:g} s"
-                raise EngineUnavailable(self._with_stderr(msg))
+                raise EngineUnavailable(self._server.with_stderr(msg))
             time.sleep(_POLL_S)
 
     def stderr_tail(self) -> str:
         """The end of what the child wrote to stderr (its logs)."""
-        if self._stderr is None or self._stderr.closed:
-            return ""
-        self._stderr.flush()
-        size = self._stderr.seek(0, os.SEEK_END)
-        self._stderr.seek(max(0, size - _STDERR_TAIL_CHARS))
-        return self._stderr.read().decode("utf-8", "replace")
-
-    def _with_stderr(self, message: str) -> str:
-        tail = self.stderr_tail().strip()
-        return f"{message}; its stderr ends with:\n{tail}" if tail else message
+        return self._server.stderr_text(_STDERR_TAIL_CHARS)
 
     def stop(self, timeout: float = 35.0) -> int | None:
         """Stop the child: SIGTERM, then SIGKILL after ``timeout`` s. Idempotent.
@@ -304,13 +231,7 @@ class Worker:
         if self.state is not WorkerState.STOPPED:
             self.state = WorkerState.STOPPED
             _started.discard(self)
-            try:
-                if self._process is not None:
-                    _end_process(self._process, timeout)
-            finally:
-                if self._stderr is not None:
-                    self._stderr.close()
-        return None if self._process is None else self._process.returncode
+        return self._server.stop(timeout)
 
     def __enter__(self) -> Worker:
         return self.start()

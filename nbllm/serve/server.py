@@ -1,12 +1,6 @@
-"""``nbllm serve``: one nbllm ``Engine`` behind an OpenAI-compatible HTTP API.
+"""The server of ``nbllm serve``: one nbllm ``Engine`` behind an OpenAI-compatible HTTP API.
 
-::
-
-    nbllm serve --engine torch --model models/Qwen2.5-0.5B-Instruct --port 8000
-    # prints: nbllm serve listening on http://127.0.0.1:8000/v1
-
-Any OpenAI-compatible client (``OpenAIEngine``, the ``openai`` package, another nbllm on
-another machine) can then send chat requests to it. Routes:
+Routes:
 
 - ``POST /v1/chat/completions``: one chat completion (no streaming);
 - ``GET /v1/models``: the one served model;
@@ -17,52 +11,37 @@ another machine) can then send chat requests to it. Routes:
 The engine is loaded in a thread, so the server answers ``/health`` and ``/ready`` from
 the first moment. At most ``max_queue`` chat requests are admitted at once; one more gets
 429 with ``Retry-After``, never a silent drop. With an API key every ``/v1/`` request
-must carry ``Authorization: Bearer KEY``. SIGTERM or SIGINT drains: new requests get 503,
+must carry ``Authorization: Bearer KEY``. ``aclose()`` drains: new requests get 503,
 those admitted are answered (for up to ``grace`` seconds), then the engine is closed.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import enum
-import functools
 import hmac
-import json
 import logging
 import math
-import os
-import signal
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from nbllm.engines import EMBEDDED_MODEL, create_engine
 from nbllm.engines.base import Engine
-from nbllm.engines.fake import FakeEngine, echo
-from nbllm.engines.worker import SERVE_API_KEY_ENV, SERVE_URL_LINE_PREFIX
+from nbllm.engines.openai_wire import (
+    BadChatRequest,
+    completion_body,
+    error_body,
+    error_type,
+    parse_chat_body,
+)
 from nbllm.errors import ConfigError, EngineError, RequestRejected, RetryableError
-from nbllm.types import ChatRequest, ChatResponse, Message
+from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = [
-    "API_KEY_ENV",
-    "URL_LINE_PREFIX",
-    "EngineServer",
-    "ServeState",
-    "add_parser",
-    "main",
-]
-
-#: The one line ``nbllm serve`` prints to stdout starts with this, then the ``/v1`` URL.
-URL_LINE_PREFIX = SERVE_URL_LINE_PREFIX
-#: The environment variable that holds the server's API key (safer than ``--api-key``).
-API_KEY_ENV = SERVE_API_KEY_ENV
+__all__ = ["EngineServer", "EngineSource", "ServeState"]
 
 _log = logging.getLogger("nbllm.serve")
 
@@ -95,10 +74,6 @@ class ServeState(enum.Enum):
     CLOSED = "closed"
 
 
-class _BadRequest(Exception):
-    """The request body is not a chat completion request this server can answer (400)."""
-
-
 # --------------------------------------------------------------------- answers
 
 
@@ -109,17 +84,7 @@ def _error(
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    """An OpenAI-shaped error, which OpenAI clients turn into their typed exceptions."""
-    body = {"error": {"message": message, "type": type_, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
-
-
-def _error_type(status: int) -> str:
-    if status in (401, 403):
-        return "authentication_error"
-    if status == 429:
-        return "rate_limit_error"
-    return "invalid_request_error" if status < 500 else "server_error"
+    return web.json_response(error_body(message, type_, code), status=status, headers=headers)
 
 
 def _engine_error(exc: EngineError) -> web.Response:
@@ -131,46 +96,10 @@ def _engine_error(exc: EngineError) -> web.Response:
     headers = None
     if isinstance(exc, RetryableError) and exc.retry_after is not None:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-    return _error(status, str(exc), _error_type(status), headers=headers)
-
-
-def _completion(response: ChatResponse, model: str) -> dict[str, Any]:
-    """An OpenAI ``chat.completion`` object; token counts the engine did not know are null."""
-    prompt, completion = response.prompt_tokens, response.completion_tokens
-    total = prompt + completion if prompt is not None and completion is not None else None
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": response.text},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},
-    }
+    return _error(status, str(exc), error_type(status), headers=headers)
 
 
 # --------------------------------------------------------------------- requests
-
-
-def _messages(value: Any) -> list[Message]:
-    if not isinstance(value, list) or not value:
-        msg = "'messages' must be a non-empty list"
-        raise _BadRequest(msg)
-    messages: list[Message] = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            msg = f"messages[{i}] must be an object with a string 'role'"
-            raise _BadRequest(msg)
-        if not isinstance(m.get("content"), str):
-            msg = f"messages[{i}].content must be a string (content parts are not supported)"
-            raise _BadRequest(msg)
-        messages.append({"role": m["role"], "content": m["content"]})
-    return messages
 
 
 def _sampling_params(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,30 +112,18 @@ def _sampling_params(body: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(value, bool) or not isinstance(value, types):
             msg = f"'{name}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}"
-            raise _BadRequest(msg)
+            raise BadChatRequest(msg)
         params[name] = value
     return params
 
 
 def _parse_chat(raw: bytes, model: str) -> ChatRequest:
     """The engine request for an OpenAI chat completion body; ``model`` is the served one."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        msg = "the request body is not valid JSON"
-        raise _BadRequest(msg) from None
-    if not isinstance(body, dict):
-        msg = "the request body must be a JSON object"
-        raise _BadRequest(msg)
-    if body.get("stream"):
-        msg = "streaming is not supported"
-        raise _BadRequest(msg)
+    body, messages = parse_chat_body(raw)
     if body.get("n", 1) != 1:
         msg = "only n=1 is supported"
-        raise _BadRequest(msg)
-    return ChatRequest(
-        model=model, messages=_messages(body.get("messages")), params=_sampling_params(body)
-    )
+        raise BadChatRequest(msg)
+    return ChatRequest(model=model, messages=messages, params=_sampling_params(body))
 
 
 def _load_in_thread(factory: Callable[[], Engine]) -> asyncio.Future[Engine]:
@@ -358,6 +275,15 @@ class EngineServer:
         self.state = ServeState.READY
         _log.info("ready: the %s engine serves %s", engine.name, self.served_model_name)
 
+    async def wait_loaded(self) -> ServeState:
+        """Wait until the engine has loaded or its load failed; returns the state then.
+
+        Returns at once for an engine given as an instance, or once the server is closing.
+        """
+        if self._loading is not None:
+            await asyncio.wait({self._loading})  # never cancels the load, never raises
+        return self.state
+
     async def aclose(self) -> None:
         """Drain: refuse new requests, answer those admitted (up to ``grace`` s), then close.
 
@@ -428,7 +354,7 @@ class EngineServer:
     async def _handle_chat(self, request: web.Request) -> web.Response:
         try:
             chat = _parse_chat(await request.read(), self.model)
-        except _BadRequest as exc:
+        except BadChatRequest as exc:
             return _error(400, str(exc), "invalid_request_error")
         refusal = self._refusal()
         if refusal is not None:
@@ -454,7 +380,15 @@ class EngineServer:
             return _error(503, message, "server_error", "shutdown")
         exc = answer.exception()
         if exc is None:
-            return web.json_response(_completion(answer.result(), self.served_model_name))
+            response = answer.result()
+            body = completion_body(
+                f"chatcmpl-{uuid.uuid4().hex}",
+                self.served_model_name,
+                response.text,
+                response.prompt_tokens,
+                response.completion_tokens,
+            )
+            return web.json_response(body)
         if isinstance(exc, EngineError):
             return _engine_error(exc)
         # A bug in an engine: the traceback goes to the log, not to the client.
@@ -483,170 +417,3 @@ class EngineServer:
         if self.state is ServeState.LOADING:
             return web.json_response({"status": "loading"}, status=503)
         return web.json_response({"status": "draining"}, status=503)
-
-
-# --------------------------------------------------------------------- the command
-
-
-def _load_fake_engine(latency: float, load_s: float) -> Engine:
-    time.sleep(load_s)  # in the load thread: simulates a slow model load
-    return FakeEngine(echo, latency=latency)
-
-
-def engine_factory(args: argparse.Namespace) -> Callable[[], Engine]:
-    """What builds the engine the command's options name (called later, in a thread)."""
-    if args.engine == "fake":
-        return functools.partial(_load_fake_engine, args.fake_latency, args.fake_load_s)
-    options: dict[str, Any] = {}
-    if args.batch_size is not None:
-        options["batch_size"] = args.batch_size
-    if args.batch_wait_ms is not None:
-        options["batch_wait_s"] = args.batch_wait_ms / 1000
-    if args.device is not None:
-        options["device"] = args.device
-    # worker=False: this process is the worker; it must not start another one.
-    return functools.partial(create_engine, args.engine, model=args.model, worker=False, **options)
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value >= 0:  # also refuses nan
-        msg = f"expected a number >= 0, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"expected an integer >= 1, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``serve`` command to the ``nbllm`` command's subparsers."""
-    serve = subparsers.add_parser(
-        "serve",
-        help="serve one model over an OpenAI-compatible HTTP API",
-        description=(
-            "Serve one engine over an OpenAI-compatible HTTP API (/v1/chat/completions, "
-            "/v1/models, /health, /ready). Prints one line, 'nbllm serve listening on URL', "
-            "to stdout. SIGTERM or SIGINT drains: requests in flight are still answered."
-        ),
-    )
-    serve.add_argument("--engine", default="auto", help="which engine (default: auto)")
-    serve.add_argument(
-        "--model",
-        help="the model to load or send to (default for a local engine: the embedded one)",
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: a free port)")
-    serve.add_argument(
-        "--max-queue",
-        type=_positive_int,
-        default=256,
-        metavar="N",
-        help="requests admitted at once; one more gets 429 (default: 256)",
-    )
-    serve.add_argument(
-        "--api-key",
-        metavar="KEY",
-        help=f"require this Bearer key on /v1/ (better: set ${API_KEY_ENV})",
-    )
-    serve.add_argument(
-        "--grace",
-        type=_non_negative,
-        default=30.0,
-        metavar="S",
-        help="seconds to finish requests in flight on shutdown (default: 30)",
-    )
-    serve.add_argument("--served-model-name", metavar="NAME", help="the model name answers report")
-    serve.add_argument("--batch-size", type=_positive_int, metavar="N", help="for local engines")
-    serve.add_argument(
-        "--batch-wait-ms", type=_non_negative, metavar="MS", help="for local engines"
-    )
-    serve.add_argument("--device", help="for local engines, e.g. cpu, cuda, cuda:1")
-    serve.add_argument(
-        "--fake-latency",
-        type=_non_negative,
-        default=0.0,
-        metavar="S",
-        help="--engine fake: seconds per answer (for tests)",
-    )
-    serve.add_argument(
-        "--fake-load-s",
-        type=_non_negative,
-        default=0.0,
-        metavar="S",
-        help="--engine fake: seconds the load takes (for tests)",
-    )
-    serve.set_defaults(handler=main)
-    return serve
-
-
-def _on_signals(callback: Callable[[], None]) -> None:
-    """Call ``callback`` on the running loop at each SIGINT or SIGTERM."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, callback)
-        except (NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
-            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(callback))
-
-
-def _ignore_signals() -> None:
-    """Once drained the process only exits: a late SIGTERM must not turn exit 0 into a kill."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(sig)
-        signal.signal(sig, signal.SIG_IGN)
-
-
-async def _serve_until_signal(server: EngineServer) -> None:
-    """Start, print the URL line, wait for SIGTERM / SIGINT, drain.
-
-    A second signal during the drain cuts off the requests still running (answered 503).
-    """
-    stop = asyncio.Event()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            server.cut_off()
-        stop.set()
-
-    _on_signals(on_signal)
-    try:
-        await server.start()
-        print(f"{URL_LINE_PREFIX}{server.url}", flush=True)
-        await stop.wait()
-        _log.info("stopping")
-    finally:
-        await server.aclose()
-        _ignore_signals()
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``nbllm serve`` with parsed options until a signal; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="nbllm serve: %(message)s")
-    # Without --model a local engine loads the embedded model (create_engine's rule).
-    model = args.model or ("fake" if args.engine == "fake" else EMBEDDED_MODEL)
-    server = EngineServer(
-        engine_factory(args),
-        model=model,
-        served_model_name=args.served_model_name,
-        host=args.host,
-        port=args.port,
-        max_queue=args.max_queue,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        grace=args.grace,
-    )
-    asyncio.run(_serve_until_signal(server))
-    return 0

@@ -1,0 +1,186 @@
+"""The ``nbllm serve`` command: its options, and serving until SIGTERM or SIGINT.
+
+::
+
+    nbllm serve --engine torch --model models/Qwen2.5-0.5B-Instruct --port 8000
+    # prints: nbllm serve listening on http://127.0.0.1:8000/v1
+
+The key comes from ``--api-key`` or, unseen by ``ps``, from ``$NBLLM_SERVE_API_KEY``.
+The first signal drains (``EngineServer.aclose``); a second cuts the drain short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nbllm.engines import EMBEDDED_MODEL, create_engine
+from nbllm.engines.base import Engine
+from nbllm.engines.fake import FakeEngine, echo
+from nbllm.engines.openai_wire import (
+    SERVE_API_KEY_ENV,
+    SERVE_URL_LINE_PREFIX,
+    ignore_stop_signals,
+    on_stop_signals,
+)
+from nbllm.serve.server import EngineServer
+
+__all__ = ["add_parser", "engine_factory", "main", "serve_until_signal"]
+
+_log = logging.getLogger("nbllm.serve")
+
+
+def _load_fake_engine(latency: float, load_s: float) -> Engine:
+    time.sleep(load_s)  # in the load thread: simulates a slow model load
+    return FakeEngine(echo, latency=latency)
+
+
+def engine_factory(args: argparse.Namespace) -> Callable[[], Engine]:
+    """What builds the engine the command's options name (called later, in a thread)."""
+    if args.engine == "fake":
+        return functools.partial(_load_fake_engine, args.fake_latency, args.fake_load_s)
+    options: dict[str, Any] = {}
+    if args.batch_size is not None:
+        options["batch_size"] = args.batch_size
+    if args.batch_wait_ms is not None:
+        options["batch_wait_s"] = args.batch_wait_ms / 1000
+    if args.device is not None:
+        options["device"] = args.device
+    # worker=False: this process is the worker; it must not start another one.
+    return functools.partial(create_engine, args.engine, model=args.model, worker=False, **options)
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:  # also refuses nan
+        msg = f"expected a number >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"expected an integer >= 1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` command to the ``nbllm`` command's subparsers."""
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve one model over an OpenAI-compatible HTTP API",
+        description=(
+            "Serve one engine over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+            "/v1/models, /health, /ready). Prints one line, 'nbllm serve listening on URL', "
+            "to stdout. SIGTERM or SIGINT drains: requests in flight are still answered."
+        ),
+    )
+    serve.add_argument("--engine", default="auto", help="which engine (default: auto)")
+    serve.add_argument(
+        "--model",
+        help="the model to load or send to (default for a local engine: the embedded one)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: a free port)")
+    serve.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="requests admitted at once; one more gets 429 (default: 256)",
+    )
+    serve.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"require this Bearer key on /v1/ (better: set ${SERVE_API_KEY_ENV})",
+    )
+    serve.add_argument(
+        "--grace",
+        type=_non_negative,
+        default=30.0,
+        metavar="S",
+        help="seconds to finish requests in flight on shutdown (default: 30)",
+    )
+    serve.add_argument("--served-model-name", metavar="NAME", help="the model name answers report")
+    serve.add_argument("--batch-size", type=_positive_int, metavar="N", help="for local engines")
+    serve.add_argument(
+        "--batch-wait-ms", type=_non_negative, metavar="MS", help="for local engines"
+    )
+    serve.add_argument("--device", help="for local engines, e.g. cpu, cuda, cuda:1")
+    serve.add_argument(
+        "--fake-latency",
+        type=_non_negative,
+        default=0.0,
+        metavar="S",
+        help="--engine fake: seconds per answer (for tests)",
+    )
+    serve.add_argument(
+        "--fake-load-s",
+        type=_non_negative,
+        default=0.0,
+        metavar="S",
+        help="--engine fake: seconds the load takes (for tests)",
+    )
+    serve.set_defaults(handler=main)
+    return serve
+
+
+async def serve_until_signal(server: EngineServer) -> None:
+    """Start ``server``, print the URL line, wait for SIGTERM or SIGINT, then drain.
+
+    For a process that serves in the foreground: it takes over both signals, and ignores
+    them once drained. A second signal during the drain cuts off the requests still running
+    (answered 503).
+    """
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            server.cut_off()
+        stop.set()
+
+    on_stop_signals(on_signal)
+    try:
+        await server.start()
+        print(f"{SERVE_URL_LINE_PREFIX}{server.url}", flush=True)
+        await stop.wait()
+        _log.info("stopping")
+    finally:
+        await server.aclose()
+        # Once drained the process only exits: a late SIGTERM must not turn exit 0 into a kill.
+        ignore_stop_signals()
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``nbllm serve`` with parsed options until a signal; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="nbllm serve: %(message)s")
+    # Without --model a local engine loads the embedded model (create_engine's rule).
+    model = args.model or ("fake" if args.engine == "fake" else EMBEDDED_MODEL)
+    server = EngineServer(
+        engine_factory(args),
+        model=model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get(SERVE_API_KEY_ENV) or None,
+        grace=args.grace,
+    )
+    asyncio.run(serve_until_signal(server))
+    return 0
