@@ -28,7 +28,7 @@ from nbllm.testing import (
     start_subprocess,
 )
 from nbllm.testing.__main__ import build_parser
-from nbllm.testing.server import _cli_args
+from nbllm.testing.launcher import _cli_args
 
 USER1 = [{"role": "user", "content": "What is 2 + 2?"}]
 

@@ -8,16 +8,9 @@ rejects (400, ``history_errors``) any assistant message it did not itself answer
 
 from __future__ import annotations
 
-from nbllm.testing.server import (
-    URL_LINE_PREFIX,
-    Fault,
-    RequestLogEntry,
-    SubprocessServer,
-    TestServer,
-    messages_key,
-    read_log,
-    start_subprocess,
-)
+from nbllm.testing.launcher import URL_LINE_PREFIX, SubprocessServer, start_subprocess
+from nbllm.testing.request_log import RequestLogEntry, messages_key, read_log
+from nbllm.testing.server import Fault, TestServer
 
 __all__ = [
     "URL_LINE_PREFIX",

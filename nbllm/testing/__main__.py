@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 
-from nbllm.testing.server import URL_LINE_PREFIX, Fault, TestServer
+from nbllm.engines.openai_wire import on_stop_signals
+from nbllm.testing.launcher import URL_LINE_PREFIX
+from nbllm.testing.server import Fault, TestServer
 
 
 def _latency(text: str) -> float | tuple[float, float]:
@@ -92,14 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     async def run() -> None:
-        loop = asyncio.get_running_loop()
-
         def on_ready() -> None:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    loop.add_signal_handler(sig, server._request_stop)
-                except (NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
-                    signal.signal(sig, lambda *_: loop.call_soon_threadsafe(server._request_stop))
+            on_stop_signals(server._request_stop)
             print(f"{URL_LINE_PREFIX}{server.url}", flush=True)
 
         await server._serve(on_ready)

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import math
 import os
-import queue
 import random
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
@@ -31,19 +26,15 @@ from typing import IO, Any
 
 from aiohttp import web
 
-__all__ = [
-    "URL_LINE_PREFIX",
-    "Fault",
-    "RequestLogEntry",
-    "SubprocessServer",
-    "TestServer",
-    "messages_key",
-    "read_log",
-    "start_subprocess",
-]
+from nbllm.engines.openai_wire import (
+    BadChatRequest,
+    completion_body,
+    error_body,
+    parse_chat_body,
+)
+from nbllm.testing.request_log import RequestLogEntry, prefix_keys
 
-#: The first stdout line of ``python -m nbllm.testing`` starts with this, then the URL.
-URL_LINE_PREFIX = "nbllm test server listening on "
+__all__ = ["Fault", "TestServer"]
 
 MODEL_ID = "nbllm-test"
 _JSON = "application/json"
@@ -72,61 +63,12 @@ class Fault(str, Enum):
         raise ValueError(msg)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestLogEntry:
-    """One request as the server saw it, so tests can check what the client really sent.
-
-    ``status`` is the HTTP status answered, 0 for a dropped connection, or -1 for a request
-    cut off by server shutdown (a hang, or a latency sleep) before it was answered.
-    ``key`` is ``messages_key(messages)`` ("" when the body could not be read as messages).
-    """
-
-    t: float
-    conversation: str | None
-    key: str
-    status: int
-    n_messages: int
-    turn: int
-
-
-def messages_key(messages: Sequence[Mapping[str, Any]]) -> str:
-    """Hex sha256 of the canonical JSON of ``[[role, content], ...]``.
-
-    Only role and content count, so a client that echoes back the full assistant message object
-    (with fields such as ``refusal: null``) still matches the answer the server gave.
-    """
-    return _prefix_keys(messages, ())[1]
-
-
-def _prefix_keys(
-    messages: Sequence[Mapping[str, Any]], at: Iterable[int]
-) -> tuple[dict[int, str], str]:
-    """Keys of ``messages[:i]`` for each i in ``at`` and of all messages, in one pass.
-
-    The canonical form is ``json.dumps([[role, content], ...], separators=(",", ":"),
-    ensure_ascii=False)``, which is hashed incrementally so the history check stays O(n).
-    """
-    wanted = set(at)
-    prefixes: dict[int, str] = {}
-    h = hashlib.sha256(b"[")
-    for i, m in enumerate(messages):
-        if i in wanted:
-            c = h.copy()
-            c.update(b"]")
-            prefixes[i] = c.hexdigest()
-        item = json.dumps([m["role"], m["content"]], separators=(",", ":"), ensure_ascii=False)
-        h.update(item.encode() if i == 0 else b"," + item.encode())
-    h.update(b"]")
-    return prefixes, h.hexdigest()
-
-
 def _tokens(n_chars: int) -> int:
     return max(1, n_chars // 4)
 
 
 def _error_body(message: str, type_: str, code: str | None = None) -> bytes:
-    """OpenAI-shaped error JSON, which the openai/litellm clients turn into typed exceptions."""
-    return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
+    return json.dumps(error_body(message, type_, code)).encode()
 
 
 def _retry_after_text(seconds: float) -> str:
@@ -490,32 +432,17 @@ class TestServer:
             return self._unauthorized()
 
         # --- parse and validate
-        raw = await request.read()
-        problem: str | None = None
-        messages: list[dict[str, Any]] = []
-        body: Any = None
         try:
-            body = json.loads(raw)
-        except ValueError:
-            problem = "The request body is not valid JSON."
-        if problem is None:
-            if not isinstance(body, dict):
-                problem = "The request body must be a JSON object."
-            else:
-                messages = body.get("messages")  # type: ignore[assignment]
-                problem = _check_messages(messages)
-                if problem is None and body.get("stream"):
-                    problem = "Streaming is not supported by the nbllm test server."
-        if problem is not None:
-            n = len(messages) if isinstance(messages, list) else 0
-            self._record(t, conversation, "", 400, n, -1)
+            body, messages = parse_chat_body(await request.read())
+        except BadChatRequest as exc:
+            self._record(t, conversation, "", 400, 0, -1)
             return web.Response(
-                status=400, body=_error_body(problem, "invalid_request_error"), content_type=_JSON
+                status=400, body=_error_body(str(exc), "invalid_request_error"), content_type=_JSON
             )
 
         # --- history check: every assistant message must be what this server answered
         assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        prefixes, key = _prefix_keys(messages, assistant_at)
+        prefixes, key = prefix_keys(messages, assistant_at)
         n_user = 0
         last_user = ""
         for m in messages:
@@ -597,24 +524,13 @@ class TestServer:
         self._counter += 1
         prompt_tokens = _tokens(sum(len(m["content"]) for m in messages))
         completion_tokens = _tokens(len(answer))
-        payload = {
-            "id": f"chatcmpl-{self._counter}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model") or MODEL_ID,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": answer},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+        payload = completion_body(
+            f"chatcmpl-{self._counter}",
+            body.get("model") or MODEL_ID,
+            answer,
+            prompt_tokens,
+            completion_tokens,
+        )
         self._accepted.append(admitted_at if self.rpm is not None else t)
         self._record(t, conversation, key, 200, n, turn)
         return web.Response(
@@ -655,180 +571,3 @@ def _drop(request: web.Request) -> web.Response:
     if transport is not None:
         transport.close()
     return web.Response(status=204)
-
-
-def _check_messages(messages: Any) -> str | None:
-    """Why ``messages`` is not a non-empty list of {role: str, content: str}, or None."""
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list."
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            return f"messages[{i}] must be an object."
-        if not isinstance(m.get("role"), str):
-            return f"messages[{i}].role must be a string."
-        if not isinstance(m.get("content"), str):
-            return f"messages[{i}].content must be a string."
-    return None
-
-
-def read_log(path: str | os.PathLike[str]) -> list[RequestLogEntry]:
-    """Read a ``--log`` JSONL file back; a torn last line (server killed mid-write) is skipped."""
-    entries: list[RequestLogEntry] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                entries.append(RequestLogEntry(**json.loads(line)))
-            except (ValueError, TypeError):
-                continue
-    return entries
-
-
-# --------------------------------------------------------------------- subprocess
-
-
-def _cli_args(options: Mapping[str, Any]) -> list[str]:
-    """Translate TestServer keyword options into ``python -m nbllm.testing`` arguments."""
-    args: list[str] = []
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name == "latency":
-            text = ",".join(str(float(x)) for x in value) if isinstance(value, tuple) else value
-            args += ["--latency", str(text)]
-        elif name == "faults":
-            for kind, p in value.items():
-                args += ["--fault-rate", f"{Fault.parse(kind).value}={float(p)}"]
-        elif name == "log_path":
-            args += ["--log", os.fspath(value)]
-        elif name in (
-            "rpm",
-            "window_s",
-            "fault_first",
-            "hang_s",
-            "retry_after",
-            "seed",
-            "api_key",
-            "host",
-            "port",
-        ):
-            args += ["--" + name.replace("_", "-"), str(value)]
-        else:
-            msg = f"start_subprocess() got an unexpected option {name!r}"
-            raise TypeError(msg)
-    return args
-
-
-class SubprocessServer:
-    """``python -m nbllm.testing`` running in a child process (so it gets its own CPU core).
-
-    Use ``start_subprocess(...)`` to create one; ``.url`` is read from its first stdout line.
-    """
-
-    def __init__(self, args: Sequence[str], timeout: float = _START_TIMEOUT_S) -> None:
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        # The child must import this very nbllm even if it is not installed (e.g. a checkout).
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p
-        )
-        env["PYTHONUNBUFFERED"] = "1"
-        # A file, not a pipe: it can never fill up and block the child. Closed in stop().
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "nbllm.testing", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=env,
-        )
-        self.url = ""
-        self._stopped = False
-        try:
-            self.url = self._read_url(timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _read_url(self, timeout: float) -> str:
-        assert self.process.stdout is not None
-        stdout = self.process.stdout
-        lines: queue.Queue[bytes] = queue.Queue()
-        reader = threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True)
-        reader.start()
-        try:
-            line = lines.get(timeout=timeout).decode("utf-8", "replace").strip()
-        except queue.Empty:
-            self._kill()
-            reader.join(5)
-            msg = (
-                f"nbllm test server subprocess printed no URL within {timeout:g} s; "
-                f"stderr:\n{self.stderr_text()}"
-            )
-            raise RuntimeError(msg) from None
-        if not line.startswith(URL_LINE_PREFIX):
-            self._kill()
-            msg = (
-                f"nbllm test server subprocess failed to start (exit code "
-                f"{self.process.returncode}, first line {line!r}); stderr:\n{self.stderr_text()}"
-            )
-            raise RuntimeError(msg)
-        return line[len(URL_LINE_PREFIX) :]
-
-    def _kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stderr_text(self) -> str:
-        """What the child wrote to stderr so far (for error messages)."""
-        try:
-            self._stderr.flush()
-            self._stderr.seek(0)
-            return self._stderr.read().decode("utf-8", "replace")
-        except ValueError:  # already closed
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (a graceful stop), then kill if it lingers; idempotent. Returns the exit code."""
-        if self._stopped:
-            return self.process.returncode
-        self._stopped = True
-        try:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self._kill()
-        finally:
-            if self.process.stdout is not None:
-                self.process.stdout.close()
-            self._stderr.close()
-        return self.process.returncode
-
-    def __enter__(self) -> SubprocessServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"<SubprocessServer pid={self.process.pid} {self.url or 'starting'}>"
-
-
-def start_subprocess(*, timeout: float = _START_TIMEOUT_S, **options: Any) -> SubprocessServer:
-    """Run the server as ``python -m nbllm.testing`` in a child process and wait for its URL.
-
-    Takes the same options as ``TestServer`` (``log_path`` becomes ``--log``). Raises
-    RuntimeError, with the child's stderr, if no URL line comes within ``timeout`` seconds.
-    """
-    return SubprocessServer(_cli_args(options), timeout=timeout)
