@@ -5,15 +5,17 @@ drives its own event loop; where a loop is already running (a Jupyter kernel) it
 the batch on a private loop in a worker thread, so there is never an "event loop is
 already running" error. Ctrl-C (or the kernel's interrupt) stops the batch cleanly
 and returns what finished. ``arun`` is the same as a coroutine, for ``await``.
+
+Each builds one ``RunConfig`` from its options; ``prepare_run`` does every check that
+needs the data or the engine, before any request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import os
 import signal
-import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -33,9 +35,11 @@ from nbllm.executor.checkpoint import (
     resolve_checkpoint_path,
 )
 from nbllm.results import RunResult
+from nbllm.retry import RetryPolicy
+from nbllm.run_thread import RunThread
 from nbllm.types import Conversation
 
-__all__ = ["PreparedRun", "arun", "prepare_run", "progress_listener", "run"]
+__all__ = ["PreparedRun", "arun", "prepare_run", "run"]
 
 
 def _api_key_for(engine: Any, api_base: str | None, api_key: str | None) -> str | None:
@@ -53,55 +57,18 @@ def _api_key_for(engine: Any, api_base: str | None, api_key: str | None) -> str 
     return os.environ.get("NBLLM_API_KEY")
 
 
-def _in_notebook() -> bool:
-    """Whether this code runs in a Jupyter kernel (where widgets can be shown)."""
-    if "IPython" not in sys.modules:
-        return False
-    from IPython import get_ipython
-
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
-def progress_listener(
-    progress: Any, *, stop: Callable[[], None] | None = None
-) -> Callable[[Event], None] | None:
-    """The live progress for ``progress=``: the dashboard in a notebook, tqdm in a terminal.
-
-    Call it in the thread that runs the cell, so the dashboard lands in that cell's output.
-    ``None`` means: in a notebook or a terminal, not when output goes to a file or a pipe.
-    ``stop`` gives the dashboard a Stop button (only useful where the kernel is free to
-    handle the click, i.e. for a run in the background).
-    """
-    if progress is False or not isinstance(progress, (bool, type(None))):
-        return None  # a bad value is reported by RunConfig
-    if _in_notebook():
-        try:
-            from nbllm.ui.dashboard import Dashboard
-        except ImportError:  # ipywidgets missing: text it is
-            pass
-        else:
-            from IPython.display import display
-
-            dashboard = Dashboard(stop=stop)
-            display(dashboard)
-            return dashboard
-    if progress is None and not sys.stderr.isatty():
-        return None
-    from nbllm.ui.progress import TextProgress
-
-    return TextProgress()
-
-
 @dataclass
 class PreparedRun:
     """A validated run, ready to execute: data loaded, engine chosen, checkpoint opened.
 
     Made by ``prepare_run`` (all checks happen there, before any request); ``execute``
-    runs it once and releases the engine, the checkpoint and the cache.
+    runs it once and releases the engine, the checkpoint and the cache. ``config`` is
+    the options as given (``concurrency`` capped to what the engine takes at once);
+    ``model`` the model asked, named by the engine or the embedded one when none was.
     """
 
     config: RunConfig
+    model: str
     conversations: list[Conversation]
     engine: Engine
     owns_engine: bool
@@ -116,7 +83,7 @@ class PreparedRun:
     async def execute(self) -> RunResult:
         executor = Executor(
             self.engine,
-            model=self.config.model,
+            model=self.model,
             concurrency=self.config.concurrency,
             max_conversations=self.config.max_conversations,
             rpm=self.config.rpm,
@@ -143,39 +110,19 @@ class PreparedRun:
                 closeable.close()
 
 
-def prepare_run(
-    data: Any,
-    *,
-    model: str | None = None,
-    api_base: str | None = None,
-    api_key: str | None = None,
-    concurrency: int = 32,
-    rpm: float | None = None,
-    tpm: float | None = None,
-    timeout: float | None = 120.0,
-    retries: Any = 5,
-    system: str | None = None,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    progress: bool | None = None,
-    checkpoint: Any = True,
-    cache: Any = True,
-    resume: bool = True,
-    engine: str | Engine = "auto",
-    worker: bool | None = None,
-    max_conversations: int | None = None,
-    listeners: Iterable[Callable[[Event], None]] = (),
-    **params: Any,
-) -> PreparedRun:
-    """Check every option and the data, choose the engine, open the checkpoint.
+def prepare_run(data: Any, config: RunConfig) -> PreparedRun:
+    """Check the data, choose the engine, open the checkpoint and the cache.
 
-    Raises ``ConfigError`` / ``DatasetError`` / ``CheckpointError`` before any request.
-    ``progress`` is checked here but no progress is attached: see ``progress_listener``.
+    ``config`` holds the options, already checked. Raises ``ConfigError`` /
+    ``DatasetError`` / ``CheckpointError`` before any request. No progress is attached:
+    the caller asks ``nbllm.ui.frontend`` for that.
     """
+    engine = config.engine
+    model = config.model
     if model is None:
         if isinstance(engine, Engine):
             model = engine.default_model or engine.name
-        elif is_local(engine, model, api_base):
+        elif is_local(engine, model, config.api_base):
             model = EMBEDDED_MODEL
         else:
             msg = (
@@ -183,63 +130,63 @@ def prepare_run(
                 "as 'openai/gpt-4o-mini', or the model name a server at api_base= serves"
             )
             raise ConfigError(msg)
-    config = RunConfig(
-        model=model,
-        api_base=api_base,
-        api_key=api_key,
-        concurrency=concurrency,
-        max_conversations=max_conversations,
-        rpm=rpm,
-        tpm=tpm,
-        timeout=timeout,
-        retries=retries,
-        system=system,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        progress=progress,
-        params=params,
-    )
-    if not isinstance(resume, bool):
-        msg = f"resume= expected True or False, got {resume!r}"
-        raise ConfigError(msg)
-    cache_path = resolve_cache_path(cache)
+    cache_path = resolve_cache_path(config.cache)
     conversations = load_conversations(data)
+    api_key = None if config.api_key is None else config.api_key.get_secret_value()
     chosen = create_engine(
         engine,
-        model=config.model,
+        model=model,
         api_base=config.api_base,
-        api_key=_api_key_for(engine, config.api_base, config.api_key),
+        api_key=_api_key_for(engine, config.api_base, api_key),
         max_connections=max(config.concurrency, 8),
-        worker=worker,
+        worker=config.worker,
     )
     if chosen.max_in_flight is not None and chosen.max_in_flight < config.concurrency:
         # More would only queue inside the engine, where their timeouts would run out.
-        config = dataclasses.replace(config, concurrency=chosen.max_in_flight)
-    plan = PreparedRun(config, conversations, chosen, chosen is not engine, list(listeners))
+        config = config.model_copy(update={"concurrency": chosen.max_in_flight})
+    plan = PreparedRun(
+        config, model, conversations, chosen, chosen is not engine, list(config.listeners)
+    )
     try:
-        if checkpoint is not False and checkpoint is not None:
+        if config.checkpoint is not False and config.checkpoint is not None:
             identity = RunIdentity(
                 dataset=dataset_hash(conversations),
-                model=config.model,
+                model=model,
                 engine=chosen.identity(),
                 params=config.sampling_params,
                 system=config.system,
             )
-            path = resolve_checkpoint_path(checkpoint, identity.fingerprint)
+            path = resolve_checkpoint_path(config.checkpoint, identity.fingerprint)
             if path is not None:
                 plan.store = CheckpointStore.open(
                     path,
                     identity,
                     conversations=len(conversations),
                     turns=plan.turns,
-                    resume=resume,
+                    resume=config.resume,
                 )
         if cache_path is not None:
-            plan.cache = ResponseCache(cache_path, reuse_sampled=cache == "always")
+            plan.cache = ResponseCache(cache_path, reuse_sampled=config.cache == "always")
     except BaseException:
         plan.release()
         raise
     return plan
+
+
+def _attach_progress(plan: PreparedRun) -> Callable[[Event], None] | None:
+    """The live progress that ``progress=`` asks for, listening to the run."""
+    from nbllm.ui.frontend import progress_listener
+
+    progress = progress_listener(plan.config.progress)
+    if progress is not None:
+        plan.listeners.append(progress)
+    return progress
+
+
+def _with_gpu_samples(result: RunResult, progress: Any) -> RunResult:
+    from nbllm.ui.frontend import with_gpu_samples
+
+    return with_gpu_samples(result, progress)
 
 
 async def arun(
@@ -252,13 +199,13 @@ async def arun(
     rpm: float | None = None,
     tpm: float | None = None,
     timeout: float | None = 120.0,
-    retries: Any = 5,
+    retries: int | RetryPolicy = 5,
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
     progress: bool | None = None,
-    checkpoint: Any = True,
-    cache: Any = True,
+    checkpoint: bool | str | os.PathLike[str] | None = True,
+    cache: bool | str | os.PathLike[str] | None = True,
     resume: bool = True,
     engine: str | Engine = "auto",
     worker: bool | None = None,
@@ -267,22 +214,31 @@ async def arun(
     **params: Any,
 ) -> RunResult:
     """Run a dataset of conversations and return one row per turn; see ``run``."""
-    options = dict(locals())
-    del options["data"], options["params"]
-    options.update(params)
-    plan = prepare_run(data, **options)
-    bar = progress_listener(progress)
-    if bar is not None:
-        plan.listeners.append(bar)
-    return _with_gpu_samples(await plan.execute(), bar)
-
-
-def _with_gpu_samples(result: RunResult, bar: Any) -> RunResult:
-    """Hand the GPU readings the dashboard took during the run to the result's plots."""
-    monitor = getattr(bar, "gpu_monitor", None)
-    if monitor is not None:
-        result.gpu_samples = [s for device in monitor.history() for s in device]
-    return result
+    config = RunConfig(
+        model=model,
+        api_base=api_base,
+        api_key=api_key,
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        retries=retries,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        progress=progress,
+        checkpoint=checkpoint,
+        cache=cache,
+        resume=resume,
+        engine=engine,
+        worker=worker,
+        max_conversations=max_conversations,
+        listeners=listeners,
+        params=params,
+    )
+    plan = prepare_run(data, config)
+    shown = _attach_progress(plan)
+    return _with_gpu_samples(await plan.execute(), shown)
 
 
 def run(
@@ -295,13 +251,13 @@ def run(
     rpm: float | None = None,
     tpm: float | None = None,
     timeout: float | None = 120.0,
-    retries: Any = 5,
+    retries: int | RetryPolicy = 5,
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
     progress: bool | None = None,
-    checkpoint: Any = True,
-    cache: Any = True,
+    checkpoint: bool | str | os.PathLike[str] | None = True,
+    cache: bool | str | os.PathLike[str] | None = True,
     resume: bool = True,
     engine: str | Engine = "auto",
     worker: bool | None = None,
@@ -317,11 +273,12 @@ def run(
     OpenAI-compatible server), ``concurrency`` (requests in flight), ``rpm`` / ``tpm``
     (per-minute budgets), ``timeout`` (seconds per attempt), ``retries`` (an int or a
     ``RetryPolicy``), ``system`` (default system prompt), ``max_tokens``,
-    ``temperature``, ``progress`` (a text bar; default: when interactive),
-    ``engine`` ("auto", "openai", "litellm", a local engine — "vllm", "deepspeed",
-    "onnx", "torch" — or an ``Engine``), ``worker`` (run a local engine in a child
-    process; default: on a CUDA GPU), ``max_conversations``, ``listeners`` (callables
-    receiving executor events).
+    ``temperature``, ``progress`` (the dashboard in a notebook, a text bar in a
+    terminal; default: when interactive), ``engine`` ("auto", "openai", "litellm", a
+    local engine — "vllm", "deepspeed", "onnx", "torch", "llamacpp" — or an ``Engine``),
+    ``worker`` (run a local engine in a child process; default: on a CUDA GPU),
+    ``max_conversations``, ``listeners`` (callables receiving executor events).
+    ``nbllm.RunConfig`` describes each option and checks it.
 
     Without ``model`` and ``api_base``, the embedded SmolLM2-135M-Instruct answers on
     this machine; ``model`` may also be a Hugging Face model directory or a GGUF file.
@@ -336,18 +293,35 @@ def run(
     Any other keyword is passed to the engine as a sampling parameter (``top_p=0.9``,
     ``seed=1``, ...).
     """
-    options = dict(locals())
-    del options["data"], options["params"]
-    options.update(params)
-    plan = prepare_run(data, **options)
-    bar = progress_listener(progress)
-    if bar is not None:
-        plan.listeners.append(bar)
+    config = RunConfig(
+        model=model,
+        api_base=api_base,
+        api_key=api_key,
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        retries=retries,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        progress=progress,
+        checkpoint=checkpoint,
+        cache=cache,
+        resume=resume,
+        engine=engine,
+        worker=worker,
+        max_conversations=max_conversations,
+        listeners=listeners,
+        params=params,
+    )
+    plan = prepare_run(data, config)
+    shown = _attach_progress(plan)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _with_gpu_samples(asyncio.run(_execute_stopping_on_ctrl_c(plan)), bar)
-    return _with_gpu_samples(_run_beside_running_loop(plan), bar)
+        return _with_gpu_samples(asyncio.run(_execute_stopping_on_ctrl_c(plan)), shown)
+    return _with_gpu_samples(_run_beside_running_loop(plan), shown)
 
 
 async def _execute_stopping_on_ctrl_c(plan: PreparedRun) -> RunResult:
@@ -365,52 +339,24 @@ async def _execute_stopping_on_ctrl_c(plan: PreparedRun) -> RunResult:
 
 
 def _run_beside_running_loop(plan: PreparedRun) -> RunResult:
-    """Run on a private loop in a worker thread while the caller's loop (a kernel's) waits."""
-    box: dict[str, Any] = {}
-    stop_requested = threading.Event()
-    done = threading.Event()
-
-    def stop_batch(*_: Any) -> None:
-        stop_requested.set()
-        loop, task = box.get("loop"), box.get("task")
-        if loop is not None and task is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(task.cancel)
-
-    def target() -> None:
-        async def main() -> RunResult:
-            box["loop"] = asyncio.get_running_loop()
-            box["task"] = task = asyncio.current_task()
-            if stop_requested.is_set() and task is not None:
-                task.cancel()  # Ctrl-C came before this task existed
-            return await plan.execute()
-
-        try:
-            box["result"] = asyncio.run(main())
-        except BaseException as exc:
-            box["error"] = exc
-        finally:
-            done.set()
-
+    """Run in a ``RunThread`` while the caller's loop (a kernel's) waits."""
+    runner = RunThread(plan.execute, name="nbllm-run")
+    plan.listeners.append(runner.listen)
     # While the batch runs, Ctrl-C (or a kernel interrupt) stops the batch rather than
     # whatever the caller's loop would do with it; the previous handler comes back after.
     previous = None
     if threading.current_thread() is threading.main_thread():
-        try:
-            previous = signal.signal(signal.SIGINT, stop_batch)
-        except ValueError:
-            previous = None
-    thread = threading.Thread(target=target, name="nbllm-run", daemon=True)
+        with contextlib.suppress(ValueError):
+            previous = signal.signal(signal.SIGINT, lambda *_: runner.stop())
     try:
-        thread.start()
+        runner.start()
         try:
-            done.wait()
+            runner.wait()
         except KeyboardInterrupt:
-            stop_batch()
-            done.wait()
+            runner.stop()
+            runner.wait()
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    runner.thread.join()
+    return runner.outcome()

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nbllm
+from nbllm.config import add_run_arguments
 from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, DatasetError, NbllmError
 from nbllm.executor.checkpoint import nbllm_dir
@@ -37,6 +37,8 @@ __all__ = ["main"]
 
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _OUT_SUFFIXES = (".csv", ".jsonl", ".parquet")
+# The options of nbllm.run that are flags of the same name (--api-base for api_base);
+# --checkpoint/--no-checkpoint, --fresh, --no-cache and --no-progress are the others.
 _RUN_OPTIONS = (
     "model",
     "api_base",
@@ -129,17 +131,17 @@ def _run(args: argparse.Namespace) -> int:
         _check_out(out)
     data = _read_data(Path(args.data))
     # Options left out on the command line keep nbllm.run's own defaults.
-    given = {name: getattr(args, name) for name in _RUN_OPTIONS}
+    given = {name: getattr(args, name) for name in (*_RUN_OPTIONS, "checkpoint")}
     options = {name: value for name, value in given.items() if value is not None}
     if args.no_checkpoint:
         options["checkpoint"] = False
-    elif args.checkpoint is not None:
-        options["checkpoint"] = args.checkpoint
     if args.no_cache:
         options["cache"] = False
     if args.fresh:
         options["resume"] = False
-    result = nbllm.run(data, progress=not args.no_progress, **options)
+    if args.no_progress:
+        options["progress"] = False  # else a bar on a terminal, none into a file or a pipe
+    result = nbllm.run(data, **options)
     print(result.summary)
     summary = result.summary
     if summary.resumed or summary.cached:
@@ -221,11 +223,6 @@ def _runs_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default(option: str) -> str:
-    """`` (default: X)`` as ``nbllm.run`` has it, for the help text."""
-    return f" (default: {inspect.signature(nbllm.arun).parameters[option].default})"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbllm",
@@ -247,38 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "data", metavar="DATA", help="a .jsonl/.json, .csv (long or wide) or .parquet file"
     )
-    run.add_argument(
-        "--model",
-        help="e.g. openai/gpt-4o-mini, or a local model folder or .gguf file "
-        "(default: the embedded SmolLM2-135M-Instruct, on this machine)",
-    )
-    run.add_argument("--api-base", metavar="URL", help="an OpenAI-compatible server's URL")
-    run.add_argument("--api-key", metavar="KEY", help="never printed nor written anywhere")
-    run.add_argument(
-        "--concurrency", type=int, metavar="N", help=f"requests in flight{_default('concurrency')}"
-    )
-    run.add_argument("--rpm", type=float, metavar="N", help="requests per minute")
-    run.add_argument("--tpm", type=float, metavar="N", help="tokens per minute")
-    run.add_argument(
-        "--timeout", type=float, metavar="S", help=f"seconds per attempt{_default('timeout')}"
-    )
-    run.add_argument(
-        "--retries", type=int, metavar="N", help=f"retries per request{_default('retries')}"
-    )
-    run.add_argument("--system", metavar="S", help="default system prompt")
-    run.add_argument("--max-tokens", type=int, metavar="N")
-    run.add_argument("--temperature", type=float, metavar="T")
-    run.add_argument("--engine", choices=ENGINE_NAMES, help=f"which engine{_default('engine')}")
+    add_run_arguments(run, _RUN_OPTIONS, choices={"engine": ENGINE_NAMES})
     run.add_argument(
         "--out", metavar="FILE", help="write one row per turn to .csv, .jsonl or .parquet"
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    stored = run.add_mutually_exclusive_group()
-    stored.add_argument(
-        "--checkpoint",
-        metavar="PATH",
-        help="keep finished turns in this file or folder (default: .nbllm/runs/<id>/)",
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (default: a bar on stderr when it is a terminal)",
     )
+    stored = run.add_mutually_exclusive_group()
+    add_run_arguments(stored, ("checkpoint",))
     stored.add_argument(
         "--no-checkpoint", action="store_true", help="keep no checkpoint; nothing to resume"
     )

@@ -1,85 +1,164 @@
-"""One validated set of run options: every bad value is refused before any request is sent."""
+"""Every run option in one validated schema: each bad value is refused before any request.
+
+``RunConfig`` is the single source of the options of ``nbllm.run`` (and ``arun``,
+``submit``): their names, order, defaults and one-line descriptions. The command's flags
+(``add_run_arguments``), the magic's options and its session settings and environment
+variables (``parse_run_option``) are derived from it, so an option is added in one place.
+
+A refused value is one line that names the option and says what was expected, e.g.
+``concurrency= expected a whole number >= 1, got 0``; booleans are not numbers.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import argparse
+import os
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    JsonValue,
+    SecretStr,
+    ValidationError,
+)
 
 from nbllm.errors import ConfigError
 from nbllm.retry import RetryPolicy
 
-__all__ = ["RunConfig"]
+__all__ = ["RunConfig", "add_run_arguments", "parse_run_option", "text_type"]
+
+# int or float, kept as given: a temperature of 0 stays 0 in cache keys and fingerprints.
+PositiveNumber = Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Temperature = (
+    Annotated[int, Field(ge=0, le=2)] | Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+)
+Place = bool | str | InstanceOf[os.PathLike] | None  # checkpoint= and cache=
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _option(
+    default: Any,
+    description: str,
+    expected: str,
+    *,
+    metavar: str | None = None,
+    **constraints: Any,
+) -> Any:
+    """A field: its default, a one-line description (help text), and what a refusal says."""
+    extra: dict[str, JsonValue] = {"expected": expected, "metavar": metavar}
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
 
 
-def _is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+class RunConfig(BaseModel):
+    """The options of one run, checked on creation; frozen. ``api_key`` is a ``SecretStr``:
+    it never appears in ``repr``, ``str`` or a dump."""
 
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True
+    )
 
-def _fail(option: str, expected: str, got: Any) -> None:
-    msg = f"{option}= expected {expected}, got {got!r}"
-    raise ConfigError(msg)
+    model: str | None = _option(
+        None,
+        "a litellm model string (openai/gpt-4o-mini), the name a server at api_base serves, or "
+        "a local model folder or .gguf file; none: the embedded SmolLM2-135M-Instruct",
+        "a model name such as 'openai/gpt-4o-mini'",
+        pattern=r"\S",
+    )
+    api_base: str | None = _option(
+        None,
+        "an OpenAI-compatible server's URL",
+        "an http(s) URL such as 'http://127.0.0.1:8000/v1'",
+        metavar="URL",
+        pattern=r"^https?://",
+    )
+    api_key: SecretStr | None = _option(
+        None,
+        "the key for api_base or the provider, never printed nor written anywhere; none: "
+        "from the environment",
+        "a string",
+        metavar="KEY",
+    )
+    concurrency: int = _option(32, "requests in flight", "a whole number >= 1", metavar="N", ge=1)
+    rpm: PositiveNumber | None = _option(
+        None, "requests per minute, at most", "a number > 0 or None", metavar="N"
+    )
+    tpm: PositiveNumber | None = _option(
+        None, "tokens per minute, at most", "a number > 0 or None", metavar="N"
+    )
+    timeout: PositiveNumber | None = _option(
+        120.0, "seconds per attempt", "a number > 0 or None", metavar="S"
+    )
+    retries: Annotated[int, Field(ge=0)] | InstanceOf[RetryPolicy] = _option(
+        5,
+        "more attempts after a failed one (429, 5xx, timeouts)",
+        "a whole number >= 0 or a RetryPolicy",
+        metavar="N",
+    )
+    system: str | None = _option(None, "default system prompt", "a string or None", metavar="TEXT")
+    max_tokens: int | None = _option(
+        None, "the longest answer, in tokens", "a whole number >= 1 or None", metavar="N", ge=1
+    )
+    temperature: Temperature | None = _option(
+        None, "sampling temperature", "a number between 0 and 2 or None", metavar="T"
+    )
+    progress: bool | None = _option(
+        None,
+        "live progress: the dashboard in a notebook, a text bar on stderr in a terminal; "
+        "none: only there, not into a file or a pipe",
+        "True, False or None (automatic)",
+    )
+    checkpoint: Place = _option(
+        True,
+        "where finished turns are kept: a file or folder (True: .nbllm/runs/<id>/; False: nowhere)",
+        "True, False or a path",
+        metavar="PATH",
+    )
+    cache: Place = _option(
+        True,
+        "answer identical requests from earlier runs: True (.nbllm/cache.sqlite), a path, "
+        "'always' (sampled ones too) or False",
+        "True, False, 'always' or a path",
+        metavar="PATH",
+    )
+    resume: bool = _option(
+        True, "skip the turns the checkpoint holds; False starts over", "True or False"
+    )
+    # Any, not str | Engine: Engine lives a layer above; create_engine checks the value.
+    engine: Any = _option(
+        "auto",
+        "which engine: auto, openai, litellm or a local one (vllm, deepspeed, onnx, torch, "
+        "llamacpp)",
+        "an engine name or an Engine instance",
+    )
+    worker: bool | None = _option(
+        None,
+        "run a local engine in a child process; none: on a CUDA GPU",
+        "True, False or None (automatic)",
+    )
+    max_conversations: int | None = _option(
+        None,
+        "conversations in progress at once; none: concurrency",
+        "a whole number >= 1 or None",
+        metavar="N",
+        ge=1,
+    )
+    listeners: tuple[Callable[[Any], Any], ...] = _option(
+        (), "callables receiving the executor's events", "a list of callables", strict=False
+    )
+    params: dict[str, Any] = _option(
+        {}, "other sampling parameters for the engine (top_p, seed, ...)", "a dict"
+    )
 
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Options of one run, checked on creation. ``api_key`` never appears in ``repr``."""
-
-    model: str
-    api_base: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    concurrency: int = 32
-    max_conversations: int | None = None
-    rpm: float | None = None
-    tpm: float | None = None
-    timeout: float | None = 120.0
-    retries: int | RetryPolicy = 5
-    system: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    progress: bool | None = None
-    params: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model.strip():
-            _fail("model", "a model name such as 'openai/gpt-4o-mini'", self.model)
-        if self.api_base is not None and (
-            not isinstance(self.api_base, str)
-            or not self.api_base.startswith(("http://", "https://"))
-        ):
-            _fail("api_base", "an http(s) URL such as 'http://127.0.0.1:8000/v1'", self.api_base)
-        if self.api_key is not None and not isinstance(self.api_key, str):
-            msg = f"api_key= expected a string, got a {type(self.api_key).__name__}"
-            raise ConfigError(msg)
-        if not _is_whole(self.concurrency) or self.concurrency < 1:
-            _fail("concurrency", "a whole number >= 1", self.concurrency)
-        if self.max_conversations is not None and (
-            not _is_whole(self.max_conversations) or self.max_conversations < 1
-        ):
-            _fail("max_conversations", "a whole number >= 1 or None", self.max_conversations)
-        for name in ("rpm", "tpm", "timeout"):
-            value = getattr(self, name)
-            if value is not None and (not _is_number(value) or value <= 0):
-                _fail(name, "a number > 0 or None", value)
-        if not isinstance(self.retries, RetryPolicy) and (
-            not _is_whole(self.retries) or self.retries < 0
-        ):
-            _fail("retries", "a whole number >= 0 or a RetryPolicy", self.retries)
-        if self.system is not None and not isinstance(self.system, str):
-            _fail("system", "a string or None", self.system)
-        if self.max_tokens is not None and (not _is_whole(self.max_tokens) or self.max_tokens < 1):
-            _fail("max_tokens", "a whole number >= 1 or None", self.max_tokens)
-        if self.temperature is not None and (
-            not _is_number(self.temperature) or not 0 <= self.temperature <= 2
-        ):
-            _fail("temperature", "a number between 0 and 2 or None", self.temperature)
-        if self.progress is not None and not isinstance(self.progress, bool):
-            _fail("progress", "True, False or None (automatic)", self.progress)
+    def __init__(self, **options: Any) -> None:
+        try:
+            super().__init__(**options)
+        except ValidationError as exc:
+            # from None: pydantic's multi-line report as the cause would undo the one line.
+            raise ConfigError(_one_line(exc, options)) from None
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -97,3 +176,76 @@ class RunConfig:
             params["temperature"] = self.temperature
         params.update(self.params)
         return params
+
+
+def _about(name: str, key: str) -> str | None:
+    extra = RunConfig.model_fields[name].json_schema_extra
+    value = extra.get(key) if isinstance(extra, dict) else None
+    return None if value is None else str(value)
+
+
+def _one_line(exc: ValidationError, options: Mapping[str, Any]) -> str:
+    error = exc.errors()[0]
+    name = str(error["loc"][0])
+    if error["type"] == "extra_forbidden":
+        return f"{name}= is not a run option; the options are {', '.join(RunConfig.model_fields)}"
+    got = options[name]
+    shown = f"a {type(got).__name__}" if name == "api_key" else repr(got)  # never the key
+    return f"{name}= expected {_about(name, 'expected')}, got {shown}"
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    if typing.get_origin(annotation) is Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
+    args = typing.get_args(annotation)
+    return {leaf for arg in args for leaf in _leaf_types(arg)} if args else {annotation}
+
+
+def text_type(name: str) -> type:
+    """How an option given as text is read: a number, a whole number, or the text itself."""
+    leaves = _leaf_types(RunConfig.model_fields[name].annotation)
+    return float if float in leaves else int if int in leaves else str
+
+
+def parse_run_option(name: str, text: str) -> Any:
+    """The value of option ``name`` given as text (a setting, an environment variable),
+    checked by the schema's rules; ``ConfigError`` otherwise."""
+    kind = text_type(name)
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        msg = f"{name} expects {what}, got {text!r}"
+        raise ConfigError(msg) from None
+    RunConfig(**{name: value})
+    return value
+
+
+def add_run_arguments(
+    parser: argparse._ActionsContainer,
+    names: Iterable[str],
+    *,
+    short: Mapping[str, str] | None = None,
+    choices: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """One ``--flag-name`` per option in ``names``: type, help and metavar from the schema.
+
+    Every flag defaults to None, meaning "not given": ``nbllm.run``'s own default applies.
+    ``short`` adds a one-letter alias (``{"model": "-m"}``); ``choices`` lists allowed values.
+    """
+    for name in names:
+        field = RunConfig.model_fields[name]
+        default = field.default
+        help_text = field.description or ""
+        if default is not None:
+            help_text += f" (default: {default})"
+        flags = [short[name]] if short and name in short else []
+        kwargs: dict[str, Any] = {"default": None, "help": help_text}
+        kind = text_type(name)
+        if kind is not str:
+            kwargs["type"] = kind
+        if choices and name in choices:
+            kwargs["choices"] = choices[name]
+        else:
+            kwargs["metavar"] = _about(name, "metavar")
+        parser.add_argument(*flags, "--" + name.replace("_", "-"), **kwargs)

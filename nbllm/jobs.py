@@ -10,8 +10,8 @@
 ``submit`` checks the options, loads the data, chooses the engine and opens the
 checkpoint in the calling cell (``nbllm.api.prepare_run``, as ``nbllm.run`` does), so bad
 input raises there; then the run goes on, on its own event loop in a daemon thread named
-``nbllm-job-<id>``, and the kernel stays free for other cells. In a notebook its
-dashboard, shown in the calling cell, has a Stop button.
+``nbllm-job-<id>`` (a ``nbllm.run_thread.RunThread``), and the kernel stays free for other
+cells. In a notebook its dashboard, shown in the calling cell, has a Stop button.
 
 Status: ``"running"``, then ``"done"`` (every turn has its row, answered or failed),
 ``"stopped"`` (``stop()`` ended it early: the result has ``interrupted=True``) or
@@ -20,20 +20,23 @@ Status: ``"running"``, then ``"done"`` (every turn has its row, answered or fail
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from nbllm.api import PreparedRun, prepare_run, progress_listener
+from nbllm.api import PreparedRun, prepare_run
+from nbllm.config import RunConfig
+from nbllm.engines import Engine
 from nbllm.executor.events import Event, RunFinished
 from nbllm.executor.stats import RunStats
 from nbllm.results import RunResult
+from nbllm.retry import RetryPolicy
+from nbllm.run_thread import RunThread
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,26 +62,20 @@ class Job:
 
     def __init__(self, plan: PreparedRun) -> None:
         self.id = next(_ids)
-        self.model: str | None = plan.config.model
+        self.model: str | None = plan.model
         self.started_at = time.time()
         self.stats = RunStats()  # fed by _on_event; turns_done reads it
         self.turns_total: int | None = plan.turns
         self._t0 = time.perf_counter()
         self._wall_s: float | None = None
         self._status: JobStatus = "running"
-        self._result: RunResult | None = None
-        self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Job], Any]] | None = []
-        self._finished = threading.Event()  # the outcome is set and done callbacks have run
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[RunResult] | None = None
-        self._stop_requested = False
-        self._run_finished = False
+        self._finished = threading.Event()  # the status is set and done callbacks have run
+        self._run = RunThread(plan.execute, name=f"nbllm-job-{self.id}", settle=self._settle)
+        self._thread = self._run.thread
         plan.listeners.append(self._on_event)
-        self._thread = threading.Thread(
-            target=self._main, args=(plan,), name=f"nbllm-job-{self.id}", daemon=True
-        )
+        plan.listeners.append(self._run.listen)
 
     # -- what callers see ------------------------------------------------------------
 
@@ -110,16 +107,13 @@ class Job:
         elif self._status == "running":
             msg = f"job {self.id}: result() was called from the job's own run (a listener)"
             raise RuntimeError(msg)
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
+        return self._run.outcome()
 
     def stop(self, timeout: float | None = None) -> RunResult:
         """Stop the batch and return what finished: turns already answered are kept, the
         others carry a "not run" error, and the result has ``interrupted=True``. A job that
         has already ended just returns its result."""
-        self._request_stop()
+        self._run.stop()
         return self.result(timeout)
 
     def add_done_callback(self, fn: Callable[[Job], Any]) -> None:
@@ -137,49 +131,20 @@ class Job:
             f"<Job {self.id} {self._status}: {self.turns_done}/{total} turns, "
             f"{self.wall_s:.1f} s, model {self.model!r}"
         )
-        if self._error is not None:
-            text += f", {type(self._error).__name__}: {self._error}"
+        error = self._run.error
+        if error is not None:
+            text += f", {type(error).__name__}: {error}"
         return text + ">"
 
     # -- the job's thread ------------------------------------------------------------
-
-    def _main(self, plan: PreparedRun) -> None:
-        async def main() -> RunResult:
-            self._loop = asyncio.get_running_loop()
-            self._task = task = asyncio.current_task()
-            if self._stop_requested and task is not None:
-                task.cancel()  # stop() came before this task existed
-            return await plan.execute()
-
-        result: RunResult | None = None
-        error: BaseException | None = None
-        try:
-            result = asyncio.run(main())
-        except BaseException as exc:  # handed to result(), which raises it again
-            error = exc
-        self._settle(result, error)
 
     def _on_event(self, event: Event) -> None:
         self.stats.update(event)
         if isinstance(event, RunFinished):
             self._run_finished = True
 
-    def _request_stop(self) -> None:
-        self._stop_requested = True
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: the run is over already
-                loop.call_soon_threadsafe(self._cancel_run)
-
-    def _cancel_run(self) -> None:
-        # On the job's loop, like the listener: once RunFinished was emitted the result is
-        # complete, and a cancel now would only break arun's clean-up.
-        if self._task is not None and not self._run_finished:
-            self._task.cancel()
-
     def _settle(self, result: RunResult | None, error: BaseException | None) -> None:
         with self._lock:
-            self._result, self._error = result, error
             self._wall_s = time.perf_counter() - self._t0
             if error is not None:
                 self._status = "failed"
@@ -199,20 +164,66 @@ class Job:
             log.exception("nbllm: done callback %r of job %s failed", fn, self.id)
 
 
-def submit(data: Any, **options: Any) -> Job:
+def submit(
+    data: Any,
+    *,
+    model: str | None = None,
+    api_base: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 32,
+    rpm: float | None = None,
+    tpm: float | None = None,
+    timeout: float | None = 120.0,
+    retries: int | RetryPolicy = 5,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    progress: bool | None = None,
+    checkpoint: bool | str | os.PathLike[str] | None = True,
+    cache: bool | str | os.PathLike[str] | None = True,
+    resume: bool = True,
+    engine: str | Engine = "auto",
+    worker: bool | None = None,
+    max_conversations: int | None = None,
+    listeners: Iterable[Callable[[Event], None]] = (),
+    **params: Any,
+) -> Job:
     """Start a run in the background and return its ``Job`` at once.
 
-    Takes the same arguments as ``nbllm.run`` (``model=``, ``concurrency=``, ``rpm=``,
-    ``checkpoint=``, ``listeners=``, ...). Bad options or data raise here, in the calling
-    cell, before any request is sent.
+    Takes the same options as ``nbllm.run``. Bad options or data raise here, in the
+    calling cell, before any request is sent. In a notebook the dashboard has a Stop
+    button.
     """
-    progress = options.pop("progress", None)
-    plan = prepare_run(data, progress=progress, **options)
+    config = RunConfig(
+        model=model,
+        api_base=api_base,
+        api_key=api_key,
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        retries=retries,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        progress=progress,
+        checkpoint=checkpoint,
+        cache=cache,
+        resume=resume,
+        engine=engine,
+        worker=worker,
+        max_conversations=max_conversations,
+        listeners=listeners,
+        params=params,
+    )
+    plan = prepare_run(data, config)
     job = Job(plan)
-    bar = progress_listener(progress, stop=job._request_stop)
-    if bar is not None:
-        plan.listeners.append(bar)
-    job._thread.start()
+    from nbllm.ui.frontend import progress_listener
+
+    shown = progress_listener(config.progress, stop=job._run.stop)
+    if shown is not None:
+        plan.listeners.append(shown)
+    job._run.start()
     with _registry_lock:
         _registry.append(job)
     return job

@@ -208,9 +208,59 @@ def test_retries_accepts_a_policy():
     assert result.df["attempts"].tolist() == [3]
 
 
-def test_the_api_key_never_shows_in_the_config_repr():
+def test_the_api_key_never_shows_in_the_config():
     config = nbllm.RunConfig(model="m", api_key="sk-sentinel-secret")
-    assert "sk-sentinel-secret" not in repr(config)
+    for shown in (repr(config), str(config), config.model_dump(), config.model_dump_json()):
+        assert "sk-sentinel-secret" not in str(shown)
+    assert config.api_key is not None
+    assert config.api_key.get_secret_value() == "sk-sentinel-secret"  # opting in reads it
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"concurrency": 0}, "concurrency= expected a whole number >= 1, got 0"),
+        ({"concurrency": True}, "concurrency= expected a whole number >= 1, got True"),
+        ({"concurrency": "8"}, "concurrency= expected a whole number >= 1, got '8'"),
+        ({"max_conversations": 1.0}, "max_conversations= expected a whole number >= 1 or None"),
+        ({"rpm": False}, "rpm= expected a number > 0 or None, got False"),
+        ({"tpm": float("inf")}, "tpm= expected a number > 0 or None, got inf"),
+        ({"timeout": float("nan")}, "timeout= expected a number > 0 or None, got nan"),
+        ({"retries": True}, "retries= expected a whole number >= 0 or a RetryPolicy, got True"),
+        ({"temperature": -0.1}, "temperature= expected a number between 0 and 2 or None"),
+        ({"max_tokens": 1.5}, "max_tokens= expected a whole number >= 1 or None, got 1.5"),
+        ({"model": "  "}, "model= expected a model name such as 'openai/gpt-4o-mini'"),
+        ({"api_base": "ftp://host"}, "api_base= expected an http(s) URL"),
+        ({"api_key": 12345}, "api_key= expected a string, got a int"),
+        ({"system": ["be terse"]}, "system= expected a string or None"),
+        ({"progress": 1}, "progress= expected True, False or None (automatic), got 1"),
+        ({"resume": None}, "resume= expected True or False, got None"),
+        ({"worker": "yes"}, "worker= expected True, False or None (automatic)"),
+        ({"checkpoint": 3}, "checkpoint= expected True, False or a path, got 3"),
+        ({"cache": 1.5}, "cache= expected True, False, 'always' or a path, got 1.5"),
+        ({"listeners": [42]}, "listeners= expected a list of callables, got [42]"),
+        ({"params": ["top_p"]}, "params= expected a dict, got ['top_p']"),
+        ({"colour": "blue"}, "colour= is not a run option; the options are model, api_base"),
+    ],
+)
+def test_a_bad_option_is_refused_in_one_line_that_names_it(options, message):
+    with pytest.raises(ConfigError) as caught:
+        nbllm.RunConfig(**options)
+    text = str(caught.value)
+    assert text.startswith(message)
+    assert "\n" not in text
+    assert caught.value.__cause__ is None  # no pydantic report behind the one line
+
+
+def test_the_config_is_frozen_and_keeps_numbers_as_given():
+    config = nbllm.RunConfig(model="m", temperature=0, rpm=500, listeners=[print])
+    assert (config.temperature, config.rpm) == (0, 500)
+    assert isinstance(config.temperature, int)  # cache keys and fingerprints see 0, not 0.0
+    assert config.listeners == (print,)
+    assert config.sampling_params == {"temperature": 0}
+    assert config.retry_policy == RetryPolicy(retries=5)
+    with pytest.raises(ValueError, match="frozen"):
+        config.concurrency = 1
 
 
 def test_progress_bar_draws_to_stderr(capsys):
@@ -249,11 +299,11 @@ def test_plot_draws_gpu_use_when_it_was_sampled():
 def test_in_a_notebook_the_run_shows_a_live_dashboard(monkeypatch):
     import IPython.display
 
-    from nbllm import api
+    from nbllm.ui import frontend
     from nbllm.ui.dashboard import Dashboard
 
     shown = []
-    monkeypatch.setattr(api, "_in_notebook", lambda: True)
+    monkeypatch.setattr(frontend, "_in_notebook", lambda: True)
     monkeypatch.setattr(IPython.display, "display", shown.append)
     result = nbllm.run(RECORDS, engine=FakeEngine(), model="m", progress=None)
     assert result.summary.turns_ok == 3
@@ -267,10 +317,10 @@ def test_in_a_notebook_the_run_shows_a_live_dashboard(monkeypatch):
 def test_progress_false_shows_nothing_even_in_a_notebook(monkeypatch):
     import IPython.display
 
-    from nbllm import api
+    from nbllm.ui import frontend
 
     shown = []
-    monkeypatch.setattr(api, "_in_notebook", lambda: True)
+    monkeypatch.setattr(frontend, "_in_notebook", lambda: True)
     monkeypatch.setattr(IPython.display, "display", shown.append)
     nbllm.run(RECORDS, engine=FakeEngine(), model="m", progress=False)
     assert shown == []

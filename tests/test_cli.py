@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -213,6 +214,39 @@ def test_ctrl_c_writes_what_finished(server, tmp_path, capsys, monkeypatch):
     assert any(e is not None for e in errors)
 
 
+def test_sigint_mid_run_exits_130_and_out_holds_what_finished(tmp_path):
+    records = [{"id": f"c{i}", "turns": [f"Question {i}?"]} for i in range(8)]
+    data = write_jsonl(tmp_path / "convs.jsonl", records)
+    out = tmp_path / "results.jsonl"
+    with TestServer(latency=0.5) as slow:  # one request at a time: 4 s for the whole batch
+        args = ["run", str(data), "--model", "nbllm-test", "--api-base", slow.url]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbllm.cli", *args, "--concurrency", "1", "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            # With one request at a time, the second was sent after the first turn's row.
+            deadline = time.monotonic() + 30
+            while len(slow.requests) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode == 130, err
+    assert "nbllm: interrupted" in err
+    rows = read_jsonl(out)
+    assert len(rows) == 8
+    answered = [r for r in rows if r["error"] is None]
+    assert 1 <= len(answered) < 8
+    assert all(r["answer"].startswith("Answer to turn 0") for r in answered)
+    assert all(r["error"].startswith("not run") for r in rows if r not in answered)
+
+
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"nbllm {nbllm.__version__}"
@@ -232,6 +266,9 @@ def test_console_script_writes_one_json_object_per_turn(server, tmp_path):
 
     assert proc.returncode == 0, proc.stderr
     assert "turns_ok" in proc.stdout
+    # stderr is a pipe here, not a terminal: no progress bar, only the closing notes.
+    assert "%|" not in proc.stderr and "nbllm nbllm-test" not in proc.stderr
+    assert proc.stderr.startswith("nbllm: wrote 3 rows")
     rows = read_jsonl(out)
     assert len(rows) == 3
     assert all(isinstance(r, dict) and list(r) == list(COLUMNS) for r in rows)

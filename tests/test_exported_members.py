@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
+
+import pytest
 
 import nbllm
 
@@ -43,18 +46,17 @@ def test_import_is_light_and_offline():
     assert out.stdout.strip() == "[]"
 
 
-def test_run_and_arun_name_the_documented_options():
-    """Later layers (the magic, the CLI) rely on these keyword names."""
-    import inspect
-
-    named = [
-        "model", "api_base", "api_key", "concurrency", "rpm", "tpm", "timeout", "retries",
-        "system", "max_tokens", "temperature", "progress", "checkpoint", "cache",
-    ]  # fmt: skip
-    for function in (nbllm.run, nbllm.arun):
-        parameters = inspect.signature(function).parameters
-        for name in named:
-            assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, (function, name)
-    assert inspect.signature(nbllm.run).parameters.keys() == (
-        inspect.signature(nbllm.arun).parameters.keys()
-    )
+@pytest.mark.parametrize("function", [nbllm.run, nbllm.arun, nbllm.submit])
+def test_run_arun_and_submit_spell_out_every_option_of_the_schema(function):
+    """A new option is a field of RunConfig; this keeps the faces from forgetting it."""
+    data, *options, params = inspect.signature(function).parameters.values()
+    fields = nbllm.RunConfig.model_fields
+    assert data.name == "data" and data.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert params.name == "params" and params.kind is inspect.Parameter.VAR_KEYWORD
+    assert list(fields)[-1] == "params"  # the other keywords, for the engine
+    assert [p.name for p in options] == list(fields)[:-1]
+    for parameter in options:
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, parameter.name
+        assert parameter.default == fields[parameter.name].default, parameter.name
+    for name, field in fields.items():
+        assert field.description and "\n" not in field.description, name

@@ -39,6 +39,23 @@ def kernel(tmp_path, monkeypatch):
         km.shutdown_kernel(now=True)
 
 
+def _stream_until(kc, predicate, timeout: float) -> list[str]:
+    """Read the kernel's messages until ``predicate(texts so far)``; fail after ``timeout``."""
+    out: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=max(deadline - time.monotonic(), 0.01))
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+        if predicate(out, msg):
+            return out
+    pytest.fail(f"the kernel did not get there within {timeout} s; it printed {out!r}")
+
+
+def _is_idle(msg: dict) -> bool:
+    return msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+
+
 def test_the_kernels_interrupt_stops_a_blocking_run_and_the_kernel_stays_healthy(kernel):
     km, kc = kernel
     _run(
@@ -47,24 +64,21 @@ def test_the_kernels_interrupt_stops_a_blocking_run_and_the_kernel_stays_healthy
         "async def slow(request):\n"
         "    await asyncio.sleep(0.3)\n"
         "    return 'ok'\n"
+        "def report(event):\n"
+        "    if type(event).__name__ == 'TurnFinished':\n"
+        "        print('TURN_FINISHED', flush=True)\n"
         "data = [{'id': i, 'turns': ['a', 'b', 'c']} for i in range(10)]",
     )
     kc.execute(
         "r = nbllm.run(data, engine=nbllm.FakeEngine(slow), model='m', concurrency=5,"
-        " progress=False, checkpoint=False, cache=False)\n"
+        " progress=False, checkpoint=False, cache=False, listeners=[report])\n"
         "print('RESULT', r.interrupted, r.summary.turns_ok, r.summary.turns)"
     )
-    time.sleep(1.5)  # a few turns finish; the whole batch would take 1.8 s more
+    # Interrupt once a turn has finished; the whole batch would take 1.8 s.
+    _stream_until(kc, lambda out, msg: "TURN_FINISHED" in "".join(out), timeout=20)
     km.interrupt_kernel()
-    out: list[str] = []
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        msg = kc.get_iopub_msg(timeout=20)
-        if msg["msg_type"] == "stream":
-            out.append(msg["content"]["text"])
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    (line,) = [text for text in out if text.startswith("RESULT")]
+    out = _stream_until(kc, lambda out, msg: _is_idle(msg), timeout=20)
+    (line,) = [text for text in "".join(out).splitlines() if text.startswith("RESULT")]
     _, interrupted, ok, total = line.split()
     assert interrupted == "True"
     assert 0 < int(ok) < int(total) == 30

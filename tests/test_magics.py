@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,9 @@ from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
 import nbllm
+from nbllm import api
+from nbllm.cli import main as cli_main
+from nbllm.config import RunConfig
 from nbllm.jobs import Job
 from nbllm.results import RunResult
 from nbllm.testing import TestServer, messages_key
@@ -324,6 +329,77 @@ def test_background_refuses_bad_input_in_the_cell(shell):
     cell = shell.run_cell(f"%%llm_batch df -m m --background --concurrency 0\n{TEMPLATE}")
     assert "concurrency=" in usage_error(cell)
     assert "llm_result_job" not in shell.user_ns
+
+
+def test_a_stopped_background_job_binds_the_interrupted_result(shell):
+    with TestServer(latency=2.0) as slow:  # the batch takes 4 s unless stopped
+        shell.user_ns["df"] = frame()
+        line = f"df -m nbllm-test --api-base {slow.url} -o bg --background"
+        cell = shell.run_cell(f"%%llm_batch {line}\n{TEMPLATE}")
+        assert cell.error_in_exec is None
+
+        job = shell.user_ns["bg_job"]
+        result = job.stop(timeout=30)
+
+        assert result.interrupted and job.status == "stopped"
+        assert shell.user_ns["bg"] is result
+        assert result.df["error"].str.startswith("not run").any()
+
+
+class Captured(Exception):
+    """Raised by the spy in place of preparing the run: the options were all we wanted."""
+
+
+def test_every_face_hands_its_options_to_the_run(shell, monkeypatch, tmp_path):
+    """The CLI's flags, the magic's options and the environment, as the RunConfig they make."""
+    seen: list[RunConfig] = []
+
+    def spy(data, config):
+        seen.append(config)
+        raise Captured
+
+    monkeypatch.setattr(api, "prepare_run", spy)  # behind nbllm.run
+    # behind nbllm.submit (the module: nbllm.jobs is the function that lists the jobs)
+    monkeypatch.setattr(sys.modules["nbllm.jobs"], "prepare_run", spy)
+    base = "http://127.0.0.1:9/v1"
+    data = tmp_path / "convs.jsonl"
+    data.write_text('{"id": "a", "turns": ["Hi"]}\n', encoding="utf-8")
+
+    cli = ["run", str(data), "--model", "m", "--api-base", base, "--rpm", "500", "--tpm", "9000"]
+    cli += ["--timeout", "30", "--temperature", "0.5", "--max-tokens", "64", "--concurrency", "4"]
+    cli += ["--retries", "2", "--system", "Be terse.", "--engine", "openai"]
+    with pytest.raises(Captured):
+        cli_main([*cli, "--checkpoint", "runs/x", "--fresh", "--no-cache"])
+    assert seen[-1] == RunConfig(
+        model="m", api_base=base, concurrency=4, rpm=500.0, tpm=9000.0, timeout=30.0,
+        retries=2, system="Be terse.", max_tokens=64, temperature=0.5, progress=None,
+        checkpoint="runs/x", cache=False, resume=False, engine="openai",
+    )  # fmt: skip
+    with pytest.raises(Captured):
+        cli_main(["run", str(data), "--no-checkpoint", "--no-progress"])
+    assert seen[-1] == RunConfig(checkpoint=False, progress=False)
+
+    shell.user_ns["records"] = [{"id": 1, "turns": ["hi"]}]
+    magic = "%llm_batch records -m m --rpm 500 --tpm 9000 --max-tokens 64 --temperature 0.5"
+    magic += f" --concurrency 4 --engine openai --api-base {base} --checkpoint here"
+    assert isinstance(shell.run_cell(magic).error_in_exec, Captured)
+    assert seen[-1] == RunConfig(
+        model="m", api_base=base, concurrency=4, rpm=500.0, tpm=9000.0, max_tokens=64,
+        temperature=0.5, engine="openai", checkpoint="here",
+    )  # fmt: skip
+    assert isinstance(shell.run_cell(f"{magic} --background").error_in_exec, Captured)
+    assert seen[-1] == seen[-2]
+
+    for variable, value in [
+        ("NBLLM_RPM", "120"), ("NBLLM_TPM", "5000"), ("NBLLM_CONCURRENCY", "3"),
+        ("NBLLM_MODEL", "env-model"), ("NBLLM_API_BASE", base),
+    ]:  # fmt: skip
+        monkeypatch.setenv(variable, value)
+    assert isinstance(shell.run_cell("%llm_batch records").error_in_exec, Captured)
+    assert seen[-1] == RunConfig(
+        model="env-model", api_base=base, concurrency=3, rpm=120.0, tpm=5000.0
+    )
+    assert len(seen) == 5
 
 
 def test_unload_removes_the_magics(shell):

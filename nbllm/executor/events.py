@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from nbllm.types import TurnRecord
@@ -30,11 +30,7 @@ log = logging.getLogger("nbllm")
 
 @dataclass(frozen=True, slots=True)
 class RunStarted:
-    """``resumed`` turns were read back from the checkpoint and need no request.
-
-    ``stop`` asks the run to stop (no new turn starts; requests in flight finish); safe to
-    call from any thread, e.g. a notebook's Stop button.
-    """
+    """``resumed`` turns were read back from the checkpoint and need no request."""
 
     conversations: int
     turns: int
@@ -42,7 +38,6 @@ class RunStarted:
     engine: str
     t: float
     resumed: int = 0
-    stop: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

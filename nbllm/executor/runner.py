@@ -152,7 +152,6 @@ class Executor:
                 self.engine.name,
                 started_at,
                 resumed=len(self._done),
-                stop=self.stop,
             )
         )
         order = sorted(range(len(conversations)), key=lambda i: -len(conversations[i]))

@@ -9,20 +9,10 @@ Load with ``%load_ext nbllm``, then::
     user: {question_1}
 
 ``DATA`` (here ``df``) is a name in the notebook: a DataFrame, a list of dicts, or a str /
-Path to a ``.jsonl`` / ``.json`` file. The cell body is a conversation template:
-
-- an optional ``system:`` block (it runs until the first ``user:`` line), then
-- one ``user:`` block per turn (a block runs until the next marker line), each optionally
-  followed by a ``reference:`` block holding that turn's reference answer;
-- a marker is a line starting with ``system:``, ``user:`` or ``reference:``;
-- ``{column}`` is filled from each row (DataFrame columns or record keys; ``{x:.2f}`` and
-  ``{{`` / ``}}`` work as in ``str.format``). A placeholder naming no column is an error
-  before any request is sent. A turn whose placeholders are empty (NaN, None, blank) ends
-  that row's conversation, as trailing empty questions do in a wide DataFrame; empty values
-  in the system block become empty text, in a reference block no reference.
-
-Each row becomes one conversation with id ``id`` / ``conversation_id`` (a column or key of
-that name) or else the row's index label (the record's position). Without a template
+Path to a ``.jsonl`` / ``.json`` file. The cell body is a conversation template
+(``nbllm.template``): an optional ``system:`` block, one ``user:`` block per turn (each
+optionally followed by a ``reference:`` block), ``{column}`` placeholders filled from each
+row, which becomes one conversation. Without a template
 (``%llm_batch DATA ...`` on one line, or a blank body: IPython refuses a ``%%`` cell with
 nothing below) ``DATA`` already is a conversation dataset in any shape ``nbllm.run`` reads.
 
@@ -35,7 +25,8 @@ the ``Job`` to ``NAME_job`` at once and the ``RunResult`` to ``NAME`` when the j
 
 Where an option's value comes from, first match wins:
 
-1. the magic's own options (``-m``, ``--concurrency``, ...);
+1. the magic's own options (``-m``, ``--concurrency``, ...; flags, types and help come from
+   ``nbllm.RunConfig``, as do the settings' and variables' parsing and checks);
 2. session defaults: ``%llm_config concurrency=8`` or ``%config LlmBatchMagics.concurrency = 8``
    (the same traits; ``%llm_config`` alone lists every value and its source);
 3. environment variables ``NBLLM_MODEL``, ``NBLLM_API_BASE``, ``NBLLM_CONCURRENCY``,
@@ -49,17 +40,9 @@ Bad options, data or templates raise ``UsageError``, which IPython shows as one 
 from __future__ import annotations
 
 import argparse
-import difflib
-import inspect
 import keyword
-import math
 import os
-import re
 import shlex
-import string
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
@@ -67,311 +50,46 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Float, Integer, TraitError, Unicode, validate
 
 import nbllm
-from nbllm import api
-from nbllm.config import RunConfig
-from nbllm.dataset import read_records
+from nbllm.config import RunConfig, add_run_arguments, parse_run_option, text_type
+from nbllm.dataset import did_you_mean
 from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, NbllmError
 from nbllm.executor.checkpoint import nbllm_dir
 from nbllm.jobs import Job
+from nbllm.template import ConversationTemplate
 
-__all__ = [
-    "ConversationTemplate",
-    "LlmBatchMagics",
-    "load_ipython_extension",
-    "unload_ipython_extension",
-]
+__all__ = ["LlmBatchMagics", "load_ipython_extension", "unload_ipython_extension"]
 
+# The run options a session may set (%llm_config, %config), and those an environment
+# variable may set too. The line takes these and --engine, --checkpoint, --no-checkpoint.
 SETTINGS = ("model", "api_base", "concurrency", "rpm", "tpm", "max_tokens", "temperature")
 ENVIRONMENT = {
-    "model": "NBLLM_MODEL",
-    "api_base": "NBLLM_API_BASE",
-    "concurrency": "NBLLM_CONCURRENCY",
-    "rpm": "NBLLM_RPM",
-    "tpm": "NBLLM_TPM",
+    name: f"NBLLM_{name.upper()}" for name in ("model", "api_base", "concurrency", "rpm", "tpm")
 }
 SESSION = "%llm_config / %config"
 DEFAULT_OUTPUT = "llm_result"
 
-_WHOLE = ("concurrency", "max_tokens")
-_NUMBER = ("rpm", "tpm", "temperature")
 _UNSET = ("", "none", "default")
+_TRAITS: dict[type, Any] = {int: Integer, float: Float, str: Unicode}
 
 
 # --------------------------------------------------------------------------- settings
 
 
-def _run_default(key: str) -> Any:
-    return inspect.signature(api.run).parameters[key].default
-
-
-def _check_setting(key: str, value: Any) -> None:
-    """Refuse a value ``nbllm.run`` would refuse, with its message (a ``ConfigError``)."""
-    if key == "model":
-        RunConfig(model=value)
-    else:
-        RunConfig(model="any", **{key: value})
-
-
 def _parse_setting(key: str, text: str, where: str) -> Any:
     """A setting's value from text (``%llm_config`` or an environment variable)."""
-    if key in _WHOLE:
-        try:
-            value: Any = int(text)
-        except ValueError:
-            msg = f"{where}: {key} expects a whole number, got {text!r}"
-            raise UsageError(msg) from None
-    elif key in _NUMBER:
-        try:
-            value = float(text)
-        except ValueError:
-            msg = f"{where}: {key} expects a number, got {text!r}"
-            raise UsageError(msg) from None
-    else:
-        value = text
     try:
-        _check_setting(key, value)
+        return parse_run_option(key, text)
     except ConfigError as exc:
         msg = f"{where}: {exc}"
         raise UsageError(msg) from None
-    return value
 
 
-# --------------------------------------------------------------------------- the template
-
-
-_MARKER = re.compile(r"(system|user|reference):[ \t]?(.*)")
-_FORMATTER = string.Formatter()
-_CONVERSIONS: dict[str, Callable[[Any], str]] = {"r": repr, "s": str, "a": ascii}
-
-
-@dataclass(frozen=True)
-class _Text:
-    """One block of template text, parsed into literal text and placeholders."""
-
-    parts: tuple[tuple[str, str | None, str | None, str | None], ...]
-
-    @classmethod
-    def parse(cls, text: str, where: str) -> _Text:
-        try:
-            parts = tuple(_FORMATTER.parse(text))
-        except ValueError as exc:
-            msg = f"%%llm_batch: {where}: {exc} (write {{{{ and }}}} for literal braces)"
-            raise UsageError(msg) from None
-        for _, name, spec, conversion in parts:
-            if name is not None and not name.strip():
-                msg = f"%%llm_batch: {where}: an empty placeholder {{}}; name a column: {{column}}"
-                raise UsageError(msg)
-            if conversion is not None and conversion not in _CONVERSIONS:
-                msg = f"%%llm_batch: {where}: unknown conversion !{conversion} (use !r, !s or !a)"
-                raise UsageError(msg)
-            if spec and "{" in spec:
-                msg = f"%%llm_batch: {where}: a placeholder inside a format spec is not supported"
-                raise UsageError(msg)
-        return cls(parts)
-
-    @property
-    def fields(self) -> list[str]:
-        return [name for _, name, _, _ in self.parts if name is not None]
-
-    def render(self, row: Mapping[str, Any], where: str) -> str | None:
-        """The text with each placeholder filled in, or None if one of them is empty."""
-        out = []
-        for literal, name, spec, conversion in self.parts:
-            out.append(literal)
-            if name is None:
-                continue
-            value = row.get(name)
-            if _is_empty(value):
-                return None
-            if conversion is not None:
-                value = _CONVERSIONS[conversion](value)
-            try:
-                out.append(format(value, spec or ""))
-            except (TypeError, ValueError) as exc:
-                msg = f"%%llm_batch: {where}, placeholder {{{name}:{spec}}}: {exc}"
-                raise UsageError(msg) from None
-        return "".join(out).strip()
-
-
-def _is_empty(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return not value.strip()
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        value = value.item()  # a numpy scalar
-    if isinstance(value, float):
-        return math.isnan(value)
-    return type(value).__name__ in ("NAType", "NaTType")
-
-
-@dataclass(frozen=True)
-class ConversationTemplate:
-    """The body of a ``%%llm_batch`` cell: ``system:``, then ``user:`` (and ``reference:``)
-    blocks with ``{column}`` placeholders. ``parse`` returns None for an empty body."""
-
-    system: _Text | None
-    turns: tuple[tuple[_Text, _Text | None], ...]
-
-    @classmethod
-    def parse(cls, body: str) -> ConversationTemplate | None:
-        if not body.strip():
-            return None
-        system: list[str] | None = None
-        turns: list[tuple[list[str], list[str] | None]] = []
-        current: list[str] | None = None
-        for number, line in enumerate(body.splitlines(), start=1):
-            match = _MARKER.fullmatch(line)
-            if match is None:
-                if current is not None:
-                    current.append(line)
-                elif line.strip():
-                    msg = (
-                        f"%%llm_batch: template line {number}: {line.strip()!r} comes before the "
-                        "first 'system:' or 'user:' line"
-                    )
-                    raise UsageError(msg)
-                continue
-            kind, text = match.groups()
-            if kind == "system":
-                if system is not None or turns:
-                    msg = (
-                        f"%%llm_batch: template line {number}: one 'system:' block is allowed, "
-                        "before the first 'user:' line"
-                    )
-                    raise UsageError(msg)
-                system = current = [text]
-            elif kind == "user":
-                current = [text]
-                turns.append((current, None))
-            else:
-                if not turns or turns[-1][1] is not None:
-                    msg = (
-                        f"%%llm_batch: template line {number}: a 'reference:' block must follow "
-                        "a 'user:' block (one per turn)"
-                    )
-                    raise UsageError(msg)
-                current = [text]
-                turns[-1] = (turns[-1][0], current)
-        if not turns:
-            msg = "%%llm_batch: the template has no 'user:' line (one per turn)"
-            raise UsageError(msg)
-        parsed: list[tuple[_Text, _Text | None]] = []
-        for k, (question, reference) in enumerate(turns):
-            text = "\n".join(question).strip()
-            if not text:
-                msg = f"%%llm_batch: template turn {k} ('user:' block {k + 1}) is empty"
-                raise UsageError(msg)
-            where = f"template turn {k}"
-            ref = None if reference is None else _Text.parse("\n".join(reference), where)
-            parsed.append((_Text.parse(text, where), ref))
-        system_text = None if system is None else _Text.parse("\n".join(system), "system block")
-        return cls(system_text, tuple(parsed))
-
-    @property
-    def fields(self) -> list[str]:
-        """Every placeholder name, in order of first use."""
-        texts = [self.system] if self.system is not None else []
-        for question, reference in self.turns:
-            texts += [question] if reference is None else [question, reference]
-        return list(dict.fromkeys(name for text in texts for name in text.fields))
-
-    def records(self, data: Any) -> list[dict[str, Any]]:
-        """One ``{"id", "turns", "system", "references"}`` record per row of ``data``."""
-        columns, rows = _rows(data)
-        missing = [name for name in self.fields if name not in columns]
-        if missing:
-            listed = ", ".join(f"{{{name}}}" + _did_you_mean(name, columns) for name in missing)
-            msg = f"%%llm_batch: the template uses {listed}, but DATA has no such column; " + (
-                f"its columns are {columns}"
-            )
-            raise UsageError(msg)
-        with_references = any(reference is not None for _, reference in self.turns)
-        records = []
-        for label, cid, row in rows:
-            turns: list[str] = []
-            references: list[str | None] = []
-            for question, reference in self.turns:
-                text = question.render(row, f"{label}, turn {len(turns)}")
-                if text is None:
-                    break  # an empty turn ends this conversation
-                turns.append(text)
-                rendered = None if reference is None else reference.render(row, label)
-                references.append(rendered or None)
-            if not turns:
-                fields = ", ".join(f"{{{f}}}" for f in self.turns[0][0].fields)
-                msg = (
-                    f"%%llm_batch: {label}: the first turn is empty ({fields} has no value), so "
-                    "this conversation has nothing to ask; drop such rows first"
-                )
-                raise UsageError(msg)
-            record: dict[str, Any] = {"id": cid, "turns": turns}
-            if self.system is not None:
-                # An empty value in the system block is just absent text.
-                filled = {k: "" if _is_empty(v) else v for k, v in row.items()}
-                record["system"] = self.system.render(filled, f"{label}, system block") or None
-            if with_references:
-                record["references"] = references
-            records.append(record)
-        return records
-
-
-def _did_you_mean(name: str, candidates: Sequence[str], form: str = "{{{}}}") -> str:
-    match = difflib.get_close_matches(name, candidates, n=1)
-    return f" (did you mean {form.format(match[0])}?)" if match else ""
-
-
-def _rows(data: Any) -> tuple[list[str], Iterator[tuple[str, Any, dict[str, Any]]]]:
-    """Column names and ``(label for messages, conversation id, {column: value})`` per row."""
-    import pandas as pd
-
-    if isinstance(data, (str, os.PathLike)):
-        data = _read_records(Path(data))
-    if isinstance(data, pd.DataFrame):
-        frame = data
-        columns = [str(c) for c in frame.columns]
-        id_column = next((c for c in ("id", "conversation_id") if c in columns), None)
-
-        def frame_rows() -> Iterator[tuple[str, Any, dict[str, Any]]]:
-            values = frame.itertuples(index=False, name=None)
-            for label, row_values in zip(frame.index, values, strict=True):
-                row = dict(zip(columns, row_values, strict=True))
-                cid = label if id_column is None else row[id_column]
-                yield f"row {label!r}", cid, row
-
-        return columns, frame_rows()
-    if isinstance(data, Sequence) and data and not isinstance(data, (str, bytes)):
-        for i, item in enumerate(data):
-            if not isinstance(item, Mapping):
-                msg = (
-                    f"%%llm_batch: a template fills its placeholders from dicts, but record {i} "
-                    f"is a {type(item).__name__}"
-                )
-                raise UsageError(msg)
-        records = [{str(k): v for k, v in r.items()} for r in data]
-        columns = list(dict.fromkeys(k for r in records for k in r))
-
-        def record_rows() -> Iterator[tuple[str, Any, dict[str, Any]]]:
-            for i, row in enumerate(records):
-                cid = row.get("id", row.get("conversation_id", i))
-                yield f"record {i}", cid, row
-
-        return columns, record_rows()
-    msg = (
-        "%%llm_batch: a template needs DATA to be a DataFrame, a non-empty list of dicts or a "
-        f"path to a .jsonl / .json file, got {type(data).__name__}"
-    )
-    raise UsageError(msg)
-
-
-def _read_records(path: Path) -> list[Any]:
-    """The records of a .jsonl (one object a line) or .json (a list of objects) file."""
-    try:
-        return [record for _, record in read_records(path)]
-    except NbllmError as exc:
-        msg = f"nbllm: {exc}"
-        raise UsageError(msg) from exc
+def _trait(key: str) -> Any:
+    """The session default of option ``key``: unset, with its kind and help from the schema."""
+    trait = _TRAITS[text_type(key)]
+    help_text = RunConfig.model_fields[key].description
+    return trait(None, allow_none=True, help=help_text).tag(config=True)
 
 
 # --------------------------------------------------------------------------- the line
@@ -396,18 +114,13 @@ def _line_parser() -> _LineParser:
         description="Run a conversation template over DATA with nbllm.run; see %%llm_batch?",
     )
     parser.add_argument("data", nargs="?", metavar="DATA", help="a name in the notebook")
-    parser.add_argument("-m", "--model", help="model name (litellm string or served name)")
     parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="NAME")
-    parser.add_argument("--concurrency", type=int, metavar="N", help="requests in flight")
-    parser.add_argument("--rpm", type=float, metavar="N", help="requests per minute")
-    parser.add_argument("--tpm", type=float, metavar="N", help="tokens per minute")
-    parser.add_argument("--max-tokens", type=int, metavar="N")
-    parser.add_argument("--temperature", type=float, metavar="T")
-    parser.add_argument("--engine", choices=ENGINE_NAMES, help="default: auto")
-    parser.add_argument("--api-base", metavar="URL", help="an OpenAI-compatible server")
+    add_run_arguments(
+        parser, (*SETTINGS, "engine"), short={"model": "-m"}, choices={"engine": ENGINE_NAMES}
+    )
     checkpoint = parser.add_mutually_exclusive_group()
-    checkpoint.add_argument("--checkpoint", metavar="PATH", help="default: under $NBLLM_DIR")
-    checkpoint.add_argument("--no-checkpoint", action="store_true")
+    add_run_arguments(checkpoint, ("checkpoint",))
+    checkpoint.add_argument("--no-checkpoint", action="store_true", help="keep no checkpoint")
     parser.add_argument(
         "--background", action="store_true", help="run with nbllm.submit; bind NAME_job now"
     )
@@ -422,22 +135,20 @@ def _line_parser() -> _LineParser:
 class LlmBatchMagics(Magics):
     """``%%llm_batch`` and ``%llm_config``. The traits are the session defaults."""
 
-    model = Unicode(None, allow_none=True, help="Model when -m is not given.").tag(config=True)
-    api_base = Unicode(None, allow_none=True, help="Server URL when --api-base is not given.").tag(
-        config=True
-    )
-    concurrency = Integer(None, allow_none=True, help="Requests in flight.").tag(config=True)
-    rpm = Float(None, allow_none=True, help="Requests per minute.").tag(config=True)
-    tpm = Float(None, allow_none=True, help="Tokens per minute.").tag(config=True)
-    max_tokens = Integer(None, allow_none=True, help="Answer length cap.").tag(config=True)
-    temperature = Float(None, allow_none=True, help="Sampling temperature.").tag(config=True)
+    model = _trait("model")
+    api_base = _trait("api_base")
+    concurrency = _trait("concurrency")
+    rpm = _trait("rpm")
+    tpm = _trait("tpm")
+    max_tokens = _trait("max_tokens")
+    temperature = _trait("temperature")
 
     @validate(*SETTINGS)
     def _validate_setting(self, proposal: Any) -> Any:
         value = proposal["value"]
         if value is not None:
             try:
-                _check_setting(proposal["trait"].name, value)
+                RunConfig(**{proposal["trait"].name: value})
             except ConfigError as exc:
                 raise TraitError(str(exc)) from None
         return value
@@ -453,7 +164,7 @@ class LlmBatchMagics(Magics):
         text = os.environ.get(variable, "").strip() if variable else ""
         if variable and text:
             return _parse_setting(key, text, f"${variable}"), f"${variable}"
-        return _run_default(key), "default"
+        return RunConfig.model_fields[key].default, "default"
 
     def run_options(self, args: argparse.Namespace) -> dict[str, Any]:
         """The keyword arguments for ``nbllm.run`` / ``nbllm.submit`` from the parsed line."""
@@ -568,11 +279,14 @@ class LlmBatchMagics(Magics):
             parser.error(f"-o expects a Python name, got {name!r}")
         options = self.run_options(args)
         data = self._lookup(args.data)
-        template = ConversationTemplate.parse(cell or "")
-        if template is not None:
-            data = template.records(data)
-        assert self.shell is not None
-        namespace = self.shell.user_ns
+        try:
+            template = ConversationTemplate.parse(cell or "")
+            if template is not None:
+                data = template.records(data)
+        except NbllmError as exc:
+            msg = f"%%llm_batch: {exc}"
+            raise UsageError(msg) from exc
+        namespace = self._namespace()
         try:
             if args.background:
                 job = nbllm.submit(data, **options)
@@ -602,11 +316,16 @@ class LlmBatchMagics(Magics):
         display(result.summary)
         display(result.df.head())
 
+    def _namespace(self) -> dict[str, Any]:
+        if self.shell is None:  # a Magics made without a shell, outside IPython
+            msg = "%%llm_batch runs in IPython: load it with %load_ext nbllm"
+            raise UsageError(msg)
+        return self.shell.user_ns
+
     def _lookup(self, name: str) -> Any:
-        assert self.shell is not None
-        namespace = self.shell.user_ns
+        namespace = self._namespace()
         if name not in namespace:
-            hint = _did_you_mean(name, [k for k in namespace if not k.startswith("_")], "{!r}")
+            hint = did_you_mean(name, [k for k in namespace if not k.startswith("_")])
             msg = (
                 f"%%llm_batch: DATA {name!r} is not defined in the notebook{hint}; pass the name "
                 "of a DataFrame, a list of records or a path"

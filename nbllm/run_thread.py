@@ -1,0 +1,101 @@
+"""A run on its own event loop in a daemon thread, beside the caller's loop (a kernel's).
+
+``nbllm.run`` inside a running loop waits for one; ``nbllm.submit`` hands one back as a
+``Job`` and lets the kernel go on. Either way there is one stop path: ``stop()``, from any
+thread and at any time (even before the run's loop exists), cancels the run's task, and
+the executor then returns what finished with ``interrupted=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable
+
+from nbllm.executor.events import Event, RunFinished
+from nbllm.results import RunResult
+
+__all__ = ["RunThread"]
+
+Settle = Callable[[RunResult | None, BaseException | None], None]
+
+
+class RunThread:
+    """Runs ``execute()`` once, in a daemon thread named ``name``, when ``start()`` is called.
+
+    Add ``listen`` to the run's listeners: once the run has emitted ``RunFinished`` its
+    result is complete, and a stop is ignored (a cancel then would only break the clean-up
+    that follows). ``settle(result, error)`` is called in the thread when the run ends.
+    """
+
+    def __init__(
+        self,
+        execute: Callable[[], Awaitable[RunResult]],
+        *,
+        name: str,
+        settle: Settle | None = None,
+    ) -> None:
+        self._execute = execute
+        self._settle = settle
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[RunResult] | None = None
+        self._stop_requested = False
+        self._run_finished = False
+        self._ended = threading.Event()
+        self.result: RunResult | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end; False if ``timeout`` seconds passed first."""
+        return self._ended.wait(timeout)
+
+    def outcome(self) -> RunResult:
+        """The run's result, or the exception it raised, raised again."""
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            msg = f"{self.thread.name} has not ended yet"
+            raise RuntimeError(msg)
+        return self.result
+
+    def stop(self) -> None:
+        """Stop the run, keeping what finished. Safe from any thread, at any time."""
+        with self._lock:
+            self._stop_requested = True
+            loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the run is over already
+                loop.call_soon_threadsafe(self._cancel)
+
+    def listen(self, event: Event) -> None:
+        if isinstance(event, RunFinished):
+            self._run_finished = True
+
+    def _cancel(self) -> None:
+        # On the run's loop, like the listener, so the two never race.
+        if self._task is not None and not self._run_finished:
+            self._task.cancel()
+
+    async def _run(self) -> RunResult:
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+            stop_now = self._stop_requested
+        if stop_now:
+            self._cancel()  # stop() came before this task existed
+        return await self._execute()
+
+    def _main(self) -> None:
+        try:
+            self.result = asyncio.run(self._run())
+        except BaseException as exc:  # handed to the caller, who raises it again
+            self.error = exc
+        if self._settle is not None:
+            self._settle(self.result, self.error)
+        self._ended.set()

@@ -1,0 +1,260 @@
+"""The conversation template of a ``%%llm_batch`` cell: a table's rows become conversations.
+
+::
+
+    system: You are a careful financial analyst.
+    {context}
+    user: {question_0}
+    user: {question_1}
+    reference: {answer_1}
+
+- an optional ``system:`` block (it runs until the first ``user:`` line), then
+- one ``user:`` block per turn (a block runs until the next marker line), each optionally
+  followed by a ``reference:`` block holding that turn's reference answer;
+- a marker is a line starting with ``system:``, ``user:`` or ``reference:``;
+- ``{column}`` is filled from each row (DataFrame columns or record keys; ``{x:.2f}`` and
+  ``{{`` / ``}}`` work as in ``str.format``). A placeholder naming no column is an error
+  before any request is sent. A turn whose placeholders are empty (NaN, None, blank) ends
+  that row's conversation, as trailing empty questions do in a wide DataFrame; empty values
+  in the system block become empty text, in a reference block no reference.
+
+Each row becomes one record ``{"id", "turns", "system", "references"}`` with id ``id`` /
+``conversation_id`` (a column or key of that name) or else the row's index label (the
+record's position), ready for ``nbllm.run``. Every problem is a one-line ``DatasetError``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import string
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from nbllm.dataset import did_you_mean, read_records
+from nbllm.errors import DatasetError
+
+__all__ = ["ConversationTemplate"]
+
+
+_MARKER = re.compile(r"(system|user|reference):[ \t]?(.*)")
+_FORMATTER = string.Formatter()
+_CONVERSIONS: dict[str, Callable[[Any], str]] = {"r": repr, "s": str, "a": ascii}
+
+
+@dataclass(frozen=True)
+class _Text:
+    """One block of template text, parsed into literal text and placeholders."""
+
+    parts: tuple[tuple[str, str | None, str | None, str | None], ...]
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> _Text:
+        try:
+            parts = tuple(_FORMATTER.parse(text))
+        except ValueError as exc:
+            msg = f"{where}: {exc} (write {{{{ and }}}} for literal braces)"
+            raise DatasetError(msg) from None
+        for _, name, spec, conversion in parts:
+            if name is not None and not name.strip():
+                msg = f"{where}: an empty placeholder {{}}; name a column: {{column}}"
+                raise DatasetError(msg)
+            if conversion is not None and conversion not in _CONVERSIONS:
+                msg = f"{where}: unknown conversion !{conversion} (use !r, !s or !a)"
+                raise DatasetError(msg)
+            if spec and "{" in spec:
+                msg = f"{where}: a placeholder inside a format spec is not supported"
+                raise DatasetError(msg)
+        return cls(parts)
+
+    @property
+    def fields(self) -> list[str]:
+        return [name for _, name, _, _ in self.parts if name is not None]
+
+    def render(self, row: Mapping[str, Any], where: str) -> str | None:
+        """The text with each placeholder filled in, or None if one of them is empty."""
+        out = []
+        for literal, name, spec, conversion in self.parts:
+            out.append(literal)
+            if name is None:
+                continue
+            value = row.get(name)
+            if _is_empty(value):
+                return None
+            if conversion is not None:
+                value = _CONVERSIONS[conversion](value)
+            try:
+                out.append(format(value, spec or ""))
+            except (TypeError, ValueError) as exc:
+                msg = f"{where}, placeholder {{{name}:{spec}}}: {exc}"
+                raise DatasetError(msg) from None
+        return "".join(out).strip()
+
+
+def _is_empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # a numpy scalar
+    if isinstance(value, float):
+        return math.isnan(value)
+    return type(value).__name__ in ("NAType", "NaTType")
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """The body of a ``%%llm_batch`` cell: ``system:``, then ``user:`` (and ``reference:``)
+    blocks with ``{column}`` placeholders. ``parse`` returns None for an empty body."""
+
+    system: _Text | None
+    turns: tuple[tuple[_Text, _Text | None], ...]
+
+    @classmethod
+    def parse(cls, body: str) -> ConversationTemplate | None:
+        if not body.strip():
+            return None
+        system: list[str] | None = None
+        turns: list[tuple[list[str], list[str] | None]] = []
+        current: list[str] | None = None
+        for number, line in enumerate(body.splitlines(), start=1):
+            match = _MARKER.fullmatch(line)
+            if match is None:
+                if current is not None:
+                    current.append(line)
+                elif line.strip():
+                    msg = (
+                        f"template line {number}: {line.strip()!r} comes before the "
+                        "first 'system:' or 'user:' line"
+                    )
+                    raise DatasetError(msg)
+                continue
+            kind, text = match.groups()
+            if kind == "system":
+                if system is not None or turns:
+                    msg = (
+                        f"template line {number}: one 'system:' block is allowed, "
+                        "before the first 'user:' line"
+                    )
+                    raise DatasetError(msg)
+                system = current = [text]
+            elif kind == "user":
+                current = [text]
+                turns.append((current, None))
+            else:
+                if not turns or turns[-1][1] is not None:
+                    msg = (
+                        f"template line {number}: a 'reference:' block must follow "
+                        "a 'user:' block (one per turn)"
+                    )
+                    raise DatasetError(msg)
+                current = [text]
+                turns[-1] = (turns[-1][0], current)
+        if not turns:
+            msg = "the template has no 'user:' line (one per turn)"
+            raise DatasetError(msg)
+        parsed: list[tuple[_Text, _Text | None]] = []
+        for k, (question, reference) in enumerate(turns):
+            text = "\n".join(question).strip()
+            if not text:
+                msg = f"template turn {k} ('user:' block {k + 1}) is empty"
+                raise DatasetError(msg)
+            where = f"template turn {k}"
+            ref = None if reference is None else _Text.parse("\n".join(reference), where)
+            parsed.append((_Text.parse(text, where), ref))
+        system_text = None if system is None else _Text.parse("\n".join(system), "system block")
+        return cls(system_text, tuple(parsed))
+
+    @property
+    def fields(self) -> list[str]:
+        """Every placeholder name, in order of first use."""
+        texts = [self.system] if self.system is not None else []
+        for question, reference in self.turns:
+            texts += [question] if reference is None else [question, reference]
+        return list(dict.fromkeys(name for text in texts for name in text.fields))
+
+    def records(self, data: Any) -> list[dict[str, Any]]:
+        """One ``{"id", "turns", "system", "references"}`` record per row of ``data``."""
+        columns, rows = _rows(data)
+        missing = [name for name in self.fields if name not in columns]
+        if missing:
+            listed = ", ".join(f"{{{name}}}" + did_you_mean(name, columns) for name in missing)
+            msg = f"the template uses {listed}, but DATA has no such column; " + (
+                f"its columns are {columns}"
+            )
+            raise DatasetError(msg)
+        with_references = any(reference is not None for _, reference in self.turns)
+        records = []
+        for label, cid, row in rows:
+            turns: list[str] = []
+            references: list[str | None] = []
+            for question, reference in self.turns:
+                text = question.render(row, f"{label}, turn {len(turns)}")
+                if text is None:
+                    break  # an empty turn ends this conversation
+                turns.append(text)
+                rendered = None if reference is None else reference.render(row, label)
+                references.append(rendered or None)
+            if not turns:
+                fields = ", ".join(f"{{{f}}}" for f in self.turns[0][0].fields)
+                msg = (
+                    f"{label}: the first turn is empty ({fields} has no value), so "
+                    "this conversation has nothing to ask; drop such rows first"
+                )
+                raise DatasetError(msg)
+            record: dict[str, Any] = {"id": cid, "turns": turns}
+            if self.system is not None:
+                # An empty value in the system block is just absent text.
+                filled = {k: "" if _is_empty(v) else v for k, v in row.items()}
+                record["system"] = self.system.render(filled, f"{label}, system block") or None
+            if with_references:
+                record["references"] = references
+            records.append(record)
+        return records
+
+
+def _rows(data: Any) -> tuple[list[str], Iterator[tuple[str, Any, dict[str, Any]]]]:
+    """Column names and ``(label for messages, conversation id, {column: value})`` per row."""
+    if isinstance(data, (str, os.PathLike)):
+        data = [record for _, record in read_records(Path(data))]
+    if isinstance(data, pd.DataFrame):
+        frame = data
+        columns = [str(c) for c in frame.columns]
+        id_column = next((c for c in ("id", "conversation_id") if c in columns), None)
+
+        def frame_rows() -> Iterator[tuple[str, Any, dict[str, Any]]]:
+            values = frame.itertuples(index=False, name=None)
+            for label, row_values in zip(frame.index, values, strict=True):
+                row = dict(zip(columns, row_values, strict=True))
+                cid = label if id_column is None else row[id_column]
+                yield f"row {label!r}", cid, row
+
+        return columns, frame_rows()
+    if isinstance(data, Sequence) and data and not isinstance(data, (str, bytes)):
+        for i, item in enumerate(data):
+            if not isinstance(item, Mapping):
+                msg = (
+                    f"a template fills its placeholders from dicts, but record {i} "
+                    f"is a {type(item).__name__}"
+                )
+                raise DatasetError(msg)
+        records = [{str(k): v for k, v in r.items()} for r in data]
+        columns = list(dict.fromkeys(k for r in records for k in r))
+
+        def record_rows() -> Iterator[tuple[str, Any, dict[str, Any]]]:
+            for i, row in enumerate(records):
+                cid = row.get("id", row.get("conversation_id", i))
+                yield f"record {i}", cid, row
+
+        return columns, record_rows()
+    msg = (
+        "a template needs DATA to be a DataFrame, a non-empty list of dicts or a "
+        f"path to a .jsonl / .json file, got {type(data).__name__}"
+    )
+    raise DatasetError(msg)

@@ -1,0 +1,64 @@
+"""Which live progress a run shows: the dashboard in a notebook, tqdm in a terminal, or none.
+
+The public faces (``nbllm.run``, ``nbllm.submit``) ask here, lazily, so that a plain
+``import nbllm`` never loads IPython or ipywidgets.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from nbllm.executor.events import Event
+from nbllm.results import RunResult
+
+__all__ = ["progress_listener", "with_gpu_samples"]
+
+
+def _in_notebook() -> bool:
+    """Whether this code runs in a Jupyter kernel (where widgets can be shown)."""
+    if "IPython" not in sys.modules:
+        return False
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def progress_listener(
+    progress: bool | None, *, stop: Callable[[], None] | None = None
+) -> Callable[[Event], None] | None:
+    """The live progress for ``progress=``: the dashboard in a notebook, tqdm in a terminal.
+
+    Call it in the thread that runs the cell, so the dashboard lands in that cell's output.
+    ``None`` means: in a notebook or a terminal, not when output goes to a file or a pipe.
+    ``stop`` gives the dashboard a Stop button (only useful where the kernel is free to
+    handle the click, i.e. for a run in the background).
+    """
+    if progress is False:
+        return None
+    if _in_notebook():
+        try:
+            from nbllm.ui.dashboard import Dashboard
+        except ImportError:  # ipywidgets missing: text it is
+            pass
+        else:
+            from IPython.display import display
+
+            dashboard = Dashboard(stop=stop)
+            display(dashboard)
+            return dashboard
+    if progress is None and not sys.stderr.isatty():
+        return None
+    from nbllm.ui.progress import TextProgress
+
+    return TextProgress()
+
+
+def with_gpu_samples(result: RunResult, progress: Any) -> RunResult:
+    """Hand the GPU readings the dashboard took during the run to the result's plots."""
+    monitor = getattr(progress, "gpu_monitor", None)
+    if monitor is not None:
+        result.gpu_samples = [s for device in monitor.history() for s in device]
+    return result
