@@ -11,15 +11,13 @@ a file nbllm cannot use is refused before any request and left as it is.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import random
 import sqlite3
-from pathlib import Path
 
 import pytest
+from helpers import answer_from_history, digest, random_bytes, uninterrupted_answers
 
 import nbllm
-from nbllm import ChatRequest, FakeEngine
+from nbllm import ChatRequest, FakeEngine, RequestRejected
 from nbllm.errors import CheckpointError
 from nbllm.testing import TestServer
 
@@ -35,16 +33,12 @@ def n_turns(data: list[dict]) -> int:
     return sum(len(r["turns"]) for r in data)
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def recording_engine() -> tuple[FakeEngine, list[str]]:
     sent: list[str] = []
 
     def handler(request: ChatRequest) -> str:
         sent.append(str(request.messages[-1]["content"]))
-        return f"A({request.model}, {len(request.messages)}): {request.messages[-1]['content']}"
+        return f"({request.model}) {answer_from_history(request)}"
 
     return FakeEngine(handler), sent
 
@@ -259,100 +253,47 @@ def test_cached_answers_are_checkpointed_and_resumed(tmp_path):
     assert list(resumed.df["answer"]) == list(cached.df["answer"])
 
 
+def test_the_turns_after_a_resumed_one_are_keyed_with_its_stored_answer(tmp_path):
+    """A checkpoint holding only the first turns, a cache holding every turn: the later
+    turns' keys include the stored answers, so all of them come from the cache."""
+    data = dataset()
+    only_first_turns = False
+    sent: list[str] = []
+
+    def handler(request: ChatRequest) -> str:
+        sent.append(str(request.messages[-1]["content"]))
+        if only_first_turns and len(request.messages) > 1:
+            raise RequestRejected("HTTP 400: not now")
+        return answer_from_history(request)
+
+    options = {"engine": FakeEngine(handler), "model": "m", "progress": False}
+    full = nbllm.run(data, checkpoint=False, **options)  # fills the cache
+    assert list(full.df["answer"]) == uninterrupted_answers(data)
+    path = tmp_path / "ckpt.sqlite"
+    only_first_turns = True
+    partial = nbllm.run(data, checkpoint=path, cache=False, **options)
+    assert partial.summary.turns_ok == len(data)
+
+    only_first_turns = False
+    sent.clear()
+    resumed = nbllm.run(data, checkpoint=path, **options)
+    assert sent == []
+    df = resumed.df
+    assert df["resumed"].tolist() == (df["turn"] == 0).tolist()
+    assert df["cached"].tolist() == (df["turn"] > 0).tolist()
+    assert list(df["answer"]) == list(full.df["answer"])
+
+
 # --------------------------------------------------------------------------- unusable files
 
 
-def _real_cache(path: Path) -> None:
-    data = [{"id": i, "turns": [f"{i} " + "x" * 300, "y" * 300]} for i in range(60)]
-    nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=False, cache=path, progress=False)
-
-
-def _truncated(path: Path) -> None:
-    _real_cache(path)
-    raw = path.read_bytes()
-    assert len(raw) >= 8 * 4096
-    path.write_bytes(raw[: len(raw) // 2])
-
-
-def _random_bytes(path: Path) -> None:
-    path.write_bytes(random.Random(11).randbytes(20_000))
-
-
-def _text(path: Path) -> None:
-    path.write_text("key,answer\n" * 200)
-
-
-def _foreign(path: Path, *, wal: bool = False) -> None:
-    conn = sqlite3.connect(path)
-    try:
-        if wal:
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, text TEXT)")
-        conn.commit()
-    finally:
-        conn.close()
-
-
-def _future(path: Path) -> None:
-    _real_cache(path)
-    conn = sqlite3.connect(path)
-    try:
-        conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
-        conn.commit()
-    finally:
-        conn.close()
-
-
-def _checkpoint_file(path: Path) -> None:
-    checkpoint = path.with_name("a-checkpoint.sqlite")
-    nbllm.run(
-        dataset(2), engine=FakeEngine(), model="m", checkpoint=checkpoint, cache=False,
-        progress=False,
-    )  # fmt: skip
-    path.write_bytes(checkpoint.read_bytes())
-
-
-UNUSABLE = {
-    "truncated-to-half": (_truncated, "not a readable nbllm response cache"),
-    "random-bytes": (_random_bytes, "not a readable nbllm response cache"),
-    "text": (_text, "not a readable nbllm response cache"),
-    "foreign-sqlite": (_foreign, "not an nbllm response cache"),
-    "foreign-sqlite-wal": (lambda p: _foreign(p, wal=True), "not an nbllm response cache"),
-    "future-schema": (_future, "newer nbllm"),
-    "a-checkpoint": (_checkpoint_file, "checkpoint"),
-}
-
-
-@pytest.mark.parametrize("where", ["default", "custom"])
-@pytest.mark.parametrize("kind", list(UNUSABLE))
-def test_an_unusable_cache_is_refused_before_any_request(tmp_path, _nbllm_dir, kind, where):
-    make, reason = UNUSABLE[kind]
-    path = _nbllm_dir / "cache.sqlite" if where == "default" else tmp_path / "mine.sqlite"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make(path)
-    before = digest(path)
-    engine = FakeEngine()
-    with pytest.raises(CheckpointError) as info:
-        nbllm.run(
-            dataset(),
-            engine=engine,
-            model="m",
-            checkpoint=False,
-            cache=True if where == "default" else path,
-            progress=False,
-        )
-    message = str(info.value)
-    assert str(path) in message
-    assert reason in message
-    assert "pass another path" in message
-    assert engine.calls == 0
-    assert digest(path) == before
+# The damaged, foreign and future files of both kinds: tests/test_storage.py.
 
 
 def test_an_unusable_cache_sends_no_http_request(_nbllm_dir):
     path = _nbllm_dir / "cache.sqlite"
     path.parent.mkdir(parents=True)
-    _random_bytes(path)
+    random_bytes(path)
     with TestServer() as server, pytest.raises(CheckpointError, match=r"cache\.sqlite"):
         nbllm.run(dataset(), model="nbllm-test", api_base=server.url, progress=False)
     assert server.requests == []
@@ -361,7 +302,7 @@ def test_an_unusable_cache_sends_no_http_request(_nbllm_dir):
 def test_a_refused_cache_leaves_the_checkpoint_free(tmp_path, _nbllm_dir):
     path = _nbllm_dir / "cache.sqlite"
     path.parent.mkdir(parents=True)
-    _random_bytes(path)
+    random_bytes(path)
     checkpoint = tmp_path / "ckpt.sqlite"
     options = {"model": "m", "checkpoint": checkpoint, "progress": False}
     with pytest.raises(CheckpointError, match=r"cache\.sqlite"):

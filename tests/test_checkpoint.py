@@ -1,19 +1,18 @@
 """The run's checkpoint: where it lives, what a re-run reads back, what it refuses.
 
 Promises pinned here: a finished (committed) turn is never sent again by a re-run of the
-same call; ``resume=False`` starts over and says so; a file made for another call, a
-corrupt, foreign or future file, or a file in use by another run is refused with a
-``CheckpointError`` naming the file and what to do, before any request, leaving the
-file's bytes as they were; nothing secret is ever written to disk or to the logs.
+same call, and the turns after it are sent with its stored answer; ``resume=False``
+starts over and says so; a file made for another call or in use by another run is
+refused with a ``CheckpointError`` naming the file and what to do, before any request,
+leaving the file's bytes as they were (damaged, foreign and future files: test_storage);
+nothing secret is ever written to disk or to the logs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import random
 import signal
 import socket
 import sqlite3
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import answer_from_history, digest, random_bytes, uninterrupted_answers
 
 import nbllm
 from nbllm import ChatRequest, FakeEngine, RequestRejected
@@ -47,10 +47,6 @@ def dataset(n: int = 6, question: str = "question") -> list[dict]:
 
 def n_turns(data: list[dict]) -> int:
     return sum(len(r["turns"]) for r in data)
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def stored_turns(path: Path) -> list[tuple[int, int, str]]:
@@ -208,7 +204,7 @@ def test_a_rerun_after_failures_sends_only_the_failed_and_skipped_turns(tmp_path
         sent.append(last_user(request))
         if last_user(request) in failing:
             raise RequestRejected("HTTP 400: no")
-        return f"A: {last_user(request)}"
+        return answer_from_history(request)
 
     path = tmp_path / "ckpt.sqlite"
     first = nbllm.run(data, engine=FakeEngine(handler), model="m", checkpoint=path, **QUIET)
@@ -233,9 +229,43 @@ def test_a_rerun_after_failures_sends_only_the_failed_and_skipped_turns(tmp_path
         ("c5", 1),
         ("c5", 2),
     ]
-    # c5's turn 1 was sent with turn 0's stored answer as its history.
-    c5 = second.df[second.df["conversation_id"] == "c5"]
-    assert list(c5["answer"]) == [f"A: c5 question {k}" for k in range(3)]
+    # c5's turn 1 was sent with turn 0's stored answer as its history: every answer is
+    # what an uninterrupted run gets.
+    assert list(second.df["answer"]) == uninterrupted_answers(data)
+
+
+def test_a_resumed_turn_is_sent_with_the_stored_answers(tmp_path):
+    data = [{"id": "c", "turns": ["q0", "q1", "q2"]}, {"id": "d", "turns": ["r0", "r1"]}]
+    failing = {"q1", "r1"}
+    sent: list[list[dict]] = []
+
+    def handler(request: ChatRequest) -> str:
+        sent.append([dict(m) for m in request.messages])
+        if last_user(request) in failing:
+            raise RequestRejected("HTTP 400: no")
+        return answer_from_history(request)
+
+    path = tmp_path / "ckpt.sqlite"
+    nbllm.run(data, engine=FakeEngine(handler), model="m", checkpoint=path, **QUIET)
+    stored = {(c, t): a for c, t, a in stored_turns(path)}
+    assert list(stored) == [(0, 0), (1, 0)]
+
+    failing.clear()
+    sent.clear()
+    second = nbllm.run(data, engine=FakeEngine(handler), model="m", checkpoint=path, **QUIET)
+    first_sent = {messages[-1]["content"]: messages for messages in sent}
+    assert first_sent["q1"] == [
+        {"role": "user", "content": "q0"},
+        {"role": "assistant", "content": stored[(0, 0)]},
+        {"role": "user", "content": "q1"},
+    ]
+    assert first_sent["r1"] == [
+        {"role": "user", "content": "r0"},
+        {"role": "assistant", "content": stored[(1, 0)]},
+        {"role": "user", "content": "r1"},
+    ]
+    assert second.df["resumed"].tolist() == [True, False, False, True, False]
+    assert list(second.df["answer"]) == uninterrupted_answers(data)
 
 
 async def test_a_cancelled_run_then_a_rerun_completes_the_rest(tmp_path):
@@ -251,7 +281,7 @@ async def test_a_cancelled_run_then_a_rerun_completes_the_rest(tmp_path):
             if len(finished) == 7:
                 holder["task"].cancel()
 
-    first_engine = FakeEngine(latency=0.01)
+    first_engine = FakeEngine(answer_from_history, latency=0.01)
     holder["task"] = asyncio.ensure_future(
         nbllm.arun(
             data,
@@ -270,7 +300,7 @@ async def test_a_cancelled_run_then_a_rerun_completes_the_rest(tmp_path):
     # Every turn answered before the stop is in the file: closing flushed the last batch.
     assert len(stored_turns(path)) == done_first
 
-    second_engine = FakeEngine()
+    second_engine = FakeEngine(answer_from_history)
     second = await nbllm.arun(data, engine=second_engine, model="m", checkpoint=path, **QUIET)
     assert not second.interrupted
     assert second.summary.turns_ok == total
@@ -281,7 +311,7 @@ async def test_a_cancelled_run_then_a_rerun_completes_the_rest(tmp_path):
     assert list(zip(resumed["conversation_id"], resumed["turn"], strict=True)) == list(
         zip(ok_first["conversation_id"], ok_first["turn"], strict=True)
     )
-    assert list(second.df["answer"]) == [f"You asked: {q}" for r in data for q in r["turns"]]
+    assert list(second.df["answer"]) == uninterrupted_answers(data)
 
 
 def test_resume_false_sends_everything_again_and_warns(tmp_path, caplog):
@@ -358,94 +388,12 @@ def test_with_the_default_location_changed_data_is_a_new_run(_nbllm_dir):
 # --------------------------------------------------------------------------- unusable files
 
 
-def _real_checkpoint(path: Path) -> None:
-    data = [{"id": i, "turns": [f"{i} " + "x" * 300, "y" * 300]} for i in range(60)]
-    nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
-
-
-def _truncated(path: Path) -> None:
-    _real_checkpoint(path)
-    raw = path.read_bytes()
-    assert len(raw) >= 8 * 4096, "the checkpoint should span many pages"
-    path.write_bytes(raw[: len(raw) // 2])
-
-
-def _header_only(path: Path) -> None:
-    _real_checkpoint(path)
-    path.write_bytes(path.read_bytes()[:100])
-
-
-def _random_bytes(path: Path) -> None:
-    path.write_bytes(random.Random(7).randbytes(20_000))
-
-
-def _text(path: Path) -> None:
-    path.write_text("conversation_id,turn,answer\n" * 200)
-
-
-def _foreign(path: Path, *, wal: bool = False) -> None:
-    conn = sqlite3.connect(path)
-    try:
-        if wal:
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("CREATE TABLE results (id INTEGER PRIMARY KEY, answer TEXT)")
-        conn.executemany("INSERT INTO results (answer) VALUES (?)", [("a",), ("b",)])
-        conn.commit()
-    finally:
-        conn.close()
-
-
-def _future(path: Path) -> None:
-    _real_checkpoint(path)
-    conn = sqlite3.connect(path)
-    try:
-        conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
-        conn.commit()
-    finally:
-        conn.close()
-
-
-def _cache_file(path: Path) -> None:
-    cache = path.with_name("the-cache.sqlite")
-    nbllm.run(
-        dataset(2), engine=FakeEngine(), model="m", checkpoint=False, cache=cache, progress=False
-    )
-    path.write_bytes(cache.read_bytes())
-
-
-UNUSABLE = {
-    "truncated-to-half": (_truncated, "not a readable nbllm checkpoint"),
-    "header-only": (_header_only, "not a readable nbllm checkpoint"),
-    "random-bytes": (_random_bytes, "not a readable nbllm checkpoint"),
-    "text": (_text, "not a readable nbllm checkpoint"),
-    "foreign-sqlite": (_foreign, "not an nbllm checkpoint"),
-    "foreign-sqlite-wal": (lambda p: _foreign(p, wal=True), "not an nbllm checkpoint"),
-    "future-schema": (_future, "newer nbllm"),
-    "a-response-cache": (_cache_file, "response cache"),
-}
-
-
-@pytest.mark.parametrize("kind", list(UNUSABLE))
-def test_an_unusable_checkpoint_is_refused_and_left_as_it_is(tmp_path, kind):
-    make, reason = UNUSABLE[kind]
-    path = tmp_path / "ckpt.sqlite"
-    make(path)
-    before = digest(path)
-    engine = FakeEngine()
-    with pytest.raises(CheckpointError) as info:
-        nbllm.run(dataset(), engine=engine, model="m", checkpoint=path, **QUIET)
-    message = str(info.value)
-    assert str(path) in message
-    assert reason in message
-    assert "pass another path" in message  # what to do
-    assert engine.calls == 0
-    assert path.is_file()
-    assert digest(path) == before
+# The damaged, foreign and future files of both kinds: tests/test_storage.py.
 
 
 def test_an_unusable_checkpoint_sends_no_http_request(tmp_path):
     path = tmp_path / "ckpt.sqlite"
-    _random_bytes(path)
+    random_bytes(path)
     before = digest(path)
     with TestServer() as server, pytest.raises(CheckpointError, match=r"ckpt\.sqlite"):
         nbllm.run(dataset(), model="nbllm-test", api_base=server.url, checkpoint=path, **QUIET)
@@ -459,17 +407,21 @@ def test_an_unusable_checkpoint_sends_no_http_request(tmp_path):
 async def test_a_second_run_on_a_checkpoint_in_use_in_this_process_is_refused(tmp_path):
     data = dataset(8)
     path = tmp_path / "ckpt.sqlite"
-    first_engine = FakeEngine(latency=0.05)
+    sending = asyncio.Event()
+
+    async def slow(request: ChatRequest) -> str:
+        sending.set()
+        await asyncio.sleep(0.05)
+        return answer_from_history(request)
+
     first = asyncio.ensure_future(
-        nbllm.arun(data, engine=first_engine, model="m", checkpoint=path, concurrency=2, **QUIET)
+        nbllm.arun(
+            data, engine=FakeEngine(slow), model="m", checkpoint=path, concurrency=2, **QUIET
+        )
     )
     try:
-        for _ in range(400):
-            if first_engine.calls:
-                break
-            await asyncio.sleep(0.005)
-        assert first_engine.calls, "the first run never started"
-        second_engine = FakeEngine()
+        await asyncio.wait_for(sending.wait(), 10)
+        second_engine = FakeEngine(slow)
         with pytest.raises(CheckpointError) as info:
             await nbllm.arun(data, engine=second_engine, model="m", checkpoint=path, **QUIET)
         assert "in use by another run" in str(info.value)
@@ -480,7 +432,7 @@ async def test_a_second_run_on_a_checkpoint_in_use_in_this_process_is_refused(tm
         result = await asyncio.wait_for(first, 10)
     assert result.summary.turns_ok == n_turns(data)
     # Once the first run is over the file is free: a third run resumes all of it.
-    third_engine = FakeEngine()
+    third_engine = FakeEngine(slow)
     third = await nbllm.arun(data, engine=third_engine, model="m", checkpoint=path, **QUIET)
     assert third_engine.calls == 0 and third.df["resumed"].all()
 

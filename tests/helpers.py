@@ -1,0 +1,212 @@
+"""What several test files share: a fake model that reads the whole history, files nbllm
+must refuse, and a run through an ``Executor`` built by the test.
+
+Import it as ``from helpers import ...`` (pytest puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import random
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nbllm
+from nbllm import ChatRequest, Conversation, Executor, FakeEngine, RunResult
+from nbllm.engines import create_engine
+
+# --------------------------------------------------------------------------- a fake model
+
+
+def answer_from_history(request: ChatRequest) -> str:
+    """The question and a digest of every message sent with it.
+
+    A turn sent with any other history (an earlier answer missing, empty or changed) gets
+    another answer, so comparing answers checks the history too.
+    """
+    pairs = [[m.get("role"), m.get("content")] for m in request.messages]
+    digest = hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()[:8]
+    return f"A: {request.messages[-1]['content']} [{digest}]"
+
+
+def uninterrupted_answers(
+    data: Any, handler: Callable[[ChatRequest], str] = answer_from_history
+) -> list[str]:
+    """The answers, in row order, of one uninterrupted run of ``data`` against ``handler``."""
+    out: list[str] = []
+    for conv in nbllm.load_conversations(data):
+        answers: list[str] = []
+        for k in range(len(conv)):
+            answers.append(handler(ChatRequest("m", conv.messages_for(k, answers), {})))
+        out.extend(answers)
+    return out
+
+
+def history_sent(conv: Conversation, turn: int, answers: Sequence[str]) -> list[dict[str, str]]:
+    """The messages turn ``turn`` of ``conv`` must be sent with, given the earlier answers."""
+    return [dict(m) for m in conv.messages_for(turn, answers)]
+
+
+# --------------------------------------------------------------------------- files to refuse
+
+CHECKPOINT = "checkpoint"
+CACHE = "response cache"
+_TABLE = {CHECKPOINT: "turns", CACHE: "responses"}
+
+
+def database_options(kind: str, path: Path | bool) -> dict[str, Any]:
+    """``nbllm.run`` options that use ``path`` as the database of ``kind`` and no other."""
+    if kind == CHECKPOINT:
+        return {"checkpoint": path, "cache": False}
+    return {"checkpoint": False, "cache": path}
+
+
+def real_database(path: Path, kind: str) -> None:
+    """A real nbllm file of ``kind`` that spans many pages."""
+    data = [{"id": i, "turns": [f"{i} " + "x" * 300, "y" * 300]} for i in range(60)]
+    nbllm.run(data, engine=FakeEngine(), model="m", progress=False, **database_options(kind, path))
+
+
+def truncated(path: Path, kind: str) -> None:
+    real_database(path, kind)
+    raw = path.read_bytes()
+    assert len(raw) >= 8 * 4096, "the file should span many pages"
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def header_only(path: Path, kind: str) -> None:
+    real_database(path, kind)
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def random_bytes(path: Path, kind: str = CHECKPOINT) -> None:
+    path.write_bytes(random.Random(7).randbytes(20_000))
+
+
+def text_file(path: Path, kind: str) -> None:
+    path.write_text("conversation_id,turn,answer\n" * 200)
+
+
+def foreign_sqlite(path: Path, kind: str, *, wal: bool = False) -> None:
+    """Another program's SQLite file, with a table of the very name nbllm uses."""
+    conn = sqlite3.connect(path)
+    try:
+        if wal:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"CREATE TABLE {_TABLE[kind]} (id INTEGER PRIMARY KEY, answer TEXT)")
+        conn.executemany(f"INSERT INTO {_TABLE[kind]} (answer) VALUES (?)", [("a",), ("b",)])
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def future_schema(path: Path, kind: str) -> None:
+    real_database(path, kind)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def other_kind(path: Path, kind: str) -> None:
+    """An nbllm file of the other kind: a response cache where a checkpoint is wanted."""
+    other = CACHE if kind == CHECKPOINT else CHECKPOINT
+    source = path.with_name("other-kind.sqlite")
+    nbllm.run(
+        [{"id": "a", "turns": ["q"]}], engine=FakeEngine(), model="m", progress=False,
+        **database_options(other, source),
+    )  # fmt: skip
+    path.write_bytes(source.read_bytes())
+
+
+# name: (maker, what the refusal says, given the kind of file wanted)
+UNUSABLE: dict[str, tuple[Callable[[Path, str], None], Callable[[str], str]]] = {
+    "truncated-to-half": (truncated, lambda kind: f"not a readable nbllm {kind}"),
+    "header-only": (header_only, lambda kind: f"not a readable nbllm {kind}"),
+    "random-bytes": (random_bytes, lambda kind: f"not a readable nbllm {kind}"),
+    "text": (text_file, lambda kind: f"not a readable nbllm {kind}"),
+    "foreign-sqlite": (foreign_sqlite, lambda kind: f"not an nbllm {kind}"),
+    "foreign-sqlite-wal": (
+        lambda path, kind: foreign_sqlite(path, kind, wal=True),
+        lambda kind: f"not an nbllm {kind}",
+    ),
+    "future-schema": (future_schema, lambda kind: "newer nbllm"),
+    "other-kind": (
+        other_kind,
+        lambda kind: f"holds an nbllm {CACHE if kind == CHECKPOINT else CHECKPOINT}",
+    ),
+}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- an Executor run
+
+
+def run_executor(
+    data: Any, *, model: str, api_base: str | None = None, engine: str = "auto", **options: Any
+) -> RunResult:
+    """``nbllm.run`` with no checkpoint and no cache, through an ``Executor`` built here,
+    so that a test can pass what ``nbllm.run`` does not take (``rate_window_s``)."""
+
+    async def main() -> RunResult:
+        connections = max(options.get("concurrency", 32), 8)  # as nbllm.run opens them
+        chosen = create_engine(engine, model=model, api_base=api_base, max_connections=connections)
+        try:
+            executor = Executor(chosen, model=model, **options)
+            return await executor.run(nbllm.load_conversations(data))
+        finally:
+            await chosen.aclose()
+
+    return asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- a fake clock
+
+
+class FakeClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock stands still while callbacks run and jumps to the next
+    timer when nothing else is ready: a wait takes no real time, and every time is exact.
+
+    For code that waits only on the loop's own timers (limits, retries, fake engines);
+    real I/O, threads and other processes still need the real clock.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._now = 0.0
+
+    def time(self) -> float:
+        return self._now
+
+    def _run_once(self) -> None:
+        # asyncio's own step: run what is ready, else sleep until the first timer. Moving
+        # the clock to that timer first makes the sleep zero.
+        if not self._ready:
+            timers = [timer.when() for timer in self._scheduled if not timer.cancelled()]
+            if timers:
+                self._now = max(self._now, min(timers))
+        super()._run_once()
+
+
+def on_fake_clock(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an ``async def`` test on a ``FakeClockLoop`` (the test itself is then plain)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        loop = FakeClockLoop()
+        try:
+            return loop.run_until_complete(test(*args, **kwargs))
+        finally:
+            loop.close()
+
+    return run
