@@ -27,7 +27,7 @@ import nbllm
 from nbllm.config import add_run_arguments
 from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, DatasetError, NbllmError
-from nbllm.executor.checkpoint import nbllm_dir
+from nbllm.executor.storage import nbllm_dir
 from nbllm.serve import add_parser as add_serve_parser
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ def _size(n: int) -> str:
 def _runs(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    df = nbllm.runs.list(args.root)
+    df = nbllm.runs.list_runs(args.root)
     if df.empty:
         where = Path(args.root) if args.root else nbllm_dir()
         print(f"no stored runs under {where / 'runs'}")

@@ -2,8 +2,10 @@
 
 ::
 
-    nbllm.runs.list()               # one row per stored run, newest first
+    nbllm.runs.list_runs()          # one row per stored run, newest first
     nbllm.runs.remove("3dd51522")   # a run's id, or a unique start of it
+
+``nbllm.runs.list`` is the same function under its first name.
 
 Listing only reads: each checkpoint is opened read-only (and no SQLite side file is
 created for it), and a file that cannot be read gets a row with an ``error`` instead of
@@ -16,25 +18,17 @@ from __future__ import annotations
 import builtins
 import shutil
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from nbllm.errors import CheckpointError
-from nbllm.executor.checkpoint import (
-    CHECKPOINT_FILE,
-    SCHEMA_VERSION,
-    lock_file,
-    nbllm_dir,
-    unlock_file,
-)
-from nbllm.executor.storage import open_database
+from nbllm.executor.checkpoint import CHECKPOINT_FILE, SCHEMA_VERSION
+from nbllm.executor.storage import lock_holder, lock_if_free, lock_path, nbllm_dir, open_database
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["list", "remove"]
+__all__ = ["list_runs", "remove"]
 
 COLUMNS = (
     "id",
@@ -50,7 +44,6 @@ COLUMNS = (
     "path",
     "error",
 )
-_LOCK_SUFFIX = ".lock"
 
 
 def _runs_dir(root: str | Path | None) -> Path:
@@ -65,41 +58,12 @@ def _run_dirs(runs: Path) -> builtins.list[Path]:
 
 
 def _lock_path(folder: Path) -> Path:
-    return folder / (CHECKPOINT_FILE + _LOCK_SUFFIX)
-
-
-@contextmanager
-def _try_lock(folder: Path) -> Iterator[bool]:
-    """Hold the run's lock for the ``with`` block if it is free: yields False when a live
-    run holds it. A folder without a lock file is free (and no lock file is created)."""
-    try:
-        handle: IO[str] = open(_lock_path(folder), encoding="utf-8")  # noqa: SIM115
-    except FileNotFoundError:
-        yield True
-        return
-    with handle:
-        try:
-            lock_file(handle)
-            locked = True
-        except OSError:
-            locked = False
-        try:
-            yield locked
-        finally:
-            if locked:
-                unlock_file(handle)
+    return lock_path(folder / CHECKPOINT_FILE)
 
 
 def _in_use(folder: Path) -> bool:
-    with _try_lock(folder) as free:
+    with lock_if_free(_lock_path(folder)) as free:
         return not free
-
-
-def _holder(folder: Path) -> str:
-    try:
-        return _lock_path(folder).read_text(encoding="utf-8").strip() or "another process"
-    except OSError:
-        return "another process"
 
 
 def _size(folder: Path) -> int:
@@ -170,7 +134,7 @@ def _row(folder: Path) -> dict[str, Any]:
     return row
 
 
-def list(root: str | Path | None = None) -> pd.DataFrame:
+def list_runs(root: str | Path | None = None) -> pd.DataFrame:
     """One row per stored run under ``<root>/runs/`` (``root``: ``$NBLLM_DIR`` or ``.nbllm``).
 
     Columns: ``id`` (the folder's name, for ``remove``), ``created`` / ``updated`` (UTC),
@@ -198,9 +162,14 @@ def list(root: str | Path | None = None) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+# The first name of ``list_runs``, kept for code written against it. It hides the
+# builtin in this module, whose code therefore says ``builtins.list``.
+list = list_runs
+
+
 def _find(run_id: str, runs: Path) -> Path:
     if not isinstance(run_id, str) or run_id in ("", ".", "..") or "/" in run_id or "\\" in run_id:
-        msg = f"{run_id!r} is not a run id (see nbllm.runs.list() or `nbllm runs`)"
+        msg = f"{run_id!r} is not a run id (see nbllm.runs.list_runs() or `nbllm runs`)"
         raise CheckpointError(msg)
     folders = _run_dirs(runs)
     names = [p.name for p in folders]
@@ -220,16 +189,16 @@ def _find(run_id: str, runs: Path) -> Path:
 def remove(run_id: str, root: str | Path | None = None) -> Path:
     """Delete a stored run's folder (its checkpoint); returns the folder that was removed.
 
-    ``run_id`` is an id from ``list()`` or a start of one that names a single run. A run
+    ``run_id`` is an id from ``list_runs()`` or a start of one that names a single run. A run
     that is in progress (its lock is held) is refused, as are unknown and ambiguous ids:
     all with ``CheckpointError``, and nothing is deleted.
     """
     runs = _runs_dir(root)
     folder = _find(run_id, runs)
-    with _try_lock(folder) as free:
+    with lock_if_free(_lock_path(folder)) as free:
         if not free:
             msg = (
-                f"run {folder.name} is in use by a live run ({_holder(folder)}); "
+                f"run {folder.name} is in use by a live run ({lock_holder(_lock_path(folder))}); "
                 "wait for it to finish or stop it, then remove it"
             )
             raise CheckpointError(msg)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import answer_from_history
 
 import nbllm
 from nbllm.errors import CheckpointError
@@ -29,7 +30,8 @@ THREE_TURNS = [
 
 
 def run(data, model="m"):
-    return nbllm.run(data, engine=nbllm.FakeEngine(), model=model, progress=False, cache=False)
+    engine = nbllm.FakeEngine(answer_from_history)
+    return nbllm.run(data, engine=engine, model=model, progress=False, cache=False)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
@@ -75,7 +77,7 @@ def live_run(data) -> Iterator[threading.Thread]:
 
 
 def test_no_runs_is_an_empty_frame(tmp_path):
-    for df in (nbllm.runs.list(), nbllm.runs.list(tmp_path / "elsewhere")):
+    for df in (nbllm.runs.list_runs(), nbllm.runs.list_runs(tmp_path / "elsewhere")):
         assert df.empty
         assert list(df.columns) == list(COLUMNS)
 
@@ -84,7 +86,7 @@ def test_list_after_two_runs_newest_first(_nbllm_dir):
     run(TWO_TURNS, model="first")
     run(THREE_TURNS, model="second")
 
-    df = nbllm.runs.list()
+    df = nbllm.runs.list_runs()
 
     assert list(df.columns) == list(COLUMNS)
     assert df["model"].tolist() == ["second", "first"]
@@ -106,7 +108,7 @@ def test_list_after_two_runs_newest_first(_nbllm_dir):
         assert row.size_bytes == sum(p.stat().st_size for p in folder.iterdir())
         assert row.size_bytes > 0
     # The same list from an explicit root.
-    again = nbllm.runs.list(root=_nbllm_dir)
+    again = nbllm.runs.list_runs(root=_nbllm_dir)
     assert again["id"].tolist() == df["id"].tolist()
 
 
@@ -118,13 +120,13 @@ def test_unfinished_turns_count_as_not_done(_nbllm_dir):
 
     nbllm.run(TWO_TURNS, engine=nbllm.FakeEngine(fail_second), model="m", progress=False)
 
-    (row,) = nbllm.runs.list().itertuples()
+    (row,) = nbllm.runs.list_runs().itertuples()
     assert (row.done, row.total) == (1, 2)
 
 
 def test_in_use_while_a_run_holds_the_lock(_nbllm_dir):
     with live_run(THREE_TURNS):
-        (row,) = nbllm.runs.list().itertuples()
+        (row,) = nbllm.runs.list_runs().itertuples()
         assert row.in_use
         assert row.error is None
         assert row.model == "m"
@@ -133,9 +135,9 @@ def test_in_use_while_a_run_holds_the_lock(_nbllm_dir):
             nbllm.runs.remove(row.id)
         assert Path(row.path).is_dir()
         # Looking did not take the lock away from the run.
-        assert nbllm.runs.list()["in_use"].tolist() == [True]
+        assert nbllm.runs.list_runs()["in_use"].tolist() == [True]
 
-    (row,) = nbllm.runs.list().itertuples()
+    (row,) = nbllm.runs.list_runs().itertuples()
     assert not row.in_use
     assert (row.done, row.total) == (3, 3)
 
@@ -154,7 +156,7 @@ def test_unreadable_runs_get_a_row_with_the_reason(_nbllm_dir):
     (truncated / "checkpoint.sqlite").write_bytes(data[:100] + b"\0" * (len(data) - 100))
     before = snapshot(runs)
 
-    df = nbllm.runs.list()
+    df = nbllm.runs.list_runs()
 
     assert snapshot(runs) == before
     assert len(df) == 4
@@ -175,7 +177,7 @@ def test_another_kind_of_nbllm_file_is_named(_nbllm_dir):
     folder.mkdir()
     shutil.copy(_nbllm_dir / "cache.sqlite", folder / "checkpoint.sqlite")
 
-    df = nbllm.runs.list().set_index("id")
+    df = nbllm.runs.list_runs().set_index("id")
 
     assert "response cache, not a checkpoint" in df.loc["cachecopy", "error"]
 
@@ -186,8 +188,8 @@ def test_list_and_remove_touch_no_other_run(_nbllm_dir):
     runs = _nbllm_dir / "runs"
     before = snapshot(runs)
 
-    df = nbllm.runs.list()
-    nbllm.runs.list()
+    df = nbllm.runs.list_runs()
+    nbllm.runs.list_runs()
     assert snapshot(runs) == before
 
     keep, gone = df["id"].tolist()
@@ -196,19 +198,19 @@ def test_list_and_remove_touch_no_other_run(_nbllm_dir):
     assert removed == runs / gone
     assert not removed.exists()
     assert snapshot(runs) == {k: v for k, v in before.items() if k.startswith(keep)}
-    assert nbllm.runs.list()["id"].tolist() == [keep]
+    assert nbllm.runs.list_runs()["id"].tolist() == [keep]
 
 
 def test_remove_by_prefix(_nbllm_dir):
     run(TWO_TURNS)
-    (run_id,) = nbllm.runs.list()["id"]
+    (run_id,) = nbllm.runs.list_runs()["id"]
     runs = _nbllm_dir / "runs"
 
     removed = nbllm.runs.remove(run_id[:6])
 
     assert removed == runs / run_id
     assert not removed.exists()
-    assert nbllm.runs.list().empty
+    assert nbllm.runs.list_runs().empty
     # Nothing was kept: the same call runs again from scratch.
     assert run(TWO_TURNS).summary.resumed == 0
 
@@ -248,8 +250,15 @@ def test_remove_refuses_unknown_and_ambiguous_ids(_nbllm_dir):
 
 def test_runs_is_part_of_the_package():
     assert importlib.import_module("nbllm.runs") is nbllm.runs
-    assert callable(nbllm.runs.list)
+    assert callable(nbllm.runs.list_runs)
     assert callable(nbllm.runs.remove)
+    assert nbllm.runs.__all__ == ["list_runs", "remove"]  # no name that hides a builtin
+
+
+def test_list_is_the_first_name_of_list_runs(_nbllm_dir):
+    run(TWO_TURNS)
+    assert nbllm.runs.list is nbllm.runs.list_runs
+    pd.testing.assert_frame_equal(nbllm.runs.list(), nbllm.runs.list_runs())
 
 
 CRASHING_RUN = """
@@ -276,7 +285,7 @@ def test_a_killed_run_is_listed_with_what_it_committed(_nbllm_dir):
     before = snapshot(runs)
     assert any(name.endswith("-wal") for name in before)
 
-    (row,) = nbllm.runs.list().itertuples()
+    (row,) = nbllm.runs.list_runs().itertuples()
 
     assert row.error is None
     assert not row.in_use

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from nbllm.errors import ConfigError
-from nbllm.executor.checkpoint import nbllm_dir
-from nbllm.executor.storage import BatchWriter, database_path, open_database
+from nbllm.executor.storage import BatchWriter, database_path, nbllm_dir, open_database
 from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = ["CACHE_FILE", "KeyChain", "ResponseCache", "request_key", "resolve_cache_path"]
+__all__ = ["CACHE_FILE", "KeyChain", "ResponseCache", "resolve_cache_path"]
 
 log = logging.getLogger("nbllm")
 
@@ -121,7 +120,6 @@ class ResponseCache(BatchWriter):
         self.reuse_sampled = reuse_sampled
         self._recent: dict[str, ChatResponse] = {}
         self._read_failed = False
-        self.hits = 0
 
     def reusable(self, params: Mapping[str, Any]) -> bool:
         """Whether answers to requests with these parameters may come from the cache."""
@@ -146,7 +144,6 @@ class ResponseCache(BatchWriter):
             if row is None:
                 return None
             hit = ChatResponse(*row)
-        self.hits += 1
         return hit
 
     def put(self, key: str, response: ChatResponse) -> None:

@@ -17,15 +17,21 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from nbllm.errors import CheckpointError, ConfigError
-from nbllm.executor.storage import BatchWriter, database_path, open_database
+from nbllm.executor.storage import (
+    BatchWriter,
+    FileLock,
+    database_path,
+    lock_path,
+    nbllm_dir,
+    open_database,
+)
 from nbllm.types import Conversation, TurnRecord
 
 __all__ = [
@@ -33,10 +39,7 @@ __all__ = [
     "CheckpointStore",
     "RunIdentity",
     "dataset_hash",
-    "lock_file",
-    "nbllm_dir",
     "resolve_checkpoint_path",
-    "unlock_file",
 ]
 
 log = logging.getLogger("nbllm")
@@ -66,11 +69,6 @@ _COLUMNS = (
     "conversation, turn, conversation_id, answer, model, engine, latency_s, prompt_tokens, "
     "completion_tokens, cost_usd, attempts, started_at, finished_at, cached"
 )
-
-
-def nbllm_dir() -> Path:
-    """Where nbllm keeps runs and the response cache: ``$NBLLM_DIR`` or ``./.nbllm``."""
-    return Path(os.environ.get("NBLLM_DIR") or ".nbllm")
 
 
 def _canonical(value: Any) -> str:
@@ -155,68 +153,13 @@ def resolve_checkpoint_path(checkpoint: Any, fingerprint: str) -> Path | None:
     raise ConfigError(msg)
 
 
-class _FileLock:
-    """An exclusive lock on ``path`` that the OS drops when the process dies (even kill -9)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file: IO[str] | None = None
-
-    def acquire(self, what: Path) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run
-        try:
-            lock_file(handle)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            msg = (
-                f"{what} is in use by another run ({holder}). Wait for it to finish, stop it, "
-                "or pass another checkpoint= path"
-            )
-            raise CheckpointError(msg) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        self._file = handle
-
-    def release(self) -> None:
-        if self._file is not None:
-            unlock_file(self._file)
-            self._file.close()
-            self._file = None
-
-
-if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-    import msvcrt
-
-    def lock_file(handle: IO[str]) -> None:
-        handle.seek(0)
-        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-
-    def unlock_file(handle: IO[str]) -> None:
-        handle.seek(0)
-        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-
-else:
-    import fcntl
-
-    def lock_file(handle: IO[str]) -> None:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def unlock_file(handle: IO[str]) -> None:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 class CheckpointStore(BatchWriter):
     """The finished turns of one run, in one SQLite file, written in batches.
 
     Use ``CheckpointStore.open(...)``; ``close()`` commits the last batch and drops the lock.
     """
 
-    def __init__(self, conn: Any, path: Path, lock: _FileLock, **batch: Any) -> None:
+    def __init__(self, conn: Any, path: Path, lock: FileLock, **batch: Any) -> None:
         super().__init__(conn, **batch)
         self.path = path
         self._lock = lock
@@ -233,7 +176,7 @@ class CheckpointStore(BatchWriter):
         resume: bool = True,
         **batch: Any,
     ) -> CheckpointStore:
-        lock = _FileLock(path.with_name(path.name + ".lock"))
+        lock = FileLock(lock_path(path))
         lock.acquire(path)
         conn = None
         try:

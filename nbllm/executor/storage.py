@@ -1,4 +1,8 @@
-"""SQLite files nbllm writes: opening them safely, and writing rows in batches.
+"""SQLite files nbllm writes: where they live, opening them safely, locking them, and
+writing rows in batches.
+
+Everything lives under ``nbllm_dir()``: ``$NBLLM_DIR``, or ``.nbllm`` in the working
+folder.
 
 Both the checkpoint and the response cache are SQLite databases in WAL mode
 (standard library only, no pickle). Opening checks that the file really is an nbllm
@@ -9,6 +13,10 @@ Rows are written in batches: a batch is committed when it holds ``max_rows`` row
 its oldest row is ``max_delay_s`` old, whichever comes first. A crash therefore loses
 at most the rows of the batch not yet committed (by default 0.25 s or 200 rows of
 work); every committed row is whole, because each batch is one transaction.
+
+A run holds an exclusive lock on a file beside its database (``lock_path``) for as long
+as it runs, so a second process never writes the same file. The operating system drops
+the lock when the process dies, even on ``kill -9``.
 """
 
 from __future__ import annotations
@@ -17,18 +25,25 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from nbllm.errors import CheckpointError
 
-__all__ = ["BatchWriter", "database_path", "open_database"]
+__all__ = ["BatchWriter", "database_path", "nbllm_dir", "open_database"]
 
 log = logging.getLogger("nbllm")
 
 MAX_ROWS = 200
 MAX_DELAY_S = 0.25
+
+
+def nbllm_dir() -> Path:
+    """Where nbllm keeps runs and the response cache: ``$NBLLM_DIR`` or ``./.nbllm``."""
+    return Path(os.environ.get("NBLLM_DIR") or ".nbllm")
 
 
 def database_path(path: str | os.PathLike[str], file_name: str) -> Path:
@@ -141,6 +156,103 @@ def _check_ours(
         )
 
 
+# -- locks -----------------------------------------------------------------------
+
+
+def lock_path(database: Path) -> Path:
+    """The lock file a run holds while it writes ``database``."""
+    return database.with_name(database.name + ".lock")
+
+
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def _lock_file(handle: IO[str]) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+
+    def _unlock_file(handle: IO[str]) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock_file(handle: IO[str]) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock_file(handle: IO[str]) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def lock_holder(lock: Path) -> str:
+    """Who holds ``lock``, as its holder wrote it (``pid 1234``)."""
+    try:
+        return lock.read_text(encoding="utf-8").strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+class FileLock:
+    """An exclusive lock on ``path`` that the OS drops when the process dies (even kill -9)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def acquire(self, what: Path) -> None:
+        """Take the lock for a run on ``what``, or raise ``CheckpointError`` naming its holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run
+        try:
+            _lock_file(handle)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            msg = (
+                f"{what} is in use by another run ({holder}). Wait for it to finish, stop it, "
+                "or pass another checkpoint= path"
+            )
+            raise CheckpointError(msg) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            _unlock_file(self._file)
+            self._file.close()
+            self._file = None
+
+
+@contextmanager
+def lock_if_free(lock: Path) -> Iterator[bool]:
+    """Hold ``lock`` for the ``with`` block if it is free: yields False when a live run
+    holds it. A missing lock file is free, and none is created (a listing writes nothing)."""
+    try:
+        handle: IO[str] = open(lock, encoding="utf-8")  # noqa: SIM115
+    except FileNotFoundError:
+        yield True
+        return
+    with handle:
+        try:
+            _lock_file(handle)
+            locked = True
+        except OSError:
+            locked = False
+        try:
+            yield locked
+        finally:
+            if locked:
+                _unlock_file(handle)
+
+
+# -- batches -----------------------------------------------------------------------
+
+
 class BatchWriter:
     """Collects rows and commits them in batches from the event loop.
 
@@ -163,18 +275,13 @@ class BatchWriter:
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
         self._warned = False
-        self.rows_written = 0
 
     def add(self, row: tuple[Any, ...]) -> None:
         self._pending.append(row)
         if len(self._pending) >= self.max_rows:
             self.flush()
         elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
+            loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.max_delay_s, self._on_timer)
 
     def _on_timer(self) -> None:
@@ -202,8 +309,6 @@ class BatchWriter:
             if not self._warned:
                 self._warned = True
                 log.error("nbllm: could not write to %s: %s; will retry", self.describe(), exc)
-            return
-        self.rows_written += len(rows)
 
     def _write(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         raise NotImplementedError

@@ -54,7 +54,7 @@ from nbllm.config import RunConfig, add_run_arguments, parse_run_option, text_ty
 from nbllm.dataset import did_you_mean
 from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, NbllmError
-from nbllm.executor.checkpoint import nbllm_dir
+from nbllm.executor.storage import nbllm_dir
 from nbllm.jobs import Job
 from nbllm.template import ConversationTemplate
 
