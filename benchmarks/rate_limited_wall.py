@@ -1,7 +1,7 @@
 """How close does nbllm come to the fastest possible wall time under a rate limit?
 
-Each configuration runs a multi-turn workload through ``nbllm.run(..., rpm=R,
-concurrency=C)`` against the nbllm test server (in a child process) answering every
+Each configuration runs a multi-turn workload as ``nbllm.run(..., rpm=R,
+concurrency=C)`` would, against the nbllm test server (in a child process) answering every
 request after a fixed ``latency`` and enforcing the same limit itself: at most ``R``
 admitted requests in any sliding window of ``minute`` seconds, a 429 for the rest.
 No schedule can beat the largest of three terms::
@@ -13,7 +13,7 @@ No schedule can beat the largest of three terms::
 It prints the measured wall time, that bound with each term, their ratio (target:
 wall / bound <= 1.10) and how many 429s the server sent (target: 0). To keep the run
 short the "minute" of rpm is shrunk to ``--minute`` seconds (default 6) on both sides:
-``nbllm.executor.runner.MINUTE_S`` here, ``window_s`` on the server.
+``Executor(rate_window_s=...)`` here, ``window_s`` on the server.
 
 The configurations are built so that each term dominates once: ``rate-bound``,
 ``concurrency-bound`` and ``critical-path-bound`` (a few long conversations).
@@ -127,11 +127,37 @@ def floor_wall(workload: Sequence[dict[str, Any]], latency: float, concurrency: 
     return wall
 
 
+def run_limited(
+    workload: Sequence[dict[str, Any]], url: str, *, rpm: int, concurrency: int, minute: float
+) -> Any:
+    """What ``nbllm.run(workload, model=MODEL, api_base=url, rpm=rpm, concurrency=concurrency,
+    checkpoint=False, cache=False)`` does, with a "minute" of ``minute`` seconds: the one
+    option ``nbllm.run`` does not take, so the Executor is built here."""
+    import nbllm
+    from nbllm.engines import create_engine
+
+    async def main() -> Any:
+        connections = max(concurrency, 8)  # as nbllm.run opens them
+        engine = create_engine("auto", model=MODEL, api_base=url, max_connections=connections)
+        executor = nbllm.Executor(
+            engine,
+            model=MODEL,
+            rpm=rpm,
+            concurrency=concurrency,
+            timeout=120.0,
+            rate_window_s=minute,
+        )
+        try:
+            return await executor.run(nbllm.load_conversations(workload))
+        finally:
+            await engine.aclose()
+
+    return asyncio.run(main())
+
+
 def run_config(
     config: Config, *, latency: float, minute: float, seed: int, floor: bool
 ) -> dict[str, Any]:
-    import nbllm
-    from nbllm.executor import runner
     from nbllm.testing import read_log, start_subprocess
 
     workload = make_workload(config, seed)
@@ -139,26 +165,18 @@ def run_config(
     bound = lower_bound(turns, latency, config.rpm, minute, config.concurrency)
     with tempfile.TemporaryDirectory(prefix="nbllm-bench-") as tmp:
         log_path = Path(tmp) / "requests.jsonl"
-        saved_minute = runner.MINUTE_S
-        runner.MINUTE_S = minute
-        try:
-            with start_subprocess(
-                latency=latency, rpm=config.rpm, window_s=minute, log_path=log_path
-            ) as server:
-                t0 = time.perf_counter()
-                result = nbllm.run(
-                    workload,
-                    model=MODEL,
-                    api_base=server.url,
-                    rpm=config.rpm,
-                    concurrency=config.concurrency,
-                    progress=False,
-                    checkpoint=False,  # every run sends every request: nothing resumed
-                    cache=False,
-                )
-                wall = time.perf_counter() - t0
-        finally:
-            runner.MINUTE_S = saved_minute
+        with start_subprocess(
+            latency=latency, rpm=config.rpm, window_s=minute, log_path=log_path
+        ) as server:
+            t0 = time.perf_counter()
+            result = run_limited(
+                workload,
+                server.url,
+                rpm=config.rpm,
+                concurrency=config.concurrency,
+                minute=minute,
+            )
+            wall = time.perf_counter() - t0
         log = read_log(log_path)
     statuses = Counter(entry.status for entry in log)
     summary = result.summary

@@ -8,8 +8,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from nbllm.executor import runner
-
 
 @pytest.fixture(autouse=True)
 def _nbllm_dir(tmp_path, monkeypatch):
@@ -34,9 +32,9 @@ def _no_leaked_threads():
 
 
 @pytest.fixture
-def short_minute(monkeypatch):
-    """Make the "minute" of rpm / tpm last 2 seconds, so limits bind within a short test."""
-    monkeypatch.setattr(runner, "MINUTE_S", 2.0)
+def short_minute():
+    """A "minute" of rpm / tpm that lasts 2 seconds, so limits bind within a short test:
+    ``Executor(..., rate_window_s=short_minute)`` and ``TestServer(window_s=short_minute)``."""
     return 2.0
 
 

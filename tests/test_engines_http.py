@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import pytest
+from helpers import run_executor
 
 import nbllm
 from nbllm import RetryPolicy
@@ -100,9 +101,10 @@ def test_429_with_retry_after_is_retried_and_counted(options, engine):
 def test_rpm_limit_is_never_exceeded_on_the_server(options, engine, short_minute):
     data = dataset(12)  # 30 turns against 12 per "minute" of 2 s
     with TestServer(rpm=12, window_s=short_minute) as server:
-        result = nbllm.run(
-            data, api_base=server.url, rpm=12, concurrency=16, progress=False, **options
-        )
+        result = run_executor(
+            data, api_base=server.url, rpm=12, concurrency=16, rate_window_s=short_minute,
+            **options,
+        )  # fmt: skip
     assert [r.status for r in server.requests if r.status != 200] == []
     assert result.summary.turns_ok == n_turns(data)
     # The budget is used, not wasted: 30 requests at 12 per 2 s need a little over 3 s.

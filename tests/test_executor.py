@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 
 import pandas as pd
 import pytest
+from helpers import on_fake_clock
 
 from nbllm import (
     ChatRequest,
@@ -87,19 +89,30 @@ async def test_rows_come_back_in_input_order_whatever_finished_first():
 
 
 async def test_no_conversation_waits_for_another_conversations_turn():
-    """A slow conversation never holds back the others' later turns (no barrier per turn)."""
+    """A slow conversation never holds back the others' later turns (no barrier per turn):
+    c0's first turn is answered only once every other conversation has finished."""
+    others_done = asyncio.Event()
+    finished: set[str] = set()
 
     async def handler(request: ChatRequest) -> str:
         if request.messages[-1]["content"].startswith("c0 "):
-            await asyncio.sleep(0.5)
+            await others_done.wait()
         return answer_of(request)
 
+    def listener(event: Event) -> None:
+        if isinstance(event, TurnFinished) and event.conversation_done:
+            finished.add(str(event.record.conversation_id))
+            if finished == {"c1", "c2", "c3"}:
+                others_done.set()
+
     convs = conversations(4, turns=lambda i: 3)
-    result = await Executor(FakeEngine(handler), model="m", concurrency=4).run(convs)
+    executor = Executor(FakeEngine(handler), model="m", concurrency=4, listeners=[listener])
+    result = await asyncio.wait_for(executor.run(convs), 10)
+    assert result.summary.turns_ok == 12
     df = result.df
     slow_first_turn_done = df[(df.conversation_id == "c0") & (df.turn == 0)].finished_at.item()
     others_last_turns = df[(df.conversation_id != "c0") & (df.turn == 2)].finished_at
-    assert (others_last_turns < slow_first_turn_done).all()
+    assert (others_last_turns <= slow_first_turn_done).all()
 
 
 async def test_longest_conversations_start_first_and_slots_refill_at_once():
@@ -131,25 +144,29 @@ async def test_concurrency_caps_requests_in_flight():
     assert peak == 7
 
 
+@on_fake_clock
 async def test_rate_limit_errors_are_retried_counted_and_honour_retry_after():
-    attempts: dict[str, int] = {}
-    sent: list[float] = []
+    loop = asyncio.get_running_loop()
+    sent: dict[str, list[float]] = {}  # the question -> when each attempt reached the engine
 
     def handler(request: ChatRequest) -> str:
-        key = request.messages[-1]["content"]
-        attempts[key] = attempts.get(key, 0) + 1
-        sent.append(time.perf_counter())
-        if attempts[key] <= 2:
+        times = sent.setdefault(request.messages[-1]["content"], [])
+        times.append(loop.time())
+        if len(times) <= 2:
             raise RateLimitError("HTTP 429: slow down", status=429, retry_after=0.05)
         return answer_of(request)
 
-    t0 = time.perf_counter()
     result = await Executor(FakeEngine(handler), model="m", retry=FAST).run(conversations(3))
     assert result.summary.turns_ok == len(result.df)
     assert (result.df["attempts"] == 3).all()
     assert result.summary.retries == 2 * len(result.df)
-    # Two waits of at least Retry-After before each turn's success.
-    assert time.perf_counter() - t0 >= 0.1
+    assert sorted(sent) == sorted(result.df["question"])
+    # FAST has no backoff of its own: every wait between attempts is the Retry-After.
+    gaps = [
+        later - earlier for times in sent.values() for earlier, later in itertools.pairwise(times)
+    ]
+    assert len(gaps) == 2 * len(result.df)
+    assert min(gaps) == pytest.approx(0.05)
 
 
 async def test_input_errors_are_never_retried_and_end_only_their_conversation():
@@ -209,11 +226,13 @@ async def test_timeout_per_attempt_is_retried_then_reported():
     assert result.df["attempts"].iloc[0] == 2
 
 
-async def test_rpm_limit_is_never_exceeded(short_minute):
+@on_fake_clock
+async def test_rpm_limit_is_never_exceeded_in_a_real_minute():
+    loop = asyncio.get_running_loop()
     sent: list[float] = []
 
     def handler(request: ChatRequest) -> str:
-        sent.append(time.monotonic())
+        sent.append(loop.time())
         return "ok"
 
     executor = Executor(FakeEngine(handler), model="m", concurrency=50, rpm=15)
@@ -221,13 +240,19 @@ async def test_rpm_limit_is_never_exceeded(short_minute):
     assert result.summary.turns_ok == 40
     sent.sort()
     for i, t in enumerate(sent):
-        in_window = [s for s in sent[: i + 1] if s > t - short_minute]
+        in_window = [s for s in sent[: i + 1] if s > t - 60.0]
         assert len(in_window) <= 15
-    # ... and the budget is used: 40 requests at 15 per 2 s take about 4-5 s, not much more.
-    assert sent[-1] - sent[0] < 6.5
+    # ... and the budget is used, evenly: one request every 60 / 15 = 4 s, plus the
+    # limiter's safety margin of 1 s when a request waits for the minute to move on.
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sent)]
+    assert min(gaps) == pytest.approx(4.0, abs=0.01)
+    assert max(gaps) == pytest.approx(5.0, abs=0.01)
 
 
+@on_fake_clock
 async def test_tpm_limit_counts_real_usage(short_minute):
+    loop = asyncio.get_running_loop()
+
     def handler(request: ChatRequest) -> ChatResponse:
         return ChatResponse("ok", "m", prompt_tokens=90, completion_tokens=10)
 
@@ -235,16 +260,32 @@ async def test_tpm_limit_counts_real_usage(short_minute):
 
     def listener(event: Event) -> None:
         if isinstance(event, RequestSent):
-            sent.append(time.monotonic())
+            sent.append(loop.time())
 
     executor = Executor(
-        FakeEngine(handler), model="m", tpm=1000, listeners=[listener], params={"max_tokens": 5}
+        FakeEngine(handler),
+        model="m",
+        tpm=1000,
+        listeners=[listener],
+        params={"max_tokens": 5},
+        rate_window_s=short_minute,
     )
     await executor.run(conversations(15, turns=lambda i: 1))
-    # 15 requests x 100 real tokens against 1000 tokens per 2 s
+    # 15 requests x 100 real tokens against 1000 tokens per 2 s: 10 in the first "minute"
+    # (their estimates are smaller, but each is settled at 100 before the next goes).
+    assert len(sent) == 15
     for i, t in enumerate(sent):
-        assert len([s for s in sent[: i + 1] if s > t - short_minute]) <= 11
-    assert sent[-1] - sent[0] >= 1.0
+        assert len([s for s in sent[: i + 1] if s > t - short_minute]) <= 10
+    assert sent[-1] - sent[0] >= short_minute
+
+
+def test_rate_window_s_is_the_minute_of_both_limits():
+    executor = Executor(FakeEngine(), model="m", rpm=10, tpm=500, rate_window_s=2.5)
+    assert executor.rpm is not None and executor.rpm.period == 2.5
+    assert executor.tpm is not None and executor.tpm.period == 2.5
+    default = Executor(FakeEngine(), model="m", rpm=10, tpm=500)
+    assert default.rpm is not None and default.rpm.period == 60.0
+    assert default.tpm is not None and default.tpm.period == 60.0
 
 
 async def test_events_tell_the_story_of_the_run():
@@ -277,14 +318,20 @@ async def test_a_failing_listener_is_dropped_and_the_run_goes_on(caplog):
 
 
 async def test_cancelling_the_run_returns_what_finished():
+    hanging: list[str] = []
+    all_hang = asyncio.Event()
+
     async def handler(request: ChatRequest) -> str:
         if request.messages[-1]["content"].endswith("question 1"):
+            hanging.append(request.messages[-1]["content"])
+            if len(hanging) == 4:
+                all_hang.set()
             await asyncio.sleep(30)
         return answer_of(request)
 
     executor = Executor(FakeEngine(handler), model="m", concurrency=4)
     task = asyncio.create_task(executor.run(conversations(4, turns=lambda i: 3)))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(all_hang.wait(), 10)  # every turn 0 answered, every turn 1 sent
     task.cancel()
     result = await asyncio.wait_for(task, 2)
     assert result.interrupted
@@ -312,12 +359,20 @@ async def test_stop_lets_in_flight_requests_finish_and_starts_nothing_new():
 
 
 async def test_an_executor_runs_one_batch_at_a_time():
-    executor = Executor(FakeEngine(answer_of, latency=0.05), model="m")
+    sending, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: ChatRequest) -> str:
+        sending.set()
+        await release.wait()
+        return answer_of(request)
+
+    executor = Executor(FakeEngine(handler), model="m")
     first = asyncio.create_task(executor.run(conversations(2)))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(sending.wait(), 10)
     with pytest.raises(RuntimeError, match="already running"):
         await executor.run(conversations(2))
-    await first
+    release.set()
+    assert (await first).summary.turns_ok == 3
 
 
 async def test_stop_sends_nothing_that_was_still_waiting_for_a_slot():

@@ -1,10 +1,16 @@
-"""RateLimiter: the window promise holds, waiters are served in order, nothing spins."""
+"""RateLimiter: the window promise holds, waiters are served in order, nothing spins.
+
+Every test runs on a fake clock (``helpers.FakeClockLoop``): waits take no real time and
+the times read are exact, so the bounds below are tight and no test is at the mercy of a
+busy machine.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from helpers import on_fake_clock
 
 from nbllm.executor.limiter import RateLimiter
 
@@ -20,6 +26,7 @@ def max_in_window(times: list[float], period: float) -> int:
     return best
 
 
+@on_fake_clock
 async def test_no_window_holds_more_than_rate():
     limiter = RateLimiter(20, period=0.5)
     loop = asyncio.get_running_loop()
@@ -33,12 +40,13 @@ async def test_no_window_holds_more_than_rate():
     await asyncio.gather(*(one() for _ in range(70)))
     elapsed = loop.time() - t0
     assert max_in_window(times, 0.5) <= 20
-    # 70 acquisitions at 20 per 0.5 s need at least ~1.25 s after the first 20 ...
-    assert elapsed >= 1.2
-    # ... and the limiter does not leave much of the budget unused.
-    assert elapsed < 2.2
+    # 70 acquisitions at 20 per 0.5 s: the 61st cannot go before 1.5 s ...
+    assert elapsed >= 1.5
+    # ... and the limiter leaves none of the budget unused (but a small safety margin).
+    assert elapsed < 1.6
 
 
+@on_fake_clock
 async def test_burst_is_small_and_then_the_rate_is_smooth():
     limiter = RateLimiter(600, period=60)  # 10 per second, burst of one second's worth
     assert limiter.burst == 10
@@ -46,11 +54,14 @@ async def test_burst_is_small_and_then_the_rate_is_smooth():
     t0 = loop.time()
     for _ in range(10):
         await limiter.acquire()
-    assert loop.time() - t0 < 0.05  # the burst goes at once
+    assert loop.time() == t0  # the burst goes at once
     await limiter.acquire()
-    assert 0.07 < loop.time() - t0 < 0.3  # the 11th waits about 1/10 s
+    assert loop.time() - t0 == pytest.approx(0.1)  # the 11th waits 1/10 s
+    await limiter.acquire()
+    assert loop.time() - t0 == pytest.approx(0.2)  # and so does each one after it
 
 
+@on_fake_clock
 async def test_waiters_are_served_in_arrival_order():
     limiter = RateLimiter(10, period=1.0, burst=1)
     order: list[int] = []
@@ -67,6 +78,7 @@ async def test_waiters_are_served_in_arrival_order():
     assert order == list(range(6))
 
 
+@on_fake_clock
 async def test_tokens_estimate_is_settled_with_real_usage():
     limiter = RateLimiter(1000, period=1.0, burst=1000)
     grant = await limiter.acquire(900)
@@ -74,48 +86,53 @@ async def test_tokens_estimate_is_settled_with_real_usage():
     limiter.settle(grant, 100)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    await asyncio.wait_for(limiter.acquire(850), 0.1)
-    assert loop.time() - t0 < 0.05
+    await limiter.acquire(850)
+    assert loop.time() == t0
 
 
+@on_fake_clock
 async def test_settling_upward_makes_later_requests_wait():
     limiter = RateLimiter(100, period=1.0, burst=100)
+    loop = asyncio.get_running_loop()
     grant = await limiter.acquire(10)
     limiter.settle(grant, 100)  # it cost far more than estimated
-    with pytest.raises(asyncio.TimeoutError):
-        await asyncio.wait_for(limiter.acquire(50), 0.2)
+    t0 = loop.time()
+    await limiter.acquire(50)
+    # The window is full until the grant leaves it, one period (and the margin) later.
+    assert loop.time() - t0 >= 1.0
 
 
+@on_fake_clock
 async def test_an_acquisition_bigger_than_the_rate_still_goes():
     limiter = RateLimiter(100, period=0.3)
-    await asyncio.wait_for(limiter.acquire(500), 1.0)
+    loop = asyncio.get_running_loop()
+    await limiter.acquire(50)
+    t0 = loop.time()
+    await limiter.acquire(500)  # waits for an empty window, then goes alone
+    assert 0.3 <= loop.time() - t0 < 0.4
 
 
+@on_fake_clock
 async def test_a_cancelled_waiter_does_not_block_the_next():
     limiter = RateLimiter(5, period=1.0, burst=1)
+    loop = asyncio.get_running_loop()
     await limiter.acquire()
     first = asyncio.create_task(limiter.acquire())
     await asyncio.sleep(0)
     second = asyncio.create_task(limiter.acquire())
     await asyncio.sleep(0)
     first.cancel()
-    await asyncio.wait_for(second, 1.0)
+    t0 = loop.time()
+    await second
+    assert loop.time() - t0 == pytest.approx(0.2)  # the first one's turn, not a later one
 
 
+@on_fake_clock
 async def test_waiting_does_not_spin():
-    """One timer per wait, not a polling loop: few loop iterations while blocked."""
+    """One timer per wait, not a polling loop: the limiter wakes once per grant."""
     limiter = RateLimiter(2, period=0.4, burst=1)
+    loop = asyncio.get_running_loop()
     await limiter.acquire()
-    ticks = 0
-    stop = False
-
-    async def count_ticks() -> None:
-        nonlocal ticks
-        while not stop:
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    counter = asyncio.create_task(count_ticks())
     calls = 0
     real_wake = limiter._wake
 
@@ -125,10 +142,10 @@ async def test_waiting_does_not_spin():
         real_wake()
 
     limiter._wake = wake  # type: ignore[method-assign]
+    t0 = loop.time()
     await limiter.acquire()
-    stop = True
-    await counter
-    assert calls <= 3
+    assert loop.time() - t0 == pytest.approx(0.2)
+    assert calls == 1
 
 
 @pytest.mark.parametrize(("rate", "period"), [(0, 60), (-1, 60), (10, 0)])
