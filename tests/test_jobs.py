@@ -100,6 +100,14 @@ def test_stop_returns_the_finished_turns():
     assert not job._thread.is_alive()
 
 
+def test_stop_at_once_keeps_nothing_and_says_so():
+    """A stop that may come before the job's loop exists still ends the run cleanly."""
+    job = nbllm.submit(dataset(2), engine=nbllm.FakeEngine(latency=5), **QUIET)
+    result = job.stop(timeout=30)
+    assert result.interrupted and job.status == "stopped"
+    assert result.summary.turns == 4 and result.summary.turns_ok == 0
+
+
 def test_stop_after_the_end_returns_the_result():
     job = nbllm.submit(dataset(1), engine=nbllm.FakeEngine(), **QUIET)
     result = job.result(timeout=30)

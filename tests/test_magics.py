@@ -194,6 +194,14 @@ def test_bad_input_is_one_line(shell, line, body, expected):
     assert "llm_result" not in shell.user_ns
 
 
+def test_a_template_error_is_a_dataset_error_shown_in_one_line(shell):
+    shell.user_ns["df"] = frame()
+    cell = shell.run_cell("%%llm_batch df -m m\nuser: {question_9}")
+    message = usage_error(cell)
+    assert message.startswith("%%llm_batch: the template uses {question_9} (did you mean")
+    assert isinstance(cell.error_in_exec.__cause__, nbllm.DatasetError)
+
+
 def test_an_engine_nbllm_cannot_run_is_its_own_error_in_one_line(shell, server):
     shell.user_ns["df"] = frame()
     cell = shell.run_cell(
