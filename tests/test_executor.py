@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import time
 
 import pandas as pd
 import pytest
@@ -211,7 +210,10 @@ async def test_an_engine_bug_becomes_a_row_error_not_a_crash():
     assert result.summary.turns_ok == len(result.df) - len(conversations(4)[2])
 
 
+@on_fake_clock
 async def test_timeout_per_attempt_is_retried_then_reported():
+    loop = asyncio.get_running_loop()
+
     async def handler(request: ChatRequest) -> str:
         await asyncio.sleep(10)
         return "late"
@@ -219,9 +221,9 @@ async def test_timeout_per_attempt_is_retried_then_reported():
     executor = Executor(
         FakeEngine(handler), model="m", timeout=0.05, retry=RetryPolicy(retries=1, initial=0)
     )
-    t0 = time.perf_counter()
+    t0 = loop.time()
     result = await executor.run(conversations(1))
-    assert time.perf_counter() - t0 < 1
+    assert loop.time() - t0 == pytest.approx(0.1)  # two attempts of 0.05 s, not 10 s
     assert result.df["error"].iloc[0].startswith("RequestTimeout")
     assert result.df["attempts"].iloc[0] == 2
 
