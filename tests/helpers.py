@@ -1,5 +1,5 @@
 """What several test files share: a fake model that reads the whole history, files nbllm
-must refuse, and a run through an ``Executor`` built by the test.
+must refuse, a run through an ``Executor`` built by the test, and a fake clock.
 
 Import it as ``from helpers import ...`` (pytest puts this folder on ``sys.path``).
 """
@@ -12,12 +12,12 @@ import hashlib
 import json
 import random
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nbllm
-from nbllm import ChatRequest, Conversation, Executor, FakeEngine, RunResult
+from nbllm import ChatRequest, Executor, FakeEngine, RunResult
 from nbllm.engines import create_engine
 
 # --------------------------------------------------------------------------- a fake model
@@ -45,11 +45,6 @@ def uninterrupted_answers(
             answers.append(handler(ChatRequest("m", conv.messages_for(k, answers), {})))
         out.extend(answers)
     return out
-
-
-def history_sent(conv: Conversation, turn: int, answers: Sequence[str]) -> list[dict[str, str]]:
-    """The messages turn ``turn`` of ``conv`` must be sent with, given the earlier answers."""
-    return [dict(m) for m in conv.messages_for(turn, answers)]
 
 
 # --------------------------------------------------------------------------- files to refuse
