@@ -1,13 +1,15 @@
-"""How HTTP answers map to nbllm errors, and how retry hints are read."""
+"""How HTTP answers map to nbllm errors, how retry hints are read, and how bodies are read."""
 
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 
 import pytest
 
 from nbllm.engines.http_status import error_for_status, parse_retry_after
+from nbllm.engines.openai_wire import completion_body, error_message, read_completion
 from nbllm.errors import (
     AuthenticationError,
     RateLimitError,
@@ -60,3 +62,27 @@ def test_status_codes_map_to_the_error_tree(status, kind, retryable):
     assert str(error) == f"HTTP {status}: detail"
     if retryable:
         assert error.retry_after == 2.0
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"error": {"message": "bad key", "type": "auth"}}', "bad key"),
+        (b'{"error": "plain"}', "plain"),
+        (b'{"detail": "not found"}', "{'detail': 'not found'}"),
+        (b"<html>gateway</html>", "<html>gateway</html>"),
+    ],
+)
+def test_the_message_of_an_error_body(body, message):
+    assert error_message(body) == message
+
+
+def test_a_completion_body_round_trips():
+    body = completion_body("chatcmpl-1", "m", "hi", 3, None)
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": None, "total_tokens": None}
+    response = read_completion(json.dumps(body).encode(), "asked-for")
+    assert (response.text, response.model, response.prompt_tokens) == ("hi", "m", 3)
+    assert read_completion(b'{"choices": [{"message": {"content": "x"}}]}', "m").model == "m"
+    for raw in (b"{}", b"[]", b"not json", b'{"choices": []}'):
+        with pytest.raises(ValueError, match="not a chat completion"):
+            read_completion(raw, "m")

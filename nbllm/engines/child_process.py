@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from nbllm.errors import EngineUnavailable
 
@@ -114,10 +114,7 @@ class ServerProcess:
         return env
 
     def _read_url(self, process: subprocess.Popen[bytes], timeout: float) -> str:
-        stdout = process.stdout
-        if stdout is None:  # pragma: no cover - Popen was given stdout=PIPE
-            msg = f"{self.name} has no stdout to read its URL from"
-            raise RuntimeError(msg)
+        stdout = cast("IO[bytes]", process.stdout)  # a pipe: Popen was given stdout=PIPE
         lines: queue.Queue[bytes] = queue.Queue()
         reader = threading.Thread(
             target=lambda: lines.put(stdout.readline()), name="nbllm-child-stdout", daemon=True

@@ -334,20 +334,23 @@ class EngineServer:
             )
         return await handler(request)
 
-    def _refusal(self) -> web.Response | None:
-        """Why a chat request cannot be admitted now, or None. No await: no race with admit."""
+    def _admission(self) -> Engine | web.Response:
+        """The engine to answer a chat request now, or why it cannot be admitted.
+
+        No await: nothing changes between this and the admission.
+        """
         retry = {"Retry-After": str(_RETRY_AFTER_S)}
         if self.state is ServeState.LOADING:
             return _error(503, "the model is still loading", "server_error", "loading", retry)
         if self.state is ServeState.FAILED:
             message = f"the engine failed to load: {self.load_error}"
             return _error(503, message, "server_error", "load_failed")
-        if self.state is not ServeState.READY:
+        if self.state is not ServeState.READY or self._engine is None:
             return _error(503, "the server is shutting down", "server_error", "draining", retry)
         if len(self._answers) >= self.max_queue:
             message = f"the server's queue is full ({self.max_queue} requests); retry later"
             return _error(429, message, "rate_limit_error", "queue_full", retry)
-        return None
+        return self._engine
 
     # ----------------------------------------------------------------- routes
 
@@ -356,12 +359,11 @@ class EngineServer:
             chat = _parse_chat(await request.read(), self.model)
         except BadChatRequest as exc:
             return _error(400, str(exc), "invalid_request_error")
-        refusal = self._refusal()
-        if refusal is not None:
-            return refusal
-        assert self._engine is not None  # READY
+        engine = self._admission()
+        if isinstance(engine, web.Response):
+            return engine  # refused
         # A task of its own, so that the end of the grace period can cut it off with a 503.
-        answer = asyncio.ensure_future(self._engine.complete(chat))
+        answer = asyncio.ensure_future(engine.complete(chat))
         self._answers.add(answer)
         self._idle.clear()
         try:
@@ -403,8 +405,7 @@ class EngineServer:
         return web.json_response({"status": "ok"})
 
     async def _handle_ready(self, request: web.Request) -> web.Response:
-        if self.state is ServeState.READY:
-            assert self._engine is not None
+        if self.state is ServeState.READY and self._engine is not None:
             body = {
                 "status": "ready",
                 "model": self.served_model_name,

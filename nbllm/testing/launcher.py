@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from nbllm.engines.child_process import ServerProcess
 from nbllm.testing.server import Fault
@@ -74,11 +74,8 @@ class SubprocessServer:
     @property
     def process(self) -> subprocess.Popen[bytes]:
         """The child process."""
-        process = self._child.process
-        if process is None:  # pragma: no cover - start() either set it or raised
-            msg = "the test server process was never started"
-            raise RuntimeError(msg)
-        return process
+        # Set by the start() in __init__, which raises where there is no child.
+        return cast("subprocess.Popen[bytes]", self._child.process)
 
     @property
     def pid(self) -> int:
