@@ -341,7 +341,7 @@ async def _execute_stopping_on_ctrl_c(plan: PreparedRun) -> RunResult:
 def _run_beside_running_loop(plan: PreparedRun) -> RunResult:
     """Run in a ``RunThread`` while the caller's loop (a kernel's) waits."""
     runner = RunThread(plan.execute, name="nbllm-run")
-    plan.listeners.append(runner.listen)
+    plan.listeners.append(runner.listener)
     # While the batch runs, Ctrl-C (or a kernel interrupt) stops the batch rather than
     # whatever the caller's loop would do with it; the previous handler comes back after.
     previous = None

@@ -75,7 +75,7 @@ class Job:
         self._run = RunThread(plan.execute, name=f"nbllm-job-{self.id}", settle=self._settle)
         self._thread = self._run.thread
         plan.listeners.append(self._on_event)
-        plan.listeners.append(self._run.listen)
+        plan.listeners.append(self._run.listener)
 
     # -- what callers see ------------------------------------------------------------
 

@@ -21,10 +21,22 @@ __all__ = ["RunThread"]
 Settle = Callable[[RunResult | None, BaseException | None], None]
 
 
+class _RunEnd:
+    """A listener for ``RunFinished`` only, so the executor builds no other event for it."""
+
+    event_types = (RunFinished,)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, event: Event) -> None:
+        self.seen = True
+
+
 class RunThread:
     """Runs ``execute()`` once, in a daemon thread named ``name``, when ``start()`` is called.
 
-    Add ``listen`` to the run's listeners: once the run has emitted ``RunFinished`` its
+    Add ``listener`` to the run's listeners: once the run has emitted ``RunFinished`` its
     result is complete, and a stop is ignored (a cancel then would only break the clean-up
     that follows). ``settle(result, error)`` is called in the thread when the run ends.
     """
@@ -42,7 +54,7 @@ class RunThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[RunResult] | None = None
         self._stop_requested = False
-        self._run_finished = False
+        self.listener = _RunEnd()
         self._ended = threading.Event()
         self.result: RunResult | None = None
         self.error: BaseException | None = None
@@ -73,13 +85,9 @@ class RunThread:
             with contextlib.suppress(RuntimeError):  # a closed loop: the run is over already
                 loop.call_soon_threadsafe(self._cancel)
 
-    def listen(self, event: Event) -> None:
-        if isinstance(event, RunFinished):
-            self._run_finished = True
-
     def _cancel(self) -> None:
         # On the run's loop, like the listener, so the two never race.
-        if self._task is not None and not self._run_finished:
+        if self._task is not None and not self.listener.seen:
             self._task.cancel()
 
     async def _run(self) -> RunResult:
