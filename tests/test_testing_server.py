@@ -450,3 +450,20 @@ def test_start_subprocess_reports_startup_failure() -> None:
 
 def test_url_line_prefix_matches_the_documented_line() -> None:
     assert URL_LINE_PREFIX == "nbllm test server listening on "
+
+
+def test_public_names() -> None:
+    import nbllm.testing
+
+    assert sorted(nbllm.testing.__all__) == [
+        "Fault",
+        "RequestLogEntry",
+        "SubprocessServer",
+        "TestServer",
+        "URL_LINE_PREFIX",
+        "messages_key",
+        "read_log",
+        "start_subprocess",
+    ]
+    for name in nbllm.testing.__all__:
+        assert hasattr(nbllm.testing, name), name

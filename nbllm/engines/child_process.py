@@ -38,9 +38,9 @@ class ServerProcess:
     """Runs ``command`` in a child process that prints ``url_prefix`` then its URL.
 
     The child finds this nbllm on its ``PYTHONPATH``, also where it is a checkout that is
-    not installed. ``env`` adds to this
-    process's environment (the way to hand the child a secret: no other user can read it
-    with ``ps``). ``name`` says what the child is in error messages.
+    not installed. ``env`` adds to this process's environment: the way to hand the child a
+    secret, which no other user can read with ``ps``. ``name`` says what the child is in
+    error messages.
     """
 
     def __init__(
