@@ -109,7 +109,7 @@ def test_describe_names_the_provider_the_session_really_got(onnx_engine):
 
 
 def test_the_export_is_reused(onnx_engine, monkeypatch):
-    from nbllm.engines.local import onnx
+    from nbllm.engines.local import onnx, onnx_export
     from nbllm.engines.local.models import cache_entry
 
     folder = cache_entry(onnx_engine.model, "onnx")
@@ -121,7 +121,7 @@ def test_the_export_is_reused(onnx_engine, monkeypatch):
     def no_export(*args):
         raise AssertionError("the cached export should have been used")
 
-    monkeypatch.setattr(onnx, "_export", no_export)
+    monkeypatch.setattr(onnx_export, "_export", no_export)
     started = time.monotonic()
     engine = onnx.OnnxEngine(device="cpu")
     took = time.monotonic() - started

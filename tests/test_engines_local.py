@@ -7,7 +7,6 @@ once the model has been converted (the first use converts it, about 20 s).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
@@ -144,7 +143,7 @@ def test_auto_falls_through_an_engine_that_fails_to_load(monkeypatch):
         def _load(self):
             raise EngineUnavailable("broken on purpose")
 
-        def _generate(self, prompts, generation):
+        async def _complete(self, request):
             raise AssertionError
 
     original = local.engine_class
@@ -249,7 +248,6 @@ async def test_a_closed_engine_refuses_requests():
         await engine.complete(ask("Hi", max_tokens=2))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed missing")
 async def test_deepspeed_gives_the_greedy_answers_torch_gives(torch_engine):
     require_embedded_model("deepspeed")
     from nbllm.engines.local.deepspeed import DeepSpeedEngine
@@ -364,8 +362,9 @@ def test_the_command_line_runs_the_embedded_model_without_a_model_option(tmp_pat
 
 async def test_out_of_memory_halves_the_batch_and_then_names_the_figures(monkeypatch):
     from nbllm.engines.local import base
+    from nbllm.engines.local.batched import BatchedEngine
 
-    class Tight(base.LocalEngine):
+    class Tight(BatchedEngine):
         """Fits batches of up to two prompts; a prompt of length 9 never fits."""
 
         name = "tight"

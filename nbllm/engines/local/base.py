@@ -1,10 +1,11 @@
-"""What every in-process local engine shares: the model, its chat template, the batcher.
+"""What every in-process local engine shares: the model, its chat template, its lifecycle.
 
-A subclass loads its backend in ``_load`` and generates a batch in ``_generate``
-(token ids in, new token ids out). Everything else — turning chat messages into token
-ids with the model's own chat template, gathering concurrent requests into batches,
-sampling options, stop strings, out-of-memory handling, releasing the model — lives
-here once.
+A subclass loads its backend in ``_load`` and answers in ``_complete``. Turning chat
+messages into token ids with the model's own chat template, the end-of-text ids, the
+sampling options and stop strings, and releasing the model once on ``aclose`` live here
+once. Engines that generate token ids in batches extend ``BatchedEngine``
+(``nbllm.engines.local.batched``); engines that schedule requests themselves (vllm,
+llamacpp) extend ``LocalEngine`` directly.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from typing import Any
 
 from nbllm.engines.base import Engine, EngineState
 from nbllm.engines.hardware import Hardware, hardware
-from nbllm.engines.local.batching import DynamicBatcher
 from nbllm.engines.local.models import LocalModel, resolve_local_model
-from nbllm.errors import EngineError, EngineUnavailable, RequestRejected
-from nbllm.types import ChatRequest, ChatResponse, Message
+from nbllm.errors import EngineUnavailable, RequestRejected
+from nbllm.types import Message
 
 __all__ = ["DEFAULT_MAX_TOKENS", "Generation", "LocalEngine"]
 
@@ -102,13 +102,13 @@ class Generation:
 
 
 class LocalEngine(Engine):
-    """A model loaded in this process, answering batches of concurrent requests.
+    """A model loaded in this process.
 
     ``model``: a Hugging Face model directory, a GGUF file, or None / the embedded
-    default's name (SmolLM2-135M-Instruct). ``batch_size`` (default from
-    ``nbllm.hardware()``) and ``batch_wait_s`` set the dynamic batcher;
-    ``batch_size=1`` turns batching off. ``device``: "cpu", "cuda", "mps" (default: the
-    best this machine has).
+    default's name (SmolLM2-135M-Instruct). ``device``: "cpu", "cuda", "mps" (default:
+    the best this machine has). ``batch_size`` (default from ``nbllm.hardware()``) and
+    ``batch_wait_s`` are taken by every local engine, so one set of options fits whichever
+    ``auto`` picks; an engine that schedules requests itself reads what applies to it.
     """
 
     name = "local"
@@ -127,10 +127,8 @@ class LocalEngine(Engine):
         self.model: LocalModel = resolve_local_model(model)
         self.default_model = self.model.name
         self.batch_size = batch_size or self.hardware.default_batch_size
-        self.max_in_flight = self.batch_size
-        self._batcher: DynamicBatcher[tuple[list[int], Generation], list[int]] = DynamicBatcher(
-            self._run_batch, max_batch_size=self.batch_size, max_wait_s=batch_wait_s
-        )
+        self.batch_wait_s = batch_wait_s
+        # Held by every model call and by the release, so a model is never dropped mid-call.
         self._lock = threading.Lock()
         self.tokenizer: Any = None
         self._load()
@@ -141,12 +139,8 @@ class LocalEngine(Engine):
     def _load(self) -> None:
         """Load the tokenizer (``self.tokenizer``) and the model; raise EngineUnavailable."""
 
-    @abstractmethod
-    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
-        """New token ids for each prompt (left to right, without padding or end-of-text)."""
-
     def _release(self) -> None:
-        """Drop the model (called once, by ``aclose``)."""
+        """Drop the model (called once, by ``aclose``, holding the model lock)."""
 
     # -- shared ------------------------------------------------------------------
 
@@ -158,17 +152,8 @@ class LocalEngine(Engine):
 
     @functools.cached_property
     def eos_token_ids(self) -> list[int]:
-        """End-of-text ids: the tokenizer's and the model's generation config's (read once)."""
-        found: set[int] = set()
-        generation_config = getattr(getattr(self, "hf_model", None), "generation_config", None)
-        configured = getattr(generation_config, "eos_token_id", None)
-        if isinstance(configured, int):
-            found.add(configured)
-        elif configured:
-            found.update(int(i) for i in configured)
-        if self.tokenizer.eos_token_id is not None:
-            found.add(int(self.tokenizer.eos_token_id))
-        return sorted(found)
+        """End-of-text ids of the loaded model and tokenizer (read once)."""
+        return end_of_text_ids(getattr(self, "hf_model", None), self.tokenizer)
 
     @property
     def pad_token_id(self) -> int:
@@ -201,45 +186,6 @@ class LocalEngine(Engine):
             out.append(int(token))
         return out
 
-    async def _complete(self, request: ChatRequest) -> ChatResponse:
-        generation = Generation.from_params(request.params)
-        prompt = self.encode(request.messages)
-        new_ids = await self._batcher.submit((prompt, generation), generation)
-        return ChatResponse(
-            text=generation.cut(self.decode(new_ids)),
-            model=self.model.name,
-            prompt_tokens=len(prompt),
-            completion_tokens=len(new_ids),
-            cost_usd=0.0,
-        )
-
-    def _run_batch(self, items: Sequence[tuple[list[int], Generation]]) -> list[list[int]]:
-        """Generate one batch (in the batcher's thread); on out-of-memory, halve and retry."""
-        generation = items[0][1]
-        prompts = [prompt for prompt, _ in items]
-        with self._lock:
-            if self.state is EngineState.CLOSED:
-                msg = f"the {self.name} engine was closed while requests were waiting"
-                raise EngineError(msg)
-            try:
-                return self._generate(prompts, generation)
-            except Exception as exc:
-                if not _is_out_of_memory(exc):
-                    if isinstance(exc, EngineError):
-                        raise
-                    msg = f"{self.name} failed to generate: {type(exc).__name__}: {exc}"
-                    raise EngineError(msg) from exc
-                self._free_cached_memory()
-                if len(prompts) == 1:
-                    msg = (
-                        f"{self.device} out of memory generating one answer of up to "
-                        f"{generation.max_new_tokens} tokens for a {len(prompts[0])}-token "
-                        f"prompt ({_memory_figures()}); lower max_tokens or use a smaller model"
-                    )
-                    raise EngineError(msg) from exc
-        half = len(items) // 2
-        return self._run_batch(items[:half]) + self._run_batch(items[half:])
-
     def _free_cached_memory(self) -> None:
         gc.collect()
         try:
@@ -251,34 +197,26 @@ class LocalEngine(Engine):
 
     async def aclose(self) -> None:
         if self.state is not EngineState.CLOSED:
-            await self._batcher.aclose()
             with self._lock:
+                # Closed before the release: a model call still queued then fails cleanly.
+                self.state = EngineState.CLOSED
                 self._release()
                 self.tokenizer = None
             self._free_cached_memory()
         await super().aclose()
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if type(exc).__name__ in ("OutOfMemoryError", "OutOfMemoryException"):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _memory_figures() -> str:
-    """Free and total memory of each CUDA device, as far as torch can tell."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA device"
-        figures = []
-        for index in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(index)
-            figures.append(f"GPU {index}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
-        return "; ".join(figures)
-    except Exception as exc:
-        return f"memory figures unavailable: {exc}"
+def end_of_text_ids(hf_model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's end-of-text id and those of the model's generation config, sorted."""
+    found: set[int] = set()
+    configured = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        found.add(configured)
+    elif configured:
+        found.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        found.add(int(tokenizer.eos_token_id))
+    return sorted(found)
 
 
 def require(module: str, extra: str, engine: str) -> Any:

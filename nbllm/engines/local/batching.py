@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["DynamicBatcher", "ModelThread"]
+__all__ = ["DynamicBatcher"]
 
 Item = TypeVar("Item")
 Out = TypeVar("Out")
@@ -31,7 +31,10 @@ Result = TypeVar("Result")
 
 
 class ModelThread:
-    """One daemon thread that runs model calls in order, for whichever event loop asks."""
+    """One daemon thread that runs model calls in order, for whichever event loop asks.
+
+    A call whose caller gave up (its future cancelled) before the call started is skipped.
+    """
 
     def __init__(self, name: str = "local-model") -> None:
         self.name = name
@@ -49,14 +52,24 @@ class ModelThread:
         return future
 
     def stop(self) -> None:
-        """Let the thread end after the calls already queued."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread = None
+        """Let the thread end after the call it runs; calls still queued are cancelled."""
+        if self._thread is None:
+            return
+        with contextlib.suppress(queue.Empty):
+            while (job := self._jobs.get_nowait()) is not None:
+                _, _, loop, future = job
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(future.cancel)
+        self._jobs.put(None)
+        self._thread = None
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             fn, arg, loop, future = job
+            # Read from this thread without the loop: at worst a call cancelled this very
+            # moment still runs, and its outcome is dropped by ``_settle``.
+            if future.done():
+                continue
             try:
                 outcome, failed = fn(arg), False
             except BaseException as exc:

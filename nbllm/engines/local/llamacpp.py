@@ -4,20 +4,19 @@ It reads the quantized weights as they are (no conversion) and renders the chat 
 the template stored in the GGUF file. Its arithmetic on quantized weights differs from
 the de-quantized float weights the other engines use, so its greedy answers can differ
 from theirs (on the embedded model: most prompts agree, some do not). One llama.cpp
-context answers one request at a time, so requests are queued in arrival order; the
-speed comes from llama.cpp itself.
+context answers one request at a time, so requests queue in arrival order for its one
+long-lived model thread (no batcher); the speed comes from llama.cpp itself.
 GPUs are left to the other engines (``auto`` skips this one where there is a GPU).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from typing import Any
 
 from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine, require
-from nbllm.engines.local.batching import DynamicBatcher
+from nbllm.engines.local.batching import ModelThread
 from nbllm.errors import EngineError, EngineUnavailable
 from nbllm.types import ChatRequest, ChatResponse, Message
 
@@ -30,6 +29,9 @@ class LlamaCppEngine(LocalEngine):
     """``llama_cpp.Llama.create_chat_completion`` on a GGUF file, one request at a time."""
 
     name = "llamacpp"
+    # One request at a time: conversations then run one after another, each turn
+    # continuing the context the last one left (no state to save or restore).
+    max_in_flight = 1
     #: Memory for the states of conversations in progress (llama.cpp's prompt cache).
     cache_bytes = 2 << 30
 
@@ -53,22 +55,16 @@ class LlamaCppEngine(LocalEngine):
             msg = f"llama.cpp cannot load {self.model.path.name}: {type(exc).__name__}: {exc}"
             raise EngineUnavailable(msg) from exc
         self._in_flight = 0
-        # One request at a time: conversations then run one after another, each turn
-        # continuing the context the last one left (no state to save or restore).
-        self.max_in_flight = 1
-        self._chats: DynamicBatcher[_Chat, dict[str, Any]] = DynamicBatcher(
-            self._run_chats, max_batch_size=1, max_wait_s=0
-        )
-
-    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
-        msg = "llamacpp renders chats itself; requests go through complete()"
-        raise NotImplementedError(msg)
+        # ggml sets up its thread pool once per thread: every call runs on this one.
+        self._model_thread = ModelThread("llamacpp-model")
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
         generation = Generation.from_params(request.params)
         self._in_flight += 1
         try:
-            answer = await self._chats.submit((list(request.messages), generation))
+            answer = await self._model_thread.call(
+                self._run_chat, (list(request.messages), generation)
+            )
         finally:
             self._in_flight -= 1
         usage = answer.get("usage") or {}
@@ -81,8 +77,9 @@ class LlamaCppEngine(LocalEngine):
             cost_usd=0.0,
         )
 
-    def _run_chats(self, chats: Sequence[_Chat]) -> list[dict[str, Any]]:
-        messages, generation = chats[0]
+    def _run_chat(self, chat: _Chat) -> dict[str, Any]:
+        """One chat completion (in the model thread)."""
+        messages, generation = chat
         options: dict[str, Any] = {
             "max_tokens": generation.max_new_tokens,
             "temperature": generation.temperature,
@@ -100,14 +97,19 @@ class LlamaCppEngine(LocalEngine):
                 raise EngineError(msg)
             self.llama.set_cache(self._states if self._in_flight > 1 else None)
             try:
-                return [self.llama.create_chat_completion(messages=messages, **options)]
+                answer: dict[str, Any] = self.llama.create_chat_completion(
+                    messages=messages, **options
+                )
             except Exception as exc:
                 msg = f"llama.cpp failed to generate: {type(exc).__name__}: {exc}"
                 raise EngineError(msg) from exc
+        return answer
 
     async def aclose(self) -> None:
         if self.state is not EngineState.CLOSED:
-            await self._chats.aclose()
+            # Chats still queued are cancelled, as a batcher's are; the one running ends
+            # before the model is released.
+            self._model_thread.stop()
         await super().aclose()
 
     def _release(self) -> None:

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from nbllm.engines.local.base import Generation, LocalEngine, require
+from nbllm.engines.local.batched import BatchedEngine, pad_left
 from nbllm.engines.local.models import transformers_checkpoint
 from nbllm.errors import EngineUnavailable
 
-__all__ = ["TorchEngine", "load_transformers"]
+__all__ = ["TorchEngine"]
 
 
 def load_transformers(engine: LocalEngine, *, dtype: Any = None) -> tuple[Any, Any]:
@@ -33,15 +34,7 @@ def load_transformers(engine: LocalEngine, *, dtype: Any = None) -> tuple[Any, A
     return tokenizer, model
 
 
-def pad_left(prompts: Sequence[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Left-padded ids and their attention mask, so every prompt ends where generation starts."""
-    width = max(len(p) for p in prompts)
-    ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
-    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-    return ids, mask
-
-
-class TorchEngine(LocalEngine):
+class TorchEngine(BatchedEngine):
     """transformers ``generate`` on CPU, CUDA or MPS, with the dynamic batcher in front."""
 
     name = "torch"

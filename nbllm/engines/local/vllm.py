@@ -9,7 +9,6 @@ keeps GPU memory while the process lives, so in a notebook prefer ``worker=True`
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from typing import Any
 
 from nbllm.engines.local.base import Generation, LocalEngine, require
@@ -23,7 +22,11 @@ _request_ids = itertools.count()
 
 
 class VllmEngine(LocalEngine):
-    """``vllm.AsyncLLMEngine`` behind the engine seam (GPU only)."""
+    """``vllm.AsyncLLMEngine`` behind the engine seam (GPU only).
+
+    vLLM schedules any number of requests itself (``max_in_flight`` stays None);
+    ``batch_size`` only raises its ``max_num_seqs``.
+    """
 
     name = "vllm"
 
@@ -49,11 +52,6 @@ class VllmEngine(LocalEngine):
             msg = f"vllm cannot load {self.model.name}: {type(exc).__name__}: {exc}"
             raise EngineUnavailable(msg) from exc
         self._vllm = vllm
-        self.max_in_flight = None  # vLLM schedules any number of requests itself
-
-    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
-        msg = "vllm schedules its own batches; requests go through complete()"
-        raise NotImplementedError(msg)
 
     def _sampling_params(self, generation: Generation) -> Any:
         return self._vllm.SamplingParams(

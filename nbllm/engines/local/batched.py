@@ -1,0 +1,122 @@
+"""Local engines that generate token ids in batches: torch, onnx and deepspeed.
+
+A subclass loads its model in ``_load`` and generates one batch in ``_generate`` (token
+ids in, new token ids out). Gathering concurrent requests into those batches (the
+``DynamicBatcher``, on one long-lived model thread) and halving a batch that runs out of
+memory live here once. A run keeps at most ``batch_size`` requests in flight
+(``max_in_flight``): more would only wait in the batcher's queue while their timeouts run.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+from nbllm.engines.base import EngineState
+from nbllm.engines.local.base import Generation, LocalEngine
+from nbllm.engines.local.batching import DynamicBatcher
+from nbllm.errors import EngineError
+from nbllm.types import ChatRequest, ChatResponse
+
+__all__ = ["BatchedEngine"]
+
+
+class BatchedEngine(LocalEngine):
+    """A local model answering batches of concurrent requests gathered by a dynamic batcher.
+
+    ``batch_size`` and ``batch_wait_s`` set the batcher; ``batch_size=1`` turns batching
+    off. Requests whose sampling options differ never share a batch.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        batch_size: int | None = None,
+        batch_wait_s: float = 0.01,
+        device: str | None = None,
+    ) -> None:
+        super().__init__(model, batch_size=batch_size, batch_wait_s=batch_wait_s, device=device)
+        self.max_in_flight = self.batch_size
+        self._batcher: DynamicBatcher[tuple[list[int], Generation], list[int]] = DynamicBatcher(
+            self._run_batch, max_batch_size=self.batch_size, max_wait_s=self.batch_wait_s
+        )
+
+    @abstractmethod
+    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
+        """New token ids for each prompt (left to right, without padding or end-of-text)."""
+
+    async def _complete(self, request: ChatRequest) -> ChatResponse:
+        generation = Generation.from_params(request.params)
+        prompt = self.encode(request.messages)
+        new_ids = await self._batcher.submit((prompt, generation), generation)
+        return ChatResponse(
+            text=generation.cut(self.decode(new_ids)),
+            model=self.model.name,
+            prompt_tokens=len(prompt),
+            completion_tokens=len(new_ids),
+            cost_usd=0.0,
+        )
+
+    def _run_batch(self, items: Sequence[tuple[list[int], Generation]]) -> list[list[int]]:
+        """Generate one batch (in the batcher's thread); on out-of-memory, halve and retry."""
+        generation = items[0][1]
+        prompts = [prompt for prompt, _ in items]
+        with self._lock:
+            if self.state is EngineState.CLOSED:
+                msg = f"the {self.name} engine was closed while requests were waiting"
+                raise EngineError(msg)
+            try:
+                return self._generate(prompts, generation)
+            except Exception as exc:
+                if not _is_out_of_memory(exc):
+                    if isinstance(exc, EngineError):
+                        raise
+                    msg = f"{self.name} failed to generate: {type(exc).__name__}: {exc}"
+                    raise EngineError(msg) from exc
+                self._free_cached_memory()
+                if len(prompts) == 1:
+                    msg = (
+                        f"{self.device} out of memory generating one answer of up to "
+                        f"{generation.max_new_tokens} tokens for a {len(prompts[0])}-token "
+                        f"prompt ({_memory_figures()}); lower max_tokens or use a smaller model"
+                    )
+                    raise EngineError(msg) from exc
+        half = len(items) // 2
+        return self._run_batch(items[:half]) + self._run_batch(items[half:])
+
+    async def aclose(self) -> None:
+        if self.state is not EngineState.CLOSED:
+            await self._batcher.aclose()
+        await super().aclose()
+
+
+def pad_left(prompts: Sequence[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Left-padded ids and their attention mask, so every prompt ends where generation starts."""
+    width = max(len(p) for p in prompts)
+    ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return ids, mask
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if type(exc).__name__ in ("OutOfMemoryError", "OutOfMemoryException"):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _memory_figures() -> str:
+    """Free and total memory of each CUDA device, as far as torch can tell."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        figures = []
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            figures.append(f"GPU {index}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+        return "; ".join(figures)
+    except Exception as exc:
+        return f"memory figures unavailable: {exc}"
