@@ -1,9 +1,12 @@
-"""The llama.cpp engine on the embedded GGUF file, for real (when llama-cpp-python is built)."""
+"""The llama.cpp engine on the embedded GGUF file, for real.
+
+Skipped where llama-cpp-python is not built (pip install 'nbllm[llamacpp]' compiles it);
+under CI=true that is a failure, as for every test of a real local model.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 
 import pytest
 from embedded_model import require_embedded_model
@@ -14,11 +17,6 @@ from nbllm.engines.local import create_local_engine
 from nbllm.errors import EngineUnavailable
 from nbllm.types import ChatRequest
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None,
-    reason="llama-cpp-python is not installed (pip install 'nbllm[llamacpp]' compiles it)",
-)
-
 
 def ask(content: str, **params) -> ChatRequest:
     return ChatRequest(EMBEDDED_MODEL, [{"role": "user", "content": content}], params)
@@ -26,7 +24,7 @@ def ask(content: str, **params) -> ChatRequest:
 
 @pytest.fixture(scope="module")
 def engine():
-    require_embedded_model()
+    require_embedded_model("llama_cpp")
     from nbllm.engines.local.llamacpp import LlamaCppEngine
 
     engine = LlamaCppEngine()
@@ -68,7 +66,7 @@ async def test_max_tokens_and_stop_are_honoured(engine):
 
 
 def test_a_model_directory_is_not_for_llamacpp():
-    require_embedded_model()
+    require_embedded_model("llama_cpp")
     from nbllm.engines.local.models import resolve_local_model, transformers_checkpoint
 
     directory = transformers_checkpoint(resolve_local_model(None))
@@ -77,7 +75,7 @@ def test_a_model_directory_is_not_for_llamacpp():
 
 
 def test_auto_prefers_llamacpp_on_a_cpu_for_a_gguf_model():
-    require_embedded_model()
+    require_embedded_model("llama_cpp")
     if nbllm.hardware().has_cuda:
         pytest.skip("on a GPU auto prefers the GPU engines")
     data = [{"id": "a", "turns": ["What is 2 + 2?", "And 3 + 3?"]}]
