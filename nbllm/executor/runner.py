@@ -6,7 +6,7 @@ conversations longest first and take the next one as soon as they finish, so slo
 refill at once. A request passes through a chain of single-concern steps::
 
     _turn      retries: backoff with jitter, Retry-After, never 4xx
-    _attempt   a request slot (``concurrency``), then the RPM / TPM budgets
+    _attempt   a request slot (``concurrency``), the pause after a 429, the RPM / TPM budgets
     _send      the engine call under the per-request timeout
 
 A failure ends only its own conversation: its later turns are marked as skipped.

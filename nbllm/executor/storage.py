@@ -1,8 +1,8 @@
 """SQLite files nbllm writes: where they live, opening them safely, locking them, and
 writing rows in batches.
 
-Everything lives under ``nbllm_dir()``: ``$NBLLM_DIR``, or ``.nbllm`` in the working
-folder.
+Unless given another path, they live under ``nbllm_dir()``: ``$NBLLM_DIR``, or ``.nbllm``
+in the working folder.
 
 Both the checkpoint and the response cache are SQLite databases in WAL mode
 (standard library only, no pickle). Opening checks that the file really is an nbllm
