@@ -1,4 +1,4 @@
-"""Tests for ``nbllm serve``, over real HTTP on 127.0.0.1 (``Worker``: tests/test_worker.py).
+"""Tests for ``nbllm serve``, over real HTTP on 127.0.0.1 (``Worker``: engines/test_worker.py).
 
 The first part serves a FakeEngine in this process; the second serves in a child process,
 to test the command and its signals. Every test stops the server it started. Requests an

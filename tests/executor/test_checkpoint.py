@@ -394,7 +394,7 @@ def test_with_the_default_location_changed_data_is_a_new_run(_nbllm_dir):
 # --------------------------------------------------------------------------- unusable files
 
 
-# The damaged, foreign and future files of both kinds: tests/test_storage.py.
+# The damaged, foreign and future files of both kinds: tests/executor/test_storage.py.
 
 
 def test_an_unusable_checkpoint_sends_no_http_request(tmp_path):

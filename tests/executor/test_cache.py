@@ -287,7 +287,7 @@ def test_the_turns_after_a_resumed_one_are_keyed_with_its_stored_answer(tmp_path
 # --------------------------------------------------------------------------- unusable files
 
 
-# The damaged, foreign and future files of both kinds: tests/test_storage.py.
+# The damaged, foreign and future files of both kinds: tests/executor/test_storage.py.
 
 
 def test_an_unusable_cache_sends_no_http_request(_nbllm_dir):
