@@ -72,7 +72,10 @@ class LiteLLMEngine(Engine):
         super().__init__()
         self.api_base = api_base
         self._api_key = api_key
-        self._litellm: Any = None
+        # Imported now (seconds, once a process), not at the first request: there it would
+        # stall the event loop after the limiter had let the first sends go, so they would
+        # reach the server late and bunch up with the next minute's.
+        self._litellm: Any = import_litellm()
 
     def __repr__(self) -> str:
         api_base = public_url(self.api_base) if self.api_base else None
@@ -84,13 +87,8 @@ class LiteLLMEngine(Engine):
     def identity(self) -> str:
         return self.describe()
 
-    def _module(self) -> Any:
-        if self._litellm is None:
-            self._litellm = import_litellm()
-        return self._litellm
-
     async def _complete(self, request: ChatRequest) -> ChatResponse:
-        litellm = self._module()
+        litellm = self._litellm
         kwargs: dict[str, Any] = dict(request.params)
         if self.api_base:
             kwargs["api_base"] = self.api_base

@@ -99,6 +99,12 @@ def test_429_with_retry_after_is_retried_and_counted(options, engine):
 
 @pytest.mark.parametrize(("options", "engine"), ENGINES)
 def test_rpm_limit_is_never_exceeded_on_the_server(options, engine, short_minute):
+    if engine == "litellm":
+        # litellm's first call in a process sets itself up for about half a second after
+        # the limiter let it go, so the first sends would reach the server late and share a
+        # 2-second window with the next ones: not the limiter's doing, and gone once warm.
+        with TestServer() as warm_up:
+            run_executor(dataset(1), api_base=warm_up.url, **options)
     data = dataset(12)  # 30 turns against 12 per "minute" of 2 s
     with TestServer(rpm=12, window_s=short_minute) as server:
         result = run_executor(
