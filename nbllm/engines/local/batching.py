@@ -129,15 +129,15 @@ class DynamicBatcher(Generic[Item, Out]):
     async def submit(self, item: Item, group: Hashable = None) -> Out:
         """Queue ``item`` and wait for its output; requests of one ``group`` share batches."""
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+        wakeup, task = self._wakeup, self._task
+        if wakeup is None or task is None or task.done() or task.get_loop() is not loop:
             # First use, or a new event loop (each nbllm.run in a notebook has its own).
             self._queue = [p for p in self._queue if p.future.get_loop() is loop]
-            self._wakeup = asyncio.Event()
-            self._task = loop.create_task(self._serve())
-        assert self._wakeup is not None
+            wakeup = self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._serve(wakeup))
         pending: _Pending[Item, Out] = _Pending(item, group, loop.create_future(), time.monotonic())
         self._queue.append(pending)
-        self._wakeup.set()
+        wakeup.set()
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -147,14 +147,13 @@ class DynamicBatcher(Generic[Item, Out]):
                 self._queue.remove(pending)
             raise
 
-    async def _serve(self) -> None:
-        assert self._wakeup is not None
+    async def _serve(self, wakeup: asyncio.Event) -> None:
         while True:
             if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup.clear()
+                await wakeup.wait()
                 continue
-            batch = await self._gather()
+            batch = await self._gather(wakeup)
             if not batch:
                 continue
             self.batches_run += 1
@@ -171,9 +170,8 @@ class DynamicBatcher(Generic[Item, Out]):
                 if not pending.future.done():
                     pending.future.set_result(output)
 
-    async def _gather(self) -> list[_Pending[Item, Out]]:
+    async def _gather(self, wakeup: asyncio.Event) -> list[_Pending[Item, Out]]:
         """Wait until the oldest request's group fills a batch or the oldest waited enough."""
-        assert self._wakeup is not None
         while self._queue:
             oldest = self._queue[0]
             same = [p for p in self._queue if p.group == oldest.group]
@@ -186,9 +184,9 @@ class DynamicBatcher(Generic[Item, Out]):
                 taken = {id(p) for p in batch}
                 self._queue = [p for p in self._queue if id(p) not in taken]
                 return batch
-            self._wakeup.clear()
+            wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), left)
+                await asyncio.wait_for(wakeup.wait(), left)
         return []
 
     async def aclose(self) -> None:
