@@ -146,6 +146,35 @@ def test_bad_option_value(server, tmp_path, capsys):
     assert server.requests == []
 
 
+def test_parquet_input_to_parquet_output(server, tmp_path, capsys):
+    """A wide .parquet table in, one .parquet row per turn out, types kept."""
+    table = tmp_path / "convs.parquet"
+    pd.DataFrame(
+        {
+            "id": ["a", "b"],
+            "question_0": ["Revenue in 2019?", "Net income?"],
+            "question_1": ["And in 2020?", None],
+            "answer_0": ["10", None],
+        }
+    ).to_parquet(table, index=False)
+    out = tmp_path / "results.parquet"
+
+    assert cli(server, table, "--out", str(out)) == 0
+
+    df = pd.read_parquet(out)
+    assert list(df.columns) == list(COLUMNS)
+    assert list(zip(df["conversation_id"], df["turn"], strict=True)) == [
+        ("a", 0),
+        ("a", 1),
+        ("b", 0),
+    ]
+    assert df["answer"].iloc[1].startswith("Answer to turn 1: And in 2020?")
+    assert df["reference"].iloc[0] == "10" and df["reference"].isna().iloc[1:].all()
+    assert df["latency_s"].dtype == "float64" and df["prompt_tokens"].dtype == "Int64"
+    assert not df["error"].notna().any()
+    assert server.history_errors == 0
+
+
 def test_parquet_without_pyarrow_is_one_clear_line(server, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
     data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
