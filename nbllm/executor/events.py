@@ -16,12 +16,14 @@ from typing import Protocol
 from nbllm.types import TurnRecord
 
 __all__ = [
+    "EnginePhase",
     "Event",
     "Listener",
     "RequestSent",
     "RetryScheduled",
     "RunFinished",
     "RunStarted",
+    "StopRequested",
     "TurnFinished",
 ]
 
@@ -75,15 +77,53 @@ class TurnFinished:
 
 
 @dataclass(frozen=True, slots=True)
+class EnginePhase:
+    """A local engine's preparation before the run starts: "converting", "exporting" or
+    "loading". ``done`` / ``total`` count in the phase's own unit (e.g. tensors), or are
+    None when unknown; ``detail`` is a short line for people (e.g. the model's name).
+    """
+
+    phase: str
+    done: float | None
+    total: float | None
+    t: float
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequested:
+    """A stop was first asked: no new request starts; the ``in_flight`` ones may finish
+    within ``grace_s`` seconds (a second stop cancels them at once). Emitted once.
+    """
+
+    grace_s: float
+    in_flight: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class RunFinished:
+    """``stop_reason``: why the run ended early by itself (e.g. nothing could be reached);
+    None when it ran to the end or was stopped by the user.
+    """
+
     turns_ok: int
     turns_failed: int
     wall_s: float
     interrupted: bool
     t: float
+    stop_reason: str | None = None
 
 
-Event = RunStarted | RequestSent | RetryScheduled | TurnFinished | RunFinished
+Event = (
+    RunStarted
+    | RequestSent
+    | RetryScheduled
+    | TurnFinished
+    | RunFinished
+    | StopRequested
+    | EnginePhase
+)
 
 
 class Listener(Protocol):
