@@ -278,8 +278,7 @@ def test_plot_draws_a_figure():
         "latency of answered turns, by turn",
         "turns in flight (first send to answer)",
         "throughput",
-        "GPU utilisation",
-    ]
+    ]  # and "GPU utilisation" only when a GPU was sampled (tests/ui/test_plots.py)
 
 
 def test_plot_draws_gpu_use_when_it_was_sampled():

@@ -1,15 +1,39 @@
-"""Figures of a run, drawn with matplotlib (imported only when a plot is asked for)."""
+"""Figures of a run, drawn with matplotlib (imported only when a plot is asked for).
+
+The figure is a ``matplotlib.figure.Figure`` made without pyplot: nothing is left open in
+pyplot, and Jupyter shows the returned figure once, as a PNG, whatever the backend (a fresh
+kernel has no ``%matplotlib``; ``plot_result`` registers the PNG formatter IPython then lacks).
+
+The time panels show only the requests this run sent. Rows read back from the checkpoint
+(resumed) or answered from the cache carry no time of this run: they are left out, and a note
+under the figure says how many.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
     from nbllm.results import RunResult
+    from nbllm.types import TurnRecord
 
 __all__ = ["plot_result"]
+
+# Throughput bins: about this many finished turns a bin, between one and MAX_BINS bins.
+TURNS_PER_BIN = 8
+MAX_BINS = 60
+
+_OK_COLOUR = "#55a868"
+_FAILED_COLOUR = "#c44e52"
+_FLIGHT_COLOUR = "#8172b2"
+_NOTE_COLOUR = "gray"
 
 
 def _in_flight(spans: Sequence[tuple[float, float]], grid: Sequence[float]) -> list[int]:
@@ -24,85 +48,200 @@ def _in_flight(spans: Sequence[tuple[float, float]], grid: Sequence[float]) -> l
     return out
 
 
-def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> Any:
-    """A 2x2 figure: latency by turn, turns in flight, throughput, and GPU use if sampled.
+def _throughput_bins(finished: Sequence[float], end: float) -> list[float]:
+    """Bin edges over ``[0, end]`` sized to the run: about ``TURNS_PER_BIN`` finished turns a
+    bin, so a short run draws a readable line instead of a sawtooth of near-empty bins."""
+    bins = max(1, min(MAX_BINS, len(finished) // TURNS_PER_BIN))
+    return [end * i / bins for i in range(bins + 1)]
 
-    ``gpu_samples``: ``GpuSample`` objects (``nbllm.ui.gpu``) taken during the run, by
-    default the result's own ``gpu_samples``; without any the fourth panel says that no GPU
-    was sampled.
-    """
-    from matplotlib.figure import Figure
 
-    # Here, not at the top: RunResult.plot() imports this module, and the two modules
-    # must not import each other when loaded.
+def _span(record: TurnRecord, t0: float) -> tuple[float, float] | None:
+    """The (first send, answer) seconds since ``t0`` of a request this run sent; None for a
+    row with no time of this run (resumed, cached, never sent)."""
+    start, end = record.started_at, record.finished_at
+    if record.resumed or record.cached or not record.attempts:
+        return None
+    if start is None or end is None or start < t0:
+        return None
+    return start - t0, end - t0
+
+
+def _left_out_note(records: Sequence[TurnRecord], shown: int) -> str | None:
+    """One line naming the rows the time panels leave out, or None when every row is shown."""
+    resumed = sum(r.resumed for r in records)
+    cached = sum(r.cached and not r.resumed for r in records)
+    not_sent = len(records) - shown - resumed - cached
+    parts = [
+        f"{count:,} {what}"
+        for count, what in ((resumed, "resumed"), (cached, "cached"), (not_sent, "not sent"))
+        if count
+    ]
+    if not parts:
+        return None
+    rows = "row" if len(records) - shown == 1 else "rows"
+    return f"not in the time panels (no request in this run): {', '.join(parts)} {rows}"
+
+
+def _empty(ax: Axes, text: str) -> None:
+    """A panel with nothing to draw says why, with no scale that would mean nothing."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", color=_NOTE_COLOUR, transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _whole_numbers(ax: Axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _draw_latency(ax: Axes, records: Sequence[TurnRecord]) -> None:
     from nbllm.results import request_latency
 
-    fig = Figure(figsize=(11, 7), layout="constrained")
-    (ax_latency, ax_flight), (ax_rate, ax_gpu) = fig.subplots(2, 2)
-    t0 = result.started_at
-
     by_turn: dict[int, list[float]] = defaultdict(list)
-    for r in result.records:
+    for r in records:
         latency = request_latency(r)
         if latency is not None:
             by_turn[r.turn].append(latency)
     if by_turn:
         turns = sorted(by_turn)
-        ax_latency.hist(
+        ax.hist(
             [by_turn[t] for t in turns],
             bins=20,
             stacked=True,
             label=[f"turn {t}" for t in turns],
         )
-        ax_latency.legend(fontsize="small")
-    ax_latency.set_title("latency of answered turns, by turn")
-    ax_latency.set_xlabel("seconds")
-    ax_latency.set_ylabel("turns")
-
-    spans = [
-        (r.started_at - t0, r.finished_at - t0)
-        for r in result.records
-        if r.started_at is not None and r.finished_at is not None and r.attempts
-    ]
-    end = max((e for _, e in spans), default=result.wall_s) or 1.0
-    grid = [end * i / 200 for i in range(201)]
-    if spans:
-        ax_flight.step(grid, _in_flight(spans, grid), where="post", color="#8172b2")
-    ax_flight.set_title("turns in flight (first send to answer)")
-    ax_flight.set_xlabel("seconds since start")
-    ax_flight.set_ylabel("turns")
-
-    finished = sorted(
-        r.finished_at - t0 for r in result.records if r.finished_at is not None and r.attempts
-    )
-    if finished:
-        width = max(0.1, finished[-1] / 60)
-        bins = int(finished[-1] // width) + 1
-        counts = [0] * bins
-        for t in finished:
-            counts[min(bins - 1, int(t // width))] += 1
-        xs = [(i + 0.5) * width for i in range(bins)]
-        ax_rate.plot(xs, [c / width for c in counts], color="#55a868", marker=".")
-    ax_rate.set_title("throughput")
-    ax_rate.set_xlabel("seconds since start")
-    ax_rate.set_ylabel("turns finished / s")
-
-    samples = list(result.gpu_samples if gpu_samples is None else gpu_samples)
-    if samples:
-        by_device: dict[Any, list[Any]] = defaultdict(list)
-        for s in samples:
-            by_device[(s.index, s.name)].append(s)
-        for (index, name), rows in sorted(by_device.items(), key=lambda kv: kv[0][0]):
-            points = [(s.t - t0, s.utilization_pct) for s in rows if s.utilization_pct is not None]
-            if points:
-                ax_gpu.plot(
-                    [x for x, _ in points], [y for _, y in points], label=f"GPU {index} {name}"
-                )
-        ax_gpu.set_ylim(0, 100)
-        ax_gpu.legend(fontsize="small")
+        ax.legend(fontsize="small")
+        _whole_numbers(ax)
     else:
-        ax_gpu.text(0.5, 0.5, "no GPU sampled", ha="center", va="center", color="gray")
-    ax_gpu.set_title("GPU utilisation")
-    ax_gpu.set_xlabel("seconds since start")
-    ax_gpu.set_ylabel("%")
+        _empty(ax, "no turn was answered in this run")
+    ax.set_title("latency of answered turns, by turn")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("turns")
+
+
+def _draw_in_flight(ax: Axes, spans: Sequence[tuple[float, float]], end: float) -> None:
+    if spans:
+        grid = [end * i / 200 for i in range(201)]
+        ax.step(grid, _in_flight(spans, grid), where="post", color=_FLIGHT_COLOUR)
+        ax.set_ylim(bottom=0)
+        _whole_numbers(ax)
+    else:
+        _empty(ax, "no request was sent in this run")
+    ax.set_title("turns in flight (first send to answer)")
+    ax.set_ylabel("turns")
+
+
+def _draw_throughput(
+    ax: Axes, ok: Sequence[float], failed: Sequence[float], end: float, wall_s: float
+) -> None:
+    if ok or failed:
+        edges = _throughput_bins([*ok, *failed], end)
+        width = edges[1] - edges[0]
+        for times, colour, label in ((ok, _OK_COLOUR, "ok"), (failed, _FAILED_COLOUR, "failed")):
+            if not times:
+                continue
+            counts = [0] * (len(edges) - 1)
+            for t in times:
+                counts[min(len(counts) - 1, max(0, int(t / width)))] += 1
+            rate = len(times) / wall_s if wall_s > 0 else 0.0
+            ax.stairs(
+                [c / width for c in counts],
+                edges,
+                baseline=None,
+                color=colour,
+                linewidth=1.5,
+                label=f"{label} (mean {rate:,.3g}/s)",
+            )
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize="small")
+    else:
+        _empty(ax, "no request was sent in this run")
+    ax.set_title("throughput")
+    ax.set_ylabel("turns finished / s")
+
+
+def _draw_gpu(ax: Axes, samples: Sequence[Any], t0: float) -> None:
+    by_device: dict[tuple[int, str], list[Any]] = defaultdict(list)
+    for s in samples:
+        by_device[(s.index, s.name)].append(s)
+    for (index, name), rows in sorted(by_device.items(), key=lambda kv: kv[0][0]):
+        points = [(s.t - t0, s.utilization_pct) for s in rows if s.utilization_pct is not None]
+        if points:
+            ax.plot([x for x, _ in points], [y for _, y in points], label=f"GPU {index} {name}")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="small")
+    ax.set_title("GPU utilisation")
+    ax.set_ylabel("%")
+
+
+def _show_as_png_in_ipython() -> None:
+    """Make IPython render a Figure as a PNG, once, when no backend has said how.
+
+    ipykernel's inline backend registers this formatter only once pyplot is imported; a
+    figure made without pyplot in a fresh kernel would show as ``<Figure size ...>`` text.
+    A formatter someone already registered (``%matplotlib inline``, retina) is kept.
+    """
+    if "IPython" not in sys.modules:
+        return  # a script: the caller saves or shows the figure itself
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None:
+        return
+    from IPython.core.pylabtools import print_figure
+    from matplotlib.figure import Figure
+
+    png = shell.display_formatter.formatters["image/png"]
+    if png.for_type(Figure) is None:
+        png.for_type(Figure, partial(print_figure, fmt="png", bbox_inches="tight"))
+
+
+def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> Figure:
+    """Latency by turn, then turns in flight, throughput and (when sampled) GPU use over time.
+
+    ``gpu_samples``: ``GpuSample`` objects (``nbllm.ui.gpu``) taken during the run, by default
+    the result's own ``gpu_samples``; without any there is no GPU panel. The time panels share
+    one axis, seconds since the run started, and show only the requests this run sent.
+    """
+    from matplotlib.figure import Figure
+
+    t0 = result.started_at
+    records = result.records
+    timed = [(r, span) for r in records if (span := _span(r, t0)) is not None]
+    spans = [span for _, span in timed]
+    ok = [end for r, (_, end) in timed if r.ok]
+    failed = [end for r, (_, end) in timed if not r.ok]
+    end = max([result.wall_s, *(e for _, e in spans)]) or 1.0
+    samples = [
+        s
+        for s in (result.gpu_samples if gpu_samples is None else gpu_samples)
+        if s.utilization_pct is not None
+    ]
+
+    time_panels = 3 if samples else 2
+    fig = Figure(figsize=(11, 2.4 * time_panels + 0.4), layout="constrained")
+    grid = fig.add_gridspec(time_panels, 2, width_ratios=(2, 3))
+    ax_latency = fig.add_subplot(grid[:, 0])
+    ax_flight = fig.add_subplot(grid[0, 1])
+    ax_rate = fig.add_subplot(grid[1, 1], sharex=ax_flight)
+
+    _draw_latency(ax_latency, records)
+    _draw_in_flight(ax_flight, spans, end)
+    _draw_throughput(ax_rate, ok, failed, end, result.wall_s)
+    time_axes = [ax_flight, ax_rate]
+    if samples:
+        ax_gpu = fig.add_subplot(grid[2, 1], sharex=ax_flight)
+        _draw_gpu(ax_gpu, samples, t0)
+        time_axes.append(ax_gpu)
+    if spans:
+        ax_flight.set_xlim(0, end)
+    for ax in time_axes[:-1]:
+        ax.tick_params(labelbottom=False)
+    time_axes[-1].set_xlabel("seconds since the run started")
+
+    note = _left_out_note(records, len(timed))
+    if note is not None:
+        fig.supxlabel(note, color=_NOTE_COLOUR, fontsize="small")
+    _show_as_png_in_ipython()
     return fig
