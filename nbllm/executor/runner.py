@@ -10,19 +10,31 @@ refill at once. A request passes through a chain of single-concern steps::
     _send      the engine call under the per-request timeout
 
 A failure ends only its own conversation: its later turns are marked as skipped.
-Cancelling the run (Ctrl-C) stops it cleanly and returns every turn that finished.
+
+Stopping keeps every answer that arrived. ``stop()`` the first time sends nothing new and
+lets the requests in flight finish for up to ``stop_grace_s`` seconds; a second
+``stop()``, or the grace running out, cancels what is still in flight. Cancelling the
+run's task cancels at once. Either way an answer that has arrived is recorded (and
+checkpointed) before the worker that asked for it can be cancelled: each request is
+sent as its own task, so a cancel can only cut a request short, never drop its answer.
+Turns that never ran carry a "not run" error.
+
+When the first attempts of a run all fail to connect (refused, DNS, TLS), retrying
+cannot help: the run stops at once with ``stop_reason`` "cannot reach <url>: <why>".
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from nbllm.engines.base import Engine
+from nbllm.engines.http_status import public_url
 from nbllm.errors import ConfigError, EngineError, RateLimitError, RequestTimeout
 from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
@@ -33,9 +45,11 @@ from nbllm.executor.events import (
     RetryScheduled,
     RunFinished,
     RunStarted,
+    StopRequested,
     TurnFinished,
 )
 from nbllm.executor.limiter import RateLimiter
+from nbllm.executor.unreachable import unreachable_reason
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.types import ChatRequest, ChatResponse, Conversation, TurnRecord
@@ -43,7 +57,11 @@ from nbllm.types import ChatRequest, ChatResponse, Conversation, TurnRecord
 __all__ = ["Executor"]
 
 _DEFAULT_COMPLETION_ESTIMATE = 256
-STOPPED = "not run: the run was stopped before this turn finished"
+NOT_RUN = "not run"  # the start of the error of every turn that never ran
+STOPPED = f"{NOT_RUN}: the run was stopped before this turn finished"
+# Attempts that must all fail to connect, with none reaching the server, before a run
+# gives up: enough that one unlucky connection does not end a run.
+UNREACHABLE_AFTER = 3
 
 
 def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> int:
@@ -63,7 +81,8 @@ class Executor:
     in progress (default: ``concurrency``). ``rpm`` / ``tpm``: no minute ever holds more
     requests / tokens than these. ``timeout``: seconds per request attempt.
     ``rate_window_s``: the length in seconds of the "minute" of ``rpm`` / ``tpm``; tests
-    and benchmarks shorten it so that a limit binds within seconds.
+    and benchmarks shorten it so that a limit binds within seconds. ``stop_grace_s``:
+    after a first ``stop()``, how long requests in flight may take to finish.
     """
 
     def __init__(
@@ -83,6 +102,7 @@ class Executor:
         checkpoint: CheckpointStore | None = None,
         cache: ResponseCache | None = None,
         rate_window_s: float = 60.0,
+        stop_grace_s: float = 10.0,
     ) -> None:
         if concurrency < 1:
             msg = f"concurrency must be >= 1, got {concurrency!r}"
@@ -104,15 +124,25 @@ class Executor:
         self._wants_sent = self._events.wants(RequestSent)
         self._wants_retry = self._events.wants(RetryScheduled)
         self._wants_finished = self._events.wants(TurnFinished)
+        self.stop_grace_s = stop_grace_s
         self._stopping = False
+        self._stops_asked = 0
         self._running = False
+        self._stop_loop: asyncio.AbstractEventLoop | None = None  # the running batch's
 
     def stop(self) -> None:
-        """Start no new turn; requests in flight finish. ``run`` then returns what finished.
+        """Stop the run, keeping every answer that arrived; ``run`` then returns.
 
-        Safe to call from any thread: it only sets a flag the workers read between turns.
+        The first call sends nothing new and lets the requests in flight finish, for up to
+        ``stop_grace_s`` seconds; a second call cancels them at once. Safe to call from any
+        thread, a signal handler or a listener, before or during the run.
         """
-        self._stopping = True
+        self._stopping = True  # read by the workers before every send
+        self._stops_asked += 1
+        loop = self._stop_loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the run is over
+                loop.call_soon_threadsafe(self._on_stop)
 
     async def run(self, conversations: Sequence[Conversation]) -> RunResult:
         """Run every conversation; rows come back in input order, whatever finished first."""
@@ -120,11 +150,13 @@ class Executor:
             msg = "this Executor is already running; create another for a second run"
             raise RuntimeError(msg)
         self._running = True
-        self._stopping = False
+        self._stopping = self._stops_asked > 0  # a stop() before the run stops it at once
         try:
             return await self._run(conversations)
         finally:
             self._running = False
+            self._stop_loop = None
+            self._stops_asked = 0
 
     async def _run(self, conversations: Sequence[Conversation]) -> RunResult:
         self._conversations = conversations
@@ -138,8 +170,17 @@ class Executor:
         self._in_flight = 0
         self._cooldown_until = 0.0
         self._ok = 0
+        self._sending: set[asyncio.Task[Any]] = set()  # workers awaiting an answer
+        self._workers: list[asyncio.Task[None]] = []
+        self._grace: asyncio.TimerHandle | None = None
+        self._stop_reason: str | None = None
+        self._reached = False  # some attempt got an answer (even an error) from the engine
+        self._unreachable = 0
+        self._stop_announced = False
+        self._finished_run = False
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._stop_loop = loop
         self._done = self.checkpoint.done(conversations) if self.checkpoint is not None else {}
 
         started_at = time.time()
@@ -158,20 +199,38 @@ class Executor:
         queue = collections.deque(order)
         n_workers = min(self.max_conversations, len(conversations))
         workers = [loop.create_task(self._worker(queue)) for _ in range(n_workers)]
+        self._workers = workers
+        if self._stopping:
+            self._on_stop()
         interrupted = False
         try:
-            await asyncio.gather(*workers)
+            # A worker cancelled by a stop ends cleanly; only a cancel of this task raises.
+            ended = await asyncio.gather(*workers, return_exceptions=True)
+            for outcome in ended:
+                if isinstance(outcome, Exception):
+                    raise outcome
         except asyncio.CancelledError:
-            # Ctrl-C or a cancelled task: stop cleanly and hand back what finished.
+            # A cancelled task (``await arun`` cancelled): cancel at once, keep what arrived.
             interrupted = True
+            self._stopping = True
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+        finally:
+            self._finished_run = True
+            if self._grace is not None:
+                self._grace.cancel()
         wall = time.perf_counter() - t0
-        interrupted = interrupted or (self._stopping and any(r is None for r in self._records))
+        unfinished = any(r is None for r in self._records)
+        interrupted = interrupted or (self._stopping and self._stop_reason is None and unfinished)
         records = self._complete_records()
-        self._emit(RunFinished(self._ok, total - self._ok, wall, interrupted, time.time()))
-        return RunResult(
+        failed = sum(1 for r in records if r.error is not None and not r.error.startswith(NOT_RUN))
+        self._emit(
+            RunFinished(
+                self._ok, failed, wall, interrupted, time.time(), stop_reason=self._stop_reason
+            )
+        )
+        result = RunResult(
             records,
             conversations=len(conversations),
             wall_s=wall,
@@ -180,12 +239,56 @@ class Executor:
             model=self.model,
             engine=self.engine.name,
         )
+        result.stop_reason = self._stop_reason
+        return result
+
+    # -- stopping ------------------------------------------------------------------
+
+    def _on_stop(self) -> None:
+        """On the loop: the first stop lets requests in flight finish, a second cancels them."""
+        if self._finished_run or not self._workers:
+            return
+        self._stopping = True
+        if not self._stop_announced:
+            self._stop_announced = True
+            self._emit(StopRequested(self.stop_grace_s, self._in_flight, time.time()))
+            # Nothing is in flight for a worker waiting for a slot, a budget or a retry.
+            self._cancel_workers(idle_only=True)
+            if self._stops_asked <= 1 and self._sending and self.stop_grace_s > 0:
+                self._grace = self._loop.call_later(self.stop_grace_s, self._cancel_workers)
+                return
+        elif self._stops_asked <= 1:
+            return  # the first stop, seen again
+        self._cancel_workers()
+
+    def _cancel_workers(self, *, idle_only: bool = False) -> None:
+        me = asyncio.current_task()
+        for worker in self._workers:
+            if worker is not me and not (idle_only and worker in self._sending):
+                worker.cancel()
+
+    def _give_up(self, reason: str) -> None:
+        """End the whole run by itself, at once: nothing can be reached."""
+        if self._stop_reason is None and not self._finished_run:
+            self._stop_reason = reason
+            self._stopping = True
+            self._cancel_workers()
+
+    def _target(self) -> str:
+        api_base = getattr(self.engine, "api_base", None)
+        if isinstance(api_base, str) and api_base:
+            return public_url(api_base)
+        return self.engine.describe()
 
     # -- conversations -------------------------------------------------------------
 
     async def _worker(self, queue: collections.deque[int]) -> None:
-        while queue and not self._stopping:
-            await self._conversation(queue.popleft())
+        try:
+            while queue and not self._stopping:
+                await self._conversation(queue.popleft())
+        except asyncio.CancelledError:
+            # A stop: every answer that arrived is recorded already (see _attempt).
+            self._stopping = True
 
     async def _conversation(self, index: int) -> None:
         conv = self._conversations[index]
@@ -316,7 +419,18 @@ class Executor:
                 if sent is None:
                     return None
                 response, latency = sent
+                self._reached = True
             except EngineError as error:
+                if not self._reached:
+                    reason = unreachable_reason(error)
+                    if reason is None:
+                        self._reached = True
+                    else:
+                        self._unreachable += 1
+                        if self._unreachable >= UNREACHABLE_AFTER:
+                            self._give_up(f"cannot reach {self._target()}: {reason}")
+                if self._stopping:
+                    return None  # not retried now, nor an error: the turn never finished
                 if not self.retry.should_retry(error, attempt):
                     return self._unanswered(
                         conv,
@@ -380,10 +494,25 @@ class Executor:
             if self._wants_sent:
                 self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
             t0 = time.perf_counter()
+            worker = asyncio.current_task()
+            assert worker is not None
+            # Its own task: a cancel of this worker can cut the request short but can never
+            # drop an answer that has arrived (the task holds it).
+            send = self._loop.create_task(self._send(request))
+            self._sending.add(worker)
             try:
-                response = await self._send(request)
+                response = await send
+            except asyncio.CancelledError:
+                self._stopping = True
+                if not send.done():
+                    send.cancel()
+                    return None
+                if send.cancelled() or send.exception() is not None:
+                    return None
+                response = send.result()  # arrived as the cancel came: kept
             finally:
                 self._in_flight -= 1
+                self._sending.discard(worker)
             latency = time.perf_counter() - t0
             if grant is not None and self.tpm is not None:
                 used = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
