@@ -20,6 +20,7 @@ this one (``nbllm.engines.worker``); it is the default on a CUDA GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from nbllm.engines.base import Engine, EngineState
@@ -81,6 +82,7 @@ def create_engine(
     api_key: str | None = None,
     max_connections: int = 256,
     worker: bool | None = None,
+    on_phase: Callable[[str, float | None, float | None, str], None] | None = None,
     **local_options: Any,
 ) -> Engine:
     """The engine for these options (see the module docstring for the rules).
