@@ -3,8 +3,11 @@
 ``run`` blocks until the batch is done and works everywhere: in a plain script it
 drives its own event loop; where a loop is already running (a Jupyter kernel) it runs
 the batch on a private loop in a worker thread, so there is never an "event loop is
-already running" error. Ctrl-C (or the kernel's interrupt) stops the batch cleanly
-and returns what finished. ``arun`` is the same as a coroutine, for ``await``.
+already running" error. Ctrl-C (or the kernel's interrupt) stops the batch and returns
+what finished: the first lets the requests in flight finish (up to ``stop_grace_s``), a
+second cancels them; every answer that arrived is kept and checkpointed. ``arun`` is the
+same as a coroutine, for ``await``; cancelling its task cancels the requests in flight
+at once (their answers never arrived), keeping the rest.
 
 Each builds one ``RunConfig`` from its options; ``prepare_run`` does every check that
 needs the data or the engine, before any request.
@@ -17,9 +20,10 @@ import contextlib
 import os
 import signal
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nbllm.config import RunConfig
@@ -34,12 +38,48 @@ from nbllm.executor.checkpoint import (
     dataset_hash,
     resolve_checkpoint_path,
 )
+from nbllm.executor.events import EnginePhase, EventBus
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.run_thread import RunThread
 from nbllm.types import Conversation
 
-__all__ = ["PreparedRun", "arun", "prepare_run", "run"]
+__all__ = ["PreparedRun", "RunStop", "arun", "prepare_run", "run"]
+
+Listener = Callable[[Event], None]
+MakeView = Callable[["RunStop"], Listener | None]
+
+
+class RunStop:
+    """The Stop of one run: pressed from any thread, before or while the run goes.
+
+    Presses that come before the executor exists are handed to it when it does; each
+    press is one ``Executor.stop()`` (the first lets requests in flight finish, the
+    second cancels them).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._presses = 0
+        self._executor: Executor | None = None
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._presses += 1
+            executor = self._executor
+        if executor is not None:
+            executor.stop()
+
+    @property
+    def pressed(self) -> bool:
+        return self._presses > 0
+
+    def attach(self, executor: Executor) -> None:
+        with self._lock:
+            self._executor = executor
+            presses = self._presses
+        for _ in range(presses):
+            executor.stop()
 
 
 def _api_key_for(engine: Any, api_base: str | None, api_key: str | None) -> str | None:
@@ -65,6 +105,7 @@ class PreparedRun:
     runs it once and releases the engine, the checkpoint and the cache. ``config`` is
     the options as given (``concurrency`` capped to what the engine takes at once);
     ``model`` the model asked, named by the engine or the embedded one when none was.
+    ``stop`` stops it (see ``RunStop``); ``view`` is its live progress, if any.
     """
 
     config: RunConfig
@@ -75,6 +116,8 @@ class PreparedRun:
     listeners: list[Callable[[Event], None]]
     store: CheckpointStore | None = None
     cache: ResponseCache | None = None
+    stop: RunStop = field(default_factory=RunStop)
+    view: Listener | None = None
 
     @property
     def turns(self) -> int:
@@ -95,7 +138,9 @@ class PreparedRun:
             listeners=self.listeners,
             checkpoint=self.store,
             cache=self.cache,
+            stop_grace_s=self.config.stop_grace_s,
         )
+        self.stop.attach(executor)
         try:
             return await executor.run(self.conversations)
         finally:
@@ -110,12 +155,20 @@ class PreparedRun:
                 closeable.close()
 
 
-def prepare_run(data: Any, config: RunConfig) -> PreparedRun:
+def prepare_run(
+    data: Any,
+    config: RunConfig,
+    *,
+    listeners: Iterable[Listener] = (),
+    make_view: MakeView | None = None,
+) -> PreparedRun:
     """Check the data, choose the engine, open the checkpoint and the cache.
 
     ``config`` holds the options, already checked. Raises ``ConfigError`` /
-    ``DatasetError`` / ``CheckpointError`` before any request. No progress is attached:
-    the caller asks ``nbllm.ui.frontend`` for that.
+    ``DatasetError`` / ``CheckpointError`` before any request. ``listeners`` join
+    ``config.listeners``; ``make_view(stop)`` makes the live progress (a listener, or
+    None) once the data is read and before the engine is made, so that a local
+    engine's preparation (``EnginePhase`` events) shows in it.
     """
     engine = config.engine
     model = config.model
@@ -133,6 +186,16 @@ def prepare_run(data: Any, config: RunConfig) -> PreparedRun:
     cache_path = resolve_cache_path(config.cache)
     conversations = load_conversations(data)
     api_key = None if config.api_key is None else config.api_key.get_secret_value()
+    stop = RunStop()
+    run_listeners = [*config.listeners, *listeners]
+    view = make_view(stop) if make_view is not None else None
+    if view is not None:
+        run_listeners.append(view)
+    phases = EventBus(run_listeners)
+
+    def on_phase(phase: str, done: float | None, total: float | None, detail: str = "") -> None:
+        phases.emit(EnginePhase(phase, done, total, time.time(), detail))
+
     chosen = create_engine(
         engine,
         model=model,
@@ -140,13 +203,15 @@ def prepare_run(data: Any, config: RunConfig) -> PreparedRun:
         api_key=_api_key_for(engine, config.api_base, api_key),
         max_connections=max(config.concurrency, 8),
         worker=config.worker,
+        on_phase=on_phase,
     )
     if chosen.max_in_flight is not None and chosen.max_in_flight < config.concurrency:
         # More would only queue inside the engine, where their timeouts would run out.
         config = config.model_copy(update={"concurrency": chosen.max_in_flight})
     plan = PreparedRun(
-        config, model, conversations, chosen, chosen is not engine, list(config.listeners)
+        config, model, conversations, chosen, chosen is not engine, run_listeners, stop=stop
     )
+    plan.view = view
     try:
         if config.checkpoint is not False and config.checkpoint is not None:
             identity = RunIdentity(
@@ -173,14 +238,16 @@ def prepare_run(data: Any, config: RunConfig) -> PreparedRun:
     return plan
 
 
-def _attach_progress(plan: PreparedRun) -> Callable[[Event], None] | None:
-    """The live progress that ``progress=`` asks for, listening to the run."""
-    from nbllm.ui.frontend import progress_listener
+def _blocking_view(progress: bool | None) -> MakeView:
+    """The live progress that ``progress=`` asks for, for a run the caller waits for (no
+    Stop button: the kernel is busy; its interrupt stops the run)."""
 
-    progress = progress_listener(plan.config.progress)
-    if progress is not None:
-        plan.listeners.append(progress)
-    return progress
+    def make(stop: RunStop) -> Listener | None:
+        from nbllm.ui.frontend import progress_listener
+
+        return progress_listener(progress)
+
+    return make
 
 
 def _with_gpu_samples(result: RunResult, progress: Any) -> RunResult:
@@ -210,6 +277,7 @@ async def arun(
     engine: str | Engine = "auto",
     worker: bool | None = None,
     max_conversations: int | None = None,
+    stop_grace_s: float = 10.0,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -233,12 +301,12 @@ async def arun(
         engine=engine,
         worker=worker,
         max_conversations=max_conversations,
+        stop_grace_s=stop_grace_s,
         listeners=listeners,
         params=params,
     )
-    plan = prepare_run(data, config)
-    shown = _attach_progress(plan)
-    return _with_gpu_samples(await plan.execute(), shown)
+    plan = prepare_run(data, config, make_view=_blocking_view(config.progress))
+    return _with_gpu_samples(await plan.execute(), plan.view)
 
 
 def run(
@@ -262,6 +330,7 @@ def run(
     engine: str | Engine = "auto",
     worker: bool | None = None,
     max_conversations: int | None = None,
+    stop_grace_s: float = 10.0,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -277,7 +346,9 @@ def run(
     terminal; default: when interactive), ``engine`` ("auto", "openai", "litellm", a
     local engine — "vllm", "deepspeed", "onnx", "torch", "llamacpp" — or an ``Engine``),
     ``worker`` (run a local engine in a child process; default: on a CUDA GPU),
-    ``max_conversations``, ``listeners`` (callables receiving executor events).
+    ``max_conversations``, ``stop_grace_s`` (after a first Ctrl-C, seconds the requests
+    in flight may take to finish; a second Ctrl-C cancels them), ``listeners``
+    (callables receiving executor events).
     ``nbllm.RunConfig`` describes each option and checks it.
 
     Without ``model`` and ``api_base``, the embedded SmolLM2-135M-Instruct answers on
@@ -312,25 +383,26 @@ def run(
         engine=engine,
         worker=worker,
         max_conversations=max_conversations,
+        stop_grace_s=stop_grace_s,
         listeners=listeners,
         params=params,
     )
-    plan = prepare_run(data, config)
-    shown = _attach_progress(plan)
+    plan = prepare_run(data, config, make_view=_blocking_view(config.progress))
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _with_gpu_samples(asyncio.run(_execute_stopping_on_ctrl_c(plan)), shown)
-    return _with_gpu_samples(_run_beside_running_loop(plan), shown)
+        return _with_gpu_samples(asyncio.run(_execute_stopping_on_ctrl_c(plan)), plan.view)
+    return _with_gpu_samples(_run_beside_running_loop(plan), plan.view)
 
 
 async def _execute_stopping_on_ctrl_c(plan: PreparedRun) -> RunResult:
-    """``plan.execute()`` where Ctrl-C cancels the batch (which then returns what finished)."""
+    """``plan.execute()`` where Ctrl-C stops the batch (which then returns what finished):
+    the first lets the requests in flight finish, a second cancels them."""
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
     previous = None
-    if task is not None and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(task.cancel))
+    if threading.current_thread() is threading.main_thread():
+        # Through the loop: a signal handler must not take the lock the loop may hold.
+        previous = signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(plan.stop))
     try:
         return await plan.execute()
     finally:
@@ -340,7 +412,7 @@ async def _execute_stopping_on_ctrl_c(plan: PreparedRun) -> RunResult:
 
 def _run_beside_running_loop(plan: PreparedRun) -> RunResult:
     """Run in a ``RunThread`` while the caller's loop (a kernel's) waits."""
-    runner = RunThread(plan.execute, name="nbllm-run")
+    runner = RunThread(plan.execute, name="nbllm-run", stop=plan.stop)
     plan.listeners.append(runner.listener)
     # While the batch runs, Ctrl-C (or a kernel interrupt) stops the batch rather than
     # whatever the caller's loop would do with it; the previous handler comes back after.

@@ -146,6 +146,15 @@ class RunConfig(BaseModel):
         metavar="N",
         ge=1,
     )
+    stop_grace_s: (
+        Annotated[int, Field(ge=0)] | Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    ) = _option(
+        10.0,
+        "after a first stop, seconds the requests in flight may take to finish (0: cancel "
+        "them at once); a second stop cancels them",
+        "a number >= 0",
+        metavar="S",
+    )
     listeners: tuple[Callable[[Any], Any], ...] = _option(
         (), "callables receiving the executor's events", "a list of callables", strict=False
     )

@@ -11,10 +11,13 @@
 checkpoint in the calling cell (``nbllm.api.prepare_run``, as ``nbllm.run`` does), so bad
 input raises there; then the run goes on, on its own event loop in a daemon thread named
 ``nbllm-job-<id>`` (a ``nbllm.run_thread.RunThread``), and the kernel stays free for other
-cells. In a notebook its dashboard, shown in the calling cell, has a Stop button.
+cells. In a notebook its dashboard, shown in the calling cell, has a Stop button: the
+first press (or ``job.stop()``) sends nothing new and lets the requests in flight finish
+(up to ``stop_grace_s``), a second cancels them.
 
 Status: ``"running"``, then ``"done"`` (every turn has its row, answered or failed),
-``"stopped"`` (``stop()`` ended it early: the result has ``interrupted=True``) or
+``"stopped"`` (``stop()`` ended it early: the result has ``interrupted=True``; or the run
+ended by itself, e.g. nothing could be reached: ``result.stop_reason`` says why) or
 ``"failed"`` (the run itself raised; ``result()`` raises it again).
 """
 
@@ -29,10 +32,10 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from nbllm.api import PreparedRun, prepare_run
+from nbllm.api import PreparedRun, RunStop, prepare_run
 from nbllm.config import RunConfig
 from nbllm.engines import Engine
-from nbllm.executor.events import Event, RunFinished
+from nbllm.executor.events import Event
 from nbllm.executor.stats import RunStats
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
@@ -60,11 +63,14 @@ class Job:
     time; ``wall_s`` counts seconds from submit to the end (or to now while running).
     """
 
-    def __init__(self, plan: PreparedRun) -> None:
+    def __init__(self, plan: PreparedRun, stats: RunStats | None = None) -> None:
         self.id = next(_ids)
         self.model: str | None = plan.model
         self.started_at = time.time()
-        self.stats = RunStats()  # fed by _on_event; turns_done reads it
+        # The run's one RunStats (its views read it too); fed by _on_event unless a
+        # listener already feeds it.
+        self._feeds_stats = stats is None
+        self.stats = stats if stats is not None else RunStats()
         self.turns_total: int | None = plan.turns
         self._t0 = time.perf_counter()
         self._wall_s: float | None = None
@@ -72,9 +78,12 @@ class Job:
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Job], Any]] | None = []
         self._finished = threading.Event()  # the status is set and done callbacks have run
-        self._run = RunThread(plan.execute, name=f"nbllm-job-{self.id}", settle=self._settle)
+        self._run = RunThread(
+            plan.execute, name=f"nbllm-job-{self.id}", settle=self._settle, stop=plan.stop
+        )
         self._thread = self._run.thread
-        plan.listeners.append(self._on_event)
+        if self._feeds_stats:
+            plan.listeners.insert(0, self._on_event)  # before the views that read the stats
         plan.listeners.append(self._run.listener)
 
     # -- what callers see ------------------------------------------------------------
@@ -110,9 +119,11 @@ class Job:
         return self._run.outcome()
 
     def stop(self, timeout: float | None = None) -> RunResult:
-        """Stop the batch and return what finished: turns already answered are kept, the
-        others carry a "not run" error, and the result has ``interrupted=True``. A job that
-        has already ended just returns its result."""
+        """Stop the batch and return what finished once it has ended: nothing new is sent,
+        the requests in flight finish (up to ``stop_grace_s``; calling ``stop()`` again
+        cancels them), every answer that arrived is kept and checkpointed, the turns that
+        never ran carry a "not run" error, and the result has ``interrupted=True``. A job
+        that has already ended just returns its result."""
         self._run.stop()
         return self.result(timeout)
 
@@ -140,15 +151,13 @@ class Job:
 
     def _on_event(self, event: Event) -> None:
         self.stats.update(event)
-        if isinstance(event, RunFinished):
-            self._run_finished = True
 
     def _settle(self, result: RunResult | None, error: BaseException | None) -> None:
         with self._lock:
             self._wall_s = time.perf_counter() - self._t0
             if error is not None:
                 self._status = "failed"
-            elif result is not None and result.interrupted:
+            elif result is not None and (result.interrupted or _stop_reason(result)):
                 self._status = "stopped"
             else:
                 self._status = "done"
@@ -162,6 +171,10 @@ class Job:
             fn(self)
         except Exception:
             log.exception("nbllm: done callback %r of job %s failed", fn, self.id)
+
+
+def _stop_reason(result: RunResult) -> str | None:
+    return getattr(result, "stop_reason", None)
 
 
 def submit(
@@ -185,6 +198,7 @@ def submit(
     engine: str | Engine = "auto",
     worker: bool | None = None,
     max_conversations: int | None = None,
+    stop_grace_s: float = 10.0,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> Job:
@@ -213,16 +227,21 @@ def submit(
         engine=engine,
         worker=worker,
         max_conversations=max_conversations,
+        stop_grace_s=stop_grace_s,
         listeners=listeners,
         params=params,
     )
-    plan = prepare_run(data, config)
-    job = Job(plan)
-    from nbllm.ui.frontend import progress_listener
+    stats = RunStats()
 
-    shown = progress_listener(config.progress, stop=job._run.stop)
-    if shown is not None:
-        plan.listeners.append(shown)
+    def make_view(stop: RunStop) -> Callable[[Event], None] | None:
+        from nbllm.ui.frontend import progress_listener
+
+        return progress_listener(config.progress, stop=stop, stats=stats)
+
+    # The job's statistics listen first, before the engine is made, so the view (which
+    # reads them) shows a local engine's preparation too.
+    plan = prepare_run(data, config, listeners=[stats.update], make_view=make_view)
+    job = Job(plan, stats=stats)
     job._run.start()
     with _registry_lock:
         _registry.append(job)

@@ -2,8 +2,10 @@
 
 ``nbllm.run`` inside a running loop waits for one; ``nbllm.submit`` hands one back as a
 ``Job`` and lets the kernel go on. Either way there is one stop path: ``stop()``, from any
-thread and at any time (even before the run's loop exists), cancels the run's task, and
-the executor then returns what finished with ``interrupted=True``.
+thread and at any time (even before the run's loop exists). With the run's own ``stop``
+(``PreparedRun.stop``) the first lets the requests in flight finish and a second cancels
+them; without, it cancels the run's task. The executor then returns what finished with
+``interrupted=True``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class RunThread:
     Add ``listener`` to the run's listeners: once the run has emitted ``RunFinished`` its
     result is complete, and a stop is ignored (a cancel then would only break the clean-up
     that follows). ``settle(result, error)`` is called in the thread when the run ends.
+    ``stop``: the run's own stop, called by ``stop()`` (thread-safe, any number of times).
     """
 
     def __init__(
@@ -47,9 +50,11 @@ class RunThread:
         *,
         name: str,
         settle: Settle | None = None,
+        stop: Callable[[], None] | None = None,
     ) -> None:
         self._execute = execute
         self._settle = settle
+        self._stop_run = stop
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[RunResult] | None = None
@@ -78,6 +83,10 @@ class RunThread:
 
     def stop(self) -> None:
         """Stop the run, keeping what finished. Safe from any thread, at any time."""
+        if self._stop_run is not None:
+            if not self.listener.seen:
+                self._stop_run()
+            return
         with self._lock:
             self._stop_requested = True
             loop = self._loop
