@@ -18,9 +18,11 @@
   that row's conversation, as trailing empty questions do in a wide DataFrame; empty values
   in the system block become empty text, in a reference block no reference.
 
-Each row becomes one record ``{"id", "turns", "system", "references"}`` with id ``id`` /
-``conversation_id`` (a column or key of that name) or else the row's index label (the
-record's position), ready for ``nbllm.run``. Every problem is a one-line ``DatasetError``.
+Each row becomes one record ``{"id", "turns", "system", "references"}``, ready for
+``nbllm.run``. Its id comes from the column named by ``id_column`` (the magic's
+``--id COLUMN``), else from a column or key named ``id`` or ``conversation_id``, else it is the
+row's index label (the record's position). ``with_conversation_ids`` does the same for DATA
+that already is a conversation dataset. Every problem is a one-line ``DatasetError``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import pandas as pd
 from nbllm.dataset import did_you_mean, read_records
 from nbllm.errors import DatasetError
 
-__all__ = ["ConversationTemplate"]
+__all__ = ["ConversationTemplate", "with_conversation_ids"]
 
 
 _MARKER = re.compile(r"(system|user|reference):[ \t]?(.*)")
@@ -179,9 +181,10 @@ class ConversationTemplate:
             texts += [question] if reference is None else [question, reference]
         return list(dict.fromkeys(name for text in texts for name in text.fields))
 
-    def records(self, data: Any) -> list[dict[str, Any]]:
-        """One ``{"id", "turns", "system", "references"}`` record per row of ``data``."""
-        columns, rows = _rows(data)
+    def records(self, data: Any, id_column: str | None = None) -> list[dict[str, Any]]:
+        """One ``{"id", "turns", "system", "references"}`` record per row of ``data``; the ids
+        come from ``id_column`` when given (see the module docs)."""
+        columns, rows = _rows(data, id_column)
         missing = [name for name in self.fields if name not in columns]
         if missing:
             listed = ", ".join(f"{{{name}}}" + did_you_mean(name, columns) for name in missing)
@@ -219,42 +222,102 @@ class ConversationTemplate:
         return records
 
 
-def _rows(data: Any) -> tuple[list[str], Iterator[tuple[str, Any, dict[str, Any]]]]:
-    """Column names and ``(label for messages, conversation id, {column: value})`` per row."""
+def _check_id_column(column: str, columns: Sequence[str]) -> None:
+    if column not in columns:
+        hint = did_you_mean(column, columns)
+        msg = f"the id column {column!r} is not in DATA{hint}; its columns are {list(columns)}"
+        raise DatasetError(msg)
+
+
+def _check_records(data: Sequence[Any], purpose: str) -> list[dict[str, Any]]:
+    """The dicts of ``data`` with text keys; anything else is a one-line error."""
+    for i, item in enumerate(data):
+        if not isinstance(item, Mapping):
+            msg = f"{purpose} dicts, but record {i} is a {type(item).__name__}"
+            raise DatasetError(msg)
+    return [{str(k): v for k, v in r.items()} for r in data]
+
+
+def _readable(data: Any) -> Any:
+    """``data`` with a path read into its records."""
     if isinstance(data, (str, os.PathLike)):
-        data = [record for _, record in read_records(Path(data))]
+        return [record for _, record in read_records(Path(data))]
+    return data
+
+
+def _rows(
+    data: Any, id_column: str | None = None
+) -> tuple[list[str], Iterator[tuple[str, Any, dict[str, Any]]]]:
+    """Column names and ``(label for messages, conversation id, {column: value})`` per row."""
+    data = _readable(data)
     if isinstance(data, pd.DataFrame):
         frame = data
         columns = [str(c) for c in frame.columns]
-        id_column = next((c for c in ("id", "conversation_id") if c in columns), None)
+        if id_column is not None:
+            _check_id_column(id_column, columns)
+        id_name = id_column or next((c for c in ("id", "conversation_id") if c in columns), None)
 
         def frame_rows() -> Iterator[tuple[str, Any, dict[str, Any]]]:
             values = frame.itertuples(index=False, name=None)
             for label, row_values in zip(frame.index, values, strict=True):
                 row = dict(zip(columns, row_values, strict=True))
-                cid = label if id_column is None else row[id_column]
+                cid = label if id_name is None else row[id_name]
                 yield f"row {label!r}", cid, row
 
         return columns, frame_rows()
     if isinstance(data, Sequence) and data and not isinstance(data, (str, bytes)):
-        for i, item in enumerate(data):
-            if not isinstance(item, Mapping):
-                msg = (
-                    f"a template fills its placeholders from dicts, but record {i} "
-                    f"is a {type(item).__name__}"
-                )
-                raise DatasetError(msg)
-        records = [{str(k): v for k, v in r.items()} for r in data]
+        records = _check_records(data, "a template fills its placeholders from")
         columns = list(dict.fromkeys(k for r in records for k in r))
+        if id_column is not None:
+            _check_id_column(id_column, columns)
 
         def record_rows() -> Iterator[tuple[str, Any, dict[str, Any]]]:
             for i, row in enumerate(records):
-                cid = row.get("id", row.get("conversation_id", i))
+                if id_column is None:
+                    cid = row.get("id", row.get("conversation_id", i))
+                else:
+                    cid = _record_id(row, id_column, i)
                 yield f"record {i}", cid, row
 
         return columns, record_rows()
     msg = (
         "a template needs DATA to be a DataFrame, a non-empty list of dicts or a "
+        f"path to a .jsonl / .json file, got {type(data).__name__}"
+    )
+    raise DatasetError(msg)
+
+
+def _record_id(record: Mapping[str, Any], column: str, position: int) -> Any:
+    if column not in record:
+        msg = f"record {position} has no {column!r}, the id column"
+        raise DatasetError(msg)
+    return record[column]
+
+
+def with_conversation_ids(data: Any, column: str) -> Any:
+    """A conversation dataset whose conversation ids are the values of ``column``.
+
+    ``data``: a long or wide DataFrame, a list of dicts, or a path to a ``.jsonl`` / ``.json``
+    file of them. A DataFrame comes back with ``column`` as its ``conversation_id`` (an
+    ``id`` or ``conversation_id`` column it had is dropped); records come back with ``id``.
+    """
+    data = _readable(data)
+    if isinstance(data, pd.DataFrame):
+        columns = [str(c) for c in data.columns]
+        _check_id_column(column, columns)
+        replaced = [c for c in data.columns if c in ("id", "conversation_id") and c != column]
+        return data.drop(columns=replaced).rename(columns={column: "conversation_id"})
+    if isinstance(data, Sequence) and data and not isinstance(data, (str, bytes)):
+        records = _check_records(data, "--id takes conversation ids from a column of")
+        _check_id_column(column, list(dict.fromkeys(k for r in records for k in r)))
+        out = []
+        for i, record in enumerate(records):
+            cid = _record_id(record, column, i)
+            kept = {k: v for k, v in record.items() if k not in (column, "conversation_id")}
+            out.append(kept | {"id": cid})
+        return out
+    msg = (
+        "an id column needs DATA to be a DataFrame, a non-empty list of dicts or a "
         f"path to a .jsonl / .json file, got {type(data).__name__}"
     )
     raise DatasetError(msg)

@@ -15,13 +15,17 @@ optionally followed by a ``reference:`` block), ``{column}`` placeholders filled
 row, which becomes one conversation. Without a template
 (``%llm_batch DATA ...`` on one line, or a blank body: IPython refuses a ``%%`` cell with
 nothing below) ``DATA`` already is a conversation dataset in any shape ``nbllm.run`` reads.
+``--id COLUMN`` names the column whose values become ``conversation_id`` (by default a
+column named ``id`` or ``conversation_id``, else the row's index label).
 
 Everything else is one call of ``nbllm.run`` (or ``nbllm.submit`` with ``--background``):
-the magic binds the ``RunResult`` to ``-o NAME`` (default ``llm_result``) and shows its
-summary and first rows. Without ``-m`` (and no session default) the embedded local
-model answers, as ``nbllm.run`` without ``model=`` does. With ``--background`` it binds
-the ``Job`` to ``NAME_job`` at once and the ``RunResult`` to ``NAME`` when the job ends
-(not if it failed: then ``NAME_job.result()`` raises its error).
+the magic binds the ``RunResult`` to ``-o NAME`` (default ``llm_result``) and shows, under
+the run's dashboard, its one-line verdict and a preview of the first rows (id, turn,
+question, answer, error, latency; text clipped to one line). The full table is
+``NAME.df``, every figure ``print(NAME.summary)``. Without ``-m`` (and no session default)
+the embedded local model answers, as ``nbllm.run`` without ``model=`` does. With
+``--background`` it binds the ``Job`` to ``NAME_job`` at once and the ``RunResult`` to
+``NAME`` when the job ends (not if it failed: then ``NAME_job.result()`` raises its error).
 
 Where an option's value comes from, first match wins:
 
@@ -56,7 +60,9 @@ from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, NbllmError
 from nbllm.executor.storage import nbllm_dir
 from nbllm.jobs import Job
-from nbllm.template import ConversationTemplate
+from nbllm.results import RunResult
+from nbllm.template import ConversationTemplate, with_conversation_ids
+from nbllm.ui.preview import ResultPreview
 
 __all__ = ["LlmBatchMagics", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -68,6 +74,7 @@ ENVIRONMENT = {
 }
 SESSION = "%llm_config / %config"
 DEFAULT_OUTPUT = "llm_result"
+PREVIEW_ROWS = 5
 
 _UNSET = ("", "none", "default")
 _TRAITS: dict[type, Any] = {int: Integer, float: Float, str: Unicode}
@@ -115,6 +122,12 @@ def _line_parser() -> _LineParser:
     )
     parser.add_argument("data", nargs="?", metavar="DATA", help="a name in the notebook")
     parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="NAME")
+    parser.add_argument(
+        "--id",
+        dest="id_column",
+        metavar="COLUMN",
+        help="the column whose values name the conversations (default: id or conversation_id)",
+    )
     add_run_arguments(
         parser, (*SETTINGS, "engine"), short={"model": "-m"}, choices={"engine": ENGINE_NAMES}
     )
@@ -250,17 +263,18 @@ class LlmBatchMagics(Magics):
 
         ::
 
-            %%llm_batch DATA [-m MODEL] [-o NAME] [--concurrency N] [--rpm N] [--tpm N]
-                        [--max-tokens N] [--temperature T] [--engine auto|litellm|openai|...]
+            %%llm_batch DATA [-m MODEL] [-o NAME] [--id COLUMN] [--concurrency N] [--rpm N]
+                        [--tpm N] [--max-tokens N] [--temperature T] [--engine auto|openai|...]
                         [--api-base URL] [--checkpoint PATH | --no-checkpoint] [--background]
             system: You are a careful financial analyst.
             {context}
             user: {question_0}
             user: {question_1}
 
-        Binds the RunResult to NAME (default ``llm_result``) and shows its summary and
-        first rows. ``--background`` binds the Job to ``NAME_job`` and the result to NAME
-        when the job ends. Session defaults: ``%llm_config``.
+        Binds the RunResult to NAME (default ``llm_result``) and shows its verdict and first
+        rows. ``--id COLUMN``: the column that names each conversation. ``--background``
+        binds the Job to ``NAME_job`` and the result to NAME when the job ends. Session
+        defaults: ``%llm_config``.
         """
         parser = _line_parser()
         try:
@@ -282,7 +296,9 @@ class LlmBatchMagics(Magics):
         try:
             template = ConversationTemplate.parse(cell or "")
             if template is not None:
-                data = template.records(data)
+                data = template.records(data, args.id_column)
+            elif args.id_column is not None:
+                data = with_conversation_ids(data, args.id_column)
         except NbllmError as exc:
             msg = f"%%llm_batch: {exc}"
             raise UsageError(msg) from exc
@@ -296,25 +312,12 @@ class LlmBatchMagics(Magics):
             msg = f"nbllm: {exc}"
             raise UsageError(msg) from exc
 
-        from IPython.display import display
-
         if args.background:
             namespace[f"{name}_job"] = job
-
-            def bind(job: Job) -> None:
-                if job.status != "failed":
-                    namespace[name] = job.result()
-
-            job.add_done_callback(bind)
-            print(
-                f"nbllm job {job.id} is running in the background ({job.turns_total} turns): "
-                f"{name}_job is the job ({name}_job.stop() stops it); {name} will hold the "
-                "result when it ends"
-            )
+            _announce(job, name, namespace)
             return
         namespace[name] = result
-        display(result.summary)
-        display(result.df.head())
+        _show(result, name)
 
     def _namespace(self) -> dict[str, Any]:
         if self.shell is None:  # a Magics made without a shell, outside IPython
@@ -332,6 +335,50 @@ class LlmBatchMagics(Magics):
             )
             raise UsageError(msg)
         return namespace[name]
+
+
+# --------------------------------------------------------------------------- what a cell shows
+
+
+def _show(result: RunResult, name: str) -> None:
+    """The verdict, then the first rows, then one line on where the rest is."""
+    from IPython.display import display
+
+    df = result.df
+    shown = min(PREVIEW_ROWS, len(df))
+    where = [f"{shown} of {len(df):,} rows of {name}.df", f"print({name}.summary) for every figure"]
+    with_error = int(df["error"].notna().sum())
+    if with_error and not df["error"].head(shown).notna().any():
+        where.append(f"{name}.df[{name}.df.error.notna()] for the {with_error:,} with an error")
+    where.append(f"{name}.plot() for charts")
+    print(result.verdict)
+    display(ResultPreview.of(df, rows=PREVIEW_ROWS, note=" · ".join(where)))
+
+
+def _announce(job: Job, name: str, namespace: dict[str, Any]) -> None:
+    """A line that says where the job and its result are, rewritten when the job ends."""
+    from IPython.display import Pretty, display
+
+    handle = display(
+        Pretty(
+            f"nbllm job {job.id} started in the background ({job.turns_total:,} turns): "
+            f"{name}_job is the job ({name}_job.stop() stops it); {name} will hold the result "
+            "when it ends"
+        ),
+        display_id=True,
+    )
+
+    def bind(job: Job) -> None:
+        if job.status == "failed":
+            line = f"nbllm job {job.id} failed: {name}_job.result() raises its error"
+        else:
+            result = job.result()
+            namespace[name] = result
+            line = f"nbllm job {job.id} {job.status}: {result.verdict}; {name} holds the result"
+        if handle is not None:
+            handle.update(Pretty(line))
+
+    job.add_done_callback(bind)
 
 
 # --------------------------------------------------------------------------- the extension

@@ -18,7 +18,8 @@ from nbllm.config import RunConfig
 from nbllm.jobs import Job
 from nbllm.results import RunResult
 from nbllm.testing import TestServer, messages_key
-from nbllm.ui.magics import ENVIRONMENT, SESSION, LlmBatchMagics
+from nbllm.ui.magics import ENVIRONMENT, SESSION, LlmBatchMagics, _show
+from nbllm.ui.preview import PREVIEW_COLUMNS, ResultPreview, clip
 
 SYSTEM = "You are a careful financial analyst."
 TEMPLATE = f"""system: {SYSTEM}
@@ -101,9 +102,14 @@ def test_a_template_over_a_dataframe(shell, server, capsys):
     assert df["answer"].iloc[0] == f"Answer to turn 0: What was revenue? [{key[:8]}]"
     assert df["answer"].iloc[1].startswith("Answer to turn 1: And doubled?")
 
-    shown = capsys.readouterr().out
-    assert "turns_ok=3" in shown  # the summary
-    assert "[3 rows x 17 columns]" in shown  # df.head()
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == result.verdict  # one line, not the 17-row summary
+    assert shown[1].split() == list(PREVIEW_COLUMNS)  # id, turn, question, answer, error, latency
+    assert len(shown) == 1 + 1 + 3 + 1  # the verdict, the preview's header, 3 rows, the note
+    assert shown[-1] == (
+        "3 of 3 rows of llm_result.df · print(llm_result.summary) for every figure · "
+        "llm_result.plot() for charts"
+    )
 
 
 def test_an_empty_body_runs_a_conversation_dataset(shell, server):
@@ -324,11 +330,15 @@ def test_background_binds_the_job_now_and_the_result_at_the_end(shell, capsys):
         assert isinstance(job, Job)
         assert job.status == "running"
         assert "bg" not in shell.user_ns
-        assert f"nbllm job {job.id}" in capsys.readouterr().out
+        assert f"nbllm job {job.id} started in the background" in capsys.readouterr().out
 
         result = job.result(timeout=30)
         assert shell.user_ns["bg"] is result
         assert result.summary.turns_ok == 3
+        # the line is rewritten when the job ends (a terminal prints it again)
+        assert capsys.readouterr().out.strip() == (
+            f"nbllm job {job.id} done: {result.verdict}; bg holds the result"
+        )
         assert slow.history_errors == 0
 
 
@@ -362,7 +372,7 @@ def test_every_face_hands_its_options_to_the_run(shell, monkeypatch, tmp_path):
     """The CLI's flags, the magic's options and the environment, as the RunConfig they make."""
     seen: list[RunConfig] = []
 
-    def spy(data, config):
+    def spy(data, config, **how):
         seen.append(config)
         raise Captured
 
@@ -417,3 +427,82 @@ def test_unload_removes_the_magics(shell):
     assert not any(isinstance(c, LlmBatchMagics) for c in shell.configurables)
     shell.run_line_magic("load_ext", "nbllm")  # and back, for the fixture's teardown
     assert "llm_batch" in shell.magics_manager.magics["cell"]
+
+
+def test_the_preview_clips_long_text_to_one_line_and_points_at_the_errors(capsys):
+    def answer(request):
+        question = request.messages[-1]["content"]
+        if question.startswith("fail"):
+            raise nbllm.errors.ServerError("the server broke")
+        return "A long answer,\nover lines:\n" + "word " * 40
+
+    records = [{"id": i, "turns": ["Why " * 30 if i < 5 else "fail now"]} for i in range(7)]
+    result = nbllm.run(records, engine=nbllm.FakeEngine(answer), model="m", progress=False,
+                       checkpoint=False, retries=0)  # fmt: skip
+    _show(result, "answers")  # what %%llm_batch shows after its run
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == result.verdict
+    rows = shown[2:-1]
+    assert len(rows) == 5  # the first five of seven
+    assert all(("Why Why" in row and "…" in row and "A long answer, over lines:" in row)
+               for row in rows)  # fmt: skip
+    assert all(len(row) < 200 for row in rows)
+    assert shown[-1] == (
+        "5 of 7 rows of answers.df · print(answers.summary) for every figure · "
+        "answers.df[answers.df.error.notna()] for the 2 with an error · answers.plot() for charts"
+    )
+
+
+def test_the_preview_in_html_keeps_each_cell_on_one_line():
+    assert clip("a\n  b   c", 60) == "a b c"
+    assert clip("x" * 70, 60) == "x" * 60 + "…"
+    result = nbllm.run([{"id": "<a>", "turns": ["one\ntwo"]}], engine=nbllm.FakeEngine(),
+                       model="m", progress=False, checkpoint=False)  # fmt: skip
+    page = ResultPreview.of(result.df, note="see <df>")._repr_html_()
+    assert "white-space: nowrap" in page
+    assert "&lt;a&gt;" in page and "see &lt;df&gt;" in page  # escaped
+    assert "one two" in page
+    assert "&lt;NA&gt;" not in page and "NaN" not in page  # missing is blank
+
+
+WIDE = pd.DataFrame(
+    {
+        "company": ["Acme", "Globex"],
+        "question_0": ["Revenue?", "Profit?"],
+        "question_1": ["Doubled?", None],
+    }
+)
+
+
+def test_id_names_the_conversations_with_a_template_and_without(shell, server):
+    shell.user_ns["df"] = WIDE
+    line = f"df -m nbllm-test --api-base {server.url} --no-checkpoint"
+    cell = shell.run_cell(f"%%llm_batch {line} --id company\nuser: {{question_0}}")
+    assert cell.error_in_exec is None, cell.error_in_exec
+    assert list(shell.user_ns["llm_result"].df["conversation_id"]) == ["Acme", "Globex"]
+
+    cell = shell.run_cell(f"%llm_batch {line} --id company -o wide")
+    assert cell.error_in_exec is None, cell.error_in_exec
+    df = shell.user_ns["wide"].df
+    assert list(zip(df["conversation_id"], df["turn"], strict=True)) == [
+        ("Acme", 0),
+        ("Acme", 1),
+        ("Globex", 0),
+    ]
+
+    shell.user_ns["rows"] = [{"name": "n1", "turns": ["Hi"]}, {"name": "n2", "turns": ["Yo"]}]
+    cell = shell.run_cell(f"%llm_batch rows -m nbllm-test --api-base {server.url} --id name")
+    assert cell.error_in_exec is None, cell.error_in_exec
+    assert list(shell.user_ns["llm_result"].df["conversation_id"]) == ["n1", "n2"]
+
+
+@pytest.mark.parametrize("body", ["user: {question_0}", ""])
+def test_a_missing_id_column_is_one_line_naming_the_columns(shell, server, body):
+    shell.user_ns["df"] = WIDE
+    cell = shell.run_cell(
+        f"%%llm_batch df -m nbllm-test --api-base {server.url} --id compnay\n{body}\n"
+    )
+    message = usage_error(cell)
+    assert "'compnay'" in message and "did you mean 'company'" in message
+    assert "['company', 'question_0', 'question_1']" in message
+    assert server.requests == []

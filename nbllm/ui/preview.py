@@ -1,0 +1,86 @@
+"""A look at a result's first rows: the columns worth reading, each cell on one line.
+
+The magic shows this under the verdict instead of the whole ``df`` (17 columns whose
+questions wrap over many lines); the full table is the result's ``df``.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["PREVIEW_COLUMNS", "ResultPreview", "clip"]
+
+PREVIEW_COLUMNS = ("conversation_id", "turn", "question", "answer", "error", "latency_s")
+_TEXT_COLUMNS = ("question", "answer", "error")
+
+# Cells keep to one line in a notebook's output, however narrow: the table scrolls instead.
+_STYLE = (
+    "<style>.nbllm-preview td, .nbllm-preview th {white-space: nowrap; text-align: left}</style>"
+)
+
+
+def clip(text: str, width: int = 60) -> str:
+    """``text`` on one line (runs of whitespace and line breaks become one space), cut to
+    ``width`` characters with an ellipsis when longer."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[:width].rstrip() + "…"
+
+
+@dataclass(frozen=True)
+class ResultPreview:
+    """The first rows of a result's ``df``, its useful columns only, text clipped to one line.
+
+    ``frame`` is that small table; ``note`` one line under it (where the rest is).
+    """
+
+    frame: pd.DataFrame
+    note: str = ""
+
+    @classmethod
+    def of(cls, df: pd.DataFrame, rows: int = 5, width: int = 60, note: str = "") -> ResultPreview:
+        frame = df.loc[:, [c for c in PREVIEW_COLUMNS if c in df.columns]].head(rows).copy()
+        for column in _TEXT_COLUMNS:
+            if column in frame.columns:
+                texts = frame[column].astype(object)
+                frame[column] = [clip(v, width) if isinstance(v, str) else "" for v in texts]
+        return cls(frame, note)
+
+    def _formatters(self) -> dict[str, Any]:
+        import pandas as pd
+
+        def seconds(value: Any) -> str:
+            return "" if pd.isna(value) else f"{value:.2f}"
+
+        return {"latency_s": seconds} if "latency_s" in self.frame.columns else {}
+
+    def __str__(self) -> str:
+        import pandas as pd
+
+        with pd.option_context("display.max_colwidth", None):
+            table = self.frame.to_string(na_rep="", formatters=self._formatters())
+        return f"{table}\n{self.note}" if self.note else table
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self))
+
+    def _repr_html_(self) -> str:
+        import pandas as pd
+
+        with pd.option_context("display.max_colwidth", None):
+            table = self.frame.to_html(
+                classes="nbllm-preview", na_rep="", formatters=self._formatters(), border=0
+            )
+        note = (
+            f"<div style='color: gray; font-size: smaller'>{html.escape(self.note)}</div>"
+            if self.note
+            else ""
+        )
+        return f"{_STYLE}<div style='overflow-x: auto'>{table}</div>{note}"
