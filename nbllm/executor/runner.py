@@ -376,10 +376,11 @@ class Executor:
 
     def _complete_records(self) -> list[TurnRecord]:
         records: list[TurnRecord] = []
+        why = STOPPED if self._stop_reason is None else f"{NOT_RUN}: {self._stop_reason}"
         for conv, base in zip(self._conversations, self._offsets, strict=True):
             for k in range(len(conv)):
                 record = self._records[base + k]
-                records.append(record if record is not None else self._unanswered(conv, k, STOPPED))
+                records.append(record if record is not None else self._unanswered(conv, k, why))
         return records
 
     # -- one turn: retries ---------------------------------------------------------

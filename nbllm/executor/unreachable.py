@@ -12,7 +12,7 @@ import errno
 import socket
 import ssl
 
-from nbllm.errors import ConnectionFailed, EngineError
+from nbllm.errors import ConnectionFailed, EngineError, RetryableError
 
 __all__ = ["unreachable_reason"]
 
@@ -52,8 +52,9 @@ def _reason_of(exc: BaseException) -> str | None:
 def unreachable_reason(error: EngineError) -> str | None:
     """A short reason ("connection refused") when ``error`` says no connection could be
     made at all; None when the server may well be there."""
-    if not isinstance(error, ConnectionFailed):
+    if not isinstance(error, RetryableError):
         return None
+    # Backends wrap the OSError under their own errors (litellm even as an HTTP 500).
     seen: BaseException | None = error
     for _ in range(_CHAIN_DEPTH):
         if seen is None:
@@ -62,6 +63,8 @@ def unreachable_reason(error: EngineError) -> str | None:
         if reason is not None:
             return reason
         seen = seen.__cause__ or seen.__context__
+    if not isinstance(error, ConnectionFailed):
+        return None
     text = str(error).lower()
     for fragment, reason in _TEXT_REASONS:
         if fragment in text:
