@@ -116,8 +116,8 @@ def _write_out(df: pd.DataFrame, path: Path) -> None:
     if suffix == ".csv":
         df.to_csv(path, index=False)
     elif suffix == ".jsonl":
-        # One JSON object per turn; missing values (NaN, NA) become null.
-        text = df.to_json(orient="records", lines=True, force_ascii=False)
+        # One JSON object per turn; missing values become null, times ISO 8601 strings.
+        text = df.to_json(orient="records", lines=True, force_ascii=False, date_format="iso")
         if text and not text.endswith("\n"):
             text += "\n"
         path.write_text(text, encoding="utf-8")

@@ -43,6 +43,26 @@ COLUMNS = (
     "resumed",
 )
 
+# Each column's dtype in ``RunResult.df`` (conversation_id keeps the ids as given).
+_DTYPES = {
+    "turn": "Int64",
+    "question": "string",
+    "answer": "string",
+    "reference": "string",
+    "model": "string",
+    "engine": "string",
+    "latency_s": "Float64",
+    "prompt_tokens": "Int64",
+    "completion_tokens": "Int64",
+    "cost_usd": "Float64",
+    "attempts": "Int64",
+    "error": "string",
+    "started_at": "datetime",
+    "finished_at": "datetime",
+    "cached": "bool",
+    "resumed": "bool",
+}
+
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     """Linear-interpolated percentile (as numpy's default) of already sorted values."""
@@ -70,10 +90,13 @@ class RowTotals:
     """The running totals of a run's rows, added one row at a time.
 
     ``add`` is a few additions (the live statistics call it for every finished turn);
-    the latencies are sorted only when asked for. Only answered rows bring tokens.
-    ``cached`` counts rows answered from the cache in this run, so a resumed row is never
-    also cached. ``attempts`` and ``sent`` (rows with at least one attempt) include resumed
-    rows, which keep their earlier run's attempts. Not locked: its owner serialises access.
+    the latencies are sorted only when asked for. A row is answered, not run (see
+    ``TurnRecord.not_run``) or failed. Only answered rows bring tokens. ``cached`` counts
+    rows answered from the cache in this run, so a resumed row is never also cached.
+    What this run sent leaves resumed rows out, whose attempts an earlier run made:
+    ``attempts`` (requests sent), ``sent`` (rows with at least one attempt) and
+    ``sent_tokens`` (the tokens of answers to those requests; cached rows sent none).
+    Not locked: its owner serialises access.
     """
 
     __slots__ = (
@@ -85,21 +108,25 @@ class RowTotals:
         "completion_tokens",
         "cost_known",
         "cost_sum",
+        "not_run",
         "prompt_tokens",
         "resumed",
         "sent",
+        "sent_tokens",
         "turns",
     )
 
     def __init__(self) -> None:
         self.turns = 0
         self.answered = 0
+        self.not_run = 0
         self.attempts = 0
         self.sent = 0
         self.cached = 0
         self.resumed = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.sent_tokens = 0
         self.cost_sum = 0.0
         self.cost_known = False
         # Sorted latencies, plus those not merged in yet: an insort per row would move the
@@ -119,21 +146,32 @@ class RowTotals:
         self.turns += 1
         if record.ok:
             self.answered += 1
+            tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
             self.prompt_tokens += record.prompt_tokens or 0
             self.completion_tokens += record.completion_tokens or 0
-        if record.attempts:
-            self.attempts += record.attempts
-            self.sent += 1
+            if not (record.resumed or record.cached):
+                self.sent_tokens += tokens
+        elif record.not_run:
+            self.not_run += 1
         if record.cost_usd is not None:
             self.cost_sum += record.cost_usd
             self.cost_known = True
         if record.resumed:
             self.resumed += 1
-        elif record.cached:
+            return
+        if record.attempts:
+            self.attempts += record.attempts
+            self.sent += 1
+        if record.cached:
             self.cached += 1
         latency = request_latency(record)
         if latency is not None:
             self._new_latencies.append(latency)
+
+    def add_not_run(self, count: int) -> None:
+        """Count ``count`` turns that never ran and that no row was added for (yet)."""
+        self.turns += count
+        self.not_run += count
 
     @property
     def errors(self) -> int:
@@ -141,8 +179,13 @@ class RowTotals:
         return self.turns - self.answered
 
     @property
+    def failed(self) -> int:
+        """Rows without an answer that ran: an error, or skipped after an earlier one."""
+        return self.turns - self.answered - self.not_run
+
+    @property
     def retries(self) -> int:
-        """Attempts beyond each sent row's first."""
+        """Attempts in this run beyond each sent row's first."""
         return self.attempts - self.sent
 
     @property
@@ -165,18 +208,34 @@ class RowTotals:
         return self._latencies
 
 
+def _took(seconds: float) -> str:
+    """``"12.3 s"``, ``"3 min 05 s"``, ``"2 h 07 min"``."""
+    if seconds < 59.95:
+        return f"{max(0.0, seconds):.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
 @dataclass(frozen=True, slots=True)
 class RunSummary:
     """The run's figures. Latencies are of answered requests, in seconds.
 
-    ``cached``: turns answered from the response cache in this run; ``resumed``: turns
-    read back from the checkpoint. Neither sent a request in this run.
+    Each turn is ok, failed (an error, or skipped after an earlier turn failed) or not
+    run (the run stopped before it ran: ``turns_not_run``). ``cached``: turns answered
+    from the response cache in this run; ``resumed``: turns read back from the
+    checkpoint. Neither sent a request in this run, so the rates and ``retries`` count
+    only requests this run sent, per second of its ``wall_s``. ``stop_reason``: why the
+    run ended early by itself, or None. ``verdict`` says it all in one line.
     """
 
     conversations: int
     turns: int
     turns_ok: int
     turns_failed: int
+    turns_not_run: int
     wall_s: float
     requests_per_s: float
     tokens_per_s: float
@@ -190,22 +249,29 @@ class RunSummary:
     completion_tokens: int
     cost_usd: float | None
     interrupted: bool
+    stop_reason: str | None = None
 
     @classmethod
     def from_totals(
-        cls, totals: RowTotals, *, conversations: int, wall_s: float, interrupted: bool
+        cls,
+        totals: RowTotals,
+        *,
+        conversations: int,
+        wall_s: float,
+        interrupted: bool,
+        stop_reason: str | None = None,
     ) -> RunSummary:
-        """The whole run's figures from the totals of all its rows: rates are per second of
-        ``wall_s`` and count resumed rows too."""
+        """The whole run's figures from the totals of all its rows."""
         latencies = totals.latencies()
         return cls(
             conversations=conversations,
             turns=totals.turns,
             turns_ok=totals.answered,
-            turns_failed=totals.errors,
+            turns_failed=totals.failed,
+            turns_not_run=totals.not_run,
             wall_s=wall_s,
             requests_per_s=totals.attempts / wall_s if wall_s > 0 else 0.0,
-            tokens_per_s=totals.tokens / wall_s if wall_s > 0 else 0.0,
+            tokens_per_s=totals.sent_tokens / wall_s if wall_s > 0 else 0.0,
             latency_p50=percentile(latencies, 0.50),
             latency_p95=percentile(latencies, 0.95),
             latency_p99=percentile(latencies, 0.99),
@@ -216,7 +282,36 @@ class RunSummary:
             completion_tokens=totals.completion_tokens,
             cost_usd=totals.cost_usd,
             interrupted=interrupted,
+            stop_reason=stop_reason,
         )
+
+    @property
+    def verdict(self) -> str:
+        """The run in one line: how many turns are ok, failed and not run, and what next."""
+        ok, turns, failed, not_run = (
+            self.turns_ok,
+            self.turns,
+            self.turns_failed,
+            self.turns_not_run,
+        )
+        if self.stop_reason:
+            counts = f"{ok:,} of {turns:,} turns ok"
+            if failed:
+                counts += f", {failed:,} failed"
+            if not_run:
+                counts += f", {not_run:,} not run"
+            return f"{self.stop_reason} — {counts}"
+        took = _took(self.wall_s)
+        if not_run:
+            return (
+                f"{ok:,} of {turns:,} turns ok, {not_run:,} not run (stopped), {failed:,} failed "
+                f"in {took} — run it again to resume"
+            )
+        if failed:
+            return (
+                f"{ok:,} of {turns:,} turns ok, {failed:,} failed (see the error column) in {took}"
+            )
+        return f"{ok:,}/{turns:,} turns ok in {took}"
 
     @property
     def success_rate(self) -> float:
@@ -242,7 +337,8 @@ class RunSummary:
     def __str__(self) -> str:
         rows = self._formatted()
         width = max(len(name) for name, _ in rows)
-        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+        table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+        return f"{self.verdict}\n{table}"
 
     def _repr_html_(self) -> str:
         cells = "".join(
@@ -250,15 +346,18 @@ class RunSummary:
             f"<td style='text-align:right'>{html.escape(value)}</td></tr>"
             for name, value in self._formatted()
         )
-        return f"<table>{cells}</table>"
+        caption = f"<caption style='text-align:left'>{html.escape(self.verdict)}</caption>"
+        return f"<table>{caption}{cells}</table>"
 
 
 class RunResult:
-    """The result of a run: ``df`` (one row per turn), ``summary``, ``plot()``.
+    """The result of a run: ``df`` (one row per turn), ``summary``, ``verdict``, ``plot()``.
 
     ``records`` are in input order: conversation by conversation, turn by turn.
     ``interrupted`` is true when the run was stopped before every turn finished;
-    the turns that never ran then carry an ``error`` saying so.
+    the turns that never ran then carry an ``error`` that starts with ``"not run"``.
+    ``stop_reason`` says why the run ended early by itself (it could not reach the
+    server, say); None when it ran to the end or was stopped by its user.
     """
 
     def __init__(
@@ -271,6 +370,7 @@ class RunResult:
         interrupted: bool = False,
         model: str | None = None,
         engine: str | None = None,
+        stop_reason: str | None = None,
     ) -> None:
         self.records = list(records)
         self.conversations = conversations
@@ -279,34 +379,49 @@ class RunResult:
         self.interrupted = interrupted
         self.model = model
         self.engine = engine
+        self.stop_reason = stop_reason
         self.gpu_samples: list[Any] = []  # filled by the notebook dashboard when it sampled GPUs
 
     def __repr__(self) -> str:
-        s = self.summary
-        state = ", interrupted" if self.interrupted else ""
-        return (
-            f"<RunResult {s.turns_ok}/{s.turns} turns ok, {s.conversations} conversations, "
-            f"{s.wall_s:.2f} s{state}>"
-        )
+        return f"<RunResult {self.verdict}, {self.conversations:,} conversations>"
 
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def verdict(self) -> str:
+        """The run in one line, as ``summary.verdict``."""
+        return self.summary.verdict
+
     @cached_property
     def df(self) -> pd.DataFrame:
+        """One row per turn, the columns of ``COLUMNS``.
+
+        Missing is ``pd.NA`` everywhere (``NaT`` in the two time columns): text columns
+        are ``string``, numbers nullable ``Int64`` / ``Float64``, ``started_at`` and
+        ``finished_at`` ``datetime64[ns, UTC]``; ``cached`` and ``resumed`` are ``bool``.
+        ``conversation_id`` keeps the dataset's ids as they were (``object``).
+        """
         import pandas as pd
 
-        rows = [tuple(getattr(r, c) for c in COLUMNS) for r in self.records]
-        frame = pd.DataFrame.from_records(rows, columns=list(COLUMNS))
-        for column in ("latency_s", "cost_usd", "started_at", "finished_at"):
-            frame[column] = frame[column].astype("float64")
-        for column in ("prompt_tokens", "completion_tokens"):
-            frame[column] = frame[column].astype("Int64")
-        frame["turn"] = frame["turn"].astype("int64")
-        frame["attempts"] = frame["attempts"].astype("int64")
-        frame["cached"] = frame["cached"].astype("bool")
-        frame["resumed"] = frame["resumed"].astype("bool")
-        return frame
+        records = self.records
+
+        def values(column: str) -> list[Any]:
+            return [getattr(r, column) for r in records]
+
+        columns: dict[str, Any] = {
+            "conversation_id": pd.Series(values("conversation_id"), dtype=object)
+        }
+        for column in COLUMNS[1:]:
+            kind = _DTYPES[column]
+            if kind == "datetime":
+                seconds = pd.Series(values(column), dtype="float64")
+                columns[column] = pd.to_datetime(seconds, unit="s", utc=True).astype(
+                    "datetime64[ns, UTC]"
+                )
+            else:
+                columns[column] = pd.array(values(column), dtype=kind)
+        return pd.DataFrame(columns, columns=list(COLUMNS))
 
     @cached_property
     def summary(self) -> RunSummary:
@@ -315,6 +430,7 @@ class RunResult:
             conversations=self.conversations,
             wall_s=self.wall_s,
             interrupted=self.interrupted,
+            stop_reason=self.stop_reason,
         )
 
     def plot(self) -> Any:

@@ -11,7 +11,11 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ChatRequest", "ChatResponse", "Conversation", "Message", "TurnRecord"]
+__all__ = ["NOT_RUN", "ChatRequest", "ChatResponse", "Conversation", "Message", "TurnRecord"]
+
+NOT_RUN = "not run"
+"""How the error of a turn that never ran begins: the run stopped (asked to, or gave up)
+before the turn was sent or before its answer came. Such a turn is neither ok nor failed."""
 
 Message = dict[str, Any]
 """One chat message as OpenAI-compatible APIs take it: ``{"role": ..., "content": ...}``."""
@@ -96,6 +100,7 @@ class TurnRecord:
 
     ``cached``: answered from the response cache, no request sent. ``resumed``: read back
     from the run's checkpoint, finished by an earlier (interrupted) run of the same call.
+    A row is ``ok`` (answered), ``not_run`` (its error starts with ``NOT_RUN``), or failed.
     """
 
     conversation_id: Hashable
@@ -119,3 +124,8 @@ class TurnRecord:
     @property
     def ok(self) -> bool:
         return self.error is None and self.answer is not None
+
+    @property
+    def not_run(self) -> bool:
+        """The turn never ran: the run stopped first. A run again can still answer it."""
+        return self.error is not None and self.error.startswith(NOT_RUN)

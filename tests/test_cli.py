@@ -170,7 +170,7 @@ def test_parquet_input_to_parquet_output(server, tmp_path, capsys):
     ]
     assert df["answer"].iloc[1].startswith("Answer to turn 1: And in 2020?")
     assert df["reference"].iloc[0] == "10" and df["reference"].isna().iloc[1:].all()
-    assert df["latency_s"].dtype == "float64" and df["prompt_tokens"].dtype == "Int64"
+    assert df["latency_s"].dtype == "Float64" and df["prompt_tokens"].dtype == "Int64"
     assert not df["error"].notna().any()
     assert server.history_errors == 0
 

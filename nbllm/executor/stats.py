@@ -5,7 +5,10 @@ the events they receive and read their figures from it; a metrics exporter plugs
 same way. Each finished row is counted by ``nbllm.results.RowTotals``, the rules that the
 end-of-run ``RunSummary`` counts the final rows with, so a live figure and the summary's
 mean the same thing. What only a live view has is computed here: the pace over a recent
-window, the ETA, the requests in flight, and retries as they are scheduled.
+window, the ETA, the requests in flight, retries as they are scheduled, errors by kind and
+the last error, a stop on its way, and a local engine's preparation before the run.
+Once the run has finished, every figure is the end-of-run summary's (whole-run rates, the
+turns that never ran), so a finished view and ``print(result.summary)`` agree.
 
 ``RunStats.update(event)`` runs for every event (thousands a second), so it does a few
 additions and appends and nothing more; ``snapshot()`` does the rest (window sums,
@@ -14,36 +17,69 @@ percentiles) at the pace a view redraws. One thread may write while another read
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 
 from nbllm.executor.events import (
+    EnginePhase,
     Event,
     RequestSent,
     RetryScheduled,
     RunFinished,
     RunStarted,
+    StopRequested,
     TurnFinished,
 )
-from nbllm.results import RowTotals, percentile
+from nbllm.results import RowTotals, RunSummary, percentile
 
-__all__ = ["RunStats", "Snapshot"]
+__all__ = ["RunStats", "Snapshot", "error_kind", "one_line"]
 
 WINDOW_S = 5.0
 """Rates and the ETA follow the turns finished in the last this-many seconds."""
 
+# The runner's text for a turn not sent because an earlier one failed: the earlier
+# error is the one worth showing as the last error.
+_SKIPPED = "skipped:"
+# A key, token or password that a backend's error message might echo back.
+_SECRET = re.compile(
+    r"(?i)\b(sk-|Bearer\s+|(?:api[_-]?key|access[_-]?token|token|password)[\"']?\s*[:=]\s*[\"']?)"
+    r"[A-Za-z0-9._~+/=-]{4,}"
+)
+
+
+def error_kind(error: str) -> str:
+    """An error's kind: its text up to the first ":" (``"ConnectionFailed"``)."""
+    return error.partition(":")[0].strip()
+
+
+def one_line(error: str) -> str:
+    """``error`` on one line, with anything that looks like a key or token redacted."""
+    return _SECRET.sub(r"\1***", " ".join(error.split()))
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A run's figures at one moment. Rates are per second over the recent window.
+    """A run's figures at one moment. Latencies are in seconds.
 
-    Latencies (seconds) are of answered requests sent in this run: cached and resumed
-    rows sent none. ``errors`` counts rows without an answer (failed or skipped);
-    ``retries`` counts the retries scheduled in this run. ``cost_usd`` is ``None`` while no
-    row has a known cost. ``eta_s`` is ``None`` until there is a pace to go by, and once
-    the run was interrupted.
+    While the run goes, rates are per second over the recent window; once it has
+    finished, they and every count are the end-of-run summary's (``RunSummary``).
+    Rates count only requests this run sent: cached and resumed rows sent none.
+    ``turns_done``: turns that ran (ok or failed). ``failed``: turns that ran without an
+    answer (an error, or skipped after an earlier one); ``not_run``: turns the run
+    stopped before (known once it finished); ``errors`` is the two together.
+    ``errors_by_kind``: (kind, count) of the failed turns, most frequent first, the kind
+    being the error text up to its first ":"; ``last_error``: the latest error (of a
+    turn or a retry) in full, on one line, keys redacted. ``retries`` counts the retries
+    scheduled in this run. ``cost_usd`` is ``None`` while no row has a known cost.
+    ``eta_s`` is ``None`` until there is a pace to go by, while stopping, and once the
+    run ended with turns not run. ``stopping``: a stop was asked and the requests in flight are
+    finishing. ``stop_reason`` and ``verdict`` are the summary's, set once finished.
+    ``phase``, ``phase_done``, ``phase_total`` and ``phase_detail``: a local engine's
+    preparation ("converting", "exporting", "loading") before the run starts, in the
+    phase's own unit (``None`` when unknown); all None once the run has started.
     """
 
     model: str | None = None
@@ -67,6 +103,17 @@ class Snapshot:
     started: bool = False
     finished: bool = False
     interrupted: bool = False
+    failed: int = 0
+    not_run: int = 0
+    errors_by_kind: tuple[tuple[str, int], ...] = ()
+    last_error: str | None = None
+    stopping: bool = False
+    stop_reason: str | None = None
+    verdict: str | None = None
+    phase: str | None = None
+    phase_done: float | None = None
+    phase_total: float | None = None
+    phase_detail: str | None = None
 
 
 class RunStats:
@@ -74,7 +121,7 @@ class RunStats:
 
     An event listener itself (``listeners=[stats]``). ``turns_done``, ``errors`` and
     ``retries`` are plain counts, cheap enough to read after every event; ``snapshot``
-    gives every figure.
+    gives every figure. An ``EnginePhase`` after a finished run starts over too.
     """
 
     def __init__(self, window_s: float = WINDOW_S) -> None:
@@ -98,6 +145,11 @@ class RunStats:
         self._finished_t: float | None = None
         self._wall_s: float | None = None
         self._interrupted = False
+        self._summary: RunSummary | None = None
+        self._stopping = False
+        self._errors_by_kind: dict[str, int] = {}
+        self._last_error: str | None = None
+        self._phase: EnginePhase | None = None
         # (finish time, requests sent, tokens) of this run's turns in the recent window,
         # with their running sums. Resumed rows stay out: read back from the checkpoint in a
         # burst at the start, they are not this run's pace.
@@ -108,14 +160,13 @@ class RunStats:
 
     def update(self, event: Event) -> None:
         with self._lock:
-            if self._started_t is None:
-                self._started_t = event.t
             if isinstance(event, TurnFinished):
                 self._turn_finished(event)
             elif isinstance(event, RequestSent):
                 self._in_flight = event.in_flight
             elif isinstance(event, RetryScheduled):
                 self._retries += 1
+                self._last_error = event.error
             elif isinstance(event, RunStarted):
                 self._reset()
                 self._started_t = event.t
@@ -123,25 +174,38 @@ class RunStats:
                 self._turns_total = event.turns
                 self._conversations_total = event.conversations
             elif isinstance(event, RunFinished):
-                self._finished_t = event.t
-                self._wall_s = event.wall_s
-                self._interrupted = event.interrupted
-                self._in_flight = 0
+                self._run_finished(event)
+            elif isinstance(event, StopRequested):
+                self._stopping = True
+            elif isinstance(event, EnginePhase):
+                if self._finished_t is not None:
+                    self._reset()
+                self._phase = event
+                return  # preparing: the run has not started
+            if self._started_t is None:
+                # A listener that joined a run already going starts at its first event.
+                self._started_t = event.t
 
     __call__ = update
 
     def _turn_finished(self, event: TurnFinished) -> None:
         record = event.record
         rows = self._rows
-        tokens_before = rows.prompt_tokens + rows.completion_tokens
+        tokens_before = rows.sent_tokens
         rows.add(record)
         self._in_flight = event.in_flight
         if event.conversation_done:
             self._conversations_done += 1
+        error = record.error
+        if error is not None and not record.not_run:
+            kind = error_kind(error)
+            self._errors_by_kind[kind] = self._errors_by_kind.get(kind, 0) + 1
+            if not error.startswith(_SKIPPED):
+                self._last_error = error
         if record.resumed:
             return
         # The row's tokens as the totals count them: one rule for both.
-        tokens = rows.prompt_tokens + rows.completion_tokens - tokens_before
+        tokens = rows.sent_tokens - tokens_before
         window = self._window
         window.append((event.t, record.attempts, tokens))
         self._window_turns += 1
@@ -154,10 +218,28 @@ class RunStats:
             self._window_requests -= requests
             self._window_tokens -= old_tokens
 
+    def _run_finished(self, event: RunFinished) -> None:
+        self._finished_t = event.t
+        self._wall_s = event.wall_s
+        self._interrupted = event.interrupted
+        self._in_flight = 0
+        self._stopping = False
+        rows = self._rows
+        # Turns that never ran may have no row event: the result has a row for each.
+        rows.add_not_run(max(0, self._turns_total - rows.turns))
+        self._summary = RunSummary.from_totals(
+            rows,
+            conversations=self._conversations_total,
+            wall_s=event.wall_s,
+            interrupted=event.interrupted,
+            stop_reason=event.stop_reason,
+        )
+
     @property
     def turns_done(self) -> int:
+        """Turns that ran: ok or failed."""
         with self._lock:
-            return self._rows.turns
+            return self._rows.turns - self._rows.not_run
 
     @property
     def errors(self) -> int:
@@ -196,25 +278,30 @@ class RunStats:
             start = self._started_t
             elapsed = max(0.0, now - start) if start is not None else 0.0
             span = min(self.window_s, elapsed)
-            requests_per_s = requests / span if span > 0 else None
-            tokens_per_s = tokens / span if span > 0 else None
+            requests_per_s: float | None = requests / span if span > 0 else None
+            tokens_per_s: float | None = tokens / span if span > 0 else None
             turns_per_s = turns / span if span > 0 else None
 
             rows = self._rows
-            finished = self._finished_t is not None
+            summary = self._summary
+            retries = self._retries
             eta: float | None = None
-            if finished:
-                eta = None if self._interrupted else 0.0
-            elif turns_per_s:
+            if summary is not None:
+                eta = None if self._interrupted or rows.not_run else 0.0
+                requests_per_s, tokens_per_s = summary.requests_per_s, summary.tokens_per_s
+                retries = summary.retries
+            elif turns_per_s and not self._stopping:
                 eta = max(0, self._turns_total - rows.turns) / turns_per_s
             if self._wall_s is not None:
                 elapsed = self._wall_s
 
+            phase = self._phase if start is None else None
             latencies = rows.latencies()
+            by_kind = sorted(self._errors_by_kind.items(), key=lambda kv: (-kv[1], kv[0]))
             return Snapshot(
                 model=self._model,
                 engine=self._engine,
-                turns_done=rows.turns,
+                turns_done=rows.turns - rows.not_run,
                 turns_total=self._turns_total,
                 conversations_done=self._conversations_done,
                 conversations_total=self._conversations_total,
@@ -223,7 +310,7 @@ class RunStats:
                 tokens_per_s=tokens_per_s,
                 latency_p50=percentile(latencies, 0.50),
                 latency_p95=percentile(latencies, 0.95),
-                retries=self._retries,
+                retries=retries,
                 errors=rows.errors,
                 cached=rows.cached,
                 resumed=rows.resumed,
@@ -231,6 +318,17 @@ class RunStats:
                 cost_usd=rows.cost_usd,
                 elapsed_s=elapsed,
                 started=start is not None,
-                finished=finished,
+                finished=summary is not None,
                 interrupted=self._interrupted,
+                failed=rows.failed,
+                not_run=rows.not_run,
+                errors_by_kind=tuple(by_kind),
+                last_error=None if self._last_error is None else one_line(self._last_error),
+                stopping=self._stopping,
+                stop_reason=None if summary is None else summary.stop_reason,
+                verdict=None if summary is None else summary.verdict,
+                phase=None if phase is None else phase.phase,
+                phase_done=None if phase is None else phase.done,
+                phase_total=None if phase is None else phase.total,
+                phase_detail=None if phase is None else phase.detail or None,
             )

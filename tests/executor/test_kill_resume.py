@@ -45,7 +45,7 @@ result = nbllm.run(
     cache=cache == "on",
     progress=False,
 )
-result.df.to_json(out_path, orient="records")
+result.df.to_json(out_path, orient="records", date_format="iso")
 """
 
 N_CONVERSATIONS = 60

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import pytest
 
 import nbllm
 from nbllm.errors import RequestRejected, ServerError
-from nbllm.executor.events import RetryScheduled, RunFinished, RunStarted, TurnFinished
-from nbllm.executor.stats import RunStats, Snapshot
+from nbllm.executor.events import (
+    EnginePhase,
+    RequestSent,
+    RetryScheduled,
+    RunFinished,
+    RunStarted,
+    StopRequested,
+    TurnFinished,
+)
+from nbllm.executor.stats import RunStats, Snapshot, one_line
 from nbllm.results import RowTotals, RunResult, RunSummary, request_latency
-from nbllm.types import ChatRequest, TurnRecord
+from nbllm.types import NOT_RUN, ChatRequest, TurnRecord
 from nbllm.ui.dashboard import Dashboard
 from nbllm.ui.progress import TextProgress
 
 FAST = nbllm.RetryPolicy(retries=2, initial=0.0)
+STOPPED = f"{NOT_RUN}: the run was stopped before this turn finished"
 
 
 def record(
@@ -76,13 +86,25 @@ def test_row_totals():
         ]
     )
     assert (totals.turns, totals.answered, totals.errors) == (7, 5, 2)
+    assert (totals.failed, totals.not_run) == (2, 0)
     assert (totals.cached, totals.resumed) == (1, 2)
     assert totals.latencies() == [0.25, 0.75]
-    # Resumed rows keep the attempts of the run that sent them.
-    assert (totals.attempts, totals.sent, totals.retries) == (9, 5, 4)
+    # What this run sent: resumed rows' attempts were an earlier run's.
+    assert (totals.attempts, totals.sent, totals.retries) == (6, 3, 3)
     assert totals.tokens == 5 * 15
+    assert totals.sent_tokens == 2 * 15  # neither the cached nor the resumed rows' tokens
     assert totals.cost_usd == pytest.approx(0.75)
     assert RowTotals().cost_usd is None
+
+
+def test_a_turn_that_never_ran_is_not_run_not_failed():
+    totals = RowTotals.of(
+        [record(), record(1, error="ServerError: 500"), record(2, error=STOPPED, attempts=0)]
+    )
+    assert (totals.turns, totals.answered, totals.failed, totals.not_run) == (3, 1, 1, 1)
+    assert totals.errors == 2
+    totals.add_not_run(4)  # turns the result has a row for, but no event ever said so
+    assert (totals.turns, totals.not_run, totals.failed) == (7, 5, 1)
 
 
 def test_the_summary_is_the_totals_over_the_wall_time():
@@ -93,7 +115,7 @@ def test_the_summary_is_the_totals_over_the_wall_time():
         totals, conversations=10, wall_s=2.0, interrupted=False
     )
     assert result.summary.requests_per_s == pytest.approx(totals.attempts / 2.0)
-    assert result.summary.tokens_per_s == pytest.approx(totals.tokens / 2.0)
+    assert result.summary.tokens_per_s == pytest.approx(totals.sent_tokens / 2.0)
 
 
 # -- the live figures ---------------------------------------------------------------------
@@ -126,10 +148,142 @@ def test_a_snapshot_counts_rows_as_the_summary_does():
     snap = stats.snapshot(now=5.0)
     summary = RunResult(rows, conversations=1, wall_s=1.0, started_at=0.0).summary
     assert snap.turns_done == summary.turns
-    assert snap.errors == summary.turns_failed
+    assert snap.failed == snap.errors == summary.turns_failed
     assert (snap.cached, snap.resumed) == (summary.cached, summary.resumed)
     assert (snap.latency_p50, snap.latency_p95) == (summary.latency_p50, summary.latency_p95)
     assert snap.cost_usd == summary.cost_usd
+    assert snap.verdict == summary.verdict
+
+
+def test_live_rates_are_windowed_and_the_finished_ones_the_summarys():
+    stats = RunStats(window_s=5.0)
+    stats.update(RunStarted(20, 20, "m", "fake", 100.0))
+    rows = []
+    for i in range(20):  # one turn a second, 2 requests and 15 tokens each
+        row = record(i, attempts=2, latency=0.5)
+        rows.append(row)
+        stats.update(TurnFinished(row, 0, 101.0 + i))
+    live = stats.snapshot(now=120.5)
+    # The last 5 s hold 5 turns (at 116 to 120 s).
+    assert live.requests_per_s == pytest.approx(2 * 5 / 5.0)
+    assert live.tokens_per_s == pytest.approx(15 * 5 / 5.0)
+    assert live.eta_s == 0.0 and not live.finished and live.verdict is None
+    stats.update(RunFinished(20, 0, 40.0, False, 140.0))
+    done = stats.snapshot(now=500.0)
+    summary = RunResult(rows, conversations=20, wall_s=40.0, started_at=100.0).summary
+    assert done.requests_per_s == summary.requests_per_s == pytest.approx(40 / 40.0)
+    assert done.tokens_per_s == summary.tokens_per_s == pytest.approx(300 / 40.0)
+    assert done.elapsed_s == 40.0 and done.eta_s == 0.0
+    assert done.verdict == summary.verdict == "20/20 turns ok in 40.0 s"
+
+
+def test_requests_in_flight_count_from_the_moment_they_are_sent():
+    stats = RunStats()
+    stats.update(RunStarted(3, 3, "m", "fake", 0.0))
+    for n in (1, 2, 3):
+        stats.update(RequestSent(f"c{n}", 0, 1, n, 0.1 * n))
+        assert stats.snapshot(now=1.0).in_flight == n
+    stats.update(TurnFinished(record(), 2, 1.0))
+    assert stats.snapshot(now=1.0).in_flight == 2
+    stats.update(RunFinished(1, 0, 1.0, True, 1.0))
+    assert stats.snapshot(now=1.0).in_flight == 0
+
+
+def test_errors_by_kind_and_the_last_error():
+    stats = RunStats()
+    stats.update(RunStarted(6, 6, "m", "fake", 0.0))
+    assert stats.snapshot(now=0.0).last_error is None
+    stats.update(RetryScheduled("c", 0, 1, "Cannot connect to host 127.0.0.1:9999", 0.5, 0.1))
+    # A retry's error is in sight at once, before any turn has failed.
+    assert stats.snapshot(now=0.2).last_error == "Cannot connect to host 127.0.0.1:9999"
+    errors = [
+        "ConnectionFailed: Cannot connect to host 127.0.0.1:9999",
+        "ConnectionFailed: Cannot connect to host 127.0.0.1:9999",
+        "ServerError: HTTP 503\nService\tUnavailable",
+        "skipped: turn 0 failed",
+        STOPPED,
+    ]
+    for i, error in enumerate(errors):
+        stats.update(TurnFinished(record(i, error=error), 0, 1.0 + i))
+    snap = stats.snapshot(now=9.0)
+    assert snap.errors_by_kind == (("ConnectionFailed", 2), ("ServerError", 1), ("skipped", 1))
+    assert sum(n for _, n in snap.errors_by_kind) == snap.failed == 4
+    # The latest error that says what went wrong: on one line, in full.
+    assert snap.last_error == "ServerError: HTTP 503 Service Unavailable"
+    assert (snap.not_run, snap.errors) == (1, 5)
+
+
+def test_the_last_error_never_shows_a_key():
+    for text in (
+        "AuthenticationError: Incorrect API key provided: sk-proj-abcdef123456",
+        "ServerError: header Authorization: Bearer abc.def-123456 refused",
+        "RequestRejected: https://host/v1?api_key=hunter2hunter2&x=1",
+        "RequestRejected: {'api_key': 'secret-value-123'}",
+    ):
+        line = one_line(text)
+        for secret in ("abcdef123456", "abc.def-123456", "hunter2hunter2", "secret-value-123"):
+            assert secret not in line, line
+        assert "***" in line
+    assert one_line("ServerError: HTTP 500") == "ServerError: HTTP 500"
+
+
+def test_stopping_shows_until_the_run_has_ended():
+    stats = RunStats()
+    stats.update(RunStarted(10, 10, "m", "fake", 0.0))
+    for i in range(4):
+        stats.update(TurnFinished(record(i), 3, 1.0 + i))
+    assert stats.snapshot(now=5.0).eta_s is not None
+    stats.update(StopRequested(10.0, 3, 5.0))
+    stopping = stats.snapshot(now=6.0)
+    assert stopping.stopping and stopping.eta_s is None and not stopping.finished
+    stats.update(RunFinished(4, 0, 6.5, True, 6.5))
+    end = stats.snapshot(now=7.0)
+    assert not end.stopping and end.finished and end.interrupted
+    # The turns that never ran are in the final figures, as in the result.
+    assert (end.turns_done, end.not_run, end.failed, end.errors) == (4, 6, 0, 6)
+    assert end.eta_s is None
+    assert end.verdict == (
+        "4 of 10 turns ok, 6 not run (stopped), 0 failed in 6.5 s — run it again to resume"
+    )
+
+
+def test_a_run_that_stopped_by_itself_says_why():
+    reason = "cannot reach http://127.0.0.1:9999/v1: connection refused"
+    stats = RunStats()
+    stats.update(RunStarted(12, 12, "m", "openai", 0.0))
+    for i in range(3):
+        stats.update(TurnFinished(record(i, error=STOPPED, attempts=0), 0, 0.1))
+    stats.update(RunFinished(0, 0, 0.2, False, 0.2, stop_reason=reason))
+    snap = stats.snapshot(now=1.0)
+    assert snap.stop_reason == reason
+    assert snap.verdict == f"{reason} — 0 of 12 turns ok, 12 not run"
+    assert (snap.turns_done, snap.not_run) == (0, 12)
+
+
+def test_an_engine_prepares_before_the_run_starts():
+    stats = RunStats()
+    stats.update(EnginePhase("converting", 3, 10, 100.0, detail="tiny-model"))
+    snap = stats.snapshot(now=101.0)
+    assert (snap.phase, snap.phase_done, snap.phase_total) == ("converting", 3, 10)
+    assert snap.phase_detail == "tiny-model"
+    assert not snap.started and snap.elapsed_s == 0.0
+    stats.update(EnginePhase("loading", None, None, 102.0))
+    snap = stats.snapshot(now=102.0)
+    assert (snap.phase, snap.phase_done, snap.phase_total, snap.phase_detail) == (
+        "loading",
+        None,
+        None,
+        None,
+    )
+    stats.update(RunStarted(1, 1, "m", "torch", 103.0))
+    snap = stats.snapshot(now=104.0)
+    assert snap.started and snap.phase is None and snap.phase_total is None
+    stats.update(TurnFinished(record(), 0, 104.0))
+    stats.update(RunFinished(1, 0, 1.0, False, 104.0))
+    # The next run's preparation starts a new page.
+    stats.update(EnginePhase("loading", 1, 2, 200.0))
+    snap = stats.snapshot(now=200.0)
+    assert snap.phase == "loading" and not snap.finished and snap.turns_done == 0
 
 
 def test_text_progress_shows_the_counts_of_its_stats():
@@ -143,11 +297,67 @@ def test_text_progress_shows_the_counts_of_its_stats():
     bar(TurnFinished(record(2), 0, 0.4))
     bar(RunFinished(2, 1, 0.4, False, 0.4))
     last_line = out.getvalue().rstrip().split("\r")[-1]
-    assert "3/3" in last_line and "errors=1, retries=1" in last_line
+    assert "3/3" in last_line and "failed=1, retries=1" in last_line
     assert bar.stats.snapshot().finished
 
 
 # -- one run, every view ------------------------------------------------------------------
+
+
+def summary_figures(summary: RunSummary) -> dict[str, object]:
+    return {
+        "turns": summary.turns,
+        "ok": summary.turns_ok,
+        "failed": summary.turns_failed,
+        "not run": summary.turns_not_run,
+        "retries": summary.retries,
+        "cached": summary.cached,
+        "resumed": summary.resumed,
+        "requests/s": summary.requests_per_s,
+        "tokens/s": summary.tokens_per_s,
+        "latency": (summary.latency_p50, summary.latency_p95),
+        "cost": summary.cost_usd,
+        "interrupted": summary.interrupted,
+        "verdict": summary.verdict,
+    }
+
+
+def snapshot_figures(snap: Snapshot) -> dict[str, object]:
+    assert isinstance(snap, Snapshot) and snap.finished
+    assert snap.errors == snap.failed + snap.not_run
+    return {
+        "turns": snap.turns_done + snap.not_run,
+        "ok": snap.turns_done - snap.failed,
+        "failed": snap.failed,
+        "not run": snap.not_run,
+        "retries": snap.retries,
+        "cached": snap.cached,
+        "resumed": snap.resumed,
+        "requests/s": snap.requests_per_s,
+        "tokens/s": snap.tokens_per_s,
+        "latency": (snap.latency_p50, snap.latency_p95),
+        "cost": snap.cost_usd,
+        "interrupted": snap.interrupted,
+        "verdict": snap.verdict,
+    }
+
+
+def refusing(refused: set[str], flaky: set[str]):
+    """A handler that refuses the questions in ``refused`` and fails each one in ``flaky``
+    once (503, retried)."""
+
+    def handler(request: ChatRequest) -> str:
+        question = str(request.messages[-1]["content"])
+        if question in flaky:
+            flaky.discard(question)
+            msg = "try again"
+            raise ServerError(msg, status=503)
+        if question in refused:
+            msg = "refused"
+            raise RequestRejected(msg, status=400)
+        return f"answer to {question}"
+
+    return handler
 
 
 def test_every_view_of_a_run_agrees(tmp_path):
@@ -162,19 +372,7 @@ def test_every_view_of_a_run_agrees(tmp_path):
     ]
     refused = {"cached", "retried", "rejected"}
     flaky: set[str] = set()
-
-    def handler(request: ChatRequest) -> str:
-        question = str(request.messages[-1]["content"])
-        if question in flaky:
-            flaky.discard(question)
-            msg = "try again"
-            raise ServerError(msg, status=503)
-        if question in refused:
-            msg = "refused"
-            raise RequestRejected(msg, status=400)
-        return f"answer to {question}"
-
-    engine = nbllm.FakeEngine(handler)
+    engine = nbllm.FakeEngine(refusing(refused, flaky))
     checkpoint = tmp_path / "run.sqlite"
     options = {"engine": engine, "model": "m", "retries": FAST, "progress": False}
     # The first run checkpoints c0 and c2; c1, c3 and c4 are refused.
@@ -193,29 +391,74 @@ def test_every_view_of_a_run_agrees(tmp_path):
     job = nbllm.submit(data, checkpoint=checkpoint, listeners=[dashboard, text], **options)
     result = job.result(timeout=30)
 
-    summary = result.summary
-    expected = {"turns": 7, "errors": 2, "retries": 1, "cached": 1, "resumed": 3}
-    assert {
-        "turns": summary.turns,
-        "errors": summary.turns_failed,
-        "retries": summary.retries,
-        "cached": summary.cached,
-        "resumed": summary.resumed,
-    } == expected
+    figures = summary_figures(result.summary)
+    expected = {"turns": 7, "ok": 5, "failed": 2, "not run": 0, "retries": 1}
+    expected |= {"cached": 1, "resumed": 3, "interrupted": False}
+    assert {key: figures[key] for key in expected} == expected
     for snap in (dashboard.stats.snapshot(), text.stats.snapshot(), job.stats.snapshot()):
-        assert isinstance(snap, Snapshot)
-        assert snap.finished and not snap.interrupted
-        assert {
-            "turns": snap.turns_done,
-            "errors": snap.errors,
-            "retries": snap.retries,
-            "cached": snap.cached,
-            "resumed": snap.resumed,
-        } == expected
-        assert (snap.latency_p50, snap.latency_p95) == (summary.latency_p50, summary.latency_p95)
-        assert snap.cost_usd == summary.cost_usd
+        assert snapshot_figures(snap) == figures
     assert job.turns_done == 7
-    assert "7 / 7 turns" in dashboard.turns_label.value
-    assert "retries 1" in dashboard.figures.value and "2 errors" in dashboard.figures.value
-    assert "cached 1" in dashboard.figures.value and "resumed 3" in dashboard.figures.value
-    assert "errors=2, retries=1" in out.getvalue()
+    assert "failed=2, retries=1" in out.getvalue()
+
+
+def test_a_run_stopped_half_way_has_the_same_figures_in_the_summary_and_the_snapshot(
+    tmp_path,
+):
+    """Resumed, cached, retried, failed, answered and never-run turns, counted alike."""
+    data = [{"id": f"c{i}", "turns": [f"c{i} q0", f"c{i} q1"]} for i in range(30)]
+    refused = {f"c{i} q0" for i in range(4, 30)}
+    flaky: set[str] = set()
+    engine = nbllm.FakeEngine(refusing(refused, flaky), latency=0.02)
+    checkpoint = tmp_path / "run.sqlite"
+    options = {"engine": engine, "model": "m", "retries": FAST, "progress": False}
+    options |= {"concurrency": 2, "max_conversations": 2}
+    nbllm.run(data, checkpoint=checkpoint, **options)  # c0..c3 answered and checkpointed
+    nbllm.run(
+        [{"id": "x", "turns": ["c4 q0"]}],
+        checkpoint=False,
+        **options | {"engine": nbllm.FakeEngine()},
+    )
+    refused.clear()
+    refused.update({"c6 q1", "c7 q0"})
+    flaky.update({"c5 q0", "c8 q1"})
+
+    half_way = threading.Event()
+    stats = RunStats()
+
+    def watch(event) -> None:
+        if isinstance(event, TurnFinished) and not event.record.resumed:
+            sent = stats.turns_done - stats.snapshot().resumed
+            if sent >= 12:
+                half_way.set()
+
+    job = nbllm.submit(data, checkpoint=checkpoint, listeners=[stats, watch], **options)
+    assert half_way.wait(30)
+    result = job.stop(timeout=30)
+
+    summary = result.summary
+    assert result.interrupted and summary.turns_not_run > 0 and summary.turns_failed > 0
+    assert (summary.resumed, summary.cached) == (8, 1) and summary.retries >= 1
+    assert summary.turns == 60
+    assert summary.turns_ok + summary.turns_failed + summary.turns_not_run == 60
+    assert "not run (stopped)" in summary.verdict
+    for snap in (stats.snapshot(), job.stats.snapshot()):
+        assert snapshot_figures(snap) == summary_figures(summary)
+    assert result.df["error"].str.startswith(NOT_RUN).sum() == summary.turns_not_run
+
+
+def test_a_fully_resumed_run_sent_nothing_and_says_so(tmp_path):
+    data = [{"id": f"c{i}", "turns": [f"c{i} q0", f"c{i} q1"]} for i in range(50)]
+    flaky = {"c3 q0"}
+    engine = nbllm.FakeEngine(refusing(set(), flaky))
+    checkpoint = tmp_path / "run.sqlite"
+    options = {"engine": engine, "model": "m", "retries": FAST, "progress": False}
+    first = nbllm.run(data, checkpoint=checkpoint, **options)
+    assert first.summary.retries == 1 and first.summary.requests_per_s > 0
+
+    stats = RunStats()
+    again = nbllm.run(data, checkpoint=checkpoint, listeners=[stats], **options)
+    summary = again.summary
+    assert summary.resumed == summary.turns_ok == 100
+    # Nothing was sent in this run: no rate, no retries, however short the run was.
+    assert (summary.requests_per_s, summary.tokens_per_s, summary.retries) == (0.0, 0.0, 0)
+    assert snapshot_figures(stats.snapshot()) == summary_figures(summary)
