@@ -1,10 +1,13 @@
-"""The notebook dashboard: live bars, figures, GPU gauges and a Stop button for one run.
+"""The notebook dashboard: live bars, figures, errors, GPU gauges and a Stop button for one run.
 
 ``Dashboard`` is an executor listener. Each event goes into its ``RunStats``
-(``nbllm.executor.stats``); at most ``max_updates_per_s`` times a second (and always at the
-start and the end of a run) the widgets are redrawn from a ``Snapshot`` of it, in whichever
-thread delivers the events.
-Frontends without widgets get a one-line text summary instead.
+(``nbllm.executor.stats``) and marks the view stale; a ``RedrawTimer`` redraws the widgets
+from a ``Snapshot`` at most ten times a second, at least once a second while the run goes
+on, and once more when it ends, so the last state is always the one on show.
+
+Displayed in a notebook, it leaves a static HTML rendering of its final state in place of
+the widget when the run ends (``nbllm.ui.static_dashboard``), so a saved notebook shows
+how the run ended without a kernel. Frontends without widgets get the same HTML, redrawn.
 """
 
 from __future__ import annotations
@@ -13,123 +16,46 @@ import html
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nbllm.executor.events import Event, RetryScheduled, RunFinished, RunStarted, TurnFinished
+from nbllm.executor.events import (
+    EnginePhase,
+    Event,
+    RequestSent,
+    RetryScheduled,
+    RunFinished,
+    RunStarted,
+    StopRequested,
+    TurnFinished,
+)
 from nbllm.executor.stats import RunStats, Snapshot
 from nbllm.ui.gpu import GpuMonitor, GpuSample
+from nbllm.ui.redraw import RedrawTimer
+from nbllm.ui.snapshot_text import (
+    bar_style,
+    error_lines,
+    figure_items,
+    phase_text,
+    status_line,
+    summary_line,
+)
+from nbllm.ui.static_dashboard import dashboard_html, errors_html, figures_html, progress_html
 
-__all__ = [
-    "Dashboard",
-    "GpuGauges",
-    "bar_style",
-    "figures_line",
-    "format_duration",
-    "summary_line",
-]
+__all__ = ["Dashboard", "GpuGauges"]
 
 log = logging.getLogger("nbllm")
 
-
-def format_duration(seconds: float | None) -> str:
-    """``"42 s"``, ``"3 min 05 s"``, ``"2 h 07 min"``; ``"-"`` when unknown."""
-    if seconds is None or seconds != seconds or seconds == float("inf"):
-        return "-"
-    total = round(max(0.0, seconds))
-    if total < 60:
-        return f"{total} s"
-    minutes, secs = divmod(total, 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-def _rate(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
-
-
-def _latency(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
-def _cost(usd: float | None) -> str:
-    if usd is None:
-        return "-"
-    return f"${usd:.4f}" if usd < 10 else f"${usd:,.2f}"
-
-
-def _errors(n: int) -> str:
-    return f"{n:,} error" if n == 1 else f"{n:,} errors"
-
-
-def _end(snap: Snapshot) -> str:
-    word = "stopped after" if snap.interrupted else "done in"
-    return f"{word} {format_duration(snap.elapsed_s)}"
-
-
-def summary_line(snap: Snapshot) -> str:
-    """``"nbllm: 120/300 turns, 2 errors, 35.2 req/s, ETA 5 s"``."""
-    if not snap.started:
-        return "nbllm: waiting for the run to start"
-    parts = [f"{snap.turns_done:,}/{snap.turns_total:,} turns", _errors(snap.errors)]
-    if snap.finished:
-        parts.append(_end(snap))
-    else:
-        parts += [f"{_rate(snap.requests_per_s)} req/s", f"ETA {format_duration(snap.eta_s)}"]
-    return "nbllm: " + ", ".join(parts)
-
-
-def figures_line(snap: Snapshot) -> str:
-    """Every figure of the snapshot but the bars', on one line."""
-    parts = [
-        f"in flight {snap.in_flight:,}",
-        f"{_rate(snap.requests_per_s)} req/s",
-        f"{_rate(snap.tokens_per_s)} tok/s",
-        f"latency p50 {_latency(snap.latency_p50)}, p95 {_latency(snap.latency_p95)}",
-        f"retries {snap.retries:,}",
-        _errors(snap.errors),
-        f"cached {snap.cached:,}",
-        f"resumed {snap.resumed:,}",
-        f"cost {_cost(snap.cost_usd)}",
-        _end(snap) if snap.finished else f"ETA {format_duration(snap.eta_s)}",
-    ]
-    return " · ".join(parts)
-
-
-def bar_style(snap: Snapshot) -> str:
-    """Red from the first error row to the end; orange when stopped early; green when done."""
-    if snap.errors:
-        return "danger"
-    if snap.interrupted:
-        return "warning"
-    if snap.finished:
-        return "success"
-    return ""
-
-
-def _gpu_text(sample: GpuSample) -> str:
-    def number(value: float | None, unit: str) -> str:
-        return "-" if value is None else f"{value:,.0f} {unit}"
-
-    memory = "-"
-    if sample.memory_used_mib is not None and sample.memory_total_mib is not None:
-        memory = f"{sample.memory_used_mib:,.0f} / {sample.memory_total_mib:,.0f} MiB"
-    return " · ".join(
-        [
-            f"GPU {sample.index} {sample.name}",
-            number(sample.utilization_pct, "%"),
-            memory,
-            number(sample.temperature_c, "°C"),
-            number(sample.power_w, "W"),
-        ]
-    )
+_STOP_TOOLTIP = (
+    "Stop: no new request is sent; the requests in flight finish and are kept. "
+    "Press again to cancel them."
+)
+_CANCEL_TOOLTIP = (
+    "Cancel the requests still in flight: their turns are not run (running the same "
+    "call again sends them)."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,19 +71,30 @@ class GpuGauges:
 class Dashboard:
     """Live view of a run in a notebook; pass it in ``listeners=`` and ``display()`` it.
 
-    ``stop``: called (once) by the Stop button; without it there is no button.
-    ``gpu``: False hides the GPU gauges; None or True shows them, or "no GPU found".
-    ``clock``: monotonic seconds, for the redraw throttle (tests pass a fake one).
-    ``stats``: the ``RunStats`` that the events go into and the widgets are drawn from.
+    ``stop``: called by the Stop button (first press: let the requests in flight finish;
+    second press: cancel them); without it there is no button, and the dashboard says how
+    to stop a blocking run instead. ``gpu``: False hides the GPU gauges; None or True shows
+    a row per device where there is one (nothing where there is none).
+    ``max_updates_per_s``: the most redraws a second. ``clock``: monotonic seconds, for
+    the redraw timer. ``stats``: a ``RunStats`` that something else feeds (listening
+    before the dashboard), shared by every view of the run; by default the dashboard makes
+    one and feeds it the events it receives.
 
-    Widgets, for reading their state: ``widget`` (the whole VBox), ``title``,
+    Widgets, for reading their state: ``widget`` (the whole VBox), ``title``, ``phase``,
     ``turns_bar`` / ``turns_label``, ``conversations_bar`` / ``conversations_label``,
-    ``figures``, ``stop_button``, ``gpu_gauges`` (one per device), ``gpu_label``.
-    ``widget`` is None where ipywidgets cannot be used; the text summary still works.
+    ``figures``, ``errors``, ``status``, ``stop_button``, ``gpu_gauges`` (one per device).
+    ``widget`` is None where ipywidgets cannot be used; the text and HTML still work.
     """
 
-    # Requests in flight also come with each TurnFinished: no need for an event per send.
-    event_types = (RunStarted, RetryScheduled, TurnFinished, RunFinished)
+    event_types = (
+        EnginePhase,
+        RunStarted,
+        RequestSent,
+        RetryScheduled,
+        TurnFinished,
+        StopRequested,
+        RunFinished,
+    )
 
     def __init__(
         self,
@@ -166,64 +103,136 @@ class Dashboard:
         gpu: bool | None = None,
         max_updates_per_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        stats: RunStats | None = None,
     ) -> None:
         if not max_updates_per_s > 0:
             msg = f"max_updates_per_s must be positive, got {max_updates_per_s!r}"
             raise ValueError(msg)
-        self.stats = RunStats()
+        self.stats = stats if stats is not None else RunStats()
+        self._feeds_stats = stats is None
         self.gpu_monitor = GpuMonitor() if gpu is not False else None
         self.gpu_found = self.gpu_monitor.available() if self.gpu_monitor is not None else False
         self._stop = stop
-        self._stop_requested = False
-        self._min_interval_s = 1.0 / max_updates_per_s
-        self._clock = clock
+        self._stops_asked = 0
+        self._finished = False
+        self._cancel_at: float | None = None  # Unix time the grace for in-flight ends
+        self._display_id: str | None = None
         self._render_lock = threading.Lock()
-        self._last_render = float("-inf")
+        self._timer = RedrawTimer(
+            self.render, max_per_s=max_updates_per_s, clock=clock, name="nbllm-dashboard"
+        )
         self.gpu_gauges: list[GpuGauges] = []
         self.widget: Any = None
         try:
             self._build()
         except Exception:
-            log.debug("nbllm: no widgets, the dashboard falls back to text", exc_info=True)
+            log.debug("nbllm: no widgets, the dashboard falls back to HTML", exc_info=True)
             self.widget = None
         self.render()
 
     # -- listener ------------------------------------------------------------------
 
     def __call__(self, event: Event) -> None:
-        try:
+        if self._feeds_stats:
             self.stats.update(event)
-            if isinstance(event, RunStarted):
-                if self.gpu_monitor is not None and self.gpu_found:
-                    self.gpu_monitor.start()
-                self.render()
-            elif isinstance(event, RunFinished):
-                self.close()
-                self.render()
-            elif self._clock() - self._last_render >= self._min_interval_s:
-                self.render()
+        kind = type(event)
+        if kind is TurnFinished or kind is RequestSent:  # the many: as little as can be
+            self._timer.changed()
+            return
+        try:
+            self._on_run_event(event)
         except Exception:
             self.close()  # the event bus drops a listener that raises: leave no thread behind
             raise
 
+    def _on_run_event(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self._finished = False
+            self._cancel_at = None
+            if self.gpu_monitor is not None and self.gpu_found:
+                self.gpu_monitor.start()
+            self.render()
+        elif isinstance(event, StopRequested):
+            self._cancel_at = event.t + event.grace_s
+            self.render()  # the words change at once: the user pressed something
+        elif isinstance(event, RunFinished):
+            self._finished = True
+            self.close()
+            self.render()
+            self._leave_static_html()
+            return
+        self._timer.changed()
+
     def close(self) -> None:
-        """Stop sampling the GPU; the widgets keep showing the last state."""
+        """Stop the redraws and the GPU sampling; the widgets keep showing the last state."""
+        self._timer.stop()
         if self.gpu_monitor is not None:
             self.gpu_monitor.stop()
 
     # -- display -------------------------------------------------------------------
 
+    def _ipython_display_(self) -> None:
+        """Shown by IPython's ``display``: the widget, under an id that lets the end of the
+        run put the static rendering in its place."""
+        from IPython.display import display
+
+        self._display_id = self._display_id or f"nbllm-dashboard-{uuid.uuid4().hex}"
+        display(self._repr_mimebundle_(), raw=True, display_id=self._display_id)
+
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        text = summary_line(self.stats.snapshot())
+        snap = self.stats.snapshot()
         bundle: dict[str, Any] = {}
         widget_bundle = getattr(self.widget, "_repr_mimebundle_", None)
         if callable(widget_bundle):
             bundle.update(widget_bundle(**kwargs))
-        bundle["text/plain"] = text
+        else:
+            bundle["text/html"] = self.html(snap)
+        bundle["text/plain"] = summary_line(snap)
         return bundle
 
     def __str__(self) -> str:
         return summary_line(self.stats.snapshot())
+
+    def html(self, snap: Snapshot | None = None) -> str:
+        """The dashboard as static HTML (for ``snap``, or now): what a saved notebook keeps."""
+        snap = snap if snap is not None else self.stats.snapshot()
+        gpu = self.gpu_monitor.latest() if self.gpu_monitor is not None else []
+        return dashboard_html(
+            snap,
+            status=self._status(snap),
+            errors=error_lines(snap),
+            phase=phase_text(snap),
+            gpu=gpu,
+        )
+
+    def _leave_static_html(self) -> None:
+        """Put the final HTML where the widget was, then close the widget: a notebook saved
+        now, reopened later or exported, shows how the run ended instead of an error."""
+        if self._display_id is None:
+            return
+        from IPython.display import update_display
+
+        snap = self.stats.snapshot()
+        bundle = {"text/html": self.html(snap), "text/plain": summary_line(snap)}
+        update_display(bundle, raw=True, display_id=self._display_id)
+        if self.widget is not None:
+            for widget in self._all_widgets():
+                widget.close()
+
+    def _all_widgets(self) -> list[Any]:
+        """Every widget model of the dashboard, its layouts and styles included (each is a
+        model of its own in the kernel and in a notebook's saved widget state)."""
+        found, todo = [], [self.widget]
+        while todo:
+            widget = todo.pop()
+            found.append(widget)
+            todo.extend(getattr(widget, "children", ()))
+            todo.extend(
+                part
+                for part in (getattr(widget, "layout", None), getattr(widget, "style", None))
+                if part is not None
+            )
+        return found
 
     # -- widgets -------------------------------------------------------------------
 
@@ -231,70 +240,89 @@ class Dashboard:
         import ipywidgets as widgets
 
         self._widgets = widgets
-        bar_layout = widgets.Layout(width="50%")
+        bar_layout = widgets.Layout(width="50%", min_width="8em")
+        wide = widgets.Layout(width="100%")
         self.title = widgets.HTML()
+        self.phase = widgets.HTML(layout=wide)
         self.turns_bar = widgets.IntProgress(min=0, max=0, value=0, layout=bar_layout)
         self.turns_label = widgets.Label()
         self.conversations_bar = widgets.IntProgress(min=0, max=0, value=0, layout=bar_layout)
         self.conversations_label = widgets.Label()
-        self.figures = widgets.Label()
-        self.gpu_label = None
-        if self.gpu_monitor is not None and not self.gpu_found:
-            self.gpu_label = widgets.Label("no GPU found", style={"text_color": "gray"})
-        self.gpu_box = widgets.VBox([self.gpu_label] if self.gpu_label is not None else [])
+        self.figures = widgets.HTML(layout=wide)
+        self.errors = widgets.HTML(layout=wide)
+        self.status = widgets.HTML(layout=wide)
+        self.gpu_box = widgets.VBox([])
         self.stop_button = None
         rows = [
             self.title,
+            self.phase,
             widgets.HBox([self.turns_bar, self.turns_label]),
             widgets.HBox([self.conversations_bar, self.conversations_label]),
             self.figures,
+            self.errors,
             self.gpu_box,
+            self.status,
         ]
         if self._stop is not None:
             self.stop_button = widgets.Button(
-                description="Stop",
-                icon="stop",
-                tooltip="Start no new turn; the requests in flight finish",
+                description="Stop", icon="stop", tooltip=_STOP_TOOLTIP
             )
             self.stop_button.on_click(self._on_stop_click)
             rows.append(self.stop_button)
-        else:
-            # A blocking cell keeps the kernel from handling button clicks until it ends,
-            # so a blocking run offers the kernel's interrupt instead of a dead button.
-            rows.append(
-                widgets.Label(
-                    "Interrupt the kernel (■) to stop; finished turns are kept.",
-                    style={"text_color": "gray"},
-                )
-            )
-        self.widget = widgets.VBox(rows)
+        self.widget = widgets.VBox(rows, layout=widgets.Layout(max_width="100%"))
 
     def _on_stop_click(self, _button: Any = None) -> None:
-        if self._stop_requested or self._stop is None:
-            return
-        if self.stop_button is not None and self.stop_button.disabled:
-            return  # the run is over; a click from code still reaches here
-        self._stop_requested = True
-        if self.stop_button is not None:
-            self.stop_button.disabled = True
-            self.stop_button.description = "stopping…"
+        if self._stop is None or self._finished or self._stops_asked >= 2:
+            return  # the run is over (a click from code still reaches here), or cancelled
+        self._stops_asked += 1
+        self._show_stop_state()
         self._stop()
 
+    def _show_stop_state(self) -> None:
+        """The button says what its next press does."""
+        button = self.stop_button
+        if button is None:
+            return
+        if self._finished:
+            button.disabled = True
+            button.description = "stopped" if self._stops_asked else "Stop"
+        elif self._stops_asked == 1:
+            button.description = "Cancel in-flight"
+            button.button_style = "warning"
+            button.tooltip = _CANCEL_TOOLTIP
+        elif self._stops_asked >= 2:
+            button.disabled = True
+            button.description = "cancelling…"
+
+    def _status(self, snap: Snapshot) -> str:
+        left = None
+        if self._cancel_at is not None:
+            left = max(0.0, self._cancel_at - time.time())
+        return status_line(snap, background=self._stop is not None, grace_left_s=left)
+
     def render(self) -> None:
-        """Redraw every widget from a fresh snapshot (the throttle's clock restarts)."""
+        """Redraw from a fresh snapshot (any thread; the redraw timer calls it)."""
         with self._render_lock:
-            self._last_render = self._clock()
+            snap = self.stats.snapshot()
             if self.widget is not None:
-                self._draw(self.stats.snapshot())
+                self._draw(snap)
+            elif self._display_id is not None and not self._finished:
+                from IPython.display import update_display
+
+                bundle = {"text/html": self.html(snap), "text/plain": summary_line(snap)}
+                update_display(bundle, raw=True, display_id=self._display_id)
 
     def _draw(self, snap: Snapshot) -> None:
         """Set every widget from ``snap`` (and the GPU monitor's latest samples)."""
         if snap.model is None:
-            self.title.value = "<b>nbllm</b> · waiting for the run to start"
+            waiting = "" if snap.phase is not None else " · waiting for the run to start"
+            self.title.value = f"<b>nbllm</b>{waiting}"
         else:
             self.title.value = (
                 f"<b>nbllm</b> · {html.escape(snap.model)} · {html.escape(snap.engine or '')}"
             )
+        phase = phase_text(snap)
+        self.phase.value = progress_html(snap.phase_done, snap.phase_total, phase) if phase else ""
         style = bar_style(snap)
         for bar, label, done, total, unit in (
             (self.turns_bar, self.turns_label, snap.turns_done, snap.turns_total, "turns"),
@@ -310,11 +338,16 @@ class Dashboard:
             bar.value = min(done, total)
             bar.bar_style = style
             label.value = f"{done:,} / {total:,} {unit}"
-        self.figures.value = figures_line(snap)
-        if snap.finished and self.stop_button is not None:
-            self.stop_button.disabled = True
-            if self._stop_requested:
-                self.stop_button.description = "stopped"
+        self.figures.value = figures_html(figure_items(snap)) if snap.started else ""
+        self.errors.value = errors_html(error_lines(snap))
+        status = self._status(snap)
+        weight = "600" if snap.finished else "normal"
+        self.status.value = (
+            f'<div style="font-weight:{weight}">{html.escape(status)}</div>' if status else ""
+        )
+        if snap.stopping and self._stops_asked == 0:
+            self._stops_asked = 1  # stopped from elsewhere (job.stop()): the next press cancels
+        self._show_stop_state()
         if self.gpu_monitor is not None and self.gpu_found:
             self._render_gpu(self.gpu_monitor.latest())
 
@@ -326,7 +359,7 @@ class Dashboard:
                 utilization = widgets.FloatProgress(min=0.0, max=100.0, description="util")
                 memory = widgets.FloatProgress(min=0.0, max=1.0, description="memory")
                 label = widgets.Label()
-                row = widgets.HBox([utilization, memory, label])
+                row = widgets.HBox([utilization, memory, label], layout={"flex_flow": "row wrap"})
                 self.gpu_gauges.append(GpuGauges(utilization, memory, label, row))
             self.gpu_box.children = [g.row for g in self.gpu_gauges]
         for gauges, sample in zip(self.gpu_gauges, samples, strict=True):
@@ -335,4 +368,4 @@ class Dashboard:
             if total:
                 gauges.memory.max = total
                 gauges.memory.value = min(total, sample.memory_used_mib or 0.0)
-            gauges.label.value = _gpu_text(sample)
+            gauges.label.value = sample.describe()

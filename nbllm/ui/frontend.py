@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nbllm.executor.events import Event
+from nbllm.executor.stats import RunStats
 from nbllm.results import RunResult
 
 __all__ = ["progress_listener", "with_gpu_samples"]
@@ -27,14 +28,22 @@ def _in_notebook() -> bool:
 
 
 def progress_listener(
-    progress: bool | None, *, stop: Callable[[], None] | None = None
+    progress: bool | None,
+    *,
+    stop: Callable[[], None] | None = None,
+    stats: RunStats | None = None,
 ) -> Callable[[Event], None] | None:
     """The live progress for ``progress=``: the dashboard in a notebook, tqdm in a terminal.
 
-    Call it in the thread that runs the cell, so the dashboard lands in that cell's output.
+    Call it in the thread that runs the cell, so the dashboard lands in that cell's output,
+    and before the engine is made, so a local engine's preparation shows in it too.
     ``None`` means: in a notebook or a terminal, not when output goes to a file or a pipe.
     ``stop`` gives the dashboard a Stop button (only useful where the kernel is free to
-    handle the click, i.e. for a run in the background).
+    handle the click, i.e. for a run in the background); it is called once per press (the
+    first lets the requests in flight finish, the second cancels them).
+    ``stats``: the run's ``RunStats`` when something else already feeds it (a job, listening
+    before the view), so that every view of the run reads one; by default the view makes
+    the run's ``RunStats`` and feeds it. The view has it as ``.stats`` either way.
     """
     if progress is False:
         return None
@@ -46,14 +55,14 @@ def progress_listener(
         else:
             from IPython.display import display
 
-            dashboard = Dashboard(stop=stop)
+            dashboard = Dashboard(stop=stop, stats=stats)
             display(dashboard)
             return dashboard
     if progress is None and not sys.stderr.isatty():
         return None
     from nbllm.ui.progress import TextProgress
 
-    return TextProgress()
+    return TextProgress(stats=stats)
 
 
 def with_gpu_samples(result: RunResult, progress: Any) -> RunResult:

@@ -33,6 +33,26 @@ class GpuSample:
     temperature_c: float | None = None
     power_w: float | None = None
 
+    def describe(self) -> str:
+        """``"GPU 0 H100 · 87 % · 61,000 / 81,559 MiB · 64 °C · 310 W"``; ``-`` where a
+        sensor gave nothing."""
+
+        def number(value: float | None, unit: str) -> str:
+            return "-" if value is None else f"{value:,.0f} {unit}"
+
+        memory = "-"
+        if self.memory_used_mib is not None and self.memory_total_mib is not None:
+            memory = f"{self.memory_used_mib:,.0f} / {self.memory_total_mib:,.0f} MiB"
+        return " · ".join(
+            [
+                f"GPU {self.index} {self.name}",
+                number(self.utilization_pct, "%"),
+                memory,
+                number(self.temperature_c, "°C"),
+                number(self.power_w, "W"),
+            ]
+        )
+
 
 class GpuMonitor:
     """Samples every device each ``interval_s`` in a daemon thread named "nbllm-gpu".

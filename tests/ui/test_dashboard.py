@@ -1,7 +1,9 @@
-"""RunStats' figures and the notebook Dashboard's widgets, driven by synthetic events."""
+"""RunStats' figures, the words and static HTML made from them, and the notebook
+Dashboard's widgets and redraw timer, driven by synthetic events."""
 
 from __future__ import annotations
 
+import io
 import sys
 import threading
 import time
@@ -11,15 +13,30 @@ import pytest
 
 import nbllm
 from nbllm.executor.events import (
+    EnginePhase,
     RequestSent,
     RetryScheduled,
     RunFinished,
     RunStarted,
+    StopRequested,
     TurnFinished,
 )
 from nbllm.executor.stats import RunStats, Snapshot
 from nbllm.types import TurnRecord
-from nbllm.ui.dashboard import Dashboard, format_duration, summary_line
+from nbllm.ui.dashboard import Dashboard
+from nbllm.ui.progress import TextProgress
+from nbllm.ui.redraw import RedrawTimer
+from nbllm.ui.snapshot_text import (
+    bar_style,
+    error_lines,
+    figure_items,
+    figures_line,
+    format_duration,
+    format_seconds,
+    status_line,
+    summary_line,
+)
+from nbllm.ui.static_dashboard import dashboard_html, progress_html
 
 
 def record(
@@ -201,7 +218,7 @@ def test_figures_freeze_when_the_run_finishes():
     s = state.snapshot(now=1000.0)
     assert s.finished and not s.interrupted
     assert s.elapsed_s == 2.25  # the run's own wall time
-    assert s.requests_per_s == pytest.approx(2 / 2.5)
+    assert s.requests_per_s == pytest.approx(2 / 2.25)  # the whole run's, as the summary's
     assert s.eta_s == 0.0
 
 
@@ -245,7 +262,7 @@ def test_one_writer_thread_and_one_reader():
     assert s.latency_p50 == pytest.approx(np.percentile([i % 7 / 10 for i in range(20_000)], 50))
 
 
-# -- formatting ---------------------------------------------------------------------------
+# -- words ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -257,51 +274,185 @@ def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
 
 
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "-"), (0.0, "0.00 s"), (0.214, "0.21 s"), (12.34, "12.3 s"), (1250.0, "1,250 s")],
+)
+def test_latencies_are_in_seconds(seconds, text):
+    assert format_seconds(seconds) == text
+
+
 def test_summary_line():
     assert summary_line(Snapshot()) == "nbllm: waiting for the run to start"
     running = Snapshot(
-        turns_done=120, turns_total=300, errors=2, requests_per_s=35.24, eta_s=5.2, started=True
+        turns_done=120, turns_total=300, failed=2, requests_per_s=35.24, eta_s=5.2, started=True
     )
-    assert summary_line(running) == "nbllm: 120/300 turns, 2 errors, 35.2 req/s, ETA 5 s"
+    assert summary_line(running) == "nbllm: 120/300 turns, 2 failed, 35.2 req/s, ETA 5 s"
     finished = Snapshot(
-        turns_done=300, turns_total=300, errors=1, elapsed_s=8.4, started=True, finished=True
+        turns_done=300,
+        turns_total=300,
+        started=True,
+        finished=True,
+        verdict="300/300 turns ok in 8.4 s",
     )
-    assert summary_line(finished) == "nbllm: 300/300 turns, 1 error, done in 8 s"
+    assert summary_line(finished) == "nbllm: 300/300 turns ok in 8.4 s"
+    preparing = Snapshot(phase="converting", phase_done=120, phase_total=272)
+    assert summary_line(preparing) == "nbllm: converting the model… 120 / 272"
+
+
+def test_figures_say_seconds_elapsed_and_eta_and_leave_out_empty_counts():
+    snap = Snapshot(
+        in_flight=3,
+        requests_per_s=12.34,
+        tokens_per_s=456.0,
+        latency_p50=0.214,
+        latency_p95=0.483,
+        retries=4,
+        failed=1,
+        elapsed_s=4.2,
+        eta_s=12.0,
+        started=True,
+    )
+    assert figures_line(snap) == (
+        "in flight 3 · 12.3 req/s · 456 tok/s · latency p50 0.21 s · p95 0.48 s · retries 4"
+        " · 1 failed · elapsed 4 s · ETA 12 s"
+    )
+    done = Snapshot(not_run=5, cached=2, resumed=3, cost_usd=0.5, elapsed_s=9, finished=True)
+    items = figure_items(done)
+    assert {"5 not run", "cached 2", "resumed 3", "cost $0.5000", "elapsed 9 s"} <= set(items)
+    assert not any(item.startswith("ETA") for item in items)
+
+
+def test_the_status_line_is_never_stale():
+    running = Snapshot(started=True, in_flight=2)
+    assert status_line(running, background=False).startswith("Interrupt the kernel (■) to stop")
+    assert status_line(running, background=True) == ""  # the Stop button says it
+    stopping = Snapshot(started=True, in_flight=2, stopping=True)
+    assert status_line(stopping, background=True, grace_left_s=9.6) == (
+        "stopping: 2 requests in flight finish (up to 10 s); Stop again cancels them"
+    )
+    assert status_line(stopping, background=False).endswith(
+        "in flight finish; Interrupt again (■) cancels them"
+    )
+    done = Snapshot(started=True, finished=True, verdict="3/3 turns ok in 1.0 s")
+    for background in (True, False):
+        assert status_line(done, background=background) == "3/3 turns ok in 1.0 s"
+
+
+def test_errors_by_kind_and_the_last_one_whole():
+    message = "ConnectionFailed: Cannot connect to host 127.0.0.1:9999 ssl:default " + "x" * 80
+    snap = Snapshot(
+        started=True,
+        failed=3,
+        errors_by_kind=(("ConnectionFailed", 2), ("ServerError", 1)),
+        last_error=message,
+    )
+    assert error_lines(snap) == [
+        "errors: ConnectionFailed 2 · ServerError 1",
+        f"last error: {message}",
+    ]
+    retrying = Snapshot(started=True, retries=30, last_error="ConnectionFailed: refused")
+    assert error_lines(retrying) == ["retrying after: ConnectionFailed: refused"]
+    assert error_lines(Snapshot(started=True)) == []
+
+
+def test_bar_colours():
+    assert bar_style(Snapshot(started=True)) == ""
+    assert bar_style(Snapshot(started=True, failed=1)) == "danger"
+    assert bar_style(Snapshot(finished=True, interrupted=True, not_run=3)) == "warning"
+    assert bar_style(Snapshot(finished=True, not_run=3, stop_reason="cannot reach x")) == "danger"
+    assert bar_style(Snapshot(finished=True)) == "success"
+
+
+# -- the static HTML ------------------------------------------------------------------------
+
+
+def test_static_html_shows_the_verdict_bars_and_figures():
+    snap = Snapshot(
+        model="my-model",
+        engine="openai",
+        turns_done=24,
+        turns_total=180,
+        conversations_done=8,
+        conversations_total=60,
+        failed=0,
+        not_run=156,
+        elapsed_s=4.1,
+        started=True,
+        finished=True,
+        interrupted=True,
+        verdict="24 of 180 turns ok, 156 not run (stopped), 0 failed in 4.1 s — run it again",
+    )
+    page = dashboard_html(snap, status=snap.verdict, errors=["last error: <b>boom</b>"])
+    assert "24 of 180 turns ok, 156 not run (stopped)" in page
+    assert "my-model" in page and "24 / 180 turns" in page and "8 / 60 conversations" in page
+    assert 'aria-valuenow="24" aria-valuemax="180"' in page
+    assert "156 not run" in page and "elapsed 4 s" in page
+    assert "flex-wrap:wrap" in page
+    assert "&lt;b&gt;boom&lt;/b&gt;" in page  # error text is text, never markup
+    assert "<script" not in page and "<style" not in page
+    assert "GPU" not in page
+
+
+def test_static_html_of_a_phase_with_and_without_a_total():
+    known = progress_html(120, 272, "converting the model… 120 / 272")
+    assert 'aria-valuenow="120" aria-valuemax="272"' in known and "44.1%" in known
+    assert "<progress" in progress_html(None, None, "loading the model…")
 
 
 # -- Dashboard ---------------------------------------------------------------------------
+
+
+def dashboard_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "nbllm-dashboard"]
 
 
 def test_widgets_show_the_state_after_events():
     dash = Dashboard(gpu=False)
     assert dash.widget is not None
     assert dash.turns_label.value == "0 / 0 turns"
+    assert "waiting for the run to start" in dash.title.value
     dash(started(turns=6, conversations=3))
     assert "my-model" in dash.title.value and "fake" in dash.title.value
     assert (dash.turns_bar.value, dash.turns_bar.max) == (0, 6)
+    dash(RequestSent("a", 0, 1, 1, 0.05))
     dash(done(record("a", 0), 0.1))
     dash(done(record("a", 1), 0.2, last=True))
-    dash(RetryScheduled("b", 0, 1, "429", 0.1, 0.25))
+    dash(RetryScheduled("b", 0, 1, "RateLimited: 429", 0.1, 0.25))
     dash.render()
     assert (dash.turns_bar.value, dash.turns_bar.max) == (2, 6)
     assert dash.turns_label.value == "2 / 6 turns"
     assert (dash.conversations_bar.value, dash.conversations_bar.max) == (1, 3)
     assert dash.conversations_label.value == "1 / 3 conversations"
-    assert "retries 1" in dash.figures.value
-    assert "0 errors" in dash.figures.value
+    assert "retries 1" in dash.figures.value and "0 failed" in dash.figures.value
+    assert "retrying after: RateLimited: 429" in dash.errors.value
     assert dash.turns_bar.bar_style == ""
     assert dash.stop_button is None
-    assert dash.gpu_label is None and dash.gpu_gauges == []
+    assert dash.gpu_gauges == [] and dash.gpu_box.children == ()
+    dash(RunFinished(2, 0, 0.3, False, 0.3))
+    assert not dashboard_threads()
+
+
+def test_in_flight_counts_from_the_moment_a_request_is_sent():
+    dash = Dashboard(gpu=False)
+    dash(started(turns=3, t=time.time()))
+    for n in (1, 2, 3):
+        dash(RequestSent("c", n, 1, n, time.time()))
+    dash.render()
+    assert "in flight 3" in dash.figures.value
+    dash.close()
 
 
 def test_a_failed_bar_turns_red_and_stays_red():
     dash = Dashboard(gpu=False)
     dash(started(turns=5, conversations=5))
     dash(done(record(0), 0.1, last=True))
-    dash(done(record(1, error="ServerError: 500"), 0.2, last=True))
+    dash(done(record(1, error="ServerError: 500 upstream"), 0.2, last=True))
     dash.render()
     assert dash.turns_bar.bar_style == "danger"
     assert dash.conversations_bar.bar_style == "danger"
+    assert "ServerError 1" in dash.errors.value
+    assert "last error: ServerError: 500 upstream" in dash.errors.value
     for i in range(2, 5):
         dash(done(record(i), 0.3, last=True))
         dash.render()
@@ -310,24 +461,29 @@ def test_a_failed_bar_turns_red_and_stays_red():
     assert dash.turns_bar.bar_style == "danger"
     assert dash.conversations_bar.bar_style == "danger"
     assert (dash.turns_bar.value, dash.turns_bar.max) == (5, 5)
+    assert "1 failed (see the error column)" in dash.status.value
 
 
-def test_an_interrupted_run_is_orange_unless_something_failed():
+def test_an_interrupted_run_is_orange_and_says_what_was_kept():
     dash = Dashboard(gpu=False)
     dash(started(turns=5))
     dash(done(record(), 0.1))
-    dash(RunFinished(1, 4, 0.2, True, 0.2))
+    dash.render()
+    assert "Interrupt the kernel (■) to stop" in dash.status.value
+    dash(RunFinished(1, 0, 0.2, True, 0.2))
     assert dash.turns_bar.bar_style == "warning"
-    assert "stopped after" in dash.figures.value
+    assert "Interrupt" not in dash.status.value
+    assert "1 of 5 turns ok, 4 not run (stopped)" in dash.status.value
+    assert "4 not run" in dash.figures.value
 
     dash = Dashboard(gpu=False)
     dash(started(turns=5))
-    dash(done(record(error="boom"), 0.1))
-    dash(RunFinished(0, 5, 0.2, True, 0.2))
+    dash(done(record(error="boom: no"), 0.1))
+    dash(RunFinished(0, 1, 0.2, True, 0.2))
     assert dash.turns_bar.bar_style == "danger"
 
 
-def test_a_clean_run_ends_green():
+def test_a_clean_run_ends_green_with_the_verdict():
     dash = Dashboard(gpu=False)
     dash(started(turns=2, conversations=1))
     dash(done(record(0), 0.1))
@@ -335,7 +491,24 @@ def test_a_clean_run_ends_green():
     dash(RunFinished(2, 0, 0.2, False, 0.2))
     assert dash.turns_bar.bar_style == "success"
     assert dash.conversations_bar.bar_style == "success"
-    assert "done in" in dash.figures.value
+    assert "2/2 turns ok in" in dash.status.value
+    assert dash.stats.snapshot().verdict in dash.status.value
+
+
+def test_a_local_engine_shows_its_phases_before_the_turns():
+    dash = Dashboard(gpu=False)
+    dash(EnginePhase("converting", 120, 272, 0.0, "SmolLM2-135M-Instruct"))
+    dash.render()
+    assert "converting the model… 120 / 272 (SmolLM2-135M-Instruct)" in dash.phase.value
+    assert 'aria-valuenow="120"' in dash.phase.value
+    assert "waiting" not in dash.title.value
+    dash(EnginePhase("loading", None, None, 1.0))
+    dash.render()
+    assert "loading the model…" in dash.phase.value and "<progress" in dash.phase.value
+    dash(started(turns=2, t=2.0))
+    assert dash.phase.value == ""
+    dash(RunFinished(0, 0, 0.1, True, 2.1))
+    assert not dashboard_threads()
 
 
 def _count_renders(dash: Dashboard, monkeypatch) -> list[int]:
@@ -347,55 +520,110 @@ def _count_renders(dash: Dashboard, monkeypatch) -> list[int]:
         render()
 
     monkeypatch.setattr(dash, "render", counting)
+    dash._timer._draw = counting  # the timer took the method when the dashboard was made
     return count
 
 
-def test_redraws_are_throttled_and_the_last_one_is_exact(monkeypatch):
-    clock = FakeClock()
-    dash = Dashboard(gpu=False, max_updates_per_s=10.0, clock=clock)
-    renders = _count_renders(dash, monkeypatch)
-    n = 10_000
-    dash(started(turns=n, conversations=n))
-    for i in range(n):
-        clock.now += 0.001  # 10,000 events over 10 s
-        dash(done(record(i), 0.001 * i, last=True))
-    dash(RunFinished(n, 0, 10.0, False, 10.0))
-    assert renders[0] <= 10.0 * 10 + 2
-    assert renders[0] >= 90  # and it does keep redrawing while the run goes on
-    assert dash.turns_bar.value == n
-    assert dash.turns_label.value == f"{n:,} / {n:,} turns"
-    assert dash.conversations_label.value == f"{n:,} / {n:,} conversations"
-    assert dash.turns_bar.bar_style == "success"
+def test_the_last_state_is_drawn_without_another_event():
+    """An event inside the throttle's interval is drawn anyway, by the timer."""
+    dash = Dashboard(gpu=False, max_updates_per_s=10.0)
+    dash(started(turns=3, t=time.time()))
+    for i in range(3):  # all within a few microseconds of the first draw
+        dash(done(record(i), time.time()))
+    assert dash.turns_bar.value == 0  # not drawn per event
+    deadline = time.monotonic() + 2.0
+    while dash.turns_bar.value != 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dash.turns_label.value == "3 / 3 turns"
+    assert [t.daemon for t in dashboard_threads()] == [True]
+    dash.close()
+    assert not dashboard_threads()
+
+
+def test_the_timer_draws_what_changed_at_most_so_often_and_at_least_once_a_second():
+    draws = []
+    timer = RedrawTimer(lambda: draws.append(1), max_per_s=10, min_per_s=1, clock=FakeClock())
+    assert (timer.interval_s, timer.longest_gap_s) == (0.1, 1.0)
+    timer.stale = True  # what changed() marks, without starting the thread
+    assert [timer.tick(now) for now in (0.0, 0.1, 0.2)] == [True, False, False]
+    timer.stale = True
+    assert timer.tick(0.3)
+    assert not timer.tick(1.2)  # nothing changed: the next draw comes a second after the last
+    assert timer.tick(1.3)
+    assert len(draws) == 3
+    assert not timer.running
+    with pytest.raises(ValueError, match="rates"):
+        RedrawTimer(lambda: None, max_per_s=0)
 
 
 def test_redraws_are_throttled_in_real_time(monkeypatch):
     dash = Dashboard(gpu=False, max_updates_per_s=10.0)
     renders = _count_renders(dash, monkeypatch)
     t0 = time.monotonic()
-    dash(started(turns=10_000))
-    for i in range(10_000):
+    dash(started(turns=20_000))
+    for i in range(20_000):
         dash(done(record(i), 0.0))
-    dash(RunFinished(10_000, 0, 1.0, False, 1.0))
+    dash(RunFinished(20_000, 0, 1.0, False, 1.0))
     elapsed = time.monotonic() - t0
-    assert renders[0] <= elapsed * 10 + 2
-    assert dash.turns_bar.value == 10_000
+    assert renders[0] <= elapsed * 10 + 3  # the timer's, and one each at start and end
+    assert dash.turns_bar.value == 20_000
+    assert not dashboard_threads()
 
 
-def test_stop_button_calls_stop_once():
+def test_the_timer_ends_with_a_run_that_died_without_saying_so():
+    dash = Dashboard(gpu=False)
+
+    def run() -> None:
+        dash(started(turns=4, t=time.time()))
+        dash(done(record(), time.time()))
+
+    thread = threading.Thread(target=run, name="nbllm-test-run")
+    thread.start()
+    thread.join()
+    deadline = time.monotonic() + 3.0
+    while dashboard_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not dashboard_threads()
+    assert dash.turns_bar.value == 1  # drawn before it ended
+
+
+def test_stop_button_first_lets_in_flight_finish_then_cancels():
     calls = []
     dash = Dashboard(lambda: calls.append(1), gpu=False)
     dash(started())
+    dash(RequestSent("a", 0, 1, 1, time.time()))
+    dash(RequestSent("b", 0, 1, 2, time.time()))
     button = dash.stop_button
     assert button is not None and button.description == "Stop" and not button.disabled
+    assert "in flight finish" in button.tooltip and "again" in button.tooltip
     assert button in dash.widget.children
     button.click()
+    assert calls == [1] and not button.disabled
+    assert button.description == "Cancel in-flight" and "Cancel the requests" in button.tooltip
+    dash(StopRequested(10.0, 2, time.time()))
+    assert "stopping: 2 requests in flight finish" in dash.status.value
+    assert "Stop again cancels them" in dash.status.value
     button.click()
-    assert calls == [1]
-    assert button.disabled
-    assert button.description == "stopping…"
-    dash(RunFinished(1, 9, 0.5, True, 0.5))
-    assert calls == [1]
+    button.click()
+    assert calls == [1, 1]
+    assert button.disabled and button.description == "cancelling…"
+    dash(RunFinished(1, 0, 0.5, True, 0.5))
+    assert calls == [1, 1]
     assert button.description == "stopped"
+    assert "stopping" not in dash.status.value
+
+
+def test_a_stop_from_elsewhere_turns_the_button_into_cancel():
+    calls = []
+    dash = Dashboard(lambda: calls.append(1), gpu=False)
+    dash(started())
+    dash(RequestSent("a", 0, 1, 1, time.time()))
+    dash(StopRequested(10.0, 1, time.time()))  # job.stop()
+    assert dash.stop_button.description == "Cancel in-flight"
+    assert "stopping: 1 request in flight finish" in dash.status.value
+    dash.stop_button.click()
+    assert calls == [1] and dash.stop_button.disabled
+    dash(RunFinished(0, 0, 0.5, True, 0.5))
 
 
 def test_stop_button_is_disabled_when_the_run_ends_by_itself():
@@ -414,25 +642,114 @@ def test_text_plain_summary_beside_the_widget():
     assert dash._repr_mimebundle_()["text/plain"] == "nbllm: waiting for the run to start"
     dash(started(turns=300, t=time.time()))
     for i in range(120):
-        dash(done(record(i, error="boom" if i < 2 else None), time.time()))
+        dash(done(record(i, error="ServerError: 500" if i < 2 else None), time.time()))
     bundle = dash._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     text = bundle["text/plain"]
-    assert text.startswith("nbllm: 120/300 turns, 2 errors, ")
+    assert text.startswith("nbllm: 120/300 turns, 2 failed, ")
     assert " req/s, ETA " in text
-    assert str(dash).startswith("nbllm: 120/300 turns, 2 errors, ")
+    assert str(dash).startswith("nbllm: 120/300 turns, 2 failed, ")
+    dash.close()
 
 
-def test_without_ipywidgets_the_dashboard_is_text(monkeypatch):
+class Published:
+    """What IPython's display and update_display were given."""
+
+    def __init__(self, monkeypatch) -> None:
+        import IPython.display
+
+        self.shown: list[tuple[dict, dict]] = []
+        self.updates: list[tuple[dict, dict]] = []
+        monkeypatch.setattr(IPython.display, "display", lambda o, **kw: self.shown.append((o, kw)))
+        monkeypatch.setattr(
+            IPython.display, "update_display", lambda o, **kw: self.updates.append((o, kw))
+        )
+
+
+def test_the_end_leaves_static_html_in_place_of_the_widget(monkeypatch):
+    published = Published(monkeypatch)
+    dash = Dashboard(gpu=False)
+    dash._ipython_display_()  # what IPython's display(dash) calls
+    ((bundle, options),) = published.shown
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert options["raw"] is True and options["display_id"].startswith("nbllm-dashboard-")
+    dash(started(turns=2, conversations=1))
+    dash(done(record(0), 0.1))
+    dash(done(record(1), 0.2, last=True))
+    assert published.updates == []  # the widget draws itself while the run goes
+    dash(RunFinished(2, 0, 0.2, False, 0.2))
+    ((final, update_options),) = published.updates
+    assert update_options == {"raw": True, "display_id": options["display_id"]}
+    assert set(final) == {"text/html", "text/plain"}  # no widget left to be missing later
+    verdict = dash.stats.snapshot().verdict
+    assert verdict in final["text/html"] and final["text/plain"] == f"nbllm: {verdict}"
+    assert "2 / 2 turns" in final["text/html"]
+    assert dash.widget.comm is None and dash.turns_bar.comm is None  # closed
+    assert dash.turns_label.value == "2 / 2 turns"  # its state still reads
+
+
+def test_a_dashboard_never_displayed_leaves_its_widget_alone(monkeypatch):
+    published = Published(monkeypatch)
+    dash = Dashboard(gpu=False)
+    dash(started(turns=1))
+    dash(RunFinished(0, 0, 0.1, True, 0.1))
+    assert published.updates == []
+    assert dash.widget.comm is not None
+
+
+def test_without_ipywidgets_the_dashboard_is_html(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import ipywidgets fails
+    published = Published(monkeypatch)
     calls = []
     dash = Dashboard(lambda: calls.append(1), gpu=False)
     assert dash.widget is None
+    dash._ipython_display_()
+    ((bundle, _),) = published.shown
+    assert set(bundle) == {"text/html", "text/plain"}
     dash(started(turns=2))
     dash(done(record(0), 0.1))
+    dash.render()
+    assert "1 / 2 turns" in published.updates[-1][0]["text/html"]  # redrawn in place
     dash(done(record(1), 0.2, last=True))
     dash(RunFinished(2, 0, 0.2, False, 0.2))
-    assert dash._repr_mimebundle_() == {"text/plain": "nbllm: 2/2 turns, 0 errors, done in 0 s"}
+    verdict = dash.stats.snapshot().verdict
+    assert dash._repr_mimebundle_()["text/plain"] == f"nbllm: {verdict}"
+    assert verdict in published.updates[-1][0]["text/html"]
+
+
+def test_a_shared_stats_is_read_not_fed():
+    stats = RunStats()
+    dash = Dashboard(gpu=False, stats=stats)
+    assert dash.stats is stats
+    for event in (started(turns=2), done(record(0), 0.1)):
+        stats.update(event)  # its maker feeds it, before the dashboard sees the event
+        dash(event)
+    dash.render()
+    assert dash.turns_label.value == "1 / 2 turns"
+    dash(RunFinished(1, 0, 0.2, True, 0.2))  # not fed: the run is not over for the stats
+    assert not stats.snapshot().finished
+
+
+def test_the_frontend_shares_the_runs_stats(monkeypatch):
+    import IPython.display
+
+    from nbllm.ui import frontend
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda o, **kw: shown.append(o))
+    monkeypatch.setattr(frontend, "_in_notebook", lambda: True)
+    stats = RunStats()
+    dash = frontend.progress_listener(None, stats=stats)
+    assert shown == [dash] and isinstance(dash, Dashboard) and dash.stats is stats
+    assert isinstance(frontend.progress_listener(None), Dashboard)
+    assert frontend.progress_listener(False, stats=stats) is None
+
+    monkeypatch.setattr(frontend, "_in_notebook", lambda: False)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    assert frontend.progress_listener(None, stats=stats) is None  # not a terminal
+    bar = frontend.progress_listener(True, stats=stats)
+    assert isinstance(bar, TextProgress) and bar.stats is stats
 
 
 def test_bad_update_rate_is_refused():
@@ -450,11 +767,13 @@ def test_end_to_end_with_a_real_run():
     assert dash.turns_label.value == "14 / 14 turns"
     assert dash.turns_bar.bar_style == "success"
     assert dash.title.value == "<b>nbllm</b> · m · fake"
-    assert dash._repr_mimebundle_()["text/plain"].startswith("nbllm: 14/14 turns, 0 errors, done")
+    assert result.verdict in dash.status.value
+    assert dash._repr_mimebundle_()["text/plain"] == f"nbllm: {result.verdict}"
 
 
 async def test_end_to_end_beside_a_running_loop():
-    """As in a notebook: the events, and so the redraws, come from the run's worker thread."""
+    """As in a notebook: the events come from the run's worker thread, the redraws from the
+    dashboard's timer and, the last one, from the run's thread as it ends."""
     threads = set()
     dash = Dashboard(gpu=False)
     render = dash.render
@@ -464,8 +783,9 @@ async def test_end_to_end_beside_a_running_loop():
         render()
 
     dash.render = render_noting_the_thread  # type: ignore[method-assign]
+    dash._timer._draw = render_noting_the_thread
     data = [{"id": i, "turns": ["hello"]} for i in range(5)]
     nbllm.run(data, engine=nbllm.FakeEngine(), model="m", progress=False, listeners=[dash])
-    assert threads == {"nbllm-run"}
+    assert "nbllm-run" in threads and threads <= {"nbllm-run", "nbllm-dashboard"}
     assert dash.turns_label.value == "5 / 5 turns"
     assert dash.turns_bar.bar_style == "success"

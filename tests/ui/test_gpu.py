@@ -120,16 +120,16 @@ def test_without_nvml_or_a_device_there_is_no_gpu(monkeypatch, fake):
     monitor.stop()
 
 
-def test_the_dashboard_says_no_gpu_found(monkeypatch):
+def test_without_a_gpu_the_dashboard_has_no_gpu_row(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(init_fails=True))
-    dash = Dashboard()
-    assert dash.gpu_label is not None and dash.gpu_label.value == "no GPU found"
-    assert dash.gpu_label in dash.gpu_box.children
-    dash(RunStarted(1, 1, "m", "fake", 0.0))
-    assert dash.gpu_gauges == [] and not gpu_threads()
-    dash(RunFinished(0, 1, 0.1, False, 0.1))
-    assert Dashboard(gpu=True).gpu_label.value == "no GPU found"
-    assert Dashboard(gpu=False).gpu_label is None
+    for gpu in (None, True):
+        dash = Dashboard(gpu=gpu)
+        assert not dash.gpu_found and dash.gpu_box.children == ()
+        dash(RunStarted(1, 1, "m", "fake", 0.0))
+        assert dash.gpu_gauges == [] and not gpu_threads()
+        dash(RunFinished(0, 1, 0.1, False, 0.1))
+        assert dash.gpu_box.children == ()
+        assert "GPU" not in dash.html()
 
 
 def test_monitor_samples_every_device(monkeypatch):
@@ -220,7 +220,7 @@ def test_bad_interval_is_refused():
 def test_dashboard_gauges_follow_the_monitor(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(devices=2))
     dash = Dashboard(gpu=None)
-    assert dash.gpu_found and dash.gpu_label is None
+    assert dash.gpu_found
     dash(RunStarted(1, 1, "m", "fake", 0.0))
     try:
         assert len(gpu_threads()) == 1
@@ -235,6 +235,7 @@ def test_dashboard_gauges_follow_the_monitor(monkeypatch):
         dash(RunFinished(1, 0, 0.1, False, 0.1))
     assert not gpu_threads()
     assert len(dash.gpu_gauges) == 2  # the last readings stay on show
+    assert "GPU 1 Fake H100 · 20 %" in dash.html()  # and in the static HTML
 
 
 def test_dashboard_gauges_with_missing_sensors(monkeypatch):

@@ -1,0 +1,175 @@
+"""The words of a run's live views, from one ``Snapshot``.
+
+The notebook widget, the static HTML left in a saved notebook and the one-line text
+summary all say the same thing in the same units (seconds everywhere, as the summary), so
+each figure is worded here once.
+"""
+
+from __future__ import annotations
+
+from nbllm.executor.stats import Snapshot
+
+__all__ = [
+    "bar_style",
+    "error_lines",
+    "figure_items",
+    "figures_line",
+    "format_duration",
+    "format_seconds",
+    "phase_text",
+    "status_line",
+    "summary_line",
+]
+
+_PHASES = {
+    "converting": "converting the model",
+    "exporting": "exporting the model",
+    "loading": "loading the model",
+}
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"42 s"``, ``"3 min 05 s"``, ``"2 h 07 min"``; ``"-"`` when unknown."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "-"
+    total = round(max(0.0, seconds))
+    if total < 60:
+        return f"{total} s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A latency: ``"0.21 s"``, ``"12.3 s"``, ``"125 s"``; ``"-"`` when unknown."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 100:
+        return f"{seconds:.1f} s"
+    return f"{seconds:,.0f} s"
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def _cost(usd: float) -> str:
+    return f"${usd:.4f}" if usd < 10 else f"${usd:,.2f}"
+
+
+def figure_items(snap: Snapshot) -> list[str]:
+    """Every figure of the snapshot but the bars', one short item each.
+
+    Counts that are zero and say nothing (cached, resumed, not run) are left out, and so
+    are the requests in flight once the run has ended; failures are always shown, so
+    "0 failed" says there were none.
+    """
+    items = [] if snap.finished else [f"in flight {snap.in_flight:,}"]
+    items += [f"{_rate(snap.requests_per_s)} req/s", f"{_rate(snap.tokens_per_s)} tok/s"]
+    if snap.latency_p50 is None:
+        items.append("latency -")
+    else:
+        p50, p95 = format_seconds(snap.latency_p50), format_seconds(snap.latency_p95)
+        items.append(f"latency p50 {p50} · p95 {p95}")
+    items += [f"retries {snap.retries:,}", f"{snap.failed:,} failed"]
+    if snap.not_run:
+        items.append(f"{snap.not_run:,} not run")
+    if snap.cached:
+        items.append(f"cached {snap.cached:,}")
+    if snap.resumed:
+        items.append(f"resumed {snap.resumed:,}")
+    if snap.cost_usd is not None:
+        items.append(f"cost {_cost(snap.cost_usd)}")
+    items.append(f"elapsed {format_duration(snap.elapsed_s)}")
+    if not snap.finished:
+        items.append(f"ETA {format_duration(snap.eta_s)}")
+    return items
+
+
+def figures_line(snap: Snapshot) -> str:
+    """``figure_items`` on one line."""
+    return " · ".join(figure_items(snap))
+
+
+def bar_style(snap: Snapshot) -> str:
+    """Red from the first failed row (or when the run gave up) to the end; orange when
+    stopped early; green when done."""
+    if snap.failed or snap.stop_reason:
+        return "danger"
+    if snap.interrupted or snap.not_run:
+        return "warning"
+    if snap.finished:
+        return "success"
+    return ""
+
+
+def phase_text(snap: Snapshot) -> str:
+    """``"converting the model… 120 / 272 (SmolLM2-135M)"``; empty once the run has started."""
+    if snap.phase is None:
+        return ""
+    text = _PHASES.get(snap.phase, snap.phase) + "…"
+    if snap.phase_done is not None:
+        done = f"{snap.phase_done:,.0f}"
+        text += f" {done} / {snap.phase_total:,.0f}" if snap.phase_total else f" {done}"
+    if snap.phase_detail:
+        text += f" ({' '.join(snap.phase_detail.split())})"
+    return text
+
+
+def error_lines(snap: Snapshot) -> list[str]:
+    """What went wrong, in sight: the count by kind and the last error, whole, on one line.
+
+    Before any turn failed, while retries pile up, the last error is what the retries are
+    about: a run that retries without an answer says why.
+    """
+    lines = []
+    if snap.errors_by_kind:
+        lines.append("errors: " + " · ".join(f"{kind} {n:,}" for kind, n in snap.errors_by_kind))
+    if snap.last_error:
+        retrying = not snap.failed and snap.retries and not snap.finished
+        lines.append(f"{'retrying after' if retrying else 'last error'}: {snap.last_error}")
+    return lines
+
+
+def status_line(snap: Snapshot, *, background: bool, grace_left_s: float | None = None) -> str:
+    """What the user can do now, or how the run ended: never a stale instruction.
+
+    ``background``: the run has a Stop button (the kernel is free); else it is stopped by
+    interrupting the kernel. ``grace_left_s``: seconds left for the requests in flight.
+    """
+    if snap.finished:
+        return snap.verdict or summary_line(snap).removeprefix("nbllm: ")
+    if snap.stopping:
+        n = snap.in_flight
+        requests = "1 request" if n == 1 else f"{n:,} requests"
+        wait = "" if grace_left_s is None else f" (up to {format_duration(grace_left_s)})"
+        again = "Stop again" if background else "Interrupt again (■)"
+        return f"stopping: {requests} in flight finish{wait}; {again} cancels them"
+    if not snap.started or background:
+        return ""
+    return "Interrupt the kernel (■) to stop; the requests in flight finish and are kept."
+
+
+def summary_line(snap: Snapshot) -> str:
+    """``"nbllm: 120/300 turns, 2 failed, 35.2 req/s, ETA 5 s"``; the verdict once finished."""
+    if snap.phase is not None:
+        return f"nbllm: {phase_text(snap)}"
+    if not snap.started:
+        return "nbllm: waiting for the run to start"
+    if snap.finished and snap.verdict:
+        return f"nbllm: {snap.verdict}"
+    parts = [f"{snap.turns_done:,}/{snap.turns_total:,} turns", f"{snap.failed:,} failed"]
+    if snap.not_run:
+        parts.append(f"{snap.not_run:,} not run")
+    if snap.finished:
+        word = "stopped after" if snap.interrupted else "done in"
+        parts.append(f"{word} {format_duration(snap.elapsed_s)}")
+    else:
+        parts += [f"{_rate(snap.requests_per_s)} req/s", f"ETA {format_duration(snap.eta_s)}"]
+    return "nbllm: " + ", ".join(parts)
