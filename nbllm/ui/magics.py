@@ -317,7 +317,8 @@ class LlmBatchMagics(Magics):
             _announce(job, name, namespace)
             return
         namespace[name] = result
-        _show(result, name)
+        # In a kernel the run's dashboard ends with the verdict; a terminal shows it here.
+        _show(result, name, verdict=getattr(self.shell, "kernel", None) is None)
 
     def _namespace(self) -> dict[str, Any]:
         if self.shell is None:  # a Magics made without a shell, outside IPython
@@ -340,8 +341,9 @@ class LlmBatchMagics(Magics):
 # --------------------------------------------------------------------------- what a cell shows
 
 
-def _show(result: RunResult, name: str) -> None:
-    """The verdict, then the first rows, then one line on where the rest is."""
+def _show(result: RunResult, name: str, *, verdict: bool = True) -> None:
+    """The verdict (unless the dashboard ends with it), then the first rows, then one line on
+    where the rest is."""
     from IPython.display import display
 
     df = result.df
@@ -351,7 +353,8 @@ def _show(result: RunResult, name: str) -> None:
     if with_error and not df["error"].head(shown).notna().any():
         where.append(f"{name}.df[{name}.df.error.notna()] for the {with_error:,} with an error")
     where.append(f"{name}.plot() for charts")
-    print(result.verdict)
+    if verdict:
+        print(result.verdict)
     display(ResultPreview.of(df, rows=PREVIEW_ROWS, note=" · ".join(where)))
 
 

@@ -13,18 +13,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["PREVIEW_COLUMNS", "ResultPreview", "clip"]
+__all__ = ["PREVIEW_COLUMNS", "WIDTH", "ResultPreview", "clip"]
 
 PREVIEW_COLUMNS = ("conversation_id", "turn", "question", "answer", "error", "latency_s")
 _TEXT_COLUMNS = ("question", "answer", "error")
 
 # Cells keep to one line in a notebook's output, however narrow: the table scrolls instead.
+# (!important: JupyterLab's and nbconvert's own table rules are more specific.)
 _STYLE = (
-    "<style>.nbllm-preview td, .nbllm-preview th {white-space: nowrap; text-align: left}</style>"
+    "<style>.nbllm-preview td, .nbllm-preview th "
+    "{white-space: nowrap !important; text-align: left !important}</style>"
 )
+# About 40 characters of a question and of an answer fit a 600 px output beside the id.
+WIDTH = 40
 
 
-def clip(text: str, width: int = 60) -> str:
+def clip(text: str, width: int = WIDTH) -> str:
     """``text`` on one line (runs of whitespace and line breaks become one space), cut to
     ``width`` characters with an ellipsis when longer."""
     line = " ".join(text.split())
@@ -35,15 +39,21 @@ def clip(text: str, width: int = 60) -> str:
 class ResultPreview:
     """The first rows of a result's ``df``, its useful columns only, text clipped to one line.
 
-    ``frame`` is that small table; ``note`` one line under it (where the rest is).
+    ``frame`` is that small table (no ``error`` column when no row of the result has one);
+    ``note`` one line under it (where the rest is).
     """
 
     frame: pd.DataFrame
     note: str = ""
 
     @classmethod
-    def of(cls, df: pd.DataFrame, rows: int = 5, width: int = 60, note: str = "") -> ResultPreview:
-        frame = df.loc[:, [c for c in PREVIEW_COLUMNS if c in df.columns]].head(rows).copy()
+    def of(
+        cls, df: pd.DataFrame, rows: int = 5, width: int = WIDTH, note: str = ""
+    ) -> ResultPreview:
+        columns = [c for c in PREVIEW_COLUMNS if c in df.columns]
+        if "error" in columns and not df["error"].notna().any():
+            columns.remove("error")
+        frame = df.loc[:, columns].head(rows).copy()
         for column in _TEXT_COLUMNS:
             if column in frame.columns:
                 texts = frame[column].astype(object)

@@ -104,7 +104,8 @@ def test_a_template_over_a_dataframe(shell, server, capsys):
 
     shown = capsys.readouterr().out.splitlines()
     assert shown[0] == result.verdict  # one line, not the 17-row summary
-    assert shown[1].split() == list(PREVIEW_COLUMNS)  # id, turn, question, answer, error, latency
+    # id, turn, question, answer, latency: no error column, as no row has an error
+    assert shown[1].split() == [c for c in PREVIEW_COLUMNS if c != "error"]
     assert len(shown) == 1 + 1 + 3 + 1  # the verdict, the preview's header, 3 rows, the note
     assert shown[-1] == (
         "3 of 3 rows of llm_result.df · print(llm_result.summary) for every figure · "
@@ -442,6 +443,7 @@ def test_the_preview_clips_long_text_to_one_line_and_points_at_the_errors(capsys
     _show(result, "answers")  # what %%llm_batch shows after its run
     shown = capsys.readouterr().out.splitlines()
     assert shown[0] == result.verdict
+    assert shown[1].split() == list(PREVIEW_COLUMNS)  # an error column: two rows have one
     rows = shown[2:-1]
     assert len(rows) == 5  # the first five of seven
     assert all(("Why Why" in row and "…" in row and "A long answer, over lines:" in row)

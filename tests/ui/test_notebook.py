@@ -1,5 +1,6 @@
-"""``result.plot()`` in a fresh Jupyter kernel (nbclient): one PNG, no ``%matplotlib`` needed,
-after a run and after a fully resumed run of the same call."""
+"""nbllm in a fresh Jupyter kernel (nbclient): ``result.plot()`` is one PNG with no
+``%matplotlib``, after a run and after a fully resumed run of the same call; the magic shows
+the verdict once and a preview of the first rows."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ nbformat = pytest.importorskip("nbformat")
 
 
 def _texts(output: dict) -> list[str]:
-    """Every text an output shows: a stream's text, a display's text/plain."""
+    """Every text an output shows: a stream's text, a display's text/plain and text/html."""
     if output["output_type"] == "stream":
         return [output["text"]]
-    return [output.get("data", {}).get("text/plain", "")]
+    data = output.get("data", {})
+    return [data.get("text/plain", ""), data.get("text/html", "")]
 
 
 def test_plot_shows_one_png_in_a_fresh_kernel_also_after_a_resumed_run(tmp_path):
@@ -36,6 +38,11 @@ def test_plot_shows_one_png_in_a_fresh_kernel_also_after_a_resumed_run(tmp_path)
             cell("res.plot()"),
             cell(f"again = {run}\nassert again.df['resumed'].all(), again.df"),
             cell("again.plot()"),
+            cell(
+                "%load_ext nbllm\n"
+                f"%llm_batch data -m nbllm-test --api-base {server.url} --checkpoint answers "
+                "--concurrency 4 -o magic"
+            ),
         ]
         client = nbclient.NotebookClient(
             nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
@@ -47,8 +54,13 @@ def test_plot_shows_one_png_in_a_fresh_kernel_also_after_a_resumed_run(tmp_path)
         (output,) = plot.outputs
         assert output["output_type"] == "execute_result"
         assert output["data"]["image/png"]
+    verdict = "12/12 turns ok"
+    magic = nb.cells[4].outputs
+    assert sum(any(verdict in text for text in _texts(output)) for output in magic) == 1
+    (preview,) = [o for o in magic if "nbllm-preview" in o.get("data", {}).get("text/html", "")]
+    assert "12 rows of magic.df" in preview["data"]["text/html"]
+
     for executed in nb.cells:
         for output in executed.outputs:
-            for text in _texts(output):
-                if "image/png" not in output.get("data", {}):
-                    assert "<Figure" not in text, text
+            if "image/png" not in output.get("data", {}):
+                assert not any("<Figure" in text for text in _texts(output)), output
