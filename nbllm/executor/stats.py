@@ -115,6 +115,11 @@ class Snapshot:
     phase_total: float | None = None
     phase_detail: str | None = None
 
+    @property
+    def turns_ok(self) -> int:
+        """Turns answered (this run or, resumed, an earlier one)."""
+        return self.turns_done - self.failed
+
 
 class RunStats:
     """Accumulates events into the figures of ``Snapshot``; a new ``RunStarted`` starts over.

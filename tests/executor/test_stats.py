@@ -327,7 +327,7 @@ def snapshot_figures(snap: Snapshot) -> dict[str, object]:
     assert snap.errors == snap.failed + snap.not_run
     return {
         "turns": snap.turns_done + snap.not_run,
-        "ok": snap.turns_done - snap.failed,
+        "ok": snap.turns_ok,
         "failed": snap.failed,
         "not run": snap.not_run,
         "retries": snap.retries,
