@@ -157,7 +157,7 @@ class Job:
             self._wall_s = time.perf_counter() - self._t0
             if error is not None:
                 self._status = "failed"
-            elif result is not None and (result.interrupted or _stop_reason(result)):
+            elif result is not None and (result.interrupted or result.stop_reason):
                 self._status = "stopped"
             else:
                 self._status = "done"
@@ -171,10 +171,6 @@ class Job:
             fn(self)
         except Exception:
             log.exception("nbllm: done callback %r of job %s failed", fn, self.id)
-
-
-def _stop_reason(result: RunResult) -> str | None:
-    return getattr(result, "stop_reason", None)
 
 
 def submit(

@@ -52,12 +52,11 @@ from nbllm.executor.limiter import RateLimiter
 from nbllm.executor.unreachable import unreachable_reason
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
-from nbllm.types import ChatRequest, ChatResponse, Conversation, TurnRecord
+from nbllm.types import NOT_RUN, ChatRequest, ChatResponse, Conversation, TurnRecord
 
 __all__ = ["Executor"]
 
 _DEFAULT_COMPLETION_ESTIMATE = 256
-NOT_RUN = "not run"  # the start of the error of every turn that never ran
 STOPPED = f"{NOT_RUN}: the run was stopped before this turn finished"
 # Attempts that must all fail to connect, with none reaching the server, before a run
 # gives up: enough that one unlucky connection does not end a run.
@@ -224,13 +223,13 @@ class Executor:
         unfinished = any(r is None for r in self._records)
         interrupted = interrupted or (self._stopping and self._stop_reason is None and unfinished)
         records = self._complete_records()
-        failed = sum(1 for r in records if r.error is not None and not r.error.startswith(NOT_RUN))
+        failed = sum(1 for r in records if r.error is not None and not r.not_run)
         self._emit(
             RunFinished(
                 self._ok, failed, wall, interrupted, time.time(), stop_reason=self._stop_reason
             )
         )
-        result = RunResult(
+        return RunResult(
             records,
             conversations=len(conversations),
             wall_s=wall,
@@ -238,9 +237,8 @@ class Executor:
             interrupted=interrupted,
             model=self.model,
             engine=self.engine.name,
+            stop_reason=self._stop_reason,
         )
-        result.stop_reason = self._stop_reason
-        return result
 
     # -- stopping ------------------------------------------------------------------
 
