@@ -1,11 +1,20 @@
 // Drives a running JupyterLab in headless Chromium (Debian's, through playwright-core; nothing
-// is downloaded): opens a notebook, runs all its cells from the Run menu, waits until the page
-// shows the run finished (or a deadline passes), saves a screenshot and prints ONE line of JSON
-// with what the page showed. The pytest side (test_jupyterlab.py) makes the assertions.
+// is downloaded): opens a notebook, runs all its cells from the Run menu, watches the first
+// %%llm_batch cell while it runs (one picture of it mid-run), waits until no cell is queued or
+// running (or a deadline passes), saves the notebook with JupyterLab's own Save, takes the
+// pictures of the end and prints ONE line of JSON with what the page showed, cell by cell.
+// The pytest side (test_jupyterlab.py) makes the assertions.
 //
 //   node run_notebook.mjs '{"url": "http://127.0.0.1:PORT/lab/workspaces/W/tree/nb.ipynb?token=T&reset",
-//                          "screenshot": "/tmp/x.png", "marker": "NEXT-CELL-RAN 42",
-//                          "cells": 6, "timeout_s": 60, "chromium": "/usr/bin/chromium"}'
+//                          "screenshot": "/tmp/page.png", "midrun_screenshot": "/tmp/mid.png",
+//                          "narrow_screenshot": "/tmp/narrow.png",
+//                          "end_screenshots": [["%%llm_batch", "/tmp/end.png"]],
+//                          "cells": 14, "timeout_s": 120, "chromium": "/usr/bin/chromium"}'
+//
+// "end_screenshots": [source prefix, file] pairs: a picture of the first code cell whose
+// source starts with that prefix, once every cell ran. "narrow_screenshot": right after the
+// mid-run picture the window is made 600 px wide for a moment; the batch cell's picture then,
+// and whether any of its outputs is wider than the cell (cut off, or scrolled sideways).
 //
 // Exit status: 0 when the JSON line was printed (whatever the page showed), 2 for a usage or
 // browser-start error (the message is on stderr).
@@ -17,13 +26,13 @@ import path from "node:path";
 import { chromium } from "playwright-core";
 
 const opts = JSON.parse(process.argv[2] ?? "{}");
-for (const key of ["url", "screenshot", "marker"]) {
+for (const key of ["url", "screenshot", "midrun_screenshot", "narrow_screenshot"]) {
   if (!opts[key]) {
     console.error(`run_notebook.mjs: missing "${key}" in the JSON argument`);
     process.exit(2);
   }
 }
-const deadline = Date.now() + 1000 * (opts.timeout_s ?? 60);
+const deadline = Date.now() + 1000 * (opts.timeout_s ?? 120);
 const executablePath = opts.chromium ?? "/usr/bin/chromium";
 const left = () => Math.max(1000, deadline - Date.now());
 const t0 = Date.now();
@@ -32,68 +41,70 @@ const mark = (name) => {
   timings[name] = (Date.now() - t0) / 1000;
 };
 
-// Everything the test needs to know, read from the DOM in one go.
-function readPage(marker) {
-  // A bar is full by its aria values, by the inner bar's width, or by an "N / N" next to it.
-  const full = (p) => {
-    if (p.aria_now !== null && p.aria_max !== null && p.aria_now === p.aria_max) return true;
-    if (p.width && parseFloat(p.width) >= 100) return true;
-    const m = p.row_text.match(/(\d+)\s*\/\s*(\d+)/);
-    return Boolean(m && m[1] === m[2] && Number(m[2]) > 0);
-  };
+// Everything the test needs to know, read from the DOM in one go: each code cell's source,
+// prompt, outputs (kind, text, images) and progress bars.
+function readPage() {
   const text = (el) => (el ? el.textContent.replace(/\s+/g, " ").trim() : "");
-  const cells = [...document.querySelectorAll(".jp-Notebook .jp-Cell")];
-  const codeCells = cells.filter((c) => c.classList.contains("jp-CodeCell"));
-  const prompts = codeCells.map((c) => text(c.querySelector(".jp-InputPrompt")));
-  const outputs = [...document.querySelectorAll(".jp-Notebook .jp-OutputArea-output")];
-  const batchCell = codeCells.findIndex((c) => c.querySelector(".widget-hprogress") !== null);
-  const markerCell = codeCells.findIndex((c) =>
-    [...c.querySelectorAll(".jp-OutputArea-output")].some((o) => text(o).includes(marker)),
-  );
-  const progress = [...document.querySelectorAll(".widget-hprogress")].map((w) => {
-    const bar = w.querySelector(".progress-bar");
+  // A bar's filled share: its aria values, else the inner bar's width.
+  const ratio = (w) => {
     const aria = w.querySelector("[aria-valuenow]") ?? (w.hasAttribute("aria-valuenow") ? w : null);
-    // The "N / N" text next to a bar, when there is one (a Label in the same box, or the
-    // widget's own readout).
-    const row = w.parentElement;
-    return {
-      width: bar ? bar.style.width : null,
-      computed_ratio:
-        bar && bar.parentElement && bar.parentElement.getBoundingClientRect().width > 0
-          ? bar.getBoundingClientRect().width / bar.parentElement.getBoundingClientRect().width
-          : null,
-      aria_now: aria ? aria.getAttribute("aria-valuenow") : null,
-      aria_max: aria ? aria.getAttribute("aria-valuemax") : null,
-      label: text(w.querySelector(".widget-label")),
-      row_text: text(row),
-    };
-  });
-  progress.forEach((p) => {
-    p.done = full(p);
-  });
-  const busy = prompts.filter((p) => p.includes("[*]")).length;
-  const kernelItem = [...document.querySelectorAll(".jp-StatusBar-TextItem")]
-    .map(text)
-    .find((t) => / \| \w+$/.test(t));
+    if (aria) {
+      const now = Number(aria.getAttribute("aria-valuenow"));
+      const max = Number(aria.getAttribute("aria-valuemax"));
+      if (max > 0) return now / max;
+    }
+    const bar = w.querySelector(".progress-bar");
+    if (bar && bar.style.width) return parseFloat(bar.style.width) / 100;
+    return null;
+  };
+  const cells = [...document.querySelectorAll(".jp-Notebook .jp-Cell")];
+  const codeCells = cells
+    .map((c, index) => ({ c, index }))
+    .filter(({ c }) => c.classList.contains("jp-CodeCell"))
+    .map(({ c, index }) => ({
+      index,
+      source: [...c.querySelectorAll(".jp-InputArea .cm-line")].map((l) => l.textContent).join("\n"),
+      prompt: text(c.querySelector(".jp-InputPrompt")),
+      outputs: [...c.querySelectorAll(".jp-OutputArea-output")].map((o) => ({
+        mime: o.getAttribute("data-mime-type"),
+        // innerText: the words of different widgets stay apart, as a reader sees them.
+        text: o.innerText.replace(/\s+/g, " ").trim().slice(0, 4000),
+        images: o.querySelectorAll("img").length,
+      })),
+      bars: [...c.querySelectorAll(".widget-hprogress")].map(ratio),
+    }));
+  const busy = codeCells.filter((c) => c.prompt.includes("*")).length;
+  const ran = codeCells.filter((c) => /\[\d+\]/.test(c.prompt)).length;
   return {
     cells: cells.length,
-    prompts,
+    code_cells: codeCells,
     busy_cells: busy,
-    // The run is over: the marker is printed, nothing is queued or running, a bar is full.
-    finished: markerCell >= 0 && busy === 0 && progress.some((p) => p.done),
-    marker_found: markerCell >= 0,
-    marker_cell: markerCell,
-    batch_cell: batchCell,
-    progress,
+    ran_cells: ran,
     loading_widget: document.body.innerText.includes("Loading widget..."),
-    errors: outputs
-      .filter((o) => o.getAttribute("data-mime-type") === "application/vnd.jupyter.error")
-      .map((o) => text(o).slice(0, 2000)),
-    kernel: kernelItem ?? null,
+    widget_errors: document.body.innerText.includes("Error displaying widget"),
+    dirty: document.querySelector(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty") !== null,
     dialogs: [...document.querySelectorAll(".jp-Dialog")].map((d) => text(d).slice(0, 300)),
   };
 }
 
+// The first %%llm_batch cell (its DOM index among all cells), or -1.
+const cellIndex = (state, prefix) =>
+  state.code_cells.find((c) => c.source.startsWith(prefix))?.index ?? -1;
+const batchCellIndex = (state) => cellIndex(state, "%%llm_batch");
+
+// How far each output of cell ``index`` reaches past the cell's own width (0: it fits).
+function overflow(index) {
+  const cell = document.querySelectorAll(".jp-Notebook .jp-Cell")[index];
+  return [...cell.querySelectorAll(".jp-OutputArea-output")].map((o) =>
+    Math.max(0, o.scrollWidth - o.clientWidth),
+  );
+}
+
+async function cellShot(index, file) {
+  const cell = page.locator(".jp-Notebook .jp-Cell").nth(index);
+  await cell.scrollIntoViewIfNeeded({ timeout: 5000 });
+  await cell.screenshot({ path: file, timeout: 10000, animations: "disabled" });
+}
 
 const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "nbllm-chromium-"));
 let context;
@@ -102,7 +113,7 @@ try {
   context = await chromium.launchPersistentContext(userDataDir, {
     executablePath,
     headless: true,
-    viewport: { width: 1400, height: 1200 },
+    viewport: { width: opts.width ?? 1100, height: opts.height ?? 1000 },
     timeout: 30000,
     args: [
       "--headless",
@@ -138,10 +149,9 @@ page.on("console", (msg) => {
 try {
   await page.goto(opts.url, { timeout: left(), waitUntil: "domcontentloaded" });
   // The notebook is open once all its cells are in the DOM and the kernel says Idle.
-  const wantCells = opts.cells ?? 1;
   await page.waitForFunction(
     (n) => document.querySelectorAll(".jp-Notebook .jp-Cell").length >= n,
-    wantCells,
+    opts.cells ?? 1,
     { timeout: left(), polling: 250 },
   );
   mark("notebook_shown");
@@ -154,39 +164,88 @@ try {
     { timeout: left(), polling: 250 },
   );
   mark("kernel_idle");
+  // The file browser folded away: the cells get the width a reader's window gives them.
+  await page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").first()
+    .click({ timeout: 5000 })
+    .catch(() => {});
 
   // Run > Run All Cells, as a user would.
   await page.locator(".jp-Notebook").first().click({ position: { x: 5, y: 5 }, timeout: left() });
-  mark("focused");
   await page.locator(".lm-MenuBar-item", { hasText: /^Run$/ }).click({ timeout: left() });
-  mark("menu_open");
   await page.locator(".lm-Menu-itemLabel", { hasText: /^Run All Cells$/ }).click({ timeout: left() });
   mark("run_all_clicked");
 
-  // Wait for the run to be over (see readPage's "finished").
+  // Until no cell is queued or running, with one picture of the batch cell while it runs,
+  // the first time its bar is at least a third full.
+  let started = false;
   for (;;) {
-    const state = await page.evaluate(readPage, opts.marker);
-    if (state.finished) break;
-    if (Date.now() >= deadline) {
-      throw new Error(`the run did not finish within ${opts.timeout_s ?? 60} s`);
+    const state = await page.evaluate(readPage);
+    started = started || state.busy_cells > 0 || state.ran_cells > 0;
+    const index = batchCellIndex(state);
+    const batch = state.code_cells.find((c) => c.index === index);
+    const share = batch?.bars?.[0];
+    if (batch && batch.prompt.includes("*") && share > 0 && share < 1) {
+      timings.first_progress ??= (Date.now() - t0) / 1000;
+      if (!result.midrun && share >= 1 / 3) {
+        await cellShot(index, opts.midrun_screenshot);
+        // What the cell showed right after the picture: the figures of a run in progress.
+        const after = (await page.evaluate(readPage)).code_cells.find((c) => c.index === index);
+        result.midrun = { share, cell: batch, after, screenshot: opts.midrun_screenshot };
+        mark("midrun_screenshot");
+        // The same run in a 600 px window: the figures wrap, nothing is cut off.
+        const viewport = page.viewportSize();
+        await page.setViewportSize({ width: 600, height: viewport.height });
+        await page.waitForTimeout(300);
+        await cellShot(index, opts.narrow_screenshot);
+        const narrow = (await page.evaluate(readPage)).code_cells.find((c) => c.index === index);
+        result.narrow = {
+          overflow_px: await page.evaluate(overflow, index),
+          cell: narrow,
+          screenshot: opts.narrow_screenshot,
+        };
+        await page.setViewportSize(viewport);
+        mark("narrow_screenshot");
+      }
     }
-    await page.waitForTimeout(250);
+    if (started && state.busy_cells === 0) break;
+    if (Date.now() >= deadline) {
+      throw new Error(`the cells did not finish within ${opts.timeout_s ?? 120} s`);
+    }
+    await page.waitForTimeout(200);
   }
-  mark("run_finished");
+  mark("cells_finished");
+  // The last redraws land (the dashboard redraws at least once a second while it changes).
+  await page.waitForTimeout(1200);
+
+  // File > Save, by its shortcut; saved once the tab loses its dirty mark.
+  await page.locator(".jp-Notebook").first().click({ position: { x: 5, y: 5 }, timeout: left() });
+  await page.keyboard.press("Control+s");
+  await page.waitForFunction(
+    () => document.querySelector(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty") === null,
+    null,
+    { timeout: Math.min(left(), 15000), polling: 200 },
+  );
+  mark("saved");
   result.ok = true;
 } catch (err) {
   result.error = err.message.split("\n")[0];
 }
 
 try {
-  // For the picture: the batch cell's outputs at the top, the cells after it below.
-  await page.evaluate(() => {
-    const cell = document.querySelector(".widget-hprogress")?.closest(".jp-Cell");
-    cell?.querySelector(".jp-Cell-outputWrapper")?.scrollIntoView({ block: "start" });
-  });
+  result.page = await page.evaluate(readPage);
+  result.end_screenshots = [];
+  for (const [prefix, file] of opts.end_screenshots ?? []) {
+    const index = cellIndex(result.page, prefix);
+    if (index >= 0) {
+      await cellShot(index, file);
+      result.end_screenshots.push(file);
+    }
+  }
+  // For the picture of the page: the batch cell at the top.
+  await page.evaluate((i) => {
+    document.querySelectorAll(".jp-Notebook .jp-Cell")[i]?.scrollIntoView({ block: "start" });
+  }, batchCellIndex(result.page));
   await page.waitForTimeout(300);
-  result.page = await page.evaluate(readPage, opts.marker);
-  result.page.progress_done = result.page.progress.map((p) => p.done);
   await page.screenshot({ path: opts.screenshot, timeout: 15000 });
   result.screenshot = opts.screenshot;
 } catch (err) {
