@@ -66,19 +66,26 @@ def _span(record: TurnRecord, t0: float) -> tuple[float, float] | None:
     return start - t0, end - t0
 
 
-def _left_out_note(records: Sequence[TurnRecord], shown: int) -> str | None:
-    """One line naming the rows the time panels leave out, or None when every row is shown."""
-    resumed = sum(r.resumed for r in records)
-    cached = sum(r.cached and not r.resumed for r in records)
-    not_sent = len(records) - shown - resumed - cached
+def _left_out_note(left_out: Sequence[TurnRecord]) -> str | None:
+    """One line naming the rows the time panels leave out, or None when there are none."""
+    resumed = sum(r.resumed for r in left_out)
+    cached = sum(r.cached and not r.resumed for r in left_out)
+    not_run = sum(r.not_run and not r.resumed and not r.cached for r in left_out)
+    # What is left sent nothing either: a failure before any attempt, a later turn skipped.
+    unsent = len(left_out) - resumed - cached - not_run
     parts = [
         f"{count:,} {what}"
-        for count, what in ((resumed, "resumed"), (cached, "cached"), (not_sent, "not sent"))
+        for count, what in (
+            (resumed, "resumed"),
+            (cached, "cached"),
+            (not_run, "not run"),
+            (unsent, "never sent"),
+        )
         if count
     ]
     if not parts:
         return None
-    rows = "row" if len(records) - shown == 1 else "rows"
+    rows = "row" if len(left_out) == 1 else "rows"
     return f"not in the time panels (no request in this run): {', '.join(parts)} {rows}"
 
 
@@ -240,7 +247,7 @@ def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> 
         ax.tick_params(labelbottom=False)
     time_axes[-1].set_xlabel("seconds since the run started")
 
-    note = _left_out_note(records, len(timed))
+    note = _left_out_note([r for r in records if _span(r, t0) is None])
     if note is not None:
         fig.supxlabel(note, color=_NOTE_COLOUR, fontsize="small")
     _show_as_png_in_ipython()

@@ -11,7 +11,7 @@ import nbllm
 from nbllm.engines import FakeEngine
 from nbllm.errors import ConnectionFailed
 from nbllm.results import RunResult
-from nbllm.types import TurnRecord
+from nbllm.types import NOT_RUN, TurnRecord
 from nbllm.ui.gpu import GpuSample
 from nbllm.ui.plots import MAX_BINS, TURNS_PER_BIN, _throughput_bins, plot_result
 
@@ -158,3 +158,15 @@ def test_a_png_formatter_already_there_is_kept(shell):
     png.for_type(Figure, mine)
     run().plot()
     assert png.for_type(Figure) is mine
+
+
+def test_turns_not_run_and_never_sent_are_named_apart():
+    t0 = 1_000.0
+    sent = TurnRecord("a", 0, "q", answer="x", attempts=1, started_at=t0, finished_at=t0 + 1)
+    stopped = [TurnRecord(c, 0, "q", error=f"{NOT_RUN}: the run was stopped") for c in "bc"]
+    skipped = TurnRecord("a", 1, "q", error="skipped: an earlier turn failed")
+    result = RunResult([sent, *stopped, skipped], conversations=3, wall_s=1.0, started_at=t0)
+    fig = plot_result(result)
+    assert note(fig) == (
+        "not in the time panels (no request in this run): 2 not run, 1 never sent rows"
+    )
