@@ -67,19 +67,20 @@ class Snapshot:
     While the run goes, rates are per second over the recent window; once it has
     finished, they and every count are the end-of-run summary's (``RunSummary``).
     Rates count only requests this run sent: cached and resumed rows sent none.
-    ``turns_done``: turns that ran (ok or failed). ``failed``: turns that ran without an
-    answer (an error, or skipped after an earlier one); ``not_run``: turns the run
-    stopped before (known once it finished); ``errors`` is the two together.
-    ``errors_by_kind``: (kind, count) of the failed turns, most frequent first, the kind
-    being the error text up to its first ":"; ``last_error``: the latest error (of a
-    turn or a retry) in full, on one line, keys redacted. ``retries`` counts the retries
-    scheduled in this run. ``cost_usd`` is ``None`` while no row has a known cost.
-    ``eta_s`` is ``None`` until there is a pace to go by, while stopping, and once the
-    run ended with turns not run. ``stopping``: a stop was asked and the requests in flight are
-    finishing. ``stop_reason`` and ``verdict`` are the summary's, set once finished.
-    ``phase``, ``phase_done``, ``phase_total`` and ``phase_detail``: a local engine's
-    preparation ("converting", "exporting", "loading") before the run starts, in the
-    phase's own unit (``None`` when unknown); all None once the run has started.
+    ``turns_done``: turns with their final row, ok (resumed too) or failed; ``failed``:
+    turns that ran without an answer (an error, or skipped after an earlier one);
+    ``not_run``: turns the run stopped before (known once it finished); ``errors`` is
+    the two together; ``turns_ok`` the answered ones. ``errors_by_kind``: (kind, count)
+    of the failed turns, most frequent first, the kind being the error text up to its
+    first ":"; ``last_error``: the latest error (of a turn or a retry) in full, on one
+    line, keys redacted. ``retries`` counts the retries scheduled in this run.
+    ``cost_usd`` is ``None`` while no row has a known cost. ``eta_s`` is ``None`` until
+    there is a pace to go by, while stopping, and once the run ended with turns not run.
+    ``stopping``: a stop was asked and the requests in flight are finishing.
+    ``stop_reason`` and ``verdict`` are the summary's, set once finished. ``phase``,
+    ``phase_done``, ``phase_total`` and ``phase_detail``: a local engine's preparation
+    ("converting", "exporting", "loading") before the run starts, in the phase's own
+    unit (``None`` when unknown); all None once the run has started.
     """
 
     model: str | None = None
