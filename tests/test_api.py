@@ -9,11 +9,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
 import nbllm
 from nbllm import ChatRequest, ConfigError, DatasetError, FakeEngine, RetryPolicy
+from nbllm.executor.events import EnginePhase, Event, RequestSent, RunStarted, StopRequested
 
 RECORDS = [
     {"id": "a", "turns": ["What is 2+2?", "And times 3?"], "references": ["4", "12"]},
@@ -69,7 +71,39 @@ def test_run_works_in_a_plain_script(tmp_path):
     assert out.stdout.strip() == "10"
 
 
-async def test_ctrl_c_inside_a_running_loop_returns_what_finished():
+def sigint_twice() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+async def test_ctrl_c_inside_a_running_loop_lets_the_requests_in_flight_finish():
+    sent = threading.Event()
+    events: list[Event] = []
+
+    async def handler(request: ChatRequest) -> str:
+        if request.messages[-1]["content"] == "again":
+            sent.set()
+            await asyncio.sleep(0.3)
+        return "answer"
+
+    def interrupt() -> None:
+        if sent.wait(10):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    data = [{"id": i, "turns": ["hi", "again", "more"]} for i in range(3)]
+    threading.Thread(target=interrupt, daemon=True).start()
+    result = nbllm.run(
+        data, engine=FakeEngine(handler), model="m", progress=False, listeners=[events.append]
+    )
+    assert result.interrupted
+    # Every request sent was answered and kept; the third turns never went.
+    assert result.summary.turns_ok == sum(isinstance(e, RequestSent) for e in events) >= 4
+    assert (result.df[result.df["turn"] == 2]["error"].str.startswith("not run")).all()
+    assert sum(isinstance(e, StopRequested) for e in events) == 1
+
+
+async def test_a_second_ctrl_c_inside_a_running_loop_cancels_the_requests_in_flight():
     started = threading.Event()
 
     waiting = []
@@ -83,16 +117,16 @@ async def test_ctrl_c_inside_a_running_loop_returns_what_finished():
         return "answer"
 
     data = [{"id": i, "turns": ["hi", "again"]} for i in range(3)]
-    threading.Thread(
-        target=lambda: started.wait(10) and os.kill(os.getpid(), signal.SIGINT), daemon=True
-    ).start()
+    threading.Thread(target=lambda: started.wait(10) and sigint_twice(), daemon=True).start()
+    t0 = time.perf_counter()
     result = nbllm.run(data, engine=FakeEngine(handler), model="m", progress=False)
+    assert time.perf_counter() - t0 < 5  # not the 10 s grace of a first Ctrl-C
     assert result.interrupted
     assert result.summary.turns_ok == 3
     assert result.summary.turns == 6
 
 
-def test_ctrl_c_in_a_plain_script_returns_what_finished(tmp_path):
+def test_ctrl_c_twice_in_a_plain_script_returns_what_finished(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(
         textwrap.dedent(
@@ -102,11 +136,15 @@ def test_ctrl_c_in_a_plain_script_returns_what_finished(tmp_path):
 
             waiting = []
 
+            def interrupt_twice():
+                os.kill(os.getpid(), signal.SIGINT)  # the requests in flight may finish...
+                asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), signal.SIGINT)
+
             async def handler(request):
                 if request.messages[-1]["content"] == "again":
                     waiting.append(1)
                     if len(waiting) == 3:  # every first turn is done
-                        os.kill(os.getpid(), signal.SIGINT)
+                        interrupt_twice()  # ...until the second Ctrl-C cancels them
                     await asyncio.sleep(30)
                 return "answer"
 
@@ -344,3 +382,19 @@ def test_an_engine_that_only_queues_beyond_a_batch_caps_the_requests_in_flight()
     result = nbllm.run(records, engine=engine, concurrency=32, checkpoint=False, cache=False)
     assert result.summary.turns_ok == 24
     assert state["peak"] == 3
+
+
+def test_the_engines_preparation_reaches_the_listeners_before_the_run_starts(monkeypatch):
+    events: list[Event] = []
+
+    def create_engine(engine, *, on_phase, **options):
+        on_phase("converting", None, None, "model.safetensors")
+        on_phase("loading", 3, 3, "")
+        return FakeEngine()
+
+    monkeypatch.setattr(nbllm.api, "create_engine", create_engine)
+    nbllm.run(RECORDS, model="m", progress=False, listeners=[events.append])
+    phases = [(e.phase, e.done, e.total, e.detail) for e in events[:2]]
+    assert phases == [("converting", None, None, "model.safetensors"), ("loading", 3, 3, "")]
+    assert all(isinstance(e, EnginePhase) for e in events[:2])
+    assert isinstance(events[2], RunStarted)

@@ -83,10 +83,14 @@ def test_stop_returns_the_finished_turns():
             await asyncio.sleep(60)
         return "first answer"
 
-    job = nbllm.submit(dataset(3), engine=nbllm.FakeEngine(handler), concurrency=8, **QUIET)
+    job = nbllm.submit(
+        dataset(3), engine=nbllm.FakeEngine(handler), concurrency=8, stop_grace_s=0.2, **QUIET
+    )
     assert all_first_turns_done.wait(timeout=30)
 
+    t0 = time.perf_counter()
     result = job.stop(timeout=30)
+    assert time.perf_counter() - t0 < 5  # the grace ran out, cancelling the hung requests
 
     assert result.interrupted
     assert job.status == "stopped" and job.done()
@@ -207,3 +211,15 @@ def test_the_callers_listeners_still_hear_the_run():
     names = [type(e).__name__ for e in events]
     assert names[0] == "RunStarted" and names[-1] == "RunFinished"
     assert names.count("TurnFinished") == 2
+
+
+def test_a_job_that_cannot_reach_its_server_stops_by_itself_and_says_why():
+    def refused(request):
+        error = nbllm.ConnectionFailed("connection to http://127.0.0.1:9/v1 failed")
+        raise error from ConnectionRefusedError(111, "Connect call failed")
+
+    job = nbllm.submit(dataset(3), engine=nbllm.FakeEngine(refused), **QUIET)
+    result = job.result(timeout=30)
+    assert job.status == "stopped" and not result.interrupted
+    assert result.stop_reason == "cannot reach fake: connection refused"
+    assert result.summary.turns_ok == 0
