@@ -163,6 +163,9 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if result.stop_reason is not None:  # it gave up by itself: the turns left never ran
+        print(f"nbllm: {summary.verdict}", file=sys.stderr)
+        return 1
     if summary.turns_failed:
         print(
             f"nbllm: {summary.turns_failed} of {summary.turns} turns failed "

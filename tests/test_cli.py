@@ -203,6 +203,18 @@ def test_failed_turns_exit_1(tmp_path, capsys):
     assert df["error"].notna().all()
 
 
+def test_a_server_that_cannot_be_reached_exits_1_with_the_verdict(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    with TestServer() as gone:
+        url = gone.url
+    # Its port is closed now.
+    args = ["run", str(data), "--model", "nbllm-test", "--api-base", url, "--no-checkpoint"]
+    assert main([*args, "--no-progress"]) == 1
+
+    err = capsys.readouterr().err
+    assert f"nbllm: cannot reach {url}" in err and "0 of 3 turns ok, 3 not run" in err
+
+
 def test_api_key_is_used_but_never_shown(tmp_path, capsys):
     data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
     out = tmp_path / "results.jsonl"
