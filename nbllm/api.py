@@ -70,10 +70,6 @@ class RunStop:
         if executor is not None:
             executor.stop()
 
-    @property
-    def pressed(self) -> bool:
-        return self._presses > 0
-
     def attach(self, executor: Executor) -> None:
         with self._lock:
             self._executor = executor
