@@ -58,6 +58,12 @@ _CANCEL_TOOLTIP = (
 )
 
 
+def _show(widget: Any, value: str) -> None:
+    """Set an HTML widget's content; an empty one takes no room."""
+    widget.value = value
+    widget.layout.display = None if value else "none"
+
+
 @dataclass(frozen=True, slots=True)
 class GpuGauges:
     """One device's row: utilisation (%) and memory (MiB) bars and a label with the rest."""
@@ -240,24 +246,33 @@ class Dashboard:
         import ipywidgets as widgets
 
         self._widgets = widgets
-        bar_layout = widgets.Layout(width="50%", min_width="8em")
-        wide = widgets.Layout(width="100%")
+
+        # A layout each: rows are hidden one by one (a shared Layout would hide them all).
+        def bar_layout() -> Any:
+            return widgets.Layout(width="50%", min_width="8em")
+
+        def wide() -> Any:
+            return widgets.Layout(width="100%")
+
         self.title = widgets.HTML()
-        self.phase = widgets.HTML(layout=wide)
-        self.turns_bar = widgets.IntProgress(min=0, max=0, value=0, layout=bar_layout)
+        self.phase = widgets.HTML(layout=wide())
+        self.turns_bar = widgets.IntProgress(min=0, max=0, value=0, layout=bar_layout())
         self.turns_label = widgets.Label()
-        self.conversations_bar = widgets.IntProgress(min=0, max=0, value=0, layout=bar_layout)
+        self.conversations_bar = widgets.IntProgress(min=0, max=0, value=0, layout=bar_layout())
         self.conversations_label = widgets.Label()
-        self.figures = widgets.HTML(layout=wide)
-        self.errors = widgets.HTML(layout=wide)
-        self.status = widgets.HTML(layout=wide)
+        self.figures = widgets.HTML(layout=wide())
+        self.errors = widgets.HTML(layout=wide())
+        self.status = widgets.HTML(layout=wide())
         self.gpu_box = widgets.VBox([])
         self.stop_button = None
+        self._bar_rows = (
+            widgets.HBox([self.turns_bar, self.turns_label]),
+            widgets.HBox([self.conversations_bar, self.conversations_label]),
+        )
         rows = [
             self.title,
             self.phase,
-            widgets.HBox([self.turns_bar, self.turns_label]),
-            widgets.HBox([self.conversations_bar, self.conversations_label]),
+            *self._bar_rows,
             self.figures,
             self.errors,
             self.gpu_box,
@@ -322,7 +337,9 @@ class Dashboard:
                 f"<b>nbllm</b> · {html.escape(snap.model)} · {html.escape(snap.engine or '')}"
             )
         phase = phase_text(snap)
-        self.phase.value = progress_html(snap.phase_done, snap.phase_total, phase) if phase else ""
+        _show(self.phase, progress_html(snap.phase_done, snap.phase_total, phase) if phase else "")
+        for row in self._bar_rows:  # the turns' bars come once the preparation is over
+            row.layout.display = "none" if phase else None
         style = bar_style(snap)
         for bar, label, done, total, unit in (
             (self.turns_bar, self.turns_label, snap.turns_done, snap.turns_total, "turns"),
@@ -338,13 +355,12 @@ class Dashboard:
             bar.value = min(done, total)
             bar.bar_style = style
             label.value = f"{done:,} / {total:,} {unit}"
-        self.figures.value = figures_html(figure_items(snap)) if snap.started else ""
-        self.errors.value = errors_html(error_lines(snap))
+        _show(self.figures, figures_html(figure_items(snap)) if snap.started and not phase else "")
+        _show(self.errors, errors_html(error_lines(snap)))
         status = self._status(snap)
         weight = "600" if snap.finished else "normal"
-        self.status.value = (
-            f'<div style="font-weight:{weight}">{html.escape(status)}</div>' if status else ""
-        )
+        line = f'<div style="font-weight:{weight};line-height:1.5">{html.escape(status)}</div>'
+        _show(self.status, line if status else "")
         if snap.stopping and self._stops_asked == 0:
             self._stops_asked = 1  # stopped from elsewhere (job.stop()): the next press cancels
         self._show_stop_state()

@@ -28,10 +28,16 @@ _PHASES = {
 }
 
 
-def format_duration(seconds: float | None) -> str:
-    """``"42 s"``, ``"3 min 05 s"``, ``"2 h 07 min"``; ``"-"`` when unknown."""
+def format_duration(seconds: float | None, *, tenths: bool = False) -> str:
+    """``"42 s"``, ``"3 min 05 s"``, ``"2 h 07 min"``; ``"-"`` when unknown.
+
+    ``tenths``: under a minute, to a tenth of a second (``"1.3 s"``), as the verdict says
+    how long a run took.
+    """
     if seconds is None or seconds != seconds or seconds == float("inf"):
         return "-"
+    if tenths and seconds < 59.95:
+        return f"{max(0.0, seconds):.1f} s"
     total = round(max(0.0, seconds))
     if total < 60:
         return f"{total} s"
@@ -86,7 +92,7 @@ def figure_items(snap: Snapshot) -> list[str]:
         items.append(f"resumed {snap.resumed:,}")
     if snap.cost_usd is not None:
         items.append(f"cost {_cost(snap.cost_usd)}")
-    items.append(f"elapsed {format_duration(snap.elapsed_s)}")
+    items.append(f"elapsed {format_duration(snap.elapsed_s, tenths=snap.finished)}")
     if not snap.finished:
         items.append(f"ETA {format_duration(snap.eta_s)}")
     return items

@@ -319,8 +319,8 @@ def test_figures_say_seconds_elapsed_and_eta_and_leave_out_empty_counts():
     )
     done = Snapshot(not_run=5, cached=2, resumed=3, cost_usd=0.5, elapsed_s=9, finished=True)
     items = figure_items(done)
-    assert {"5 not run", "cached 2", "resumed 3", "cost $0.5000", "elapsed 9 s"} <= set(items)
-    assert not any(item.startswith("ETA") for item in items)
+    assert {"5 not run", "cached 2", "resumed 3", "cost $0.5000", "elapsed 9.0 s"} <= set(items)
+    assert not any(item.startswith(("ETA", "in flight")) for item in items)
 
 
 def test_the_status_line_is_never_stale():
@@ -387,7 +387,7 @@ def test_static_html_shows_the_verdict_bars_and_figures():
     assert "24 of 180 turns ok, 156 not run (stopped)" in page
     assert "my-model" in page and "24 / 180 turns" in page and "8 / 60 conversations" in page
     assert 'aria-valuenow="24" aria-valuemax="180"' in page
-    assert "156 not run" in page and "elapsed 4 s" in page
+    assert "156 not run" in page and "elapsed 4.1 s" in page  # as the verdict says it
     assert "flex-wrap:wrap" in page
     assert "&lt;b&gt;boom&lt;/b&gt;" in page  # error text is text, never markup
     assert "<script" not in page and "<style" not in page
@@ -497,16 +497,20 @@ def test_a_clean_run_ends_green_with_the_verdict():
 
 def test_a_local_engine_shows_its_phases_before_the_turns():
     dash = Dashboard(gpu=False)
+    assert dash.phase.layout.display == "none"  # an empty row takes no room
     dash(EnginePhase("converting", 120, 272, 0.0, "SmolLM2-135M-Instruct"))
     dash.render()
     assert "converting the model… 120 / 272 (SmolLM2-135M-Instruct)" in dash.phase.value
     assert 'aria-valuenow="120"' in dash.phase.value
+    assert dash.phase.layout.display is None
+    assert [row.layout.display for row in dash._bar_rows] == ["none", "none"]
     assert "waiting" not in dash.title.value
     dash(EnginePhase("loading", None, None, 1.0))
     dash.render()
     assert "loading the model…" in dash.phase.value and "<progress" in dash.phase.value
     dash(started(turns=2, t=2.0))
-    assert dash.phase.value == ""
+    assert dash.phase.value == "" and dash.phase.layout.display == "none"
+    assert [row.layout.display for row in dash._bar_rows] == [None, None]
     dash(RunFinished(0, 0, 0.1, True, 2.1))
     assert not dashboard_threads()
 
