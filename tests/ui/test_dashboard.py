@@ -793,3 +793,44 @@ async def test_end_to_end_beside_a_running_loop():
     assert "nbllm-run" in threads and threads <= {"nbllm-run", "nbllm-dashboard"}
     assert dash.turns_label.value == "5 / 5 turns"
     assert dash.turns_bar.bar_style == "success"
+
+
+def _wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_the_stop_button_of_a_background_run(monkeypatch, presses):
+    """A job in a notebook: the first press lets the requests in flight finish and keeps
+    their answers; a second one cancels them. Either way the dashboard ends on the verdict,
+    left as static HTML."""
+    from nbllm.ui import frontend
+
+    published = Published(monkeypatch)
+    monkeypatch.setattr(frontend, "_in_notebook", lambda: True)
+    data = [{"id": i, "turns": ["hello"]} for i in range(12)]
+    engine = nbllm.FakeEngine(latency=0.5 if presses == 1 else 30.0)
+    job = nbllm.submit(data, engine=engine, model="m", concurrency=3, checkpoint=False)
+    ((dash, _),) = published.shown
+    assert isinstance(dash, Dashboard)
+    dash._ipython_display_()
+    assert _wait_for(lambda: dash.stats.snapshot().in_flight == 3)
+    dash.stop_button.click()
+    assert _wait_for(lambda: "stopping: 3 requests in flight finish" in dash.status.value)
+    assert "Stop again cancels them" in dash.status.value
+    assert dash.stop_button.description == "Cancel in-flight"
+    if presses == 2:
+        dash.stop_button.click()
+    result = job.result(timeout=10)
+    assert result.interrupted
+    kept = 3 if presses == 1 else 0
+    assert result.summary.turns_ok == kept and result.summary.turns_not_run == 12 - kept
+    assert dash.stop_button.disabled and dash.stop_button.description == "stopped"
+    assert result.verdict in dash.status.value
+    final = published.updates[-1][0]
+    assert result.verdict in final["text/html"] and "stopping" not in final["text/html"]
