@@ -834,3 +834,39 @@ def test_the_stop_button_of_a_background_run(monkeypatch, presses):
     assert result.verdict in dash.status.value
     final = published.updates[-1][0]
     assert result.verdict in final["text/html"] and "stopping" not in final["text/html"]
+
+
+# -- the text bar ---------------------------------------------------------------------------
+
+
+def test_the_text_bar_shows_a_local_engines_phases_then_the_turns():
+    out = io.StringIO()
+    bar = TextProgress(file=out)
+    bar(EnginePhase("converting", 0, 272, 0.0))
+    bar(EnginePhase("converting", 272, 272, 1.0))
+    bar(EnginePhase("loading", None, None, 2.0))
+    bar(started(turns=3, t=3.0))
+    text = out.getvalue()
+    assert "converting the model" in text and "272/272" in text
+    assert "loading the model" in text
+    bar(RequestSent("a", 0, 1, 2, 3.1))  # not a kind it listens to: shown nowhere
+    bar(StopRequested(10.0, 2, 3.2))
+    bar(done(record(0), 3.3))
+    bar(RunFinished(1, 0, 0.5, True, 3.5))
+    last_line = out.getvalue().rstrip().split("\r")[-1]
+    assert "stopping (2 in flight)" in last_line
+    assert "1/3" in last_line and "failed=0, retries=0, not_run=2" in last_line
+
+
+def test_the_text_bar_reads_a_shared_stats():
+    stats = RunStats()
+    out = io.StringIO()
+    bar = TextProgress(file=out, stats=stats)
+    for event in (started(turns=2), done(record(0, error="ServerError: 500"), 0.1)):
+        stats.update(event)
+        bar(event)
+    finished = RunFinished(0, 1, 0.2, True, 0.2)
+    stats.update(finished)
+    bar(finished)
+    assert stats.snapshot().failed == 1
+    assert "failed=1" in out.getvalue()
