@@ -415,8 +415,9 @@ class RunResult:
         for column in COLUMNS[1:]:
             kind = _DTYPES[column]
             if kind == "datetime":
-                seconds = pd.Series(values(column), dtype="float64")
-                columns[column] = pd.to_datetime(seconds, unit="s", utc=True).astype(
+                # Whole microseconds: a float's last bits would show as stray nanoseconds.
+                micros = (pd.Series(values(column), dtype="float64") * 1e6).round()
+                columns[column] = pd.to_datetime(micros, unit="us", utc=True).astype(
                     "datetime64[ns, UTC]"
                 )
             else:

@@ -90,6 +90,10 @@ def test_df_times_are_utc_datetimes(result):
     df = result.df
     assert df["started_at"].iloc[0] == pd.Timestamp(1000.0, unit="s", tz="UTC")
     assert df["finished_at"].iloc[11] == pd.Timestamp(1011.5, unit="s", tz="UTC")
+    at = RunResult(
+        [answered(started_at=1796187000.123456)], conversations=1, wall_s=1.0, started_at=0.0
+    )
+    assert str(at.df["started_at"].iloc[0]) == "2026-12-02 04:50:00.123456+00:00"
     no_times = RunResult([not_run()], conversations=1, wall_s=0.0, started_at=0.0).df
     assert no_times["started_at"].isna().all() and no_times["finished_at"].isna().all()
 
