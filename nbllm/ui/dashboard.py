@@ -12,6 +12,7 @@ how the run ended without a kernel. Frontends without widgets get the same HTML,
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import threading
@@ -121,6 +122,7 @@ class Dashboard:
         self._stop = stop
         self._stops_asked = 0
         self._finished = False
+        self._closed = False
         self._cancel_at: float | None = None  # Unix time the grace for in-flight ends
         self._display_id: str | None = None
         self._render_lock = threading.Lock()
@@ -148,12 +150,15 @@ class Dashboard:
         try:
             self._on_run_event(event)
         except Exception:
-            self.close()  # the event bus drops a listener that raises: leave no thread behind
+            # The event bus drops a listener that raises: leave no thread behind.
+            self._stop_updates()
+            with contextlib.suppress(Exception):
+                self.close()
             raise
 
     def _on_run_event(self, event: Event) -> None:
         if isinstance(event, RunStarted):
-            self._finished = False
+            self._finished = self._closed = False
             self._cancel_at = None
             if self.gpu_monitor is not None and self.gpu_found:
                 self.gpu_monitor.start()
@@ -164,13 +169,21 @@ class Dashboard:
         elif isinstance(event, RunFinished):
             self._finished = True
             self.close()
-            self.render()
-            self._leave_static_html()
             return
         self._timer.changed()
 
     def close(self) -> None:
-        """Stop the redraws and the GPU sampling; the widgets keep showing the last state."""
+        """The run is over for this view (also when it failed before its end): stop the
+        redraws and the GPU sampling, draw the last state, and where the dashboard was
+        displayed, leave its static HTML in place of the widget. Any number of times."""
+        self._stop_updates()
+        if self._closed:
+            return
+        self._closed = True
+        self.render()
+        self._leave_static_html()
+
+    def _stop_updates(self) -> None:
         self._timer.stop()
         if self.gpu_monitor is not None:
             self.gpu_monitor.stop()
@@ -310,6 +323,8 @@ class Dashboard:
             button.description = "cancelling…"
 
     def _status(self, snap: Snapshot) -> str:
+        if self._closed and not snap.finished:
+            return "the run ended before it finished" if snap.started else "the run did not start"
         left = None
         if self._cancel_at is not None:
             left = max(0.0, self._cancel_at - time.time())

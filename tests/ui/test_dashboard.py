@@ -870,3 +870,26 @@ def test_the_text_bar_reads_a_shared_stats():
     bar(finished)
     assert stats.snapshot().failed == 1
     assert "failed=1" in out.getvalue()
+
+
+def test_a_run_that_failed_before_its_end_leaves_no_live_widget_behind(monkeypatch):
+    """Whoever made the dashboard closes it when the run raised (a model that cannot be
+    loaded, say): the widget goes, a line saying so stays."""
+    published = Published(monkeypatch)
+    dash = Dashboard(gpu=False)
+    dash._ipython_display_()
+    dash.close()
+    dash.close()
+    ((final, _),) = published.updates
+    assert "the run did not start" in final["text/html"]
+    assert dash.widget.comm is None
+
+    published.updates.clear()
+    dash = Dashboard(gpu=False)
+    dash._ipython_display_()
+    dash(started(turns=2, t=time.time()))
+    dash.close()
+    ((final, _),) = published.updates
+    assert "the run ended before it finished" in final["text/html"]
+    assert "Interrupt" not in final["text/html"]
+    assert not dashboard_threads()
