@@ -100,9 +100,14 @@ function overflow(index) {
   );
 }
 
+// Two animation frames: whatever changed is laid out and painted.
+const painted = () =>
+  page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+
 async function cellShot(index, file) {
   const cell = page.locator(".jp-Notebook .jp-Cell").nth(index);
   await cell.scrollIntoViewIfNeeded({ timeout: 5000 });
+  await painted();
   await cell.screenshot({ path: file, timeout: 10000, animations: "disabled" });
 }
 
@@ -184,6 +189,14 @@ try {
     const index = batchCellIndex(state);
     const batch = state.code_cells.find((c) => c.index === index);
     const share = batch?.bars?.[0];
+    if (batch && share !== undefined && !timings.batch_in_view) {
+      // The batch cell in view from its start: the page paints it all along, so a picture
+      // of it needs no scrolling, which could catch regions not painted since they changed.
+      await page.evaluate((i) => {
+        document.querySelectorAll(".jp-Notebook .jp-Cell")[i].scrollIntoView({ block: "start" });
+      }, index);
+      mark("batch_in_view");
+    }
     if (batch && batch.prompt.includes("*") && share > 0 && share < 1) {
       timings.first_progress ??= (Date.now() - t0) / 1000;
       if (!result.midrun && share >= 1 / 3) {
