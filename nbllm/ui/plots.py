@@ -1,8 +1,10 @@
-"""Figures of a run, drawn with matplotlib (imported only when a plot is asked for).
+"""Figures of a run, drawn with matplotlib (this module is imported only when a plot is asked
+for: ``RunResult.plot()`` imports it then).
 
-The figure is a ``matplotlib.figure.Figure`` made without pyplot: nothing is left open in
-pyplot, and Jupyter shows the returned figure once, as a PNG, whatever the backend (a fresh
-kernel has no ``%matplotlib``; ``plot_result`` registers the PNG formatter IPython then lacks).
+The figure is a ``RunFigure``, a ``matplotlib.figure.Figure`` made without pyplot: nothing is
+left open in pyplot, and Jupyter shows the returned figure once, as a PNG, whatever the backend
+(a fresh kernel has no ``%matplotlib``; ``plot_result`` then registers a PNG formatter for
+``RunFigure`` alone, leaving the user's other figures to their backend).
 
 The time panels show only the requests this run sent. Rows read back from the checkpoint
 (resumed) or answered from the cache carry no time of this run: they are left out, and a note
@@ -17,14 +19,15 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from matplotlib.figure import Figure
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
     from nbllm.results import RunResult
     from nbllm.types import TurnRecord
 
-__all__ = ["plot_result"]
+__all__ = ["RunFigure", "plot_result"]
 
 # Throughput bins: about this many finished turns a bin, between one and MAX_BINS bins.
 TURNS_PER_BIN = 8
@@ -34,6 +37,10 @@ _OK_COLOUR = "#55a868"
 _FAILED_COLOUR = "#c44e52"
 _FLIGHT_COLOUR = "#8172b2"
 _NOTE_COLOUR = "gray"
+
+
+class RunFigure(Figure):
+    """A run's figure (``plot_result``): a plain ``Figure`` that Jupyter shows as a PNG."""
 
 
 def _in_flight(spans: Sequence[tuple[float, float]], grid: Sequence[float]) -> list[int]:
@@ -197,22 +204,19 @@ def _show_as_png_in_ipython() -> None:
     if shell is None:
         return
     from IPython.core.pylabtools import print_figure
-    from matplotlib.figure import Figure
 
     png = shell.display_formatter.formatters["image/png"]
-    if png.for_type(Figure) is None:
-        png.for_type(Figure, partial(print_figure, fmt="png", bbox_inches="tight"))
+    if png.for_type(RunFigure) is None:  # none for it, nor for Figure (%matplotlib inline)
+        png.for_type(RunFigure, partial(print_figure, fmt="png", bbox_inches="tight"))
 
 
-def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> Figure:
+def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> RunFigure:
     """Latency by turn, then turns in flight, throughput and (when sampled) GPU use over time.
 
     ``gpu_samples``: ``GpuSample`` objects (``nbllm.ui.gpu``) taken during the run, by default
     the result's own ``gpu_samples``; without any there is no GPU panel. The time panels share
     one axis, seconds since the run started, and show only the requests this run sent.
     """
-    from matplotlib.figure import Figure
-
     t0 = result.started_at
     records = result.records
     timed = [(r, span) for r in records if (span := _span(r, t0)) is not None]
@@ -227,7 +231,7 @@ def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> 
     ]
 
     time_panels = 3 if samples else 2
-    fig = Figure(figsize=(11, 2.4 * time_panels + 0.4), layout="constrained")
+    fig = RunFigure(figsize=(11, 2.4 * time_panels + 0.4), layout="constrained")
     grid = fig.add_gridspec(time_panels, 2, width_ratios=(2, 3))
     ax_latency = fig.add_subplot(grid[:, 0])
     ax_flight = fig.add_subplot(grid[0, 1])

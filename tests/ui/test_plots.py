@@ -13,7 +13,7 @@ from nbllm.errors import ConnectionFailed
 from nbllm.results import RunResult
 from nbllm.types import NOT_RUN, TurnRecord
 from nbllm.ui.gpu import GpuSample
-from nbllm.ui.plots import MAX_BINS, TURNS_PER_BIN, _throughput_bins, plot_result
+from nbllm.ui.plots import MAX_BINS, TURNS_PER_BIN, RunFigure, _throughput_bins, plot_result
 
 RECORDS = [{"id": i, "turns": [f"q{i}a", f"q{i}b"]} for i in range(6)]
 TIME_PANELS = ["turns in flight (first send to answer)", "throughput"]
@@ -40,7 +40,7 @@ def run(**options) -> RunResult:
 
 def test_a_run_without_gpu_samples_has_no_gpu_panel():
     fig = run().plot()
-    assert isinstance(fig, Figure)
+    assert isinstance(fig, RunFigure) and isinstance(fig, Figure)
     assert titles(fig) == [LATENCY, *TIME_PANELS]
     assert note(fig) is None
     assert texts(fig) == []  # every panel drew something
@@ -135,11 +135,12 @@ def shell():
     config.HistoryManager.enabled = False
     ip = InteractiveShell.instance(config=config)
     png = ip.display_formatter.formatters["image/png"]
-    before = png.for_type(Figure)
+    before = dict(png.type_printers)
+    # A plot drawn in an earlier test, while this shell (one per process) existed, set one.
+    png.type_printers.pop(RunFigure, None)
     yield ip
-    png.type_printers.pop(Figure, None)
-    if before is not None:
-        png.for_type(Figure, before)
+    png.type_printers.clear()
+    png.type_printers.update(before)
 
 
 def test_in_ipython_the_figure_shows_as_one_png(shell):
@@ -155,9 +156,17 @@ def test_a_png_formatter_already_there_is_kept(shell):
     def mine(fig):
         return b"mine"
 
-    png.for_type(Figure, mine)
+    png.for_type(Figure, mine)  # as %matplotlib inline does
+    fig = run().plot()
+    assert png.for_type(RunFigure) is mine
+    assert RunFigure not in png.type_printers
+    assert shell.display_formatter.format(fig)[0]["image/png"] == b"mine"
+
+
+def test_other_figures_are_left_to_their_backend(shell):
     run().plot()
-    assert png.for_type(Figure) is mine
+    data, _ = shell.display_formatter.format(Figure())
+    assert "image/png" not in data
 
 
 def test_turns_not_run_and_never_sent_are_named_apart():
