@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.parse
@@ -69,6 +70,10 @@ class RunStop:
             executor = self._executor
         if executor is not None:
             executor.stop()
+
+    @property
+    def presses(self) -> int:
+        return self._presses
 
     def attach(self, executor: Executor) -> None:
         with self._lock:
@@ -391,6 +396,21 @@ def run(
     return _with_gpu_samples(_run_beside_running_loop(plan), plan.view)
 
 
+def _press(plan: PreparedRun) -> None:
+    """A Ctrl-C or kernel interrupt: a press of the run's Stop, said on stderr where no
+    progress view says it."""
+    plan.stop()
+    presses = plan.stop.presses
+    if plan.view is not None or presses > 2:
+        return
+    if presses == 1:
+        grace = f"{plan.config.stop_grace_s:g}"
+        text = f"those in flight may finish (up to {grace} s); interrupt again to cancel them"
+        print(f"nbllm: stopping: no new requests; {text}", file=sys.stderr, flush=True)
+    else:
+        print("nbllm: stopping: cancelling the requests in flight", file=sys.stderr, flush=True)
+
+
 async def _execute_stopping_on_ctrl_c(plan: PreparedRun) -> RunResult:
     """``plan.execute()`` where Ctrl-C stops the batch (which then returns what finished):
     the first lets the requests in flight finish, a second cancels them."""
@@ -398,7 +418,7 @@ async def _execute_stopping_on_ctrl_c(plan: PreparedRun) -> RunResult:
     previous = None
     if threading.current_thread() is threading.main_thread():
         # Through the loop: a signal handler must not take the lock the loop may hold.
-        previous = signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(plan.stop))
+        previous = signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(_press, plan))
     try:
         return await plan.execute()
     finally:
@@ -415,7 +435,9 @@ def _run_beside_running_loop(plan: PreparedRun) -> RunResult:
     previous = None
     if threading.current_thread() is threading.main_thread():
         with contextlib.suppress(ValueError):
-            previous = signal.signal(signal.SIGINT, lambda *_: runner.stop())
+            previous = signal.signal(
+                signal.SIGINT, lambda *_: None if runner.listener.seen else _press(plan)
+            )
     try:
         runner.start()
         try:

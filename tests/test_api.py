@@ -158,6 +158,12 @@ def test_ctrl_c_twice_in_a_plain_script_returns_what_finished(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.split() == ["True", "3", "6"]
+    # No progress shows the stop, so stderr says what each Ctrl-C did.
+    assert out.stderr.splitlines() == [
+        "nbllm: stopping: no new requests; those in flight may finish (up to 10 s); "
+        "interrupt again to cancel them",
+        "nbllm: stopping: cancelling the requests in flight",
+    ]
 
 
 def test_unknown_keywords_are_sampling_parameters():
