@@ -43,7 +43,11 @@ def _reason_of(exc: BaseException) -> str | None:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "TLS certificate not trusted"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake failed ({exc.reason or exc})"
+        # aiohttp's own SSL errors subclass SSLError without its fields: the OpenSSL
+        # reason (e.g. WRONG_VERSION_NUMBER) is on the error it wraps, if anywhere.
+        inner = exc.__cause__ or exc.__context__
+        detail = getattr(exc, "reason", None) or (inner and getattr(inner, "reason", None))
+        return f"TLS handshake failed ({detail})" if detail else "TLS handshake failed"
     if isinstance(exc, OSError) and exc.errno in _ERRNO_REASONS:
         return _ERRNO_REASONS[exc.errno]
     return None

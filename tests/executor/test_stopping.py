@@ -211,6 +211,20 @@ def chained(outer: Exception, inner: BaseException) -> Exception:
 REFUSED = ConnectionRefusedError(111, "refused")
 NO_HOST = socket.gaierror(-2, "Name or service not known")
 BAD_CERT = ssl.SSLCertVerificationError()
+
+
+class BareSSLError(ssl.SSLError):
+    """As aiohttp's: an SSLError without its fields, wrapping the one that has them."""
+
+    def __init__(self, inner: ssl.SSLError | None = None) -> None:
+        Exception.__init__(self, "TLS failed")
+        self.__cause__ = inner
+
+
+WRONG_VERSION = ssl.SSLError(1, "wrong version number")
+WRONG_VERSION.reason = "WRONG_VERSION_NUMBER"
+BARE_WRONG_VERSION = BareSSLError(WRONG_VERSION)
+TLS = "TLS handshake failed"
 WRAPPED = chained(RuntimeError("wrapped"), REFUSED)
 
 
@@ -223,6 +237,8 @@ WRAPPED = chained(RuntimeError("wrapped"), REFUSED)
         # litellm says a connection error with an HTTP 500; the OSError is in the chain
         (chained(ServerError("HTTP 500"), WRAPPED), "connection refused"),
         (ConnectionFailed("Cannot connect to h:1 [Connect call failed]"), "connection refused"),
+        (chained(ConnectionFailed("x"), BARE_WRONG_VERSION), f"{TLS} (WRONG_VERSION_NUMBER)"),
+        (chained(ConnectionFailed("x"), BareSSLError()), TLS),
         (ConnectionFailed("connection reset by peer"), None),
         (ServerError("HTTP 500: Connection error."), None),
         (RequestTimeout("no answer"), None),
