@@ -127,7 +127,10 @@ class Dashboard:
         self._display_id: str | None = None
         self._render_lock = threading.Lock()
         self._timer = RedrawTimer(
-            self.render, max_per_s=max_updates_per_s, clock=clock, name="nbllm-dashboard"
+            lambda: self.render(),  # looked up at each draw, as any caller would
+            max_per_s=max_updates_per_s,
+            clock=clock,
+            name="nbllm-dashboard",
         )
         self.gpu_gauges: list[GpuGauges] = []
         self.widget: Any = None

@@ -524,7 +524,6 @@ def _count_renders(dash: Dashboard, monkeypatch) -> list[int]:
         render()
 
     monkeypatch.setattr(dash, "render", counting)
-    dash._timer._draw = counting  # the timer took the method when the dashboard was made
     return count
 
 
@@ -787,7 +786,6 @@ async def test_end_to_end_beside_a_running_loop():
         render()
 
     dash.render = render_noting_the_thread  # type: ignore[method-assign]
-    dash._timer._draw = render_noting_the_thread
     data = [{"id": i, "turns": ["hello"]} for i in range(5)]
     nbllm.run(data, engine=nbllm.FakeEngine(), model="m", progress=False, listeners=[dash])
     assert "nbllm-run" in threads and threads <= {"nbllm-run", "nbllm-dashboard"}
