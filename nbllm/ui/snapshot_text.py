@@ -159,7 +159,8 @@ def status_line(snap: Snapshot, *, background: bool, grace_left_s: float | None 
         return f"stopping: {requests} in flight finish{wait}; {again} cancels them"
     if not snap.started or background:
         return ""
-    return "Interrupt the kernel (■) to stop; the requests in flight finish and are kept."
+    # Not "the requests in flight finish": an interrupted ``await arun`` cancels them.
+    return "Interrupt the kernel (■) to stop; every answer that arrived is kept."
 
 
 def summary_line(snap: Snapshot) -> str:
