@@ -4,8 +4,7 @@ Executed in a fresh kernel (nbclient, which keeps what a saved notebook keeps: e
 display updates applied, widget state in the metadata), then exported by nbconvert as HTML:
 each run's dashboard is left as static HTML saying how the run ended (the verdict), whether it
 ran blocking (the magic, ``nbllm.run``), in the background (``nbllm.submit``), failed in part,
-or could not reach its server; no output is a widget that only a live kernel could draw (a
-reopened notebook would show "Error displaying widget" there).
+or could not reach its server; no output is a widget that only a live kernel could draw.
 """
 
 from __future__ import annotations
@@ -100,14 +99,12 @@ def test_a_saved_notebook_shows_each_runs_final_state_in_nbconvert_html(tmp_path
     assert "failed" in verdicts["flaky"], verdicts
     assert verdicts["dead"].startswith(f"cannot reach {dead}: "), verdicts
 
-    # What the saved notebook holds: no widget left to draw, the final state as HTML.
+    # No widget left to draw: reopened without the kernel, JupyterLab would show "Error
+    # displaying widget" there, and nbconvert its "VBox(...)" text.
     for executed in nb.cells:
         for output in executed.outputs:
             assert WIDGET not in output.get("data", {}), (executed.source, output)
-    html, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
-    assert f'<script type="{WIDGET}"' not in html  # a view for the widget manager to draw
-    # Each run's own cell says how it ended (the last cell, which prints every verdict, is
-    # left out of this: each cell is exported alone).
+    # Each run's own cell, exported alone, says how the run ended.
     for name, run_cell in (("magic", 1), ("flaky", 2), ("background", 3), ("dead", 5)):
         only = nbformat.v4.new_notebook(cells=[nb.cells[run_cell]])
         html, _ = nbconvert.HTMLExporter().from_notebook_node(only)
