@@ -16,11 +16,16 @@
 
 ``worker=True`` runs a local engine in an ``nbllm serve`` child process instead of in
 this one (``nbllm.engines.worker``); it is the default on a CUDA GPU.
+
+``on_phase(phase, done, total, detail)`` hears a local model being prepared before it
+answers: "converting" (a GGUF file, once), "exporting" (to ONNX, once), "loading"
+(``nbllm.engines.local.phases``). A worker reports "loading" when it starts and once its
+model has loaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
 from typing import Any
 
 from nbllm.engines.base import Engine, EngineState
@@ -33,9 +38,15 @@ from nbllm.engines.local import (
     create_local_engine,
     is_local_model,
 )
-from nbllm.engines.local.models import EMBEDDED_MODEL
+from nbllm.engines.local.models import (
+    EMBEDDED_MODEL,
+    conversion_estimate_s,
+    is_converted,
+    resolve_local_model,
+)
+from nbllm.engines.local.phases import PhaseCallback, PhaseReport
 from nbllm.engines.openai import OpenAIEngine
-from nbllm.errors import ConfigError
+from nbllm.errors import ConfigError, EngineUnavailable
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -74,6 +85,32 @@ def is_local(engine: str | Engine, model: str | None, api_base: str | None) -> b
     return engine == "auto" and api_base is None and is_local_model(model)
 
 
+def _worker_engine(
+    engine: str,
+    model: str | None,
+    max_connections: int,
+    on_phase: PhaseCallback | None,
+    local_options: dict[str, Any],
+) -> Engine:
+    """The shared worker's engine; "loading" while it starts (its child reports nothing)."""
+    from nbllm.engines.worker import shared_worker
+
+    loading = PhaseReport(on_phase, "loading")
+    what = model or EMBEDDED_MODEL
+    detail = f"starting a worker process for {what} ({engine})"
+    if on_phase is not None and engine != "llamacpp":
+        with contextlib.suppress(ConfigError, EngineUnavailable):
+            local_model = resolve_local_model(model)
+            if not is_converted(local_model):
+                estimate = conversion_estimate_s(local_model.path)
+                detail += f", which converts the model once first (about {estimate:.0f} s)"
+    loading(None, detail)
+    worker = shared_worker(engine, model, **local_options)
+    loading.total = 1
+    loading(1, f"loaded: {worker.served_engine or engine} worker with {what}")
+    return worker.engine(max_connections=max_connections)
+
+
 def create_engine(
     engine: str | Engine,
     *,
@@ -82,12 +119,13 @@ def create_engine(
     api_key: str | None = None,
     max_connections: int = 256,
     worker: bool | None = None,
-    on_phase: Callable[[str, float | None, float | None, str], None] | None = None,
+    on_phase: PhaseCallback | None = None,
     **local_options: Any,
 ) -> Engine:
     """The engine for these options (see the module docstring for the rules).
 
-    ``local_options`` go to a local engine (``batch_size``, ``batch_wait_s``, ``device``).
+    ``local_options`` go to a local engine (``batch_size``, ``batch_wait_s``, ``device``);
+    ``on_phase`` hears its preparation (see the module docstring).
     """
     if isinstance(engine, Engine):
         return engine
@@ -100,12 +138,8 @@ def create_engine(
         if worker is None:
             worker = hardware().has_cuda
         if worker:
-            from nbllm.engines.worker import shared_worker
-
-            return shared_worker(engine, model, **local_options).engine(
-                max_connections=max_connections
-            )
-        return create_local_engine(engine, model, **local_options)
+            return _worker_engine(engine, model, max_connections, on_phase, local_options)
+        return create_local_engine(engine, model, on_phase=on_phase, **local_options)
     if worker:
         msg = "worker=True runs a local model; it cannot be used with an API server or provider"
         raise ConfigError(msg)

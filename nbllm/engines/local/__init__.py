@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from nbllm.engines.hardware import hardware
 from nbllm.engines.local.base import LocalEngine
 from nbllm.engines.local.models import EMBEDDED_MODEL, is_local_model
+from nbllm.engines.local.phases import PhaseCallback
 from nbllm.errors import ConfigError, EngineUnavailable
 
 if TYPE_CHECKING:
@@ -184,21 +185,23 @@ def create_local_engine(
     model: str | Path | None = None,
     *,
     on_skip: Callable[[str, str], None] | None = None,
+    on_phase: PhaseCallback | None = None,
     **options: Any,
 ) -> LocalEngine:
     """Load local engine ``name`` ("auto" or one of ``LOCAL_ENGINE_NAMES``) for ``model``.
 
     A named engine that cannot run raises ``EngineUnavailable`` with the reason;
     "auto" falls through to the next engine and calls ``on_skip(engine, reason)`` for
-    each one skipped. ``options`` go to the engine (``batch_size``, ``batch_wait_s``,
-    ``device``).
+    each one skipped. ``on_phase(phase, done, total, detail)`` hears the model being
+    converted, exported and loaded (``nbllm.engines.local.phases``). ``options`` go to the
+    engine (``batch_size``, ``batch_wait_s``, ``device``).
     """
     if name != "auto":
         status = engine_status(name)
         if not status.usable:
             msg = f"engine {name!r} is not usable here: {status.reason}"
             raise EngineUnavailable(msg)
-        return engine_class(name)(model, **options)
+        return engine_class(name)(model, on_phase=on_phase, **options)
     order = GPU_ORDER if hardware().has_cuda else CPU_ORDER
     reasons: list[str] = []
     for candidate in order:
@@ -206,7 +209,7 @@ def create_local_engine(
         reason = status.reason
         if status.usable:
             try:
-                engine = engine_class(candidate)(model, **options)
+                engine = engine_class(candidate)(model, on_phase=on_phase, **options)
             except EngineUnavailable as exc:
                 reason = str(exc)
                 _log.warning(

@@ -23,6 +23,7 @@ from typing import Any
 from nbllm.engines.base import Engine, EngineState
 from nbllm.engines.hardware import Hardware, hardware
 from nbllm.engines.local.models import LocalModel, resolve_local_model
+from nbllm.engines.local.phases import PhaseCallback, PhaseReport
 from nbllm.errors import EngineUnavailable, RequestRejected
 from nbllm.types import Message
 
@@ -109,6 +110,9 @@ class LocalEngine(Engine):
     the best this machine has). ``batch_size`` (default from ``nbllm.hardware()``) and
     ``batch_wait_s`` are taken by every local engine, so one set of options fits whichever
     ``auto`` picks; an engine that schedules requests itself reads what applies to it.
+    ``on_phase(phase, done, total, detail)`` hears the model being prepared: converted or
+    exported once ("converting", "exporting"), then "loading" (None / None at the start,
+    1 / 1 once loaded); see ``nbllm.engines.local.phases``.
     """
 
     name = "local"
@@ -120,6 +124,7 @@ class LocalEngine(Engine):
         batch_size: int | None = None,
         batch_wait_s: float = 0.01,
         device: str | None = None,
+        on_phase: PhaseCallback | None = None,
     ) -> None:
         super().__init__()
         self.hardware: Hardware = hardware()
@@ -128,12 +133,25 @@ class LocalEngine(Engine):
         self.default_model = self.model.name
         self.batch_size = batch_size or self.hardware.default_batch_size
         self.batch_wait_s = batch_wait_s
+        #: Hears the model's preparation: converting, exporting, loading (``phases``).
+        self.on_phase = on_phase
         # Held by every model call and by the release, so a model is never dropped mid-call.
         self._lock = threading.Lock()
         self.tokenizer: Any = None
+        self._prepare()
+        loading = PhaseReport(on_phase, "loading")
+        loading(None, f"loading {self.model.name} into {self.name} on {self.device}")
         self._load()
+        loading.total = 1
+        loading(1, f"loaded: {self.describe()}")
 
     # -- for subclasses ----------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Make what ``_load`` reads, once per model (a conversion, an export).
+
+        Reports through ``self.on_phase``; raises EngineUnavailable.
+        """
 
     @abstractmethod
     def _load(self) -> None:

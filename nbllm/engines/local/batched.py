@@ -16,6 +16,7 @@ from pathlib import Path
 from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine
 from nbllm.engines.local.batching import DynamicBatcher
+from nbllm.engines.local.phases import PhaseCallback
 from nbllm.errors import EngineError
 from nbllm.types import ChatRequest, ChatResponse
 
@@ -36,8 +37,15 @@ class BatchedEngine(LocalEngine):
         batch_size: int | None = None,
         batch_wait_s: float = 0.01,
         device: str | None = None,
+        on_phase: PhaseCallback | None = None,
     ) -> None:
-        super().__init__(model, batch_size=batch_size, batch_wait_s=batch_wait_s, device=device)
+        super().__init__(
+            model,
+            batch_size=batch_size,
+            batch_wait_s=batch_wait_s,
+            device=device,
+            on_phase=on_phase,
+        )
         self.max_in_flight = self.batch_size
         self._batcher: DynamicBatcher[tuple[list[int], Generation], list[int]] = DynamicBatcher(
             self._run_batch, max_batch_size=self.batch_size, max_wait_s=self.batch_wait_s

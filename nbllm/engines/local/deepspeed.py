@@ -27,7 +27,7 @@ class DeepSpeedEngine(TorchEngine):
         torch = require("torch", "local", self.name)
         deepspeed = require("deepspeed", "deepspeed", self.name)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.tokenizer, self.hf_model = load_transformers(self)
+        self.tokenizer, self.hf_model = load_transformers(self, self.checkpoint)
         on_cuda = self.device == "cuda"
         try:
             self.ds_engine: Any = deepspeed.init_inference(

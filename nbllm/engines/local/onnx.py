@@ -18,6 +18,7 @@ import numpy as np
 from nbllm.engines.local.base import Generation, require
 from nbllm.engines.local.batched import BatchedEngine, pad_left
 from nbllm.engines.local.onnx_export import GRAPH_FILE, LAYOUT_FILE, DecoderLayout, export_decoder
+from nbllm.engines.local.phases import quiet_loading
 from nbllm.errors import EngineUnavailable
 
 __all__ = ["OnnxEngine"]
@@ -35,13 +36,18 @@ class OnnxEngine(BatchedEngine):
 
     name = "onnx"
 
+    def _prepare(self) -> None:
+        require("onnxruntime", "onnx", "onnx")
+        self.folder = export_decoder(self.model, on_phase=self.on_phase)
+
     def _load(self) -> None:
         ort = require("onnxruntime", "onnx", "onnx")
-        folder = export_decoder(self.model)
+        folder = self.folder
         self.layout = DecoderLayout.read(folder)
         transformers = require("transformers", "local", self.name)
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+            with quiet_loading():
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
         except Exception as exc:
             msg = f"onnx cannot load the tokenizer in {folder}: {type(exc).__name__}: {exc}"
             raise EngineUnavailable(msg) from exc

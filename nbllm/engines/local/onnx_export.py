@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -44,6 +43,7 @@ from nbllm.engines.local.models import (
     cache_entry,
     transformers_checkpoint,
 )
+from nbllm.engines.local.phases import PhaseCallback, PhaseReport, quiet_loading
 from nbllm.errors import EngineUnavailable
 
 __all__ = ["GRAPH_FILE", "LAYOUT_FILE", "DecoderLayout", "export_decoder"]
@@ -55,6 +55,10 @@ LAYOUT_FILE = "decoder.json"
 #: Bumped when the graph's inputs or outputs change; an older export is then refused.
 _FORMAT = 1
 _CPU = "CPUExecutionProvider"
+#: The export's progress, in steps: read the checkpoint, trace, write, check.
+_EXPORT_STEPS = 4
+
+_log = logging.getLogger("nbllm")
 
 # Warnings the exporter emits on every export of a transformers decoder; none of them
 # says anything about the graph it writes.
@@ -146,21 +150,20 @@ class DecoderLayout:
             raise EngineUnavailable(msg) from exc
 
 
-def export_decoder(model: LocalModel) -> Path:
-    """The cache folder holding ``model``'s decoder graph, exported on first use."""
+def export_decoder(model: LocalModel, *, on_phase: PhaseCallback | None = None) -> Path:
+    """The cache folder holding ``model``'s decoder graph, exported on first use.
+
+    ``on_phase`` hears the conversion of a GGUF file ("converting"), then the export
+    ("exporting", in steps: read, trace, save, check).
+    """
     target = cache_entry(model, "onnx")
     with building(target) as scratch:
         if scratch is not None:
-            print(
-                f"nbllm: exporting {model.name} to ONNX once, into {target} (a minute or two; "
-                "later runs load it at once)",
-                file=sys.stderr,
-            )
-            _export(model, scratch)
+            _export(model, scratch, on_phase)
     return target
 
 
-def _export(model: LocalModel, out: Path) -> None:
+def _export(model: LocalModel, out: Path, on_phase: PhaseCallback | None) -> None:
     try:
         torch = require("torch", "local", "onnx")
         transformers = require("transformers", "local", "onnx")
@@ -171,18 +174,24 @@ def _export(model: LocalModel, out: Path) -> None:
             f"transformers and onnxscript (pip install 'nbllm[local,onnx]'); {exc}"
         )
         raise EngineUnavailable(msg) from exc
-    transformers.utils.logging.disable_progress_bar()
-    checkpoint = transformers_checkpoint(model)
+    checkpoint = transformers_checkpoint(model, on_phase=on_phase)
+    _log.info(
+        "exporting %s to ONNX once (a minute or two); later runs load it in seconds", model.name
+    )
+    report = PhaseReport(on_phase, "exporting", _EXPORT_STEPS)
     started = time.monotonic()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
-        # Eager attention is plain matmul + softmax: every exporter and runtime handles it.
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(checkpoint), dtype=torch.float32, attn_implementation="eager"
-        ).eval()
+        report(0, "reading the checkpoint")
+        with quiet_loading():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+            # Eager attention is plain matmul + softmax: every exporter and runtime handles it.
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(checkpoint), dtype=torch.float32, attn_implementation="eager"
+            ).eval()
         layout = _layout_of(hf_model, tokenizer)
         step = _decoder_step(torch, hf_model)
         example = _example_inputs(torch, layout, batch=2, sequence=5, past=3)
+        report(1, "tracing the decoder")
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 step,
@@ -193,7 +202,9 @@ def _export(model: LocalModel, out: Path) -> None:
                 output_names=layout.output_names,
                 dynamic_shapes=_dynamic_shapes(torch, layout),
             )
+            report(2, "writing the graph")
             program.save(str(out / GRAPH_FILE), external_data=True)
+        report(3, "checking the graph against torch")
         _check_export(torch, step, out / GRAPH_FILE, layout)
     except EngineUnavailable:
         raise
@@ -201,14 +212,18 @@ def _export(model: LocalModel, out: Path) -> None:
         reason = " ".join(str(exc).split())[:300]
         msg = f"exporting {model.name} to ONNX failed: {type(exc).__name__}: {reason}"
         raise EngineUnavailable(msg) from exc
-    tokenizer.save_pretrained(str(out))
+    with quiet_loading():
+        tokenizer.save_pretrained(str(out))
+    export_s = round(time.monotonic() - started, 1)
     (out / LAYOUT_FILE).write_text(
         layout.to_json(
             model=model.identity,
             exported_with={"torch": torch.__version__, "transformers": transformers.__version__},
-            export_s=round(time.monotonic() - started, 1),
+            export_s=export_s,
         )
     )
+    report(_EXPORT_STEPS, "exported")
+    _log.info("exported %s to ONNX in %.0f s, into %s", model.name, export_s, out.parent)
 
 
 def _layout_of(hf_model: Any, tokenizer: Any) -> DecoderLayout:

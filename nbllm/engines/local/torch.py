@@ -3,29 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from nbllm.engines.local.base import Generation, LocalEngine, require
 from nbllm.engines.local.batched import BatchedEngine, pad_left
 from nbllm.engines.local.models import transformers_checkpoint
+from nbllm.engines.local.phases import quiet_loading
 from nbllm.errors import EngineUnavailable
 
 __all__ = ["TorchEngine"]
 
 
-def load_transformers(engine: LocalEngine, *, dtype: Any = None) -> tuple[Any, Any]:
-    """Tokenizer and model of ``engine.model`` (GGUF converted once), on ``engine.device``."""
+def load_transformers(
+    engine: LocalEngine, checkpoint: Path, *, dtype: Any = None
+) -> tuple[Any, Any]:
+    """Tokenizer and model of ``engine.model`` from ``checkpoint``, on ``engine.device``."""
     torch = require("torch", "local", engine.name)
     transformers = require("transformers", "local", engine.name)
-    transformers.utils.logging.disable_progress_bar()
-    checkpoint = transformers_checkpoint(engine.model)
     if dtype is None:
         dtype = torch.float32 if engine.device == "cpu" else torch.float16
         if engine.device == "cuda" and torch.cuda.is_bf16_supported():
             dtype = torch.bfloat16
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+        with quiet_loading():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
         model.to(engine.device)
     except Exception as exc:
         msg = f"{engine.name} cannot load {engine.model.name}: {type(exc).__name__}: {exc}"
@@ -39,8 +42,13 @@ class TorchEngine(BatchedEngine):
 
     name = "torch"
 
+    def _prepare(self) -> None:
+        require("torch", "local", self.name)
+        require("transformers", "local", self.name)
+        self.checkpoint = transformers_checkpoint(self.model, on_phase=self.on_phase)
+
     def _load(self) -> None:
-        self.tokenizer, self.hf_model = load_transformers(self)
+        self.tokenizer, self.hf_model = load_transformers(self, self.checkpoint)
 
     def _generator(self) -> Any:
         """What ``generate`` is called on (DeepSpeed wraps the model)."""

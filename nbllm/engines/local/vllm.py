@@ -13,6 +13,7 @@ from typing import Any
 
 from nbllm.engines.local.base import Generation, LocalEngine, require
 from nbllm.engines.local.models import transformers_checkpoint
+from nbllm.engines.local.phases import quiet_loading
 from nbllm.errors import EngineError, EngineUnavailable
 from nbllm.types import ChatRequest, ChatResponse
 
@@ -30,14 +31,20 @@ class VllmEngine(LocalEngine):
 
     name = "vllm"
 
-    def _load(self) -> None:
+    def _prepare(self) -> None:
         if not self.hardware.has_cuda:
             msg = "vllm needs a CUDA or ROCm GPU, and none was found"
             raise EngineUnavailable(msg)
+        require("vllm", "vllm", self.name)
+        require("transformers", "local", self.name)
+        self.checkpoint = transformers_checkpoint(self.model, on_phase=self.on_phase)
+
+    def _load(self) -> None:
         vllm = require("vllm", "vllm", self.name)
         transformers = require("transformers", "local", self.name)
-        checkpoint = str(transformers_checkpoint(self.model))
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+        checkpoint = str(self.checkpoint)
+        with quiet_loading():
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
         gpus = sum(1 for g in self.hardware.gpus if g.kind in ("cuda", "rocm"))
         try:
             args = vllm.AsyncEngineArgs(
