@@ -3,7 +3,8 @@
 No API key, no network, no GPU: the answers come from nbllm's embedded default model,
 SmolLM2-135M-Instruct (a 135M-parameter instruct model, about 100 MB), on the CPU. It is
 small, so expect fluent but often wrong figures; the point is the pipeline. The first
-run converts the model once (about half a minute); later runs load it in a second.
+run converts the model once (about 30 s), with its own progress bar; later runs load it
+in a second.
 
     python examples/quickstart.py
 """
