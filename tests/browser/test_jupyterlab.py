@@ -17,8 +17,9 @@ report, the saved ``.ipynb`` (each run's ``result.summary``, printed as a
   for a clean run, one where a fifth of the requests fail, and one in the background stopped
   a third of the way (``job.stop()`` returns once the requests in flight have finished);
 - a run against a port nothing listens on ends within 5 s with a one-line verdict;
-- the stopped run's cell run again reads back what it kept, sends the rest, and ``plot()``
-  draws an image;
+- the stopped run's cell run again reads back what it kept and sends only the rest (the
+  notebook asserts that the test server answered each turn once), and ``plot()`` draws an
+  image;
 - the saved notebook keeps no widget that a reopened notebook could not draw ("Error
   displaying widget"), and rendered by nbconvert shows each run's final state (its verdict).
 
