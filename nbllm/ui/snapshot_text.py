@@ -116,16 +116,18 @@ def bar_style(snap: Snapshot) -> str:
 
 
 def phase_text(snap: Snapshot) -> str:
-    """``"converting the model… 120 / 272 (SmolLM2-135M)"``; empty once the run has started."""
+    """A local engine's preparation: ``"converting the model… 120 / 274 (de-quantizing the
+    weights)"``, or ``"loading the model: starting a worker process"`` where nothing can be
+    counted; empty once the run has started."""
     if snap.phase is None:
         return ""
-    text = _PHASES.get(snap.phase, snap.phase) + "…"
-    if snap.phase_done is not None:
-        done = f"{snap.phase_done:,.0f}"
-        text += f" {done} / {snap.phase_total:,.0f}" if snap.phase_total else f" {done}"
-    if snap.phase_detail:
-        text += f" ({' '.join(snap.phase_detail.split())})"
-    return text
+    name = _PHASES.get(snap.phase, snap.phase)
+    detail = " ".join((snap.phase_detail or "").split())
+    if snap.phase_done is None:
+        return f"{name}: {detail}" if detail else f"{name}…"
+    done = f"{snap.phase_done:,.0f}"
+    counts = f"{done} / {snap.phase_total:,.0f}" if snap.phase_total else done
+    return f"{name}… {counts} ({detail})" if detail else f"{name}… {counts}"
 
 
 def error_lines(snap: Snapshot) -> list[str]:

@@ -508,6 +508,9 @@ def test_a_local_engine_shows_its_phases_before_the_turns():
     dash(EnginePhase("loading", None, None, 1.0))
     dash.render()
     assert "loading the model…" in dash.phase.value and "<progress" in dash.phase.value
+    dash(EnginePhase("loading", None, None, 1.5, "starting a worker process"))
+    dash.render()
+    assert "loading the model: starting a worker process" in dash.phase.value
     dash(started(turns=2, t=2.0))
     assert dash.phase.value == "" and dash.phase.layout.display == "none"
     assert [row.layout.display for row in dash._bar_rows] == [None, None]
