@@ -72,9 +72,9 @@ def _cost(usd: float) -> str:
 def figure_items(snap: Snapshot) -> list[str]:
     """Every figure of the snapshot but the bars', one short item each.
 
-    Counts that are zero and say nothing (cached, resumed, not run) are left out, and so
-    are the requests in flight once the run has ended; failures are always shown, so
-    "0 failed" says there were none.
+    Counts that are zero and say nothing (cached, resumed, not run, a cost of nothing) are
+    left out, and so are the requests in flight once the run has ended; failures are
+    always shown, so "0 failed" says there were none.
     """
     items = [] if snap.finished else [f"in flight {snap.in_flight:,}"]
     items += [f"{_rate(snap.requests_per_s)} req/s", f"{_rate(snap.tokens_per_s)} tok/s"]
@@ -90,7 +90,7 @@ def figure_items(snap: Snapshot) -> list[str]:
         items.append(f"cached {snap.cached:,}")
     if snap.resumed:
         items.append(f"resumed {snap.resumed:,}")
-    if snap.cost_usd is not None:
+    if snap.cost_usd:  # unknown, or nothing (a local model): no figure to show
         items.append(f"cost {_cost(snap.cost_usd)}")
     items.append(f"elapsed {format_duration(snap.elapsed_s, tenths=snap.finished)}")
     if not snap.finished:

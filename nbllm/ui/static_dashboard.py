@@ -48,7 +48,7 @@ def errors_html(lines: Sequence[str]) -> str:
 def progress_html(done: float | None, total: float | None, label: str, style: str = "info") -> str:
     """A bar with its label beside it; without a ``total``, an indeterminate (moving) bar."""
     color = _BAR_COLORS.get(style, _BAR_COLORS[""])
-    text = f'<span style="white-space:nowrap">{html.escape(label)}</span>'
+    text = f'<span style="min-width:0;overflow-wrap:anywhere">{html.escape(label)}</span>'
     row = '<div style="display:flex;align-items:center;column-gap:.6em;margin:2px 0">'
     if not total:
         moving = f'<progress aria-label="{html.escape(label)}" style="width:50%;min-width:8em">'

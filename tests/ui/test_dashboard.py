@@ -321,6 +321,8 @@ def test_figures_say_seconds_elapsed_and_eta_and_leave_out_empty_counts():
     items = figure_items(done)
     assert {"5 not run", "cached 2", "resumed 3", "cost $0.5000", "elapsed 9.0 s"} <= set(items)
     assert not any(item.startswith(("ETA", "in flight")) for item in items)
+    local = figure_items(Snapshot(cost_usd=0.0, started=True))  # a local model costs nothing
+    assert not any(item.startswith("cost") for item in local)
 
 
 def test_the_status_line_is_never_stale():
