@@ -15,6 +15,9 @@
 // source starts with that prefix, once every cell ran. "narrow_screenshot": right after the
 // mid-run picture the window is made 600 px wide for a moment; the batch cell's picture then,
 // and whether any of its outputs is wider than the cell (cut off, or scrolled sideways).
+// "reopen_url" (optional): once saved, the notebook's kernel is shut down and the notebook
+// opened again at that URL in a new window; "reopened" in the report is what it showed, and
+// "reopened_screenshot" (optional) a picture of its batch cell.
 //
 // Exit status: 0 when the JSON line was printed (whatever the page showed), 2 for a usage or
 // browser-start error (the message is on stderr).
@@ -87,7 +90,8 @@ function readPage() {
   };
 }
 
-// The first %%llm_batch cell (its DOM index among all cells), or -1.
+// The first code cell whose source starts with ``prefix`` (its DOM index among all cells),
+// or -1; the batch cell is the first %%llm_batch cell.
 const cellIndex = (state, prefix) =>
   state.code_cells.find((c) => c.source.startsWith(prefix))?.index ?? -1;
 const batchCellIndex = (state) => cellIndex(state, "%%llm_batch");
@@ -101,14 +105,54 @@ function overflow(index) {
 }
 
 // Two animation frames: whatever changed is laid out and painted.
-const painted = () =>
-  page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+const painted = (p) =>
+  p.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
 
-async function cellShot(index, file) {
-  const cell = page.locator(".jp-Notebook .jp-Cell").nth(index);
+async function cellShot(index, file, p = page) {
+  const cell = p.locator(".jp-Notebook .jp-Cell").nth(index);
   await cell.scrollIntoViewIfNeeded({ timeout: 5000 });
-  await painted();
+  await painted(p);
   await cell.screenshot({ path: file, timeout: 10000, animations: "disabled" });
+}
+
+// Every request that leaves 127.0.0.1 is noted; console errors too.
+function watch(p) {
+  p.on("request", (req) => {
+    const u = req.url();
+    if (!u.startsWith(origin) && !u.startsWith("data:") && !u.startsWith("blob:")) {
+      result.external_requests.push(u);
+    }
+  });
+  p.on("console", (msg) => {
+    if (msg.type() === "error") result.console_errors.push(msg.text().slice(0, 500));
+  });
+}
+
+// The saved notebook opened again later, in a new window, once the kernel that ran it is
+// gone: what it shows without that kernel's widgets.
+async function reopen() {
+  const token = new URL(opts.url).searchParams.get("token");
+  const api = (route) => `${origin}/api/${route}?token=${token}`;
+  for (const session of await (await fetch(api("sessions"))).json()) {
+    await fetch(api(`sessions/${session.id}`), { method: "DELETE" });
+  }
+  await page.close();
+  const again = await context.newPage();
+  watch(again);
+  await again.goto(opts.reopen_url, { timeout: left(), waitUntil: "domcontentloaded" });
+  await again.waitForFunction(
+    (n) => document.querySelectorAll(".jp-Notebook .jp-Cell").length >= n,
+    opts.cells ?? 1,
+    { timeout: left(), polling: 250 },
+  );
+  // The widget manager has had its chance to draw (or fail to draw) every output.
+  await again.waitForTimeout(2000);
+  const state = await again.evaluate(readPage);
+  const index = batchCellIndex(state);
+  if (index >= 0 && opts.reopened_screenshot) {
+    await cellShot(index, opts.reopened_screenshot, again);
+  }
+  return { ...state, screenshot: opts.reopened_screenshot };
 }
 
 const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "nbllm-chromium-"));
@@ -141,15 +185,7 @@ mark("browser_started");
 
 const page = context.pages()[0] ?? (await context.newPage());
 const origin = new URL(opts.url).origin;
-page.on("request", (req) => {
-  const u = req.url();
-  if (!u.startsWith(origin) && !u.startsWith("data:") && !u.startsWith("blob:")) {
-    result.external_requests.push(u);
-  }
-});
-page.on("console", (msg) => {
-  if (msg.type() === "error") result.console_errors.push(msg.text().slice(0, 500));
-});
+watch(page);
 
 try {
   await page.goto(opts.url, { timeout: left(), waitUntil: "domcontentloaded" });
@@ -263,6 +299,14 @@ try {
   result.screenshot = opts.screenshot;
 } catch (err) {
   result.error = result.error ?? `reading the page: ${err.message.split("\n")[0]}`;
+}
+if (result.ok && opts.reopen_url) {
+  try {
+    result.reopened = await reopen();
+    mark("reopened");
+  } catch (err) {
+    result.error = `reopening the notebook: ${err.message.split("\n")[0]}`;
+  }
 }
 mark("total");
 await context.close().catch(() => {});

@@ -336,9 +336,10 @@ class LabRun:
             f"pictures: {self.tmp}\nJupyterLab log (tail):\n{_log_tail(self.log_path)}"
         )
 
-    def page_cell(self, prefix: str) -> dict[str, Any]:
-        """The code cell on the page whose source starts with ``prefix``."""
-        for cell in self.page.get("code_cells", []):
+    def page_cell(self, prefix: str, page: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The code cell on the page (by default the one that ran the notebook) whose source
+        starts with ``prefix``."""
+        for cell in (page or self.page).get("code_cells", []):
             if cell["source"].startswith(prefix):
                 found: dict[str, Any] = cell
                 return found
@@ -397,6 +398,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
                 [STOPPED_RUN, str(tmp / "stopped-end.png")],
                 [PLOT, str(tmp / "plot.png")],
             ],
+            "reopen_url": (
+                f"{base}/lab/workspaces/{workspace}-again/tree/{NOTEBOOK.name}?token={token}&reset"
+            ),
+            "reopened_screenshot": str(tmp / "reopened.png"),
             "cells": len(json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]),
             "timeout_s": BROWSER_TIMEOUT_S,
             "chromium": chromium,
@@ -622,6 +627,31 @@ def test_resumed_run_plots_an_image(lab: LabRun) -> None:
     assert any("image/png" in o.get("data", {}) for o in saved["outputs"]), saved["outputs"]
 
 
+RUNS = (
+    (FIRST_RUN, "result"),
+    (FLAKY_RUN, "flaky_result"),
+    (UNREACHABLE_RUN, "unreachable"),
+    (STOPPED_RUN, "stopped"),
+    (RESUMED_RUN, "resumed"),
+)
+
+
+def test_reopened_notebook_shows_the_final_state(lab: LabRun) -> None:
+    """Saved, its kernel shut down, opened again in a new window: each run's cell shows how
+    it ended, and no widget says it cannot be displayed."""
+    reopened, why = lab.report.get("reopened"), lab.why()
+    assert reopened, f"the notebook was not opened again{why}"
+    print(f"\nreopened: {reopened['screenshot']}")
+    assert not reopened["widget_errors"], (
+        f'the reopened notebook shows "Error displaying widget"{why}'
+    )
+    assert not reopened["loading_widget"], f'a widget is stuck at "Loading widget..."{why}'
+    for prefix, name in RUNS:
+        verdict = lab.summary(name)["verdict"]
+        shown = _cell_text(lab.page_cell(prefix, reopened))
+        assert verdict in shown, f"{name}: {verdict!r} is not shown when reopened: {shown!r}"
+
+
 def test_saved_notebook_shows_the_final_state_in_nbconvert_html(lab: LabRun) -> None:
     """Reopened or exported, a saved notebook shows each run's final state (its verdict, in
     the run's own cell), not a widget that can no longer be drawn."""
@@ -639,13 +669,7 @@ def test_saved_notebook_shows_the_final_state_in_nbconvert_html(lab: LabRun) -> 
     ]
     assert all(view in models for view in views), f"widget views with no saved model: {views}"
     cells = _html_cells(html)
-    for prefix, name in (
-        (FIRST_RUN, "result"),
-        (FLAKY_RUN, "flaky_result"),
-        (UNREACHABLE_RUN, "unreachable"),
-        (STOPPED_RUN, "stopped"),
-        (RESUMED_RUN, "resumed"),
-    ):
+    for prefix, name in RUNS:
         cell_id = lab.saved_cell(prefix)["id"]
         assert cell_id in cells, f"cell {cell_id} is not in the HTML"
         verdict = lab.summary(name)["verdict"]
