@@ -423,8 +423,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
 
 
 def _figure(text: str, pattern: str) -> int | None:
-    """The number the first group that matched of ``pattern`` found in ``text`` (``1,234``
-    too), or None."""
+    """The number ``pattern`` captures in ``text``, in whichever of its groups matched
+    (``1,234`` reads as 1234), or None."""
     found = re.search(pattern, text)
     if found is None:
         return None
