@@ -52,10 +52,12 @@ def answered(server: TestServer, after: float = 0.0, before: float = float("inf"
 
 
 def wait_for_answers(server: TestServer, n: int) -> None:
+    """Until the server has answered ``n`` requests and is busy with half as many more (so a
+    stop finds requests in flight, for a while: each takes 0.3 s)."""
     deadline = time.monotonic() + 30
-    while len(answered(server)) < n:
+    while len(answered(server)) < n or server.stats()["in_flight"] < CONCURRENCY // 2:
         assert time.monotonic() < deadline, "the server answered too few requests"
-        time.sleep(0.01)
+        time.sleep(0.005)
 
 
 def check_the_log(server: TestServer, kept: set[str], boundary: float, *, cancelled: bool) -> None:
@@ -101,7 +103,8 @@ def test_a_stopped_job_run_again_asks_only_for_what_it_did_not_keep(tmp_path, ca
         assert first.interrupted and job.status == "stopped"
         kept = kept_keys(first.df)
         assert len(kept) == first.summary.turns_ok
-        assert 10 <= len(kept) < ALL
+        # The server logs an answer as it sends it: a cancel may still cut it off.
+        assert 10 - (CONCURRENCY if cancel else 0) <= len(kept) < ALL
 
         boundary = time.monotonic()
         second = nbllm.run(RECORDS, **options(server, tmp_path / "ckpt.sqlite"))
@@ -147,7 +150,7 @@ def test_a_command_stopped_by_ctrl_c_run_again_asks_only_for_what_it_did_not_kee
         assert proc.returncode == 130, err
         first = read_rows(tmp_path / "first.jsonl")
         kept = kept_keys(first)
-        assert 10 <= len(kept) < ALL
+        assert 10 - (CONCURRENCY if sigints > 1 else 0) <= len(kept) < ALL
         assert first["error"].isna().sum() == len(kept)
 
         boundary = time.monotonic()
