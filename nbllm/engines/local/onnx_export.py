@@ -67,8 +67,9 @@ _EXPORT_WARNINGS = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
 )
 
-# "torchvision is not installed" notes, and a line per merged constant at INFO level.
-_CHATTY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnx_ir")
+# "torchvision is not installed" notes, and, at INFO level, a line per merged constant and
+# hundreds of lines from onnxscript's optimizer (where the user's logging shows INFO).
+_CHATTY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnx_ir", "onnxscript")
 
 
 @dataclass(frozen=True, slots=True)
