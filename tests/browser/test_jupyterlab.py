@@ -543,6 +543,8 @@ def test_dashboard_mid_run(lab: LabRun) -> None:
     assert in_flight, f"mid-run the dashboard shows no request in flight: {text!r}"
     assert "elapsed" in text, f"no elapsed time: {text!r}"
     assert "ETA" in text, f"no ETA: {text!r}"
+    # How to stop it, while it runs (and only then: see the end's test).
+    assert "to stop" in text, f"no word on stopping: {text!r}"
     assert summary["verdict"] not in _cell_text(cell), f"a verdict before the end: {text!r}"
     if os.environ.get("NBLLM_UPDATE_DOCS") == "1":
         DOCS_PICTURE.parent.mkdir(exist_ok=True)
