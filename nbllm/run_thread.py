@@ -2,16 +2,14 @@
 
 ``nbllm.run`` inside a running loop waits for one; ``nbllm.submit`` hands one back as a
 ``Job`` and lets the kernel go on. Either way there is one stop path: ``stop()``, from any
-thread and at any time (even before the run's loop exists). With the run's own ``stop``
-(``PreparedRun.stop``) the first lets the requests in flight finish and a second cancels
-them; without, it cancels the run's task. The executor then returns what finished with
-``interrupted=True``.
+thread and at any time (even before the run's loop exists), presses the run's own Stop
+(``PreparedRun.stop``): the first lets the requests in flight finish, a second cancels
+them. The executor then returns what finished with ``interrupted=True``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -38,10 +36,10 @@ class _RunEnd:
 class RunThread:
     """Runs ``execute()`` once, in a daemon thread named ``name``, when ``start()`` is called.
 
+    ``stop``: the run's own stop (thread-safe, any number of times), which ``stop()`` calls.
     Add ``listener`` to the run's listeners: once the run has emitted ``RunFinished`` its
-    result is complete, and a stop is ignored (a cancel then would only break the clean-up
-    that follows). ``settle(result, error)`` is called in the thread when the run ends.
-    ``stop``: the run's own stop, called by ``stop()`` (thread-safe, any number of times).
+    result is complete, and a stop is ignored. ``settle(result, error)`` is called in the
+    thread when the run ends.
     """
 
     def __init__(
@@ -49,16 +47,12 @@ class RunThread:
         execute: Callable[[], Awaitable[RunResult]],
         *,
         name: str,
+        stop: Callable[[], None],
         settle: Settle | None = None,
-        stop: Callable[[], None] | None = None,
     ) -> None:
         self._execute = execute
         self._settle = settle
         self._stop_run = stop
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[RunResult] | None = None
-        self._stop_requested = False
         self.listener = _RunEnd()
         self._ended = threading.Event()
         self.result: RunResult | None = None
@@ -83,29 +77,10 @@ class RunThread:
 
     def stop(self) -> None:
         """Stop the run, keeping what finished. Safe from any thread, at any time."""
-        if self._stop_run is not None:
-            if not self.listener.seen:
-                self._stop_run()
-            return
-        with self._lock:
-            self._stop_requested = True
-            loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: the run is over already
-                loop.call_soon_threadsafe(self._cancel)
-
-    def _cancel(self) -> None:
-        # On the run's loop, like the listener, so the two never race.
-        if self._task is not None and not self.listener.seen:
-            self._task.cancel()
+        if not self.listener.seen:
+            self._stop_run()
 
     async def _run(self) -> RunResult:
-        with self._lock:
-            self._loop = asyncio.get_running_loop()
-            self._task = asyncio.current_task()
-            stop_now = self._stop_requested
-        if stop_now:
-            self._cancel()  # stop() came before this task existed
         return await self._execute()
 
     def _main(self) -> None:
