@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from nbllm.engines.local.base import require
+from nbllm.engines.local.phases import quiet_loading
 from nbllm.engines.local.torch import TorchEngine, load_transformers
 from nbllm.errors import EngineUnavailable
 
@@ -25,7 +26,8 @@ class DeepSpeedEngine(TorchEngine):
 
     def _load(self) -> None:
         torch = require("torch", "local", self.name)
-        deepspeed = require("deepspeed", "deepspeed", self.name)
+        with quiet_loading():  # importing DeepSpeed announces a CPU as a WARNING
+            deepspeed = require("deepspeed", "deepspeed", self.name)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.tokenizer, self.hf_model = load_transformers(self, self.checkpoint)
         on_cuda = self.device == "cuda"
