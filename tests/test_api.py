@@ -404,3 +404,33 @@ def test_the_engines_preparation_reaches_the_listeners_before_the_run_starts(mon
     assert phases == [("converting", None, None, "model.safetensors"), ("loading", 3, 3, "")]
     assert all(isinstance(e, EnginePhase) for e in events[:2])
     assert isinstance(events[2], RunStarted)
+
+
+async def test_cancelling_arun_cancels_at_once_and_checkpoints_every_answer(tmp_path):
+    finished = asyncio.Event()
+    turns_done: list[Event] = []
+    hang = [True]
+
+    async def handler(request: ChatRequest) -> str:
+        if request.messages[-1]["content"] == "again" and hang[0]:
+            await asyncio.sleep(30)  # in flight when the task is cancelled
+        return "answer"
+
+    def listener(event: Event) -> None:
+        if type(event).__name__ == "TurnFinished":
+            turns_done.append(event)
+            if len(turns_done) == 3:
+                finished.set()
+
+    data = [{"id": i, "turns": ["hi", "again"]} for i in range(3)]
+    options = {"model": "m", "progress": False, "checkpoint": tmp_path / "ckpt.sqlite"}
+    engine = FakeEngine(handler)
+    task = asyncio.create_task(nbllm.arun(data, engine=engine, listeners=[listener], **options))
+    await asyncio.wait_for(finished.wait(), 10)
+    task.cancel()
+    result = await asyncio.wait_for(task, 5)  # no grace: a cancelled task ends now
+    assert result.interrupted and result.summary.turns_ok == 3
+
+    hang[0] = False
+    again = await nbllm.arun(data, engine=FakeEngine(handler), **options)
+    assert again.summary.resumed == 3 and again.summary.turns_ok == 6
