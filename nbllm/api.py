@@ -25,6 +25,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nbllm.config import RunConfig
@@ -144,6 +145,9 @@ class PreparedRun:
         self.stop.attach(executor)
         try:
             return await executor.run(self.conversations)
+        except BaseException:
+            _close_view(self.view)  # ended before RunFinished: the view says so, not waits
+            raise
         finally:
             self.release()
             if self.owns_engine:
@@ -186,12 +190,35 @@ def prepare_run(
             raise ConfigError(msg)
     cache_path = resolve_cache_path(config.cache)
     conversations = load_conversations(data)
-    api_key = None if config.api_key is None else config.api_key.get_secret_value()
     stop = RunStop()
     run_listeners = [*config.listeners, *listeners]
     view = make_view(stop) if make_view is not None else None
     if view is not None:
         run_listeners.append(view)
+    try:
+        return _prepare(config, conversations, model, cache_path, stop, run_listeners, view)
+    except BaseException:
+        _close_view(view)  # shown already: say the run did not start instead of waiting
+        raise
+
+
+def _close_view(view: Listener | None) -> None:
+    close = getattr(view, "close", None)
+    if callable(close):
+        close()
+
+
+def _prepare(
+    config: RunConfig,
+    conversations: list[Conversation],
+    model: str,
+    cache_path: Path | None,
+    stop: RunStop,
+    run_listeners: list[Listener],
+    view: Listener | None,
+) -> PreparedRun:
+    engine = config.engine
+    api_key = None if config.api_key is None else config.api_key.get_secret_value()
     phases = EventBus(run_listeners)
 
     def on_phase(phase: str, done: float | None, total: float | None, detail: str = "") -> None:

@@ -434,3 +434,24 @@ async def test_cancelling_arun_cancels_at_once_and_checkpoints_every_answer(tmp_
     hang[0] = False
     again = await nbllm.arun(data, engine=FakeEngine(handler), **options)
     assert again.summary.resumed == 3 and again.summary.turns_ok == 6
+
+
+def test_a_run_that_cannot_start_closes_the_view_it_showed(tmp_path):
+    """A dashboard shown before the checkpoint was refused must not wait for a run."""
+    from nbllm.api import prepare_run
+
+    closed = []
+
+    class View:
+        def __call__(self, event: Event) -> None:
+            pass
+
+        def close(self) -> None:
+            closed.append(True)
+
+    damaged = tmp_path / "checkpoint.sqlite"
+    damaged.write_bytes(b"not a database, " * 64)
+    config = nbllm.RunConfig(model="m", engine=FakeEngine(), checkpoint=str(damaged))
+    with pytest.raises(nbllm.CheckpointError):
+        prepare_run(RECORDS, config, make_view=lambda stop: View())
+    assert closed == [True]
