@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,7 @@ _RUN_OPTIONS = (
     "max_tokens",
     "temperature",
     "engine",
+    "stop_grace_s",
 )
 
 
@@ -125,6 +128,19 @@ def _write_out(df: pd.DataFrame, path: Path) -> None:
         df.to_parquet(path, index=False)
 
 
+@contextlib.contextmanager
+def _no_ctrl_c() -> Iterator[None]:
+    """Ctrl-C is ignored inside (in the main thread; elsewhere signals never arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -152,7 +168,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     if out is not None:
         try:
-            _write_out(result.df, out)
+            with _no_ctrl_c():  # a late second Ctrl-C must not cut the file short
+                _write_out(result.df, out)
         except (OSError, ValueError, TypeError) as exc:  # no disk space, mixed-type column, ...
             msg = f"cannot write {str(out)!r}: {exc}"
             raise ConfigError(msg) from exc

@@ -386,13 +386,13 @@ def test_every_face_hands_its_options_to_the_run(shell, monkeypatch, tmp_path):
 
     cli = ["run", str(data), "--model", "m", "--api-base", base, "--rpm", "500", "--tpm", "9000"]
     cli += ["--timeout", "30", "--temperature", "0.5", "--max-tokens", "64", "--concurrency", "4"]
-    cli += ["--retries", "2", "--system", "Be terse.", "--engine", "openai"]
+    cli += ["--retries", "2", "--system", "Be terse.", "--engine", "openai", "--stop-grace-s", "3"]
     with pytest.raises(Captured):
         cli_main([*cli, "--checkpoint", "runs/x", "--fresh", "--no-cache"])
     assert seen[-1] == RunConfig(
         model="m", api_base=base, concurrency=4, rpm=500.0, tpm=9000.0, timeout=30.0,
         retries=2, system="Be terse.", max_tokens=64, temperature=0.5, progress=None,
-        checkpoint="runs/x", cache=False, resume=False, engine="openai",
+        checkpoint="runs/x", cache=False, resume=False, engine="openai", stop_grace_s=3.0,
     )  # fmt: skip
     with pytest.raises(Captured):
         cli_main(["run", str(data), "--no-checkpoint", "--no-progress"])
