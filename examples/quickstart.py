@@ -3,7 +3,7 @@
 No API key, no network, no GPU: the answers come from nbllm's embedded default model,
 SmolLM2-135M-Instruct (a 135M-parameter instruct model, about 100 MB), on the CPU. It is
 small, so expect fluent but often wrong figures; the point is the pipeline. The first
-run converts the model once (about 30 s), with its own progress bar; later runs load it
+run converts the model once (about 10 s), with its own progress bar; later runs load it
 in a second.
 
     python examples/quickstart.py

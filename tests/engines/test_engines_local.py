@@ -1,7 +1,7 @@
 """Local engines on the embedded SmolLM2-135M-Instruct, for real, on this machine's CPU.
 
 Generation is kept short (a few tokens) so the whole module runs in well under a minute
-once the model has been converted (the first use converts it, about 30 s).
+once the model has been converted (the first use converts it, about 10 s).
 """
 
 from __future__ import annotations

@@ -41,11 +41,14 @@ def test_a_first_conversion_reports_its_phases_and_draws_no_bars(
     tmp_path, monkeypatch, capfd, caplog
 ):
     require_embedded_model()
+    import gguf
     import transformers
+    from transformers import modeling_gguf_pytorch_utils as loader
 
     monkeypatch.setenv("NBLLM_CACHE_DIR", str(tmp_path / "cache"))
     caplog.set_level(logging.INFO, logger="nbllm")
     bars_before = transformers.utils.logging.is_progress_bar_enabled()
+    swapped = (loader.tqdm, loader.load_gguf_checkpoint, gguf.get_tensor_name_map)
     capfd.readouterr()
     phases = Recorder()
     engine = create_engine("torch", model=None, worker=False, on_phase=phases)
@@ -70,8 +73,10 @@ def test_a_first_conversion_reports_its_phases_and_draws_no_bars(
             and m.endswith("later runs load it in under a second")
             for m in logged
         ), logged
-        # The user's own setting for transformers' bars is as it was.
+        # The user's own setting for transformers' bars is as it was, and so are the
+        # functions the conversion swapped for its own while it ran.
         assert transformers.utils.logging.is_progress_bar_enabled() == bars_before
+        assert (loader.tqdm, loader.load_gguf_checkpoint, gguf.get_tensor_name_map) == swapped
     finally:
         asyncio.run(engine.aclose())
 

