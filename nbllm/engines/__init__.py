@@ -40,7 +40,7 @@ from nbllm.engines.local import (
 )
 from nbllm.engines.local.models import (
     EMBEDDED_MODEL,
-    conversion_estimate_s,
+    conversion_time_text,
     is_converted,
     resolve_local_model,
 )
@@ -102,8 +102,8 @@ def _worker_engine(
         with contextlib.suppress(ConfigError, EngineUnavailable):
             local_model = resolve_local_model(model)
             if not is_converted(local_model):
-                estimate = conversion_estimate_s(local_model.path)
-                detail += f", which converts the model once first (about {estimate:.0f} s)"
+                about = conversion_time_text(local_model.path)
+                detail += f", which converts the model once first ({about})"
     loading(None, detail)
     worker = shared_worker(engine, model, **local_options)
     loading.total = 1

@@ -16,6 +16,7 @@ from nbllm.engines.local.models import (
     LocalModel,
     _gguf_tensor_count,
     conversion_estimate_s,
+    conversion_time_text,
 )
 from nbllm.engines.local.phases import PhaseReport, quiet_loading
 
@@ -132,6 +133,8 @@ def test_the_conversion_estimate_grows_with_the_file(tmp_path):
     with large.open("wb") as file:  # sparse: 2 GB of nothing
         file.truncate(2_000_000_000)
     assert conversion_estimate_s(large) > 10 * conversion_estimate_s(small) > 0
+    assert conversion_time_text(small) == "about 10 s"  # the embedded model's, measured
+    assert conversion_time_text(large) == "about 4 min"
 
 
 class Prepared(LocalEngine):
@@ -173,8 +176,12 @@ def test_a_local_engine_reports_its_preparation_then_its_load(monkeypatch):
     assert phases.calls[-1][3] == "loaded: prepared m on cpu"
 
 
-def test_a_worker_reports_loading_when_it_starts_and_when_it_is_ready(monkeypatch):
+def test_a_worker_reports_loading_when_it_starts_and_when_it_is_ready(monkeypatch, tmp_path):
     from nbllm.engines import worker as worker_module
+    from nbllm.engines.local.models import embedded_gguf
+    from nbllm.errors import EngineUnavailable
+
+    monkeypatch.setenv("NBLLM_CACHE_DIR", str(tmp_path))  # nothing converted yet
 
     class Started:
         served_engine = "torch"
@@ -188,3 +195,9 @@ def test_a_worker_reports_loading_when_it_starts_and_when_it_is_ready(monkeypatc
     asyncio.run(engine.aclose())
     assert [call[:3] for call in phases.calls] == [("loading", None, None), ("loading", 1, 1)]
     assert "worker" in phases.calls[0][3] and EMBEDDED_MODEL in phases.calls[0][3]
+    try:
+        embedded_gguf()
+    except EngineUnavailable:
+        return
+    # The child converts the model first, and says nothing while it does: the line says so.
+    assert "converts the model once first (about 10 s)" in phases.calls[0][3]

@@ -41,6 +41,7 @@ __all__ = [
     "LocalModel",
     "cache_dir",
     "conversion_estimate_s",
+    "conversion_time_text",
     "embedded_gguf",
     "is_converted",
     "is_local_model",
@@ -216,9 +217,11 @@ def conversion_estimate_s(gguf: Path) -> float:
     return max(_EMBEDDED_CONVERSION_S, _EMBEDDED_CONVERSION_S * size / _EMBEDDED_GGUF_BYTES)
 
 
-def _about(seconds: float) -> str:
+def conversion_time_text(gguf: Path) -> str:
+    """``conversion_estimate_s`` in words: "about 10 s", "about 3 min"."""
+    seconds = conversion_estimate_s(gguf)
     if seconds < 90:
-        return f"about {5 * round(seconds / 5):.0f} s"
+        return f"about {max(5, 5 * round(seconds / 5))} s"
     return f"about {seconds / 60:.0f} min"
 
 
@@ -265,7 +268,7 @@ def _convert_gguf(model: LocalModel, out: Path, on_phase: PhaseCallback | None) 
         report.total = total + 2
         step(1 + done, "de-quantizing the weights")
 
-    about = _about(conversion_estimate_s(gguf))
+    about = conversion_time_text(gguf)
     _log.info(
         "converting %s to a transformers checkpoint once (%s); later runs load it in under "
         "a second",
