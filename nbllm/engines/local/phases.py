@@ -3,8 +3,9 @@
 Before a local engine answers, its model may be converted from GGUF once ("converting"),
 exported to ONNX once ("exporting"), and is then loaded ("loading"). Each step calls
 ``on_phase(phase, done, total, detail)``: ``done`` / ``total`` count the phase's own unit
-(conversion steps, export steps), or are None where nothing can be counted; ``detail`` says
-what is happening, in a few words. The run turns these calls into ``EnginePhase`` events,
+(percent of a conversion, steps of an export), or are None where nothing can be counted
+(a load starts with None / None and ends with 1 / 1); ``detail`` says what is happening, in a
+few words. The run turns these calls into ``EnginePhase`` events,
 so the dashboard draws them as it draws the run.
 
 transformers, gguf and DeepSpeed draw their own progress bars and notices while a model is
