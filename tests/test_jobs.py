@@ -105,8 +105,11 @@ def test_stop_returns_the_finished_turns():
 
 
 def test_stop_at_once_keeps_nothing_and_says_so():
-    """A stop that may come before the job's loop exists still ends the run cleanly."""
-    job = nbllm.submit(dataset(2), engine=nbllm.FakeEngine(latency=5), **QUIET)
+    """A stop that may come before the job's loop exists still ends the run cleanly.
+
+    No grace: whether or not the first requests went out before the stop, none may finish.
+    """
+    job = nbllm.submit(dataset(2), engine=nbllm.FakeEngine(latency=5), stop_grace_s=0, **QUIET)
     result = job.stop(timeout=30)
     assert result.interrupted and job.status == "stopped"
     assert result.summary.turns == 4 and result.summary.turns_ok == 0
