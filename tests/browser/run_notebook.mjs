@@ -163,7 +163,7 @@ try {
     executablePath,
     headless: true,
     viewport: { width: opts.width ?? 1100, height: opts.height ?? 1000 },
-    timeout: 30000,
+    timeout: Math.min(60000, left()),  // a busy machine can take half a minute to start it
     args: [
       "--headless",
       "--no-sandbox",
