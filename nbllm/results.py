@@ -209,7 +209,9 @@ class RowTotals:
 
 
 def _took(seconds: float) -> str:
-    """``"12.3 s"``, ``"3 min 05 s"``, ``"2 h 07 min"``."""
+    """``"0.04 s"``, ``"12.3 s"``, ``"3 min 05 s"``, ``"2 h 07 min"``."""
+    if seconds < 0.995:  # a short run against a fast server still reads as a time, not 0.0 s
+        return f"{max(0.0, seconds):.2f} s"
     if seconds < 59.95:
         return f"{max(0.0, seconds):.1f} s"
     minutes, secs = divmod(round(seconds), 60)

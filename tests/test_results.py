@@ -206,7 +206,9 @@ def test_verdict_durations_and_thousands():
     records = [answered(i) for i in range(9720)]
     assert summary_of(records, wall_s=125.0).verdict == "9,720/9,720 turns ok in 2 min 05 s"
     assert summary_of(records[:1], wall_s=7322.0).verdict == "1/1 turns ok in 2 h 02 min"
-    assert summary_of([], wall_s=0.0).verdict == "0/0 turns ok in 0.0 s"
+    assert summary_of([], wall_s=0.0).verdict == "0/0 turns ok in 0.00 s"
+    assert summary_of(records[:1], wall_s=0.042).verdict == "1/1 turns ok in 0.04 s"
+    assert summary_of(records[:1], wall_s=0.996).verdict == "1/1 turns ok in 1.0 s"
 
 
 def test_the_summary_prints_its_verdict_first(result):
