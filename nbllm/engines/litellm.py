@@ -36,6 +36,11 @@ def import_litellm() -> Any:
     # part that reads tokenizers from the hub); usage comes from the responses.
     import litellm
 
+    # litellm's first OpenAI-style call imports the openai client's resources (about 0.75 s
+    # here); done now, that cost is not charged to the first request's timeout, nor does it
+    # hold the first sends back after the rate limiter has let them go.
+    import openai.resources.chat  # noqa: F401
+
     # pydantic warns about the `ReadOnly` items of litellm's TypedDicts when it builds a
     # response type's schema, which litellm defers to the type's first use (the first
     # answer, not the import). litellm ignores the warning with a filter set at import, but
