@@ -17,6 +17,7 @@ __all__ = ["PREVIEW_COLUMNS", "WIDTH", "ResultPreview", "clip"]
 
 PREVIEW_COLUMNS = ("conversation_id", "turn", "question", "answer", "error", "latency_s")
 _TEXT_COLUMNS = ("question", "answer", "error")
+_OPTIONAL_COLUMNS = ("answer", "error", "latency_s")
 
 # Cells keep to one line in a notebook's output, however narrow: the table scrolls instead.
 # (!important: JupyterLab's and nbconvert's own table rules are more specific.)
@@ -39,7 +40,8 @@ def clip(text: str, width: int = WIDTH) -> str:
 class ResultPreview:
     """The first rows of a result's ``df``, its useful columns only, text clipped to one line.
 
-    ``frame`` is that small table (no ``error`` column when no row of the result has one);
+    ``frame`` is that small table (without ``answer``, ``error`` or ``latency_s`` when no
+    row of the result has one);
     ``note`` one line under it (where the rest is).
     """
 
@@ -50,9 +52,13 @@ class ResultPreview:
     def of(
         cls, df: pd.DataFrame, rows: int = 5, width: int = WIDTH, note: str = ""
     ) -> ResultPreview:
-        columns = [c for c in PREVIEW_COLUMNS if c in df.columns]
-        if "error" in columns and not df["error"].notna().any():
-            columns.remove("error")
+        # A column no row fills (no error at all, no answer nor latency when nothing was
+        # answered) only takes width from the ones that say something.
+        columns = [
+            c
+            for c in PREVIEW_COLUMNS
+            if c in df.columns and (c not in _OPTIONAL_COLUMNS or df[c].notna().any())
+        ]
         frame = df.loc[:, columns].head(rows).copy()
         for column in _TEXT_COLUMNS:
             if column in frame.columns:

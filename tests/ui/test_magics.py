@@ -508,3 +508,17 @@ def test_a_missing_id_column_is_one_line_naming_the_columns(shell, server, body)
     assert "'compnay'" in message and "did you mean 'company'" in message
     assert "['company', 'question_0', 'question_1']" in message
     assert server.requests == []
+
+
+def test_the_preview_leaves_out_columns_no_row_fills():
+    def refuse(request):
+        raise nbllm.errors.RequestRejected("no such model", status=404)
+
+    failed = nbllm.run([{"id": "a", "turns": ["hi"]}], engine=nbllm.FakeEngine(refuse),
+                       model="m", progress=False, checkpoint=False, retries=0)  # fmt: skip
+    columns = list(ResultPreview.of(failed.df).frame.columns)
+    assert columns == ["conversation_id", "turn", "question", "error"]
+    answered = nbllm.run([{"id": "a", "turns": ["hi"]}], engine=nbllm.FakeEngine(),
+                         model="m", progress=False, checkpoint=False)  # fmt: skip
+    columns = list(ResultPreview.of(answered.df).frame.columns)
+    assert columns == ["conversation_id", "turn", "question", "answer", "latency_s"]
