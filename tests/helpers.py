@@ -11,8 +11,10 @@ import functools
 import hashlib
 import json
 import random
+import re
 import sqlite3
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +207,34 @@ def on_fake_clock(test: Callable[..., Any]) -> Callable[..., Any]:
             loop.close()
 
     return run
+
+
+# --------------------------------------------------------------------------- HTML as seen
+
+
+class _VisibleText(HTMLParser):
+    """The text a reader of an HTML page sees (no scripts, no styles)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style"):
+            self._hidden += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style"):
+            self._hidden = max(0, self._hidden - 1)
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self.parts.append(data)
+
+
+def visible_text(html: str) -> str:
+    """The words of an HTML page as a reader sees them, on one line."""
+    parser = _VisibleText()
+    parser.feed(html)
+    return re.sub(r"\s+", " ", " ".join(parser.parts))

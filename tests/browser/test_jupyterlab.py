@@ -51,11 +51,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import visible_text
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -461,33 +461,6 @@ def _cell_seconds(cell: dict[str, Any]) -> float:
     return (at("shell.execute_reply") - at("iopub.execute_input")).total_seconds()
 
 
-class _VisibleText(HTMLParser):
-    """The text a reader of an HTML page sees (no scripts, no styles)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._hidden = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("script", "style"):
-            self._hidden += 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style"):
-            self._hidden = max(0, self._hidden - 1)
-
-    def handle_data(self, data: str) -> None:
-        if not self._hidden:
-            self.parts.append(data)
-
-
-def _visible_text(html: str) -> str:
-    parser = _VisibleText()
-    parser.feed(html)
-    return re.sub(r"\s+", " ", " ".join(parser.parts))
-
-
 def _html_cells(html: str) -> dict[str, str]:
     """nbconvert's HTML cut into its cells, by cell id (``id="cell-id=..."``)."""
     marks = list(re.finditer(r'id="cell-id=([^"]+)"', html))
@@ -675,5 +648,5 @@ def test_saved_notebook_shows_the_final_state_in_nbconvert_html(lab: LabRun) -> 
         cell_id = lab.saved_cell(prefix)["id"]
         assert cell_id in cells, f"cell {cell_id} is not in the HTML"
         verdict = lab.summary(name)["verdict"]
-        shown = _visible_text(cells[cell_id])
+        shown = visible_text(cells[cell_id])
         assert verdict in shown, f"{name}: {verdict!r} is not shown in the HTML: {shown[:2000]!r}"

@@ -9,11 +9,10 @@ or could not reach its server; no output is a widget that only a live kernel cou
 
 from __future__ import annotations
 
-import re
 import socket
-from html.parser import HTMLParser
 
 import pytest
+from helpers import visible_text
 
 from nbllm.testing import TestServer
 
@@ -22,33 +21,6 @@ nbconvert = pytest.importorskip("nbconvert")
 nbformat = pytest.importorskip("nbformat")
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
-
-
-class _VisibleText(HTMLParser):
-    """The text a reader of an HTML page sees (no scripts, no styles)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._hidden = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("script", "style"):
-            self._hidden += 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style"):
-            self._hidden = max(0, self._hidden - 1)
-
-    def handle_data(self, data: str) -> None:
-        if not self._hidden:
-            self.parts.append(data)
-
-
-def _visible_text(html: str) -> str:
-    parser = _VisibleText()
-    parser.feed(html)
-    return re.sub(r"\s+", " ", " ".join(parser.parts))
 
 
 def _dead_url() -> str:
@@ -108,4 +80,4 @@ def test_a_saved_notebook_shows_each_runs_final_state_in_nbconvert_html(tmp_path
     for name, run_cell in (("magic", 1), ("flaky", 2), ("background", 3), ("dead", 5)):
         only = nbformat.v4.new_notebook(cells=[nb.cells[run_cell]])
         html, _ = nbconvert.HTMLExporter().from_notebook_node(only)
-        assert verdicts[name] in _visible_text(html), (name, nb.cells[run_cell].outputs)
+        assert verdicts[name] in visible_text(html), (name, nb.cells[run_cell].outputs)
