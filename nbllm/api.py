@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbllm.config import RunConfig
+from nbllm.config import RunConfig, config_of_call
 from nbllm.dataset import load_conversations
 from nbllm.engines import EMBEDDED_MODEL, Engine, create_engine, is_local
 from nbllm.errors import ConfigError
@@ -310,29 +310,7 @@ async def arun(
     **params: Any,
 ) -> RunResult:
     """Run a dataset of conversations and return one row per turn; see ``run``."""
-    config = RunConfig(
-        model=model,
-        api_base=api_base,
-        api_key=api_key,
-        concurrency=concurrency,
-        rpm=rpm,
-        tpm=tpm,
-        timeout=timeout,
-        retries=retries,
-        system=system,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        progress=progress,
-        checkpoint=checkpoint,
-        cache=cache,
-        resume=resume,
-        engine=engine,
-        worker=worker,
-        max_conversations=max_conversations,
-        stop_grace_s=stop_grace_s,
-        listeners=listeners,
-        params=params,
-    )
+    config = config_of_call(locals())
     plan = prepare_run(data, config, make_view=_blocking_view(config.progress))
     return _with_gpu_samples(await plan.execute(), plan.view)
 
@@ -392,29 +370,7 @@ def run(
     Any other keyword is passed to the engine as a sampling parameter (``top_p=0.9``,
     ``seed=1``, ...).
     """
-    config = RunConfig(
-        model=model,
-        api_base=api_base,
-        api_key=api_key,
-        concurrency=concurrency,
-        rpm=rpm,
-        tpm=tpm,
-        timeout=timeout,
-        retries=retries,
-        system=system,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        progress=progress,
-        checkpoint=checkpoint,
-        cache=cache,
-        resume=resume,
-        engine=engine,
-        worker=worker,
-        max_conversations=max_conversations,
-        stop_grace_s=stop_grace_s,
-        listeners=listeners,
-        params=params,
-    )
+    config = config_of_call(locals())
     plan = prepare_run(data, config, make_view=_blocking_view(config.progress))
     try:
         asyncio.get_running_loop()

@@ -30,7 +30,7 @@ from pydantic import (
 from nbllm.errors import ConfigError
 from nbllm.retry import RetryPolicy
 
-__all__ = ["RunConfig", "add_run_arguments", "parse_run_option", "text_type"]
+__all__ = ["RunConfig", "add_run_arguments", "config_of_call", "parse_run_option", "text_type"]
 
 # int or float, kept as given: a temperature of 0 stays 0 in cache keys and fingerprints.
 PositiveNumber = Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -185,6 +185,12 @@ class RunConfig(BaseModel):
             params["temperature"] = self.temperature
         params.update(self.params)
         return params
+
+
+def config_of_call(call: Mapping[str, Any]) -> RunConfig:
+    """The ``RunConfig`` of a call of ``run``, ``arun`` or ``submit``, from its ``locals()``
+    on entry: their keywords are the schema's fields, by name (a test holds them equal)."""
+    return RunConfig(**{name: call[name] for name in RunConfig.model_fields})
 
 
 def _about(name: str, key: str) -> str | None:

@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from nbllm.api import PreparedRun, RunStop, prepare_run
-from nbllm.config import RunConfig
+from nbllm.config import config_of_call
 from nbllm.engines import Engine
 from nbllm.executor.events import Event
 from nbllm.executor.stats import RunStats
@@ -204,29 +204,7 @@ def submit(
     calling cell, before any request is sent. In a notebook the dashboard has a Stop
     button.
     """
-    config = RunConfig(
-        model=model,
-        api_base=api_base,
-        api_key=api_key,
-        concurrency=concurrency,
-        rpm=rpm,
-        tpm=tpm,
-        timeout=timeout,
-        retries=retries,
-        system=system,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        progress=progress,
-        checkpoint=checkpoint,
-        cache=cache,
-        resume=resume,
-        engine=engine,
-        worker=worker,
-        max_conversations=max_conversations,
-        stop_grace_s=stop_grace_s,
-        listeners=listeners,
-        params=params,
-    )
+    config = config_of_call(locals())
     stats = RunStats()
 
     def make_view(stop: RunStop) -> Callable[[Event], None] | None:
