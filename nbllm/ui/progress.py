@@ -16,14 +16,9 @@ from nbllm.executor.events import (
     TurnFinished,
 )
 from nbllm.executor.stats import RunStats
+from nbllm.ui.snapshot_text import phase_name
 
 __all__ = ["TextProgress"]
-
-_PHASES = {
-    "converting": "converting the model",
-    "exporting": "exporting the model",
-    "loading": "loading the model",
-}
 
 
 class TextProgress:
@@ -95,7 +90,7 @@ class TextProgress:
             self._phase = event.phase
             self._phase_bar = tqdm(
                 total=event.total,
-                desc=_PHASES.get(event.phase, event.phase),
+                desc=phase_name(event.phase),
                 file=self.file or sys.stderr,
                 dynamic_ncols=True,
             )

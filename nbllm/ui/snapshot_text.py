@@ -16,6 +16,7 @@ __all__ = [
     "figures_line",
     "format_duration",
     "format_seconds",
+    "phase_name",
     "phase_text",
     "status_line",
     "summary_line",
@@ -115,13 +116,18 @@ def bar_style(snap: Snapshot) -> str:
     return ""
 
 
+def phase_name(phase: str) -> str:
+    """A preparation phase in words: ``"converting"`` is ``"converting the model"``."""
+    return _PHASES.get(phase, phase)
+
+
 def phase_text(snap: Snapshot) -> str:
     """A local engine's preparation: ``"converting the model… 120 / 274 (de-quantizing the
     weights)"``, or ``"loading the model: starting a worker process"`` where nothing can be
     counted; empty once the run has started."""
     if snap.phase is None:
         return ""
-    name = _PHASES.get(snap.phase, snap.phase)
+    name = phase_name(snap.phase)
     detail = " ".join((snap.phase_detail or "").split())
     if snap.phase_done is None:
         return f"{name}: {detail}" if detail else f"{name}…"
