@@ -50,7 +50,7 @@ from nbllm.executor.events import (
 )
 from nbllm.executor.limiter import RateLimiter
 from nbllm.executor.unreachable import unreachable_reason
-from nbllm.results import RunResult
+from nbllm.results import RowTotals, RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.types import NOT_RUN, ChatRequest, ChatResponse, Conversation, TurnRecord
 
@@ -168,7 +168,6 @@ class Executor:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._in_flight = 0
         self._cooldown_until = 0.0
-        self._ok = 0
         self._sending: set[asyncio.Task[Any]] = set()  # workers awaiting an answer
         self._workers: list[asyncio.Task[None]] = []
         self._grace: asyncio.TimerHandle | None = None
@@ -223,10 +222,16 @@ class Executor:
         unfinished = any(r is None for r in self._records)
         interrupted = interrupted or (self._stopping and self._stop_reason is None and unfinished)
         records = self._complete_records()
-        failed = sum(1 for r in records if r.error is not None and not r.not_run)
+        # Counted by the summary's own rules, so the event and ``result.summary`` agree.
+        totals = RowTotals.of(records)
         self._emit(
             RunFinished(
-                self._ok, failed, wall, interrupted, time.time(), stop_reason=self._stop_reason
+                totals.answered,
+                totals.failed,
+                wall,
+                interrupted,
+                time.time(),
+                stop_reason=self._stop_reason,
             )
         )
         return RunResult(
@@ -339,8 +344,6 @@ class Executor:
 
     def _finish(self, index: int, slot: int, record: TurnRecord) -> None:
         self._records[slot] = record
-        if record.ok:
-            self._ok += 1
         if self._wants_finished:
             last = record.turn == len(self._conversations[index]) - 1
             self._emit(TurnFinished(record, self._in_flight, time.time(), last))
