@@ -36,6 +36,7 @@ from nbllm.executor.stats import RunStats, Snapshot
 from nbllm.ui.gpu import GpuMonitor, GpuSample
 from nbllm.ui.redraw import RedrawTimer
 from nbllm.ui.snapshot_text import (
+    bar_label,
     bar_style,
     error_lines,
     figure_items,
@@ -43,7 +44,13 @@ from nbllm.ui.snapshot_text import (
     status_line,
     summary_line,
 )
-from nbllm.ui.static_dashboard import dashboard_html, errors_html, figures_html, progress_html
+from nbllm.ui.static_dashboard import (
+    dashboard_html,
+    errors_html,
+    figures_html,
+    progress_html,
+    title_html,
+)
 
 __all__ = ["Dashboard", "GpuGauges"]
 
@@ -347,13 +354,8 @@ class Dashboard:
 
     def _draw(self, snap: Snapshot) -> None:
         """Set every widget from ``snap`` (and the GPU monitor's latest samples)."""
-        if snap.model is None:
-            waiting = "" if snap.phase is not None else " · waiting for the run to start"
-            self.title.value = f"<b>nbllm</b>{waiting}"
-        else:
-            self.title.value = (
-                f"<b>nbllm</b> · {html.escape(snap.model)} · {html.escape(snap.engine or '')}"
-            )
+        waiting = snap.model is None and snap.phase is None
+        self.title.value = title_html(snap) + (" · waiting for the run to start" if waiting else "")
         phase = phase_text(snap)
         _show(self.phase, progress_html(snap.phase_done, snap.phase_total, phase) if phase else "")
         for row in self._bar_rows:  # the turns' bars come once the preparation is over
@@ -372,7 +374,7 @@ class Dashboard:
             bar.max = total  # before the value, which is clamped to it
             bar.value = min(done, total)
             bar.bar_style = style
-            label.value = f"{done:,} / {total:,} {unit}"
+            label.value = bar_label(done, total, unit)
         _show(self.figures, figures_html(figure_items(snap)) if snap.started and not phase else "")
         _show(self.errors, errors_html(error_lines(snap)))
         status = self._status(snap)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from nbllm.executor.stats import Snapshot
 
 __all__ = [
+    "bar_label",
     "bar_style",
     "error_lines",
     "figure_items",
@@ -102,6 +103,11 @@ def figure_items(snap: Snapshot) -> list[str]:
 def figures_line(snap: Snapshot) -> str:
     """``figure_items`` on one line."""
     return " · ".join(figure_items(snap))
+
+
+def bar_label(done: int, total: int, unit: str) -> str:
+    """A bar's words: ``"24 / 180 turns"``."""
+    return f"{done:,} / {total:,} {unit}"
 
 
 def bar_style(snap: Snapshot) -> str:

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 from nbllm.executor.stats import Snapshot
 from nbllm.ui.gpu import GpuSample
-from nbllm.ui.snapshot_text import bar_style, figure_items
+from nbllm.ui.snapshot_text import bar_label, bar_style, figure_items
 
-__all__ = ["dashboard_html", "errors_html", "figures_html", "progress_html"]
+__all__ = ["dashboard_html", "errors_html", "figures_html", "progress_html", "title_html"]
 
 # ipywidgets' own bar colours, so the static bars look like the live ones.
 _BAR_COLORS = {
@@ -65,7 +65,8 @@ def progress_html(done: float | None, total: float | None, label: str, style: st
     )
 
 
-def _title(snap: Snapshot) -> str:
+def title_html(snap: Snapshot) -> str:
+    """``<b>nbllm</b> · model · engine``, as far as they are known."""
     parts = ["<b>nbllm</b>"]
     parts += [html.escape(name) for name in (snap.model, snap.engine) if name]
     return " · ".join(parts)
@@ -86,7 +87,7 @@ def dashboard_html(
     each device (no GPU row without one).
     """
     style = bar_style(snap)
-    rows = [f"<div>{_title(snap)}</div>"]
+    rows = [f"<div>{title_html(snap)}</div>"]
     if phase:
         rows.append(progress_html(snap.phase_done, snap.phase_total, phase))
     if snap.started and snap.phase is None:
@@ -94,7 +95,7 @@ def dashboard_html(
             progress_html(
                 snap.turns_done,
                 snap.turns_total or 1,
-                f"{snap.turns_done:,} / {snap.turns_total:,} turns",
+                bar_label(snap.turns_done, snap.turns_total, "turns"),
                 style,
             )
         )
@@ -102,7 +103,7 @@ def dashboard_html(
             progress_html(
                 snap.conversations_done,
                 snap.conversations_total or 1,
-                f"{snap.conversations_done:,} / {snap.conversations_total:,} conversations",
+                bar_label(snap.conversations_done, snap.conversations_total, "conversations"),
                 style,
             )
         )
