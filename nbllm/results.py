@@ -179,9 +179,14 @@ class RowTotals:
         return self.turns - self.answered
 
     @property
+    def ran(self) -> int:
+        """Rows that ran: answered or failed (not the ones that never ran)."""
+        return self.turns - self.not_run
+
+    @property
     def failed(self) -> int:
         """Rows without an answer that ran: an error, or skipped after an earlier one."""
-        return self.turns - self.answered - self.not_run
+        return self.ran - self.answered
 
     @property
     def retries(self) -> int:

@@ -245,7 +245,7 @@ class RunStats:
     def turns_done(self) -> int:
         """Turns that ran: ok or failed."""
         with self._lock:
-            return self._rows.turns - self._rows.not_run
+            return self._rows.ran
 
     @property
     def errors(self) -> int:
@@ -307,7 +307,7 @@ class RunStats:
             return Snapshot(
                 model=self._model,
                 engine=self._engine,
-                turns_done=rows.turns - rows.not_run,
+                turns_done=rows.ran,
                 turns_total=self._turns_total,
                 conversations_done=self._conversations_done,
                 conversations_total=self._conversations_total,
