@@ -84,9 +84,6 @@ class ResultPreview:
     def __repr__(self) -> str:
         return str(self)
 
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        printer.text(str(self))
-
     def _repr_html_(self) -> str:
         import pandas as pd
 
