@@ -207,12 +207,10 @@ class FileLock:
         try:
             _lock_file(handle)
         except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
             handle.close()
             msg = (
-                f"{what} is in use by another run ({holder}). Wait for it to finish, stop it, "
-                "or pass another checkpoint= path"
+                f"{what} is in use by another run ({lock_holder(self.path)}). Wait for it to "
+                "finish, stop it, or pass another checkpoint= path"
             )
             raise CheckpointError(msg) from None
         handle.seek(0)
