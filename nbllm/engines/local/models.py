@@ -306,12 +306,11 @@ def _each_table_built_once() -> Iterator[None]:
             import gguf
 
             loader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
-        except ImportError:  # transformers says what is missing when it reads the file
-            yield
-            return
-        read = getattr(loader, "load_gguf_checkpoint", None)
-        table = getattr(gguf, "get_tensor_name_map", None)
-        if read is None or table is None:
+            read = loader.load_gguf_checkpoint
+            table = gguf.get_tensor_name_map
+        except (ImportError, AttributeError):
+            # Nothing to speed up: transformers says what is missing when it reads the file,
+            # and versions without these functions are left as they are.
             yield
             return
         metadata: dict[str, Any] = {}
