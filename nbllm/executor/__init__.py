@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from nbllm.executor.events import (
+    EnginePhase,
     Event,
     Listener,
     RequestSent,
     RetryScheduled,
     RunFinished,
     RunStarted,
+    StopRequested,
     TurnFinished,
 )
 from nbllm.executor.limiter import RateLimiter
@@ -16,6 +18,7 @@ from nbllm.executor.runner import Executor
 from nbllm.retry import RetryPolicy
 
 __all__ = [
+    "EnginePhase",
     "Event",
     "Executor",
     "Listener",
@@ -25,5 +28,6 @@ __all__ = [
     "RetryScheduled",
     "RunFinished",
     "RunStarted",
+    "StopRequested",
     "TurnFinished",
 ]
