@@ -63,15 +63,12 @@ class Job:
     time; ``wall_s`` counts seconds from submit to the end (or to now while running).
     """
 
-    def __init__(self, plan: PreparedRun, stats: RunStats | None = None) -> None:
+    def __init__(self, plan: PreparedRun, stats: RunStats) -> None:
         self.id = next(_ids)
-        self.model: str | None = plan.model
+        self.model = plan.model
         self.started_at = time.time()
-        # The run's one RunStats (its views read it too); fed by _on_event unless a
-        # listener already feeds it.
-        self._feeds_stats = stats is None
-        self.stats = stats if stats is not None else RunStats()
-        self.turns_total: int | None = plan.turns
+        self.stats = stats  # the run's one RunStats, fed by a listener of the plan
+        self.turns_total = plan.turns
         self._t0 = time.perf_counter()
         self._wall_s: float | None = None
         self._status: JobStatus = "running"
@@ -82,8 +79,6 @@ class Job:
             plan.execute, name=f"nbllm-job-{self.id}", settle=self._settle, stop=plan.stop
         )
         self._thread = self._run.thread
-        if self._feeds_stats:
-            plan.listeners.insert(0, self._on_event)  # before the views that read the stats
         plan.listeners.append(self._run.listener)
 
     # -- what callers see ------------------------------------------------------------
@@ -137,9 +132,8 @@ class Job:
         self._call(fn)
 
     def __repr__(self) -> str:
-        total = "?" if self.turns_total is None else self.turns_total
         text = (
-            f"<Job {self.id} {self._status}: {self.turns_done}/{total} turns, "
+            f"<Job {self.id} {self._status}: {self.turns_done}/{self.turns_total} turns, "
             f"{self.wall_s:.1f} s, model {self.model!r}"
         )
         error = self._run.error
@@ -148,9 +142,6 @@ class Job:
         return text + ">"
 
     # -- the job's thread ------------------------------------------------------------
-
-    def _on_event(self, event: Event) -> None:
-        self.stats.update(event)
 
     def _settle(self, result: RunResult | None, error: BaseException | None) -> None:
         with self._lock:
