@@ -239,11 +239,7 @@ class Dashboard:
         now, reopened later or exported, shows how the run ended instead of an error."""
         if self._display_id is None:
             return
-        from IPython.display import update_display
-
-        snap = self.stats.snapshot()
-        bundle = {"text/html": self.html(snap), "text/plain": summary_line(snap)}
-        update_display(bundle, raw=True, display_id=self._display_id)
+        self._show_html(self.stats.snapshot())
         if self.widget is not None:
             for widget in self._all_widgets():
                 widget.close()
@@ -347,10 +343,14 @@ class Dashboard:
             if self.widget is not None:
                 self._draw(snap)
             elif self._display_id is not None and not self._finished:
-                from IPython.display import update_display
+                self._show_html(snap)
 
-                bundle = {"text/html": self.html(snap), "text/plain": summary_line(snap)}
-                update_display(bundle, raw=True, display_id=self._display_id)
+    def _show_html(self, snap: Snapshot) -> None:
+        """Put the HTML for ``snap`` in place of what the dashboard displayed."""
+        from IPython.display import update_display
+
+        bundle = {"text/html": self.html(snap), "text/plain": summary_line(snap)}
+        update_display(bundle, raw=True, display_id=self._display_id)
 
     def _draw(self, snap: Snapshot) -> None:
         """Set every widget from ``snap`` (and the GPU monitor's latest samples)."""
