@@ -50,7 +50,7 @@ from nbllm.executor.events import (
 )
 from nbllm.executor.limiter import RateLimiter
 from nbllm.executor.unreachable import unreachable_reason
-from nbllm.results import RowTotals, RunResult
+from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.types import NOT_RUN, ChatRequest, ChatResponse, Conversation, TurnRecord
 
@@ -221,21 +221,8 @@ class Executor:
         wall = time.perf_counter() - t0
         unfinished = any(r is None for r in self._records)
         interrupted = interrupted or (self._stopping and self._stop_reason is None and unfinished)
-        records = self._complete_records()
-        # Counted by the summary's own rules, so the event and ``result.summary`` agree.
-        totals = RowTotals.of(records)
-        self._emit(
-            RunFinished(
-                totals.answered,
-                totals.failed,
-                wall,
-                interrupted,
-                time.time(),
-                stop_reason=self._stop_reason,
-            )
-        )
-        return RunResult(
-            records,
+        result = RunResult(
+            self._complete_records(),
             conversations=len(conversations),
             wall_s=wall,
             started_at=started_at,
@@ -244,6 +231,19 @@ class Executor:
             engine=self.engine.name,
             stop_reason=self._stop_reason,
         )
+        # The summary's own counts (computed once, kept by the result), so they agree.
+        summary = result.summary
+        self._emit(
+            RunFinished(
+                summary.turns_ok,
+                summary.turns_failed,
+                wall,
+                interrupted,
+                time.time(),
+                stop_reason=self._stop_reason,
+            )
+        )
+        return result
 
     # -- stopping ------------------------------------------------------------------
 
