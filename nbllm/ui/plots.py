@@ -219,7 +219,8 @@ def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> 
     """
     t0 = result.started_at
     records = result.records
-    timed = [(r, span) for r in records if (span := _span(r, t0)) is not None]
+    row_spans = [(r, _span(r, t0)) for r in records]
+    timed = [(r, span) for r, span in row_spans if span is not None]
     spans = [span for _, span in timed]
     ok = [end for r, (_, end) in timed if r.ok]
     failed = [end for r, (_, end) in timed if not r.ok]
@@ -251,7 +252,7 @@ def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> 
         ax.tick_params(labelbottom=False)
     time_axes[-1].set_xlabel("seconds since the run started")
 
-    note = _left_out_note([r for r in records if _span(r, t0) is None])
+    note = _left_out_note([r for r, span in row_spans if span is None])
     if note is not None:
         fig.supxlabel(note, color=_NOTE_COLOUR, fontsize="small")
     _show_as_png_in_ipython()
