@@ -361,10 +361,10 @@ class RunResult:
     """The result of a run: ``df`` (one row per turn), ``summary``, ``verdict``, ``plot()``.
 
     ``records`` are in input order: conversation by conversation, turn by turn.
-    ``interrupted`` is true when the run was stopped before every turn finished;
-    the turns that never ran then carry an ``error`` that starts with ``"not run"``.
+    ``interrupted`` is true when its user stopped the run before every turn finished.
     ``stop_reason`` says why the run ended early by itself (it could not reach the
-    server, say); None when it ran to the end or was stopped by its user.
+    server, say); None when it ran to the end or was stopped by its user. Either way
+    the turns that never ran carry an ``error`` that starts with ``"not run"``.
     """
 
     def __init__(
