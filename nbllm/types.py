@@ -11,11 +11,23 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["NOT_RUN", "ChatRequest", "ChatResponse", "Conversation", "Message", "TurnRecord"]
+__all__ = [
+    "NOT_RUN",
+    "SKIPPED",
+    "ChatRequest",
+    "ChatResponse",
+    "Conversation",
+    "Message",
+    "TurnRecord",
+]
 
 NOT_RUN = "not run"
 """How the error of a turn that never ran begins: the run stopped (asked to, or gave up)
 before the turn was sent or before its answer came. Such a turn is neither ok nor failed."""
+
+SKIPPED = "skipped"
+"""How the error of a turn not sent because an earlier turn of its conversation failed
+begins. Such a turn is failed; the earlier turn's error says why."""
 
 Message = dict[str, Any]
 """One chat message as OpenAI-compatible APIs take it: ``{"role": ..., "content": ...}``."""

@@ -52,7 +52,7 @@ from nbllm.executor.limiter import RateLimiter
 from nbllm.executor.unreachable import unreachable_reason
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
-from nbllm.types import NOT_RUN, ChatRequest, ChatResponse, Conversation, TurnRecord
+from nbllm.types import NOT_RUN, SKIPPED, ChatRequest, ChatResponse, Conversation, TurnRecord
 
 __all__ = ["Executor"]
 
@@ -337,7 +337,7 @@ class Executor:
         if record.ok and self.checkpoint is not None:
             self.checkpoint.record(index, record)
         if record.answer is None:
-            reason = f"skipped: turn {k} failed"
+            reason = f"{SKIPPED}: turn {k} failed"
             for j in range(k + 1, len(conv)):
                 self._finish(index, base + j, self._unanswered(conv, j, reason))
         return record.answer

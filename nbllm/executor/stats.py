@@ -34,15 +34,13 @@ from nbllm.executor.events import (
     TurnFinished,
 )
 from nbllm.results import RowTotals, RunSummary, percentile
+from nbllm.types import SKIPPED
 
 __all__ = ["RunStats", "Snapshot", "error_kind", "one_line"]
 
 WINDOW_S = 5.0
 """Rates and the ETA follow the turns finished in the last this-many seconds."""
 
-# The runner's text for a turn not sent because an earlier one failed: the earlier
-# error is the one worth showing as the last error.
-_SKIPPED = "skipped:"
 # A key, token or password that a backend's error message might echo back.
 _SECRET = re.compile(
     r"(?i)\b(sk-|Bearer\s+|(?:api[_-]?key|access[_-]?token|token|password)[\"']?\s*[:=]\s*[\"']?)"
@@ -206,7 +204,8 @@ class RunStats:
         if error is not None and not record.not_run:
             kind = error_kind(error)
             self._errors_by_kind[kind] = self._errors_by_kind.get(kind, 0) + 1
-            if not error.startswith(_SKIPPED):
+            # A skipped turn's error only points at the earlier one, the one worth showing.
+            if kind != SKIPPED:
                 self._last_error = error
         if record.resumed:
             return
