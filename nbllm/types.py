@@ -97,13 +97,19 @@ class ChatRequest:
 
 @dataclass(frozen=True, slots=True)
 class ChatResponse:
-    """An engine's answer: text, token usage, the model that actually answered, cost if known."""
+    """An engine's answer: text, token usage, the model that actually answered, cost if known.
+
+    ``finish_reason`` is why the answer ended, as the provider says it (``"stop"``,
+    ``"length"`` when ``max_tokens`` cut it, ``"content_filter"``, ``"tool_calls"``);
+    None when the engine does not say.
+    """
 
     text: str
     model: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cost_usd: float | None = None
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +118,8 @@ class TurnRecord:
 
     ``cached``: answered from the response cache, no request sent. ``resumed``: read back
     from the run's checkpoint, finished by an earlier (interrupted) run of the same call.
+    ``finish_reason``: why the answer ended (``ChatResponse.finish_reason``); ``"length"``
+    means ``max_tokens`` cut it short.
     A row is ``ok`` (answered), ``not_run`` (its error starts with ``NOT_RUN``), or failed.
     """
 
@@ -132,6 +140,7 @@ class TurnRecord:
     finished_at: float | None = None
     cached: bool = False
     resumed: bool = False
+    finish_reason: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -32,6 +32,10 @@ class Engine(ABC):
     #: model's batch); a run keeps at most this many in flight, so no request's timeout
     #: runs out while it waits its turn. None: no such limit.
     max_in_flight: int | None = None
+    #: True when the engine applies ``request.timeout`` itself: a local model bounds the
+    #: wait for a batch slot with it, never a generation that is making progress. The
+    #: executor then sets no timer of its own around ``complete``.
+    bounds_own_timeout: bool = False
     #: The model this engine answers with when a run names none (a local model's name).
     default_model: str | None = None
 

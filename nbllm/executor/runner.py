@@ -372,6 +372,7 @@ class Executor:
             engine=self.engine.name,
             prompt_tokens=response.prompt_tokens,
             completion_tokens=response.completion_tokens,
+            finish_reason=response.finish_reason,
             **fields,
         )
 
