@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -377,6 +378,40 @@ def test_wide_non_contiguous_columns() -> None:
     df = pd.DataFrame({"question_2": ["x"]})
     with pytest.raises(DatasetError, match=r"must start at 'question_0' or 'question_1'"):
         load_conversations(df)
+
+
+def test_wide_gap_names_the_missing_turn_column() -> None:
+    df = pd.DataFrame({"question_0": ["x"], "question_1": ["y"], "question_3": ["z"]})
+    with pytest.raises(DatasetError, match=r"missing column 'question_2'"):
+        load_conversations(df)
+
+
+@pytest.mark.parametrize("name", ["question0", "Question-0", "question 0", "questions_0"])
+def test_wide_misspelled_first_question_is_refused_not_skipped(name: str) -> None:
+    # Ignored, it would make 'question_1' each conversation's first turn.
+    df = pd.DataFrame({name: ["first?"], "question_1": ["second?"]})
+    with pytest.raises(
+        DatasetError,
+        match=rf"column '{name}' is not a turn column \(did you mean 'question_0'\?\)",
+    ):
+        load_conversations(df)
+
+
+def test_wide_misspelled_later_turn_columns_are_refused() -> None:
+    df = pd.DataFrame({"question_0": ["a"], "question_1": ["b"], "question2": ["c"]})
+    with pytest.raises(DatasetError, match=r"'question2' .*did you mean 'question_2'"):
+        load_conversations(df)
+    df = pd.DataFrame({"question_0": ["a"], "answer0": ["ref"]})
+    with pytest.raises(DatasetError, match=r"'answer0' .*did you mean 'answer_0'"):
+        load_conversations(df)
+
+
+def test_wide_other_columns_near_the_turn_names_stay_allowed() -> None:
+    df = pd.DataFrame({"question_0": ["a"], "questions": ["x"], "question_type": ["y"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 'questions' may be hinted at; it is not refused
+        (conversation,) = load_conversations(df)
+    assert conversation.questions == ("a",)
 
 
 def test_wide_answer_without_question_column() -> None:

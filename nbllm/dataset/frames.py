@@ -35,6 +35,8 @@ _LONG_OPTIONAL = ("system", "context", "reference")
 _WIDE_OPTIONAL = ("id", "conversation_id", "system", "context")
 _QUESTION_RE = re.compile(r"question_(\d+)")
 _ANSWER_RE = re.compile(r"answer_(\d+)")
+_STEMS = ("question", "answer")
+_ENDS_IN_NUMBER = re.compile(r".*\d\W*")
 
 
 def _label(index: pd.Index, i: int) -> Any:
@@ -60,10 +62,9 @@ def from_dataframe(df: pd.DataFrame) -> tuple[list[Conversation], list[str]]:
         answers = _numbered(names, _ANSWER_RE, "answer")
         used = {*questions.values(), *answers.values(), *(c for c in _WIDE_OPTIONAL if c in names)}
         _check_unique_columns(df, used)
-        candidates = [*_WIDE_OPTIONAL]
-        for k in range(max(questions) + 2):
-            candidates += [f"question_{k}", f"answer_{k}"]
-        hints = _ignored_column_hints(names, used, candidates)
+        numbered = [f"{stem}_{k}" for k in range(max(questions) + 2) for stem in _STEMS]
+        _refuse_misspelled_numbered(names, used, numbered)
+        hints = _ignored_column_hints(names, used, [*_WIDE_OPTIONAL, *numbered])
         return _from_wide(df, questions, answers), hints
 
     missing = [c for c in _LONG_REQUIRED if c not in names]
@@ -106,6 +107,29 @@ def _check_unique_columns(df: pd.DataFrame, used: set[str]) -> None:
     for name in dupes:
         if name in used:
             msg = f"column {name!r} appears more than once; keep one"
+            raise DatasetError(msg)
+
+
+def _refuse_misspelled_numbered(
+    names: Sequence[str], used: set[str], numbered: Sequence[str]
+) -> None:
+    """Refuse a column that looks like a misspelled ``question_<k>`` / ``answer_<k>``.
+
+    Ignoring it would not just lose a column: ``question0`` beside ``question_1`` would make
+    ``question_1`` the first turn, and every conversation would run without its real one.
+    Only names ending in a number are taken for one (``questions`` or ``question_type``
+    are other columns).
+    """
+    free = [c for c in numbered if c not in used]
+    for name in names:
+        if name in used or not _ENDS_IN_NUMBER.fullmatch(name):
+            continue
+        suggestion = did_you_mean(name, free, cutoff=0.8)
+        if suggestion:
+            msg = (
+                f"wide DataFrame: column {name!r} is not a turn column{suggestion}; turn "
+                "columns are named exactly 'question_<k>' and 'answer_<k>' (rename or drop it)"
+            )
             raise DatasetError(msg)
 
 
