@@ -31,7 +31,7 @@ from nbllm.errors import (
 )
 from nbllm.serve import URL_LINE_PREFIX, EngineServer, ServeState, add_parser
 from nbllm.serve.command import engine_factory
-from nbllm.types import ChatRequest
+from nbllm.types import ChatRequest, ChatResponse
 
 HELLO = [{"role": "user", "content": "hello"}]
 KEY = "sk-serve-test-3f9a1c"
@@ -120,6 +120,30 @@ async def test_round_trip_through_openai_engine() -> None:
     assert list(request.messages) == [{"role": "system", "content": "be brief"}, *HELLO]
     assert request.params == {"max_tokens": 7, "temperature": 0.2, "seed": 3, "stop": ["x"]}
     assert server.state is ServeState.CLOSED
+
+
+async def test_the_engines_finish_reason_reaches_the_client() -> None:
+    """A cut answer says "length" through the server; "stop" only where the engine said none."""
+
+    class Engine(FakeEngine):
+        async def _complete(self, request: ChatRequest) -> ChatResponse:
+            said = request.messages[-1]["content"]
+            if said == "silent":  # an engine that does not say why its answer ended
+                return ChatResponse(text="ok", model="m")
+            if said == "filtered":
+                return ChatResponse(text="", model="m", finish_reason="content_filter")
+            return await super()._complete(request)
+
+    async with EngineServer(Engine(), model="m") as server, OpenAIEngine(server.url) as client:
+
+        async def reason(content: str, **params: Any) -> str | None:
+            request = ChatRequest("m", [{"role": "user", "content": content}], params)
+            return (await client.complete(request)).finish_reason
+
+        assert await reason("a question to cut short", max_tokens=2) == "length"
+        assert await reason("a question to cut short") == "stop"
+        assert await reason("filtered") == "content_filter"
+        assert await reason("silent") == "stop"
 
 
 async def test_completion_json_models_health_and_ready() -> None:

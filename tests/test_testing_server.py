@@ -18,6 +18,8 @@ import aiohttp
 import openai
 import pytest
 
+from nbllm.engines import OpenAIEngine
+from nbllm.errors import ConfigError
 from nbllm.testing import (
     URL_LINE_PREFIX,
     Fault,
@@ -29,6 +31,7 @@ from nbllm.testing import (
 )
 from nbllm.testing.__main__ import build_parser
 from nbllm.testing.launcher import _cli_args
+from nbllm.types import ChatRequest
 
 USER1 = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -120,6 +123,19 @@ async def test_openai_client_parses_the_response() -> None:
         assert completion.usage is not None and completion.usage.total_tokens > 0
 
 
+async def test_max_tokens_cuts_the_answer_and_says_length() -> None:
+    """As a real model: an answer longer than max_tokens is cut there, finish_reason "length"."""
+    async with TestServer() as server, OpenAIEngine(server.url) as client:
+        whole = await client.complete(ChatRequest("m", USER1))
+        fits = await client.complete(ChatRequest("m", USER1, {"max_tokens": 100}))
+        cut = await client.complete(ChatRequest("m", USER1, {"max_completion_tokens": 3}))
+    assert whole.finish_reason == fits.finish_reason == "stop"
+    assert fits.text == whole.text
+    assert cut.finish_reason == "length"
+    assert cut.text == whole.text[:12]
+    assert cut.completion_tokens == 3
+
+
 def test_invalid_requests_get_openai_shaped_400() -> None:
     with TestServer() as server:
         bad_bodies: list[Any] = [
@@ -130,14 +146,19 @@ def test_invalid_requests_get_openai_shaped_400() -> None:
             {"model": "m", "messages": [{"role": "user"}]},
             {"model": "m", "messages": [{"role": "user", "content": 3}]},
             {"model": "m", "messages": USER1, "stream": True},
+            {"model": "m", "messages": USER1, "max_tokens": 0},
+            {"model": "m", "messages": USER1, "max_tokens": "5"},
         ]
+        messages = []
         for body in bad_bodies:
             status, _, error = post_sync(server.url, body)
             assert status == 400, body
             assert error["error"]["type"] == "invalid_request_error"
             assert error["error"]["code"] is None
-            assert error["error"]["message"]
-        assert "stream" in error["error"]["message"].lower()
+            messages.append(error["error"]["message"])
+        assert all(messages)
+        assert "stream" in messages[-3].lower()
+        assert "'max_tokens' must be a whole number >= 1, got '5'" in messages[-1]
         assert server.stats()["by_status"] == {400: len(bad_bodies)}
         assert server.history_errors == 0
 
@@ -332,13 +353,27 @@ def test_fault_first_rotates_through_the_configured_kinds() -> None:
         assert seen[2] == 200
 
 
-def test_invalid_options_are_rejected() -> None:
-    with pytest.raises(ValueError, match="more than 1"):
-        TestServer(faults={Fault.DROP: 0.7, Fault.HANG: 0.7})
-    with pytest.raises(ValueError, match="unknown fault"):
-        TestServer(faults={"explode": 0.1})
-    with pytest.raises(ValueError):
-        TestServer(rpm=0)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"faults": {Fault.DROP: 0.7, Fault.HANG: 0.7}}, "faults must be .* add up to at most 1"),
+        ({"faults": {"explode": 0.1}}, "unknown fault 'explode'"),
+        ({"faults": {"drop": "often"}}, "faults\\['drop'\\] must be a number, got 'often'"),
+        ({"faults": {"drop": 1.5}}, "faults\\['drop'\\] must be a probability in \\[0, 1\\]"),
+        ({"rpm": 0}, "rpm must be >= 1 or None, got 0"),
+        ({"latency": -1.0}, "latency must be >= 0, got -1.0"),
+        ({"latency": (0.2, 0.1)}, "latency must be a range with 0 <= low <= high"),
+        ({"window_s": 0}, "window_s must be > 0, got 0"),
+        ({"fault_first": -1}, "fault_first must be >= 0"),
+        ({"hang_s": -1}, "hang_s must be >= 0, got -1"),
+        ({"retry_after": "soon"}, "retry_after must be a number, got 'soon'"),
+    ],
+)
+def test_invalid_options_are_refused_naming_the_option(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TestServer(**options)
 
 
 # --------------------------------------------------------------------------- auth

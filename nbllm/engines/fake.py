@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import inspect
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from nbllm.engines.base import Engine
 from nbllm.types import ChatRequest, ChatResponse
@@ -30,6 +32,14 @@ def _count_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+def _max_tokens(params: Mapping[str, Any]) -> int | None:
+    """The request's answer budget (``max_tokens``, or OpenAI's newer name), if a number."""
+    value = params.get("max_tokens", params.get("max_completion_tokens"))
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
 def echo(request: ChatRequest) -> str:
     """The default handler: repeats the last message back."""
     last = str(request.messages[-1].get("content", ""))
@@ -43,6 +53,12 @@ class FakeEngine(Engine):
     raising an ``nbllm.errors.EngineError`` subclass simulates a provider failure
     (e.g. ``RateLimitError("slow down", retry_after=1)``). ``latency`` adds a sleep
     per request. ``calls`` counts the requests seen.
+
+    A string answer counts about 4 characters a token and, like a real model, is cut at
+    the request's ``max_tokens``: then it is the first ``4 * max_tokens`` characters, with
+    ``finish_reason="length"``; otherwise ``"stop"``. A ``ChatResponse`` is the answer as
+    it is (say ``finish_reason="length"`` in it to simulate a cut answer); one that gives
+    no finish reason gets ``"stop"``.
     """
 
     name = "fake"
@@ -68,12 +84,19 @@ class FakeEngine(Engine):
         if inspect.isawaitable(result):
             result = await result
         if isinstance(result, ChatResponse):
+            if result.finish_reason is None:
+                return dataclasses.replace(result, finish_reason="stop")
             return result
         text = str(result)
+        finish_reason = "stop"
+        limit = _max_tokens(request.params)
+        if limit is not None and _count_tokens(text) > limit:
+            text, finish_reason = text[: 4 * limit], "length"
         prompt = sum(_count_tokens(str(m.get("content", ""))) for m in request.messages)
         return ChatResponse(
             text=text,
             model=request.model,
             prompt_tokens=prompt,
             completion_tokens=_count_tokens(text),
+            finish_reason=finish_reason,
         )

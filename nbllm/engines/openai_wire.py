@@ -33,6 +33,7 @@ __all__ = [
     "ignore_stop_signals",
     "on_stop_signals",
     "parse_chat_body",
+    "parse_max_tokens",
     "parse_messages",
     "read_completion",
 ]
@@ -76,8 +77,13 @@ def completion_body(
     text: str,
     prompt_tokens: int | None,
     completion_tokens: int | None,
+    finish_reason: str = "stop",
 ) -> dict[str, Any]:
-    """An OpenAI ``chat.completion`` object; token counts not known are null."""
+    """An OpenAI ``chat.completion`` object; token counts not known are null.
+
+    ``finish_reason`` is why the answer ended: ``"stop"``, or ``"length"`` when
+    ``max_tokens`` cut it (a server passes on what its engine said).
+    """
     total = None
     if prompt_tokens is not None and completion_tokens is not None:
         total = prompt_tokens + completion_tokens
@@ -90,7 +96,7 @@ def completion_body(
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "finish_reason": "stop",
+                "finish_reason": finish_reason,
             }
         ],
         "usage": {
@@ -141,28 +147,47 @@ def parse_chat_body(raw: bytes) -> tuple[dict[str, Any], list[Message]]:
     return body, parse_messages(body.get("messages"))
 
 
+def parse_max_tokens(body: dict[str, Any]) -> int | None:
+    """The longest answer a request body allows, in tokens: ``max_tokens`` or OpenAI's
+    newer ``max_completion_tokens``; None when it sets neither.
+
+    Raises ``BadChatRequest`` for one that is not a whole number >= 1.
+    """
+    value = body.get("max_tokens", body.get("max_completion_tokens"))
+    if value is None:
+        return None
+    if type(value) is not int or value < 1:
+        msg = f"'max_tokens' must be a whole number >= 1, got {value!r}"
+        raise BadChatRequest(msg)
+    return value
+
+
 # --------------------------------------------------------------------- what clients read
 
 
 def read_completion(raw: bytes, model: str) -> ChatResponse:
     """The answer in a ``chat.completion`` body; ``model`` where the body names none.
 
+    ``finish_reason`` is the first choice's, None when the body has none (or not a string).
     Raises ``ValueError`` when ``raw`` is not a chat completion.
     """
     try:
         payload = json.loads(raw)
-        text = payload["choices"][0]["message"]["content"]
+        choice = payload["choices"][0]
+        text = choice["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         msg = "not a chat completion"
         raise ValueError(msg) from exc
     usage = payload.get("usage")
     if not isinstance(usage, dict):
         usage = {}
+    reason = choice.get("finish_reason")
     return ChatResponse(
         text=text if isinstance(text, str) else "",
         model=payload.get("model") or model,
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),
+        finish_reason=reason if isinstance(reason, str) and reason else None,
     )
 
 

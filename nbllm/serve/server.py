@@ -389,6 +389,8 @@ class EngineServer:
                 response.text,
                 response.prompt_tokens,
                 response.completion_tokens,
+                # "stop" only where the engine said nothing: a cut answer says "length".
+                response.finish_reason or "stop",
             )
             return web.json_response(body)
         if isinstance(exc, EngineError):

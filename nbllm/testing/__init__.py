@@ -3,7 +3,10 @@
 ``TestServer`` runs in a background thread (``with TestServer() as server: server.url``);
 ``start_subprocess`` runs the same server as ``python -m nbllm.testing`` in a child process.
 Answers are ``"Answer to turn {turn}: {last user text[:60]} [{key[:8]}]"`` and the server
-rejects (400, ``history_errors``) any assistant message it did not itself answer.
+rejects (400, ``history_errors``) any assistant message it did not itself answer. Tokens
+are counted as about 4 characters each; a request whose ``max_tokens`` is smaller than its
+answer gets the first ``4 * max_tokens`` characters with ``finish_reason`` ``"length"``
+(as a real model is cut off), any other ``"stop"``. Bad options raise ``ConfigError``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from nbllm.engines.openai_wire import on_stop_signals
+from nbllm.errors import ConfigError
 from nbllm.testing.launcher import URL_LINE_PREFIX
 from nbllm.testing.server import Fault, TestServer
 
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             log_path=args.log,
         )
-    except ValueError as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

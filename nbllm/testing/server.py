@@ -31,7 +31,9 @@ from nbllm.engines.openai_wire import (
     completion_body,
     error_body,
     parse_chat_body,
+    parse_max_tokens,
 )
+from nbllm.errors import ConfigError
 from nbllm.testing.request_log import RequestLogEntry, prefix_keys
 
 __all__ = ["Fault", "TestServer"]
@@ -59,8 +61,23 @@ class Fault(str, Enum):
         for kind in cls:
             if text in (kind.value, kind.name.lower()):
                 return kind
-        msg = f"unknown fault {value!r}; expected one of {[k.value for k in cls]}"
-        raise ValueError(msg)
+        msg = f"faults: unknown fault {value!r}; expected one of {[k.value for k in cls]}"
+        raise ConfigError(msg)
+
+
+def _check(ok: bool, option: str, expected: str, value: object) -> None:
+    """Refuse a bad option with one line naming it and what it must be."""
+    if not ok:
+        msg = f"TestServer {option} must be {expected}, got {value!r}"
+        raise ConfigError(msg)
+
+
+def _number(option: str, value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        _check(False, option, "a number", value)
+        raise
 
 
 def _tokens(n_chars: int) -> int:
@@ -104,35 +121,24 @@ class TestServer:
         log_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(latency, tuple):
-            low, high = (float(x) for x in latency)
-            if low < 0 or high < low:
-                msg = f"latency range must satisfy 0 <= low <= high, got {latency!r}"
-                raise ValueError(msg)
+            low, high = (_number("latency", x) for x in latency)
+            _check(0 <= low <= high, "latency", "a range with 0 <= low <= high", latency)
             self._latency: tuple[float, float] = (low, high)
         else:
-            if latency < 0:
-                msg = f"latency must be >= 0, got {latency!r}"
-                raise ValueError(msg)
+            _check(_number("latency", latency) >= 0, "latency", ">= 0", latency)
             self._latency = (float(latency), float(latency))
-        if rpm is not None and rpm < 1:
-            msg = f"rpm must be >= 1 or None, got {rpm!r}"
-            raise ValueError(msg)
-        if window_s <= 0:
-            msg = f"window_s must be > 0, got {window_s!r}"
-            raise ValueError(msg)
-        if fault_first is not None and fault_first < 0:
-            msg = f"fault_first must be >= 0 or None, got {fault_first!r}"
-            raise ValueError(msg)
+        _check(rpm is None or rpm >= 1, "rpm", ">= 1 or None", rpm)
+        _check(_number("window_s", window_s) > 0, "window_s", "> 0", window_s)
+        _check(fault_first is None or fault_first >= 0, "fault_first", ">= 0 or None", fault_first)
+        for name, value in (("hang_s", hang_s), ("retry_after", retry_after)):
+            _check(_number(name, value) >= 0, name, ">= 0", value)
         table: dict[Fault, float] = {}
         for k, p in (faults or {}).items():
-            p = float(p)
-            if not 0.0 <= p <= 1.0:
-                msg = f"fault probability for {k!r} must be in [0, 1], got {p!r}"
-                raise ValueError(msg)
+            p = _number(f"faults[{k!r}]", p)
+            _check(0.0 <= p <= 1.0, f"faults[{k!r}]", "a probability in [0, 1]", p)
             table[Fault.parse(k)] = table.get(Fault.parse(k), 0.0) + p
-        if fault_first is None and sum(table.values()) > 1.0 + 1e-9:
-            msg = f"fault probabilities add up to more than 1: {table!r}"
-            raise ValueError(msg)
+        at_most_1 = fault_first is not None or sum(table.values()) <= 1.0 + 1e-9
+        _check(at_most_1, "faults", "probabilities that add up to at most 1", table)
         self.latency = latency
         self.rpm = rpm
         self.window_s = float(window_s)
@@ -434,6 +440,7 @@ class TestServer:
         # --- parse and validate
         try:
             body, messages = parse_chat_body(await request.read())
+            max_tokens = parse_max_tokens(body)
         except BadChatRequest as exc:
             self._record(t, conversation, "", 400, 0, -1)
             return web.Response(
@@ -520,6 +527,10 @@ class TestServer:
 
         # --- the answer
         answer = f"Answer to turn {turn}: {last_user[:60]} [{key[:8]}]"
+        finish_reason = "stop"
+        if max_tokens is not None and _tokens(len(answer)) > max_tokens:
+            # As a real model does: stop at max_tokens and say so.
+            answer, finish_reason = answer[: 4 * max_tokens], "length"
         answers[key] = answer
         self._counter += 1
         prompt_tokens = _tokens(sum(len(m["content"]) for m in messages))
@@ -530,6 +541,7 @@ class TestServer:
             answer,
             prompt_tokens,
             completion_tokens,
+            finish_reason,
         )
         self._accepted.append(admitted_at if self.rpm is not None else t)
         self._record(t, conversation, key, 200, n, turn)
