@@ -34,6 +34,7 @@ COLUMNS = (
     "latency_s",
     "prompt_tokens",
     "completion_tokens",
+    "finish_reason",
     "cost_usd",
     "attempts",
     "error",
@@ -54,6 +55,7 @@ _DTYPES = {
     "latency_s": "Float64",
     "prompt_tokens": "Int64",
     "completion_tokens": "Int64",
+    "finish_reason": "string",
     "cost_usd": "Float64",
     "attempts": "Int64",
     "error": "string",
@@ -93,6 +95,8 @@ class RowTotals:
     the latencies are sorted only when asked for. A row is answered, not run (see
     ``TurnRecord.not_run``) or failed. Only answered rows bring tokens. ``cached`` counts
     rows answered from the cache in this run, so a resumed row is never also cached.
+    ``truncated`` counts answered rows that ``max_tokens`` cut short (``finish_reason``
+    ``"length"``), whichever run answered them: the answer in the result is cut either way.
     What this run sent leaves resumed rows out, whose attempts an earlier run made:
     ``attempts`` (requests sent), ``sent`` (rows with at least one attempt) and
     ``sent_tokens`` (the tokens of answers to those requests; cached rows sent none).
@@ -113,6 +117,7 @@ class RowTotals:
         "resumed",
         "sent",
         "sent_tokens",
+        "truncated",
         "turns",
     )
 
@@ -127,6 +132,7 @@ class RowTotals:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.sent_tokens = 0
+        self.truncated = 0
         self.cost_sum = 0.0
         self.cost_known = False
         # Sorted latencies, plus those not merged in yet: an insort per row would move the
@@ -151,6 +157,8 @@ class RowTotals:
             self.completion_tokens += record.completion_tokens or 0
             if not (record.resumed or record.cached):
                 self.sent_tokens += tokens
+            if record.finish_reason == "length":
+                self.truncated += 1
         elif record.not_run:
             self.not_run += 1
         if record.cost_usd is not None:
@@ -228,14 +236,22 @@ def _took(seconds: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RunSummary:
-    """The run's figures. Latencies are of answered requests, in seconds.
+    """The run's figures. Latencies are in seconds.
 
     Each turn is ok, failed (an error, or skipped after an earlier turn failed) or not
-    run (the run stopped before it ran: ``turns_not_run``). ``cached``: turns answered
-    from the response cache in this run; ``resumed``: turns read back from the
-    checkpoint. Neither sent a request in this run, so the rates and ``retries`` count
-    only requests this run sent, per second of its ``wall_s``. ``stop_reason``: why the
-    run ended early by itself, or None. ``verdict`` says it all in one line.
+    run (the run stopped before it ran: ``turns_not_run``). ``truncated``: ok turns whose
+    answer ``max_tokens`` cut short (``finish_reason`` ``"length"``; the verdict says how
+    many). ``cached``: turns answered from the response cache in this run; ``resumed``:
+    turns read back from the checkpoint.
+
+    Two kinds of figure. What this run did: ``requests_per_s``, ``tokens_per_s``,
+    ``retries`` and the latency percentiles count only the requests this run sent, per
+    second of its ``wall_s`` (cached and resumed turns sent none, so a run answered
+    wholly from its checkpoint reports 0 requests/s, 0 retries and no latency). What the
+    result holds: the turn counts, ``prompt_tokens``, ``completion_tokens`` and
+    ``cost_usd`` add up every row, resumed and cached ones too, as ``df`` does.
+    ``stop_reason``: why the run ended early by itself, or None. ``verdict`` says it all
+    in one line.
     """
 
     conversations: int
@@ -243,6 +259,7 @@ class RunSummary:
     turns_ok: int
     turns_failed: int
     turns_not_run: int
+    truncated: int
     wall_s: float
     requests_per_s: float
     tokens_per_s: float
@@ -276,6 +293,7 @@ class RunSummary:
             turns_ok=totals.answered,
             turns_failed=totals.failed,
             turns_not_run=totals.not_run,
+            truncated=totals.truncated,
             wall_s=wall_s,
             requests_per_s=totals.attempts / wall_s if wall_s > 0 else 0.0,
             tokens_per_s=totals.sent_tokens / wall_s if wall_s > 0 else 0.0,
@@ -294,15 +312,14 @@ class RunSummary:
 
     @property
     def verdict(self) -> str:
-        """The run in one line: how many turns are ok, failed and not run, and what next."""
-        ok, turns, failed, not_run = (
-            self.turns_ok,
-            self.turns,
-            self.turns_failed,
-            self.turns_not_run,
-        )
+        """The run in one line: how many turns are ok (and how many of those cut short by
+        ``max_tokens``), failed and not run, and what next."""
+        turns, failed, not_run = self.turns, self.turns_failed, self.turns_not_run
+        ok = f"{self.turns_ok:,}"
+        # "ok" alone would hide the most common quiet error: answers that max_tokens cut.
+        cut = f" ({self.truncated:,} cut short by max_tokens)" if self.truncated else ""
         if self.stop_reason:
-            counts = f"{ok:,} of {turns:,} turns ok"
+            counts = f"{ok} of {turns:,} turns ok{cut}"
             if failed:
                 counts += f", {failed:,} failed"
             if not_run:
@@ -311,14 +328,15 @@ class RunSummary:
         took = _took(self.wall_s)
         if not_run:
             return (
-                f"{ok:,} of {turns:,} turns ok, {not_run:,} not run (stopped), {failed:,} failed "
-                f"in {took} — run it again to resume"
+                f"{ok} of {turns:,} turns ok{cut}, {not_run:,} not run (stopped), "
+                f"{failed:,} failed in {took} — run it again to resume"
             )
         if failed:
             return (
-                f"{ok:,} of {turns:,} turns ok, {failed:,} failed (see the error column) in {took}"
+                f"{ok} of {turns:,} turns ok{cut}, {failed:,} failed (see the error column) "
+                f"in {took}"
             )
-        return f"{ok:,}/{turns:,} turns ok in {took}"
+        return f"{ok}/{turns:,} turns ok{cut} in {took}"
 
     @property
     def success_rate(self) -> float:
@@ -408,6 +426,9 @@ class RunResult:
         are ``string``, numbers nullable ``Int64`` / ``Float64``, ``started_at`` and
         ``finished_at`` ``datetime64[ns, UTC]``; ``cached`` and ``resumed`` are ``bool``.
         ``conversation_id`` keeps the dataset's ids as they were (``object``).
+        ``finish_reason`` says why each answer ended: ``"stop"``, ``"length"`` when
+        ``max_tokens`` cut it short, or the provider's word (``"content_filter"``, ...);
+        missing where there is no answer or the engine did not say.
         """
         import pandas as pd
 

@@ -75,6 +75,7 @@ def test_df_columns_order_and_types(result):
         "latency_s": "Float64",
         "prompt_tokens": "Int64",
         "completion_tokens": "Int64",
+        "finish_reason": "string",
         "cost_usd": "Float64",
         "attempts": "Int64",
         "error": "string",
@@ -161,6 +162,21 @@ def test_rates_and_retries_count_only_what_this_run_sent():
     assert (mixed.retries, mixed.cached, mixed.resumed) == (1, 1, 1)
 
 
+def test_answers_cut_short_are_counted_whichever_run_answered_them():
+    records = [
+        answered(0, finish_reason="length"),
+        answered(1, finish_reason="length", resumed=True),
+        answered(2, finish_reason="length", cached=True, attempts=0),
+        answered(3, finish_reason="stop"),
+        answered(4),  # the engine did not say
+        TurnRecord("c5", 0, "q", error="ServerError: HTTP 500", attempts=1),
+    ]
+    result = RunResult(records, conversations=6, wall_s=1.0, started_at=0.0)
+    assert result.summary.truncated == 3
+    assert result.df["finish_reason"].tolist() == ["length"] * 3 + ["stop", pd.NA, pd.NA]
+    assert summary_of([answered(0, finish_reason="stop")]).truncated == 0
+
+
 def test_an_empty_result_has_no_latency_and_no_cost():
     s = RunResult([], conversations=0, wall_s=0.0, started_at=0.0).summary
     assert s.latency_p50 is None and s.cost_usd is None and s.requests_per_s == 0.0
@@ -173,6 +189,26 @@ def test_an_empty_result_has_no_latency_and_no_cost():
 def test_verdict_of_a_run_that_went_well():
     records = [answered(i) for i in range(180)]
     assert summary_of(records, wall_s=12.34).verdict == "180/180 turns ok in 12.3 s"
+
+
+def test_verdict_says_how_many_answers_were_cut_short():
+    cut = [answered(i, finish_reason="length") for i in range(12)]
+    whole = [answered(i, finish_reason="stop") for i in range(168)]
+    assert summary_of(cut + whole, wall_s=12.34).verdict == (
+        "180/180 turns ok (12 cut short by max_tokens) in 12.3 s"
+    )
+    assert summary_of([*cut[:2], failed(3)], wall_s=1.0).verdict == (
+        "2 of 3 turns ok (2 cut short by max_tokens), 1 failed (see the error column) in 1.0 s"
+    )
+    assert summary_of([cut[0], not_run(1)], wall_s=1.0).verdict == (
+        "1 of 2 turns ok (1 cut short by max_tokens), 1 not run (stopped), 0 failed in 1.0 s"
+        " — run it again to resume"
+    )
+    stopped = summary_of([cut[0], not_run(1)], stop_reason="cannot reach it")
+    assert (
+        stopped.verdict
+        == "cannot reach it — 1 of 2 turns ok (1 cut short by max_tokens), 1 not run"
+    )
 
 
 def test_verdict_of_a_stopped_run():
