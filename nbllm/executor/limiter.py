@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Grant", "RateLimiter"]
+from nbllm.errors import ConfigError
+
+__all__ = ["Grant", "RateLimiter", "estimate_tokens"]
+
+_DEFAULT_COMPLETION_ESTIMATE = 256
 
 
 @dataclass(slots=True, eq=False)
@@ -32,18 +39,23 @@ class RateLimiter:
 
     ``burst`` defaults to one second's worth of the rate (at least one unit).
     An acquisition larger than ``rate`` waits for an empty window and then goes alone.
+    A bad value raises ``ConfigError`` naming the option; ``names`` gives the names the
+    user knows the three by (the executor passes ``("rpm", "rate_window_s", ...)``).
     """
 
-    def __init__(self, rate: float, period: float = 60.0, *, burst: float | None = None) -> None:
-        if not rate > 0:
-            msg = f"rate must be > 0, got {rate!r}"
-            raise ValueError(msg)
-        if not period > 0:
-            msg = f"period must be > 0, got {period!r}"
-            raise ValueError(msg)
-        self.rate = float(rate)
-        self.period = float(period)
-        self.burst = float(burst) if burst is not None else max(1.0, self.rate / self.period)
+    def __init__(
+        self,
+        rate: float,
+        period: float = 60.0,
+        *,
+        burst: float | None = None,
+        names: tuple[str, str, str] = ("rate", "period", "burst"),
+    ) -> None:
+        self.rate = _positive(names[0], rate)
+        self.period = _positive(names[1], period)
+        self.burst = (
+            _positive(names[2], burst) if burst is not None else max(1.0, self.rate / self.period)
+        )
         # Arrival on the server lags a send by a little; a small margin keeps a send
         # that is exactly one period after another from landing inside the server's window.
         self._margin = min(1.0, 0.02 * self.period)
@@ -159,3 +171,22 @@ class RateLimiter:
             self._waiters.popleft()
             fut.set_result(grant)
         self._schedule(loop)
+
+
+def _positive(option: str, value: object) -> float:
+    """``value`` as a finite float > 0, else a ``ConfigError`` naming ``option``."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or number <= 0:
+        msg = f"{option}= expected a number > 0, got {value!r}"
+        raise ConfigError(msg)
+    return float(number)
+
+
+def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> int:
+    """A pre-call token estimate for the TPM budget: ~4 characters a token, plus the answer budget.
+
+    Reconciled with the real usage when the answer arrives.
+    """
+    chars = sum(len(str(m.get("content", ""))) + 8 for m in messages)
+    completion = params.get("max_tokens") or params.get("max_completion_tokens")
+    return chars // 4 + int(completion or _DEFAULT_COMPLETION_ESTIMATE)

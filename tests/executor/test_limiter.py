@@ -12,6 +12,7 @@ import asyncio
 import pytest
 from helpers import on_fake_clock
 
+from nbllm.errors import ConfigError
 from nbllm.executor.limiter import RateLimiter
 
 
@@ -148,7 +149,23 @@ async def test_waiting_does_not_spin():
     assert calls == 1
 
 
-@pytest.mark.parametrize(("rate", "period"), [(0, 60), (-1, 60), (10, 0)])
-def test_bad_limits_are_refused(rate, period):
-    with pytest.raises(ValueError, match="must be > 0"):
-        RateLimiter(rate, period)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rate": 0}, "rate= expected a number > 0, got 0"),
+        ({"rate": -1}, "rate= expected a number > 0, got -1"),
+        ({"rate": float("inf")}, "rate= expected a number > 0, got inf"),
+        ({"rate": "10"}, "rate= expected a number > 0, got '10'"),
+        ({"rate": 10, "period": 0}, "period= expected a number > 0, got 0"),
+        ({"rate": 10, "burst": -2}, "burst= expected a number > 0, got -2"),
+    ],
+)
+def test_bad_limits_are_refused_naming_the_option(options, message):
+    with pytest.raises(ConfigError) as caught:
+        RateLimiter(**options)
+    assert str(caught.value) == message
+
+
+def test_the_message_names_the_option_as_the_user_knows_it():
+    with pytest.raises(ConfigError, match=r"^rpm= expected a number > 0, got -1$"):
+        RateLimiter(-1, names=("rpm", "rate_window_s", "burst"))
