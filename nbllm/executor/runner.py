@@ -2,12 +2,20 @@
 
 Each conversation is a chain of turns run by one worker; turn k+1 is sent the moment
 turn k's answer arrives, never after a barrier across conversations. Workers take
-conversations longest first and take the next one as soon as they finish, so slots
-refill at once. A request passes through a chain of single-concern steps::
+conversations longest first and take the next one as soon as they finish.
+
+There are more conversations in progress (``max_conversations``, by default
+``CONVERSATIONS_PER_SLOT`` x ``concurrency``) than request slots, so a freed slot always
+finds a turn ready to go. It goes to the turn of the conversation with the most turns
+left (then the longest conversation, then the first to ask): the longest chains never
+wait behind short ones, so they do not end up running alone at the end of a run while
+slots stand empty. A request passes through a chain of single-concern steps::
 
     _turn      retries: backoff with jitter, Retry-After, never 4xx
-    _attempt   a request slot (``concurrency``), the pause after a 429, the RPM / TPM budgets
-    _send      the engine call under the per-request timeout
+    _attempt   a request slot (``concurrency``, by priority), the pause after a 429, the
+               RPM / TPM budgets
+    _send      the engine call under the per-request timeout (unless the engine applies
+               ``timeout`` itself: ``Engine.bounds_own_timeout``)
 
 A failure ends only its own conversation: its later turns are marked as skipped.
 
@@ -28,9 +36,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from nbllm.engines.base import Engine
@@ -48,37 +57,66 @@ from nbllm.executor.events import (
     StopRequested,
     TurnFinished,
 )
-from nbllm.executor.limiter import RateLimiter
+from nbllm.executor.limiter import RateLimiter, estimate_tokens
+from nbllm.executor.slots import RequestSlots
 from nbllm.executor.unreachable import unreachable_reason
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.types import NOT_RUN, SKIPPED, ChatRequest, ChatResponse, Conversation, TurnRecord
 
-__all__ = ["Executor"]
+__all__ = ["CONVERSATIONS_PER_SLOT", "Executor"]
 
-_DEFAULT_COMPLETION_ESTIMATE = 256
+#: Default conversations in progress per request slot. Enough that a freed slot nearly
+#: always has a long chain's turn to choose (benchmarks/multi_turn_wall.py: 1x leaves the
+#: tail to a few chains); each conversation in progress holds its history in memory.
+CONVERSATIONS_PER_SLOT = 4
+
 STOPPED = f"{NOT_RUN}: the run was stopped before this turn finished"
 # Attempts that must all fail to connect, with none reaching the server, before a run
 # gives up: enough that one unlucky connection does not end a run.
 UNREACHABLE_AFTER = 3
 
 
-def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> int:
-    """A pre-call token estimate for the TPM budget: ~4 characters a token, plus the answer budget.
+def _check_whole(option: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        msg = f"{option}= expected a whole number >= 1, got {value!r}"
+        raise ConfigError(msg)
 
-    Reconciled with the real usage when the answer arrives.
-    """
-    chars = sum(len(str(m.get("content", ""))) + 8 for m in messages)
-    completion = params.get("max_tokens") or params.get("max_completion_tokens")
-    return chars // 4 + int(completion or _DEFAULT_COMPLETION_ESTIMATE)
+
+def _check_seconds(option: str, value: object, *, zero: bool = False, none: bool = False) -> None:
+    """A number of seconds: > 0 (>= 0 when ``zero``), or None when ``none``."""
+    if value is None and none:
+        return
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or math.isnan(number) or number < 0 or (number == 0 and not zero):
+        expected = f"a number {'>=' if zero else '>'} 0{' or None' if none else ''}"
+        msg = f"{option}= expected {expected}, got {value!r}"
+        raise ConfigError(msg)
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(seconds: float, answer: Awaitable[ChatResponse]) -> ChatResponse:
+        """``answer``, or ``TimeoutError`` after ``seconds``."""
+        async with asyncio.timeout(seconds):
+            return await answer
+
+else:  # 3.10 has no asyncio.timeout; wait_for runs the call in a task of its own
+
+    async def _within(seconds: float, answer: Awaitable[ChatResponse]) -> ChatResponse:
+        """``answer``, or ``TimeoutError`` after ``seconds``."""
+        return await asyncio.wait_for(answer, seconds)
 
 
 class Executor:
     """Runs conversations against one engine with caps, limits and retries.
 
     ``concurrency`` caps requests in flight; ``max_conversations`` caps conversations
-    in progress (default: ``concurrency``). ``rpm`` / ``tpm``: no minute ever holds more
-    requests / tokens than these. ``timeout``: seconds per request attempt.
+    in progress (default: ``CONVERSATIONS_PER_SLOT`` x ``concurrency``; a value given is
+    obeyed exactly). A freed request slot goes to the conversation with the most turns
+    left. ``rpm`` / ``tpm``: no minute ever holds more requests / tokens than these.
+    ``timeout``: seconds per request attempt (an engine with ``bounds_own_timeout``
+    applies it itself).
     ``rate_window_s``: the length in seconds of the "minute" of ``rpm`` / ``tpm``; tests
     and benchmarks shorten it so that a limit binds within seconds. ``stop_grace_s``:
     after a first ``stop()``, how long requests in flight may take to finish.
@@ -103,19 +141,27 @@ class Executor:
         rate_window_s: float = 60.0,
         stop_grace_s: float = 10.0,
     ) -> None:
-        if concurrency < 1:
-            msg = f"concurrency must be >= 1, got {concurrency!r}"
-            raise ConfigError(msg)
+        _check_whole("concurrency", concurrency)
+        if max_conversations is not None:
+            _check_whole("max_conversations", max_conversations)
+        _check_seconds("timeout", timeout, none=True)
+        _check_seconds("stop_grace_s", stop_grace_s, zero=True)
+        _check_seconds("rate_window_s", rate_window_s)
         self.engine = engine
         self.model = model
         self.concurrency = concurrency
-        self.max_conversations = max_conversations or concurrency
+        self.max_conversations = (
+            max_conversations
+            if max_conversations is not None
+            else CONVERSATIONS_PER_SLOT * concurrency
+        )
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.system = system
         self.params = dict(params or {})
-        self.rpm = RateLimiter(rpm, rate_window_s) if rpm else None
-        self.tpm = RateLimiter(tpm, rate_window_s) if tpm else None
+        names = ("rate_window_s", "burst")
+        self.rpm = None if rpm is None else RateLimiter(rpm, rate_window_s, names=("rpm", *names))
+        self.tpm = None if tpm is None else RateLimiter(tpm, rate_window_s, names=("tpm", *names))
         self.checkpoint = checkpoint
         self.cache = cache
         self._reuse_cached = cache is not None and cache.reusable(self.params)
@@ -165,7 +211,7 @@ class Executor:
             self._offsets.append(total)
             total += len(conv)
         self._records: list[TurnRecord | None] = [None] * total
-        self._slots = asyncio.Semaphore(self.concurrency)
+        self._slots = RequestSlots(self.concurrency)
         self._in_flight = 0
         self._cooldown_until = 0.0
         self._sending: set[asyncio.Task[Any]] = set()  # workers awaiting an answer
@@ -413,12 +459,14 @@ class Executor:
                     cached=True,
                 )
         estimate = estimate_tokens(messages, self.params) if self.tpm else 0
+        # Most turns left first, then the longest conversation (see RequestSlots).
+        priority = (k - len(conv), -len(conv))
         sends: list[float] = []  # when each attempt left, filled by _attempt
         attempt = 0
         while True:
             attempt += 1
             try:
-                sent = await self._attempt(request, conv.id, k, attempt, estimate, sends)
+                sent = await self._attempt(request, conv.id, k, attempt, estimate, sends, priority)
                 if sent is None:
                     return None
                 response, latency = sent
@@ -477,12 +525,15 @@ class Executor:
         attempt: int,
         estimate: int,
         sends: list[float],
+        priority: tuple[int, ...],
     ) -> tuple[ChatResponse, float] | None:
         """Send once: the answer and its latency; None when stopped before it could go.
 
-        The moment the request leaves is appended to ``sends``.
+        The moment the request leaves is appended to ``sends``. ``priority`` orders the
+        wait for a request slot (smallest first).
         """
-        async with self._slots:
+        await self._slots.acquire(priority)
+        try:
             # A 429 met while this one slept may have moved the end of the pause.
             while (wait := self._cooldown_until - self._loop.time()) > 0:
                 await asyncio.sleep(wait)
@@ -522,15 +573,14 @@ class Executor:
                 if used:
                     self.tpm.settle(grant, used)
             return response, latency
+        finally:
+            self._slots.release()
 
     async def _send(self, request: ChatRequest) -> ChatResponse:
         try:
-            if self.timeout is None:
+            if self.timeout is None or self.engine.bounds_own_timeout:
                 return await self.engine.complete(request)
-            if sys.version_info >= (3, 11):
-                async with asyncio.timeout(self.timeout):
-                    return await self.engine.complete(request)
-            return await asyncio.wait_for(self.engine.complete(request), self.timeout)
+            return await _within(self.timeout, self.engine.complete(request))
         except EngineError:
             raise
         except asyncio.TimeoutError as exc:

@@ -48,10 +48,11 @@ async def test_a_first_stop_lets_the_requests_in_flight_finish_and_keeps_their_a
     result = await executor.run(conversations(8))
     sent = sum(isinstance(e, RequestSent) for e in events)
     assert result.interrupted
-    # Every request sent was answered and kept: 4 first turns, then the 4 second turns
-    # in flight when the stop came.
-    assert sent == result.summary.turns_ok == 8
-    assert not_run(result) == 24 - 8
+    # Every request sent was answered and kept: 4 first turns, the other 4 conversations'
+    # first turns (more turns left: they go first), then the 4 second turns in flight
+    # when the stop came.
+    assert sent == result.summary.turns_ok == 12
+    assert not_run(result) == 24 - 12
     (stop,) = [e for e in events if isinstance(e, StopRequested)]
     assert stop.grace_s == 10.0 and stop.in_flight == 4
     assert isinstance(events[-1], RunFinished) and events[-1].interrupted
@@ -139,7 +140,7 @@ async def test_a_stop_ends_waits_for_a_retry_or_a_slot_at_once():
     assert loop.time() - t0 < 1  # neither the 30 s backoff nor the queue waited out
     assert result.interrupted
     assert result.df.loc[0, "error"].startswith("not run")  # its retry never went
-    assert result.summary.turns_ok == 1  # the one in flight beside it
+    assert result.summary.turns_ok == 2  # the two in flight beside it (c0's slot was freed)
 
 
 @on_fake_clock
@@ -178,7 +179,8 @@ async def test_a_run_that_cannot_connect_stops_at_once_with_its_reason():
     assert result.stop_reason == reason
     assert not result.interrupted
     assert (result.df["error"] == f"not run: {reason}").all()
-    assert engine.calls == 3
+    # The third failure ends it; the other slot's attempt had already gone beside it.
+    assert engine.calls == 4
     assert isinstance(events[-1], RunFinished) and events[-1].stop_reason == reason
     assert events[-1].turns_failed == 0
 
