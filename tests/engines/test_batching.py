@@ -1,4 +1,5 @@
-"""The dynamic batcher: batches by size or by wait, never mixes groups, keeps order."""
+"""The dynamic batcher: batches by size or by wait, never mixes groups, keeps order, and
+times out only a request still waiting for its batch, never one that generates."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 
 import pytest
 
-from nbllm.engines.local.batching import DynamicBatcher
+from nbllm.engines.local.batching import DynamicBatcher, ModelThread
+from nbllm.errors import ConfigError, RequestTimeout
 
 
 class Recorder:
@@ -135,9 +137,19 @@ def test_the_batcher_works_again_on_a_new_event_loop():
     asyncio.run(batcher.aclose())
 
 
-@pytest.mark.parametrize(("size", "wait"), [(0, 0.01), (2, -1)])
-def test_bad_settings_are_refused(size, wait):
-    with pytest.raises(ValueError, match="max_"):
+@pytest.mark.parametrize(
+    ("size", "wait", "option"),
+    [
+        (0, 0.01, "batch_size"),
+        (2.5, 0.01, "batch_size"),
+        (True, 0.01, "batch_size"),
+        (2, -1, "batch_wait_s"),
+        (2, float("nan"), "batch_wait_s"),
+        (2, "0.1", "batch_wait_s"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_option(size, wait, option):
+    with pytest.raises(ConfigError, match=rf"^{option} must be .*, got "):
         DynamicBatcher(Recorder(), max_batch_size=size, max_wait_s=wait)
 
 
@@ -156,8 +168,6 @@ async def test_one_request_at_a_time_stops_paying_the_wait():
 
 
 async def test_a_model_call_given_up_before_it_starts_is_skipped():
-    from nbllm.engines.local.batching import ModelThread
-
     ran: list[str] = []
     release = threading.Event()
 
@@ -179,8 +189,6 @@ async def test_a_model_call_given_up_before_it_starts_is_skipped():
 
 
 async def test_stopping_the_model_thread_cancels_the_calls_still_queued():
-    from nbllm.engines.local.batching import ModelThread
-
     started, release = threading.Event(), threading.Event()
 
     def block(_: object) -> str:
@@ -197,3 +205,51 @@ async def test_stopping_the_model_thread_cancels_the_calls_still_queued():
     assert await running == "done"  # the call under way ends normally
     with pytest.raises(asyncio.CancelledError):
         await queued
+
+
+class Gate:
+    """A batch function that blocks each batch until released, and records what ran."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, items):
+        self.batches.append(list(items))
+        self.started.set()
+        assert self.release.wait(10)
+        return [2 * item for item in items]
+
+
+async def test_a_queued_request_times_out_and_a_running_one_never_does():
+    gate = Gate()
+    batcher = DynamicBatcher(gate, max_batch_size=1, max_wait_s=0)
+    # The first request's batch starts at once and then outlasts the timeout of both.
+    running = asyncio.ensure_future(batcher.submit(1, timeout=0.05))
+    assert await asyncio.to_thread(gate.started.wait, 5)
+    with pytest.raises(RequestTimeout, match=r"0\.05 s timeout.*never started"):
+        await batcher.submit(2, timeout=0.05)
+    assert batcher._queue == []  # the timed-out request left the queue
+    await asyncio.sleep(0.1)  # well past the running request's timeout
+    assert not running.done()
+    gate.release.set()
+    assert await running == 2  # it ran to its end, once
+    # Sent again (a retry), the timed-out request runs after it, without restarting it.
+    assert await batcher.submit(2, timeout=0.05) == 4
+    assert gate.batches == [[1], [2]]
+    await batcher.aclose()
+
+
+async def test_a_model_call_that_waits_past_its_timeout_never_runs():
+    gate = Gate()
+    thread = ModelThread("test-model")
+    running = thread.call(gate, [1], timeout=0.05)
+    assert await asyncio.to_thread(gate.started.wait, 5)
+    with pytest.raises(RequestTimeout, match="never started"):
+        await thread.call(gate, [2], timeout=0.05)
+    gate.release.set()
+    assert await running == [2]  # past its own timeout, it was not cut
+    assert await thread.call(gate, [3], timeout=0.05) == [6]
+    assert gate.batches == [[1], [3]]
+    thread.stop()

@@ -10,6 +10,14 @@ there is nobody to wait for. Requests whose sampling options differ are never mi
 The model runs in one long-lived thread of the batcher's own, so the event loop (and the
 dashboard on it) stays live while a batch generates, and libraries that keep state per
 thread (OpenMP teams in torch, ggml's thread pool) set it up once, not once per run.
+
+A request's ``timeout`` bounds only its wait for a batch slot: one still queued when it
+runs out fails with ``RequestTimeout`` and leaves the queue, while one whose batch has
+started is never timed out. On a busy CPU a generation may take longer than any timeout
+meant for a network; timing it out would only start the same generation again, from the
+beginning, forever. A request given up (its task cancelled) leaves the queue at once; one
+whose batch already runs is not waited for, and the engine drops its row from the batch
+where its backend can (``nbllm.engines.local.batched``).
 """
 
 from __future__ import annotations
@@ -23,32 +31,71 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["DynamicBatcher"]
+from nbllm.errors import ConfigError, RequestTimeout
+
+__all__ = ["DynamicBatcher", "ModelThread", "check_batching"]
 
 Item = TypeVar("Item")
 Out = TypeVar("Out")
 Result = TypeVar("Result")
 
 
+def check_batching(batch_size: object, batch_wait_s: object) -> None:
+    """Refuse a batch size or wait no batcher can use, naming the engine option."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        msg = f"batch_size must be a whole number >= 1, got {batch_size!r}"
+        raise ConfigError(msg)
+    if (
+        isinstance(batch_wait_s, bool)
+        or not isinstance(batch_wait_s, int | float)
+        or not 0 <= batch_wait_s < float("inf")  # NaN fails this too
+    ):
+        msg = f"batch_wait_s must be a finite number of seconds >= 0, got {batch_wait_s!r}"
+        raise ConfigError(msg)
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    fn: Callable[[Any], Any]
+    arg: Any
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    started: bool = False
+    given_up: bool = False
+
+
 class ModelThread:
     """One daemon thread that runs model calls in order, for whichever event loop asks.
 
-    A call whose caller gave up (its future cancelled) before the call started is skipped.
+    A call whose caller gave up (its future cancelled, or its ``timeout`` run out) before
+    the call started is skipped; a call that started runs to its end.
     """
 
     def __init__(self, name: str = "local-model") -> None:
         self.name = name
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Settles, for each call, whether it starts or times out first: never both.
+        self._claims = threading.Lock()
 
-    def call(self, fn: Callable[[Any], Result], arg: Any) -> asyncio.Future[Result]:
-        """``fn(arg)`` in the thread; the returned future belongs to the running loop."""
+    def call(
+        self, fn: Callable[[Any], Result], arg: Any, *, timeout: float | None = None
+    ) -> asyncio.Future[Result]:
+        """``fn(arg)`` in the thread; the returned future belongs to the running loop.
+
+        ``timeout``: seconds the call may wait for the thread; it then fails with
+        ``RequestTimeout`` without running.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
             self._thread.start()
-        self._jobs.put((fn, arg, loop, future))
+        job = _Job(fn, arg, loop, future)
+        if timeout is not None:
+            expiry = loop.call_later(timeout, self._expire, job, timeout)
+            future.add_done_callback(lambda _: expiry.cancel())
+        self._jobs.put(job)
         return future
 
     def stop(self) -> None:
@@ -57,25 +104,36 @@ class ModelThread:
             return
         with contextlib.suppress(queue.Empty):
             while (job := self._jobs.get_nowait()) is not None:
-                _, _, loop, future = job
                 with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                    loop.call_soon_threadsafe(future.cancel)
+                    job.loop.call_soon_threadsafe(job.future.cancel)
         self._jobs.put(None)
         self._thread = None
 
+    def _expire(self, job: _Job, timeout: float) -> None:
+        with self._claims:
+            if job.started or job.future.done():
+                return
+            job.given_up = True
+        msg = (
+            f"the model was busy for the whole {timeout:g} s timeout and this request "
+            "never started (a local generation that started is never timed out)"
+        )
+        job.future.set_exception(RequestTimeout(msg))
+
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            fn, arg, loop, future = job
-            # Read from this thread without the loop: at worst a call cancelled this very
-            # moment still runs, and its outcome is dropped by ``_settle``.
-            if future.done():
-                continue
+            with self._claims:
+                # A future cancelled this very moment may still be read as pending: the
+                # call then runs, and ``_settle`` drops its outcome.
+                if job.given_up or job.future.done():
+                    continue
+                job.started = True
             try:
-                outcome, failed = fn(arg), False
+                outcome, failed = job.fn(job.arg), False
             except BaseException as exc:
                 outcome, failed = exc, True
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(_settle, future, outcome, failed)
+                job.loop.call_soon_threadsafe(_settle, job.future, outcome, failed)
 
 
 def _settle(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
@@ -87,12 +145,13 @@ def _settle(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
         future.set_result(outcome)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Pending(Generic[Item, Out]):
     item: Item
     group: Hashable
     future: asyncio.Future[Out]
     since: float
+    expiry: asyncio.TimerHandle | None = None
 
 
 class DynamicBatcher(Generic[Item, Out]):
@@ -109,12 +168,7 @@ class DynamicBatcher(Generic[Item, Out]):
         max_batch_size: int = 8,
         max_wait_s: float = 0.01,
     ) -> None:
-        if max_batch_size < 1:
-            msg = f"max_batch_size must be >= 1, got {max_batch_size!r}"
-            raise ValueError(msg)
-        if max_wait_s < 0:
-            msg = f"max_wait_s must be >= 0, got {max_wait_s!r}"
-            raise ValueError(msg)
+        check_batching(max_batch_size, max_wait_s)
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -126,8 +180,14 @@ class DynamicBatcher(Generic[Item, Out]):
         self.largest_batch = 0
         self._last_batch_size = 0
 
-    async def submit(self, item: Item, group: Hashable = None) -> Out:
-        """Queue ``item`` and wait for its output; requests of one ``group`` share batches."""
+    async def submit(
+        self, item: Item, group: Hashable = None, *, timeout: float | None = None
+    ) -> Out:
+        """Queue ``item`` and wait for its output; requests of one ``group`` share batches.
+
+        ``timeout``: seconds ``item`` may wait for its batch to start; it then leaves the
+        queue and this raises ``RequestTimeout``. A batch that started is never timed out.
+        """
         loop = asyncio.get_running_loop()
         wakeup, task = self._wakeup, self._task
         if wakeup is None or task is None or task.done() or task.get_loop() is not loop:
@@ -136,6 +196,8 @@ class DynamicBatcher(Generic[Item, Out]):
             wakeup = self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._serve(wakeup))
         pending: _Pending[Item, Out] = _Pending(item, group, loop.create_future(), time.monotonic())
+        if timeout is not None:
+            pending.expiry = loop.call_later(timeout, self._expire, pending, timeout)
         self._queue.append(pending)
         wakeup.set()
         try:
@@ -146,6 +208,21 @@ class DynamicBatcher(Generic[Item, Out]):
             with contextlib.suppress(ValueError):
                 self._queue.remove(pending)
             raise
+        finally:
+            if pending.expiry is not None:
+                pending.expiry.cancel()
+
+    def _expire(self, pending: _Pending[Item, Out], timeout: float) -> None:
+        """``pending`` waited ``timeout`` s; it fails unless its batch started (on the loop)."""
+        if pending not in self._queue or pending.future.done():
+            return
+        self._queue.remove(pending)
+        msg = (
+            f"no batch slot freed within the {timeout:g} s timeout: the model was busy with "
+            "earlier batches and this request never started (a local generation that "
+            "started is never timed out)"
+        )
+        pending.future.set_exception(RequestTimeout(msg))
 
     async def _serve(self, wakeup: asyncio.Event) -> None:
         while True:
@@ -183,6 +260,9 @@ class DynamicBatcher(Generic[Item, Out]):
                 batch = same[: self.max_batch_size]
                 taken = {id(p) for p in batch}
                 self._queue = [p for p in self._queue if id(p) not in taken]
+                for pending in batch:
+                    if pending.expiry is not None:
+                        pending.expiry.cancel()  # started: no timeout applies any more
                 return batch
             wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
