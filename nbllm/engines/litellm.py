@@ -17,10 +17,10 @@ from typing import Any
 
 from nbllm.engines.base import Engine
 from nbllm.engines.http_status import error_for_status, public_url
-from nbllm.errors import ConnectionFailed, EngineError, RequestTimeout
+from nbllm.errors import AuthenticationError, ConnectionFailed, EngineError, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = ["LiteLLMEngine", "import_litellm"]
+__all__ = ["LiteLLMEngine", "import_litellm", "missing_credentials"]
 
 
 def import_litellm() -> Any:
@@ -52,6 +52,59 @@ def import_litellm() -> Any:
     litellm.suppress_debug_info = True
     litellm.telemetry = False
     return litellm
+
+
+# What the OpenAI client says when it finds no key at all (litellm reports it as a 500).
+_MISSING_KEY = "Missing credentials"
+# Keys litellm also reads under a name its environment check does not know.
+_OTHER_NAMES = {"HUGGINGFACE_API_KEY": ("HF_TOKEN",)}
+
+
+def _spelled_otherwise(key: str) -> bool:
+    """Whether the environment holds ``key`` under another name litellm reads: the same
+    provider with or without "AI" and underscores (``TOGETHER_API_KEY`` for
+    ``TOGETHERAI_API_KEY``), ending in KEY or TOKEN."""
+    stem = key.removesuffix("_API_KEY").replace("_", "").removesuffix("AI")
+    for name, value in os.environ.items():
+        if not value:
+            continue
+        if name in _OTHER_NAMES.get(key, ()):
+            return True
+        squeezed = name.upper().replace("_", "")
+        if squeezed.startswith(stem) and squeezed.endswith(("KEY", "TOKEN")):
+            return True
+    return False
+
+
+def missing_credentials(model: str) -> list[str]:
+    """The API keys litellm needs for ``model`` and finds nowhere; empty when it has them.
+
+    Asks ``litellm.validate_environment``. Only API keys count (names ending in
+    ``_API_KEY``): a provider that can also sign in otherwise (a cloud credentials file, a
+    local server at its default address) is left to its first request. A key set on
+    litellm itself (``litellm.api_key``, ``litellm.openai_key``, ...) or under another
+    name litellm reads counts as found. A model litellm cannot place says nothing here;
+    its first request says what is wrong.
+    """
+    litellm = import_litellm()
+    try:
+        found = litellm.validate_environment(model=model)
+        provider = str(litellm.get_llm_provider(model)[1])
+    except Exception:
+        return []
+    missing = [str(key) for key in found.get("missing_keys") or ()]
+    if found.get("keys_in_environment") or not missing:
+        return []
+    if not all(key.endswith("_API_KEY") for key in missing):
+        return []
+    on_litellm = (
+        getattr(litellm, name, None) for name in (f"{provider}_key", f"{provider}_api_key")
+    )
+    if litellm.api_key or any(on_litellm):
+        return []
+    if any(_spelled_otherwise(key) for key in missing):
+        return []
+    return missing
 
 
 def _headers_of(exc: BaseException) -> Mapping[str, str] | None:
@@ -125,17 +178,25 @@ class LiteLLMEngine(Engine):
         if isinstance(exc, litellm.APIConnectionError):
             return ConnectionFailed(f"connection failed: {detail}")
         status = getattr(exc, "status_code", None)
+        if isinstance(exc, litellm.AuthenticationError):
+            return AuthenticationError(f"HTTP {status or 401}: {detail}", status=status or 401)
+        if _MISSING_KEY in detail:
+            # The OpenAI client found no key before sending anything; litellm wraps that
+            # as a 500, which retrying cannot mend.
+            return AuthenticationError(f"no API key: {detail}")
         if isinstance(status, int):
             return error_for_status(status, detail, _headers_of(exc))
         return EngineError(f"{type(exc).__name__}: {detail}")
 
     def _parse(self, litellm: Any, response: Any, model: str) -> ChatResponse:
         try:
-            text = response.choices[0].message.content
+            choice = response.choices[0]
+            text = choice.message.content
         except (AttributeError, IndexError) as exc:
             msg = f"litellm returned a response without a message: {response!r:.200}"
             raise EngineError(msg) from exc
         usage = getattr(response, "usage", None)
+        reason = getattr(choice, "finish_reason", None)
         cost: float | None
         try:
             cost = float(litellm.completion_cost(completion_response=response))
@@ -147,4 +208,5 @@ class LiteLLMEngine(Engine):
             prompt_tokens=getattr(usage, "prompt_tokens", None),
             completion_tokens=getattr(usage, "completion_tokens", None),
             cost_usd=cost,
+            finish_reason=reason if isinstance(reason, str) and reason else None,
         )

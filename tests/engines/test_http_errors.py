@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import time
@@ -86,3 +87,78 @@ def test_a_completion_body_round_trips():
     for raw in (b"{}", b"[]", b"not json", b'{"choices": []}'):
         with pytest.raises(ValueError, match="not a chat completion"):
             read_completion(raw, "m")
+
+
+# -- litellm's answers and exceptions, read by LiteLLMEngine (a fake acompletion) ----------
+
+
+def _litellm_engine(monkeypatch, outcome):
+    from nbllm.engines.litellm import LiteLLMEngine
+
+    engine = LiteLLMEngine()
+
+    async def acompletion(**kwargs):
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(engine, "_litellm", _Patched(engine._litellm, acompletion))
+    return engine
+
+
+class _Patched:
+    """litellm with another acompletion (the module itself is left as it is)."""
+
+    def __init__(self, litellm, acompletion):
+        self._litellm = litellm
+        self.acompletion = acompletion
+
+    def __getattr__(self, name):
+        return getattr(self._litellm, name)
+
+
+def _ask(engine):
+    from nbllm.types import ChatRequest
+
+    request = ChatRequest(model="gpt-4o-mini", messages=({"role": "user", "content": "hi"},))
+    return asyncio.run(engine.complete(request))
+
+
+def test_litellm_gives_the_providers_finish_reason(monkeypatch):
+    from nbllm.engines.litellm import import_litellm
+
+    litellm = import_litellm()
+    cut = litellm.ModelResponse(
+        model="gpt-4o-mini",
+        choices=[
+            {"message": {"role": "assistant", "content": "One, two"}, "finish_reason": "length"}
+        ],
+    )
+    assert _ask(_litellm_engine(monkeypatch, cut)).finish_reason == "length"
+
+
+def test_litellm_refused_credentials_are_an_authentication_error(monkeypatch):
+    from nbllm.engines.litellm import import_litellm
+
+    litellm = import_litellm()
+    refused = litellm.AuthenticationError(
+        message="Incorrect API key provided", llm_provider="openai", model="gpt-4o-mini"
+    )
+    with pytest.raises(AuthenticationError, match=r"HTTP 401: .*Incorrect API key") as error:
+        _ask(_litellm_engine(monkeypatch, refused))
+    assert not isinstance(error.value, RetryableError)
+
+
+def test_litellm_missing_credentials_are_not_a_server_error(monkeypatch):
+    """The OpenAI client finds no key before sending; litellm calls that a 500."""
+    from nbllm.engines.litellm import import_litellm
+
+    litellm = import_litellm()
+    missing = litellm.InternalServerError(
+        message="OpenAIException - Missing credentials. Please pass an `api_key`",
+        llm_provider="openai",
+        model="gpt-4o-mini",
+    )
+    with pytest.raises(AuthenticationError, match=r"no API key: .*Missing credentials") as error:
+        _ask(_litellm_engine(monkeypatch, missing))
+    assert not isinstance(error.value, RetryableError)
