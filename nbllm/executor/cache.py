@@ -6,6 +6,13 @@ one SQLite file shared by every run in the folder (``.nbllm/cache.sqlite`` by de
 so it works across runs, kernels and sessions. An explicitly non-zero ``temperature``
 asks for a fresh sample each time, so such requests are not answered from the cache
 unless ``cache="always"``; their answers are still stored.
+
+The engine is not part of the key: the same request to the same model is answered from
+the cache whichever engine sends it now (the OpenAI-compatible engine, litellm, a local
+engine that ``engine="auto"`` picks today). So that nothing is hidden, each answer is
+stored with the engine that produced it, its model and why it ended, and ``get`` gives
+them back (``CachedResponse.engine``): a cached row names who really answered. Answers
+stored by an nbllm older than cache schema 2 have no engine (None).
 """
 
 from __future__ import annotations
@@ -17,18 +24,19 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nbllm.errors import ConfigError
-from nbllm.executor.storage import BatchWriter, database_path, nbllm_dir, open_database
+from nbllm.executor.storage import GroupWriter, database_path, nbllm_dir, open_database
 from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = ["CACHE_FILE", "KeyChain", "ResponseCache", "resolve_cache_path"]
+__all__ = ["CACHE_FILE", "CachedResponse", "KeyChain", "ResponseCache", "resolve_cache_path"]
 
 log = logging.getLogger("nbllm")
 
-SCHEMA_VERSION = 1  # keys carry their own version tag ("nbllm-request-v1")
+SCHEMA_VERSION = 2  # keys carry their own version tag ("nbllm-request-v1")
 CACHE_FILE = "cache.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -38,9 +46,28 @@ CREATE TABLE IF NOT EXISTS responses (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     cost_usd REAL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    engine TEXT,
+    finish_reason TEXT
 ) WITHOUT ROWID;
 """
+# Schema 1 stored neither the engine nor why an answer ended: its answers read back with None.
+_MIGRATIONS = {
+    1: "ALTER TABLE responses ADD COLUMN engine TEXT; "
+    "ALTER TABLE responses ADD COLUMN finish_reason TEXT"
+}
+_COLUMNS = (
+    "key, text, model, prompt_tokens, completion_tokens, cost_usd, created_at, engine, "
+    "finish_reason"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse(ChatResponse):
+    """An answer from the cache, naming the engine that produced it (None when an nbllm
+    older than cache schema 2 stored it)."""
+
+    engine: str | None = None
 
 
 class KeyChain:
@@ -108,17 +135,22 @@ def resolve_cache_path(cache: Any) -> Path | None:
     raise ConfigError(msg)
 
 
-class ResponseCache(BatchWriter):
+class ResponseCache(GroupWriter):
     """Answers by request key. Reads see committed and pending answers alike."""
 
-    def __init__(self, path: Path, *, reuse_sampled: bool = False, **batch: Any) -> None:
+    def __init__(self, path: Path, *, reuse_sampled: bool = False, **writer: Any) -> None:
         conn = open_database(
-            path, kind="response cache", schema=_SCHEMA, version=SCHEMA_VERSION, verify=False
+            path,
+            kind="response cache",
+            schema=_SCHEMA,
+            version=SCHEMA_VERSION,
+            verify=False,
+            migrations=_MIGRATIONS,
         )
-        super().__init__(conn, **batch)
+        super().__init__(conn, **writer)
         self.path = path
         self.reuse_sampled = reuse_sampled
-        self._recent: dict[str, ChatResponse] = {}
+        self._recent: dict[str, CachedResponse] = {}
         self._read_failed = False
 
     def reusable(self, params: Mapping[str, Any]) -> bool:
@@ -126,13 +158,14 @@ class ResponseCache(BatchWriter):
         temperature = params.get("temperature")
         return self.reuse_sampled or temperature is None or temperature == 0
 
-    def get(self, key: str) -> ChatResponse | None:
+    def get(self, key: str) -> CachedResponse | None:
+        """The stored answer to the request with this key, naming the engine that gave it."""
         hit = self._recent.get(key)
         if hit is None:
             try:
                 row = self._conn.execute(
-                    "SELECT text, model, prompt_tokens, completion_tokens, cost_usd "
-                    "FROM responses WHERE key = ?",
+                    "SELECT text, model, prompt_tokens, completion_tokens, cost_usd, "
+                    "finish_reason, engine FROM responses WHERE key = ?",
                     (key,),
                 ).fetchone()
             except sqlite3.Error as exc:
@@ -143,11 +176,21 @@ class ResponseCache(BatchWriter):
                 return None
             if row is None:
                 return None
-            hit = ChatResponse(*row)
+            hit = CachedResponse(*row)
         return hit
 
-    def put(self, key: str, response: ChatResponse) -> None:
-        self._recent[key] = response
+    def put(self, key: str, response: ChatResponse, engine: str | None = None) -> None:
+        """Store ``response`` to the request with this key; ``engine`` names the engine
+        that produced it (the engine's ``name``)."""
+        self._recent[key] = CachedResponse(
+            response.text,
+            response.model,
+            response.prompt_tokens,
+            response.completion_tokens,
+            response.cost_usd,
+            response.finish_reason,
+            engine,
+        )
         self.add(
             (
                 key,
@@ -157,16 +200,22 @@ class ResponseCache(BatchWriter):
                 response.completion_tokens,
                 response.cost_usd,
                 time.time(),
+                engine,
+                response.finish_reason,
             )
         )
 
-    def flush(self) -> None:
-        super().flush()
+    def flush(self) -> bool:
+        written = super().flush()
         if not self._pending:
             self._recent.clear()
+        return written
 
     def _write(self, conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
-        conn.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        placeholders = ", ".join("?" * 9)
+        conn.executemany(
+            f"INSERT OR REPLACE INTO responses ({_COLUMNS}) VALUES ({placeholders})", rows
+        )
 
     def describe(self) -> str:
         return f"the response cache {self.path}"

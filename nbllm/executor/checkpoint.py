@@ -25,8 +25,8 @@ from typing import Any
 
 from nbllm.errors import CheckpointError, ConfigError
 from nbllm.executor.storage import (
-    BatchWriter,
     FileLock,
+    GroupWriter,
     database_path,
     lock_path,
     nbllm_dir,
@@ -44,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger("nbllm")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHECKPOINT_FILE = "checkpoint.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -62,12 +62,15 @@ CREATE TABLE IF NOT EXISTS turns (
     started_at REAL,
     finished_at REAL,
     cached INTEGER NOT NULL DEFAULT 0,
+    finish_reason TEXT,
     PRIMARY KEY (conversation, turn)
 ) WITHOUT ROWID;
 """
+# Schema 1 (nbllm before finish_reason) had no finish_reason: its rows read back with None.
+_MIGRATIONS = {1: "ALTER TABLE turns ADD COLUMN finish_reason TEXT"}
 _COLUMNS = (
     "conversation, turn, conversation_id, answer, model, engine, latency_s, prompt_tokens, "
-    "completion_tokens, cost_usd, attempts, started_at, finished_at, cached"
+    "completion_tokens, cost_usd, attempts, started_at, finished_at, cached, finish_reason"
 )
 
 
@@ -153,14 +156,14 @@ def resolve_checkpoint_path(checkpoint: Any, fingerprint: str) -> Path | None:
     raise ConfigError(msg)
 
 
-class CheckpointStore(BatchWriter):
-    """The finished turns of one run, in one SQLite file, written in batches.
+class CheckpointStore(GroupWriter):
+    """The finished turns of one run, in one SQLite file, written by group commit.
 
-    Use ``CheckpointStore.open(...)``; ``close()`` commits the last batch and drops the lock.
+    Use ``CheckpointStore.open(...)``; ``close()`` commits what is pending and drops the lock.
     """
 
-    def __init__(self, conn: Any, path: Path, lock: FileLock, **batch: Any) -> None:
-        super().__init__(conn, **batch)
+    def __init__(self, conn: Any, path: Path, lock: FileLock, **writer: Any) -> None:
+        super().__init__(conn, **writer)
         self.path = path
         self._lock = lock
         self.discarded = 0
@@ -174,14 +177,20 @@ class CheckpointStore(BatchWriter):
         conversations: int,
         turns: int,
         resume: bool = True,
-        **batch: Any,
+        **writer: Any,
     ) -> CheckpointStore:
         lock = FileLock(lock_path(path))
         lock.acquire(path)
         conn = None
         try:
-            conn = open_database(path, kind="checkpoint", schema=_SCHEMA, version=SCHEMA_VERSION)
-            store = cls(conn, path, lock, **batch)
+            conn = open_database(
+                path,
+                kind="checkpoint",
+                schema=_SCHEMA,
+                version=SCHEMA_VERSION,
+                migrations=_MIGRATIONS,
+            )
+            store = cls(conn, path, lock, **writer)
             store._prepare(identity, conversations=conversations, turns=turns, resume=resume)
         except BaseException:
             if conn is not None:
@@ -261,11 +270,13 @@ class CheckpointStore(BatchWriter):
                 finished_at=row[12],
                 cached=bool(row[13]),
                 resumed=True,
+                finish_reason=row[14],
             )
         return out
 
     def record(self, conversation: int, record: TurnRecord) -> None:
-        """Queue an answered turn; it counts as done once its batch is committed."""
+        """Queue an answered turn; it counts as done once its group is committed (in the
+        loop's next turn, or at once when ``max_pending`` turns wait)."""
         self.add(
             (
                 conversation,
@@ -282,11 +293,12 @@ class CheckpointStore(BatchWriter):
                 record.started_at,
                 record.finished_at,
                 int(record.cached),
+                record.finish_reason,
             )
         )
 
     def _write(self, conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
-        placeholders = ", ".join("?" * 14)
+        placeholders = ", ".join("?" * 15)
         conn.executemany(f"INSERT OR REPLACE INTO turns ({_COLUMNS}) VALUES ({placeholders})", rows)
 
     def describe(self) -> str:

@@ -1,5 +1,5 @@
 """SQLite files nbllm writes: where they live, opening them safely, locking them, and
-writing rows in batches.
+committing rows as soon as they come (group commit).
 
 Unless given another path, they live under ``nbllm_dir()``: ``$NBLLM_DIR``, or ``.nbllm``
 in the working folder.
@@ -7,12 +7,19 @@ in the working folder.
 Both the checkpoint and the response cache are SQLite databases in WAL mode
 (standard library only, no pickle). Opening checks that the file really is an nbllm
 database of a schema this version understands; anything else is a ``CheckpointError``
-naming the file and what to do. nbllm never deletes or rewrites such a file itself.
+naming the file and what to do. A file of an older schema is brought up to date in
+place, in one transaction, by the migrations its kind gives (adding columns only, so
+nothing stored is rewritten); a newer one is refused. nbllm never deletes a file itself.
 
-Rows are written in batches: a batch is committed when it holds ``max_rows`` rows or
-its oldest row is ``max_delay_s`` old, whichever comes first. A crash therefore loses
-at most the rows of the batch not yet committed (by default 0.25 s or 200 rows of
-work); every committed row is whole, because each batch is one transaction.
+Rows are written by group commit (``GroupWriter``): a row added from the event loop is
+committed in the loop's next turn, in one transaction with every row added meanwhile,
+so at low rates each row is on disk within a fraction of a millisecond and at high
+rates the groups grow by themselves, with no timer. A group is also committed the
+moment it holds ``MAX_PENDING`` rows, so at most that many added rows are ever
+uncommitted. ``synchronous=NORMAL``: a committed row survives the death of the process
+(kill -9, a crash of the kernel); after a power loss or an operating-system crash, the
+transactions committed since SQLite last copied its log into the file (at most about
+4 MB of log) may be missing, never half-written.
 
 A run holds an exclusive lock on a file beside its database (``lock_path``) for as long
 as it runs, so a second process never writes the same file. The operating system drops
@@ -26,19 +33,24 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
 from nbllm.errors import CheckpointError
 
-__all__ = ["BatchWriter", "database_path", "nbllm_dir", "open_database"]
+__all__ = ["GroupWriter", "database_path", "nbllm_dir", "open_database"]
 
 log = logging.getLogger("nbllm")
 
-MAX_ROWS = 200
-MAX_DELAY_S = 0.25
+MAX_PENDING = 5
+"""A group is committed at once when it holds this many rows: at most this many rows
+added are ever uncommitted, whatever the rate."""
+RETRY_S = 1.0
+"""After a failed write (a full disk), the next try comes this much later."""
+SYNCHRONOUS = "NORMAL"
 
 
 def nbllm_dir() -> Path:
@@ -68,11 +80,15 @@ def open_database(
     version: int,
     readonly: bool = False,
     verify: bool = True,
+    migrations: Mapping[int, str] | None = None,
 ) -> sqlite3.Connection:
     """Open (or create) an nbllm SQLite file of ``kind`` with ``schema`` at ``version``.
 
     ``verify`` runs SQLite's quick integrity check on an existing file (time grows with
     its size: right for a run's checkpoint, too slow for a large shared cache).
+    ``migrations[v]`` is the SQL that takes a file of schema ``v`` to ``v + 1``; a file of
+    an older schema is migrated in place (not when ``readonly``: the caller reads it as it
+    is), or refused when no migration leads from its schema.
     """
     advice = "Move it aside or pass another path"
     if path.exists() and path.is_dir():
@@ -98,17 +114,22 @@ def open_database(
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         # A file with no table at all holds nothing to lose: it is what a crash between
         # creating the file and committing the schema leaves behind, so it is made anew.
+        found = version
         if existed and (tables or readonly):
-            _check_ours(conn, path, tables, kind=kind, version=version, advice=advice)
+            found = _check_ours(conn, path, tables, kind=kind, version=version, advice=advice)
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
+            if found < version:
+                _migrate(conn, path, kind=kind, version=version, migrations=migrations or {})
             if "meta" not in tables:
+                # OR IGNORE: another run may have made the same new file meanwhile (a
+                # shared cache opened by two runs at once).
                 conn.executescript(
-                    "BEGIN;"
+                    "BEGIN IMMEDIATE;"
                     + schema
                     + "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                    + f"INSERT INTO meta VALUES ('kind', '{kind}'), "
+                    + f"INSERT OR IGNORE INTO meta VALUES ('kind', '{kind}'), "
                     + f"('schema_version', '{version}');"
                     + "COMMIT;"
                 )
@@ -137,7 +158,9 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
 
 def _check_ours(
     conn: sqlite3.Connection, path: Path, tables: set[str], *, kind: str, version: int, advice: str
-) -> None:
+) -> int:
+    """The file's schema version, once it is known to be an nbllm ``kind`` this version
+    can read."""
     if "meta" not in tables:
         raise _unusable(path, f"is an SQLite database but not an nbllm {kind}", advice)
     try:
@@ -154,6 +177,38 @@ def _check_ours(
             f"up to {version})",
             "Upgrade nbllm, or pass another path",
         )
+    return found
+
+
+def _migrate(
+    conn: sqlite3.Connection, path: Path, *, kind: str, version: int, migrations: Mapping[int, str]
+) -> None:
+    """Bring a file of an older schema up to ``version`` in one transaction.
+
+    The version is read again inside the transaction: another process may have migrated
+    the file (a shared cache) since it was checked.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        query = "SELECT value FROM meta WHERE key = 'schema_version'"
+        found = int(conn.execute(query).fetchone()[0])
+        while found < version:
+            if found not in migrations:
+                raise _unusable(
+                    path,
+                    f"was written by an older nbllm ({kind} schema {found}), which this "
+                    f"version cannot bring up to schema {version}",
+                    "Move it aside or pass another path",
+                )
+            for statement in migrations[found].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            found += 1
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(found),))
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 # -- locks -----------------------------------------------------------------------
@@ -248,65 +303,97 @@ def lock_if_free(lock: Path) -> Iterator[bool]:
                 _unlock_file(handle)
 
 
-# -- batches -----------------------------------------------------------------------
+# -- group commit --------------------------------------------------------------------
 
 
-class BatchWriter:
-    """Collects rows and commits them in batches from the event loop.
+class GroupWriter:
+    """Commits rows added from the event loop by group commit.
 
-    Subclasses say how rows are written (``_write``). ``add`` never blocks for long: it
-    commits only when a batch is full; otherwise a timer commits the batch soon after.
-    A failed write is logged once and the rows stay pending for the next try, so a full
-    disk slows nothing down and loses no row that can still be written later.
+    ``add`` appends a row and asks the loop to commit in its next turn; every row added
+    until then joins the same transaction, so a commit costs the loop once per turn of
+    the loop, not once per row. A group holding ``max_pending`` rows is committed at once,
+    within ``add``. Without a running loop (plain code, tests) ``add`` commits at once.
+    Subclasses say how rows are written (``_write``).
+
+    A failed write (a full disk) is logged once and the rows stay pending; the next try
+    comes ``RETRY_S`` later, or at ``flush``/``close``. Nothing is lost that can still be
+    written later, and a full disk does not slow the run down with a try per row.
+    ``commits`` counts the transactions committed.
     """
 
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        *,
-        max_rows: int = MAX_ROWS,
-        max_delay_s: float = MAX_DELAY_S,
-    ) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, max_pending: int = MAX_PENDING) -> None:
         self._conn = conn
         self._pending: list[tuple[Any, ...]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self.max_rows = max_rows
-        self.max_delay_s = max_delay_s
+        self._scheduled: asyncio.Handle | None = None
+        self._retry_at = 0.0  # time.monotonic() before which a failed write is not tried again
+        self.max_pending = max_pending
+        self.commits = 0
         self._warned = False
+
+    @property
+    def pending(self) -> int:
+        """Rows added and not committed yet."""
+        return len(self._pending)
 
     def add(self, row: tuple[Any, ...]) -> None:
         self._pending.append(row)
-        if len(self._pending) >= self.max_rows:
-            self.flush()
-        elif self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self.max_delay_s, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.flush()
-
-    def flush(self) -> None:
-        """Commit every pending row now, in one transaction."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._pending:
+        if (
+            len(self._pending) >= self.max_pending
+            and time.monotonic() >= self._retry_at
+            and self.flush()
+        ):
             return
+        if self._scheduled is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        wait = self._retry_at - time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if wait <= 0:
+                self.flush()
+            return
+        if wait <= 0:
+            self._scheduled = loop.call_soon(self._on_loop)
+        else:
+            self._scheduled = loop.call_later(wait, self._on_loop)
+
+    def _on_loop(self) -> None:
+        self._scheduled = None
+        if not self.flush():
+            # Tried again later: a run that adds nothing more would otherwise keep the rows
+            # pending until close.
+            self._schedule()
+
+    def flush(self) -> bool:
+        """Commit every pending row now, in one transaction; False if the write failed
+        (the rows stay pending)."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if not self._pending:
+            return True
         rows, self._pending = self._pending, []
         try:
             self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._write(self._conn, rows)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+            self._write(self._conn, rows)
             self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             self._pending = rows + self._pending
+            if self._conn.in_transaction:  # a failed COMMIT can leave it open
+                with suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+            if not isinstance(exc, sqlite3.Error):
+                raise
+            self._retry_at = time.monotonic() + RETRY_S
             if not self._warned:
                 self._warned = True
                 log.error("nbllm: could not write to %s: %s; will retry", self.describe(), exc)
+            return False
+        self._retry_at = 0.0
+        self.commits += 1
+        return True
 
     def _write(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         raise NotImplementedError
@@ -318,6 +405,9 @@ class BatchWriter:
         """Commit what is pending and close the file. Idempotent."""
         if self._conn is None:
             return
-        self.flush()
+        if not self.flush():
+            log.error(
+                "nbllm: %d rows could not be written to %s", len(self._pending), self.describe()
+            )
         self._conn.close()
         self._conn = None  # type: ignore[assignment]

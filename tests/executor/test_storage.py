@@ -3,23 +3,28 @@ when rows are committed.
 
 Promises pinned here: a file nbllm cannot use (damaged, another program's, a newer
 schema, the other kind of nbllm file) is refused with a ``CheckpointError`` naming the
-file and what to do, before any request, leaving its bytes as they were; a batch of rows
-is committed as soon as it holds 200 rows, without waiting the 0.25 s of the timer.
+file and what to do, before any request, leaving its bytes as they were; rows are
+committed by group commit: a recorded turn is on disk in the event loop's next turn (no
+timer), the rows of one turn of the loop share one transaction, and never more than
+``MAX_PENDING`` recorded rows are uncommitted; a write that fails (a full disk) is logged
+once and its rows are written by a later try.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import CACHE, CHECKPOINT, UNUSABLE, database_options, digest
+from helpers import CACHE, CHECKPOINT, UNUSABLE, database_options, digest, on_fake_clock
 
 import nbllm
 from nbllm import FakeEngine, TurnRecord
 from nbllm.errors import CheckpointError
 from nbllm.executor.checkpoint import CheckpointStore, RunIdentity
-from nbllm.executor.storage import MAX_ROWS
+from nbllm.executor.storage import MAX_PENDING, RETRY_S
 
 DATA = [
     {"id": f"c{i}", "turns": [f"c{i} question {k}" for k in range(1 + i % 3)]} for i in range(6)
@@ -59,10 +64,11 @@ def test_an_unusable_file_is_refused_before_any_request_and_left_as_it_is(
     assert digest(path) == before
 
 
-# --------------------------------------------------------------------------- batches
+# --------------------------------------------------------------------------- group commit
 
 
 def committed_rows(path: Path) -> int:
+    """Rows a second connection sees: what a kill -9 now would leave."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0]
@@ -70,23 +76,96 @@ def committed_rows(path: Path) -> int:
         conn.close()
 
 
-async def test_a_batch_is_committed_the_moment_it_holds_200_rows(tmp_path):
-    """No await comes between the rows: the 0.25 s timer cannot have run, so only the row
-    count can have committed them."""
-    assert MAX_ROWS == 200  # the README's figure
-    path = tmp_path / "ckpt.sqlite"
-    n = MAX_ROWS + 1
+def open_store(path: Path) -> CheckpointStore:
     identity = RunIdentity(dataset="d", model="m", engine="fake")
-    store = CheckpointStore.open(path, identity, conversations=n, turns=n)
+    return CheckpointStore.open(path, identity, conversations=1000, turns=1000)
+
+
+def answered(i: int, answer: str | None = None) -> TurnRecord:
+    return TurnRecord(conversation_id=f"c{i}", turn=0, question="q", answer=answer or f"a{i}")
+
+
+async def test_a_turn_is_committed_in_the_loops_next_turn_with_no_timer(tmp_path):
+    """One turn of the loop, no time passing: a design that waits for a timer or for a
+    batch to fill would still hold the row."""
+    path = tmp_path / "ckpt.sqlite"
+    store = open_store(path)
     try:
-        for i in range(n):
-            record = TurnRecord(conversation_id=f"c{i}", turn=0, question="q", answer=f"a{i}")
-            store.record(i, record)
-            if i == MAX_ROWS - 2:
-                assert committed_rows(path) == 0  # 199 rows, younger than 0.25 s: pending
-            if i == MAX_ROWS - 1:
-                assert committed_rows(path) == MAX_ROWS
-        assert committed_rows(path) == MAX_ROWS  # the 201st starts the next batch
+        store.record(0, answered(0))
+        await asyncio.sleep(0)
+        assert committed_rows(path) == 1
+        store.record(1, answered(1))  # later, alone: its own transaction
+        await asyncio.sleep(0)
+        assert committed_rows(path) == 2
+        assert store.commits == 2
+        assert not asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
     finally:
         store.close()
-    assert committed_rows(path) == n
+
+
+async def test_turns_recorded_together_share_a_transaction_and_few_are_ever_pending(tmp_path):
+    """53 turns answered in one turn of the loop (a busy run): groups of MAX_PENDING, and
+    at every moment at most MAX_PENDING - 1 recorded turns are not yet on disk."""
+    assert MAX_PENDING == 5  # the README's figure
+    path = tmp_path / "ckpt.sqlite"
+    n = 53
+    store = open_store(path)
+    try:
+        for i in range(n):
+            store.record(i, answered(i))
+            assert i + 1 - committed_rows(path) == store.pending < MAX_PENDING
+        assert store.commits == n // MAX_PENDING
+        await asyncio.sleep(0)  # the rest, in the loop's next turn
+        assert committed_rows(path) == n
+        assert store.commits == n // MAX_PENDING + 1 < n
+    finally:
+        store.close()
+
+
+def test_without_a_running_loop_each_turn_is_committed_at_once(tmp_path):
+    path = tmp_path / "ckpt.sqlite"
+    store = open_store(path)
+    try:
+        store.record(0, answered(0))
+        assert committed_rows(path) == 1
+    finally:
+        store.close()
+
+
+@on_fake_clock
+async def test_a_full_disk_is_logged_once_and_the_turns_are_written_by_a_later_try(
+    tmp_path, caplog
+):
+    """SQLite's own "database or disk is full" (the file may not grow): every turn stays
+    pending, one error is logged, tries come RETRY_S apart (not one per turn); once the
+    disk has room, the next try writes them all."""
+    path = tmp_path / "ckpt.sqlite"
+    store = open_store(path)
+    loop = asyncio.get_running_loop()
+    big = "x" * 20_000  # overflow pages: the file must grow to hold it
+    conn = store._conn
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    try:
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        with caplog.at_level(logging.ERROR, logger="nbllm"):
+            store.record(0, answered(0, big))
+            await asyncio.sleep(0)
+            assert store.pending == 1 and store.commits == 0
+            t0 = loop.time()
+            for i in range(1, 3 * MAX_PENDING):  # past MAX_PENDING: still no try per turn
+                store.record(i, answered(i, big))
+            await asyncio.sleep(RETRY_S / 2)
+            assert store.commits == 0 and store.pending == 3 * MAX_PENDING
+            await asyncio.sleep(RETRY_S / 2 + 0.01)  # the second try: still full
+            assert store.pending == 3 * MAX_PENDING
+            errors = [r for r in caplog.records if "could not write" in r.getMessage()]
+            assert len(errors) == 1
+            assert "disk is full" in errors[0].getMessage()
+            assert str(path) in errors[0].getMessage()
+            conn.execute("PRAGMA max_page_count = 1000000")  # room again
+            await asyncio.sleep(RETRY_S)
+            assert loop.time() - t0 < 2 * RETRY_S + 0.1
+        assert store.pending == 0
+        assert committed_rows(path) == 3 * MAX_PENDING
+    finally:
+        store.close()
