@@ -8,6 +8,13 @@
 The model lives in its own process (its own GPU context, its own crash), behind the same
 OpenAI-compatible HTTP API that vLLM serves; ``worker.engine()`` is the lean
 ``OpenAIEngine`` pointed at it. ``start()`` returns once the model is loaded.
+
+The child does not outlive this process. ``stop()`` (and, at exit, ``stop_all_workers``)
+stops it with a drain. Where this process ends without either (a SIGKILL, ``os._exit``, a
+crash), the child sees its parent go (``--parent-pid``, ``--stop-on-stdin-eof``): at once
+through its stdin, and on Linux through a parent-death signal, else within a second. It
+then cuts off what was in flight, closes its engine and exits, forced out after
+``nbllm.serve.command.PARENT_GONE_EXIT_S`` (5 s) if its engine does not let go.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ __all__ = [
 
 _POLL_S = 0.15
 _STDERR_TAIL_CHARS = 2000
-# Options the worker sets itself: where it listens, and the key (never on a command line).
-_RESERVED_OPTIONS = ("--host", "--port", "--api-key")
+# Options the worker sets itself: where it listens, the key (never on a command line), and
+# the parent whose end stops the child.
+_RESERVED_OPTIONS = ("--host", "--port", "--api-key", "--parent-pid")
 # urllib would send even 127.0.0.1 through $http_proxy.
 _LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -97,7 +105,8 @@ class Worker:
         if reserved:
             msg = (
                 f"Worker options may not set {', '.join(reserved)}: the worker listens on "
-                "127.0.0.1 on a free port, and takes the key as api_key="
+                "127.0.0.1 on a free port, takes the key as api_key=, and stops with the "
+                "process that started it"
             )
             raise ConfigError(msg)
         self.engine_name = engine
@@ -121,6 +130,7 @@ class Worker:
             url_prefix=SERVE_URL_LINE_PREFIX,
             name="nbllm serve",
             env={SERVE_API_KEY_ENV: self._api_key},
+            parent_pid_option="--parent-pid",
         )
 
     def __repr__(self) -> str:  # no api_key
@@ -129,11 +139,14 @@ class Worker:
 
     @property
     def command(self) -> list[str]:
-        """The child's command line (it holds no secret)."""
+        """The child's command line (it holds no secret).
+
+        ``start()`` adds ``--parent-pid`` and the pid of the process that starts it.
+        """
         args = ["--engine", self.engine_name]
         if self._model_option is not None:
             args += ["--model", self._model_option]
-        args += ["--host", "127.0.0.1", "--port", "0", *self.options]
+        args += ["--host", "127.0.0.1", "--port", "0", "--stop-on-stdin-eof", *self.options]
         return [sys.executable, "-m", "nbllm", "serve", *args]
 
     @property

@@ -7,6 +7,14 @@
 
 The key comes from ``--api-key`` or, unseen by ``ps``, from ``$NBLLM_SERVE_API_KEY``.
 The first signal drains (``EngineServer.aclose``); a second cuts the drain short.
+
+A worker's server (``Worker`` passes ``--parent-pid`` and ``--stop-on-stdin-eof``) stops
+when its parent goes, killed or not: see ``ParentWatch`` for the signs it watches. Its
+clients went with the parent, so it does not drain: it answers what is in flight 503, closes
+the engine and exits 0, as after a signal; a parent already gone when it starts makes it exit
+0 before it listens or loads anything. If that stop takes more than
+``PARENT_GONE_EXIT_S`` (an engine that does not let go), the process exits at once with
+code 1: no model outlives its user.
 """
 
 from __future__ import annotations
@@ -18,12 +26,14 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from nbllm.engines import EMBEDDED_MODEL, create_engine
 from nbllm.engines.base import Engine
+from nbllm.engines.child_process import ParentWatch
 from nbllm.engines.fake import FakeEngine, echo
 from nbllm.engines.openai_wire import (
     SERVE_API_KEY_ENV,
@@ -33,9 +43,14 @@ from nbllm.engines.openai_wire import (
 )
 from nbllm.serve.server import EngineServer
 
-__all__ = ["add_parser", "engine_factory", "main", "serve_until_signal"]
+__all__ = ["PARENT_GONE_EXIT_S", "add_parser", "engine_factory", "main", "serve_until_signal"]
 
 _log = logging.getLogger("nbllm.serve")
+
+#: Seconds a server whose parent has gone may take to stop before it exits regardless.
+PARENT_GONE_EXIT_S = 5.0
+# The exit code of a stop that ran past PARENT_GONE_EXIT_S.
+_FORCED_EXIT_CODE = 1
 
 
 def _load_fake_engine(latency: float, load_s: float) -> Engine:
@@ -137,16 +152,54 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="S",
         help="--engine fake: seconds the load takes (for tests)",
     )
+    serve.add_argument(
+        "--parent-pid",
+        type=_positive_int,
+        metavar="PID",
+        help=(
+            "stop once process PID has exited, killed or not (checked every second, and at "
+            "once on Linux where PID is this server's parent); requests in flight are cut off"
+        ),
+    )
+    serve.add_argument(
+        "--stop-on-stdin-eof",
+        action="store_true",
+        help="stop like --parent-pid once stdin (a pipe the parent holds open) reaches its end",
+    )
     serve.set_defaults(handler=main)
     return serve
 
 
-async def serve_until_signal(server: EngineServer) -> None:
+def _exit_after(seconds: float) -> None:
+    """Exit the process in ``seconds`` unless it has exited by then (a daemon timer)."""
+
+    def exit_now() -> None:
+        _log.error("still stopping after %g s; exiting now", seconds)
+        logging.shutdown()
+        os._exit(_FORCED_EXIT_CODE)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.name = "nbllm-serve-exit"
+    timer.daemon = True
+    timer.start()
+
+
+async def serve_until_signal(
+    server: EngineServer,
+    *,
+    parent_pid: int | None = None,
+    stdin: BinaryIO | None = None,
+    exit_deadline_s: float | None = None,
+) -> bool:
     """Start ``server``, print the URL line, wait for SIGTERM or SIGINT, then drain.
 
     For a process that serves in the foreground: it takes over both signals, and ignores
     them once drained. A second signal during the drain cuts off the requests still running
     (answered 503).
+
+    ``parent_pid`` and ``stdin`` tie the server to its parent (``ParentWatch``): once it has
+    gone the server stops without a drain, and if ``exit_deadline_s`` is given, the process
+    exits (code 1) where that stop takes longer. Returns whether the parent has gone.
     """
     stop = asyncio.Event()
 
@@ -155,16 +208,43 @@ async def serve_until_signal(server: EngineServer) -> None:
             server.cut_off()
         stop.set()
 
+    def on_parent_gone(why: str) -> None:
+        _log.info("%s: stopping; requests in flight are cut off", why)
+        # Their clients were the parent's: nobody is left to read the answers.
+        server.grace = 0.0
+        server.cut_off()
+        stop.set()
+        if exit_deadline_s is not None:
+            _exit_after(exit_deadline_s)
+
     on_stop_signals(on_signal)
+    watch = ParentWatch(on_parent_gone, parent_pid=parent_pid, stdin=stdin)
     try:
-        await server.start()
-        print(f"{SERVE_URL_LINE_PREFIX}{server.url}", flush=True)
-        await stop.wait()
+        await watch.start()
+        if not stop.is_set():  # the parent may have gone before this process started
+            await server.start()
+            try:
+                print(f"{SERVE_URL_LINE_PREFIX}{server.url}", flush=True)
+            except BrokenPipeError:  # nobody reads the line: the parent has gone
+                on_parent_gone("stdout is closed")
+            await stop.wait()
         _log.info("stopping")
     finally:
+        await watch.aclose()
         await server.aclose()
         # Once drained the process only exits: a late SIGTERM must not turn exit 0 into a kill.
         ignore_stop_signals()
+    return watch.gone
+
+
+def _stdin_pipe() -> BinaryIO | None:
+    """This process's stdin, to watch for its end; None where there is none."""
+    try:
+        # closefd=False: when the watch closes it, fd 0 stays with the interpreter.
+        return open(0, "rb", buffering=0, closefd=False)
+    except OSError as exc:
+        _log.warning("--stop-on-stdin-eof: stdin cannot be opened (%s)", exc)
+        return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -182,5 +262,11 @@ def main(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(SERVE_API_KEY_ENV) or None,
         grace=args.grace,
     )
-    asyncio.run(serve_until_signal(server))
+    serving = serve_until_signal(
+        server,
+        parent_pid=args.parent_pid,
+        stdin=_stdin_pipe() if args.stop_on_stdin_eof else None,
+        exit_deadline_s=PARENT_GONE_EXIT_S,
+    )
+    asyncio.run(serving)
     return 0

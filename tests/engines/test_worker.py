@@ -75,6 +75,7 @@ def test_worker_command_and_key_stay_off_the_command_line() -> None:
         "127.0.0.1",
         "--port",
         "0",
+        "--stop-on-stdin-eof",
         "--batch-size",
         "8",
     ]
