@@ -9,8 +9,10 @@ second cancels them; every answer that arrived is kept and checkpointed. ``arun`
 same as a coroutine, for ``await``; cancelling its task cancels the requests in flight
 at once (their answers never arrived), keeping the rest.
 
-Each builds one ``RunConfig`` from its options; ``prepare_run`` does every check that
-needs the data or the engine, before any request.
+Each builds one ``RunConfig`` from its options; ``prepare_run`` (``aprepare_run`` for
+``arun``, which makes the engine off the loop) does every check that needs the data or
+the engine, before any request: an unknown engine, a missing model, a provider's API key
+missing from the environment, the data, the checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Any
 
 from nbllm.config import RunConfig, config_of_call
 from nbllm.dataset import load_conversations
-from nbllm.engines import EMBEDDED_MODEL, Engine, create_engine, is_local
+from nbllm.engines import EMBEDDED_MODEL, Engine, check_engine, create_engine, is_local
+from nbllm.engines.litellm import missing_credentials
 from nbllm.errors import ConfigError
 from nbllm.executor import Event, Executor
 from nbllm.executor.cache import ResponseCache, resolve_cache_path
@@ -46,7 +49,7 @@ from nbllm.retry import RetryPolicy
 from nbllm.run_thread import RunThread
 from nbllm.types import Conversation
 
-__all__ = ["PreparedRun", "RunStop", "arun", "prepare_run", "run"]
+__all__ = ["PreparedRun", "RunStop", "aprepare_run", "arun", "prepare_run", "run"]
 
 Listener = Callable[[Event], None]
 MakeView = Callable[["RunStop"], Listener | None]
@@ -175,7 +178,80 @@ def prepare_run(
     None) once the data is read and before the engine is made, so that a local
     engine's preparation (``EnginePhase`` events) shows in it.
     """
+    return _open(_check(data, config, listeners, make_view))
+
+
+async def aprepare_run(
+    data: Any,
+    config: RunConfig,
+    *,
+    listeners: Iterable[Listener] = (),
+    make_view: MakeView | None = None,
+) -> PreparedRun:
+    """``prepare_run`` for a coroutine: the options and the data are checked here, the
+    engine is made and the checkpoint opened in a worker thread, so that this loop (a
+    kernel's) goes on while a local model loads; its ``EnginePhase`` events reach the
+    listeners on this loop, in order. Cancelled while loading, the engine is closed as
+    soon as it is made.
+    """
+    checked = _check(data, config, listeners, make_view)
+    loop = asyncio.get_running_loop()
+    handoff = _Handoff()
+
+    def deliver(bus: EventBus, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to tell
+            loop.call_soon_threadsafe(bus.emit, event)
+
+    def opened() -> PreparedRun | None:
+        plan = _open(checked, deliver)
+        with handoff.lock:
+            if not handoff.abandoned:
+                handoff.plan = plan
+                return plan
+        _discard(plan)  # its caller has gone
+        return None
+
+    try:
+        plan = await asyncio.to_thread(opened)
+    except asyncio.CancelledError:
+        with handoff.lock:
+            handoff.abandoned = True
+            made = handoff.plan
+        if made is not None:
+            _discard(made)
+        _close_view(checked.view)
+        raise
+    assert plan is not None  # only an abandoned handoff gives None
+    return plan
+
+
+@dataclass
+class _Handoff:
+    """A plan made in a worker thread, or the word that its caller has gone."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    plan: PreparedRun | None = None
+    abandoned: bool = False
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What ``prepare_run`` checks before making anything: the part that never blocks."""
+
+    config: RunConfig
+    conversations: list[Conversation]
+    model: str
+    cache_path: Path | None
+    stop: RunStop
+    listeners: list[Listener]
+    view: Listener | None
+
+
+def _check(
+    data: Any, config: RunConfig, listeners: Iterable[Listener], make_view: MakeView | None
+) -> _Checked:
     engine = config.engine
+    check_engine(engine)  # an unknown engine is the error to report, whatever else is missing
     model = config.model
     if model is None:
         if isinstance(engine, Engine):
@@ -195,11 +271,7 @@ def prepare_run(
     view = make_view(stop) if make_view is not None else None
     if view is not None:
         run_listeners.append(view)
-    try:
-        return _prepare(config, conversations, model, cache_path, stop, run_listeners, view)
-    except BaseException:
-        _close_view(view)  # shown already: say the run did not start instead of waiting
-        raise
+    return _Checked(config, conversations, model, cache_path, stop, run_listeners, view)
 
 
 def _close_view(view: Listener | None) -> None:
@@ -208,21 +280,40 @@ def _close_view(view: Listener | None) -> None:
         close()
 
 
-def _prepare(
-    config: RunConfig,
-    conversations: list[Conversation],
-    model: str,
-    cache_path: Path | None,
-    stop: RunStop,
-    run_listeners: list[Listener],
-    view: Listener | None,
-) -> PreparedRun:
+def _discard(plan: PreparedRun) -> None:
+    """Release a plan that will never run."""
+    plan.release()
+    if plan.owns_engine:
+        _close_unused(plan.engine)
+
+
+Deliver = Callable[[EventBus, Event], None]
+
+
+def _open(checked: _Checked, deliver: Deliver | None = None) -> PreparedRun:
+    """Make the engine, open the checkpoint and the cache: the part that may take seconds
+    (a local model loads). ``deliver(bus, event)`` hands the engine's ``EnginePhase``
+    events to the listeners (default: at once, in this thread)."""
+    try:
+        return _prepare(checked, deliver)
+    except BaseException:
+        _close_view(checked.view)  # shown already: say the run did not start instead of waiting
+        raise
+
+
+def _prepare(checked: _Checked, deliver: Deliver | None) -> PreparedRun:
+    config, model, conversations = checked.config, checked.model, checked.conversations
     engine = config.engine
     api_key = None if config.api_key is None else config.api_key.get_secret_value()
-    phases = EventBus(run_listeners)
+    _check_credentials(engine, model, config.api_base, api_key)
+    phases = EventBus(checked.listeners)
 
     def on_phase(phase: str, done: float | None, total: float | None, detail: str = "") -> None:
-        phases.emit(EnginePhase(phase, done, total, time.time(), detail))
+        event = EnginePhase(phase, done, total, time.time(), detail)
+        if deliver is None:
+            phases.emit(event)
+        else:
+            deliver(phases, event)
 
     chosen = create_engine(
         engine,
@@ -237,9 +328,15 @@ def _prepare(
         # More would only queue inside the engine, where their timeouts would run out.
         config = config.model_copy(update={"concurrency": chosen.max_in_flight})
     plan = PreparedRun(
-        config, model, conversations, chosen, chosen is not engine, run_listeners, stop=stop
+        config,
+        model,
+        conversations,
+        chosen,
+        chosen is not engine,
+        checked.listeners,
+        stop=checked.stop,
+        view=checked.view,
     )
-    plan.view = view
     try:
         if config.checkpoint is not False and config.checkpoint is not None:
             identity = RunIdentity(
@@ -258,12 +355,49 @@ def _prepare(
                     turns=plan.turns,
                     resume=config.resume,
                 )
-        if cache_path is not None:
-            plan.cache = ResponseCache(cache_path, reuse_sampled=config.cache == "always")
+        if checked.cache_path is not None:
+            plan.cache = ResponseCache(checked.cache_path, reuse_sampled=config.cache == "always")
     except BaseException:
-        plan.release()
+        _discard(plan)  # a loaded local model, a worker child: not left behind
         raise
     return plan
+
+
+def _check_credentials(
+    engine: str | Engine, model: str, api_base: str | None, api_key: str | None
+) -> None:
+    """Refuse a provider's model whose API key is nowhere, before any request.
+
+    Sent without one, each request would fail (the OpenAI client says "Missing
+    credentials", which litellm reports as a server error) and be retried. Only for
+    litellm's providers: a server at ``api_base`` or a local model needs no provider key.
+    """
+    if api_key is not None or api_base is not None or engine not in ("auto", "litellm"):
+        return
+    if is_local(engine, model, api_base):
+        return
+    missing = missing_credentials(model)
+    if not missing:
+        return
+    wanted = missing[0] if len(missing) == 1 else " or ".join(missing)
+    msg = f"model={model!r} needs {wanted} in the environment (or pass api_key=)"
+    raise ConfigError(msg)
+
+
+def _close_unused(engine: Engine) -> None:
+    """Close an engine that never sent a request, from synchronous code.
+
+    Nothing of it is bound to an event loop yet, so a loop of its own closes it: here, or
+    in a short-lived thread where this thread already runs one (a kernel's).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(engine.aclose())
+        return
+    closer = threading.Thread(target=asyncio.run, args=(engine.aclose(),), name="nbllm-close")
+    closer.start()
+    closer.join()
 
 
 def _blocking_view(progress: bool | None) -> MakeView:
@@ -309,9 +443,13 @@ async def arun(
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
-    """Run a dataset of conversations and return one row per turn; see ``run``."""
+    """Run a dataset of conversations and return one row per turn; see ``run``.
+
+    The engine is made (a local model loaded, seconds) in a worker thread, so the
+    caller's loop, a kernel's widgets included, goes on meanwhile.
+    """
     config = config_of_call(locals())
-    plan = prepare_run(data, config, make_view=_blocking_view(config.progress))
+    plan = await aprepare_run(data, config, make_view=_blocking_view(config.progress))
     return _with_gpu_samples(await plan.execute(), plan.view)
 
 

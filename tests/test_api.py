@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,8 +28,8 @@ def test_run_returns_one_row_per_turn_with_the_documented_columns():
     result = nbllm.run(RECORDS, engine=FakeEngine(), model="fake-model", progress=False)
     assert list(result.df.columns) == [
         "conversation_id", "turn", "question", "answer", "reference", "model", "engine",
-        "latency_s", "prompt_tokens", "completion_tokens", "cost_usd", "attempts", "error",
-        "started_at", "finished_at", "cached", "resumed",
+        "latency_s", "prompt_tokens", "completion_tokens", "finish_reason", "cost_usd",
+        "attempts", "error", "started_at", "finished_at", "cached", "resumed",
     ]  # fmt: skip
     assert list(result.df["conversation_id"]) == ["a", "a", "b"]
     assert list(result.df["turn"]) == [0, 1, 0]
@@ -203,7 +204,7 @@ def test_system_prompt_comes_first_then_context():
         ({"max_tokens": 0}, "max_tokens="),
         ({"temperature": 3}, "temperature= expected a number between 0 and 2"),
         ({"api_base": "localhost:8000"}, "api_base= expected an http"),
-        ({"engine": "gpt"}, "engine must be one of"),
+        ({"engine": "gpt"}, "engine= expected one of auto, openai, litellm"),
         ({"checkpoint": 3}, "checkpoint= expected True, False or a path"),
         ({"cache": 1.5}, "cache= expected True, False, 'always' or a path"),
         ({"resume": "yes"}, "resume= expected True or False"),
@@ -217,6 +218,18 @@ def test_bad_options_fail_before_any_request(options, message):
     with pytest.raises(ConfigError, match=message):
         nbllm.run(RECORDS, model="m", engine=engine, **options)
     assert not isinstance(engine, FakeEngine) or engine.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("engine", "hint"),
+    [("pytorch", "torch"), ("tourch", "torch"), ("onnxruntime", "onnx"), ("llama.cpp", "llamacpp")],
+)
+def test_an_unknown_engine_is_named_with_the_closest_one_before_anything_else(engine, hint):
+    # Without model=, the missing model is not the error to report: the engine is.
+    with pytest.raises(
+        ConfigError, match=rf"got '{re.escape(engine)}' \(did you mean '{hint}'\?\)$"
+    ):
+        nbllm.run(RECORDS, engine=engine)
 
 
 def test_model_is_required_for_a_named_engine():
@@ -455,3 +468,107 @@ def test_a_run_that_cannot_start_closes_the_view_it_showed(tmp_path):
     with pytest.raises(nbllm.CheckpointError):
         prepare_run(RECORDS, config, make_view=lambda stop: View())
     assert closed == [True]
+
+
+class _Loaded(FakeEngine):
+    """A made engine, as a local model would be: the run owns it and must close it."""
+
+    def __init__(self, closed: list[str]) -> None:
+        super().__init__()
+        self._closed = closed
+
+    async def aclose(self) -> None:
+        self._closed.append("closed")
+        await super().aclose()
+
+
+def _damaged_checkpoint(tmp_path) -> str:
+    damaged = tmp_path / "checkpoint.sqlite"
+    damaged.write_bytes(b"not a database, " * 64)
+    return str(damaged)
+
+
+def test_a_refused_checkpoint_closes_the_engine_made_for_the_run(tmp_path, monkeypatch):
+    closed: list[str] = []
+    monkeypatch.setattr(nbllm.api, "create_engine", lambda engine, **_: _Loaded(closed))
+    with pytest.raises(nbllm.CheckpointError):
+        nbllm.run(RECORDS, model="m", progress=False, checkpoint=_damaged_checkpoint(tmp_path))
+    assert closed == ["closed"]
+
+
+async def test_arun_closes_the_engine_when_the_checkpoint_is_refused(tmp_path, monkeypatch):
+    closed: list[str] = []
+    monkeypatch.setattr(nbllm.api, "create_engine", lambda engine, **_: _Loaded(closed))
+    with pytest.raises(nbllm.CheckpointError):
+        await nbllm.arun(
+            RECORDS, model="m", progress=False, checkpoint=_damaged_checkpoint(tmp_path)
+        )
+    assert closed == ["closed"]
+
+
+def test_an_engine_given_by_the_caller_stays_open_when_the_checkpoint_is_refused(tmp_path):
+    closed: list[str] = []
+    engine = _Loaded(closed)
+    with pytest.raises(nbllm.CheckpointError):
+        nbllm.run(RECORDS, model="m", engine=engine, checkpoint=_damaged_checkpoint(tmp_path))
+    assert closed == []
+
+
+async def test_arun_loads_the_engine_off_the_loop_and_tells_its_phases_on_it(monkeypatch):
+    """A local model loading (here 0.5 s of blocking work) must not stop the caller's loop:
+    a kernel's widgets and other tasks go on, and the dashboard hears "loading" live."""
+    loop_thread = threading.get_ident()
+    heard: list[tuple[str, int]] = []
+
+    def slow_engine(engine, *, on_phase, **options):
+        on_phase("loading", None, None, "a slow model")
+        time.sleep(0.5)  # blocking, as a model load is
+        on_phase("loading", 1, 1, "loaded")
+        return FakeEngine()
+
+    def listener(event: Event) -> None:
+        if isinstance(event, EnginePhase):
+            heard.append((event.phase, threading.get_ident()))
+
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    monkeypatch.setattr(nbllm.api, "create_engine", slow_engine)
+    ticker = asyncio.create_task(tick())
+    try:
+        options = {"model": "m", "progress": False, "checkpoint": False, "cache": False}
+        result = await nbllm.arun(RECORDS, listeners=[listener], **options)
+    finally:
+        ticker.cancel()
+    assert result.summary.turns_ok == 3
+    assert ticks >= 10  # about 50 while the model loaded; none if it had blocked the loop
+    assert heard == [("loading", loop_thread), ("loading", loop_thread)]
+
+
+async def test_cancelling_arun_while_the_model_loads_closes_it_once_loaded(monkeypatch):
+    closed: list[str] = []
+    loading = threading.Event()
+
+    def slow_engine(engine, **options):
+        loading.set()
+        time.sleep(0.3)
+        return _Loaded(closed)
+
+    monkeypatch.setattr(nbllm.api, "create_engine", slow_engine)
+    options = {"model": "m", "progress": False, "checkpoint": False, "cache": False}
+    task = asyncio.create_task(nbllm.arun(RECORDS, **options))
+    while not loading.is_set():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):  # the load goes on in its thread; the engine is closed after it
+        if closed:
+            break
+        await asyncio.sleep(0.01)
+    assert closed == ["closed"]

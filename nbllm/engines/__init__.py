@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from nbllm.dataset import did_you_mean
 from nbllm.engines.base import Engine, EngineState
 from nbllm.engines.fake import FakeEngine
 from nbllm.engines.hardware import GpuInfo, Hardware, hardware
@@ -60,12 +61,43 @@ __all__ = [
     "LiteLLMEngine",
     "OpenAIEngine",
     "available",
+    "check_engine",
     "create_engine",
     "hardware",
     "is_local",
 ]
 
 ENGINE_NAMES = ("auto", "openai", "litellm", *LOCAL_ENGINE_NAMES)
+# What people call an engine by the package or project behind it.
+_ENGINE_ALIASES = {
+    "pytorch": "torch",
+    "transformers": "torch",
+    "onnxruntime": "onnx",
+    "ort": "onnx",
+    "llama.cpp": "llamacpp",
+    "llama_cpp": "llamacpp",
+    "llama-cpp": "llamacpp",
+    "llama-cpp-python": "llamacpp",
+}
+
+
+def check_engine(engine: object) -> None:
+    """Refuse a value of ``engine=`` that names no engine, with the closest name.
+
+    Called first by ``create_engine`` and ``nbllm.run``: an unknown engine is the error to
+    report, whatever else the options lack.
+    """
+    if isinstance(engine, Engine) or (isinstance(engine, str) and engine in ENGINE_NAMES):
+        return
+    hint = ""
+    if isinstance(engine, str):
+        alias = _ENGINE_ALIASES.get(engine.strip().lower())
+        hint = f" (did you mean {alias!r}?)" if alias else did_you_mean(engine, ENGINE_NAMES)
+    msg = (
+        f"engine= expected one of {', '.join(ENGINE_NAMES)} or an Engine instance, "
+        f"got {engine!r}{hint}"
+    )
+    raise ConfigError(msg)
 
 
 def _prefers_openai(model: str) -> bool:
@@ -127,13 +159,9 @@ def create_engine(
     ``local_options`` go to a local engine (``batch_size``, ``batch_wait_s``, ``device``);
     ``on_phase`` hears its preparation (see the module docstring).
     """
+    check_engine(engine)
     if isinstance(engine, Engine):
         return engine
-    if engine not in ENGINE_NAMES:
-        msg = (
-            f"engine must be one of {', '.join(ENGINE_NAMES)} or an Engine instance, got {engine!r}"
-        )
-        raise ConfigError(msg)
     if is_local(engine, model, api_base):
         if worker is None:
             worker = hardware().has_cuda
