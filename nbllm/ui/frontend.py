@@ -37,7 +37,8 @@ def progress_listener(
 
     Call it in the thread that runs the cell, so the dashboard lands in that cell's output,
     and before the engine is made, so a local engine's preparation shows in it too.
-    ``None`` means: in a notebook or a terminal, not when output goes to a file or a pipe.
+    ``None`` means: in a notebook or a terminal, not when output goes to a file or a pipe;
+    ``True`` there writes plain lines instead of a bar (``TextProgress(frames=False)``).
     ``stop`` gives the dashboard a Stop button (only useful where the kernel is free to
     handle the click, i.e. for a run in the background); it is called once per press (the
     first lets the requests in flight finish, the second cancels them).
@@ -58,11 +59,13 @@ def progress_listener(
             dashboard = Dashboard(stop=stop, stats=stats)
             display(dashboard)
             return dashboard
-    if progress is None and not sys.stderr.isatty():
+    terminal = sys.stderr.isatty()
+    if progress is None and not terminal:
         return None
     from nbllm.ui.progress import TextProgress
 
-    return TextProgress(stats=stats)
+    # Asked for where stderr is a file or a pipe: lines, never a bar's carriage returns.
+    return TextProgress(stats=stats, frames=terminal)
 
 
 def with_gpu_samples(result: RunResult, progress: Any) -> RunResult:

@@ -1,4 +1,8 @@
-"""A text progress bar (tqdm) driven by executor events, for terminals and plain frontends."""
+"""Text progress driven by executor events: a tqdm bar on a terminal, plain lines elsewhere.
+
+A bar redraws itself with carriage returns, which a log file or a pipe keeps as garbage;
+where stderr is not a terminal, ``TextProgress(frames=False)`` writes whole lines instead.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,11 @@ class TextProgress:
     A local engine's preparation (``EnginePhase``) gets a bar of its own first. The figures
     are read from ``stats``: by default one made here and fed with the events received; a
     ``RunStats`` passed in is fed by its maker (listening before this bar).
+
+    ``frames=False`` (for a file or a pipe) draws no bar: one line when each preparation
+    phase begins, one when the run starts, one when a stop is asked, one every
+    ``line_every_s`` seconds while turns finish (turns done, failed, retries), and the
+    verdict at the end.
     """
 
     # Requests in flight are not shown: no need for an event per send.
@@ -39,9 +48,19 @@ class TextProgress:
         RunFinished,
     )
 
-    def __init__(self, file: IO[str] | None = None, *, stats: RunStats | None = None) -> None:
+    def __init__(
+        self,
+        file: IO[str] | None = None,
+        *,
+        stats: RunStats | None = None,
+        frames: bool = True,
+        line_every_s: float = 60.0,
+    ) -> None:
         self.file = file
         self.stats = stats if stats is not None else RunStats()
+        self.frames = frames
+        self.line_every_s = line_every_s
+        self._line_at = 0.0
         self._feeds_stats = stats is None
         self._bar: Any = None
         self._phase_bar: Any = None
@@ -52,6 +71,9 @@ class TextProgress:
     def __call__(self, event: Event) -> None:
         if self._feeds_stats:
             self.stats.update(event)
+        if not self.frames:
+            self._write_line(event)
+            return
         if isinstance(event, TurnFinished):
             if self._bar is not None:
                 self._show_counts()
@@ -125,3 +147,38 @@ class TextProgress:
             if not_run:
                 postfix["not_run"] = not_run
             self._bar.set_postfix(postfix, refresh=False)
+
+    # -- lines, for a file or a pipe ------------------------------------------------------
+
+    def _print(self, text: str) -> None:
+        print(f"nbllm: {text}", file=self.file or sys.stderr, flush=True)
+
+    def _write_line(self, event: Event) -> None:
+        if isinstance(event, EnginePhase):
+            if event.phase != self._phase:
+                self._phase = event.phase
+                detail = " ".join(event.detail.split())
+                self._print(f"{phase_name(event.phase)}" + (f": {detail}" if detail else "…"))
+        elif isinstance(event, RunStarted):
+            self._phase = None
+            self._line_at = time.monotonic()
+            resumed = f", {event.resumed:,} resumed from the checkpoint" if event.resumed else ""
+            self._print(
+                f"started: {event.turns:,} turns in {event.conversations:,} conversations, "
+                f"model {event.model}, engine {event.engine}{resumed}"
+            )
+        elif isinstance(event, TurnFinished):
+            now = time.monotonic()
+            if now - self._line_at >= self.line_every_s:
+                self._line_at = now
+                snap = self.stats.snapshot()
+                self._print(
+                    f"{snap.turns_done:,}/{snap.turns_total:,} turns, {snap.failed:,} failed, "
+                    f"{snap.retries:,} retries"
+                )
+        elif isinstance(event, StopRequested):
+            self._print(f"stopping ({event.in_flight} in flight)")
+        elif isinstance(event, RunFinished):
+            verdict = self.stats.snapshot().verdict
+            if verdict:
+                self._print(verdict)
