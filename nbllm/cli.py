@@ -21,16 +21,18 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nbllm
 from nbllm.config import add_run_arguments
-from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, DatasetError, NbllmError
+from nbllm.executor.stats import one_line
 from nbllm.executor.storage import nbllm_dir
 from nbllm.serve import add_parser as add_serve_parser
+from nbllm.types import SKIPPED, TurnRecord
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -186,11 +188,33 @@ def _run(args: argparse.Namespace) -> int:
     if summary.turns_failed:
         print(
             f"nbllm: {summary.turns_failed} of {summary.turns} turns failed "
-            "(see the 'error' column)",
+            f"(see the 'error' column){_most_common_error(result.records)}",
             file=sys.stderr,
         )
         return 1
     return 0
+
+
+def _most_common_error(records: Iterable[TurnRecord]) -> str:
+    """``; most common: <one such error> (<count> turns)``, counting the errors of the turns that
+    failed by themselves (not those skipped after them) by kind, the text before the first
+    ":"; the error is shown on one line with anything like a key redacted."""
+    kinds: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for record in records:
+        error = record.error
+        if error is None or record.not_run or error.startswith(SKIPPED):
+            continue
+        kind = error.partition(":")[0]
+        kinds[kind] += 1
+        example.setdefault(kind, error)
+    if not kinds:
+        return ""
+    kind, count = kinds.most_common(1)[0]
+    text = one_line(example[kind])
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"; most common: {text} ({count} turn{'s' if count > 1 else ''})"
 
 
 def _size(n: int) -> str:
@@ -264,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "data", metavar="DATA", help="a .jsonl/.json, .csv (long or wide) or .parquet file"
     )
-    add_run_arguments(run, _RUN_OPTIONS, choices={"engine": ENGINE_NAMES})
+    # No argparse choices for --engine: nbllm.run refuses an unknown one with the closest name.
+    add_run_arguments(run, _RUN_OPTIONS)
     run.add_argument(
         "--out", metavar="FILE", help="write one row per turn to .csv, .jsonl or .parquet"
     )

@@ -141,8 +141,8 @@ def test_bad_option_value(server, tmp_path, capsys):
     data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
     assert cli(server, data, "--concurrency", "0") == 2
     assert "concurrency" in capsys.readouterr().err
-    assert main(["run", str(data), "--model", "m", "--engine", "nope"]) == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert main(["run", str(data), "--engine", "pytorch"]) == 2
+    assert capsys.readouterr().err.endswith("got 'pytorch' (did you mean 'torch'?)\n")
     assert server.requests == []
 
 
@@ -227,6 +227,61 @@ def test_api_key_is_used_but_never_shown(tmp_path, capsys):
     assert "turns_ok           3" in captured.out
     for text in (captured.out, captured.err, out.read_text(encoding="utf-8")):
         assert SECRET not in text
+
+
+def test_failed_turns_name_the_most_common_error_with_its_count(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    with TestServer(api_key=SECRET) as guarded:
+        code = cli(guarded, data, "--api-key", "sk-wrong-key-456", "--retries", "5")
+        sent = len(guarded.requests)
+
+    assert code == 1
+    assert sent == 2  # one per conversation: refused credentials are not retried
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "nbllm: 3 of 3 turns failed (see the 'error' column); most common: "
+        "AuthenticationError: HTTP 401: Incorrect or missing API key for the nbllm test server. "
+        "(2 turns)"
+    )
+    assert "sk-wrong-key-456" not in err
+
+
+PROGRESS_SCRIPT = """
+import sys
+import nbllm
+from nbllm.testing import TestServer
+
+with TestServer() as server:
+    nbllm.run(
+        [{"id": i, "turns": ["a", "b"]} for i in range(20)], model="nbllm-test",
+        api_base=server.url, checkpoint=False, cache=False, progress=True,
+    )
+"""
+
+
+def test_progress_into_a_file_or_a_pipe_is_lines_never_frames(server, tmp_path):
+    """A bar's carriage returns would land in the log: lines instead, and by default none."""
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    log = tmp_path / "stderr.log"
+    args = ["run", str(data), "--model", "nbllm-test", "--api-base", server.url]
+    with log.open("w") as stderr:
+        proc = subprocess.run(
+            [sys.executable, "-m", "nbllm.cli", *args, "--no-checkpoint"],
+            stdout=subprocess.PIPE, stderr=stderr, timeout=60, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 0
+    assert log.read_text() == ""  # the summary goes to stdout; nothing to say on stderr
+
+    asked = subprocess.run(
+        [sys.executable, "-c", PROGRESS_SCRIPT],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    assert "\r" not in asked.stderr
+    lines = asked.stderr.splitlines()
+    assert lines[0].startswith("nbllm: started: 40 turns in 20 conversations, model nbllm-test")
+    assert lines[-1].startswith("nbllm: 40/40 turns ok in ")
+    assert len(lines) == 2  # a short run: no line in between (one a minute)
 
 
 def test_ctrl_c_writes_what_finished(server, tmp_path, capsys, monkeypatch):
