@@ -6,7 +6,8 @@ same way. Each finished row is counted by ``nbllm.results.RowTotals``, the rules
 end-of-run ``RunSummary`` counts the final rows with, so a live figure and the summary's
 mean the same thing. What only a live view has is computed here: the pace over a recent
 window, the ETA, the requests in flight, retries as they are scheduled, errors by kind and
-the last error, a stop on its way, and a local engine's preparation before the run.
+the last error, a stop on its way, a local engine's preparation before the run and the
+tokens it has generated while the run goes.
 Once the run has finished, every figure is the end-of-run summary's (whole-run rates, the
 turns that never ran), so a finished view and ``print(result.summary)`` agree.
 
@@ -23,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from nbllm.errors import ConfigError
 from nbllm.executor.events import (
     EnginePhase,
     Event,
@@ -36,7 +38,11 @@ from nbllm.executor.events import (
 from nbllm.results import RowTotals, RunSummary, percentile
 from nbllm.types import SKIPPED
 
-__all__ = ["RunStats", "Snapshot", "error_kind", "one_line"]
+__all__ = ["GENERATING", "RunStats", "Snapshot", "error_kind", "one_line"]
+
+GENERATING = "generating"
+"""The phase a local engine reports while it answers (``nbllm.engines.local.phases`` says
+the same word): ``done`` is the completion tokens it has generated since it was made."""
 
 WINDOW_S = 5.0
 """Rates and the ETA follow the turns finished in the last this-many seconds."""
@@ -72,13 +78,19 @@ class Snapshot:
     of the failed turns, most frequent first, the kind being the error text up to its
     first ":"; ``last_error``: the latest error (of a turn or a retry) in full, on one
     line, keys redacted. ``retries`` counts the retries scheduled in this run.
-    ``cost_usd`` is ``None`` while no row has a known cost. ``eta_s`` is ``None`` until
+    ``truncated``: answered turns that ``max_tokens`` cut short (``finish_reason``
+    ``"length"``), as the summary counts them. ``cost_usd`` is ``None`` while no row
+    has a known cost. ``eta_s`` is ``None`` until
     there is a pace to go by, while stopping, and once the run ended with turns not run.
     ``stopping``: a stop was asked and the requests in flight are finishing.
     ``stop_reason`` and ``verdict`` are the summary's, set once finished. ``phase``,
     ``phase_done``, ``phase_total`` and ``phase_detail``: a local engine's preparation
     ("converting", "exporting", "loading") before the run starts, in the phase's own
     unit (``None`` when unknown); all None once the run has started.
+    ``generated_tokens``: while the run goes, the completion tokens a local engine says
+    it has generated so far (its "generating" phase, counted since the engine was made),
+    so a slow generation visibly moves before its turn finishes; None when no engine
+    said, and once the run has finished (the summary's ``completion_tokens`` then).
     """
 
     model: str | None = None
@@ -104,6 +116,7 @@ class Snapshot:
     interrupted: bool = False
     failed: int = 0
     not_run: int = 0
+    truncated: int = 0
     errors_by_kind: tuple[tuple[str, int], ...] = ()
     last_error: str | None = None
     stopping: bool = False
@@ -113,6 +126,7 @@ class Snapshot:
     phase_done: float | None = None
     phase_total: float | None = None
     phase_detail: str | None = None
+    generated_tokens: int | None = None
 
     @property
     def turns_ok(self) -> int:
@@ -125,13 +139,14 @@ class RunStats:
 
     An event listener itself (``listeners=[stats]``). ``turns_done``, ``errors`` and
     ``retries`` are plain counts, cheap enough to read after every event; ``snapshot``
-    gives every figure. An ``EnginePhase`` after a finished run starts over too.
+    gives every figure. An ``EnginePhase`` of preparation after a finished run starts
+    over too; the "generating" phase is a figure of the run going on, not a preparation.
     """
 
     def __init__(self, window_s: float = WINDOW_S) -> None:
-        if window_s <= 0:
-            msg = f"window_s must be positive, got {window_s!r}"
-            raise ValueError(msg)
+        if not window_s > 0:
+            msg = f"window_s must be a number of seconds > 0, got {window_s!r}"
+            raise ConfigError(msg)
         self.window_s = window_s
         self._lock = threading.Lock()
         self._reset()
@@ -154,6 +169,7 @@ class RunStats:
         self._errors_by_kind: dict[str, int] = {}
         self._last_error: str | None = None
         self._phase: EnginePhase | None = None
+        self._generated: int | None = None
         # (finish time, requests sent, tokens) of this run's turns in the recent window,
         # with their running sums. Resumed rows stay out: read back from the checkpoint in a
         # burst at the start, they are not this run's pace.
@@ -182,6 +198,11 @@ class RunStats:
             elif isinstance(event, StopRequested):
                 self._stopping = True
             elif isinstance(event, EnginePhase):
+                if event.phase == GENERATING:
+                    # A count that comes late, after the run finished, changes nothing.
+                    if self._finished_t is None and event.done is not None:
+                        self._generated = int(event.done)
+                    return
                 if self._finished_t is not None:
                     self._reset()
                 self._phase = event
@@ -327,6 +348,7 @@ class RunStats:
                 interrupted=self._interrupted,
                 failed=rows.failed,
                 not_run=rows.not_run,
+                truncated=rows.truncated,
                 errors_by_kind=tuple(by_kind),
                 last_error=None if self._last_error is None else one_line(self._last_error),
                 stopping=self._stopping,
@@ -336,4 +358,5 @@ class RunStats:
                 phase_done=None if phase is None else phase.done,
                 phase_total=None if phase is None else phase.total,
                 phase_detail=None if phase is None else phase.detail or None,
+                generated_tokens=None if summary is not None else self._generated,
             )

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nbllm.errors import ConfigError
 from nbllm.executor.events import (
     EnginePhase,
     Event,
@@ -32,7 +33,7 @@ from nbllm.executor.events import (
     StopRequested,
     TurnFinished,
 )
-from nbllm.executor.stats import RunStats, Snapshot
+from nbllm.executor.stats import GENERATING, RunStats, Snapshot
 from nbllm.ui.gpu import GpuMonitor, GpuSample
 from nbllm.ui.redraw import RedrawTimer
 from nbllm.ui.snapshot_text import (
@@ -120,8 +121,8 @@ class Dashboard:
         stats: RunStats | None = None,
     ) -> None:
         if not max_updates_per_s > 0:
-            msg = f"max_updates_per_s must be positive, got {max_updates_per_s!r}"
-            raise ValueError(msg)
+            msg = f"max_updates_per_s must be a number > 0, got {max_updates_per_s!r}"
+            raise ConfigError(msg)
         self.stats = stats if stats is not None else RunStats()
         self._feeds_stats = stats is None
         self.gpu_monitor = GpuMonitor() if gpu is not False else None
@@ -156,6 +157,10 @@ class Dashboard:
         kind = type(event)
         if kind is TurnFinished or kind is RequestSent:  # the many: as little as can be
             self._timer.changed()
+            return
+        if isinstance(event, EnginePhase) and event.phase == GENERATING:
+            if not self._finished:  # a late count must not wake a finished view
+                self._timer.changed()
             return
         try:
             self._on_run_event(event)

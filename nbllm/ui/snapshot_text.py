@@ -17,10 +17,12 @@ __all__ = [
     "figures_line",
     "format_duration",
     "format_seconds",
+    "generated_text",
     "phase_name",
     "phase_text",
     "status_line",
     "summary_line",
+    "truncated_text",
 ]
 
 _PHASES = {
@@ -74,11 +76,14 @@ def _cost(usd: float) -> str:
 def figure_items(snap: Snapshot) -> list[str]:
     """Every figure of the snapshot but the bars', one short item each.
 
-    Counts that are zero and say nothing (cached, resumed, not run, a cost of nothing) are
-    left out, and so are the requests in flight once the run has ended; failures are
-    always shown, so "0 failed" says there were none.
+    Counts that are zero and say nothing (cached, resumed, not run, cut short, a cost of
+    nothing) are left out, and so are the requests in flight and a local engine's tokens
+    generated so far once the run has ended; failures are always shown, so "0 failed"
+    says there were none.
     """
     items = [] if snap.finished else [f"in flight {snap.in_flight:,}"]
+    if snap.generated_tokens is not None:  # a local generation moves before its turn ends
+        items.append(generated_text(snap.generated_tokens))
     items += [f"{_rate(snap.requests_per_s)} req/s", f"{_rate(snap.tokens_per_s)} tok/s"]
     if snap.latency_p50 is None:
         items.append("latency -")
@@ -86,6 +91,8 @@ def figure_items(snap: Snapshot) -> list[str]:
         p50, p95 = format_seconds(snap.latency_p50), format_seconds(snap.latency_p95)
         items.append(f"latency p50 {p50} · p95 {p95}")
     items += [f"retries {snap.retries:,}", f"{snap.failed:,} failed"]
+    if snap.truncated:
+        items.append(truncated_text(snap.truncated))
     if snap.not_run:
         items.append(f"{snap.not_run:,} not run")
     if snap.cached:
@@ -98,6 +105,16 @@ def figure_items(snap: Snapshot) -> list[str]:
     if not snap.finished:
         items.append(f"ETA {format_duration(snap.eta_s)}")
     return items
+
+
+def truncated_text(count: int) -> str:
+    """Answers that max_tokens cut short: ``"12 cut short by max_tokens"``."""
+    return f"{count:,} cut short by max_tokens"
+
+
+def generated_text(tokens: int) -> str:
+    """A local engine's progress within its turns: ``"1,234 tokens generated"``."""
+    return f"{tokens:,} token{'' if tokens == 1 else 's'} generated"
 
 
 def figures_line(snap: Snapshot) -> str:
@@ -186,6 +203,10 @@ def summary_line(snap: Snapshot) -> str:
     if snap.finished and snap.verdict:
         return f"nbllm: {snap.verdict}"
     parts = [f"{snap.turns_done:,}/{snap.turns_total:,} turns", f"{snap.failed:,} failed"]
+    if snap.truncated:
+        parts.append(truncated_text(snap.truncated))
+    if snap.generated_tokens is not None and not snap.finished:
+        parts.append(generated_text(snap.generated_tokens))
     if snap.not_run:
         parts.append(f"{snap.not_run:,} not run")
     if snap.finished:

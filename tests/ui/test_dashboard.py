@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import nbllm
+from nbllm.errors import ConfigError
 from nbllm.executor.events import (
     EnginePhase,
     RequestSent,
@@ -52,8 +53,10 @@ def record(
     attempts: int = 1,
     cached: bool = False,
     resumed: bool = False,
+    finish_reason: str | None = None,
 ) -> TurnRecord:
     return TurnRecord(
+        finish_reason=finish_reason,
         conversation_id=conversation,
         turn=turn,
         question="q",
@@ -298,6 +301,12 @@ def test_summary_line():
     assert summary_line(finished) == "nbllm: 300/300 turns ok in 8.4 s"
     preparing = Snapshot(phase="converting", phase_done=120, phase_total=272)
     assert summary_line(preparing) == "nbllm: converting the model… 120 / 272"
+    generating = Snapshot(
+        turns_done=1, turns_total=6, truncated=1, generated_tokens=1, eta_s=5.0, started=True
+    )
+    assert summary_line(generating) == (
+        "nbllm: 1/6 turns, 0 failed, 1 cut short by max_tokens, 1 token generated, - req/s, ETA 5 s"
+    )
 
 
 def test_figures_say_seconds_elapsed_and_eta_and_leave_out_empty_counts():
@@ -495,6 +504,47 @@ def test_a_clean_run_ends_green_with_the_verdict():
     assert dash.conversations_bar.bar_style == "success"
     assert "2/2 turns ok in" in dash.status.value
     assert dash.stats.snapshot().verdict in dash.status.value
+
+
+def test_answers_cut_short_show_once_there_is_one():
+    dash = Dashboard(gpu=False)
+    dash(started(turns=4, conversations=4))
+    dash(done(record("a", finish_reason="stop"), 0.1, last=True))
+    dash.render()
+    assert "cut short" not in dash.figures.value and "cut short" not in str(dash)
+    dash(done(record("b", finish_reason="length"), 0.2, last=True))
+    dash(done(record("c", finish_reason="length", resumed=True), 0.3, last=True))
+    dash.render()
+    assert "2 cut short by max_tokens" in dash.figures.value
+    assert "2 cut short by max_tokens" in str(dash)
+    dash(done(record("d", error="ServerError: HTTP 500"), 0.4, last=True))
+    dash(RunFinished(3, 1, 0.5, False, 0.5))
+    snap = dash.stats.snapshot()
+    assert snap.truncated == 2
+    assert snap.verdict is not None and "(2 cut short by max_tokens)" in snap.verdict
+    assert "2 cut short by max_tokens" in dashboard_html(snap)
+
+
+def test_a_local_generation_moves_the_figures_before_its_turn_ends():
+    dash = Dashboard(gpu=False)
+    dash(started(turns=2, conversations=1))
+    dash(RequestSent("a", 0, 1, 1, 0.05))
+    dash.render()
+    assert "generated" not in dash.figures.value  # an API engine says nothing of the kind
+    dash(EnginePhase("generating", 1234, None, 0.3))
+    dash.render()
+    assert "1,234 tokens generated" in dash.figures.value
+    assert "1,234 tokens generated" in str(dash)
+    assert dash.phase.value == ""  # a figure of the run, not a preparation
+    dash(EnginePhase("generating", 2000, None, 0.6))
+    dash.render()
+    assert "2,000 tokens generated" in dash.figures.value
+    dash(done(record("a", completion_tokens=2000), 0.7, last=True))
+    dash(RunFinished(1, 0, 0.8, False, 0.8))
+    assert "generated" not in dash.figures.value  # the run's own figures say it now
+    dash(EnginePhase("generating", 2100, None, 0.9))  # late: the finished run keeps its page
+    snap = dash.stats.snapshot()
+    assert snap.finished and snap.turns_done == 1 and snap.generated_tokens is None
 
 
 def test_a_local_engine_shows_its_phases_before_the_turns():
@@ -760,9 +810,10 @@ def test_the_frontend_shares_the_runs_stats(monkeypatch):
     assert isinstance(bar, TextProgress) and bar.stats is stats
 
 
-def test_bad_update_rate_is_refused():
-    with pytest.raises(ValueError, match="max_updates_per_s"):
-        Dashboard(gpu=False, max_updates_per_s=0)
+@pytest.mark.parametrize("rate", [0, -1.0, float("nan")])
+def test_bad_update_rate_is_refused(rate):
+    with pytest.raises(ConfigError, match="max_updates_per_s must be a number > 0, got"):
+        Dashboard(gpu=False, max_updates_per_s=rate)
 
 
 def test_end_to_end_with_a_real_run():
