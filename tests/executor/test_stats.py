@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import threading
 
+import numpy as np
 import pytest
 
 import nbllm
-from nbllm.errors import RequestRejected, ServerError
+from nbllm.errors import ConfigError, RequestRejected, ServerError
 from nbllm.executor.events import (
     EnginePhase,
     RequestSent,
@@ -20,6 +21,7 @@ from nbllm.executor.events import (
 )
 from nbllm.executor.stats import RunStats, Snapshot, one_line
 from nbllm.results import RowTotals, RunResult, RunSummary, request_latency
+from nbllm.testing import Fault, TestServer
 from nbllm.types import NOT_RUN, ChatRequest, TurnRecord
 from nbllm.ui.dashboard import Dashboard
 from nbllm.ui.progress import TextProgress
@@ -38,8 +40,10 @@ def record(
     attempts: int = 1,
     cached: bool = False,
     resumed: bool = False,
+    finish_reason: str | None = None,
 ) -> TurnRecord:
     return TurnRecord(
+        finish_reason=finish_reason,
         conversation_id="c",
         turn=turn,
         question="q",
@@ -95,6 +99,21 @@ def test_row_totals():
     assert totals.sent_tokens == 2 * 15  # neither the cached nor the resumed rows' tokens
     assert totals.cost_usd == pytest.approx(0.75)
     assert RowTotals().cost_usd is None
+
+
+def test_an_answer_cut_short_counts_whoever_answered_it():
+    totals = RowTotals.of(
+        [
+            record(finish_reason="length"),
+            record(1, finish_reason="length", resumed=True),
+            record(2, finish_reason="length", cached=True, attempts=0),
+            record(3, finish_reason="stop"),
+            record(4),
+            # A failed row has no answer to be cut, whatever its row says.
+            record(5, error="ServerError: 500", finish_reason="length"),
+        ]
+    )
+    assert totals.truncated == 3
 
 
 def test_a_turn_that_never_ran_is_not_run_not_failed():
@@ -286,6 +305,29 @@ def test_an_engine_prepares_before_the_run_starts():
     assert snap.phase == "loading" and not snap.finished and snap.turns_done == 0
 
 
+def test_a_local_engines_tokens_generated_show_while_the_run_goes():
+    stats = RunStats()
+    stats.update(EnginePhase("generating", 7, None, 99.0))  # before the run: not its count
+    stats.update(RunStarted(1, 2, "m", "torch", 100.0))
+    assert stats.snapshot(now=100.5).generated_tokens is None
+    stats.update(EnginePhase("generating", 40, None, 101.0))
+    snap = stats.snapshot(now=101.0)
+    assert snap.generated_tokens == 40 and snap.phase is None and snap.started
+    stats.update(EnginePhase("generating", 95, None, 102.0))
+    stats.update(TurnFinished(record(tokens=(10, 95)), 0, 102.1))
+    assert stats.snapshot(now=102.2).generated_tokens == 95
+    stats.update(RunFinished(1, 0, 2.5, False, 102.5))
+    stats.update(EnginePhase("generating", 120, None, 102.6))  # late: changes nothing
+    snap = stats.snapshot(now=103.0)
+    assert snap.finished and snap.generated_tokens is None and snap.turns_done == 1
+
+
+@pytest.mark.parametrize("window_s", [0, -5.0])
+def test_a_window_that_is_not_positive_is_refused(window_s):
+    with pytest.raises(ConfigError, match="window_s must be a number of seconds > 0"):
+        RunStats(window_s=window_s)
+
+
 def test_text_progress_shows_the_counts_of_its_stats():
     out = io.StringIO()
     bar = TextProgress(file=out)
@@ -313,6 +355,7 @@ def summary_figures(summary: RunSummary) -> dict[str, object]:
         "retries": summary.retries,
         "cached": summary.cached,
         "resumed": summary.resumed,
+        "cut short": summary.truncated,
         "requests/s": summary.requests_per_s,
         "tokens/s": summary.tokens_per_s,
         "latency": (summary.latency_p50, summary.latency_p95),
@@ -333,6 +376,7 @@ def snapshot_figures(snap: Snapshot) -> dict[str, object]:
         "retries": snap.retries,
         "cached": snap.cached,
         "resumed": snap.resumed,
+        "cut short": snap.truncated,
         "requests/s": snap.requests_per_s,
         "tokens/s": snap.tokens_per_s,
         "latency": (snap.latency_p50, snap.latency_p95),
@@ -454,11 +498,71 @@ def test_a_fully_resumed_run_sent_nothing_and_says_so(tmp_path):
     options = {"engine": engine, "model": "m", "retries": FAST, "progress": False}
     first = nbllm.run(data, checkpoint=checkpoint, **options)
     assert first.summary.retries == 1 and first.summary.requests_per_s > 0
+    calls = engine.calls
 
     stats = RunStats()
     again = nbllm.run(data, checkpoint=checkpoint, listeners=[stats], **options)
     summary = again.summary
+    assert engine.calls == calls
     assert summary.resumed == summary.turns_ok == 100
-    # Nothing was sent in this run: no rate, no retries, however short the run was.
+    # Nothing was sent in this run: no rate, no retries, no latency, however short the run.
     assert (summary.requests_per_s, summary.tokens_per_s, summary.retries) == (0.0, 0.0, 0)
+    assert (summary.latency_p50, summary.latency_p95, summary.latency_p99) == (None,) * 3
+    # The totals are the result's: every row's tokens, as the first run counted them.
+    assert summary.prompt_tokens == first.summary.prompt_tokens > 0
+    assert summary.completion_tokens == first.summary.completion_tokens > 0
+    assert snapshot_figures(stats.snapshot()) == summary_figures(summary)
+
+
+def test_resumed_cached_and_sent_turns_over_http(tmp_path):
+    """One run with turns resumed from its checkpoint, one from the response cache and the
+    rest sent: the rates, retries and latencies are those of the requests the server saw
+    in this run; the token totals and the answers cut short are the whole result's."""
+    data = [
+        {"id": f"c{i}", "turns": [f"c{i} q0" + " and then some more words" * (i % 2), f"c{i} q1"]}
+        for i in range(8)
+    ]
+    checkpoint = tmp_path / "run.sqlite"
+    # Every request fails once (500) and is answered on its retry; max_tokens cuts the
+    # answers to the long questions (the odd conversations' first turns).
+    faults = {"faults": {Fault.SERVER_ERROR: 1.0}, "fault_first": 1, "latency": 0.005}
+    with TestServer(**faults) as server:
+        options = {"api_base": server.url, "model": "nbllm-test", "retries": FAST}
+        options |= {"max_tokens": 10, "progress": False, "concurrency": 1, "max_conversations": 1}
+        half_way = threading.Event()
+        answered = []
+
+        def watch(event) -> None:
+            if isinstance(event, TurnFinished):
+                answered.append(event)
+                if len(answered) >= 4:
+                    half_way.set()
+
+        job = nbllm.submit(data, checkpoint=checkpoint, listeners=[watch], **options)
+        assert half_way.wait(30)
+        assert job.stop(timeout=30).summary.turns_not_run > 0
+        nbllm.run([{"id": "x", "turns": [data[7]["turns"][0]]}], checkpoint=False, **options)
+        server.reset()
+
+        stats = RunStats()
+        result = nbllm.run(data, checkpoint=checkpoint, listeners=[stats], **options)
+        requests = len(server.requests)
+
+    summary, df = result.summary, result.df
+    sent = df[~df["resumed"] & ~df["cached"]]
+    assert summary.turns_ok == 16 and summary.resumed >= 4 and summary.cached == 1
+    assert requests == 2 * len(sent) > 0
+    assert summary.requests_per_s * summary.wall_s == pytest.approx(requests)
+    assert summary.retries == len(sent)
+    sent_tokens = int((sent["prompt_tokens"] + sent["completion_tokens"]).sum())
+    assert summary.tokens_per_s * summary.wall_s == pytest.approx(sent_tokens)
+    latencies = sorted(sent["latency_s"].astype(float))
+    assert summary.latency_p50 == pytest.approx(float(np.percentile(latencies, 50)))
+    assert summary.latency_p99 == pytest.approx(float(np.percentile(latencies, 99)))
+    assert summary.prompt_tokens == int(df["prompt_tokens"].sum())
+    assert summary.completion_tokens == int(df["completion_tokens"].sum())
+    # Resumed and cached answers say why they ended, as when they were first answered.
+    assert df["finish_reason"].notna().all()
+    assert summary.truncated == (df["finish_reason"] == "length").sum() == 4
+    assert "(4 cut short by max_tokens)" in summary.verdict
     assert snapshot_figures(stats.snapshot()) == summary_figures(summary)
