@@ -117,11 +117,18 @@ def open_database(
         found = version
         if existed and (tables or readonly):
             found = _check_ours(conn, path, tables, kind=kind, version=version, advice=advice)
+            if not readonly and any(v not in (migrations or {}) for v in range(found, version)):
+                raise _unusable(
+                    path,
+                    f"was written by an older nbllm ({kind} schema {found}), which this "
+                    f"version cannot bring up to schema {version}",
+                    advice,
+                )
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
             if found < version:
-                _migrate(conn, path, kind=kind, version=version, migrations=migrations or {})
+                _migrate(conn, version=version, migrations=migrations or {})
             if "meta" not in tables:
                 # OR IGNORE: another run may have made the same new file meanwhile (a
                 # shared cache opened by two runs at once).
@@ -180,9 +187,7 @@ def _check_ours(
     return found
 
 
-def _migrate(
-    conn: sqlite3.Connection, path: Path, *, kind: str, version: int, migrations: Mapping[int, str]
-) -> None:
+def _migrate(conn: sqlite3.Connection, *, version: int, migrations: Mapping[int, str]) -> None:
     """Bring a file of an older schema up to ``version`` in one transaction.
 
     The version is read again inside the transaction: another process may have migrated
@@ -193,13 +198,6 @@ def _migrate(
         query = "SELECT value FROM meta WHERE key = 'schema_version'"
         found = int(conn.execute(query).fetchone()[0])
         while found < version:
-            if found not in migrations:
-                raise _unusable(
-                    path,
-                    f"was written by an older nbllm ({kind} schema {found}), which this "
-                    f"version cannot bring up to schema {version}",
-                    "Move it aside or pass another path",
-                )
             for statement in migrations[found].split(";"):
                 if statement.strip():
                     conn.execute(statement)

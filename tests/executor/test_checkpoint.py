@@ -720,3 +720,122 @@ def test_a_file_left_by_a_crash_before_the_schema_was_written_is_made_anew(tmp_p
     )
     assert result.summary.turns_ok == 1
     assert engine.calls == 1
+
+
+# --------------------------------------------------------------------------- schema 1
+
+# The turns table of checkpoint schema 1 (nbllm before finish_reason), as it was written.
+V1_TURNS = """
+CREATE TABLE turns (
+    conversation INTEGER NOT NULL,
+    turn INTEGER NOT NULL,
+    conversation_id TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    model TEXT,
+    engine TEXT,
+    latency_s REAL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    cost_usd REAL,
+    attempts INTEGER NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    cached INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (conversation, turn)
+) WITHOUT ROWID;
+"""
+V1_COLUMNS = (
+    "conversation, turn, conversation_id, answer, model, engine, latency_s, prompt_tokens, "
+    "completion_tokens, cost_usd, attempts, started_at, finished_at, cached"
+)
+
+
+def as_schema_1(path: Path, keep: int) -> None:
+    """Rewrite the checkpoint at ``path`` as the previous nbllm wrote it (schema 1, WAL),
+    holding the same run and its first ``keep`` turns."""
+    source = sqlite3.connect(path)
+    meta = source.execute("SELECT key, value FROM meta").fetchall()
+    rows = source.execute(
+        f"SELECT {V1_COLUMNS} FROM turns ORDER BY conversation, turn LIMIT ?", (keep,)
+    ).fetchall()
+    source.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(V1_TURNS + "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta)
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.executemany(f"INSERT INTO turns ({V1_COLUMNS}) VALUES ({', '.join('?' * 14)})", rows)
+    conn.commit()
+    conn.close()
+
+
+def schema_of(path: Path) -> tuple[str, list[str]]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(turns)")]
+    finally:
+        conn.close()
+    return version[0], columns
+
+
+def test_a_schema_1_checkpoint_is_migrated_and_resumed_with_no_finish_reason(tmp_path):
+    """The previous nbllm's file: its turns are resumed (finish_reason None: it was never
+    stored), the rest are sent and stored with theirs, and the file is schema 2 after."""
+    path = tmp_path / "ckpt.sqlite"
+    data = dataset(6)
+    total = n_turns(data)
+    nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
+    as_schema_1(path, keep=5)
+    assert schema_of(path) == ("1", V1_COLUMNS.split(", "))
+
+    engine = FakeEngine()
+    result = nbllm.run(data, engine=engine, model="m", checkpoint=path, **QUIET)
+    assert engine.calls == total - 5
+    assert result.summary.resumed == 5
+    df = result.df
+    assert df.loc[df["resumed"], "finish_reason"].isna().all()
+    assert (df.loc[~df["resumed"], "finish_reason"] == "stop").all()
+    assert schema_of(path) == ("2", [*V1_COLUMNS.split(", "), "finish_reason"])
+
+    again = nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
+    assert again.summary.resumed == total
+    assert again.df["finish_reason"].tolist() == df["finish_reason"].tolist()
+
+
+def test_a_checkpoint_of_a_schema_nbllm_cannot_migrate_is_refused_as_it_is(tmp_path):
+    path = tmp_path / "ckpt.sqlite"
+    data = dataset(2)
+    nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
+    as_schema_1(path, keep=1)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    before = digest(path)
+    engine = FakeEngine()
+    with pytest.raises(CheckpointError, match="older nbllm") as info:
+        nbllm.run(data, engine=engine, model="m", checkpoint=path, **QUIET)
+    assert str(path) in str(info.value)
+    assert "pass another path" in str(info.value)
+    assert engine.calls == 0
+    assert digest(path) == before
+
+
+def test_a_failed_migration_changes_nothing(tmp_path):
+    """A schema 1 file whose table cannot take the new column (here: it has one already):
+    refused, and still schema 1, because the migration is one transaction."""
+    path = tmp_path / "ckpt.sqlite"
+    data = dataset(2)
+    nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    engine = FakeEngine()
+    with pytest.raises(CheckpointError, match="finish_reason"):
+        nbllm.run(data, engine=engine, model="m", checkpoint=path, **QUIET)
+    assert engine.calls == 0
+    assert schema_of(path)[0] == "1"
