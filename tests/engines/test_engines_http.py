@@ -9,8 +9,9 @@ from helpers import run_executor
 
 import nbllm
 from nbllm import RetryPolicy
-from nbllm.engines import LiteLLMEngine, OpenAIEngine, create_engine
+from nbllm.engines import FakeEngine, LiteLLMEngine, OpenAIEngine, create_engine
 from nbllm.testing import Fault, TestServer
+from nbllm.types import ChatResponse
 
 FAST = RetryPolicy(retries=4, initial=0.0)
 ENGINES = [
@@ -136,6 +137,48 @@ def test_bad_credentials_are_not_retried_and_never_echoed(options, engine):
     assert "sk-sentinel-wrong-key" not in bad.df.to_csv()
     assert "sk-sentinel-wrong-key" not in repr(bad)
     assert good.summary.turns_ok == good.summary.turns
+
+
+@pytest.mark.parametrize(("options", "engine"), ENGINES)
+def test_every_row_says_why_its_answer_ended(options, engine):
+    """The provider's finish_reason reaches the df; the summary counts the cut answers."""
+    data = [
+        {"id": "short", "turns": ["hi"]},
+        {"id": "long", "turns": ["a question whose answer is far longer than ten tokens"]},
+    ]
+    with TestServer() as server:
+        result = nbllm.run(data, api_base=server.url, max_tokens=10, progress=False, **options)
+    assert server.history_errors == 0
+    assert result.df["finish_reason"].tolist() == ["stop", "length"]
+    assert result.df["completion_tokens"].iloc[1] == 10
+    assert result.summary.truncated == 1
+    assert result.verdict.startswith("2/2 turns ok (1 cut short by max_tokens) in ")
+
+
+async def test_the_fake_engine_cuts_an_answer_as_the_test_server_does():
+    messages = [{"role": "user", "content": "a question whose answer runs past max_tokens"}]
+    answer = f"You asked: {messages[0]['content']}"
+
+    def same(request):
+        return answer
+
+    fake = FakeEngine(same)
+    with TestServer() as server:
+        async with OpenAIEngine(server.url) as client:
+            served = await client.complete(nbllm.ChatRequest("m", messages, {"max_tokens": 4}))
+    cut = await fake.complete(nbllm.ChatRequest("m", messages, {"max_tokens": 4}))
+    assert (cut.text, cut.completion_tokens, cut.finish_reason) == (answer[:16], 4, "length")
+    assert (served.completion_tokens, served.finish_reason) == (4, "length")
+    assert len(served.text) == len(cut.text) == 16
+    whole = await fake.complete(nbllm.ChatRequest("m", messages, {"max_tokens": 100}))
+    assert (whole.text, whole.finish_reason) == (answer, "stop")
+    # A handler's own ChatResponse is the answer as it is; one that says no reason stops.
+    said = ChatResponse("x", "m", finish_reason="content_filter")
+    assert (await FakeEngine(lambda r: said).complete(nbllm.ChatRequest("m", messages))) is said
+    silent = await FakeEngine(lambda r: ChatResponse("x", "m")).complete(
+        nbllm.ChatRequest("m", messages)
+    )
+    assert silent.finish_reason == "stop"
 
 
 def test_a_request_the_server_refuses_is_not_retried():
