@@ -32,8 +32,14 @@ from typing import Any
 
 from nbllm.config import RunConfig, config_of_call
 from nbllm.dataset import load_conversations
-from nbllm.engines import EMBEDDED_MODEL, Engine, check_engine, create_engine, is_local
-from nbllm.engines.litellm import missing_credentials
+from nbllm.engines import (
+    EMBEDDED_MODEL,
+    Engine,
+    check_credentials,
+    check_engine,
+    create_engine,
+    is_local,
+)
 from nbllm.errors import ConfigError
 from nbllm.executor import Event, Executor
 from nbllm.executor.cache import ResponseCache, resolve_cache_path
@@ -49,7 +55,17 @@ from nbllm.retry import RetryPolicy
 from nbllm.run_thread import RunThread
 from nbllm.types import Conversation
 
-__all__ = ["PreparedRun", "RunStop", "aprepare_run", "arun", "prepare_run", "run"]
+__all__ = [
+    "CheckedRun",
+    "PreparedRun",
+    "RunStop",
+    "aprepare_run",
+    "arun",
+    "check_run",
+    "open_run",
+    "prepare_run",
+    "run",
+]
 
 Listener = Callable[[Event], None]
 MakeView = Callable[["RunStop"], Listener | None]
@@ -178,7 +194,7 @@ def prepare_run(
     None) once the data is read and before the engine is made, so that a local
     engine's preparation (``EnginePhase`` events) shows in it.
     """
-    return _open(_check(data, config, listeners, make_view))
+    return open_run(check_run(data, config, listeners, make_view))
 
 
 async def aprepare_run(
@@ -194,7 +210,7 @@ async def aprepare_run(
     listeners on this loop, in order. Cancelled while loading, the engine is closed as
     soon as it is made.
     """
-    checked = _check(data, config, listeners, make_view)
+    checked = check_run(data, config, listeners, make_view)
     loop = asyncio.get_running_loop()
     handoff = _Handoff()
 
@@ -203,7 +219,7 @@ async def aprepare_run(
             loop.call_soon_threadsafe(bus.emit, event)
 
     def opened() -> PreparedRun | None:
-        plan = _open(checked, deliver)
+        plan = open_run(checked, deliver)
         with handoff.lock:
             if not handoff.abandoned:
                 handoff.plan = plan
@@ -235,8 +251,8 @@ class _Handoff:
 
 
 @dataclass(frozen=True)
-class _Checked:
-    """What ``prepare_run`` checks before making anything: the part that never blocks."""
+class CheckedRun:
+    """A run checked by ``check_run``, for ``open_run`` to make its engine and checkpoint."""
 
     config: RunConfig
     conversations: list[Conversation]
@@ -246,10 +262,24 @@ class _Checked:
     listeners: list[Listener]
     view: Listener | None
 
+    @property
+    def turns(self) -> int:
+        return sum(len(c) for c in self.conversations)
 
-def _check(
-    data: Any, config: RunConfig, listeners: Iterable[Listener], make_view: MakeView | None
-) -> _Checked:
+    @property
+    def loads_a_model(self) -> bool:
+        """Whether ``open_run`` loads a model on this machine (seconds, minutes at first)."""
+        return is_local(self.config.engine, self.config.model, self.config.api_base)
+
+
+def check_run(
+    data: Any,
+    config: RunConfig,
+    listeners: Iterable[Listener] = (),
+    make_view: MakeView | None = None,
+) -> CheckedRun:
+    """The first half of ``prepare_run``: every check that makes nothing and never blocks
+    (the engine's name, the model, the data), then the view; ``open_run`` does the rest."""
     engine = config.engine
     check_engine(engine)  # an unknown engine is the error to report, whatever else is missing
     model = config.model
@@ -271,7 +301,7 @@ def _check(
     view = make_view(stop) if make_view is not None else None
     if view is not None:
         run_listeners.append(view)
-    return _Checked(config, conversations, model, cache_path, stop, run_listeners, view)
+    return CheckedRun(config, conversations, model, cache_path, stop, run_listeners, view)
 
 
 def _close_view(view: Listener | None) -> None:
@@ -290,7 +320,7 @@ def _discard(plan: PreparedRun) -> None:
 Deliver = Callable[[EventBus, Event], None]
 
 
-def _open(checked: _Checked, deliver: Deliver | None = None) -> PreparedRun:
+def open_run(checked: CheckedRun, deliver: Deliver | None = None) -> PreparedRun:
     """Make the engine, open the checkpoint and the cache: the part that may take seconds
     (a local model loads). ``deliver(bus, event)`` hands the engine's ``EnginePhase``
     events to the listeners (default: at once, in this thread)."""
@@ -301,11 +331,11 @@ def _open(checked: _Checked, deliver: Deliver | None = None) -> PreparedRun:
         raise
 
 
-def _prepare(checked: _Checked, deliver: Deliver | None) -> PreparedRun:
+def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
     config, model, conversations = checked.config, checked.model, checked.conversations
     engine = config.engine
     api_key = None if config.api_key is None else config.api_key.get_secret_value()
-    _check_credentials(engine, model, config.api_base, api_key)
+    check_credentials(engine, model, config.api_base, api_key)
     phases = EventBus(checked.listeners)
 
     def on_phase(phase: str, done: float | None, total: float | None, detail: str = "") -> None:
@@ -361,27 +391,6 @@ def _prepare(checked: _Checked, deliver: Deliver | None) -> PreparedRun:
         _discard(plan)  # a loaded local model, a worker child: not left behind
         raise
     return plan
-
-
-def _check_credentials(
-    engine: str | Engine, model: str, api_base: str | None, api_key: str | None
-) -> None:
-    """Refuse a provider's model whose API key is nowhere, before any request.
-
-    Sent without one, each request would fail (the OpenAI client says "Missing
-    credentials", which litellm reports as a server error) and be retried. Only for
-    litellm's providers: a server at ``api_base`` or a local model needs no provider key.
-    """
-    if api_key is not None or api_base is not None or engine not in ("auto", "litellm"):
-        return
-    if is_local(engine, model, api_base):
-        return
-    missing = missing_credentials(model)
-    if not missing:
-        return
-    wanted = missing[0] if len(missing) == 1 else " or ".join(missing)
-    msg = f"model={model!r} needs {wanted} in the environment (or pass api_key=)"
-    raise ConfigError(msg)
 
 
 def _close_unused(engine: Engine) -> None:

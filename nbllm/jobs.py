@@ -7,11 +7,16 @@
     nbllm.jobs()    # every job of this process, most recent first
     job.result()    # blocks until the end; job.stop() ends it early, keeping what finished
 
-``submit`` checks the options, loads the data, chooses the engine and opens the
-checkpoint in the calling cell (``nbllm.api.prepare_run``, as ``nbllm.run`` does), so bad
-input raises there; then the run goes on, on its own event loop in a daemon thread named
-``nbllm-job-<id>`` (a ``nbllm.run_thread.RunThread``), and the kernel stays free for other
-cells. In a notebook its dashboard, shown in the calling cell, has a Stop button: the
+``submit`` checks the options and loads the data in the calling cell, so bad input
+raises there; for a server or a provider it also makes the engine and opens the checkpoint
+there (``nbllm.api.prepare_run``, as ``nbllm.run`` does). Then the run goes on, on its own
+event loop in a daemon thread named ``nbllm-job-<id>`` (a ``nbllm.run_thread.RunThread``),
+and the kernel stays free for other cells. A local model is loaded in that thread instead
+(seconds; minutes for a first conversion), with the dashboard saying so: a model that
+cannot load, or a checkpoint that cannot be opened then, makes the job ``"failed"``
+(``job.result()`` raises the error) rather than raising in the cell.
+
+In a notebook its dashboard, shown in the calling cell, has a Stop button: the
 first press (or ``job.stop()``) sends nothing new and lets the requests in flight finish
 (up to ``stop_grace_s``), a second cancels them.
 
@@ -28,11 +33,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from nbllm.api import PreparedRun, RunStop, prepare_run
+from nbllm.api import CheckedRun, PreparedRun, RunStop, check_run, open_run
 from nbllm.config import config_of_call
 from nbllm.engines import Engine
 from nbllm.executor.events import Event
@@ -63,7 +68,7 @@ class Job:
     time; ``wall_s`` counts seconds from submit to the end (or to now while running).
     """
 
-    def __init__(self, plan: PreparedRun, stats: RunStats) -> None:
+    def __init__(self, plan: PreparedRun | CheckedRun, stats: RunStats) -> None:
         self.id = next(_ids)
         self.model = plan.model
         self.started_at = time.time()
@@ -75,8 +80,9 @@ class Job:
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Job], Any]] | None = []
         self._finished = threading.Event()  # the status is set and done callbacks have run
+        execute = plan.execute if isinstance(plan, PreparedRun) else _opened(plan)
         self._run = RunThread(
-            plan.execute, name=f"nbllm-job-{self.id}", settle=self._settle, stop=plan.stop
+            execute, name=f"nbllm-job-{self.id}", settle=self._settle, stop=plan.stop
         )
         self._thread = self._run.thread
         plan.listeners.append(self._run.listener)
@@ -164,6 +170,15 @@ class Job:
             log.exception("nbllm: done callback %r of job %s failed", fn, self.id)
 
 
+def _opened(checked: CheckedRun) -> Callable[[], Awaitable[RunResult]]:
+    """The run of a job whose model loads in the job's own thread, then runs."""
+
+    async def execute() -> RunResult:
+        return await open_run(checked).execute()
+
+    return execute
+
+
 def submit(
     data: Any,
     *,
@@ -192,8 +207,8 @@ def submit(
     """Start a run in the background and return its ``Job`` at once.
 
     Takes the same options as ``nbllm.run``. Bad options or data raise here, in the
-    calling cell, before any request is sent. In a notebook the dashboard has a Stop
-    button.
+    calling cell, before any request is sent; a local model loads in the job's thread
+    (see the module docstring). In a notebook the dashboard has a Stop button.
     """
     config = config_of_call(locals())
     stats = RunStats()
@@ -205,8 +220,10 @@ def submit(
 
     # The job's statistics listen first, before the engine is made, so the view (which
     # reads them) shows a local engine's preparation too.
-    plan = prepare_run(data, config, listeners=[stats.update], make_view=make_view)
-    job = Job(plan, stats=stats)
+    checked = check_run(data, config, listeners=[stats.update], make_view=make_view)
+    # A local model loads in the job's thread (seconds; minutes for a first conversion),
+    # not in the calling cell; anything else is made here, so its errors raise here.
+    job = Job(checked if checked.loads_a_model else open_run(checked), stats=stats)
     job._run.start()
     with _registry_lock:
         _registry.append(job)

@@ -226,3 +226,61 @@ def test_a_job_that_cannot_reach_its_server_stops_by_itself_and_says_why():
     assert job.status == "stopped" and not result.interrupted
     assert result.stop_reason == "cannot reach fake: connection refused"
     assert result.summary.turns_ok == 0
+
+
+class _Loaded(nbllm.FakeEngine):
+    """Stands for a local model: made for the job, so the job must close it."""
+
+    def __init__(self, closed: list[str]) -> None:
+        super().__init__()
+        self._closed = closed
+
+    async def aclose(self) -> None:
+        self._closed.append(threading.current_thread().name)
+        await super().aclose()
+
+
+def test_a_local_model_loads_in_the_jobs_thread_not_in_the_calling_cell(monkeypatch):
+    loaded_in: list[str] = []
+    closed: list[str] = []
+
+    def slow_local_engine(engine, **options):
+        time.sleep(0.5)  # a model load blocks the thread it runs in
+        loaded_in.append(threading.current_thread().name)
+        return _Loaded(closed)
+
+    monkeypatch.setattr(api, "create_engine", slow_local_engine)
+    t0 = time.perf_counter()
+    job = nbllm.submit(dataset(2), engine="torch", checkpoint=False, cache=False, **QUIET)
+    assert time.perf_counter() - t0 < 0.4  # the cell is free while the model loads
+    assert job.turns_total == 4 and job.status == "running"
+
+    result = job.result(timeout=30)
+    assert result.summary.turns_ok == 4
+    assert loaded_in == [f"nbllm-job-{job.id}"]
+    assert closed == [f"nbllm-job-{job.id}"]  # the job's engine, closed by the job
+
+
+def test_a_local_job_whose_checkpoint_is_refused_fails_and_closes_its_model(monkeypatch, tmp_path):
+    closed: list[str] = []
+    monkeypatch.setattr(api, "create_engine", lambda engine, **_: _Loaded(closed))
+    damaged = tmp_path / "checkpoint.sqlite"
+    damaged.write_bytes(b"not a database, " * 64)
+    job = nbllm.submit(dataset(1), engine="torch", checkpoint=str(damaged), **QUIET)
+    with pytest.raises(nbllm.CheckpointError):
+        job.result(timeout=30)
+    assert job.status == "failed"
+    assert len(closed) == 1
+
+
+def test_a_server_engine_is_still_made_in_the_calling_cell(monkeypatch):
+    made_in: list[str] = []
+
+    def engine_for_a_server(engine, **options):
+        made_in.append(threading.current_thread().name)
+        return nbllm.FakeEngine()
+
+    monkeypatch.setattr(api, "create_engine", engine_for_a_server)
+    job = nbllm.submit(dataset(1), model="m", api_base="http://127.0.0.1:9/v1", **QUIET)
+    job.result(timeout=30)
+    assert made_in == [threading.current_thread().name]

@@ -14,6 +14,9 @@
   ``litellm``; without ``api_base``, the best local engine when ``model`` is local
   (see ``nbllm.engines.local``), else ``litellm``.
 
+``check_engine`` refuses a name that is none of these (with the closest one);
+``check_credentials`` refuses a provider's model whose API key litellm finds nowhere.
+
 ``worker=True`` runs a local engine in an ``nbllm serve`` child process instead of in
 this one (``nbllm.engines.worker``); it is the default on a CUDA GPU.
 
@@ -32,7 +35,7 @@ from nbllm.dataset import did_you_mean
 from nbllm.engines.base import Engine, EngineState
 from nbllm.engines.fake import FakeEngine
 from nbllm.engines.hardware import GpuInfo, Hardware, hardware
-from nbllm.engines.litellm import LiteLLMEngine, import_litellm
+from nbllm.engines.litellm import LiteLLMEngine, import_litellm, missing_credentials
 from nbllm.engines.local import (
     LOCAL_ENGINE_NAMES,
     available,
@@ -61,6 +64,7 @@ __all__ = [
     "LiteLLMEngine",
     "OpenAIEngine",
     "available",
+    "check_credentials",
     "check_engine",
     "create_engine",
     "hardware",
@@ -97,6 +101,27 @@ def check_engine(engine: object) -> None:
         f"engine= expected one of {', '.join(ENGINE_NAMES)} or an Engine instance, "
         f"got {engine!r}{hint}"
     )
+    raise ConfigError(msg)
+
+
+def check_credentials(
+    engine: str | Engine, model: str, api_base: str | None, api_key: str | None
+) -> None:
+    """Refuse a provider's model whose API key is nowhere, before any request.
+
+    Sent without one, each request would fail (the OpenAI client says "Missing
+    credentials", which litellm reports as a server error) and be retried. Only for
+    litellm's providers: a server at ``api_base`` or a local model needs no provider key.
+    """
+    if api_key is not None or api_base is not None or engine not in ("auto", "litellm"):
+        return
+    if is_local(engine, model, api_base):
+        return
+    missing = missing_credentials(model)
+    if not missing:
+        return
+    wanted = missing[0] if len(missing) == 1 else " or ".join(missing)
+    msg = f"model={model!r} needs {wanted} in the environment (or pass api_key=)"
     raise ConfigError(msg)
 
 
