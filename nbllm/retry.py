@@ -1,7 +1,8 @@
 """When to try a failed request again, and how long to wait first.
 
 Only ``RetryableError`` is retried (429, 5xx, timeouts, dropped connections);
-``RequestRejected`` (4xx input errors) never is. The wait grows exponentially with
+``RequestRejected`` (4xx input errors) never is, nor its ``AuthenticationError`` (401 / 403,
+or no key at all): the same key would be refused again. The wait grows exponentially with
 jitter and is never shorter than the server's ``Retry-After``. ``RetryPolicy(initial=0)``
 turns backoff off, for tests that must not sleep.
 """

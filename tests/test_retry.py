@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from nbllm import ConfigError, RateLimitError, RequestRejected, RetryPolicy, ServerError
+from nbllm import (
+    AuthenticationError,
+    ConfigError,
+    RateLimitError,
+    RequestRejected,
+    RetryPolicy,
+    ServerError,
+)
 
 
 def test_only_retryable_errors_are_retried_and_only_so_often():
@@ -14,6 +21,9 @@ def test_only_retryable_errors_are_retried_and_only_so_often():
     assert policy.should_retry(ServerError("HTTP 500"), attempt=2)
     assert not policy.should_retry(ServerError("HTTP 500"), attempt=3)
     assert not policy.should_retry(RequestRejected("HTTP 400"), attempt=1)
+    # A refused or missing key stays refused: sending again only repeats the refusal.
+    assert not policy.should_retry(AuthenticationError("HTTP 401", status=401), attempt=1)
+    assert not policy.should_retry(AuthenticationError("no API key: Missing credentials"), 1)
 
 
 def test_backoff_grows_exponentially_with_jitter_and_a_ceiling():
