@@ -1,6 +1,6 @@
 """A look at a result's first rows: the columns worth reading, each cell on one line.
 
-The magic shows this under the verdict instead of the whole ``df`` (17 columns whose
+The magic shows this under the verdict instead of the whole ``df`` (18 columns whose
 questions wrap over many lines); the full table is the result's ``df``.
 """
 
@@ -41,7 +41,8 @@ class ResultPreview:
     """The first rows of a result's ``df``, its useful columns only, text clipped to one line.
 
     ``frame`` is that small table (without ``answer``, ``error`` or ``latency_s`` when no
-    row of the result has one);
+    row of the result has one; with ``finish_reason`` after ``answer`` when some answer of
+    the result ended otherwise than ``"stop"``, e.g. cut short by ``max_tokens``);
     ``note`` one line under it (where the rest is).
     """
 
@@ -59,6 +60,11 @@ class ResultPreview:
             for c in PREVIEW_COLUMNS
             if c in df.columns and (c not in _OPTIONAL_COLUMNS or df[c].notna().any())
         ]
+        if "finish_reason" in df.columns and "answer" in columns:
+            reasons = df["finish_reason"]
+            # A cut answer reads like a whole one: say so beside it, once any row was cut.
+            if (reasons.notna() & (reasons != "stop")).any():
+                columns.insert(columns.index("answer") + 1, "finish_reason")
         frame = df.loc[:, columns].head(rows).copy()
         for column in _TEXT_COLUMNS:
             if column in frame.columns:

@@ -23,8 +23,10 @@ from nbllm.executor.events import (
     TurnFinished,
 )
 from nbllm.executor.stats import RunStats, Snapshot
+from nbllm.results import RunResult
 from nbllm.types import TurnRecord
 from nbllm.ui.dashboard import Dashboard
+from nbllm.ui.preview import ResultPreview
 from nbllm.ui.progress import TextProgress
 from nbllm.ui.redraw import RedrawTimer
 from nbllm.ui.snapshot_text import (
@@ -523,6 +525,19 @@ def test_answers_cut_short_show_once_there_is_one():
     assert snap.truncated == 2
     assert snap.verdict is not None and "(2 cut short by max_tokens)" in snap.verdict
     assert "2 cut short by max_tokens" in dashboard_html(snap)
+
+
+def test_the_preview_shows_why_answers_ended_once_one_was_cut():
+    def rows(*reasons):
+        records = [record(f"c{i}", finish_reason=r) for i, r in enumerate(reasons)]
+        return RunResult(records, conversations=len(records), wall_s=1.0, started_at=0.0).df
+
+    whole = ResultPreview.of(rows("stop", None, "stop")).frame
+    assert "finish_reason" not in whole.columns
+    cut = ResultPreview.of(rows("stop", "length")).frame
+    assert list(cut.columns)[3:5] == ["answer", "finish_reason"]
+    assert cut["finish_reason"].tolist() == ["stop", "length"]
+    assert "length" in str(ResultPreview.of(rows("stop", "length")))
 
 
 def test_a_local_generation_moves_the_figures_before_its_turn_ends():
