@@ -1,11 +1,16 @@
-"""kill -9 in the middle of a run, then the same call again: nothing committed is paid twice.
+"""kill -9 in the middle of a run, then the same call again: a crash pays only for what
+was in flight.
 
 A job script runs ``nbllm.run`` in a child process against a ``TestServer`` in this
-process, which records every request. The child is SIGKILLed partway; the committed
-turns are read from its checkpoint; the same script runs again to the end. The server's
-log then shows that no committed turn was requested again, and the test server's history
-check (a 400 for any assistant message it did not answer) shows that every conversation
-was continued from its real stored answers. The final frame equals an uninterrupted run's.
+process, which logs every request (``log_path``, read back with ``read_log``). The child
+is SIGKILLed partway, at a modest rate and at as high a rate as the client reaches; the
+committed turns are read from its checkpoint; the same script runs again to the end.
+The server's log then shows that no committed turn was requested again and that the
+turns requested twice number at most the requests in flight at the kill (at most the
+run's ``concurrency``) plus ``MAX_PENDING`` (answered turns a group commit may not have
+committed yet). The test server's history check (a 400 for any assistant message it did
+not answer) shows that every conversation was continued from its real stored answers.
+The final frame equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import pytest
 
 import nbllm
 from nbllm import Conversation
-from nbllm.testing import TestServer, messages_key
+from nbllm.executor.storage import MAX_PENDING
+from nbllm.testing import TestServer, messages_key, read_log
 
 JOB = """
 import json
@@ -33,14 +39,14 @@ import sys
 
 import nbllm
 
-url, checkpoint, data_path, out_path, cache = sys.argv[1:]
+url, checkpoint, data_path, out_path, cache, concurrency = sys.argv[1:]
 with open(data_path) as f:
     data = json.load(f)
 result = nbllm.run(
     data,
     model="nbllm-test",
     api_base=url,
-    concurrency=8,
+    concurrency=int(concurrency),
     checkpoint=checkpoint,
     cache=cache == "on",
     progress=False,
@@ -113,18 +119,26 @@ class Job:
             self._log.close()
 
 
+# (latency range in seconds, concurrency): about 270 answers/s; as fast as the client goes.
+MODEST = ((0.01, 0.05), 8)
+FLAT_OUT = ((0.0, 0.002), 32)
+
+
 @pytest.mark.parametrize(
-    ("kill_at", "cache"),
+    ("kill_at", "cache", "rate"),
     [
-        pytest.param(0.45, "off", id="early-no-cache"),
-        pytest.param(0.8, "off", id="late-no-cache"),
-        pytest.param(0.6, "on", id="cache-on"),
-        pytest.param(0.6, "warm", id="warm-cache"),
+        pytest.param(0.45, "off", MODEST, id="early-no-cache"),
+        pytest.param(0.8, "off", MODEST, id="late-no-cache"),
+        pytest.param(0.6, "on", MODEST, id="cache-on"),
+        pytest.param(0.6, "warm", MODEST, id="warm-cache"),
+        pytest.param(0.5, "off", FLAT_OUT, id="flat-out-no-cache"),
+        pytest.param(0.5, "on", FLAT_OUT, id="flat-out-cache-on"),
     ],
 )
-def test_kill_9_then_rerun_sends_no_committed_turn_again(tmp_path, kill_at, cache):
+def test_kill_9_then_rerun_resends_only_what_was_in_flight(tmp_path, kill_at, cache, rate):
     """``warm``: the cache (default place) already holds the two-turn conversations, which
     run last (longest first), so the second run answers them from the cache."""
+    latency, concurrency = rate
     data = make_dataset()
     total = sum(len(r["turns"]) for r in data)
     turns = [(i, k) for i, conv in enumerate(data) for k in range(len(conv["turns"]))]
@@ -138,8 +152,9 @@ def test_kill_9_then_rerun_sends_no_committed_turn_again(tmp_path, kill_at, cach
     threshold = int((total - len(warm)) * kill_at) + rng.randint(0, 8)
     assert threshold >= 40
 
-    with TestServer(latency=(0.01, 0.05)) as server:
-        options = {"model": "nbllm-test", "api_base": server.url, "concurrency": 8}
+    log_path = tmp_path / "server.jsonl"
+    with TestServer(latency=latency, log_path=log_path) as server:
+        options = {"model": "nbllm-test", "api_base": server.url, "concurrency": concurrency}
         # The uninterrupted run: answers are deterministic in the messages.
         reference = nbllm.run(data, checkpoint=False, cache=False, progress=False, **options)
         assert reference.summary.turns_ok == total
@@ -154,10 +169,10 @@ def test_kill_9_then_rerun_sends_no_committed_turn_again(tmp_path, kill_at, cach
             nbllm.run(short, checkpoint=False, cache=True, progress=False, **options)
 
         args = [str(script), server.url, str(checkpoint), str(data_path)]
-        cache_arg = "off" if cache == "off" else "on"
+        cache_arg = ["off" if cache == "off" else "on", str(concurrency)]
         # --- first run, killed partway
         start_first = len(server.requests)
-        job = Job(tmp_path, "first", [*args, str(tmp_path / "first.json"), cache_arg])
+        job = Job(tmp_path, "first", [*args, str(tmp_path / "first.json"), *cache_arg])
         try:
             wait_until(
                 lambda: answered(server, start_first) >= threshold or job.proc.poll() is not None,
@@ -166,6 +181,9 @@ def test_kill_9_then_rerun_sends_no_committed_turn_again(tmp_path, kill_at, cach
             )
             assert job.proc.poll() is None, f"the job ended before the kill:\n{job.output()}"
             os.kill(job.proc.pid, signal.SIGKILL)
+            # Counted after the kill: whatever the server answers from now on, the child
+            # never read (answers read before are counted as out of the server: a lower bound).
+            answered_at_kill = len(server.requests)
             assert job.proc.wait(10) == -signal.SIGKILL
         finally:
             job.close()
@@ -173,6 +191,8 @@ def test_kill_9_then_rerun_sends_no_committed_turn_again(tmp_path, kill_at, cach
         wait_until(lambda: server.stats()["in_flight"] == 0, 5, "the server to go idle")
         assert not (tmp_path / "first.json").exists()
         first_requests = server.requests[start_first:]
+        # Still in the server when the child died: in flight at the kill, at the least.
+        in_server_at_kill = len(server.requests) - answered_at_kill
 
         # --- what was committed before the kill, keyed as the server keys requests
         committed = committed_turns(checkpoint)
@@ -190,13 +210,24 @@ def test_kill_9_then_rerun_sends_no_committed_turn_again(tmp_path, kill_at, cach
 
         # --- the same call again, to the end
         start_second = len(server.requests)
-        job = Job(tmp_path, "second", [*args, str(tmp_path / "second.json"), cache_arg])
+        job = Job(tmp_path, "second", [*args, str(tmp_path / "second.json"), *cache_arg])
         try:
             job.proc.wait(30)
             assert job.proc.returncode == 0, job.output()
         finally:
             job.close()
         second_requests = server.requests[start_second:]
+
+    # The turns paid for twice, counted from the server's log file.
+    logged = read_log(log_path)
+    assert [e.key for e in logged] == [r.key for r in server.requests]
+    first_keys = {e.key for e in logged[start_first:start_second] if e.status == 200}
+    resent = len(first_keys & {e.key for e in logged[start_second:]})
+    in_flight = concurrency  # the most requests the killed run can have had unanswered
+    assert in_server_at_kill <= resent <= in_flight + MAX_PENDING, (
+        f"{resent} turns sent again; {in_server_at_kill} requests were still in the server "
+        f"at the kill, at most {in_flight} in flight"
+    )
 
     assert server.history_errors == 0
     assert all(r.status == 200 for r in second_requests), second_requests
