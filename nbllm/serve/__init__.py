@@ -20,6 +20,11 @@ the first moment. At most ``max_queue`` chat requests are admitted at once; one 
 must carry ``Authorization: Bearer KEY``. SIGTERM or SIGINT drains: new requests get 503,
 those admitted are answered (for up to ``grace`` seconds), then the engine is closed.
 
+``--parent-pid PID`` and ``--stop-on-stdin-eof`` (what a ``Worker`` passes) stop the
+server when the process that started it has gone, killed or not: those requests' clients
+went with it, so they are cut off rather than drained, and the process exits within
+``PARENT_GONE_EXIT_S`` seconds whatever its engine does.
+
 ``EngineServer`` (``nbllm.serve.server``) is the server, usable from Python;
 ``nbllm.serve.command`` is the command around it.
 """
@@ -27,11 +32,12 @@ those admitted are answered (for up to ``grace`` seconds), then the engine is cl
 from __future__ import annotations
 
 from nbllm.engines.openai_wire import SERVE_API_KEY_ENV, SERVE_URL_LINE_PREFIX
-from nbllm.serve.command import add_parser, main
+from nbllm.serve.command import PARENT_GONE_EXIT_S, add_parser, main
 from nbllm.serve.server import EngineServer, ServeState
 
 __all__ = [
     "API_KEY_ENV",
+    "PARENT_GONE_EXIT_S",
     "URL_LINE_PREFIX",
     "EngineServer",
     "ServeState",
