@@ -266,11 +266,6 @@ class CheckedRun:
     def turns(self) -> int:
         return sum(len(c) for c in self.conversations)
 
-    @property
-    def loads_a_model(self) -> bool:
-        """Whether ``open_run`` loads a model on this machine (seconds, minutes at first)."""
-        return is_local(self.config.engine, self.config.model, self.config.api_base)
-
 
 def check_run(
     data: Any,

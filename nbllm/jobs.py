@@ -37,9 +37,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from nbllm.api import CheckedRun, PreparedRun, RunStop, check_run, open_run
+from nbllm.api import CheckedRun, PreparedRun, RunStop, check_run, open_run, prepare_run
 from nbllm.config import config_of_call
-from nbllm.engines import Engine
+from nbllm.engines import Engine, is_local
 from nbllm.executor.events import Event
 from nbllm.executor.stats import RunStats
 from nbllm.results import RunResult
@@ -220,10 +220,14 @@ def submit(
 
     # The job's statistics listen first, before the engine is made, so the view (which
     # reads them) shows a local engine's preparation too.
-    checked = check_run(data, config, listeners=[stats.update], make_view=make_view)
-    # A local model loads in the job's thread (seconds; minutes for a first conversion),
-    # not in the calling cell; anything else is made here, so its errors raise here.
-    job = Job(checked if checked.loads_a_model else open_run(checked), stats=stats)
+    run: PreparedRun | CheckedRun
+    if is_local(config.engine, config.model, config.api_base):
+        # The model loads in the job's thread (seconds; minutes for a first conversion),
+        # not in the calling cell.
+        run = check_run(data, config, listeners=[stats.update], make_view=make_view)
+    else:
+        run = prepare_run(data, config, listeners=[stats.update], make_view=make_view)
+    job = Job(run, stats=stats)
     job._run.start()
     with _registry_lock:
         _registry.append(job)
