@@ -16,8 +16,12 @@ no retries, the server saw exactly one request per turn, and the files hold one 
 turn). It prints requests/s per way (median and every round), the client's CPU time per
 request, the size of the files per 1,000 turns, and the ratios against the target::
 
-    checkpoint / none  >= 0.9
-    ckpt+cache / none  >= 0.9
+    checkpoint / none  >= 0.95
+    ckpt+cache / none  >= 0.95
+
+Both files are written by group commit (each answered turn is committed in the event
+loop's next turn, with every turn answered meanwhile, or at once when 5 wait), so this
+measures what that durability costs at a rate where the client's CPU is the limit.
 
 Then what a re-run costs, each repeated a few times (median wall time):
 
@@ -51,7 +55,7 @@ from typing import Any
 import executor_overhead
 
 MODEL = "nbllm-test"
-TARGET_RATIO = 0.9
+TARGET_RATIO = 0.95
 BUSY_CORES = 0.25  # above this (median), warn that neighbours distort the req/s ratios
 
 

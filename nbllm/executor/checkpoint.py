@@ -3,12 +3,21 @@
 One SQLite file per run (``.nbllm/runs/<id>/checkpoint.sqlite`` by default, where
 ``<id>`` starts the run's fingerprint). The fingerprint is a hash of what decides the
 answers: the dataset's conversations, the model, the engine, the sampling parameters
-and the default system prompt; never a key or a credential. A re-run of the same call
-finds the same file, reads the finished turns back (``resumed=True``) and sends
-requests only for the rest. A file made for another call is refused, naming what
-differs. A lock held for the whole run keeps a second process off the same file.
+and the default system prompt; never a key or a credential. The engine is the one the
+call asked for: a named engine's ``identity()`` (its kind and what decides its answers:
+a server's address, a local model's weights), and ``"auto"`` for ``engine="auto"``, so
+that a different pick by ``auto`` (llama.cpp installed since) resumes the same run
+instead of starting a new one. Each row keeps the engine and model that really answered
+it, so resumed rows name them whatever runs now. A re-run of the same call finds the
+same file, reads the finished turns back (``resumed=True``) and sends requests only for
+the rest. A file made for another call is refused, naming what differs. A lock held for
+the whole run keeps a second process off the same file.
 
-Only answered turns are stored: a turn that failed is tried again on a re-run.
+Only answered turns are stored, with why each answer ended (``finish_reason``, schema 2;
+a file of schema 1 is migrated in place and its rows read back with None): a turn that
+failed is tried again on a re-run. Turns are committed by group commit
+(``storage.GroupWriter``): a kill -9 loses at most ``storage.MAX_PENDING`` (5) answered
+turns, which the next run asks again; no turn is ever half-recorded.
 """
 
 from __future__ import annotations
@@ -107,7 +116,10 @@ def dataset_hash(conversations: Sequence[Conversation]) -> str:
 
 @dataclass(frozen=True)
 class RunIdentity:
-    """What decides a run's answers. Equal identities may share a checkpoint."""
+    """What decides a run's answers. Equal identities may share a checkpoint.
+
+    ``engine`` is what the call asked for: the engine's ``identity()``, or ``"auto"``.
+    """
 
     dataset: str
     model: str
