@@ -477,6 +477,11 @@ def test_start_subprocess_serves_and_logs(tmp_path: Path) -> None:
     assert server.stop() == 0  # idempotent
 
 
+def test_start_subprocess_refuses_a_bad_option_before_a_child_starts() -> None:
+    with pytest.raises(ConfigError, match="TestServer rpm must be >= 1 or None, got 0"):
+        start_subprocess(rpm=0, timeout=0.001)  # no child could start in that time
+
+
 def test_start_subprocess_reports_startup_failure() -> None:
     with TestServer() as busy, pytest.raises(RuntimeError, match="failed to start") as info:
         start_subprocess(port=busy.port)

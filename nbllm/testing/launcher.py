@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, cast
 
 from nbllm.engines.child_process import ServerProcess
-from nbllm.testing.server import Fault
+from nbllm.testing.server import Fault, TestServer
 
 __all__ = ["URL_LINE_PREFIX", "SubprocessServer", "start_subprocess"]
 
@@ -107,8 +107,10 @@ class SubprocessServer:
 def start_subprocess(*, timeout: float = _START_TIMEOUT_S, **options: Any) -> SubprocessServer:
     """Run the server as ``python -m nbllm.testing`` in a child process and wait for its URL.
 
-    Takes the same options as ``TestServer`` (``log_path`` becomes ``--log``). Raises
+    Takes the same options as ``TestServer`` (``log_path`` becomes ``--log``), and refuses
+    a bad one with the same ``ConfigError``, before any child starts. Raises
     ``ServerStartError`` (a ``RuntimeError``), with the end of the child's stderr, if no URL
     line comes within ``timeout`` seconds.
     """
+    TestServer(**options)  # checks the options only: it listens once started
     return SubprocessServer(_cli_args(options), timeout=timeout)
