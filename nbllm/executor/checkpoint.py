@@ -5,13 +5,14 @@ One SQLite file per run (``.nbllm/runs/<id>/checkpoint.sqlite`` by default, wher
 answers: the dataset's conversations, the model, the engine, the sampling parameters
 and the default system prompt; never a key or a credential. The engine is the one the
 call asked for: a named engine's ``identity()`` (its kind and what decides its answers:
-a server's address, a local model's weights), and ``"auto"`` for ``engine="auto"``, so
-that a different pick by ``auto`` (llama.cpp installed since) resumes the same run
-instead of starting a new one. Each row keeps the engine and model that really answered
-it, so resumed rows name them whatever runs now. A re-run of the same call finds the
-same file, reads the finished turns back (``resumed=True``) and sends requests only for
-the rest. A file made for another call is refused, naming what differs. A lock held for
-the whole run keeps a second process off the same file.
+a server's address, a local model's weights), and ``"auto"`` for ``engine="auto"`` on
+a local model, so that a different pick by ``auto`` (llama.cpp installed since) resumes
+the same run instead of starting a new one (for a server or a provider, ``auto``'s pick
+follows from the options, and its identity is kept). Each row keeps the engine and
+model that really answered it, so resumed rows name them whatever runs now. A re-run of
+the same call finds the same file, reads the finished turns back (``resumed=True``) and
+sends requests only for the rest. A file made for another call is refused, naming what
+differs. A lock held for the whole run keeps a second process off the same file.
 
 Only answered turns are stored, with why each answer ended (``finish_reason``, schema 2;
 a file of schema 1 is migrated in place and its rows read back with None): a turn that
@@ -118,7 +119,8 @@ def dataset_hash(conversations: Sequence[Conversation]) -> str:
 class RunIdentity:
     """What decides a run's answers. Equal identities may share a checkpoint.
 
-    ``engine`` is what the call asked for: the engine's ``identity()``, or ``"auto"``.
+    ``engine`` is what the call asked for: the engine's ``identity()``, or ``"auto"``
+    when ``auto`` picks among local engines.
     """
 
     dataset: str
