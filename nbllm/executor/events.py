@@ -81,6 +81,8 @@ class EnginePhase:
     """A local engine's preparation before the run starts: "converting", "exporting" or
     "loading". ``done`` / ``total`` count in the phase's own unit (e.g. tensors), or are
     None when unknown; ``detail`` is a short line for people (e.g. the model's name).
+    While the run goes, "generating": ``done`` is the completion tokens the engine has
+    generated so far, ``total`` None.
     """
 
     phase: str

@@ -80,8 +80,8 @@ class Snapshot:
     line, keys redacted. ``retries`` counts the retries scheduled in this run.
     ``truncated``: answered turns that ``max_tokens`` cut short (``finish_reason``
     ``"length"``), as the summary counts them. ``cost_usd`` is ``None`` while no row
-    has a known cost. ``eta_s`` is ``None`` until
-    there is a pace to go by, while stopping, and once the run ended with turns not run.
+    has a known cost. ``eta_s`` is ``None`` until there is a pace to go by, while
+    stopping, and once the run ended with turns not run.
     ``stopping``: a stop was asked and the requests in flight are finishing.
     ``stop_reason`` and ``verdict`` are the summary's, set once finished. ``phase``,
     ``phase_done``, ``phase_total`` and ``phase_detail``: a local engine's preparation
