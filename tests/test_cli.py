@@ -284,6 +284,29 @@ def test_progress_into_a_file_or_a_pipe_is_lines_never_frames(server, tmp_path):
     assert len(lines) == 2  # a short run: no line in between (one a minute)
 
 
+def test_progress_lines_come_once_a_minute_while_turns_finish():
+    import io
+
+    from nbllm.executor.events import RunFinished, RunStarted
+    from nbllm.types import TurnRecord
+    from nbllm.ui import progress
+
+    now = [0.0]
+    out = io.StringIO()
+    lines = progress.TextProgress(file=out, frames=False, clock=lambda: now[0])
+    lines(RunStarted(conversations=3, turns=3, model="m", engine="fake", t=0.0))
+    for i, at in enumerate((10.0, 61.0, 70.0)):
+        now[0] = at
+        answered = TurnRecord(i, 0, "q", answer="a", attempts=1, started_at=0.0, finished_at=at)
+        lines(TurnFinished(answered, 0, at))
+    lines(RunFinished(3, 0, 70.0, False, 70.0))
+    assert out.getvalue().splitlines() == [
+        "nbllm: started: 3 turns in 3 conversations, model m, engine fake",
+        "nbllm: 2/3 turns, 0 failed, 0 retries",  # the first finish after a minute
+        "nbllm: 3/3 turns ok in 1 min 10 s",
+    ]
+
+
 def test_ctrl_c_writes_what_finished(server, tmp_path, capsys, monkeypatch):
     data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
     out = tmp_path / "results.jsonl"

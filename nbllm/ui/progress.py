@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from nbllm.executor.events import (
@@ -35,7 +36,7 @@ class TextProgress:
     ``frames=False`` (for a file or a pipe) draws no bar: one line when each preparation
     phase begins, one when the run starts, one when a stop is asked, one every
     ``line_every_s`` seconds while turns finish (turns done, failed, retries), and the
-    verdict at the end.
+    verdict at the end; ``clock`` (seconds) paces those lines.
     """
 
     # Requests in flight are not shown: no need for an event per send.
@@ -55,11 +56,13 @@ class TextProgress:
         stats: RunStats | None = None,
         frames: bool = True,
         line_every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.file = file
         self.stats = stats if stats is not None else RunStats()
         self.frames = frames
         self.line_every_s = line_every_s
+        self._clock = clock
         self._line_at = 0.0
         self._feeds_stats = stats is None
         self._bar: Any = None
@@ -161,14 +164,14 @@ class TextProgress:
                 self._print(f"{phase_name(event.phase)}" + (f": {detail}" if detail else "…"))
         elif isinstance(event, RunStarted):
             self._phase = None
-            self._line_at = time.monotonic()
+            self._line_at = self._clock()
             resumed = f", {event.resumed:,} resumed from the checkpoint" if event.resumed else ""
             self._print(
                 f"started: {event.turns:,} turns in {event.conversations:,} conversations, "
                 f"model {event.model}, engine {event.engine}{resumed}"
             )
         elif isinstance(event, TurnFinished):
-            now = time.monotonic()
+            now = self._clock()
             if now - self._line_at >= self.line_every_s:
                 self._line_at = now
                 snap = self.stats.snapshot()
