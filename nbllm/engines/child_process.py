@@ -43,7 +43,8 @@ _PR_SET_PDEATHSIG = 1
 # Not SIGTERM: the kernel sends it also when only the parent's thread that started the
 # child ends (e.g. a worker started in a thread pool's thread), and a SIGTERM of the parent's
 # own asks for a drain. The handler checks whether the parent really has gone.
-_PARENT_DEATH_SIGNAL = signal.SIGHUP
+if sys.platform != "win32":  # only used where prctl is, on Linux
+    _PARENT_DEATH_SIGNAL = signal.SIGHUP
 
 
 class ServerStartError(EngineUnavailable, RuntimeError):
@@ -231,7 +232,7 @@ def _process_exists(pid: int) -> bool:
 
 def _set_parent_death_signal(signum: int) -> bool:
     """Ask Linux to send ``signum`` when the parent dies (0: never); False where it cannot."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):  # elsewhere no prctl, or one of another meaning
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -328,7 +329,7 @@ class ParentWatch:
         pid = self.parent_pid
         if pid is not None:
             self._was_parent = os.getppid() == pid
-            if self._was_parent:
+            if self._was_parent and sys.platform.startswith("linux"):
                 self._set_death_signal()
             self._check("before this process started serving")
             if not self._gone:
