@@ -412,7 +412,8 @@ def test_the_engines_preparation_reaches_the_listeners_before_the_run_starts(mon
         return FakeEngine()
 
     monkeypatch.setattr(nbllm.api, "create_engine", create_engine)
-    nbllm.run(RECORDS, model="m", progress=False, listeners=[events.append])
+    # A local engine (no provider key to look for), as the phases come from one.
+    nbllm.run(RECORDS, engine="torch", model="m", progress=False, listeners=[events.append])
     phases = [(e.phase, e.done, e.total, e.detail) for e in events[:2]]
     assert phases == [("converting", None, None, "model.safetensors"), ("loading", 3, 3, "")]
     assert all(isinstance(e, EnginePhase) for e in events[:2])
@@ -492,7 +493,7 @@ def test_a_refused_checkpoint_closes_the_engine_made_for_the_run(tmp_path, monke
     closed: list[str] = []
     monkeypatch.setattr(nbllm.api, "create_engine", lambda engine, **_: _Loaded(closed))
     with pytest.raises(nbllm.CheckpointError):
-        nbllm.run(RECORDS, model="m", progress=False, checkpoint=_damaged_checkpoint(tmp_path))
+        nbllm.run(RECORDS, engine="torch", progress=False, checkpoint=_damaged_checkpoint(tmp_path))
     assert closed == ["closed"]
 
 
@@ -501,7 +502,7 @@ async def test_arun_closes_the_engine_when_the_checkpoint_is_refused(tmp_path, m
     monkeypatch.setattr(nbllm.api, "create_engine", lambda engine, **_: _Loaded(closed))
     with pytest.raises(nbllm.CheckpointError):
         await nbllm.arun(
-            RECORDS, model="m", progress=False, checkpoint=_damaged_checkpoint(tmp_path)
+            RECORDS, engine="torch", progress=False, checkpoint=_damaged_checkpoint(tmp_path)
         )
     assert closed == ["closed"]
 
@@ -541,7 +542,7 @@ async def test_arun_loads_the_engine_off_the_loop_and_tells_its_phases_on_it(mon
     monkeypatch.setattr(nbllm.api, "create_engine", slow_engine)
     ticker = asyncio.create_task(tick())
     try:
-        options = {"model": "m", "progress": False, "checkpoint": False, "cache": False}
+        options = {"engine": "torch", "progress": False, "checkpoint": False, "cache": False}
         result = await nbllm.arun(RECORDS, listeners=[listener], **options)
     finally:
         ticker.cancel()
@@ -560,7 +561,7 @@ async def test_cancelling_arun_while_the_model_loads_closes_it_once_loaded(monke
         return _Loaded(closed)
 
     monkeypatch.setattr(nbllm.api, "create_engine", slow_engine)
-    options = {"model": "m", "progress": False, "checkpoint": False, "cache": False}
+    options = {"engine": "torch", "progress": False, "checkpoint": False, "cache": False}
     task = asyncio.create_task(nbllm.arun(RECORDS, **options))
     while not loading.is_set():
         await asyncio.sleep(0.01)
