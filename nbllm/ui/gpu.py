@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbllm.engines.hardware import NvmlDevice, NvmlDevices, nvml_reading, open_nvml
+from nbllm.errors import ConfigError
 
 __all__ = ["GpuMonitor", "GpuSample"]
 
@@ -63,9 +64,12 @@ class GpuMonitor:
     """
 
     def __init__(self, interval_s: float = 1.0, *, max_samples: int = 3600) -> None:
-        if interval_s <= 0:
-            msg = f"interval_s must be positive, got {interval_s!r}"
-            raise ValueError(msg)
+        if not interval_s > 0:
+            msg = f"interval_s= expected seconds between GPU samples > 0, got {interval_s!r}"
+            raise ConfigError(msg)
+        if max_samples < 1:
+            msg = f"max_samples= expected a whole number >= 1, got {max_samples!r}"
+            raise ConfigError(msg)
         self.interval_s = interval_s
         self.max_samples = max_samples
         self._available: bool | None = None

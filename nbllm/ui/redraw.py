@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from nbllm.errors import ConfigError
+
 __all__ = ["RedrawTimer"]
 
 log = logging.getLogger("nbllm")
@@ -40,9 +42,10 @@ class RedrawTimer:
         name: str = "nbllm-redraw",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not max_per_s > 0 or not min_per_s > 0:
-            msg = f"redraw rates must be positive, got {max_per_s!r} and {min_per_s!r}"
-            raise ValueError(msg)
+        for option, value in (("max_per_s", max_per_s), ("min_per_s", min_per_s)):
+            if not value > 0:
+                msg = f"{option}= expected a number of redraws a second > 0, got {value!r}"
+                raise ConfigError(msg)
         self._draw = draw
         self.interval_s = 1.0 / max_per_s
         self.longest_gap_s = max(self.interval_s, 1.0 / min_per_s)

@@ -625,8 +625,10 @@ def test_the_timer_draws_what_changed_at_most_so_often_and_at_least_once_a_secon
     assert timer.tick(1.3)
     assert len(draws) == 3
     assert not timer.running
-    with pytest.raises(ValueError, match="rates"):
+    with pytest.raises(ConfigError, match=r"^max_per_s= expected .* got 0$"):
         RedrawTimer(lambda: None, max_per_s=0)
+    with pytest.raises(ConfigError, match=r"^min_per_s= expected .* got -1$"):
+        RedrawTimer(lambda: None, min_per_s=-1)
 
 
 def test_redraws_are_throttled_in_real_time(monkeypatch):

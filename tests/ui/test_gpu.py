@@ -10,6 +10,7 @@ import types
 import pytest
 
 from nbllm.engines.hardware import hardware
+from nbllm.errors import ConfigError
 from nbllm.executor.events import RunFinished, RunStarted
 from nbllm.ui.dashboard import Dashboard
 from nbllm.ui.gpu import GpuMonitor
@@ -213,8 +214,10 @@ def test_stop_is_idempotent_and_the_monitor_restarts(monkeypatch):
 
 
 def test_bad_interval_is_refused():
-    with pytest.raises(ValueError, match="interval_s"):
+    with pytest.raises(ConfigError, match=r"^interval_s= expected .* got 0$"):
         GpuMonitor(interval_s=0)
+    with pytest.raises(ConfigError, match=r"^max_samples= expected .* got 0$"):
+        GpuMonitor(max_samples=0)
 
 
 def test_dashboard_gauges_follow_the_monitor(monkeypatch):
