@@ -56,7 +56,6 @@ from traitlets import Float, Integer, TraitError, Unicode, validate
 import nbllm
 from nbllm.config import RunConfig, add_run_arguments, parse_run_option, text_type
 from nbllm.dataset import did_you_mean
-from nbllm.engines import ENGINE_NAMES
 from nbllm.errors import ConfigError, NbllmError
 from nbllm.executor.storage import nbllm_dir
 from nbllm.jobs import Job
@@ -128,9 +127,8 @@ def _line_parser() -> _LineParser:
         metavar="COLUMN",
         help="the column whose values name the conversations (default: id or conversation_id)",
     )
-    add_run_arguments(
-        parser, (*SETTINGS, "engine"), short={"model": "-m"}, choices={"engine": ENGINE_NAMES}
-    )
+    # No argparse choices for --engine: the run refuses an unknown one with the closest name.
+    add_run_arguments(parser, (*SETTINGS, "engine"), short={"model": "-m"})
     checkpoint = parser.add_mutually_exclusive_group()
     add_run_arguments(checkpoint, ("checkpoint",))
     checkpoint.add_argument("--no-checkpoint", action="store_true", help="keep no checkpoint")
