@@ -1,4 +1,5 @@
-"""The run's checkpoint: every finished turn on disk, so a re-run pays for nothing twice.
+"""The run's checkpoint: every finished turn on disk, so a re-run pays again only for what
+was in flight.
 
 One SQLite file per run (``.nbllm/runs/<id>/checkpoint.sqlite`` by default, where
 ``<id>`` starts the run's fingerprint). The fingerprint is a hash of what decides the
@@ -320,8 +321,9 @@ class CheckpointStore(GroupWriter):
 
     def close(self) -> None:
         try:
-            if self._conn is not None:
-                self.flush()
+            # After a failed write (a full disk) only the last try below, which says what
+            # could not be written.
+            if self._conn is not None and self.flush():
                 self._conn.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('updated_at', ?)", (str(time.time()),)
                 )

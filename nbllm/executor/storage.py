@@ -13,13 +13,19 @@ nothing stored is rewritten); a newer one is refused. nbllm never deletes a file
 
 Rows are written by group commit (``GroupWriter``): a row added from the event loop is
 committed in the loop's next turn, in one transaction with every row added meanwhile,
-so at low rates each row is on disk within a fraction of a millisecond and at high
+so at low rates each row is committed within a fraction of a millisecond and at high
 rates the groups grow by themselves, with no timer. A group is also committed the
 moment it holds ``MAX_PENDING`` rows, so at most that many added rows are ever
-uncommitted. ``synchronous=NORMAL``: a committed row survives the death of the process
-(kill -9, a crash of the kernel); after a power loss or an operating-system crash, the
+uncommitted. The commit runs on the loop, not in a writer thread: a thread must win
+the GIL back from a busy loop (up to 5 ms each time), so its rows would wait longest
+exactly when they come fastest, and no bound on the rows a crash loses would hold.
+
+``synchronous=NORMAL`` in WAL mode: a commit writes to the log without waiting for the
+disk (tens of microseconds), and a committed row survives the death of the process
+(kill -9, a crash of the kernel). After a power loss or an operating-system crash, the
 transactions committed since SQLite last copied its log into the file (at most about
-4 MB of log) may be missing, never half-written.
+4 MB of log) may be missing, never half-written. That copy (SQLite's automatic
+checkpoint, every ~1000 pages of log) is the only disk sync the loop waits for.
 
 A run holds an exclusive lock on a file beside its database (``lock_path``) for as long
 as it runs, so a second process never writes the same file. The operating system drops

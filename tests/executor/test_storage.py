@@ -169,3 +169,19 @@ async def test_a_full_disk_is_logged_once_and_the_turns_are_written_by_a_later_t
         assert committed_rows(path) == 3 * MAX_PENDING
     finally:
         store.close()
+
+
+def test_turns_that_cannot_be_written_by_close_are_counted_in_the_log(tmp_path, caplog):
+    """Still full at the end: close says how many turns are lost and still lets go of the
+    file (the next run can open it)."""
+    path = tmp_path / "ckpt.sqlite"
+    store = open_store(path)
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    with caplog.at_level(logging.ERROR, logger="nbllm"):
+        for i in range(3):
+            store.record(i, answered(i, "x" * 20_000))
+        store.close()
+    assert "3 rows could not be written to the checkpoint" in caplog.text
+    assert committed_rows(path) == 0
+    open_store(path).close()  # the lock is free again
