@@ -307,6 +307,28 @@ def test_progress_lines_come_once_a_minute_while_turns_finish():
     ]
 
 
+def test_progress_lines_count_tokens_generated_and_cut_answers():
+    import io
+
+    from nbllm.executor.events import EnginePhase, RunFinished, RunStarted
+    from nbllm.types import TurnRecord
+    from nbllm.ui import progress
+
+    now = [0.0]
+    out = io.StringIO()
+    lines = progress.TextProgress(file=out, frames=False, clock=lambda: now[0])
+    lines(RunStarted(conversations=2, turns=2, model="m", engine="torch", t=0.0))
+    lines(EnginePhase("generating", 1234, None, 1.0))
+    now[0] = 61.0
+    cut = TurnRecord(0, 0, "q", answer="a", attempts=1, finish_reason="length")
+    lines(TurnFinished(cut, 0, 61.0))
+    lines(RunFinished(1, 0, 61.0, True, 61.0))
+    assert out.getvalue().splitlines()[:2] == [
+        "nbllm: started: 2 turns in 2 conversations, model m, engine torch",
+        "nbllm: 1/2 turns, 0 failed, 0 retries, 1 cut short by max_tokens, 1,234 tokens generated",
+    ]
+
+
 def test_ctrl_c_writes_what_finished(server, tmp_path, capsys, monkeypatch):
     data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
     out = tmp_path / "results.jsonl"

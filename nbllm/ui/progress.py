@@ -20,8 +20,8 @@ from nbllm.executor.events import (
     StopRequested,
     TurnFinished,
 )
-from nbllm.executor.stats import RunStats
-from nbllm.ui.snapshot_text import phase_name
+from nbllm.executor.stats import GENERATING, RunStats
+from nbllm.ui.snapshot_text import generated_text, phase_name, truncated_text
 
 __all__ = ["TextProgress"]
 
@@ -29,13 +29,16 @@ __all__ = ["TextProgress"]
 class TextProgress:
     """Turns done / total with failures and retries in the postfix; closes when the run ends.
 
-    A local engine's preparation (``EnginePhase``) gets a bar of its own first. The figures
+    A local engine's preparation (``EnginePhase``) gets a bar of its own first; its
+    "generating" count during the run and the answers ``max_tokens`` cut short join the
+    postfix (``tokens``, ``cut``) once there are any. The figures
     are read from ``stats``: by default one made here and fed with the events received; a
     ``RunStats`` passed in is fed by its maker (listening before this bar).
 
     ``frames=False`` (for a file or a pipe) draws no bar: one line when each preparation
     phase begins, one when the run starts, one when a stop is asked, one every
-    ``line_every_s`` seconds while turns finish (turns done, failed, retries), and the
+    ``line_every_s`` seconds while turns finish (turns done, failed, retries, answers cut
+    short, tokens generated), and the
     verdict at the end; ``clock`` (seconds) paces those lines.
     """
 
@@ -68,7 +71,8 @@ class TextProgress:
         self._bar: Any = None
         self._phase_bar: Any = None
         self._phase: str | None = None
-        self._shown: tuple[int, ...] = (0, 0, 0)  # (failed, not run, retries) in the postfix
+        # (failed, not run, retries, cut short, tokens generated) in the postfix
+        self._shown: tuple[int, ...] = (0, 0, 0, 0, 0)
         self._counted_at = float("-inf")
 
     def __call__(self, event: Event) -> None:
@@ -85,7 +89,11 @@ class TextProgress:
             if self._bar is not None:
                 self._show_counts()
         elif isinstance(event, EnginePhase):
-            self._show_phase(event)
+            if event.phase != GENERATING:
+                self._show_phase(event)
+            elif self._bar is not None:  # the run goes on: a figure, not a bar of its own
+                # No turn may finish for a while (a slow CPU generation): redraw now.
+                self._show_counts(refresh=True)
         elif isinstance(event, RunStarted):
             from tqdm import tqdm
 
@@ -131,7 +139,7 @@ class TextProgress:
         self._phase_bar = None
         self._phase = None
 
-    def _show_counts(self, *, final: bool = False) -> None:
+    def _show_counts(self, *, final: bool = False, refresh: bool = False) -> None:
         """Failures and retries in the postfix, redrawn with the bar when one changed.
 
         A snapshot costs more than an event: counted at most ten times a second (as tqdm
@@ -142,14 +150,24 @@ class TextProgress:
             return
         self._counted_at = now
         snap = self.stats.snapshot()
-        shown = (snap.failed, snap.not_run, snap.retries)
+        shown = (
+            snap.failed,
+            snap.not_run,
+            snap.retries,
+            snap.truncated,
+            snap.generated_tokens or 0,
+        )
         if shown != self._shown:
             self._shown = shown
-            failed, not_run, retries = shown
+            failed, not_run, retries, truncated, generated = shown
             postfix = {"failed": failed, "retries": retries}
             if not_run:
                 postfix["not_run"] = not_run
-            self._bar.set_postfix(postfix, refresh=False)
+            if truncated:
+                postfix["cut"] = truncated
+            if generated:
+                postfix["tokens"] = generated
+            self._bar.set_postfix(postfix, refresh=refresh)
 
     # -- lines, for a file or a pipe ------------------------------------------------------
 
@@ -158,7 +176,7 @@ class TextProgress:
 
     def _write_line(self, event: Event) -> None:
         if isinstance(event, EnginePhase):
-            if event.phase != self._phase:
+            if event.phase != self._phase and event.phase != GENERATING:
                 self._phase = event.phase
                 detail = " ".join(event.detail.split())
                 self._print(f"{phase_name(event.phase)}" + (f": {detail}" if detail else "…"))
@@ -175,10 +193,15 @@ class TextProgress:
             if now - self._line_at >= self.line_every_s:
                 self._line_at = now
                 snap = self.stats.snapshot()
-                self._print(
+                line = (
                     f"{snap.turns_done:,}/{snap.turns_total:,} turns, {snap.failed:,} failed, "
                     f"{snap.retries:,} retries"
                 )
+                if snap.truncated:
+                    line += f", {truncated_text(snap.truncated)}"
+                if snap.generated_tokens:
+                    line += f", {generated_text(snap.generated_tokens)}"
+                self._print(line)
         elif isinstance(event, StopRequested):
             self._print(f"stopping ({event.in_flight} in flight)")
         elif isinstance(event, RunFinished):

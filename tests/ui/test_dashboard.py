@@ -929,6 +929,26 @@ def test_the_text_bar_shows_a_local_engines_phases_then_the_turns():
     assert "1/3" in last_line and "failed=0, retries=0, not_run=2" in last_line
 
 
+def test_the_text_bar_shows_tokens_generated_and_cut_answers_in_its_postfix():
+    """A local engine's "generating" count during the run is a figure of the bar, not a
+    second bar; an answer max_tokens cut short is counted once there is one."""
+    out = io.StringIO()
+    bar = TextProgress(file=out)
+    bar(started(turns=2, t=0.0))
+    bar._counted_at = float("-inf")
+    bar(EnginePhase("generating", 40, None, 0.1))
+    assert bar._phase_bar is None
+    assert "tokens=40" in out.getvalue().split("\r")[-1]
+    assert "cut=" not in out.getvalue()
+    cut = TurnRecord("a", 0, "q", answer="x", attempts=1, finish_reason="length")
+    bar._counted_at = float("-inf")
+    bar(done(cut, 0.2))
+    bar(RunFinished(1, 0, 0.3, True, 0.3))
+    last = out.getvalue().split("\r")[-1]
+    assert "cut=1" in last
+    assert "generating" not in out.getvalue()
+
+
 def test_the_text_bar_reads_a_shared_stats():
     stats = RunStats()
     out = io.StringIO()
