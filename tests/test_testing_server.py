@@ -507,3 +507,49 @@ def test_public_names() -> None:
     ]
     for name in nbllm.testing.__all__:
         assert hasattr(nbllm.testing, name), name
+
+
+def test_a_subprocess_server_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """A killed test run or benchmark leaves no test server behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from nbllm.testing import start_subprocess; "
+            "s = start_subprocess(); print(s.pid, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = None
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _runs(child):
+            time.sleep(0.1)
+        assert not _runs(child), "the test server still runs 10 s after its parent's kill"
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
+        if child is not None and _runs(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _runs(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, holding nothing, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

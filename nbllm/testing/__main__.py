@@ -1,7 +1,9 @@
 """``python -m nbllm.testing``: the test server in the foreground, for benchmarks and demos.
 
 It prints exactly one line, ``nbllm test server listening on URL``, once it listens, so a parent
-process can read the URL; SIGINT/SIGTERM stop it gracefully.
+process can read the URL; SIGINT/SIGTERM stop it gracefully. With ``--parent-pid PID`` (what
+``start_subprocess`` passes) it also stops when that process has gone, ``kill -9`` included,
+so that a killed test run or benchmark leaves no server behind.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from nbllm.engines.child_process import ParentWatch
 from nbllm.engines.openai_wire import on_stop_signals
 from nbllm.errors import ConfigError
 from nbllm.testing.launcher import URL_LINE_PREFIX
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for faults and latency")
     parser.add_argument("--api-key", default=None, help="require this Bearer key")
     parser.add_argument("--log", default=None, metavar="FILE.jsonl", help="append a request log")
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="stop when this process has gone"
+    )
     return parser
 
 
@@ -94,11 +100,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     async def run() -> None:
+        watch = ParentWatch(lambda why: server._request_stop(), parent_pid=args.parent_pid)
+
         def on_ready() -> None:
             on_stop_signals(server._request_stop)
+            if watch.gone:  # went while the server was starting: no stop event to set yet
+                server._request_stop()
+                return
             print(f"{URL_LINE_PREFIX}{server.url}", flush=True)
 
-        await server._serve(on_ready)
+        await watch.start()
+        if watch.gone:
+            return
+        try:
+            await server._serve(on_ready)
+        finally:
+            await watch.aclose()
 
     try:
         asyncio.run(run())

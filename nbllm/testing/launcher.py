@@ -68,6 +68,7 @@ class SubprocessServer:
             [sys.executable, "-m", "nbllm.testing", *args],
             url_prefix=URL_LINE_PREFIX,
             name="the nbllm test server",
+            parent_pid_option="--parent-pid",  # it stops if this process is killed
         )
         self.url = self._child.start(timeout)
 
