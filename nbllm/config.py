@@ -141,7 +141,7 @@ class RunConfig(BaseModel):
     )
     max_conversations: int | None = _option(
         None,
-        "conversations in progress at once; none: concurrency",
+        "conversations in progress at once; none: 4 x concurrency",
         "a whole number >= 1 or None",
         metavar="N",
         ge=1,
