@@ -7,6 +7,7 @@ under CI=true that is a failure, as for every test of a real local model.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from embedded_model import require_embedded_model
@@ -14,12 +15,15 @@ from embedded_model import require_embedded_model
 import nbllm
 from nbllm.engines import EMBEDDED_MODEL
 from nbllm.engines.local import create_local_engine
-from nbllm.errors import EngineUnavailable
+from nbllm.errors import EngineUnavailable, RequestTimeout
 from nbllm.types import ChatRequest
 
+# Answered at length: the model keeps counting until max_tokens stops it.
+COUNTING = "Count from 1 to 1000, one number per line."
 
-def ask(content: str, **params) -> ChatRequest:
-    return ChatRequest(EMBEDDED_MODEL, [{"role": "user", "content": content}], params)
+
+def ask(content: str, timeout: float | None = None, **params) -> ChatRequest:
+    return ChatRequest(EMBEDDED_MODEL, [{"role": "user", "content": content}], params, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +60,43 @@ async def test_a_two_turn_conversation_sees_its_earlier_answer(engine):
     assert "Ada" in response.text
 
 
-async def test_max_tokens_and_stop_are_honoured(engine):
+async def test_max_tokens_and_stop_are_honoured_and_say_so(engine):
     response = await engine.complete(ask("Write a long story about a cat.", max_tokens=3))
-    assert response.completion_tokens == 3
-    stopped = await engine.complete(
-        ask("What is the capital of France?", max_tokens=16, stop=["Paris"])
-    )
-    assert "Paris" not in stopped.text
+    assert response.completion_tokens == 3 and response.finish_reason == "length"
+    stopped = await engine.complete(ask("What is 2 + 2?", max_tokens=16, stop=["4"]))
+    assert stopped.text and "4" not in stopped.text and stopped.finish_reason == "stop"
+    ended = await engine.complete(ask("What is 2 + 2?", max_tokens=64))
+    assert ended.completion_tokens < 64 and ended.finish_reason == "stop"
+
+
+async def test_a_cancelled_generation_ends_and_a_waiting_request_times_out(engine):
+    heard: list[tuple[float | None, int]] = []
+    generating = asyncio.Event()
+
+    def on_phase(phase, done, total, detail):
+        heard.append((done, threading.get_ident()))
+        generating.set()
+
+    engine.on_phase = on_phase
+    try:
+        before = engine.tokens.count
+        long = asyncio.ensure_future(engine.complete(ask(COUNTING, max_tokens=400)))
+        await asyncio.wait_for(generating.wait(), 60)
+        # The model thread is busy with the long answer: this one never starts.
+        with pytest.raises(RequestTimeout, match="never started"):
+            await engine.complete(ask("What is 2 + 2?", timeout=0.01, max_tokens=2))
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        # One chat at a time: this answer comes once the cancelled one has ended.
+        after = await engine.complete(ask("What is 2 + 2?", max_tokens=2))
+        assert 1 <= engine.tokens.count - before - after.completion_tokens < 100
+        await asyncio.sleep(0.3)  # the last count arrives at most 0.25 s late
+    finally:
+        engine.on_phase = None
+    counts = [done for done, _ in heard]
+    assert counts == sorted(counts) and counts[-1] == engine.tokens.count
+    assert {thread for _, thread in heard} == {threading.get_ident()}
 
 
 def test_a_model_directory_is_not_for_llamacpp():

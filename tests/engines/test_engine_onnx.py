@@ -66,7 +66,11 @@ async def test_greedy_answers_alone_equal_torch(onnx_engine, torch_engine):
     for prompt in PROMPTS:
         ours = await onnx_engine.complete(ask(prompt, max_tokens=24))
         reference = await torch_engine.complete(ask(prompt, max_tokens=24))
-        assert (ours.text, ours.completion_tokens) == (reference.text, reference.completion_tokens)
+        assert (ours.text, ours.completion_tokens, ours.finish_reason) == (
+            reference.text,
+            reference.completion_tokens,
+            reference.finish_reason,
+        )
 
 
 async def test_greedy_answers_in_one_batch_equal_torch(onnx_engine, torch_engine):
@@ -90,9 +94,11 @@ async def test_a_two_turn_conversation_is_answered_as_torch_answers_it(onnx_engi
     assert ours.text and ours.text == reference.text
 
 
-async def test_max_tokens_bounds_the_answer(onnx_engine):
+async def test_max_tokens_bounds_the_answer_and_says_so(onnx_engine):
     response = await onnx_engine.complete(ask("Tell me a long story.", max_tokens=5))
-    assert response.completion_tokens == 5
+    assert response.completion_tokens == 5 and response.finish_reason == "length"
+    ended = await onnx_engine.complete(ask(PROMPTS[0], max_tokens=16))
+    assert ended.completion_tokens < 16 and ended.finish_reason == "stop"
 
 
 async def test_a_seeded_sample_repeats(onnx_engine):

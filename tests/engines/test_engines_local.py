@@ -7,6 +7,11 @@ once the model has been converted (the first use converts it, about 10 s).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,13 +22,14 @@ import nbllm
 from nbllm.engines import EMBEDDED_MODEL, available, create_engine, hardware, is_local
 from nbllm.engines.local import CPU_ORDER, create_local_engine, engine_status
 from nbllm.engines.local.base import Generation
+from nbllm.engines.local.batched import BatchedEngine, _Request
 from nbllm.engines.local.models import (
     LocalModel,
     is_local_model,
     resolve_local_model,
     transformers_checkpoint,
 )
-from nbllm.errors import ConfigError, EngineUnavailable, RequestRejected
+from nbllm.errors import ConfigError, EngineUnavailable, RequestRejected, RequestTimeout
 from nbllm.types import ChatRequest
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -32,10 +38,12 @@ PROMPTS = [
     "What is 2 + 2?",
     "Name a primary colour.",
 ]
+# Answered at length: the model keeps counting until max_tokens stops it.
+COUNTING = "Count from 1 to 1000, one number per line."
 
 
-def ask(content: str, **params) -> ChatRequest:
-    return ChatRequest(EMBEDDED_MODEL, [{"role": "user", "content": content}], params)
+def ask(content: str, timeout: float | None = None, **params) -> ChatRequest:
+    return ChatRequest(EMBEDDED_MODEL, [{"role": "user", "content": content}], params, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +197,8 @@ async def test_torch_answers_a_question(torch_engine):
     response = await torch_engine.complete(ask(PROMPTS[0], max_tokens=16))
     assert "Paris" in response.text
     assert response.model == EMBEDDED_MODEL
-    assert response.prompt_tokens > 5 and 1 <= response.completion_tokens <= 16
+    assert response.prompt_tokens > 5 and 1 <= response.completion_tokens < 16
+    assert response.finish_reason == "stop"  # the model ended it, well within max_tokens
 
 
 async def test_concurrent_requests_are_batched_with_the_answers_they_get_alone(torch_engine):
@@ -212,9 +221,42 @@ async def test_a_two_turn_conversation_sees_its_earlier_answer(torch_engine):
     assert "Ada" in response.text
 
 
-async def test_max_tokens_bounds_the_answer(torch_engine):
+async def test_max_tokens_bounds_the_answer_and_says_so(torch_engine):
     response = await torch_engine.complete(ask("Write a long story about a cat.", max_tokens=3))
     assert response.completion_tokens == 3
+    assert response.finish_reason == "length"
+    # A stop string ends an answer as the model would: "stop", even at max_tokens.
+    stopped = await torch_engine.complete(ask(PROMPTS[0], max_tokens=16, stop=["Paris"]))
+    assert "Paris" not in stopped.text and stopped.finish_reason == "stop"
+
+
+async def test_torch_reports_its_tokens_and_stops_a_cancelled_generation(torch_engine):
+    heard: list[tuple[str, float | None, int]] = []
+    generating = asyncio.Event()
+
+    def on_phase(phase, done, total, detail):
+        heard.append((phase, done, threading.get_ident()))
+        generating.set()
+
+    torch_engine.on_phase = on_phase
+    try:
+        before = torch_engine.tokens.count
+        long = asyncio.ensure_future(torch_engine.complete(ask(COUNTING, max_tokens=400)))
+        await asyncio.wait_for(generating.wait(), 60)
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        # The model runs one batch at a time: this answer comes once the cancelled one ended.
+        after = await torch_engine.complete(ask(PROMPTS[1], max_tokens=2))
+        cancelled = torch_engine.tokens.count - before - after.completion_tokens
+        assert 1 <= cancelled < 100  # cut at its next token, not run to 400
+        await asyncio.sleep(0.3)  # the last count arrives at most 0.25 s late
+    finally:
+        torch_engine.on_phase = None
+    assert {phase for phase, _, _ in heard} == {"generating"}
+    counts = [done for _, done, _ in heard]
+    assert counts == sorted(counts) and counts[-1] == torch_engine.tokens.count
+    assert {thread for _, _, thread in heard} == {threading.get_ident()}  # the loop's thread
 
 
 async def test_a_seeded_sample_repeats(torch_engine):
@@ -362,7 +404,6 @@ def test_the_command_line_runs_the_embedded_model_without_a_model_option(tmp_pat
 
 async def test_out_of_memory_halves_the_batch_and_then_names_the_figures(monkeypatch):
     from nbllm.engines.local import base
-    from nbllm.engines.local.batched import BatchedEngine
 
     class Tight(BatchedEngine):
         """Fits batches of up to two prompts; a prompt of length 9 never fits."""
@@ -372,7 +413,7 @@ async def test_out_of_memory_halves_the_batch_and_then_names_the_figures(monkeyp
         def _load(self):
             self.batches = []
 
-        def _generate(self, prompts, generation):
+        def _generate(self, prompts, generation, watch):
             self.batches.append(len(prompts))
             if len(prompts) > 2 or any(len(p) == 9 for p in prompts):
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -380,9 +421,153 @@ async def test_out_of_memory_halves_the_batch_and_then_names_the_figures(monkeyp
 
     monkeypatch.setattr(base, "resolve_local_model", lambda model: LocalModel("m", Path(".")))
     engine = Tight(batch_size=4, batch_wait_s=0.05)
-    items = [([1] * n, Generation(max_new_tokens=4)) for n in (1, 2, 3, 4)]
+    items = [_Request([1] * n, Generation(max_new_tokens=4)) for n in (1, 2, 3, 4)]
     assert engine._run_batch(items) == [[1], [2], [3], [4]]
     assert engine.batches == [4, 2, 2]
     with pytest.raises(nbllm.EngineError, match="out of memory generating one answer"):
-        engine._run_batch([([0] * 9, Generation(max_new_tokens=4))])
+        engine._run_batch([_Request([0] * 9, Generation(max_new_tokens=4))])
     await engine.aclose()
+
+
+# -- timeouts, cancellation and progress, on a model that only counts ---------------------
+
+
+class Stepper(BatchedEngine):
+    """Generates one token per row per step, each step taking ``step_s``; loads nothing.
+
+    A question that is a number N is answered with N tokens, then end-of-text.
+    """
+
+    name = "stepper"
+    step_s = 0.01
+
+    def _load(self):
+        self.tokenizer = None
+        self.batches: list[int] = []  # rows of each batch that started
+        self.steps: list[int] = []  # steps each batch ran
+
+    def encode(self, messages):
+        question = messages[-1]["content"]
+        return [int(question) if question.isdigit() else 10**6]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+    def _generate(self, prompts, generation, watch):
+        self.batches.append(len(prompts))
+        rows: list[list[int]] = [[] for _ in prompts]
+        live = [True] * len(prompts)
+        steps = 0
+        while steps < generation.max_new_tokens and any(live):
+            time.sleep(self.step_s)
+            steps += 1
+            for row, alive in zip(rows, live, strict=True):
+                if alive:
+                    row.append(7)
+            watch.generated(sum(live))
+            ended = [len(row) >= prompt[0] for row, prompt in zip(rows, prompts, strict=True)]
+            dropped = watch.dropped()
+            live = [a and not (e or d) for a, e, d in zip(live, ended, dropped, strict=True)]
+        self.steps.append(steps)
+        return rows
+
+
+@pytest.fixture
+def stepper(monkeypatch):
+    from nbllm.engines.local import base
+
+    monkeypatch.setattr(base, "resolve_local_model", lambda model: LocalModel("m", Path(".")))
+    engines: list[Stepper] = []
+
+    def make(**options) -> Stepper:
+        engines.append(Stepper(**options))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        asyncio.run(engine.aclose())
+
+
+async def test_a_queued_request_times_out_and_a_started_generation_never_does(stepper):
+    engine = stepper(batch_size=1, batch_wait_s=0)
+    assert engine.bounds_own_timeout  # the executor sets no timer of its own around it
+    generating = asyncio.Event()
+    engine.on_phase = lambda *_: generating.set()
+    # 30 steps of 10 ms: six times the timeout of 50 ms.
+    running = asyncio.ensure_future(engine.complete(ask("a", timeout=0.05, max_tokens=30)))
+    await asyncio.wait_for(generating.wait(), 5)
+    with pytest.raises(RequestTimeout, match="never started"):
+        await engine.complete(ask("b", timeout=0.05, max_tokens=30))
+    answer = await running
+    assert answer.completion_tokens == 30 and answer.finish_reason == "length"
+    # The generation ran once, to its end; the timed-out request never started.
+    assert engine.batches == [1] and engine.steps == [30]
+
+
+async def test_a_cancelled_request_is_dropped_from_its_running_batch(stepper):
+    engine = stepper(batch_size=2, batch_wait_s=0.05)
+    generating = asyncio.Event()
+    engine.on_phase = lambda *_: generating.set()
+    kept = asyncio.ensure_future(engine.complete(ask("20", max_tokens=1000)))
+    dropped = asyncio.ensure_future(engine.complete(ask("endless", max_tokens=1000)))
+    await asyncio.wait_for(generating.wait(), 5)
+    dropped.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await dropped
+    answer = await kept
+    assert (answer.completion_tokens, answer.finish_reason) == (20, "stop")
+    # One batch of both, ended with the row still wanted: not 1000 steps later.
+    assert engine.batches == [2] and engine.steps == [20]
+
+
+async def test_tokens_generated_so_far_reach_on_phase_on_the_loop_at_most_4_times_a_second(
+    stepper,
+):
+    heard: list[tuple[str, float | None, float | None, int, float]] = []
+    engine = stepper(batch_size=2, batch_wait_s=0.05)
+    engine.on_phase = lambda phase, done, total, detail: heard.append(
+        (phase, done, total, threading.get_ident(), time.monotonic())
+    )
+    started = time.monotonic()
+    answers = await asyncio.gather(*(engine.complete(ask(q, max_tokens=60)) for q in "ab"))
+    took = time.monotonic() - started
+    await asyncio.sleep(0.3)  # the last count arrives at most 0.25 s late
+    assert [phase for phase, *_ in heard] == ["generating"] * len(heard)
+    counts = [done for _, done, *_ in heard]
+    assert len(counts) >= 2 and counts == sorted(counts) and len(set(counts)) == len(counts)
+    assert counts[-1] == sum(a.completion_tokens for a in answers) == 120
+    assert {total for _, _, total, *_ in heard} == {None}
+    assert {thread for *_, thread, _ in heard} == {threading.get_ident()}
+    times = [t for *_, t in heard]
+    assert all(later - earlier >= 0.24 for earlier, later in itertools.pairwise(times))
+    assert len(heard) <= took / 0.25 + 2
+
+
+async def test_a_local_engine_can_be_made_off_the_event_loop(stepper):
+    heard: list[tuple[str, int]] = []
+    engine = await asyncio.to_thread(
+        stepper,
+        batch_size=2,
+        on_phase=lambda phase, *_: heard.append((phase, threading.get_ident())),
+    )
+    assert [phase for phase, _ in heard] == ["loading", "loading"]
+    assert {thread for _, thread in heard} != {threading.get_ident()}
+    answer = await engine.complete(ask("a", max_tokens=2))  # used on the loop afterwards
+    assert answer.completion_tokens == 2
+
+
+def test_choosing_torch_prints_nothing_and_imports_no_other_engine():
+    require_embedded_model()
+    script = (
+        "import asyncio, sys\n"
+        "from nbllm.engines.local import available, create_local_engine\n"
+        "available()\n"
+        "engine = create_local_engine('torch', None, batch_size=1)\n"
+        "asyncio.run(engine.aclose())\n"
+        "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("", "")

@@ -14,7 +14,12 @@ llamacpp   llama.cpp on a GGUF file (CPU)       ``llamacpp``       one request a
 fastest CPU engine first without one (``CPU_ORDER``); an engine that is not usable or
 fails to load is skipped: a load failure is a warning on the ``nbllm`` logger, an engine
 that is not installed only an info line.
-``available()`` tells, as a DataFrame, which engines are installed and usable here.
+``available()`` tells, as a DataFrame, which engines are installed and usable here, from
+what is installed (nothing is imported, so probing prints nothing).
+
+Every local engine applies a request's ``timeout`` to its wait for the model only, never to a
+generation under way, says why each answer ended (``finish_reason``), and reports the tokens
+it has generated as the "generating" phase (``nbllm.engines.local.base``).
 """
 
 from __future__ import annotations

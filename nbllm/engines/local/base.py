@@ -6,6 +6,20 @@ sampling options and stop strings, and releasing the model once on ``aclose`` li
 once. Engines that generate token ids in batches extend ``BatchedEngine``
 (``nbllm.engines.local.batched``); engines that schedule requests themselves (vllm,
 llamacpp) extend ``LocalEngine`` directly.
+
+Timeouts: a local engine applies ``request.timeout`` itself (``bounds_own_timeout``), to the
+wait for the model only: a request still queued when its timeout runs out fails with
+``RequestTimeout`` and leaves the queue, and a generation that started runs to its end,
+however long a busy CPU makes it. Timing out a generation that is making progress would
+only start it again from the beginning, and on a slow machine never finish. A request that
+is cancelled (a stop) leaves the queue at once, and its generation is cut where the backend
+allows: torch and onnx drop its row from the batch at the next token and end the batch once
+no row is left, llama.cpp stops at the next token, and vLLM aborts the request in its
+scheduler. (A torch batch still computes a dropped row's padding until the batch ends.)
+
+Every answer says why it ended (``ChatResponse.finish_reason``): "length" when
+``max_tokens`` cut it, "stop" when the model ended it or a stop string did. While a model
+generates, ``on_phase`` hears "generating" with the tokens generated so far (``phases``).
 """
 
 from __future__ import annotations
@@ -22,8 +36,9 @@ from typing import Any
 
 from nbllm.engines.base import Engine, EngineState
 from nbllm.engines.hardware import Hardware, hardware
+from nbllm.engines.local.batching import check_batching
 from nbllm.engines.local.models import LocalModel, resolve_local_model
-from nbllm.engines.local.phases import PhaseCallback, PhaseReport
+from nbllm.engines.local.phases import PhaseCallback, PhaseReport, TokenReport
 from nbllm.errors import EngineUnavailable, RequestRejected
 from nbllm.types import Message
 
@@ -101,6 +116,17 @@ class Generation:
                 text = text[:at]
         return text
 
+    def finish(self, text: str, new_tokens: int) -> tuple[str, str]:
+        """The answer (``text`` up to the first stop string) and why it ended.
+
+        "stop": the model ended it (``new_tokens`` fell short of ``max_new_tokens``) or a
+        stop string did; "length": ``max_new_tokens`` cut it.
+        """
+        answer = self.cut(text)
+        if answer != text or new_tokens < self.max_new_tokens:
+            return answer, "stop"
+        return answer, "length"
+
 
 class LocalEngine(Engine):
     """A model loaded in this process.
@@ -116,6 +142,8 @@ class LocalEngine(Engine):
     """
 
     name = "local"
+    # A generation under way is never timed out: only the wait for the model is.
+    bounds_own_timeout = True
 
     def __init__(
         self,
@@ -127,14 +155,18 @@ class LocalEngine(Engine):
         on_phase: PhaseCallback | None = None,
     ) -> None:
         super().__init__()
+        # Checked before anything loads: a bad option should not wait for a conversion.
+        check_batching(1 if batch_size is None else batch_size, batch_wait_s)
         self.hardware: Hardware = hardware()
         self.device = device or self.hardware.device
         self.model: LocalModel = resolve_local_model(model)
         self.default_model = self.model.name
         self.batch_size = batch_size or self.hardware.default_batch_size
         self.batch_wait_s = batch_wait_s
-        #: Hears the model's preparation: converting, exporting, loading (``phases``).
+        #: Hears the model's preparation (converting, exporting, loading), then the tokens
+        #: generated while it answers ("generating"); see ``phases``.
         self.on_phase = on_phase
+        self.tokens = TokenReport(lambda: self.on_phase)
         # Held by every model call and by the release, so a model is never dropped mid-call.
         self._lock = threading.Lock()
         self.tokenizer: Any = None
@@ -214,6 +246,7 @@ class LocalEngine(Engine):
             torch.cuda.empty_cache()
 
     async def aclose(self) -> None:
+        self.tokens.close()
         if self.state is not EngineState.CLOSED:
             with self._lock:
                 # Closed before the release: a model call still queued then fails cleanly.

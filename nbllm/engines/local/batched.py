@@ -5,22 +5,63 @@ ids in, new token ids out). Gathering concurrent requests into those batches (th
 ``DynamicBatcher``, on one long-lived model thread) and halving a batch that runs out of
 memory live here once. A run keeps at most ``batch_size`` requests in flight
 (``max_in_flight``): more would only wait in the batcher's queue while their timeouts run.
+
+``request.timeout`` bounds a request's wait in that queue, never its generation
+(``nbllm.engines.local.base``). While a batch generates, ``_generate`` reports each step to
+a ``BatchWatch``: the tokens it added (heard as the "generating" phase) and, in return,
+which rows nobody waits for any more (their requests were cancelled), so that it drops them
+and ends the batch once none is left.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine
 from nbllm.engines.local.batching import DynamicBatcher
-from nbllm.engines.local.phases import PhaseCallback
+from nbllm.engines.local.phases import PhaseCallback, TokenReport
 from nbllm.errors import EngineError
 from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = ["BatchedEngine"]
+__all__ = ["BatchWatch", "BatchedEngine"]
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    """One request in the batcher: its prompt, its sampling, and whether anyone waits for it."""
+
+    prompt: list[int]
+    generation: Generation
+    #: Set on the loop when the request is cancelled; read by the model thread.
+    cancelled: bool = False
+
+
+class BatchWatch:
+    """One batch as it generates, seen from the model thread.
+
+    ``_generate`` calls ``generated(n)`` after each step with the tokens it added (end-of-text
+    tokens and dropped rows not counted) and reads ``dropped()`` to learn which rows nobody
+    waits for any more.
+    """
+
+    def __init__(self, requests: Sequence[_Request], tokens: TokenReport) -> None:
+        self._requests = requests
+        self._tokens = tokens
+        #: Tokens reported by ``generated`` so far.
+        self.counted = 0
+
+    def generated(self, tokens: int) -> None:
+        self.counted += tokens
+        self._tokens.add(tokens)
+
+    def dropped(self) -> list[bool]:
+        """Per row: True when its request was cancelled, so its answer is of no use."""
+        return [request.cancelled for request in self._requests]
 
 
 class BatchedEngine(LocalEngine):
@@ -47,36 +88,53 @@ class BatchedEngine(LocalEngine):
             on_phase=on_phase,
         )
         self.max_in_flight = self.batch_size
-        self._batcher: DynamicBatcher[tuple[list[int], Generation], list[int]] = DynamicBatcher(
+        self._batcher: DynamicBatcher[_Request, list[int]] = DynamicBatcher(
             self._run_batch, max_batch_size=self.batch_size, max_wait_s=self.batch_wait_s
         )
 
     @abstractmethod
-    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
-        """New token ids for each prompt (left to right, without padding or end-of-text)."""
+    def _generate(
+        self, prompts: Sequence[list[int]], generation: Generation, watch: BatchWatch
+    ) -> list[list[int]]:
+        """New token ids for each prompt (left to right, without padding or end-of-text).
+
+        Reports each step to ``watch`` and stops generating the rows it says are dropped
+        (their ids are then of no use); returns once every row is finished or dropped.
+        """
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
         generation = Generation.from_params(request.params)
         prompt = self.encode(request.messages)
-        new_ids = await self._batcher.submit((prompt, generation), generation)
+        self.tokens.loop = asyncio.get_running_loop()
+        waiting = _Request(prompt, generation)
+        try:
+            new_ids = await self._batcher.submit(waiting, generation, timeout=request.timeout)
+        except asyncio.CancelledError:
+            # The model thread drops this row at its next step (set before the caller
+            # can send anything again), so no generation runs on for an unread answer.
+            waiting.cancelled = True
+            raise
+        text, finish_reason = generation.finish(self.decode(new_ids), len(new_ids))
         return ChatResponse(
-            text=generation.cut(self.decode(new_ids)),
+            text=text,
             model=self.model.name,
             prompt_tokens=len(prompt),
             completion_tokens=len(new_ids),
             cost_usd=0.0,
+            finish_reason=finish_reason,
         )
 
-    def _run_batch(self, items: Sequence[tuple[list[int], Generation]]) -> list[list[int]]:
+    def _run_batch(self, items: Sequence[_Request]) -> list[list[int]]:
         """Generate one batch (in the batcher's thread); on out-of-memory, halve and retry."""
-        generation = items[0][1]
-        prompts = [prompt for prompt, _ in items]
+        generation = items[0].generation
+        prompts = [item.prompt for item in items]
         with self._lock:
             if self.state is EngineState.CLOSED:
                 msg = f"the {self.name} engine was closed while requests were waiting"
                 raise EngineError(msg)
+            watch = BatchWatch(items, self.tokens)
             try:
-                return self._generate(prompts, generation)
+                outputs = self._generate(prompts, generation, watch)
             except Exception as exc:
                 if not _is_out_of_memory(exc):
                     if isinstance(exc, EngineError):
@@ -91,6 +149,14 @@ class BatchedEngine(LocalEngine):
                         f"prompt ({_memory_figures()}); lower max_tokens or use a smaller model"
                     )
                     raise EngineError(msg) from exc
+            else:
+                # The steps' counts leave out what a backend cannot see per step; the
+                # batch's own figure settles it (never lowering what was shown).
+                generated = sum(
+                    len(ids) for ids, item in zip(outputs, items, strict=True) if not item.cancelled
+                )
+                self.tokens.add(max(0, generated - watch.counted), flush=True)
+                return outputs
         half = len(items) // 2
         return self._run_batch(items[:half]) + self._run_batch(items[half:])
 

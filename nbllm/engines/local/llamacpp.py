@@ -7,12 +7,21 @@ from theirs (on the embedded model: most prompts agree, some do not). One llama.
 context answers one request at a time, so requests queue in arrival order for its one
 long-lived model thread (no batcher); the speed comes from llama.cpp itself.
 GPUs are left to the other engines (``auto`` skips this one where there is a GPU).
+
+``request.timeout`` bounds a request's wait for the model thread, never its generation
+(``nbllm.engines.local.base``). A logits processor sees each token: it counts them for the
+"generating" phase and, once the request is cancelled, leaves end-of-text as the only
+choice, so the generation ends at its next token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine, require
@@ -22,7 +31,13 @@ from nbllm.types import ChatRequest, ChatResponse, Message
 
 __all__ = ["LlamaCppEngine"]
 
-_Chat = tuple[list[Message], Generation]
+
+@dataclass(slots=True, eq=False)
+class _Chat:
+    messages: list[Message]
+    generation: Generation
+    #: Set on the loop when the request is cancelled; read by the model thread.
+    cancelled: bool = False
 
 
 class LlamaCppEngine(LocalEngine):
@@ -54,32 +69,53 @@ class LlamaCppEngine(LocalEngine):
         except Exception as exc:
             msg = f"llama.cpp cannot load {self.model.path.name}: {type(exc).__name__}: {exc}"
             raise EngineUnavailable(msg) from exc
+        self._logits_processors = llama_cpp.LogitsProcessorList
         self._in_flight = 0
         # ggml sets up its thread pool once per thread: every call runs on this one.
         self._model_thread = ModelThread("llamacpp-model")
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
         generation = Generation.from_params(request.params)
+        self.tokens.loop = asyncio.get_running_loop()
+        chat = _Chat(list(request.messages), generation)
         self._in_flight += 1
         try:
-            answer = await self._model_thread.call(
-                self._run_chat, (list(request.messages), generation)
-            )
+            answer = await self._model_thread.call(self._run_chat, chat, timeout=request.timeout)
+        except asyncio.CancelledError:
+            chat.cancelled = True  # its generation ends at the next token
+            raise
         finally:
             self._in_flight -= 1
         usage = answer.get("usage") or {}
-        text = answer["choices"][0]["message"].get("content") or ""
+        choice = answer["choices"][0]
+        text = choice["message"].get("content") or ""
         return ChatResponse(
             text=generation.cut(text.strip()),
             model=self.model.name,
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             cost_usd=0.0,
+            finish_reason=choice.get("finish_reason"),
         )
 
     def _run_chat(self, chat: _Chat) -> dict[str, Any]:
         """One chat completion (in the model thread)."""
-        messages, generation = chat
+        messages, generation = chat.messages, chat.generation
+        sampled = 0
+
+        def watch(_input_ids: Any, logits: Any) -> Any:
+            # Called before each token is chosen: every call after the first means the
+            # token chosen last was kept (an end-of-text token ends the answer instead).
+            nonlocal sampled
+            if sampled:
+                self.tokens.add(1)
+            sampled += 1
+            if not chat.cancelled:
+                return logits
+            ended = np.full_like(logits, -np.inf)
+            ended[self.llama.token_eos()] = 0.0
+            return ended
+
         options: dict[str, Any] = {
             "max_tokens": generation.max_new_tokens,
             "temperature": generation.temperature,
@@ -91,6 +127,7 @@ class LlamaCppEngine(LocalEngine):
             options["seed"] = generation.seed
         if generation.stop:
             options["stop"] = list(generation.stop)
+        options["logits_processor"] = self._logits_processors([watch])
         with self._lock:
             if self.state is EngineState.CLOSED:
                 msg = "the llamacpp engine was closed while requests were waiting"
@@ -103,6 +140,8 @@ class LlamaCppEngine(LocalEngine):
             except Exception as exc:
                 msg = f"llama.cpp failed to generate: {type(exc).__name__}: {exc}"
                 raise EngineError(msg) from exc
+        completion = (answer.get("usage") or {}).get("completion_tokens") or 0
+        self.tokens.add(max(0, completion - max(0, sampled - 1)), flush=True)
         return answer
 
     async def aclose(self) -> None:

@@ -5,7 +5,9 @@ needs torch, transformers and onnxscript, and takes a minute or two for the embe
 model) into the cache directory. Later loads read only that folder and need onnxruntime,
 numpy and transformers' tokenizer, not torch. Each batch runs the graph once on the
 left-padded prompts and once per new token, keeping the keys/values where the execution
-provider put them.
+provider put them. A row whose request was cancelled is treated as finished from the next
+token on, and the batch ends once every row is finished or dropped; until then a dropped row
+is still computed, as padding, with the rest.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from nbllm.engines.local.base import Generation, require
-from nbllm.engines.local.batched import BatchedEngine, pad_left
+from nbllm.engines.local.batched import BatchedEngine, BatchWatch, pad_left
 from nbllm.engines.local.onnx_export import GRAPH_FILE, LAYOUT_FILE, DecoderLayout, export_decoder
 from nbllm.engines.local.phases import quiet_loading
 from nbllm.errors import EngineUnavailable
@@ -79,7 +81,9 @@ class OnnxEngine(BatchedEngine):
             text += " (CUDA was asked for but onnxruntime could not use it)"
         return text
 
-    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
+    def _generate(
+        self, prompts: Sequence[list[int]], generation: Generation, watch: BatchWatch
+    ) -> list[list[int]]:
         ids, mask = pad_left(prompts, self.pad_token_id)
         input_ids = np.array(ids, dtype=np.int64)
         attention = np.array(mask, dtype=np.int64)
@@ -99,7 +103,10 @@ class OnnxEngine(BatchedEngine):
             token = _next_tokens(logits, generation, rng)
             token = np.where(finished, self.pad_token_id, token)
             new_tokens.append(token)
-            finished |= np.isin(token, eos)
+            ended = np.isin(token, eos)
+            # A row's end-of-text token is not part of its answer; finished rows add padding.
+            watch.generated(int((~finished & ~ended).sum()))
+            finished |= ended | np.array(watch.dropped(), dtype=bool)
             if finished.all() or len(new_tokens) >= generation.max_new_tokens:
                 break
             input_ids = token[:, None]

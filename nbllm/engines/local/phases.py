@@ -8,6 +8,11 @@ exported to ONNX once ("exporting"), and is then loaded ("loading"). Each step c
 few words. The run turns these calls into ``EnginePhase`` events,
 so the dashboard draws them as it draws the run.
 
+While it answers, a local engine reports the phase "generating" (``GENERATING``): ``done``
+counts the completion tokens it has generated since it was made, ``total`` is None. These
+calls come on the event loop's thread, at most four times a second (``TokenReport``), and
+the latest count always arrives, up to a quarter of a second after the tokens.
+
 transformers, gguf and DeepSpeed draw their own progress bars and notices while a model is
 read; inside ``quiet_loading()`` they draw nothing, and the conversion counts the GGUF tensors
 it de-quantizes instead. Whatever the user set for their own loads is restored afterwards.
@@ -15,6 +20,7 @@ it de-quantizes instead. Whatever the user set for their own loads is restored a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -23,16 +29,30 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-__all__ = ["PHASES", "PhaseCallback", "PhaseReport", "quiet_loading"]
+__all__ = [
+    "GENERATING",
+    "PHASES",
+    "PhaseCallback",
+    "PhaseReport",
+    "TokenReport",
+    "quiet_loading",
+]
 
 #: ``on_phase(phase, done, total, detail)``.
 PhaseCallback = Callable[[str, float | None, float | None, str], None]
 
-#: The phases, in the order a first run goes through them.
+#: The phases of a model's preparation, in the order a first run goes through them.
 PHASES = ("converting", "exporting", "loading")
+
+#: The phase reported while a loaded model answers: tokens generated so far.
+GENERATING = "generating"
 
 # A bar redrawn more often than this shows nothing more; the last call always goes through.
 _MIN_INTERVAL_S = 0.1
+# Token counts reach ``on_phase`` at most this often; the model thread posts them to the
+# loop a little more often, so that the latest count is never far behind.
+_TOKENS_INTERVAL_S = 0.25
+_TOKENS_POST_S = 0.05
 
 # The module whose tensor loop draws "Converting and de-quantizing GGUF tensors..." with
 # tqdm.auto, outside transformers' own switch for its bars.
@@ -75,6 +95,64 @@ class PhaseReport:
         if due:
             self._sent_at = now
             self.on_phase(self.phase, done, self.total, detail or "")
+
+
+class TokenReport:
+    """Completion tokens an engine generated, heard by ``on_phase`` as ``GENERATING``.
+
+    The model thread adds tokens as they come (``add``); the count reaches the callback on
+    the thread of ``loop`` (set by the engine on each request), at most every 0.25 s, and
+    the latest count always arrives in the end. ``on_phase()`` returns the engine's callback
+    of the moment (None: nobody listens, and nothing is sent).
+    """
+
+    def __init__(self, on_phase: Callable[[], PhaseCallback | None]) -> None:
+        self._on_phase = on_phase
+        #: Tokens generated so far; written by the model thread only.
+        self.count = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._posted_at = -_TOKENS_POST_S
+        self._sent_at = -_TOKENS_INTERVAL_S
+        self._sent: int | None = None
+        self._trailing: asyncio.TimerHandle | None = None
+
+    def add(self, tokens: int, *, flush: bool = False) -> None:
+        """``tokens`` more were generated (in the model thread); ``flush`` at a batch's end."""
+        if tokens > 0:
+            self.count += tokens
+        loop = self.loop
+        if loop is None or self._on_phase() is None:
+            return
+        now = time.monotonic()
+        if not flush and now - self._posted_at < _TOKENS_POST_S:
+            return
+        self._posted_at = now
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
+            loop.call_soon_threadsafe(self._deliver, loop)
+
+    def close(self) -> None:
+        """Send nothing more (the engine is closed)."""
+        self.loop = None
+        if self._trailing is not None:
+            self._trailing.cancel()
+            self._trailing = None
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._trailing is not None or self.loop is not loop:
+            return  # a send is due already and reads the count then; or closed
+        wait = self._sent_at + _TOKENS_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            self._trailing = loop.call_later(wait, self._send)
+        else:
+            self._send()
+
+    def _send(self) -> None:
+        self._trailing = None
+        count, on_phase = self.count, self._on_phase()
+        if on_phase is None or count == self._sent:
+            return
+        self._sent, self._sent_at = count, time.monotonic()
+        on_phase(GENERATING, count, None, "")
 
 
 class _CountedTensors:

@@ -1,4 +1,10 @@
-"""The PyTorch engine: a transformers model's ``generate`` over dynamically gathered batches."""
+"""The PyTorch engine: a transformers model's ``generate`` over dynamically gathered batches.
+
+A stopping criterion watches each step of ``generate``: it counts the tokens added and stops
+the rows whose requests were cancelled, so a batch whose every request was given up ends at
+its next token. A row stopped that way still takes part, as padding, in the steps left of a
+batch that others keep going: transformers cannot take a row out of a running batch.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nbllm.engines.local.base import Generation, LocalEngine, require
-from nbllm.engines.local.batched import BatchedEngine, pad_left
+from nbllm.engines.local.batched import BatchedEngine, BatchWatch, pad_left
 from nbllm.engines.local.models import transformers_checkpoint
 from nbllm.engines.local.phases import quiet_loading
 from nbllm.errors import EngineUnavailable
@@ -54,15 +60,22 @@ class TorchEngine(BatchedEngine):
         """What ``generate`` is called on (DeepSpeed wraps the model)."""
         return self.hf_model
 
-    def _generate(self, prompts: Sequence[list[int]], generation: Generation) -> list[list[int]]:
+    def _generate(
+        self, prompts: Sequence[list[int]], generation: Generation, watch: BatchWatch
+    ) -> list[list[int]]:
         import torch
+        import transformers
 
         ids, mask = pad_left(prompts, self.pad_token_id)
+        device = self.device
         options: dict[str, Any] = {
             "max_new_tokens": generation.max_new_tokens,
             "do_sample": not generation.greedy,
             "pad_token_id": self.pad_token_id,
             "eos_token_id": self.eos_token_ids,
+            "stopping_criteria": transformers.StoppingCriteriaList(
+                [_step_watch(watch, self.eos_token_ids, len(prompts), device)]
+            ),
         }
         if generation.greedy:
             # The model's own sampling defaults would only draw a warning in greedy mode.
@@ -71,7 +84,6 @@ class TorchEngine(BatchedEngine):
             options.update(temperature=generation.temperature, top_p=generation.top_p)
             if generation.seed is not None:
                 torch.manual_seed(generation.seed)
-        device = self.device
         with torch.inference_mode():
             out = self._generator().generate(
                 input_ids=torch.tensor(ids, device=device),
@@ -83,3 +95,30 @@ class TorchEngine(BatchedEngine):
 
     def _release(self) -> None:
         self.hf_model = None
+
+
+def _step_watch(watch: BatchWatch, eos_ids: Sequence[int], rows: int, device: str) -> Any:
+    """A stopping criterion for ``generate`` that reports each step to ``watch`` and stops
+    the rows it drops (the whole batch, once every row is finished or dropped)."""
+    import torch
+    import transformers
+
+    eos = torch.tensor(list(eos_ids), device=device)
+    keep_all = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    class StepWatch(transformers.StoppingCriteria):
+        finished = keep_all
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            ended = torch.isin(input_ids[:, -1], eos)
+            # A row's end-of-text token is not part of its answer; finished rows add padding.
+            watch.generated(int((~self.finished & ~ended).sum()))
+            self.finished = self.finished | ended
+            dropped = watch.dropped()
+            if not any(dropped):
+                return keep_all
+            stop = torch.tensor(dropped, device=input_ids.device)
+            self.finished = self.finished | stop
+            return stop
+
+    return StepWatch()

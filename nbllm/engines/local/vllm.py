@@ -4,17 +4,24 @@ Prefix caching is on, so the earlier turns of a conversation (sent again with ev
 turn) are not recomputed. ``tensor_parallel_size`` defaults to the visible GPUs. vLLM
 keeps GPU memory while the process lives, so in a notebook prefer ``worker=True``
 (the default on a GPU): the model then lives in a worker process that can be stopped.
+
+vLLM queues and schedules requests itself, so ``request.timeout`` bounds the wait for a
+request's first output (its queue and its prompt's prefill), never the generation after it
+(``nbllm.engines.local.base``). A request that is cancelled, or times out before its first
+output, is aborted in vLLM's scheduler: its sequence leaves the running batch at once.
+vLLM's own ``finish_reason`` ("stop", "length", "abort") is passed on as it is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
 from nbllm.engines.local.base import Generation, LocalEngine, require
 from nbllm.engines.local.models import transformers_checkpoint
 from nbllm.engines.local.phases import quiet_loading
-from nbllm.errors import EngineError, EngineUnavailable
+from nbllm.errors import EngineError, EngineUnavailable, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["VllmEngine"]
@@ -72,17 +79,39 @@ class VllmEngine(LocalEngine):
     async def _complete(self, request: ChatRequest) -> ChatResponse:
         generation = Generation.from_params(request.params)
         prompt = self.encode(request.messages)
+        self.tokens.loop = asyncio.get_running_loop()
+        outputs = self.vllm_engine.generate(
+            {"prompt_token_ids": prompt},
+            self._sampling_params(generation),
+            request_id=f"nbllm-{next(_request_ids)}",
+        )
         final = None
         try:
-            async for output in self.vllm_engine.generate(
-                {"prompt_token_ids": prompt},
-                self._sampling_params(generation),
-                request_id=f"nbllm-{next(_request_ids)}",
-            ):
-                final = output
+            # Cancelling the generator's step (a stop, or the timeout) or closing it makes
+            # vLLM abort the request.
+            final = await asyncio.wait_for(anext(outputs, None), request.timeout)
+            seen = 0
+            while final is not None:
+                generated = len(final.outputs[0].token_ids) if final.outputs else 0
+                self.tokens.add(generated - seen)
+                seen = max(seen, generated)
+                following = await anext(outputs, None)
+                if following is None:
+                    break
+                final = following
+            self.tokens.add(0, flush=True)
+        except asyncio.TimeoutError as exc:
+            msg = (
+                f"vllm gave no first token within the {request.timeout:g} s timeout: the "
+                "request never started and was aborted (a generation that started is never "
+                "timed out)"
+            )
+            raise RequestTimeout(msg) from exc
         except Exception as exc:
             msg = f"vllm failed to generate: {type(exc).__name__}: {exc}"
             raise EngineError(msg) from exc
+        finally:
+            await outputs.aclose()
         if final is None or not final.outputs:
             msg = "vllm returned no output"
             raise EngineError(msg)
@@ -93,6 +122,7 @@ class VllmEngine(LocalEngine):
             prompt_tokens=len(prompt),
             completion_tokens=len(completion.token_ids),
             cost_usd=0.0,
+            finish_reason=completion.finish_reason,
         )
 
     def _release(self) -> None:
