@@ -172,6 +172,21 @@ def test_auto_falls_through_an_engine_that_fails_to_load(monkeypatch):
         asyncio.run(engine.aclose())
 
 
+@pytest.mark.parametrize(
+    ("option", "value"), [("batch_size", 0), ("batch_size", 2.5), ("batch_wait_s", -1)]
+)
+def test_bad_batch_options_fail_before_the_model_loads(option, value, monkeypatch):
+    from nbllm.engines.local import base
+    from nbllm.engines.local.torch import TorchEngine
+
+    def no_model(model):
+        raise AssertionError("the model should not be looked for")
+
+    monkeypatch.setattr(base, "resolve_local_model", no_model)
+    with pytest.raises(ConfigError, match=rf"^{option} must be .*, got {value}$"):
+        TorchEngine(**{option: value})
+
+
 def test_cpu_order_starts_with_an_engine_that_exists():
     assert set(CPU_ORDER) <= {"llamacpp", "onnx", "torch", "deepspeed"}
 
