@@ -112,8 +112,11 @@ class LlamaCppEngine(LocalEngine):
             sampled += 1
             if not chat.cancelled:
                 return logits
+            eos = self.llama.token_eos()
+            if eos < 0:  # a model without end-of-text cannot be cut short
+                return logits
             ended = np.full_like(logits, -np.inf)
-            ended[self.llama.token_eos()] = 0.0
+            ended[eos] = 0.0
             return ended
 
         options: dict[str, Any] = {
