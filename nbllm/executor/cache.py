@@ -23,7 +23,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,9 @@ def resolve_cache_path(cache: Any) -> Path | None:
 class ResponseCache(GroupWriter):
     """Answers by request key. Reads see committed and pending answers alike."""
 
+    insert = f"INSERT OR REPLACE INTO responses ({_COLUMNS})"
+    width = 9
+
     def __init__(self, path: Path, *, reuse_sampled: bool = False, **writer: Any) -> None:
         conn = open_database(
             path,
@@ -210,12 +213,6 @@ class ResponseCache(GroupWriter):
         if not self._pending:
             self._recent.clear()
         return written
-
-    def _write(self, conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
-        placeholders = ", ".join("?" * 9)
-        conn.executemany(
-            f"INSERT OR REPLACE INTO responses ({_COLUMNS}) VALUES ({placeholders})", rows
-        )
 
     def describe(self) -> str:
         return f"the response cache {self.path}"

@@ -177,6 +177,9 @@ class CheckpointStore(GroupWriter):
     Use ``CheckpointStore.open(...)``; ``close()`` commits what is pending and drops the lock.
     """
 
+    insert = f"INSERT OR REPLACE INTO turns ({_COLUMNS})"
+    width = 15
+
     def __init__(self, conn: Any, path: Path, lock: FileLock, **writer: Any) -> None:
         super().__init__(conn, **writer)
         self.path = path
@@ -311,10 +314,6 @@ class CheckpointStore(GroupWriter):
                 record.finish_reason,
             )
         )
-
-    def _write(self, conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
-        placeholders = ", ".join("?" * 15)
-        conn.executemany(f"INSERT OR REPLACE INTO turns ({_COLUMNS}) VALUES ({placeholders})", rows)
 
     def describe(self) -> str:
         return f"the checkpoint {self.path}"

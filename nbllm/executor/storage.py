@@ -40,7 +40,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -54,6 +54,7 @@ log = logging.getLogger("nbllm")
 MAX_PENDING = 5
 """A group is committed at once when it holds this many rows: at most this many rows
 added are ever uncommitted, whatever the rate."""
+STATEMENT_ROWS = 64  # rows per INSERT statement (SQLite allows 32766 values in one)
 RETRY_S = 1.0
 """After a failed write (a full disk), the next try comes this much later."""
 SYNCHRONOUS = "NORMAL"
@@ -317,7 +318,9 @@ class GroupWriter:
     until then joins the same transaction, so a commit costs the loop once per turn of
     the loop, not once per row. A group holding ``max_pending`` rows is committed at once,
     within ``add``. Without a running loop (plain code, tests) ``add`` commits at once.
-    Subclasses say how rows are written (``_write``).
+    Subclasses say where rows go: ``insert`` (``INSERT ... INTO table (columns)``) and
+    ``width`` (values per row). A group is one multi-row INSERT, which SQLite commits as
+    one transaction: per turn of the loop, one statement.
 
     A failed write (a full disk) is logged once and the rows stay pending; the next try
     comes ``RETRY_S`` later, or at ``flush``/``close``. Nothing is lost that can still be
@@ -325,12 +328,16 @@ class GroupWriter:
     ``commits`` counts the transactions committed.
     """
 
+    insert: str
+    width: int
+
     def __init__(self, conn: sqlite3.Connection, *, max_pending: int = MAX_PENDING) -> None:
         self._conn = conn
         self._pending: list[tuple[Any, ...]] = []
         self._scheduled: asyncio.Handle | None = None
         self._retry_at = 0.0  # time.monotonic() before which a failed write is not tried again
         self.max_pending = max_pending
+        self._statements: dict[int, str] = {}
         self.commits = 0
         self._warned = False
 
@@ -380,9 +387,17 @@ class GroupWriter:
             return True
         rows, self._pending = self._pending, []
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._write(self._conn, rows)
-            self._conn.execute("COMMIT")
+            if len(rows) <= STATEMENT_ROWS:
+                # One statement is one transaction: no BEGIN and COMMIT to pay for.
+                self._conn.execute(self._statement(len(rows)), [v for row in rows for v in row])
+            else:  # a backlog (after a full disk)
+                self._conn.execute("BEGIN IMMEDIATE")
+                for start in range(0, len(rows), STATEMENT_ROWS):
+                    chunk = rows[start : start + STATEMENT_ROWS]
+                    self._conn.execute(
+                        self._statement(len(chunk)), [v for row in chunk for v in row]
+                    )
+                self._conn.execute("COMMIT")
         except BaseException as exc:
             self._pending = rows + self._pending
             if self._conn.in_transaction:  # a failed COMMIT can leave it open
@@ -399,8 +414,13 @@ class GroupWriter:
         self.commits += 1
         return True
 
-    def _write(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-        raise NotImplementedError
+    def _statement(self, n: int) -> str:
+        """``insert`` with room for ``n`` rows (kept: SQLite's statement cache finds it)."""
+        sql = self._statements.get(n)
+        if sql is None:
+            row = "(" + ", ".join("?" * self.width) + ")"
+            sql = self._statements[n] = f"{self.insert} VALUES " + ", ".join([row] * n)
+        return sql
 
     def describe(self) -> str:
         return "the database"
