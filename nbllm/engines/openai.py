@@ -4,19 +4,29 @@ vLLM's server, llama.cpp's server, ``nbllm serve`` and most gateways speak this 
 One pooled ``aiohttp`` session carries every request; nothing else sits between the
 executor and the socket, which is why this path runs an order of magnitude more
 requests per second than going through litellm.
+
+A request's ``timeout`` bounds the whole answer here. ``ServeEngine``
+(``nbllm.engines.worker``) changes that for ``nbllm serve``, whose engine applies the
+timeout itself (a local model: to the wait for a batch slot only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 
 from nbllm.engines.base import Engine
 from nbllm.engines.http_status import error_for_status, public_url
-from nbllm.engines.openai_wire import error_message, read_completion
+from nbllm.engines.openai_wire import (
+    TIMEOUT_ERROR_CODE,
+    error_code,
+    error_message,
+    read_completion,
+)
 from nbllm.errors import ConnectionFailed, EngineError, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
@@ -62,29 +72,48 @@ class OpenAIEngine(Engine):
             )
         return self._session
 
+    def _client_timeout(self, request: ChatRequest) -> aiohttp.ClientTimeout:
+        """How long the HTTP client waits: for the whole answer, the request's timeout."""
+        return aiohttp.ClientTimeout(total=request.timeout)
+
+    def _timeout_headers(self, request: ChatRequest) -> dict[str, str]:
+        """Headers that tell the server the request's timeout: none for a plain server."""
+        return {}
+
     async def _complete(self, request: ChatRequest) -> ChatResponse:
         model = request.model.removeprefix("openai/")
         body: dict[str, Any] = {"model": model, "messages": list(request.messages)}
         body.update(request.params)
         # The OpenAI client's conventions for what is not a body field.
-        headers = body.pop("extra_headers", None)
+        headers = {**(body.pop("extra_headers", None) or {}), **self._timeout_headers(request)}
         body.update(body.pop("extra_body", None) or {})
-        timeout = aiohttp.ClientTimeout(total=request.timeout)
+        timeout = self._client_timeout(request)
         session = self._get_session()
         try:
             async with session.post(
-                self._url, data=json.dumps(body), timeout=timeout, headers=headers
+                self._url, data=json.dumps(body), timeout=timeout, headers=headers or None
             ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
-                    raise error_for_status(resp.status, error_message(raw), resp.headers)
+                    raise self._error(resp.status, raw, resp.headers)
         except asyncio.TimeoutError as exc:
+            if timeout.total is None:  # only the connection had a deadline
+                msg = f"no connection to {self.api_base} within {timeout.sock_connect} s"
+                raise ConnectionFailed(msg) from exc
             msg = f"no answer from {self.api_base} within {request.timeout} s"
             raise RequestTimeout(msg) from exc
         except aiohttp.ClientError as exc:
             msg = f"connection to {self.api_base} failed: {type(exc).__name__}: {exc}"
             raise ConnectionFailed(msg) from exc
         return self._parse(raw, model)
+
+    def _error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> EngineError:
+        message = error_message(raw)
+        if status == 504 and error_code(raw) == TIMEOUT_ERROR_CODE:
+            # nbllm serve's engine timed the request out (a local model: it waited for a
+            # batch slot too long), as the engine would have in process.
+            return RequestTimeout(f"HTTP 504: {message}", status=status)
+        return error_for_status(status, message, headers)
 
     def _parse(self, raw: bytes, model: str) -> ChatResponse:
         try:

@@ -2,9 +2,14 @@
 
 ``nbllm serve`` and the test server (``nbllm.testing``) answer with ``completion_body`` and
 ``error_body`` and read requests with ``parse_chat_body``; ``OpenAIEngine`` reads answers
-with ``read_completion`` and ``error_message``. A server run in the foreground stops on
-the signals ``on_stop_signals`` installs and prints one line, a prefix then its ``/v1`` URL,
-once it listens: that line is how a parent process (``Worker``) learns where it listens.
+with ``read_completion``, ``error_message`` and ``error_code``. A worker's engine gives
+``nbllm serve`` the request's timeout in ``TIMEOUT_HEADER``, a header of nbllm's own that
+no OpenAI client sends; the server reads it with ``parse_timeout``, and answers a request
+its engine timed out 504 with the code ``TIMEOUT_ERROR_CODE``.
+
+A server run in the foreground stops on the signals ``on_stop_signals`` installs and prints
+one line, a prefix then its ``/v1`` URL, once it listens: that line is how a parent process
+(``Worker``) learns where it listens.
 
 Plain JSON values and bytes only: no HTTP library here, so importing this costs nothing.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -25,9 +31,12 @@ from nbllm.types import ChatResponse, Message
 __all__ = [
     "SERVE_API_KEY_ENV",
     "SERVE_URL_LINE_PREFIX",
+    "TIMEOUT_ERROR_CODE",
+    "TIMEOUT_HEADER",
     "BadChatRequest",
     "completion_body",
     "error_body",
+    "error_code",
     "error_message",
     "error_type",
     "ignore_stop_signals",
@@ -35,6 +44,7 @@ __all__ = [
     "parse_chat_body",
     "parse_max_tokens",
     "parse_messages",
+    "parse_timeout",
     "read_completion",
 ]
 
@@ -43,6 +53,11 @@ SERVE_URL_LINE_PREFIX = "nbllm serve listening on "
 #: The environment variable through which ``nbllm serve`` gets its API key: unlike a
 #: command-line argument, other users cannot read it with ``ps``.
 SERVE_API_KEY_ENV = "NBLLM_SERVE_API_KEY"
+#: Seconds: the request's ``ChatRequest.timeout``, for the served engine to apply as it does
+#: in a run (a local model: to the wait for a batch slot, never to a started generation).
+TIMEOUT_HEADER = "X-Nbllm-Timeout"
+#: The error code of the 504 that answers a request the served engine timed out.
+TIMEOUT_ERROR_CODE = "request_timeout"
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -162,6 +177,23 @@ def parse_max_tokens(body: dict[str, Any]) -> int | None:
     return value
 
 
+def parse_timeout(value: str | None) -> float | None:
+    """The seconds in a ``TIMEOUT_HEADER`` value; None when the request has none.
+
+    Raises ``BadChatRequest`` for one that is not a finite number > 0.
+    """
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # also refuses nan
+        msg = f"the {TIMEOUT_HEADER} header must be a number of seconds > 0, got {value!r}"
+        raise BadChatRequest(msg)
+    return seconds
+
+
 # --------------------------------------------------------------------- what clients read
 
 
@@ -201,6 +233,16 @@ def error_message(raw: bytes) -> str:
         return str(error)[:500]
     except (ValueError, AttributeError):
         return raw[:500].decode("utf-8", "replace")
+
+
+def error_code(raw: bytes) -> str | None:
+    """The ``code`` of an OpenAI-shaped error body; None when it has none."""
+    try:
+        error = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 # --------------------------------------------------------------------- a server in the foreground

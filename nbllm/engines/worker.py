@@ -6,8 +6,15 @@
         result = nbllm.run(data, model=worker.model, engine=worker.engine())
 
 The model lives in its own process (its own GPU context, its own crash), behind the same
-OpenAI-compatible HTTP API that vLLM serves; ``worker.engine()`` is the lean
-``OpenAIEngine`` pointed at it. ``start()`` returns once the model is loaded.
+OpenAI-compatible HTTP API that vLLM serves; ``worker.engine()`` is the lean HTTP client
+(``ServeEngine``, an ``OpenAIEngine``) pointed at it. ``start()`` returns once the model
+is loaded.
+
+A request's ``timeout`` means what it means in process (``ServeEngine``): the worker's
+engine applies it, a local model to the wait for a batch slot only, and nothing sets a
+deadline on an answer that is being generated. A request given up (a stopped run) closes
+its connection, and the server then cancels its generation (a local model cuts it at its
+next token), so that a retry never queues behind it.
 
 The child does not outlive this process. ``stop()`` (and, at exit, ``stop_all_workers``)
 stops it with a drain. Where this process ends without either (a SIGKILL, ``os._exit``, a
@@ -33,13 +40,17 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
+import aiohttp
+
 from nbllm.engines.child_process import ServerProcess
 from nbllm.engines.local.models import EMBEDDED_MODEL
 from nbllm.engines.openai import OpenAIEngine
-from nbllm.engines.openai_wire import SERVE_API_KEY_ENV, SERVE_URL_LINE_PREFIX
+from nbllm.engines.openai_wire import SERVE_API_KEY_ENV, SERVE_URL_LINE_PREFIX, TIMEOUT_HEADER
 from nbllm.errors import ConfigError, EngineUnavailable
+from nbllm.types import ChatRequest
 
 __all__ = [
+    "ServeEngine",
     "Worker",
     "WorkerEngine",
     "WorkerState",
@@ -53,6 +64,8 @@ _STDERR_TAIL_CHARS = 2000
 # Options the worker sets itself: where it listens, the key (never on a command line), and
 # the parent whose end stops the child.
 _RESERVED_OPTIONS = ("--host", "--port", "--api-key", "--parent-pid")
+#: Seconds a ``ServeEngine`` waits for a connection to its server (the one deadline it sets).
+CONNECT_TIMEOUT_S = 10.0
 # urllib would send even 127.0.0.1 through $http_proxy.
 _LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -172,7 +185,7 @@ class Worker:
         return self._server.pid
 
     def engine(self, **kwargs: Any) -> WorkerEngine:
-        """An ``OpenAIEngine`` that sends to this worker (kwargs: e.g. ``max_connections``)."""
+        """A ``ServeEngine`` that sends to this worker (kwargs: e.g. ``max_connections``)."""
         return WorkerEngine(self, **kwargs)
 
     # ----------------------------------------------------------------- lifecycle
@@ -269,8 +282,32 @@ class Worker:
         await asyncio.to_thread(self.stop)
 
 
-class WorkerEngine(OpenAIEngine):
-    """The lean HTTP client pointed at a worker.
+class ServeEngine(OpenAIEngine):
+    """The lean HTTP client for ``nbllm serve``, whose engine applies ``request.timeout``.
+
+    The timeout travels in the ``X-Nbllm-Timeout`` header and becomes the served engine's
+    ``ChatRequest.timeout``, applied there as in process: a local model bounds the wait for
+    a batch slot with it, never a generation that is making progress (the fake engine
+    applies none). A request that waited too long comes back 504 and is a
+    ``RequestTimeout`` here, which the executor retries. The executor sets no timer of its
+    own around this engine (``bounds_own_timeout``), and the HTTP client bounds only the
+    connection (``CONNECT_TIMEOUT_S``). A request given up (a stopped run) closes its
+    connection, on which the server cancels the engine's work on it.
+    """
+
+    bounds_own_timeout = True
+
+    def _client_timeout(self, request: ChatRequest) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
+
+    def _timeout_headers(self, request: ChatRequest) -> dict[str, str]:
+        if request.timeout is None:
+            return {}
+        return {TIMEOUT_HEADER: repr(float(request.timeout))}
+
+
+class WorkerEngine(ServeEngine):
+    """The lean HTTP client pointed at a worker (``ServeEngine``).
 
     Rows name the worker's engine (``"torch worker"``), and a run's fingerprint names the
     engine and model rather than the port, which changes with every worker started, so a

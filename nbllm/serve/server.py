@@ -13,6 +13,14 @@ the first moment. At most ``max_queue`` chat requests are admitted at once; one 
 429 with ``Retry-After``, never a silent drop. With an API key every ``/v1/`` request
 must carry ``Authorization: Bearer KEY``. ``aclose()`` drains: new requests get 503,
 those admitted are answered (for up to ``grace`` seconds), then the engine is closed.
+
+Timeouts: the server sets none of its own. A request may carry the ``X-Nbllm-Timeout``
+header (seconds; a worker's engine sends it), which becomes its ``ChatRequest.timeout``
+for the engine to apply as it does in process (a local model: to the wait for a batch
+slot, never to a started generation); the engine's ``RequestTimeout`` is answered 504
+with the code ``request_timeout``. A client that disconnects gives up its request: the
+engine call is cancelled (a local model cuts the generation at its next token), so that
+nothing generates an answer nobody will read, and a retry does not queue behind it.
 """
 
 from __future__ import annotations
@@ -32,13 +40,22 @@ from aiohttp import web
 
 from nbllm.engines.base import Engine
 from nbllm.engines.openai_wire import (
+    TIMEOUT_ERROR_CODE,
+    TIMEOUT_HEADER,
     BadChatRequest,
     completion_body,
     error_body,
     error_type,
     parse_chat_body,
+    parse_timeout,
 )
-from nbllm.errors import ConfigError, EngineError, RequestRejected, RetryableError
+from nbllm.errors import (
+    ConfigError,
+    EngineError,
+    RequestRejected,
+    RequestTimeout,
+    RetryableError,
+)
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["EngineServer", "EngineSource", "ServeState"]
@@ -89,7 +106,10 @@ def _error(
 
 def _engine_error(exc: EngineError) -> web.Response:
     """The answer for a failed request: the engine's status (else 400 for a refused
-    request, 500 for a failure) and its message."""
+    request, 504 for a timeout, 500 for a failure) and its message."""
+    if isinstance(exc, RequestTimeout):
+        # Its own code: to an OpenAI client a retryable 5xx, to nbllm's a RequestTimeout.
+        return _error(504, str(exc), "server_error", TIMEOUT_ERROR_CODE)
     status = 400 if isinstance(exc, RequestRejected) else 500
     if exc.status is not None and 400 <= exc.status <= 599:
         status = exc.status
@@ -117,13 +137,13 @@ def _sampling_params(body: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _parse_chat(raw: bytes, model: str) -> ChatRequest:
+def _parse_chat(raw: bytes, model: str, timeout: float | None) -> ChatRequest:
     """The engine request for an OpenAI chat completion body; ``model`` is the served one."""
     body, messages = parse_chat_body(raw)
     if body.get("n", 1) != 1:
         msg = "only n=1 is supported"
         raise BadChatRequest(msg)
-    return ChatRequest(model=model, messages=messages, params=_sampling_params(body))
+    return ChatRequest(model, messages, _sampling_params(body), timeout)
 
 
 def _load_in_thread(factory: Callable[[], Engine]) -> asyncio.Future[Engine]:
@@ -205,7 +225,8 @@ class EngineServer:
         self._loading: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
-        self._answers: set[asyncio.Task[ChatResponse]] = set()  # admitted, not yet answered
+        # Engine calls admitted and not yet ended.
+        self._answers: set[asyncio.Future[ChatResponse]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -224,7 +245,8 @@ class EngineServer:
 
     @property
     def in_flight(self) -> int:
-        """Chat requests admitted and not yet answered."""
+        """Chat requests admitted whose engine call has not ended (a cancelled one counts
+        until the engine lets go of it)."""
         return len(self._answers)
 
     # ----------------------------------------------------------------- lifecycle
@@ -240,7 +262,12 @@ class EngineServer:
         app.router.add_get("/health", self._handle_health)
         app.router.add_get("/ready", self._handle_ready)
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=_CLEANUP_TIMEOUT_S
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=_CLEANUP_TIMEOUT_S,
+            # A client that disconnects cancels its handler, which cancels the engine call.
+            handler_cancellation=True,
         )
         await runner.setup()
         try:
@@ -356,7 +383,8 @@ class EngineServer:
 
     async def _handle_chat(self, request: web.Request) -> web.Response:
         try:
-            chat = _parse_chat(await request.read(), self.model)
+            timeout = parse_timeout(request.headers.get(TIMEOUT_HEADER))
+            chat = _parse_chat(await request.read(), self.model, timeout)
         except BadChatRequest as exc:
             return _error(400, str(exc), "invalid_request_error")
         engine = self._admission()
@@ -366,16 +394,23 @@ class EngineServer:
         answer = asyncio.ensure_future(engine.complete(chat))
         self._answers.add(answer)
         self._idle.clear()
+        # Counted until the engine has let go of it, also after a cancel.
+        answer.add_done_callback(self._answered)
         try:
             await asyncio.wait({answer})
-        finally:
-            answer.cancel()  # only does something if this handler itself was cancelled
-            self._answers.discard(answer)
-            if not self._answers:
-                self._idle.set()
+        except asyncio.CancelledError:
+            # The client disconnected (handler_cancellation) or the server is closing:
+            # nobody will read this answer, so the engine stops working on it.
+            answer.cancel()
+            raise
         return self._reply(answer)
 
-    def _reply(self, answer: asyncio.Task[ChatResponse]) -> web.Response:
+    def _answered(self, answer: asyncio.Future[ChatResponse]) -> None:
+        self._answers.discard(answer)
+        if not self._answers:
+            self._idle.set()
+
+    def _reply(self, answer: asyncio.Future[ChatResponse]) -> web.Response:
         """The HTTP answer for a finished engine call, errors mapped to statuses."""
         if answer.cancelled():
             message = "the server shut down before the answer was ready"
