@@ -318,6 +318,8 @@ class GroupWriter:
     until then joins the same transaction, so a commit costs the loop once per turn of
     the loop, not once per row. A group holding ``max_pending`` rows is committed at once,
     within ``add``. Without a running loop (plain code, tests) ``add`` commits at once.
+    ``delay_s`` > 0 trades promptness for fewer commits: the group is committed that long
+    after its first row (batches, for a file a crash may lose the last rows of).
     Subclasses say where rows go: ``insert`` (``INSERT ... INTO table (columns)``) and
     ``width`` (values per row). A group is one multi-row INSERT, which SQLite commits as
     one transaction: per turn of the loop, one statement.
@@ -331,12 +333,15 @@ class GroupWriter:
     insert: str
     width: int
 
-    def __init__(self, conn: sqlite3.Connection, *, max_pending: int = MAX_PENDING) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, *, max_pending: int = MAX_PENDING, delay_s: float = 0.0
+    ) -> None:
         self._conn = conn
         self._pending: list[tuple[Any, ...]] = []
         self._scheduled: asyncio.Handle | None = None
         self._retry_at = 0.0  # time.monotonic() before which a failed write is not tried again
         self.max_pending = max_pending
+        self.delay_s = delay_s
         self._statements: dict[int, str] = {}
         self.commits = 0
         self._warned = False
@@ -358,11 +363,11 @@ class GroupWriter:
             self._schedule()
 
     def _schedule(self) -> None:
-        wait = self._retry_at - time.monotonic()
+        wait = max(self.delay_s, self._retry_at - time.monotonic())
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            if wait <= 0:
+            if time.monotonic() >= self._retry_at:
                 self.flush()
             return
         if wait <= 0:

@@ -18,12 +18,18 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import answer_from_history, digest, random_bytes, uninterrupted_answers
+from helpers import (
+    answer_from_history,
+    digest,
+    on_fake_clock,
+    random_bytes,
+    uninterrupted_answers,
+)
 
 import nbllm
 from nbllm import ChatRequest, ChatResponse, FakeEngine, RequestRejected
 from nbllm.errors import CheckpointError
-from nbllm.executor.cache import CachedResponse, ResponseCache
+from nbllm.executor.cache import BATCH_DELAY_S, BATCH_ROWS, CachedResponse, ResponseCache
 from nbllm.testing import TestServer
 
 
@@ -380,6 +386,38 @@ def test_a_cached_row_names_the_engine_that_answered_not_this_runs(tmp_path):
     assert second.df["engine"].tolist() == first.df["engine"].tolist()
     assert second.df["model"].tolist() == first.df["model"].tolist()
     assert second.df["finish_reason"].tolist() == first.df["finish_reason"].tolist()
+
+
+def committed_answers(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    finally:
+        conn.close()
+
+
+@on_fake_clock
+async def test_answers_are_committed_in_batches_and_read_back_before(tmp_path):
+    """A batch is committed BATCH_DELAY_S after its first answer (or at BATCH_ROWS
+    answers); until then the cache still answers from memory."""
+    assert (BATCH_DELAY_S, BATCH_ROWS) == (0.25, 200)  # the module docstring's figures
+    path = tmp_path / "cache.sqlite"
+    cache = ResponseCache(path)
+    try:
+        cache.put("a", ChatResponse("A", "m"), engine="openai")
+        hit = cache.get("a")
+        assert hit is not None and (hit.text, hit.engine) == ("A", "openai")
+        await asyncio.sleep(BATCH_DELAY_S * 0.9)
+        cache.put("b", ChatResponse("B", "m"), engine="openai")
+        assert committed_answers(path) == 0
+        await asyncio.sleep(BATCH_DELAY_S * 0.1)
+        assert committed_answers(path) == 2
+        assert cache.commits == 1
+        for i in range(BATCH_ROWS):
+            cache.put(f"k{i}", ChatResponse("C", "m"))
+        assert committed_answers(path) == 2 + BATCH_ROWS  # no await: the count did it
+    finally:
+        cache.close()
 
 
 # --------------------------------------------------------------------------- schema 1
