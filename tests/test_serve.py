@@ -22,11 +22,14 @@ import aiohttp
 import pytest
 
 from nbllm.engines import FakeEngine, OpenAIEngine
+from nbllm.engines.openai_wire import TIMEOUT_HEADER
+from nbllm.engines.worker import ServeEngine
 from nbllm.errors import (
     ConfigError,
     EngineError,
     RateLimitError,
     RequestRejected,
+    RequestTimeout,
     ServerError,
 )
 from nbllm.serve import URL_LINE_PREFIX, EngineServer, ServeState, add_parser
@@ -278,6 +281,7 @@ async def test_full_queue_answers_429_with_retry_after() -> None:
         (RequestRejected("local engines do not support logprobs"), 400, None),
         (RateLimitError("slow down", status=429, retry_after=2.5), 429, "3"),
         (ServerError("the GPU is busy", status=503, retry_after=0.2), 503, "1"),
+        (RequestTimeout("no batch slot freed within the 2 s timeout"), 504, None),
         (EngineError("something broke"), 500, None),
         (EngineError("odd status", status=200), 500, None),
     ],
@@ -298,6 +302,95 @@ async def test_engine_error_maps_to_its_status(
     assert got == status
     assert headers.get("Retry-After") == retry_after
     assert assert_openai_error(text)["message"] == str(error)
+
+
+async def test_the_timeout_header_becomes_the_engines_request_timeout() -> None:
+    """X-Nbllm-Timeout is the request's timeout for the engine to apply; without it there is
+    none, and a value that is not seconds > 0 is refused before the engine sees it."""
+    seen: list[float | None] = []
+
+    def handler(request: ChatRequest) -> str:
+        seen.append(request.timeout)
+        return "ok"
+
+    async with (
+        EngineServer(FakeEngine(handler), model="m") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        chat = server.url + "/chat/completions"
+        for headers in (None, {TIMEOUT_HEADER: "2.5"}, {TIMEOUT_HEADER.lower(): "120"}):
+            status, _, _ = await fetch(session, "POST", chat, chat_body(), headers)
+            assert status == 200
+        for bad in ("0", "-1", "soon", "nan", "inf", ""):
+            status, _, text = await fetch(session, "POST", chat, chat_body(), {TIMEOUT_HEADER: bad})
+            assert status == 400
+            assert TIMEOUT_HEADER in assert_openai_error(text)["message"]
+    assert seen == [None, 2.5, 120.0]
+
+
+async def test_an_engine_timeout_comes_back_to_nbllm_as_a_request_timeout() -> None:
+    """The engine's RequestTimeout is 504 with its own code: nbllm's client reads it back as
+    a RequestTimeout (retried), while any other 504 stays a ServerError."""
+
+    def handler(request: ChatRequest) -> str:
+        if request.messages[-1]["content"] == "upstream":
+            raise ServerError("the upstream gateway timed out", status=504)
+        raise RequestTimeout("no batch slot freed within the 2 s timeout")
+
+    async with (
+        EngineServer(FakeEngine(handler), model="m") as server,
+        aiohttp.ClientSession() as session,
+        OpenAIEngine(server.url) as client,
+    ):
+        status, _, text = await fetch(
+            session, "POST", server.url + "/chat/completions", chat_body()
+        )
+        assert status == 504
+        error = assert_openai_error(text)
+        assert (error["type"], error["code"]) == ("server_error", "request_timeout")
+        with pytest.raises(RequestTimeout, match="no batch slot freed") as timed_out:
+            await client.complete(ChatRequest(model="m", messages=HELLO))
+        assert timed_out.value.status == 504
+        upstream = [{"role": "user", "content": "upstream"}]
+        with pytest.raises(ServerError) as other:
+            await client.complete(ChatRequest(model="m", messages=upstream))
+        assert not isinstance(other.value, RequestTimeout)
+        assert other.value.status == 504
+
+
+async def test_a_client_that_disconnects_leaves_no_generation_running() -> None:
+    """A worker's request given up mid-generation (a stopped run) closes its connection,
+    and the server cancels the engine call: nothing runs on that nobody will read."""
+    arrived, cancelled = asyncio.Event(), asyncio.Event()
+    running = 0
+
+    async def generate(request: ChatRequest) -> str:
+        nonlocal running
+        running += 1
+        arrived.set()
+        try:
+            await asyncio.Event().wait()  # a generation that would run for ever
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        finally:
+            running -= 1
+        return "never"
+
+    server = await EngineServer(FakeEngine(generate), model="m", grace=30).start()
+    try:
+        async with ServeEngine(server.url) as client:
+            request = ChatRequest(model="m", messages=HELLO, timeout=0.1)
+            sent = asyncio.create_task(client.complete(request))
+            await asyncio.wait_for(arrived.wait(), 10)
+            assert server.in_flight == 1
+            sent.cancel()
+            await asyncio.wait_for(cancelled.wait(), 10)
+            assert running == 0
+    finally:
+        # Nothing is left in flight: the drain does not wait out its 30 s grace.
+        await asyncio.wait_for(server.aclose(), 5)
+    assert server.in_flight == 0
 
 
 async def test_unexpected_engine_exception_is_500_without_traceback() -> None:

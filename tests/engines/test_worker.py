@@ -7,24 +7,32 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from nbllm.engines import EMBEDDED_MODEL
+import nbllm
+from nbllm import Executor, RetryPolicy
+from nbllm.engines import EMBEDDED_MODEL, Engine, FakeEngine, OpenAIEngine
 from nbllm.engines.child_process import ServerStartError
+from nbllm.engines.local.batching import DynamicBatcher
 from nbllm.engines.worker import (
+    ServeEngine,
     Worker,
     WorkerState,
     local_option_args,
     shared_worker,
     stop_all_workers,
 )
-from nbllm.errors import ConfigError, EngineUnavailable
-from nbllm.types import ChatRequest
+from nbllm.errors import ConfigError, EngineUnavailable, RequestTimeout
+from nbllm.serve import EngineServer
+from nbllm.types import ChatRequest, ChatResponse
 
 HELLO = [{"role": "user", "content": "hello"}]
 KEY = "sk-serve-test-3f9a1c"
@@ -167,3 +175,133 @@ def test_worker_reports_a_child_that_exits_before_listening() -> None:
         worker.start()
     assert isinstance(info.value, ServerStartError)
     assert worker.state is WorkerState.STOPPED
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+class OneAtATime(Engine):
+    """A local engine's shape: the real batcher, one generation at a time, the request's
+    timeout bounding only the wait for the model. Each generation runs until ``finish``."""
+
+    name = "one-at-a-time"
+    bounds_own_timeout = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generating = threading.Event()
+        self.finish = threading.Event()
+        self.timeouts: list[float | None] = []
+        self._batcher = DynamicBatcher(self._generate, max_batch_size=1, max_wait_s=0)
+
+    def _generate(self, prompts: Sequence[str]) -> list[str]:  # in the model thread
+        self.generating.set()
+        self.finish.wait(10)
+        return [f"answer to {p}" for p in prompts]
+
+    async def _complete(self, request: ChatRequest) -> ChatResponse:
+        self.timeouts.append(request.timeout)
+        prompt = str(request.messages[-1]["content"])
+        text = await self._batcher.submit(prompt, timeout=request.timeout)
+        return ChatResponse(text=text, model=request.model, finish_reason="stop")
+
+    async def aclose(self) -> None:
+        await self._batcher.aclose()
+        await super().aclose()
+
+
+def ask(content: str, timeout: float | None) -> ChatRequest:
+    return ChatRequest(model="m", messages=[{"role": "user", "content": content}], timeout=timeout)
+
+
+def test_only_the_worker_engine_leaves_the_timeout_to_the_server() -> None:
+    assert ServeEngine("http://127.0.0.1:1/v1").bounds_own_timeout
+    assert not OpenAIEngine("http://127.0.0.1:1/v1").bounds_own_timeout
+
+
+async def test_a_generation_outlives_its_timeout_while_a_queued_request_times_out() -> None:
+    """Through nbllm serve as in process: the timeout bounds the wait for the model, and a
+    request that waited too long is a RequestTimeout (retryable), not a server error."""
+    engine = OneAtATime()
+    async with EngineServer(engine, model="m") as server, ServeEngine(server.url) as client:
+        first = asyncio.create_task(client.complete(ask("first", 0.2)))
+        assert await asyncio.to_thread(engine.generating.wait, 10)
+        started = time.monotonic()
+        with pytest.raises(RequestTimeout, match=r"no batch slot freed within the 0\.2 s") as info:
+            await client.complete(ask("second", 0.2))
+        assert time.monotonic() - started >= 0.2
+        assert info.value.status == 504
+        assert not first.done()  # generating past its own 0.2 s: never timed out
+        engine.finish.set()
+        answer = await asyncio.wait_for(first, 10)
+    assert answer.text == "answer to first"
+    assert engine.timeouts == [0.2, 0.2]
+
+
+async def test_a_plain_openai_engine_keeps_its_own_deadline() -> None:
+    """Any other OpenAI-compatible server gets no timeout header, and the client gives up."""
+    release = asyncio.Event()
+    seen: list[float | None] = []
+
+    async def held(request: ChatRequest) -> str:
+        seen.append(request.timeout)
+        await release.wait()
+        return "late"
+
+    async with (
+        EngineServer(FakeEngine(held), model="m") as server,
+        OpenAIEngine(server.url) as client,
+    ):
+        with pytest.raises(RequestTimeout, match=r"within 0\.2 s"):
+            await client.complete(ask("hello", 0.2))
+        release.set()
+    assert seen == [None]
+
+
+async def test_a_stopped_run_cuts_the_generation_in_the_server() -> None:
+    arrived, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def generate(request: ChatRequest) -> str:
+        arrived.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    async with (
+        EngineServer(FakeEngine(generate), model="m") as server,
+        ServeEngine(server.url) as client,
+    ):
+        executor = Executor(client, model="m", timeout=0.1, stop_grace_s=0)
+        run = asyncio.create_task(
+            executor.run(nbllm.load_conversations([{"id": "a", "turns": ["hello"]}]))
+        )
+        await asyncio.wait_for(arrived.wait(), 10)
+        executor.stop()
+        executor.stop()  # the second stop cancels what is in flight
+        result = await asyncio.wait_for(run, 10)
+        await asyncio.wait_for(cancelled.wait(), 10)
+    assert result.df["answer"].isna().all()
+
+
+TWO = [{"id": "a", "turns": ["one"]}, {"id": "b", "turns": ["two"]}]
+
+
+def test_a_long_generation_through_a_worker_answers_once() -> None:
+    """A worker child whose answers take 1 s, with a 0.25 s timeout: each turn is answered
+    at its first attempt (before, every attempt timed out and started the answer again)."""
+
+    async def main() -> nbllm.RunResult:
+        worker = Worker("fake", options=["--fake-latency", "1"])
+        async with worker, worker.engine() as engine:
+            retry = RetryPolicy(retries=3, initial=0.0)
+            executor = Executor(engine, model=worker.model, timeout=0.25, retry=retry)
+            return await executor.run(nbllm.load_conversations(TWO))
+
+    result = asyncio.run(main())
+    assert result.df["error"].isna().all(), result.df["error"].tolist()
+    assert result.df["answer"].tolist() == ["You asked: one", "You asked: two"]
+    assert result.df["attempts"].tolist() == [1, 1]
+    assert set(result.df["engine"]) == {"fake worker"}
