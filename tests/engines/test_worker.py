@@ -6,6 +6,8 @@ Every test stops the worker it started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ import pytest
 import nbllm
 from nbllm import Executor, RetryPolicy
 from nbllm.engines import EMBEDDED_MODEL, Engine, FakeEngine, OpenAIEngine
+from nbllm.engines import worker as worker_module
 from nbllm.engines.child_process import ServerStartError
 from nbllm.engines.local.batching import DynamicBatcher
 from nbllm.engines.worker import (
@@ -30,7 +33,7 @@ from nbllm.engines.worker import (
     shared_worker,
     stop_all_workers,
 )
-from nbllm.errors import ConfigError, EngineUnavailable, RequestTimeout
+from nbllm.errors import ConfigError, ConnectionFailed, EngineUnavailable, RequestTimeout
 from nbllm.serve import EngineServer
 from nbllm.types import ChatRequest, ChatResponse
 
@@ -217,6 +220,30 @@ def ask(content: str, timeout: float | None) -> ChatRequest:
 def test_only_the_worker_engine_leaves_the_timeout_to_the_server() -> None:
     assert ServeEngine("http://127.0.0.1:1/v1").bounds_own_timeout
     assert not OpenAIEngine("http://127.0.0.1:1/v1").bounds_own_timeout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux drops a SYN to a full backlog")
+async def test_the_worker_engine_still_bounds_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no deadline on the answer, a server that never accepts is still given up."""
+    monkeypatch.setattr(worker_module, "CONNECT_TIMEOUT_S", 0.2)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        waiting = [socket.socket() for _ in range(3)]  # fill the backlog: no more accepted
+        try:
+            for sock in waiting:
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.connect(("127.0.0.1", port))
+            async with ServeEngine(f"http://127.0.0.1:{port}/v1") as client:
+                with pytest.raises(ConnectionFailed, match=r"no connection .* within 0\.2 s"):
+                    await asyncio.wait_for(client.complete(ask("hello", 60)), 10)
+        finally:
+            for sock in waiting:
+                sock.close()
 
 
 async def test_a_generation_outlives_its_timeout_while_a_queued_request_times_out() -> None:
