@@ -19,9 +19,12 @@ request, the size of the files per 1,000 turns, and the ratios against the targe
     checkpoint / none  >= 0.95
     ckpt+cache / none  >= 0.95
 
-Both files are written by group commit (each answered turn is committed in the event
-loop's next turn, with every turn answered meanwhile, or at once when 5 wait), so this
-measures what that durability costs at a rate where the client's CPU is the limit.
+The checkpoint is written by group commit (each answered turn is committed in the event
+loop's next turn, with every turn answered meanwhile, or at once when 5 wait), the cache
+in batches (200 answers or 0.25 s), so this measures what that durability costs at a
+rate where the client's CPU is the limit. The call's fixed costs count too: hashing the
+dataset for the fingerprint, opening the files, and closing them (SQLite's last
+checkpoint syncs the file to disk).
 
 Then what a re-run costs, each repeated a few times (median wall time):
 

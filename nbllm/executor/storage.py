@@ -11,10 +11,11 @@ naming the file and what to do. A file of an older schema is brought up to date 
 place, in one transaction, by the migrations its kind gives (adding columns only, so
 nothing stored is rewritten); a newer one is refused. nbllm never deletes a file itself.
 
-Rows are written by group commit (``GroupWriter``): a row added from the event loop is
-committed in the loop's next turn, in one transaction with every row added meanwhile,
-so at low rates each row is committed within a fraction of a millisecond and at high
-rates the groups grow by themselves, with no timer. A group is also committed the
+A run's checkpoint is written by group commit (``GroupWriter``; the response cache uses
+it with a delay, in batches): a row added from the event loop is committed in the
+loop's next turn, in one transaction with every row added meanwhile, so at low rates
+each row is committed within a fraction of a millisecond and at high rates the groups
+grow by themselves, with no timer. A group is also committed the
 moment it holds ``MAX_PENDING`` rows, so at most that many added rows are ever
 uncommitted. The commit runs on the loop, not in a writer thread: a thread must win
 the GIL back from a busy loop (up to 5 ms each time), so its rows would wait longest
