@@ -367,7 +367,13 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
             identity = RunIdentity(
                 dataset=dataset_hash(conversations),
                 model=model,
-                engine=chosen.identity(),
+                # Under auto, a local model's checkpoint survives a changed pick (llama.cpp
+                # installed since, say): rows name the engine that answered each turn.
+                engine=(
+                    "auto"
+                    if engine == "auto" and is_local(engine, model, config.api_base)
+                    else chosen.identity()
+                ),
                 params=config.sampling_params,
                 system=config.system,
             )

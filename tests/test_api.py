@@ -573,3 +573,52 @@ async def test_cancelling_arun_while_the_model_loads_closes_it_once_loaded(monke
             break
         await asyncio.sleep(0.01)
     assert closed == ["closed"]
+
+
+class _Picked(FakeEngine):
+    """What ``auto`` picked for a local model this time: its name and identity differ."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def identity(self) -> str:
+        return f"{self.name} weights"
+
+
+def test_a_changed_auto_pick_for_a_local_model_resumes_the_checkpoint(tmp_path, monkeypatch):
+    """Installing llama.cpp between two runs changes what auto picks; the second run still
+    resumes the first one's checkpoint (not answers from the cache), and every row names the
+    engine that answered it."""
+    picks = iter(["torch", "llamacpp"])
+    monkeypatch.setattr(nbllm.api, "create_engine", lambda engine, **_: _Picked(next(picks)))
+    options = {"checkpoint": True, "cache": str(tmp_path / "cache.sqlite"), "progress": False}
+    monkeypatch.setenv("NBLLM_DIR", str(tmp_path))
+    data = [{"id": "a", "turns": ["one", "two"]}, {"id": "b", "turns": ["three"]}]
+    first = nbllm.run(data, **options)
+    assert first.summary.turns_ok == 3 and set(first.df["engine"]) == {"torch"}
+    again = nbllm.run(data, **options)
+    assert again.summary.resumed == 3 and again.summary.cached == 0
+    assert set(again.df["engine"]) == {"torch"}
+
+
+def test_under_auto_a_servers_address_stays_in_the_fingerprint(tmp_path, monkeypatch):
+    """For a server, auto's pick follows from the options: another server is another run."""
+    picks = iter(["openai", "openai"])
+    identities = iter(["openai http://a/v1", "openai http://b/v1"])
+
+    class _Server(_Picked):
+        def identity(self) -> str:
+            return self.ident
+
+    def make(engine, **_):
+        made = _Server(next(picks))
+        made.ident = next(identities)
+        return made
+
+    monkeypatch.setattr(nbllm.api, "create_engine", make)
+    monkeypatch.setenv("NBLLM_DIR", str(tmp_path))
+    options = {"model": "m", "api_base": "http://a/v1", "cache": False, "progress": False}
+    data = [{"id": "a", "turns": ["one"]}]
+    assert nbllm.run(data, **options).summary.resumed == 0
+    assert nbllm.run(data, **options).summary.resumed == 0

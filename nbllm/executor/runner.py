@@ -415,7 +415,7 @@ class Executor:
             answer=response.text,
             reference=conv.references[turn],
             model=response.model,
-            engine=self.engine.name,
+            engine=fields.pop("engine", self.engine.name),
             prompt_tokens=response.prompt_tokens,
             completion_tokens=response.completion_tokens,
             finish_reason=response.finish_reason,
@@ -452,6 +452,7 @@ class Executor:
                     conv,
                     k,
                     hit,
+                    engine=hit.engine,  # who answered it, not this run's engine
                     latency_s=0.0,
                     cost_usd=0.0 if hit.cost_usd is not None else None,
                     started_at=now,
@@ -503,7 +504,7 @@ class Executor:
                 await asyncio.sleep(delay)
                 continue
             if key is not None and self.cache is not None:
-                self.cache.put(key, response)
+                self.cache.put(key, response, engine=self.engine.name)
             return self._answered(
                 conv,
                 k,

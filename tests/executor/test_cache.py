@@ -361,11 +361,6 @@ def test_a_stored_answer_comes_back_with_its_engine_model_and_finish_reason(tmp_
         again.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the runner names the cached engine once it passes engine= to put and reads "
-    "CachedResponse.engine (executor/runner.py)",
-)
 def test_a_cached_row_names_the_engine_that_answered_not_this_runs(tmp_path):
     """Answered over HTTP by the OpenAI-compatible engine, then read from the cache by a
     run on another engine: the rows say openai, the model the server named, and why."""
