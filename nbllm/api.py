@@ -50,6 +50,7 @@ from nbllm.executor.checkpoint import (
     resolve_checkpoint_path,
 )
 from nbllm.executor.events import EnginePhase, EventBus
+from nbllm.executor.storage import MAX_PENDING
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.run_thread import RunThread
@@ -387,7 +388,13 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
                     resume=config.resume,
                 )
         if checked.cache_path is not None:
-            plan.cache = ResponseCache(checked.cache_path, reuse_sampled=config.cache == "always")
+            reuse = config.cache == "always"
+            if plan.store is not None:
+                plan.cache = ResponseCache(checked.cache_path, reuse_sampled=reuse)
+            else:  # the cache is what a re-run reads: committed as promptly as a checkpoint
+                plan.cache = ResponseCache(
+                    checked.cache_path, reuse_sampled=reuse, delay_s=0.0, max_pending=MAX_PENDING
+                )
     except BaseException:
         _discard(plan)  # a loaded local model, a worker child: not left behind
         raise

@@ -622,3 +622,29 @@ def test_under_auto_a_servers_address_stays_in_the_fingerprint(tmp_path, monkeyp
     data = [{"id": "a", "turns": ["one"]}]
     assert nbllm.run(data, **options).summary.resumed == 0
     assert nbllm.run(data, **options).summary.resumed == 0
+
+
+def test_without_a_checkpoint_the_cache_commits_each_answer_at_once(tmp_path):
+    """The cache is then what a re-run reads: an answer is on disk before the next turn of
+    its conversation is asked, not a batch later."""
+    import sqlite3
+
+    path = tmp_path / "cache.sqlite"
+    seen: list[int] = []
+
+    def answer(request: ChatRequest) -> str:
+        if len(request.messages) > 1:  # the second turn: the first answer is on disk
+            with sqlite3.connect(path) as conn:
+                seen.append(conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+        return "ok"
+
+    engine = FakeEngine(answer, latency=0.02)
+    result = nbllm.run(
+        [{"id": "a", "turns": ["one", "two"]}],
+        engine=engine,
+        checkpoint=False,
+        cache=str(path),
+        progress=False,
+    )
+    assert result.summary.turns_ok == 2
+    assert seen == [1]
