@@ -238,3 +238,41 @@ def visible_text(html: str) -> str:
     parser = _VisibleText()
     parser.feed(html)
     return re.sub(r"\s+", " ", " ".join(parser.parts))
+
+
+# --------------------------------------------------------------------------- older files
+
+
+def rewrite_as_schema_1(
+    path: Path, *, table: str, create: str, columns: str, rows_query: str = "", keep: int = -1
+) -> None:
+    """Rewrite the nbllm database at ``path`` as the previous nbllm wrote it: ``table`` made
+    by its schema-1 ``create`` statement, holding ``columns`` of the first ``keep`` rows
+    (all by default, in ``rows_query`` order), with the same meta at schema_version 1, WAL."""
+    source = sqlite3.connect(path)
+    meta = source.execute("SELECT key, value FROM meta").fetchall()
+    rows = source.execute(f"SELECT {columns} FROM {table} {rows_query} LIMIT ?", (keep,)).fetchall()
+    source.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(create + "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta)
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    marks = ", ".join("?" * len(columns.split(",")))
+    conn.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+    conn.commit()
+    conn.close()
+
+
+def schema_of(path: Path, table: str) -> tuple[str, list[str]]:
+    """The schema version in the meta of the nbllm database at ``path``, and the columns of
+    its ``table``, read without writing anything."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+    finally:
+        conn.close()
+    return version[0], columns

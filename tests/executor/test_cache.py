@@ -23,6 +23,8 @@ from helpers import (
     digest,
     on_fake_clock,
     random_bytes,
+    rewrite_as_schema_1,
+    schema_of,
     uninterrupted_answers,
 )
 
@@ -434,32 +436,11 @@ V1_COLUMNS = "key, text, model, prompt_tokens, completion_tokens, cost_usd, crea
 
 def as_schema_1(path: Path) -> None:
     """Rewrite the cache at ``path`` as the previous nbllm wrote it (schema 1, WAL)."""
-    source = sqlite3.connect(path)
-    meta = source.execute("SELECT key, value FROM meta").fetchall()
-    rows = source.execute(f"SELECT {V1_COLUMNS} FROM responses").fetchall()
-    source.close()
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.executescript(
-        V1_RESPONSES + "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-    )
-    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta)
-    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    conn.executemany(f"INSERT INTO responses VALUES ({', '.join('?' * 7)})", rows)
-    conn.commit()
-    conn.close()
+    rewrite_as_schema_1(path, table="responses", create=V1_RESPONSES, columns=V1_COLUMNS)
 
 
 def cache_schema(path: Path) -> tuple[str, list[str]]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        columns = [r[1] for r in conn.execute("PRAGMA table_info(responses)")]
-    finally:
-        conn.close()
-    return version[0], columns
+    return schema_of(path, "responses")
 
 
 def test_a_schema_1_cache_is_migrated_and_its_answers_are_used(tmp_path):

@@ -29,6 +29,8 @@ from helpers import (
     answer_from_history,
     digest,
     random_bytes,
+    rewrite_as_schema_1,
+    schema_of,
     uninterrupted_answers,
 )
 
@@ -753,32 +755,14 @@ V1_COLUMNS = (
 def as_schema_1(path: Path, keep: int) -> None:
     """Rewrite the checkpoint at ``path`` as the previous nbllm wrote it (schema 1, WAL),
     holding the same run and its first ``keep`` turns."""
-    source = sqlite3.connect(path)
-    meta = source.execute("SELECT key, value FROM meta").fetchall()
-    rows = source.execute(
-        f"SELECT {V1_COLUMNS} FROM turns ORDER BY conversation, turn LIMIT ?", (keep,)
-    ).fetchall()
-    source.close()
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.executescript(V1_TURNS + "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
-    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta)
-    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    conn.executemany(f"INSERT INTO turns ({V1_COLUMNS}) VALUES ({', '.join('?' * 14)})", rows)
-    conn.commit()
-    conn.close()
-
-
-def schema_of(path: Path) -> tuple[str, list[str]]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        columns = [r[1] for r in conn.execute("PRAGMA table_info(turns)")]
-    finally:
-        conn.close()
-    return version[0], columns
+    rewrite_as_schema_1(
+        path,
+        table="turns",
+        create=V1_TURNS,
+        columns=V1_COLUMNS,
+        rows_query="ORDER BY conversation, turn",
+        keep=keep,
+    )
 
 
 def test_a_schema_1_checkpoint_is_migrated_and_resumed_with_no_finish_reason(tmp_path):
@@ -789,7 +773,7 @@ def test_a_schema_1_checkpoint_is_migrated_and_resumed_with_no_finish_reason(tmp
     total = n_turns(data)
     nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
     as_schema_1(path, keep=5)
-    assert schema_of(path) == ("1", V1_COLUMNS.split(", "))
+    assert schema_of(path, "turns") == ("1", V1_COLUMNS.split(", "))
 
     engine = FakeEngine()
     result = nbllm.run(data, engine=engine, model="m", checkpoint=path, **QUIET)
@@ -798,7 +782,7 @@ def test_a_schema_1_checkpoint_is_migrated_and_resumed_with_no_finish_reason(tmp
     df = result.df
     assert df.loc[df["resumed"], "finish_reason"].isna().all()
     assert (df.loc[~df["resumed"], "finish_reason"] == "stop").all()
-    assert schema_of(path) == ("2", [*V1_COLUMNS.split(", "), "finish_reason"])
+    assert schema_of(path, "turns") == ("2", [*V1_COLUMNS.split(", "), "finish_reason"])
 
     again = nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
     assert again.summary.resumed == total
@@ -838,4 +822,4 @@ def test_a_failed_migration_changes_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="finish_reason"):
         nbllm.run(data, engine=engine, model="m", checkpoint=path, **QUIET)
     assert engine.calls == 0
-    assert schema_of(path)[0] == "1"
+    assert schema_of(path, "turns")[0] == "1"
