@@ -114,9 +114,9 @@ def _row(folder: Path) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row["id"] = folder.name
     row["path"] = str(folder)
-    row["in_use"] = _in_use(folder)
     row["size_bytes"] = _size(folder)
     try:
+        row["in_use"] = _in_use(folder)  # a lock file that is a symlink is refused
         found = _read(folder / CHECKPOINT_FILE)
     except CheckpointError as exc:
         row["error"] = str(exc)
@@ -190,11 +190,18 @@ def remove(run_id: str, root: str | Path | None = None) -> Path:
     """Delete a stored run's folder (its checkpoint); returns the folder that was removed.
 
     ``run_id`` is an id from ``list_runs()`` or a start of one that names a single run. A run
-    that is in progress (its lock is held) is refused, as are unknown and ambiguous ids:
+    that is in progress (its lock is held) is refused, as are unknown and ambiguous ids
+    and a run folder that is a symlink (deleting through it would empty its target):
     all with ``CheckpointError``, and nothing is deleted.
     """
     runs = _runs_dir(root)
     folder = _find(run_id, runs)
+    if folder.is_symlink():
+        msg = (
+            f"{folder} is a symlink, not a run folder nbllm made; nbllm removes neither it nor "
+            "its target. Remove the link yourself if it is not wanted"
+        )
+        raise CheckpointError(msg)
     with lock_if_free(_lock_path(folder)) as free:
         if not free:
             msg = (

@@ -30,7 +30,13 @@ checkpoint, every ~1000 pages of log) is the only disk sync the loop waits for.
 
 A run holds an exclusive lock on a file beside its database (``lock_path``) for as long
 as it runs, so a second process never writes the same file. The operating system drops
-the lock when the process dies, even on ``kill -9``.
+the lock when the process dies, even on ``kill -9``. The lock file is opened without
+following a symlink: a lock file that is a symlink is refused, and its target untouched.
+
+The files hold prompts and answers, so they are private whatever the umask: a folder
+nbllm creates is 0700, a database it creates is 0600 (SQLite gives its -wal and -shm
+files the same mode), and so is a lock file. A folder or file that already exists is
+left as it is: a folder the user made, shared on purpose, stays shared.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from typing import IO, Any
 
 from nbllm.errors import CheckpointError
 
-__all__ = ["GroupWriter", "database_path", "nbllm_dir", "open_database"]
+__all__ = ["GroupWriter", "database_path", "nbllm_dir", "open_database", "private_dir"]
 
 log = logging.getLogger("nbllm")
 
@@ -59,6 +65,41 @@ STATEMENT_ROWS = 64  # rows per INSERT statement (SQLite allows 32766 values in 
 RETRY_S = 1.0
 """After a failed write (a full disk), the next try comes this much later."""
 SYNCHRONOUS = "NORMAL"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, where symlinks need privileges
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` and any missing folder above it, each 0700 whatever the umask.
+
+    Folders that already exist are left as they are (``os.makedirs`` would give the
+    missing parents the umask's mode).
+    """
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=DIR_MODE)
+        except FileExistsError:  # made by another process meanwhile: theirs, left as it is
+            continue
+        os.chmod(folder, DIR_MODE)  # a umask such as 0o277 would take bits from mkdir's mode
+
+
+def _create_private(path: Path) -> bool:
+    """Create ``path`` empty with mode 0600 unless it exists; True if it was created here."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, FILE_MODE)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    os.chmod(path, FILE_MODE)
+    return True
 
 
 def nbllm_dir() -> Path:
@@ -102,8 +143,15 @@ def open_database(
     if path.exists() and path.is_dir():
         raise _unusable(path, "is a folder, not an nbllm database file", advice)
     existed = path.exists() and path.stat().st_size > 0
+    created = False
     if not readonly:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            private_dir(path.parent)
+            # Created before SQLite does, so it is never readable by others, not even for
+            # a moment; SQLite gives the -wal and -shm files the mode of this file.
+            created = _create_private(path)
+        except OSError as exc:
+            raise _unusable(path, f"cannot be created ({exc.strerror})", advice) from exc
     try:
         if readonly:
             conn = _connect_readonly(path)
@@ -135,6 +183,8 @@ def open_database(
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
+            if created:
+                _private_companions(path)
             if found < version:
                 _migrate(conn, version=version, migrations=migrations or {})
             if "meta" not in tables:
@@ -157,6 +207,14 @@ def open_database(
             path, f"is not a readable nbllm {kind} (SQLite says: {exc})", advice
         ) from exc
     return conn
+
+
+def _private_companions(path: Path) -> None:
+    """Make the -wal and -shm files of a database created here 0600, should this SQLite
+    not copy the database's mode to them."""
+    for suffix in ("-wal", "-shm"):
+        with suppress(FileNotFoundError):
+            os.chmod(path.with_name(path.name + suffix), FILE_MODE)
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:
@@ -263,8 +321,17 @@ class FileLock:
 
     def acquire(self, what: Path) -> None:
         """Take the lock for a run on ``what``, or raise ``CheckpointError`` naming its holder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run
+        private_dir(self.path.parent)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, FILE_MODE)
+        except OSError as exc:
+            # ELOOP: the lock file is a symlink, which could make the run overwrite its target.
+            msg = (
+                f"{self.path}: cannot open the lock file for {what} ({exc.strerror}); a lock "
+                "file that is a symlink is refused. Remove it or pass another checkpoint= path"
+            )
+            raise CheckpointError(msg) from None
+        handle = os.fdopen(fd, "r+", encoding="utf-8")  # held open for the run
         try:
             _lock_file(handle)
         except OSError:
@@ -292,10 +359,14 @@ def lock_if_free(lock: Path) -> Iterator[bool]:
     """Hold ``lock`` for the ``with`` block if it is free: yields False when a live run
     holds it. A missing lock file is free, and none is created (a listing writes nothing)."""
     try:
-        handle: IO[str] = open(lock, encoding="utf-8")  # noqa: SIM115
+        fd = os.open(lock, os.O_RDONLY | _NOFOLLOW)
     except FileNotFoundError:
         yield True
         return
+    except OSError as exc:
+        msg = f"{lock}: cannot open the lock file ({exc.strerror}); a symlink is refused"
+        raise CheckpointError(msg) from None
+    handle: IO[str] = os.fdopen(fd, encoding="utf-8")
     with handle:
         try:
             _lock_file(handle)
