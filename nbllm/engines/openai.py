@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +28,7 @@ from nbllm.engines.openai_wire import (
     error_message,
     read_completion,
 )
-from nbllm.errors import ConnectionFailed, EngineError, RequestTimeout
+from nbllm.errors import ConnectionFailed, EngineError, RequestRejected, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["OpenAIEngine"]
@@ -38,6 +39,10 @@ class OpenAIEngine(Engine):
 
     The ``openai/`` prefix of a model name is dropped before sending. ``api_key`` is
     sent as a Bearer token and kept out of ``repr`` and every message.
+
+    Redirects are not followed: a 3xx answer is a ``RequestRejected`` naming the status
+    and the origin it pointed to, and is not retried. Following one would send the
+    prompt and every header, keys included, to wherever the server points.
     """
 
     name = "openai"
@@ -91,9 +96,15 @@ class OpenAIEngine(Engine):
         session = self._get_session()
         try:
             async with session.post(
-                self._url, data=json.dumps(body), timeout=timeout, headers=headers or None
+                self._url,
+                data=json.dumps(body),
+                timeout=timeout,
+                headers=headers or None,
+                allow_redirects=False,
             ) as resp:
                 raw = await resp.read()
+                if 300 <= resp.status < 400:
+                    raise self._redirected(resp.status, resp.headers.get("Location"))
                 if resp.status != 200:
                     raise self._error(resp.status, raw, resp.headers)
         except asyncio.TimeoutError as exc:
@@ -114,6 +125,25 @@ class OpenAIEngine(Engine):
             # batch slot too long), as the engine would have in process.
             return RequestTimeout(f"HTTP 504: {message}", status=status)
         return error_for_status(status, message, headers)
+
+    def _redirected(self, status: int, location: str | None) -> RequestRejected:
+        # Only the origin is shown: the path or query of a Location may carry a token.
+        where = "no Location"
+        if location:
+            where = "an unreadable Location"
+            try:
+                parts = urllib.parse.urlsplit(urllib.parse.urljoin(self._url, location))
+                port = f":{parts.port}" if parts.port else ""
+            except ValueError:  # a port that is not a number
+                parts, port = None, ""
+            if parts is not None and parts.scheme and parts.hostname:
+                where = f"{parts.scheme}://{parts.hostname}{port}"
+        msg = (
+            f"HTTP {status}: {self.api_base} redirected to {where}; nbllm does not follow "
+            "redirects (they would send the prompt and the key there). Set api_base to "
+            "the address that answers"
+        )
+        return RequestRejected(msg, status=status)
 
     def _parse(self, raw: bytes, model: str) -> ChatResponse:
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import http.server
+import threading
 
 import pytest
 from helpers import run_executor
@@ -225,3 +227,53 @@ async def test_a_closed_engine_says_so():
     await engine.aclose()
     with pytest.raises(nbllm.EngineError, match="closed"):
         await engine.complete(nbllm.ChatRequest("m", [{"role": "user", "content": "hi"}]))
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with a 307 to ``server.location``, counting what it got."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.posts += 1  # type: ignore[attr-defined]
+        self.send_response(307)
+        self.send_header("Location", self.server.location)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["other-port", "same-origin"])
+def test_a_redirect_is_an_error_that_is_not_followed_nor_retried(relative):
+    with TestServer() as recorder:
+        redirector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
+        redirector.posts = 0  # type: ignore[attr-defined]
+        secret = "/v1/chat/completions?token=sk-redirect-secret"
+        origin = f"http://127.0.0.1:{recorder.port}"
+        redirector.location = secret if relative else origin + secret  # type: ignore[attr-defined]
+        thread = threading.Thread(target=redirector.serve_forever, daemon=True)
+        thread.start()
+        try:
+            base = f"http://127.0.0.1:{redirector.server_address[1]}/v1"
+            result = nbllm.run(
+                [{"id": "a", "turns": ["Revenue in 2019?"]}],
+                model="nbllm-test",
+                engine="openai",
+                api_base=base,
+                api_key="sk-sent-key",
+                retries=FAST,
+                progress=False,
+                cache=False,
+            )
+        finally:
+            redirector.shutdown()
+            redirector.server_close()
+            thread.join()
+    (error,) = result.df["error"]
+    expected = f"http://127.0.0.1:{redirector.server_address[1]}" if relative else origin
+    assert "HTTP 307" in error
+    assert f"redirected to {expected};" in error
+    assert "token" not in error and "/chat" not in error and "sk-" not in error
+    assert redirector.posts == 1  # type: ignore[attr-defined]
+    assert recorder.requests == []
