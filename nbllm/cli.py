@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import signal
 import sys
 import threading
@@ -143,13 +144,45 @@ def _no_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _first_line(text: str, where: str) -> str:
+    key = (text.splitlines() or [""])[0].strip()
+    if not key:
+        msg = f"{where} holds no key: expected the API key on its first line"
+        raise ConfigError(msg)
+    return key
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from ``--api-key-file PATH``, ``--api-key -`` (stdin) or ``--api-key KEY``."""
+    if args.api_key_file is not None:
+        path = Path(args.api_key_file).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            msg = f"--api-key-file: cannot read {str(path)!r} ({reason})"
+            raise ConfigError(msg) from None
+        return _first_line(text, f"--api-key-file {str(path)!r}")
+    if args.api_key == "-":
+        if sys.stdin is None:
+            msg = "--api-key -: no standard input to read the key from"
+            raise ConfigError(msg)
+        if sys.stdin.isatty():  # typed: not echoed to the screen
+            return _first_line(getpass.getpass("API key: "), "--api-key - (the terminal)")
+        return _first_line(sys.stdin.readline(), "--api-key - (standard input)")
+    key: str | None = args.api_key
+    return key
+
+
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         _check_out(out)
+    api_key = _api_key(args)
     data = _read_data(Path(args.data))
     # Options left out on the command line keep nbllm.run's own defaults.
     given = {name: getattr(args, name) for name in (*_RUN_OPTIONS, "checkpoint")}
+    given["api_key"] = api_key
     options = {name: value for name, value in given.items() if value is not None}
     if args.no_checkpoint:
         options["checkpoint"] = False
@@ -280,8 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a file of conversations and print the summary",
         description=(
             "Run every conversation in DATA and print the run's summary. The API key comes "
-            "from --api-key or the environment (NBLLM_API_KEY for a server at --api-base; "
-            "the provider's usual variable, such as OPENAI_API_KEY, otherwise)."
+            "from the environment (NBLLM_API_KEY for a server at --api-base; the provider's "
+            "usual variable, such as OPENAI_API_KEY, otherwise), --api-key-file, or "
+            "--api-key."
         ),
         epilog="exit codes: 0 all turns ok, 1 some turns failed, 2 bad input, 130 interrupted",
     )
@@ -289,7 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
         "data", metavar="DATA", help="a .jsonl/.json, .csv (long or wide) or .parquet file"
     )
     # No argparse choices for --engine: nbllm.run refuses an unknown one with the closest name.
-    add_run_arguments(run, _RUN_OPTIONS)
+    add_run_arguments(run, [name for name in _RUN_OPTIONS if name != "api_key"])
+    keys = run.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=(
+            "the key for --api-base or the provider; '-' reads it from standard input (one "
+            "line). WARNING: a key written here is visible to every user of this machine "
+            "(ps) for the whole run; prefer the environment or --api-key-file. nbllm never "
+            "prints nor stores it (default: from the environment)"
+        ),
+    )
+    keys.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="read the key from the first line of PATH (keep the file private: chmod 600)",
+    )
     run.add_argument(
         "--out", metavar="FILE", help="write one row per turn to .csv, .jsonl or .parquet"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -227,6 +228,53 @@ def test_api_key_is_used_but_never_shown(tmp_path, capsys):
     assert "turns_ok           3" in captured.out
     for text in (captured.out, captured.err, out.read_text(encoding="utf-8")):
         assert SECRET not in text
+
+
+def test_api_key_file_and_stdin_keep_the_key_off_the_command_line(tmp_path, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(f"  {SECRET}  \nignored second line\n", encoding="utf-8")
+    with TestServer(api_key=SECRET) as guarded:  # answers 401 unless the key is sent
+        from_file = cli(guarded, data, "--no-cache", "--api-key-file", str(key_file))
+        monkeypatch.setattr(sys, "stdin", io.StringIO(SECRET + "\n"))
+        from_stdin = cli(guarded, data, "--no-cache", "--fresh", "--api-key", "-")
+        sent = len(guarded.requests)
+
+    assert (from_file, from_stdin) == (0, 0)
+    assert sent == 2 * 3  # every turn answered, not refused with a 401
+    captured = capsys.readouterr()
+    assert captured.out.count("turns_ok           3") == 2
+    assert SECRET not in captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    ("options", "stdin", "expected"),
+    [
+        (["--api-key-file", "missing.txt"], "", "--api-key-file: cannot read"),
+        (["--api-key-file", "empty.txt"], "", "holds no key: expected the API key on its first"),
+        (["--api-key", "-"], "\n", "--api-key - (standard input) holds no key"),
+        (["--api-key", "k", "--api-key-file", "empty.txt"], "", "not allowed with argument"),
+    ],
+    ids=["missing-file", "empty-file", "empty-stdin", "both"],
+)
+def test_a_bad_key_source_exits_2_before_any_request(
+    server, tmp_path, capsys, monkeypatch, options, stdin, expected
+):
+    data = write_jsonl(tmp_path / "convs.jsonl", RECORDS)
+    (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert cli(server, data, *options) == 2
+    assert expected in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_api_key_help_warns_that_the_command_line_is_visible(capsys):
+    assert main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "visible to every user of this machine (ps)" in text
+    assert "prefer the environment" in text
+    assert "--api-key-file PATH" in text
 
 
 def test_failed_turns_name_the_most_common_error_with_its_count(tmp_path, capsys):
