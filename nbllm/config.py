@@ -77,8 +77,9 @@ class RunConfig(BaseModel):
     )
     api_key: SecretStr | None = _option(
         None,
-        "the key for api_base or the provider, never printed nor written anywhere; none: "
-        "from the environment",
+        "the key for api_base or the provider, never printed nor written anywhere by nbllm; "
+        "none: from the environment, which is safer (a key typed on a command or magic line "
+        "stays in the notebook or the history, and others can see it in ps)",
         "a string",
         metavar="KEY",
     )
