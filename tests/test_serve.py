@@ -292,8 +292,10 @@ async def test_engine_error_maps_to_its_status(
     def handler(request: ChatRequest) -> str:
         raise error
 
+    # relay_errors: the messages of a local engine reach the client (nbllm serve's choice
+    # for local engines; test_serve_hardening.py has the generic text of an API engine).
     async with (
-        EngineServer(FakeEngine(handler), model="m") as server,
+        EngineServer(FakeEngine(handler), model="m", relay_errors=True) as server,
         aiohttp.ClientSession() as session,
     ):
         got, headers, text = await fetch(
@@ -338,7 +340,7 @@ async def test_an_engine_timeout_comes_back_to_nbllm_as_a_request_timeout() -> N
         raise RequestTimeout("no batch slot freed within the 2 s timeout")
 
     async with (
-        EngineServer(FakeEngine(handler), model="m") as server,
+        EngineServer(FakeEngine(handler), model="m", relay_errors=True) as server,
         aiohttp.ClientSession() as session,
         OpenAIEngine(server.url) as client,
     ):

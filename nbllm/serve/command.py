@@ -6,6 +6,9 @@
     # prints: nbllm serve listening on http://127.0.0.1:8000/v1
 
 The key comes from ``--api-key`` or, unseen by ``ps``, from ``$NBLLM_SERVE_API_KEY``.
+Without one the command refuses an API engine (it would spend this environment's provider
+key for anyone) and a ``--host`` other than loopback (unless ``--insecure-no-key``).
+Options are never abbreviated: ``--hos`` is an error, not ``--host``.
 The first signal drains (``EngineServer.aclose``); a second cuts the drain short.
 
 A worker's server (``Worker`` passes ``--parent-pid`` and ``--stop-on-stdin-eof``) stops
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import ipaddress
 import logging
 import math
 import os
@@ -31,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from nbllm.engines import EMBEDDED_MODEL, create_engine
+from nbllm.engines import EMBEDDED_MODEL, create_engine, is_local
 from nbllm.engines.base import Engine
 from nbllm.engines.child_process import ParentWatch
 from nbllm.engines.fake import FakeEngine, echo
@@ -41,9 +45,17 @@ from nbllm.engines.openai_wire import (
     ignore_stop_signals,
     on_stop_signals,
 )
-from nbllm.serve.server import EngineServer
+from nbllm.errors import ConfigError
+from nbllm.serve.server import DEFAULT_MAX_BODY_MB, EngineServer
 
-__all__ = ["PARENT_GONE_EXIT_S", "add_parser", "engine_factory", "main", "serve_until_signal"]
+__all__ = [
+    "PARENT_GONE_EXIT_S",
+    "add_parser",
+    "check_exposure",
+    "engine_factory",
+    "main",
+    "serve_until_signal",
+]
 
 _log = logging.getLogger("nbllm.serve")
 
@@ -95,10 +107,55 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0 or math.isinf(value):
+        msg = f"expected a finite number > 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to any address
+        return False
+
+
+def check_exposure(
+    engine: str, model: str | None, host: str, api_key: str | None, *, insecure_no_key: bool
+) -> None:
+    """Refuse to serve what anyone could spend: raises ``ConfigError`` before anything starts.
+
+    An API engine (``openai``, ``litellm``, ``auto`` for a non-local model) spends the
+    provider key of this process's environment for each caller, so it needs a key even on
+    loopback, where every user of the machine can reach it. A local model on a host other
+    than loopback needs a key unless ``insecure_no_key``.
+    """
+    if api_key:
+        return
+    if engine != "fake" and not is_local(engine, model, None):
+        msg = (
+            f"--engine {engine}: an API engine spends this environment's provider key for "
+            f"every caller; set ${SERVE_API_KEY_ENV} (or --api-key) to serve it"
+        )
+        raise ConfigError(msg)
+    if not _is_loopback(host) and not insecure_no_key:
+        msg = (
+            f"--host {host} is reachable from other machines; set ${SERVE_API_KEY_ENV} "
+            "(or --api-key), or pass --insecure-no-key to serve it to anyone"
+        )
+        raise ConfigError(msg)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` command to the ``nbllm`` command's subparsers."""
     serve = subparsers.add_parser(
         "serve",
+        # "--hos 0.0.0.0" or "--api-k KEY" must not slip past a check of option names.
+        allow_abbrev=False,
         help="serve one model over an OpenAI-compatible HTTP API",
         description=(
             "Serve one engine over an OpenAI-compatible HTTP API (/v1/chat/completions, "
@@ -123,7 +180,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key",
         metavar="KEY",
-        help=f"require this Bearer key on /v1/ (better: set ${SERVE_API_KEY_ENV})",
+        help=(
+            f"require this Bearer key on /v1/ (better: set ${SERVE_API_KEY_ENV}: an option "
+            "is visible to other users in ps); needed for an API engine (openai, litellm) "
+            "and for a --host other than loopback"
+        ),
+    )
+    serve.add_argument(
+        "--insecure-no-key",
+        action="store_true",
+        help="allow a --host other than loopback without a key (anyone who reaches it may use it)",
+    )
+    serve.add_argument(
+        "--max-body-mb",
+        type=_positive_float,
+        default=DEFAULT_MAX_BODY_MB,
+        metavar="MB",
+        help=f"a larger request body gets 413, unread (default: {DEFAULT_MAX_BODY_MB:g})",
     )
     serve.add_argument(
         "--grace",
@@ -249,6 +322,10 @@ def _stdin_pipe() -> BinaryIO | None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``nbllm serve`` with parsed options until a signal; returns the exit code."""
+    api_key = args.api_key or os.environ.get(SERVE_API_KEY_ENV) or None
+    check_exposure(
+        args.engine, args.model, args.host, api_key, insecure_no_key=args.insecure_no_key
+    )
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="nbllm serve: %(message)s")
     # Without --model a local engine loads the embedded model (create_engine's rule).
     model = args.model or ("fake" if args.engine == "fake" else EMBEDDED_MODEL)
@@ -259,8 +336,11 @@ def main(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_queue=args.max_queue,
-        api_key=args.api_key or os.environ.get(SERVE_API_KEY_ENV) or None,
+        api_key=api_key,
         grace=args.grace,
+        max_body_mb=args.max_body_mb,
+        # A local model's messages hold no provider text (nor its keys): worth relaying.
+        relay_errors=args.engine == "fake" or is_local(args.engine, args.model, None),
     )
     serving = serve_until_signal(
         server,

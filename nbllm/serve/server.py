@@ -11,7 +11,16 @@ Routes:
 The engine is loaded in a thread, so the server answers ``/health`` and ``/ready`` from
 the first moment. At most ``max_queue`` chat requests are admitted at once; one more gets
 429 with ``Retry-After``, never a silent drop. With an API key every ``/v1/`` request
-must carry ``Authorization: Bearer KEY``. ``aclose()`` drains: new requests get 503,
+must carry ``Authorization: Bearer KEY``.
+
+Limits, each checked before the body is read where it can be: the key, then the queue,
+then ``Content-Length`` against ``max_body_mb`` (413; a body without a length is cut at
+the limit). Then JSON nested too deep, more than ``MAX_MESSAGES`` messages, or a
+``max_tokens`` over ``MAX_TOKENS_CAP`` are 400. Bodies over 256 KiB are parsed in a thread.
+An engine's error reaches the client with its own message only where ``relays_errors``
+(not for an API engine, whose provider may quote the key: a generic text instead).
+
+``aclose()`` drains: new requests get 503,
 those admitted are answered (for up to ``grace`` seconds), then the engine is closed.
 
 Timeouts: the server sets none of its own. A request may carry the ``X-Nbllm-Timeout``
@@ -39,6 +48,8 @@ from typing import Any
 from aiohttp import web
 
 from nbllm.engines.base import Engine
+from nbllm.engines.litellm import LiteLLMEngine
+from nbllm.engines.openai import OpenAIEngine
 from nbllm.engines.openai_wire import (
     TIMEOUT_ERROR_CODE,
     TIMEOUT_HEADER,
@@ -58,7 +69,14 @@ from nbllm.errors import (
 )
 from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = ["EngineServer", "EngineSource", "ServeState"]
+__all__ = [
+    "DEFAULT_MAX_BODY_MB",
+    "MAX_MESSAGES",
+    "MAX_TOKENS_CAP",
+    "EngineServer",
+    "EngineSource",
+    "ServeState",
+]
 
 _log = logging.getLogger("nbllm.serve")
 
@@ -76,8 +94,16 @@ _SAMPLING_PARAMS: Mapping[str, tuple[type, ...]] = {
     "frequency_penalty": (int, float),
 }
 _RETRY_AFTER_S = 1
-# aiohttp's default of 1 MiB is less than one long conversation with a large context.
-_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: The default body limit in MiB: aiohttp's 1 MiB is less than one long conversation with a
+#: large context; each MiB admitted may cost tens in parsed objects.
+DEFAULT_MAX_BODY_MB = 8.0
+#: Messages one request may hold (fixed): far beyond any real conversation.
+MAX_MESSAGES = 10_000
+#: The largest ``max_tokens`` accepted: engines do not report their model's context length,
+#: and no model they load has a context longer than this.
+MAX_TOKENS_CAP = 1 << 20
+# Bodies above this are parsed in a thread, so that /health and other requests go on.
+_PARSE_IN_THREAD_BYTES = 256 * 1024
 # By then every admitted request is answered or past its grace: this bounds writing out.
 _CLEANUP_TIMEOUT_S = 1.0
 
@@ -104,19 +130,35 @@ def _error(
     return web.json_response(error_body(message, type_, code), status=status, headers=headers)
 
 
-def _engine_error(exc: EngineError) -> web.Response:
+def _generic_message(status: int) -> str:
+    if status == 429:
+        return "the engine is rate limited; retry later"
+    if 400 <= status < 500:
+        return f"the engine refused the request (HTTP {status})"
+    return f"the engine failed (HTTP {status})"
+
+
+def _engine_error(exc: EngineError, *, relay: bool) -> web.Response:
     """The answer for a failed request: the engine's status (else 400 for a refused
-    request, 504 for a timeout, 500 for a failure) and its message."""
+    request, 504 for a timeout, 500 for a failure) and, if ``relay``, its message.
+
+    Without ``relay`` the client reads a generic text: a provider's message may quote the
+    key this server spent on its behalf. The log keeps the error's type only.
+    """
     if isinstance(exc, RequestTimeout):
         # Its own code: to an OpenAI client a retryable 5xx, to nbllm's a RequestTimeout.
-        return _error(504, str(exc), "server_error", TIMEOUT_ERROR_CODE)
+        message = str(exc) if relay else "the engine did not answer in time"
+        return _error(504, message, "server_error", TIMEOUT_ERROR_CODE)
     status = 400 if isinstance(exc, RequestRejected) else 500
     if exc.status is not None and 400 <= exc.status <= 599:
         status = exc.status
     headers = None
     if isinstance(exc, RetryableError) and exc.retry_after is not None:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-    return _error(status, str(exc), error_type(status), headers=headers)
+    if not relay:
+        _log.warning("the engine answered %s (%s)", status, type(exc).__name__)
+    message = str(exc) if relay else _generic_message(status)
+    return _error(status, message, error_type(status), headers=headers)
 
 
 # --------------------------------------------------------------------- requests
@@ -139,7 +181,21 @@ def _sampling_params(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _parse_chat(raw: bytes, model: str, timeout: float | None) -> ChatRequest:
     """The engine request for an OpenAI chat completion body; ``model`` is the served one."""
-    body, messages = parse_chat_body(raw)
+    try:
+        body, messages = parse_chat_body(raw)
+    except RecursionError:  # JSON nested deeper than the interpreter's stack
+        msg = "the request body is nested too deeply"
+        raise BadChatRequest(msg) from None
+    if len(messages) > MAX_MESSAGES:
+        msg = f"a request may hold at most {MAX_MESSAGES} messages, got {len(messages)}"
+        raise BadChatRequest(msg)
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if type(max_tokens) is int and max_tokens > MAX_TOKENS_CAP:
+        msg = (
+            f"'max_tokens' {max_tokens} is beyond the model's context: at most "
+            f"{MAX_TOKENS_CAP} tokens"
+        )
+        raise BadChatRequest(msg)
     if body.get("n", 1) != 1:
         msg = "only n=1 is supported"
         raise BadChatRequest(msg)
@@ -201,12 +257,17 @@ class EngineServer:
         max_queue: int = 256,
         api_key: str | None = None,
         grace: float = 30.0,
+        max_body_mb: float = DEFAULT_MAX_BODY_MB,
+        relay_errors: bool | None = None,
     ) -> None:
         if max_queue < 1:
             msg = f"max_queue must be >= 1, got {max_queue!r}"
             raise ConfigError(msg)
         if grace < 0:
             msg = f"grace must be >= 0 seconds, got {grace!r}"
+            raise ConfigError(msg)
+        if not 0 < max_body_mb < math.inf:
+            msg = f"max_body_mb must be a finite number > 0, got {max_body_mb!r}"
             raise ConfigError(msg)
         if not 0 <= port <= 65535:
             msg = f"port must be in 0..65535, got {port!r}"
@@ -218,6 +279,8 @@ class EngineServer:
         self.max_queue = max_queue
         self.grace = grace
         self._requested_port = port
+        self.max_body_bytes = max(1, int(max_body_mb * 1024 * 1024))
+        self._relay_errors = relay_errors
         self._expected_auth = f"Bearer {api_key}".encode() if api_key else None
         self.state = ServeState.NEW
         self.load_error: str | None = None
@@ -244,6 +307,18 @@ class EngineServer:
         return f"http://{host}:{self._port}/v1"
 
     @property
+    def relays_errors(self) -> bool:
+        """Whether clients read the engine's error messages rather than a generic text.
+
+        ``relay_errors`` decides; by default (None) every engine but one that calls an API
+        server (``OpenAIEngine``, ``LiteLLMEngine``), whose messages may quote the key this
+        server spends for its clients.
+        """
+        if self._relay_errors is not None:
+            return self._relay_errors
+        return not isinstance(self._engine, (OpenAIEngine, LiteLLMEngine))
+
+    @property
     def in_flight(self) -> int:
         """Chat requests admitted whose engine call has not ended (a cancelled one counts
         until the engine lets go of it)."""
@@ -256,7 +331,9 @@ class EngineServer:
         if self.state is not ServeState.NEW:
             msg = f"the server was already started (it is {self.state.value})"
             raise RuntimeError(msg)
-        app = web.Application(middlewares=[self._check_api_key], client_max_size=_MAX_BODY_BYTES)
+        app = web.Application(
+            middlewares=[self._check_api_key], client_max_size=self.max_body_bytes
+        )
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/health", self._handle_health)
@@ -354,12 +431,17 @@ class EngineServer:
         """Middleware: every ``/v1/`` route needs the Bearer key, when one is set."""
         if self._expected_auth is None or not request.path.startswith("/v1/"):
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode("utf-8", "replace")
-        if not hmac.compare_digest(given, self._expected_auth):
+        if not self._has_key(request):
             return _error(
                 401, "missing or incorrect API key", "invalid_request_error", "invalid_api_key"
             )
         return await handler(request)
+
+    def _has_key(self, request: web.Request) -> bool:
+        if self._expected_auth is None:
+            return False
+        given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+        return hmac.compare_digest(given, self._expected_auth)
 
     def _admission(self) -> Engine | web.Response:
         """The engine to answer a chat request now, or why it cannot be admitted.
@@ -370,6 +452,7 @@ class EngineServer:
         if self.state is ServeState.LOADING:
             return _error(503, "the model is still loading", "server_error", "loading", retry)
         if self.state is ServeState.FAILED:
+            # The client passed the key check: it may read why.
             message = f"the engine failed to load: {self.load_error}"
             return _error(503, message, "server_error", "load_failed")
         if self.state is not ServeState.READY or self._engine is None:
@@ -382,12 +465,24 @@ class EngineServer:
     # ----------------------------------------------------------------- routes
 
     async def _handle_chat(self, request: web.Request) -> web.Response:
+        # The key (middleware), the queue and the size are checked before the body is read.
+        refused = self._admission()
+        if isinstance(refused, web.Response):
+            return refused
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            message = f"the request body is over the server's limit of {self.max_body_bytes} bytes"
+            return _error(413, message, "invalid_request_error", "body_too_large")
         try:
             timeout = parse_timeout(request.headers.get(TIMEOUT_HEADER))
-            chat = _parse_chat(await request.read(), self.model, timeout)
+            raw = await request.read()  # a body without a length: 413 past the limit
+            if len(raw) > _PARSE_IN_THREAD_BYTES:
+                chat = await asyncio.to_thread(_parse_chat, raw, self.model, timeout)
+            else:
+                chat = _parse_chat(raw, self.model, timeout)
         except BadChatRequest as exc:
             return _error(400, str(exc), "invalid_request_error")
-        engine = self._admission()
+        engine = self._admission()  # again: the state may have changed during the read
         if isinstance(engine, web.Response):
             return engine  # refused
         # A task of its own, so that the end of the grace period can cut it off with a 503.
@@ -429,7 +524,7 @@ class EngineServer:
             )
             return web.json_response(body)
         if isinstance(exc, EngineError):
-            return _engine_error(exc)
+            return _engine_error(exc, relay=self.relays_errors)
         # A bug in an engine: the traceback goes to the log, not to the client.
         _log.error("the engine raised an unexpected error", exc_info=exc)
         return _error(500, f"the engine failed: {type(exc).__name__}", "server_error")
