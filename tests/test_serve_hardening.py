@@ -238,3 +238,29 @@ async def test_the_message_count_is_capped() -> None:
         status, body = await post_chat(server, {"messages": [*many, *HELLO]})
     assert status == 400
     assert f"at most {MAX_MESSAGES} messages" in body["error"]["message"]
+
+
+async def test_a_body_still_arriving_holds_its_place_in_the_queue() -> None:
+    """Slow senders cannot pile bodies up in memory: each being read counts towards
+    max_queue, and gives its place back when its client goes."""
+    async with EngineServer(FakeEngine(), model="m", max_queue=1) as server:
+        port = int(server.url.rsplit(":", 1)[1].removesuffix("/v1"))
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
+        await writer.drain()
+        for _ in range(500):  # until the server reads that body (bounded: 5 s)
+            if server.receiving:
+                break
+            await asyncio.sleep(0.01)
+        assert server.receiving == 1
+        assert (await post_chat(server, {"messages": HELLO}))[0] == 429
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(500):
+            if not server.receiving:
+                break
+            await asyncio.sleep(0.01)
+        assert (await post_chat(server, {"messages": HELLO}))[0] == 200

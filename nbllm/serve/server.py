@@ -290,6 +290,8 @@ class EngineServer:
         self._port: int | None = None
         # Engine calls admitted and not yet ended.
         self._answers: set[asyncio.Future[ChatResponse]] = set()
+        # Chat requests admitted whose body is still being read or parsed.
+        self._receiving = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -305,6 +307,12 @@ class EngineServer:
             raise RuntimeError(msg)
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self._port}/v1"
+
+    @property
+    def receiving(self) -> int:
+        """Chat requests admitted whose body is still being read or parsed; they count
+        towards ``max_queue``."""
+        return self._receiving
 
     @property
     def relays_errors(self) -> bool:
@@ -457,7 +465,8 @@ class EngineServer:
             return _error(503, message, "server_error", "load_failed")
         if self.state is not ServeState.READY or self._engine is None:
             return _error(503, "the server is shutting down", "server_error", "draining", retry)
-        if len(self._answers) >= self.max_queue:
+        # A body being read holds its place: slow senders cannot pile up bodies in memory.
+        if len(self._answers) + self._receiving >= self.max_queue:
             message = f"the server's queue is full ({self.max_queue} requests); retry later"
             return _error(429, message, "rate_limit_error", "queue_full", retry)
         return self._engine
@@ -473,6 +482,7 @@ class EngineServer:
         if length is not None and length > self.max_body_bytes:
             message = f"the request body is over the server's limit of {self.max_body_bytes} bytes"
             return _error(413, message, "invalid_request_error", "body_too_large")
+        self._receiving += 1
         try:
             timeout = parse_timeout(request.headers.get(TIMEOUT_HEADER))
             raw = await request.read()  # a body without a length: 413 past the limit
@@ -482,6 +492,8 @@ class EngineServer:
                 chat = _parse_chat(raw, self.model, timeout)
         except BadChatRequest as exc:
             return _error(400, str(exc), "invalid_request_error")
+        finally:
+            self._receiving -= 1
         engine = self._admission()  # again: the state may have changed during the read
         if isinstance(engine, web.Response):
             return engine  # refused
