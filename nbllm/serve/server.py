@@ -16,7 +16,8 @@ must carry ``Authorization: Bearer KEY``.
 Limits, each checked before the body is read where it can be: the key, then the queue,
 then ``Content-Length`` against ``max_body_mb`` (413; a body without a length is cut at
 the limit). Then JSON nested too deep, more than ``MAX_MESSAGES`` messages, or a
-``max_tokens`` over ``MAX_TOKENS_CAP`` are 400. Bodies over 256 KiB are parsed in a thread.
+``max_tokens`` over ``MAX_TOKENS_CAP`` are 400. Bodies over 256 KiB are parsed in a
+thread, two at a time (a parsed body may take 15 times its size).
 An engine's error reaches the client with its own message only where ``relays_errors``
 (not for an API engine, whose provider may quote the key: a generic text instead).
 
@@ -104,6 +105,8 @@ MAX_MESSAGES = 10_000
 MAX_TOKENS_CAP = 1 << 20
 # Bodies above this are parsed in a thread, so that /health and other requests go on.
 _PARSE_IN_THREAD_BYTES = 256 * 1024
+# Large bodies parsed at once: a parsed body may take 15 times its size in objects.
+_PARALLEL_LARGE_PARSES = 2
 # By then every admitted request is answered or past its grace: this bounds writing out.
 _CLEANUP_TIMEOUT_S = 1.0
 
@@ -292,6 +295,7 @@ class EngineServer:
         self._answers: set[asyncio.Future[ChatResponse]] = set()
         # Chat requests admitted whose body is still being read or parsed.
         self._receiving = 0
+        self._large_parses = asyncio.Semaphore(_PARALLEL_LARGE_PARSES)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -487,7 +491,8 @@ class EngineServer:
             timeout = parse_timeout(request.headers.get(TIMEOUT_HEADER))
             raw = await request.read()  # a body without a length: 413 past the limit
             if len(raw) > _PARSE_IN_THREAD_BYTES:
-                chat = await asyncio.to_thread(_parse_chat, raw, self.model, timeout)
+                async with self._large_parses:
+                    chat = await asyncio.to_thread(_parse_chat, raw, self.model, timeout)
             else:
                 chat = _parse_chat(raw, self.model, timeout)
         except BadChatRequest as exc:
