@@ -439,19 +439,40 @@ async def test_failed_load_is_reported_by_ready_and_refuses_chat() -> None:
     def load() -> FakeEngine:
         raise ConfigError("no such model: nope")
 
-    async with EngineServer(load, model="m") as server, aiohttp.ClientSession() as session:
+    server = EngineServer(load, model="m", api_key="k")
+    async with server, aiohttp.ClientSession() as session:
         assert await asyncio.wait_for(server.wait_loaded(), 5) is ServeState.FAILED
         async with session.get(root(server.url) + "/ready") as resp:
+            # /ready is open to all: why it failed (a path, memory figures) only with the key
+            assert resp.status == 503
+            assert await resp.json() == {"status": "failed"}
+        key = {"Authorization": "Bearer k"}
+        async with session.get(root(server.url) + "/ready", headers=key) as resp:
             assert resp.status == 503
             assert await resp.json() == {
                 "status": "failed",
                 "error": "ConfigError: no such model: nope",
             }
+        async with session.post(
+            server.url + "/chat/completions", json=chat_body(), headers=key
+        ) as resp:
+            assert resp.status == 503
+            assert "no such model" in assert_openai_error(await resp.text())["message"]
+
+
+async def test_a_failed_load_is_not_explained_to_a_server_without_a_key() -> None:
+    def load() -> FakeEngine:
+        raise ConfigError("no such model: /home/someone/private/model")
+
+    async with EngineServer(load, model="m") as server, aiohttp.ClientSession() as session:
+        assert await asyncio.wait_for(server.wait_loaded(), 5) is ServeState.FAILED
+        status, _, text = await fetch(session, "GET", root(server.url) + "/ready")
+        assert (status, json.loads(text)) == (503, {"status": "failed"})
         status, _, text = await fetch(
             session, "POST", server.url + "/chat/completions", chat_body()
         )
         assert status == 503
-        assert "no such model" in assert_openai_error(text)["message"]
+        assert assert_openai_error(text)["message"] == "the engine failed to load"
 
 
 async def test_wait_loaded_returns_at_once_for_an_engine_instance() -> None:

@@ -76,10 +76,13 @@ class WorkerState(enum.Enum):
     STOPPED = "stopped"
 
 
-def _get_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
+def _get_json(
+    url: str, timeout: float = 2.0, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     """GET ``url``: its status and JSON body ({} when the body is not a JSON object)."""
     try:
-        with _LOCAL_OPENER.open(url, timeout=timeout) as resp:
+        request = urllib.request.Request(url, headers=headers or {})
+        with _LOCAL_OPENER.open(request, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as err:
         with err:
@@ -227,7 +230,9 @@ class Worker:
                 msg = f"nbllm serve exited with code {code} while loading"
                 raise EngineUnavailable(self._server.with_stderr(msg))
             try:
-                status, body = _get_json(ready_url)
+                # With the key, /ready says why a load failed.
+                auth = {"Authorization": f"Bearer {self._api_key}"}
+                status, body = _get_json(ready_url, headers=auth)
             except OSError:  # not answering yet, or busy: ask again
                 status, body = 0, {}
             if status == 200:

@@ -455,7 +455,7 @@ class EngineServer:
         given = request.headers.get("Authorization", "").encode("utf-8", "replace")
         return hmac.compare_digest(given, self._expected_auth)
 
-    def _admission(self) -> Engine | web.Response:
+    def _admission(self, request: web.Request) -> Engine | web.Response:
         """The engine to answer a chat request now, or why it cannot be admitted.
 
         No await: nothing changes between this and the admission.
@@ -464,8 +464,10 @@ class EngineServer:
         if self.state is ServeState.LOADING:
             return _error(503, "the model is still loading", "server_error", "loading", retry)
         if self.state is ServeState.FAILED:
-            # The client passed the key check: it may read why.
-            message = f"the engine failed to load: {self.load_error}"
+            # Why (paths, memory figures) only to a caller holding the key; the log has it.
+            message = "the engine failed to load"
+            if self._has_key(request):
+                message += f": {self.load_error}"
             return _error(503, message, "server_error", "load_failed")
         if self.state is not ServeState.READY or self._engine is None:
             return _error(503, "the server is shutting down", "server_error", "draining", retry)
@@ -479,7 +481,7 @@ class EngineServer:
 
     async def _handle_chat(self, request: web.Request) -> web.Response:
         # The key (middleware), the queue and the size are checked before the body is read.
-        refused = self._admission()
+        refused = self._admission(request)
         if isinstance(refused, web.Response):
             return refused
         length = request.content_length
@@ -499,7 +501,7 @@ class EngineServer:
             return _error(400, str(exc), "invalid_request_error")
         finally:
             self._receiving -= 1
-        engine = self._admission()  # again: the state may have changed during the read
+        engine = self._admission(request)  # again: the state may have changed during the read
         if isinstance(engine, web.Response):
             return engine  # refused
         # A task of its own, so that the end of the grace period can cut it off with a 503.
@@ -563,7 +565,10 @@ class EngineServer:
             }
             return web.json_response(body)
         if self.state is ServeState.FAILED:
-            return web.json_response({"status": "failed", "error": self.load_error}, status=503)
+            failed = {"status": "failed"}
+            if self._has_key(request):  # /ready is open to all: why only with the key
+                failed["error"] = self.load_error or ""
+            return web.json_response(failed, status=503)
         if self.state is ServeState.LOADING:
             return web.json_response({"status": "loading"}, status=503)
         return web.json_response({"status": "draining"}, status=503)
