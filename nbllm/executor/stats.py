@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from nbllm.engines.local.phases import GENERATING
 from nbllm.errors import ConfigError
 from nbllm.executor.events import (
     EnginePhase,
@@ -40,9 +41,6 @@ from nbllm.types import SKIPPED
 
 __all__ = ["GENERATING", "RunStats", "Snapshot", "error_kind", "one_line"]
 
-GENERATING = "generating"
-"""The phase a local engine reports while it answers (``nbllm.engines.local.phases`` says
-the same word): ``done`` is the completion tokens it has generated since it was made."""
 
 WINDOW_S = 5.0
 """Rates and the ETA follow the turns finished in the last this-many seconds."""
