@@ -52,6 +52,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
+from nbllm.engines.files import private_dir
 from nbllm.errors import CheckpointError
 
 __all__ = ["GroupWriter", "database_path", "nbllm_dir", "open_database", "private_dir"]
@@ -65,30 +66,8 @@ STATEMENT_ROWS = 64  # rows per INSERT statement (SQLite allows 32766 values in 
 RETRY_S = 1.0
 """After a failed write (a full disk), the next try comes this much later."""
 SYNCHRONOUS = "NORMAL"
-DIR_MODE = 0o700
 FILE_MODE = 0o600
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, where symlinks need privileges
-
-
-def private_dir(path: Path) -> None:
-    """Create ``path`` and any missing folder above it, each 0700 whatever the umask.
-
-    Folders that already exist are left as they are (``os.makedirs`` would give the
-    missing parents the umask's mode).
-    """
-    missing: list[Path] = []
-    current = path
-    while not current.exists():
-        missing.append(current)
-        if current.parent == current:
-            break
-        current = current.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=DIR_MODE)
-        except FileExistsError:  # made by another process meanwhile: theirs, left as it is
-            continue
-        os.chmod(folder, DIR_MODE)  # a umask such as 0o277 would take bits from mkdir's mode
 
 
 def _create_private(path: Path) -> bool:
