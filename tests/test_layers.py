@@ -1,6 +1,6 @@
 """Imports point down the layers of DESIGN.md, and only ``nbllm.ui`` touches the notebook stack.
 
-data (types, dataset, template, results, config, errors, retry) < engines < executor <
+data (types, dataset, template, results, config, errors, retry, redact) < engines < executor <
 the faces (api, cli, jobs, runs, serve, testing, the package itself) < ui.
 
 A module may import its own layer and those below it. A face may ask ``ui`` for a frontend
@@ -34,6 +34,7 @@ DATA_MODULES = (
     "nbllm.config",
     "nbllm.errors",
     "nbllm.retry",
+    "nbllm.redact",
 )
 PREFIXES = (
     ("nbllm.ui", UI),

@@ -3,7 +3,10 @@
 API engines send each request as it comes; local engines (a later addition) gather
 concurrent requests into batches behind the same method, so the executor never
 needs to know which kind it drives. Engines raise only ``nbllm.errors.EngineError``
-subclasses from ``complete``: backend exceptions are mapped at this boundary.
+subclasses from ``complete``: backend exceptions are mapped at this boundary, and
+their messages leave with every secret masked (``nbllm.redact``): the engine's own key
+(``secrets()``), every credential in the request's parameters (``extra_headers``), the
+environment's keys, and anything shaped like one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 
 from nbllm.errors import EngineError
+from nbllm.redact import redact_error, secret_values
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["Engine", "EngineState"]
@@ -47,7 +51,12 @@ class Engine(ABC):
         if self.state is EngineState.CLOSED:
             msg = f"the {self.name} engine is closed; create a new one to send more requests"
             raise EngineError(msg)
-        return await self._complete(request)
+        try:
+            return await self._complete(request)
+        except EngineError as error:
+            # A server may echo the key it received in its error text.
+            redact_error(error, (*self.secrets(), *secret_values(request.params)))
+            raise
 
     @abstractmethod
     async def _complete(self, request: ChatRequest) -> ChatResponse: ...
@@ -66,6 +75,10 @@ class Engine(ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def secrets(self) -> tuple[str, ...]:
+        """The credentials this engine sends (its key), masked in every error it raises."""
+        return ()
 
     def describe(self) -> str:
         """A short, secret-free description for logs and results."""

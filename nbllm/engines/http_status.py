@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email.utils
 import time
-import urllib.parse
 from collections.abc import Mapping
 
 from nbllm.errors import (
@@ -14,19 +13,9 @@ from nbllm.errors import (
     RequestRejected,
     ServerError,
 )
+from nbllm.redact import public_url  # re-exported: engines import it from here
 
 __all__ = ["error_for_status", "parse_retry_after", "public_url"]
-
-
-def public_url(url: str) -> str:
-    """``url`` without any user name or password in it, safe to log and store."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:

@@ -54,6 +54,7 @@ class OpenAIEngine(Engine):
         self._url = api_base.rstrip("/") + "/chat/completions"
         self.api_base = public_url(api_base.rstrip("/"))  # what messages and logs may show
         self._headers = {"Content-Type": "application/json"}
+        self._api_key = api_key
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._max_connections = max_connections
@@ -61,6 +62,9 @@ class OpenAIEngine(Engine):
 
     def __repr__(self) -> str:
         return f"OpenAIEngine(api_base={self.api_base!r})"
+
+    def secrets(self) -> tuple[str, ...]:
+        return (self._api_key,) if self._api_key else ()
 
     def describe(self) -> str:
         return f"openai @ {self.api_base}"

@@ -43,6 +43,7 @@ from nbllm.executor.storage import (
     nbllm_dir,
     open_database,
 )
+from nbllm.redact import hidden
 from nbllm.types import Conversation, TurnRecord
 
 __all__ = [
@@ -91,22 +92,6 @@ def _canonical(value: Any) -> str:
     )
 
 
-_SECRET_WORDS = frozenset(
-    {"key", "secret", "token", "password", "headers", "header", "auth", "authorization",
-     "credential", "credentials", "cookie", "cookies"}
-)  # fmt: skip
-
-
-def _redacted(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Sampling parameters fit to store or show: anything that may carry a credential
-    (``extra_headers``, ``aws_secret_access_key``, ...) is replaced by a marker. The
-    fingerprint still covers the real values."""
-    return {
-        k: "<hidden>" if _SECRET_WORDS.intersection(k.lower().split("_")) else v
-        for k, v in params.items()
-    }
-
-
 def dataset_hash(conversations: Sequence[Conversation]) -> str:
     """A hash of what is sent for each conversation (not references or meta, never sent)."""
     digest = hashlib.sha256()
@@ -136,7 +121,7 @@ class RunIdentity:
 
     def public(self) -> dict[str, Any]:
         """The identity as stored in the checkpoint and shown in messages: no secrets."""
-        return {**asdict(self), "params": _redacted(self.params)}
+        return {**asdict(self), "params": hidden(self.params)}
 
     def differences(self, stored: Mapping[str, Any]) -> list[str]:
         """What differs from a stored (public) identity, in words."""

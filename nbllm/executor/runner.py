@@ -36,15 +36,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from nbllm.engines.base import Engine
-from nbllm.engines.http_status import public_url
-from nbllm.errors import ConfigError, EngineError, RateLimitError, RequestTimeout
+from nbllm.errors import EngineError, RateLimitError, RequestTimeout
+from nbllm.executor.arguments import check_seconds, check_whole
 from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
 from nbllm.executor.events import (
@@ -60,6 +59,7 @@ from nbllm.executor.events import (
 from nbllm.executor.limiter import RateLimiter, estimate_tokens
 from nbllm.executor.slots import RequestSlots
 from nbllm.executor.unreachable import unreachable_reason
+from nbllm.redact import public_url, redact, secret_values
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.types import NOT_RUN, SKIPPED, ChatRequest, ChatResponse, Conversation, TurnRecord
@@ -75,23 +75,6 @@ STOPPED = f"{NOT_RUN}: the run was stopped before this turn finished"
 # Attempts that must all fail to connect, with none reaching the server, before a run
 # gives up: enough that one unlucky connection does not end a run.
 UNREACHABLE_AFTER = 3
-
-
-def _check_whole(option: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        msg = f"{option}= expected a whole number >= 1, got {value!r}"
-        raise ConfigError(msg)
-
-
-def _check_seconds(option: str, value: object, *, zero: bool = False, none: bool = False) -> None:
-    """A number of seconds: > 0 (>= 0 when ``zero``), or None when ``none``."""
-    if value is None and none:
-        return
-    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    if number is None or math.isnan(number) or number < 0 or (number == 0 and not zero):
-        expected = f"a number {'>=' if zero else '>'} 0{' or None' if none else ''}"
-        msg = f"{option}= expected {expected}, got {value!r}"
-        raise ConfigError(msg)
 
 
 if sys.version_info >= (3, 11):
@@ -141,12 +124,12 @@ class Executor:
         rate_window_s: float = 60.0,
         stop_grace_s: float = 10.0,
     ) -> None:
-        _check_whole("concurrency", concurrency)
+        check_whole("concurrency", concurrency)
         if max_conversations is not None:
-            _check_whole("max_conversations", max_conversations)
-        _check_seconds("timeout", timeout, none=True)
-        _check_seconds("stop_grace_s", stop_grace_s, zero=True)
-        _check_seconds("rate_window_s", rate_window_s)
+            check_whole("max_conversations", max_conversations)
+        check_seconds("timeout", timeout, none=True)
+        check_seconds("stop_grace_s", stop_grace_s, zero=True)
+        check_seconds("rate_window_s", rate_window_s)
         self.engine = engine
         self.model = model
         self.concurrency = concurrency
@@ -159,6 +142,7 @@ class Executor:
         self.retry = retry or RetryPolicy()
         self.system = system
         self.params = dict(params or {})
+        self._secrets = (*engine.secrets(), *secret_values(self.params))  # masked in errors
         names = ("rate_window_s", "burst")
         self.rpm = None if rpm is None else RateLimiter(rpm, rate_window_s, names=("rpm", *names))
         self.tpm = None if tpm is None else RateLimiter(tpm, rate_window_s, names=("tpm", *names))
@@ -487,7 +471,7 @@ class Executor:
                     return self._unanswered(
                         conv,
                         k,
-                        f"{type(error).__name__}: {error}",
+                        redact(f"{type(error).__name__}: {error}", self._secrets),
                         model=self.model,
                         engine=self.engine.name,
                         attempts=attempt,
@@ -500,7 +484,8 @@ class Executor:
                         self._cooldown_until, self._loop.time() + error.retry_after
                     )
                 if self._wants_retry:
-                    self._emit(RetryScheduled(conv.id, k, attempt, str(error), delay, time.time()))
+                    text = redact(str(error), self._secrets)
+                    self._emit(RetryScheduled(conv.id, k, attempt, text, delay, time.time()))
                 await asyncio.sleep(delay)
                 continue
             if key is not None and self.cache is not None:

@@ -18,7 +18,6 @@ percentiles) at the pace a view redraws. One thread may write while another read
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections import deque
@@ -36,6 +35,7 @@ from nbllm.executor.events import (
     StopRequested,
     TurnFinished,
 )
+from nbllm.redact import redact
 from nbllm.results import RowTotals, RunSummary, percentile
 from nbllm.types import SKIPPED
 
@@ -45,12 +45,6 @@ __all__ = ["GENERATING", "RunStats", "Snapshot", "error_kind", "one_line"]
 WINDOW_S = 5.0
 """Rates and the ETA follow the turns finished in the last this-many seconds."""
 
-# A key, token or password that a backend's error message might echo back.
-_SECRET = re.compile(
-    r"(?i)\b(sk-|Bearer\s+|(?:api[_-]?key|access[_-]?token|token|password)[\"']?\s*[:=]\s*[\"']?)"
-    r"[A-Za-z0-9._~+/=-]{4,}"
-)
-
 
 def error_kind(error: str) -> str:
     """An error's kind: its text up to the first ":" (``"ConnectionFailed"``)."""
@@ -59,7 +53,7 @@ def error_kind(error: str) -> str:
 
 def one_line(error: str) -> str:
     """``error`` on one line, with anything that looks like a key or token redacted."""
-    return _SECRET.sub(r"\1***", " ".join(error.split()))
+    return redact(" ".join(error.split()))
 
 
 @dataclass(frozen=True, slots=True)
