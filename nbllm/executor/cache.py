@@ -1,18 +1,21 @@
 """The response cache: an answer already paid for is not paid for again.
 
-Keyed by a hash of the normalised request — the model, the messages and the sampling
-parameters, nothing else (never a key, a header or the server's address) — and kept in
-one SQLite file shared by every run in the folder (``.nbllm/cache.sqlite`` by default),
-so it works across runs, kernels and sessions. An explicitly non-zero ``temperature``
-asks for a fresh sample each time, so such requests are not answered from the cache
-unless ``cache="always"``; their answers are still stored.
+Keyed by a hash of the normalised request and of who answers it: the engine's
+``identity()`` (its kind and the server's address without a password, or a local model's
+exact weights), the model, the messages and the sampling parameters other than
+credentials (never a key, a header's value or a password). So an answer is only ever
+served again for what would have been asked of the same engine, server or weights:
+another server with the same model name, or litellm in place of the OpenAI-compatible
+engine, is asked afresh. The cache lives in one SQLite file shared by every run in the
+folder (``.nbllm/cache.sqlite`` by default), so it works across runs, kernels and
+sessions. An explicitly non-zero ``temperature`` asks for a fresh sample each time, so
+such requests are not answered from the cache unless ``cache="always"``; their answers
+are still stored. Each answer is stored with the engine that produced it, its model and
+why it ended (``CachedResponse``); answers stored by an nbllm older than cache schema 2
+have no engine (None).
 
-The engine is not part of the key: the same request to the same model is answered from
-the cache whichever engine sends it now (the OpenAI-compatible engine, litellm, a local
-engine that ``engine="auto"`` picks today). So that nothing is hidden, each answer is
-stored with the engine that produced it, its model and why it ended, and ``get`` gives
-them back (``CachedResponse.engine``): a cached row names who really answered. Answers
-stored by an nbllm older than cache schema 2 have no engine (None).
+The cache is trusted input: whoever can write the file can plant answers. nbllm creates
+it private (0600, in a 0700 folder); a cache shared between users is shared trust.
 
 Answers are committed in batches (``BATCH_ROWS`` answers, or ``BATCH_DELAY_S`` after the
 first): the run's checkpoint, committed at once, is what a crash must not lose.
@@ -33,6 +36,7 @@ from typing import Any
 
 from nbllm.errors import ConfigError
 from nbllm.executor.storage import GroupWriter, database_path, nbllm_dir, open_database
+from nbllm.redact import hidden
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["CACHE_FILE", "CachedResponse", "KeyChain", "ResponseCache", "resolve_cache_path"]
@@ -90,15 +94,15 @@ class KeyChain:
 
     __slots__ = ("_state",)
 
-    def __init__(self, model: str, params: Mapping[str, Any]) -> None:
+    def __init__(self, model: str, params: Mapping[str, Any], source: str = "") -> None:
         head = json.dumps(
-            [model.removeprefix("openai/"), dict(params)],
+            [source, model.removeprefix("openai/"), hidden(params)],
             sort_keys=True,
             ensure_ascii=False,
             separators=(",", ":"),
             default=repr,
         )
-        self._state = hashlib.sha256(b"nbllm-request-v1\0")
+        self._state = hashlib.sha256(b"nbllm-request-v2\0")
         self._feed(self._state, head)
 
     @staticmethod
@@ -125,9 +129,9 @@ class KeyChain:
         return state.hexdigest()
 
 
-def request_key(request: ChatRequest) -> str:
-    """The cache key: a hash of the model, the messages and the sampling parameters."""
-    chain = KeyChain(request.model, request.params)
+def request_key(request: ChatRequest, source: str = "") -> str:
+    """The cache key of ``request`` sent to the engine whose ``identity()`` is ``source``."""
+    chain = KeyChain(request.model, request.params, source)
     for message in request.messages[:-1]:
         chain.extend(message)
     return chain.key_with(request.messages[-1])

@@ -149,6 +149,7 @@ class Executor:
         self.checkpoint = checkpoint
         self.cache = cache
         self._reuse_cached = cache is not None and cache.reusable(self.params)
+        self._cache_scope = engine.identity() if cache is not None else ""  # who answers
         self._events = EventBus(listeners)
         self._wants_sent = self._events.wants(RequestSent)
         self._wants_retry = self._events.wants(RetryScheduled)
@@ -329,7 +330,7 @@ class Executor:
         answers: list[str] = []
         keys = None
         if self.cache is not None:
-            keys = KeyChain(self.model, self.params)
+            keys = KeyChain(self.model, self.params, self._cache_scope)
             system = conv.system_message(self.system)
             if system:
                 keys.extend({"role": "system", "content": system})

@@ -156,17 +156,18 @@ def test_greedy_or_default_temperature_is_reused(temperature):
 # --------------------------------------------------------------------------- the key
 
 
-def test_the_key_ignores_the_api_key_and_the_server_address():
+def test_the_key_ignores_the_api_key_and_its_password_in_the_url():
     data = dataset()
-    with TestServer(api_key="key-one") as one, TestServer(api_key="key-two") as two:
-        assert one.url != two.url
-        options = {"model": "nbllm-test", "progress": False}
-        first = nbllm.run(data, api_base=one.url, api_key="key-one", **options)
-        second = nbllm.run(data, api_base=two.url, api_key="key-two", **options)
+    with TestServer() as server:
+        options = {"model": "nbllm-test", "progress": False, "checkpoint": False}
+        first = nbllm.run(data, api_base=server.url, api_key="key-one", **options)
+        with_password = server.url.replace("http://", "http://me:pa55word@")
+        second = nbllm.run(data, api_base=server.url, api_key="key-two", **options)
+        third = nbllm.run(data, api_base=with_password, **options)
     assert first.summary.turns_ok == n_turns(data)
-    assert len(one.requests) == n_turns(data)
-    assert two.requests == []
+    assert len(server.requests) == n_turns(data)
     assert_all_cached(second)
+    assert_all_cached(third)
     assert list(second.df["answer"]) == list(first.df["answer"])
 
 
@@ -363,26 +364,37 @@ def test_a_stored_answer_comes_back_with_its_engine_model_and_finish_reason(tmp_
         again.close()
 
 
-def test_a_cached_row_names_the_engine_that_answered_not_this_runs(tmp_path):
-    """Answered over HTTP by the OpenAI-compatible engine, then read from the cache by a
-    run on another engine: the rows say openai, the model the server named, and why."""
+def test_an_answer_is_served_again_only_for_the_same_engine_and_server(tmp_path):
+    """Answered over HTTP by one server: another engine, or another server with the same
+    model name, is asked afresh; the same server is answered from the cache, and the rows
+    name the engine and the model the server named."""
     data = dataset(3)
     cache = tmp_path / "cache.sqlite"
-    with TestServer() as server:
-        first = nbllm.run(
-            data, model="nbllm-test", api_base=server.url, cache=cache, checkpoint=False,
-            progress=False,
-        )  # fmt: skip
-    engine = FakeEngine()
-    second = nbllm.run(
-        data, engine=engine, model="nbllm-test", cache=cache, checkpoint=False, progress=False
-    )
-    assert engine.calls == 0
-    assert_all_cached(second)
-    assert set(first.df["engine"]) == {"openai"}
-    assert second.df["engine"].tolist() == first.df["engine"].tolist()
-    assert second.df["model"].tolist() == first.df["model"].tolist()
-    assert second.df["finish_reason"].tolist() == first.df["finish_reason"].tolist()
+    options = {"model": "nbllm-test", "cache": cache, "checkpoint": False, "progress": False}
+    with TestServer() as server, TestServer() as other:
+        first = nbllm.run(data, api_base=server.url, **options)
+        elsewhere = nbllm.run(data, api_base=other.url, **options)
+        engine = FakeEngine()
+        fake = nbllm.run(data, engine=engine, **options)
+        again = nbllm.run(data, api_base=server.url, **options)
+    assert not elsewhere.df["cached"].any()
+    assert engine.calls == n_turns(data)
+    assert not fake.df["cached"].any()
+    assert_all_cached(again)
+    assert set(again.df["engine"]) == {"openai"}
+    assert again.df["model"].tolist() == first.df["model"].tolist()
+    assert again.df["finish_reason"].tolist() == first.df["finish_reason"].tolist()
+
+
+def test_credentials_in_parameters_are_not_part_of_the_key():
+    """A rotated header value or key in the parameters still finds the stored answer."""
+    from nbllm.executor.cache import request_key
+
+    messages = [{"role": "user", "content": "hi"}]
+    one = ChatRequest("m", messages, {"extra_headers": {"Authorization": "Bearer a1b2c3d4"}})
+    two = ChatRequest("m", messages, {"extra_headers": {"Authorization": "Bearer z9y8x7w6"}})
+    assert request_key(one, "openai @ http://h/v1") == request_key(two, "openai @ http://h/v1")
+    assert request_key(one, "openai @ http://h/v1") != request_key(one, "openai @ http://g/v1")
 
 
 def committed_answers(path: Path) -> int:
