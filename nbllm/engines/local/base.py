@@ -17,6 +17,13 @@ allows: torch and onnx drop its row from the batch at the next token and end the
 no row is left, llama.cpp stops at the next token, and vLLM aborts the request in its
 scheduler. (A torch batch still computes a dropped row's padding until the batch ends.)
 
+Context: once loaded, an engine knows its model's context length (``context_length``,
+tokens of prompt and answer together; None where the model does not say). A request whose
+``max_tokens`` is beyond it is refused before its prompt is tokenized, and one whose prompt
+tokens and ``max_tokens`` together exceed it is refused once the prompt is tokenized, before
+anything generates: both with ``RequestRejected``, which is never retried. Without
+``max_tokens`` the default (``DEFAULT_MAX_TOKENS``, at most the context) counts.
+
 Every answer says why it ended (``ChatResponse.finish_reason``): "length" when
 ``max_tokens`` cut it, "stop" when the model ended it or a stop string did. While a model
 generates, ``on_phase`` hears "generating" with the tokens generated so far (``phases``).
@@ -30,7 +37,7 @@ import math
 import threading
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +47,17 @@ from nbllm.engines.local.batching import check_batching
 from nbllm.engines.local.models import LocalModel, resolve_local_model
 from nbllm.engines.local.phases import PhaseCallback, PhaseReport, TokenReport
 from nbllm.errors import EngineUnavailable, RequestRejected
-from nbllm.types import Message
+from nbllm.types import ChatRequest, Message
 
-__all__ = ["DEFAULT_MAX_TOKENS", "Generation", "LocalEngine"]
+__all__ = ["DEFAULT_MAX_TOKENS", "Generation", "LocalEngine", "context_length_of"]
 
 #: Tokens generated per answer when the request does not say (``max_tokens=``).
 DEFAULT_MAX_TOKENS = 256
+# A context length beyond this is a placeholder, not a figure: transformers writes 1e30 as a
+# tokenizer's model_max_length when the model does not say.
+_LONGEST_CONTEXT = 1 << 24
+# Where a model's configuration states its context length, in the order they are read.
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len")
 
 _KNOWN_PARAMS = frozenset(
     {"max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n"}
@@ -61,6 +73,9 @@ class Generation:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: True when the request gave no max_tokens (``max_new_tokens`` is then the default).
+    #: Not compared: it never keeps two requests out of one batch.
+    defaulted: bool = field(default=False, compare=False)
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +108,7 @@ class Generation:
                 top_p=float(params.get("top_p", 1.0) if params.get("top_p") is not None else 1.0),
                 seed=None if params.get("seed") is None else int(params["seed"]),
                 stop=tuple(str(s) for s in stop),
+                defaulted=max_tokens is None,
             )
         except (TypeError, ValueError) as exc:
             msg = f"bad sampling parameter: {exc}"
@@ -170,6 +186,9 @@ class LocalEngine(Engine):
         # Held by every model call and by the release, so a model is never dropped mid-call.
         self._lock = threading.Lock()
         self.tokenizer: Any = None
+        #: Tokens of prompt and answer the model can hold, once loaded (None: it does not
+        #: say); requests beyond it are refused (``generation``, ``context_refusal``).
+        self.context_length: int | None = None
         self._prepare()
         loading = PhaseReport(on_phase, "loading")
         loading(None, f"loading {self.model.name} into {self.name} on {self.device}")
@@ -187,7 +206,8 @@ class LocalEngine(Engine):
 
     @abstractmethod
     def _load(self) -> None:
-        """Load the tokenizer (``self.tokenizer``) and the model; raise EngineUnavailable."""
+        """Load the tokenizer (``self.tokenizer``) and the model, and set
+        ``self.context_length`` where the model says it; raise EngineUnavailable."""
 
     def _release(self) -> None:
         """Drop the model (called once, by ``aclose``, holding the model lock)."""
@@ -196,6 +216,37 @@ class LocalEngine(Engine):
 
     def describe(self) -> str:
         return f"{self.name} {self.model.name} on {self.device}"
+
+    def generation(self, request: ChatRequest) -> Generation:
+        """The request's sampling options; a ``max_tokens`` beyond the context is refused.
+
+        Called before the prompt is tokenized: such a request costs no tokenizing. Without
+        ``max_tokens``, the default stays within the context.
+        """
+        generation = Generation.from_params(request.params)
+        context = self.context_length
+        if context is None or generation.max_new_tokens <= context:
+            return generation
+        if generation.defaulted:
+            return replace(generation, max_new_tokens=context)
+        msg = (
+            f"max_tokens {generation.max_new_tokens} is beyond the model's context of "
+            f"{context} tokens"
+        )
+        raise RequestRejected(msg)
+
+    def context_refusal(self, prompt_tokens: int, generation: Generation) -> RequestRejected | None:
+        """Why a prompt of ``prompt_tokens`` leaves no room for ``max_tokens`` in the
+        context, or None where it fits."""
+        context = self.context_length
+        if context is None or prompt_tokens + generation.max_new_tokens <= context:
+            return None
+        default = " (the default)" if generation.defaulted else ""
+        msg = (
+            f"the prompt's {prompt_tokens} tokens and max_tokens "
+            f"{generation.max_new_tokens}{default} exceed the context of {context} tokens"
+        )
+        return RequestRejected(msg)
 
     def identity(self) -> str:
         return f"{self.name} {self.model.identity}"
@@ -268,6 +319,30 @@ def end_of_text_ids(hf_model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         found.add(int(tokenizer.eos_token_id))
     return sorted(found)
+
+
+def context_length_of(config: Any, tokenizer: Any = None) -> int | None:
+    """A model's context length in tokens, or None where nothing says it.
+
+    Read from its configuration (a transformers config or the dict of ``config.json``:
+    ``max_position_embeddings``, ``n_positions``, ``max_seq_len``), else from the
+    tokenizer's ``model_max_length`` when that is a real figure, not transformers'
+    placeholder for "no limit".
+    """
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for name in _CONTEXT_FIELDS:
+            value = text.get(name) if isinstance(text, Mapping) else getattr(text, name, None)
+            if (context := _context(value)) is not None:
+                return context
+    return _context(getattr(tokenizer, "model_max_length", None))
+
+
+def _context(value: object) -> int | None:
+    """``value`` as a context length, or None where it is no real figure."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 < value <= _LONGEST_CONTEXT else None
 
 
 def require(module: str, extra: str, engine: str) -> Any:

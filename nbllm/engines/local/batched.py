@@ -6,6 +6,11 @@ ids in, new token ids out). Gathering concurrent requests into those batches (th
 memory live here once. A run keeps at most ``batch_size`` requests in flight
 (``max_in_flight``): more would only wait in the batcher's queue while their timeouts run.
 
+A request's prompt is tokenized in the model thread, when its batch starts, so that
+tokenizing never holds up the event loop; a prompt that leaves no room for its
+``max_tokens`` in the model's context is refused there (``RequestRejected``), alone, while
+the rest of its batch generates.
+
 ``request.timeout`` bounds a request's wait in that queue, never its generation
 (``nbllm.engines.local.base``). While a batch generates, ``_generate`` reports each step to
 a ``BatchWatch``: the tokens it added (heard as the "generating" phase) and, in return,
@@ -20,13 +25,14 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine
 from nbllm.engines.local.batching import DynamicBatcher
 from nbllm.engines.local.phases import PhaseCallback, TokenReport
-from nbllm.errors import EngineError
-from nbllm.types import ChatRequest, ChatResponse
+from nbllm.errors import EngineError, RequestRejected
+from nbllm.types import ChatRequest, ChatResponse, Message
 
 __all__ = ["BatchWatch", "BatchedEngine"]
 
@@ -35,10 +41,16 @@ __all__ = ["BatchWatch", "BatchedEngine"]
 class _Request:
     """One request in the batcher: its prompt, its sampling, and whether anyone waits for it."""
 
-    prompt: list[int]
+    #: Token ids; None until the model thread tokenizes ``messages``.
+    prompt: list[int] | None
     generation: Generation
     #: Set on the loop when the request is cancelled; read by the model thread.
     cancelled: bool = False
+    messages: Sequence[Message] = ()
+
+
+#: What the batcher hands back for one request: its new token ids, or why it was refused.
+_Output: TypeAlias = list[int] | RequestRejected
 
 
 class BatchWatch:
@@ -88,7 +100,7 @@ class BatchedEngine(LocalEngine):
             on_phase=on_phase,
         )
         self.max_in_flight = self.batch_size
-        self._batcher: DynamicBatcher[_Request, list[int]] = DynamicBatcher(
+        self._batcher: DynamicBatcher[_Request, _Output] = DynamicBatcher(
             self._run_batch, max_batch_size=self.batch_size, max_wait_s=self.batch_wait_s
         )
 
@@ -103,62 +115,85 @@ class BatchedEngine(LocalEngine):
         """
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
-        generation = Generation.from_params(request.params)
-        prompt = self.encode(request.messages)
+        generation = self.generation(request)
         self.tokens.loop = asyncio.get_running_loop()
-        waiting = _Request(prompt, generation)
+        waiting = _Request(None, generation, messages=request.messages)
         try:
-            new_ids = await self._batcher.submit(waiting, generation, timeout=request.timeout)
+            output = await self._batcher.submit(waiting, generation, timeout=request.timeout)
         except asyncio.CancelledError:
             # The model thread drops this row at its next step (set before the caller
             # can send anything again), so no generation runs on for an unread answer.
             waiting.cancelled = True
             raise
+        if isinstance(output, RequestRejected):
+            raise output
+        new_ids = output
         text, finish_reason = generation.finish(self.decode(new_ids), len(new_ids))
         return ChatResponse(
             text=text,
             model=self.model.name,
-            prompt_tokens=len(prompt),
+            prompt_tokens=len(waiting.prompt or ()),
             completion_tokens=len(new_ids),
             cost_usd=0.0,
             finish_reason=finish_reason,
         )
 
-    def _run_batch(self, items: Sequence[_Request]) -> list[list[int]]:
-        """Generate one batch (in the batcher's thread); on out-of-memory, halve and retry."""
-        generation = items[0].generation
-        prompts = [item.prompt for item in items]
+    def _run_batch(self, items: Sequence[_Request]) -> list[_Output]:
+        """Tokenize the prompts, refuse those the context cannot hold, generate the rest
+        (in the batcher's thread)."""
         with self._lock:
             if self.state is EngineState.CLOSED:
                 msg = f"the {self.name} engine was closed while requests were waiting"
                 raise EngineError(msg)
-            watch = BatchWatch(items, self.tokens)
-            try:
-                outputs = self._generate(prompts, generation, watch)
-            except Exception as exc:
-                if not _is_out_of_memory(exc):
-                    if isinstance(exc, EngineError):
-                        raise
-                    msg = f"{self.name} failed to generate: {type(exc).__name__}: {exc}"
-                    raise EngineError(msg) from exc
-                self._free_cached_memory()
-                if len(prompts) == 1:
-                    msg = (
-                        f"{self.device} out of memory generating one answer of up to "
-                        f"{generation.max_new_tokens} tokens for a {len(prompts[0])}-token "
-                        f"prompt ({_memory_figures()}); lower max_tokens or use a smaller model"
-                    )
-                    raise EngineError(msg) from exc
-            else:
-                # The steps' counts leave out what a backend cannot see per step; the
-                # batch's own figure settles it (never lowering what was shown).
-                generated = sum(
-                    len(ids) for ids, item in zip(outputs, items, strict=True) if not item.cancelled
+            outputs: list[_Output | None] = [None] * len(items)
+            ready: list[int] = []
+            for index, item in enumerate(items):
+                try:
+                    if item.prompt is None:
+                        item.prompt = self.encode(item.messages)
+                except RequestRejected as exc:
+                    outputs[index] = exc
+                    continue
+                outputs[index] = self.context_refusal(len(item.prompt), item.generation)
+                if outputs[index] is None:
+                    ready.append(index)
+            if ready:
+                generated = self._generate_halving([items[i] for i in ready])
+                for index, ids in zip(ready, generated, strict=True):
+                    outputs[index] = ids
+        return [output for output in outputs if output is not None]
+
+    def _generate_halving(self, items: Sequence[_Request]) -> list[list[int]]:
+        """Generate one batch (holding the model lock); on out-of-memory, halve and retry."""
+        generation = items[0].generation
+        prompts = [item.prompt or [] for item in items]
+        watch = BatchWatch(items, self.tokens)
+        try:
+            outputs = self._generate(prompts, generation, watch)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                if isinstance(exc, EngineError):
+                    raise
+                msg = f"{self.name} failed to generate: {type(exc).__name__}: {exc}"
+                raise EngineError(msg) from exc
+            self._free_cached_memory()
+            if len(prompts) == 1:
+                msg = (
+                    f"{self.device} out of memory generating one answer of up to "
+                    f"{generation.max_new_tokens} tokens for a {len(prompts[0])}-token "
+                    f"prompt ({_memory_figures()}); lower max_tokens or use a smaller model"
                 )
-                self.tokens.add(max(0, generated - watch.counted), flush=True)
-                return outputs
+                raise EngineError(msg) from exc
+        else:
+            # The steps' counts leave out what a backend cannot see per step; the
+            # batch's own figure settles it (never lowering what was shown).
+            generated = sum(
+                len(ids) for ids, item in zip(outputs, items, strict=True) if not item.cancelled
+            )
+            self.tokens.add(max(0, generated - watch.counted), flush=True)
+            return outputs
         half = len(items) // 2
-        return self._run_batch(items[:half]) + self._run_batch(items[half:])
+        return self._generate_halving(items[:half]) + self._generate_halving(items[half:])
 
     async def aclose(self) -> None:
         if self.state is not EngineState.CLOSED:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nbllm.engines.local.base import require
+from nbllm.engines.local.base import context_length_of, require
 from nbllm.engines.local.phases import quiet_loading
 from nbllm.engines.local.torch import TorchEngine, load_transformers
 from nbllm.errors import EngineUnavailable
@@ -30,6 +30,7 @@ class DeepSpeedEngine(TorchEngine):
             deepspeed = require("deepspeed", "deepspeed", self.name)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.tokenizer, self.hf_model = load_transformers(self, self.checkpoint)
+        self.context_length = context_length_of(self.hf_model.config, self.tokenizer)
         on_cuda = self.device == "cuda"
         try:
             self.ds_engine: Any = deepspeed.init_inference(

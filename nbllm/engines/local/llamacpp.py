@@ -12,12 +12,18 @@ GPUs are left to the other engines (``auto`` skips this one where there is a GPU
 (``nbllm.engines.local.base``). A logits processor sees each token: it counts them for the
 "generating" phase and, once the request is cancelled, leaves end-of-text as the only
 choice, so the generation ends at its next token.
+
+The context is the one the model was trained for (``n_ctx_train``). llama.cpp tokenizes the
+chat itself, in the model thread: a prompt that leaves no room for ``max_tokens`` is refused
+(``RequestRejected``) once llama.cpp has read it, before its first token is generated, where
+llama.cpp alone would quietly cut ``max_tokens`` short.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +32,13 @@ import numpy as np
 from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine, require
 from nbllm.engines.local.batching import ModelThread
-from nbllm.errors import EngineError, EngineUnavailable
+from nbllm.errors import EngineError, EngineUnavailable, RequestRejected
 from nbllm.types import ChatRequest, ChatResponse, Message
 
 __all__ = ["LlamaCppEngine"]
+
+# llama.cpp's ValueError for a prompt at least as long as the context.
+_PROMPT_TOO_LONG = re.compile(r"Requested tokens \((\d+)\) exceed context window")
 
 
 @dataclass(slots=True, eq=False)
@@ -69,13 +78,14 @@ class LlamaCppEngine(LocalEngine):
         except Exception as exc:
             msg = f"llama.cpp cannot load {self.model.path.name}: {type(exc).__name__}: {exc}"
             raise EngineUnavailable(msg) from exc
+        self.context_length = int(self.llama.n_ctx()) or None
         self._logits_processors = llama_cpp.LogitsProcessorList
         self._in_flight = 0
         # ggml sets up its thread pool once per thread: every call runs on this one.
         self._model_thread = ModelThread("llamacpp-model")
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
-        generation = Generation.from_params(request.params)
+        generation = self.generation(request)
         self.tokens.loop = asyncio.get_running_loop()
         chat = _Chat(list(request.messages), generation)
         self._in_flight += 1
@@ -102,15 +112,20 @@ class LlamaCppEngine(LocalEngine):
         """One chat completion (in the model thread)."""
         messages, generation = chat.messages, chat.generation
         sampled = 0
+        # Why the prompt is refused, where it leaves no room for max_tokens in the context.
+        refused: list[RequestRejected] = []
 
-        def watch(_input_ids: Any, logits: Any) -> Any:
+        def watch(input_ids: Any, logits: Any) -> Any:
             # Called before each token is chosen: every call after the first means the
             # token chosen last was kept (an end-of-text token ends the answer instead).
+            # At the first, ``input_ids`` is the whole prompt as llama.cpp tokenized it.
             nonlocal sampled
             if sampled:
                 self.tokens.add(1)
+            elif (refusal := self.context_refusal(len(input_ids), generation)) is not None:
+                refused.append(refusal)
             sampled += 1
-            if not chat.cancelled:
+            if not chat.cancelled and not refused:
                 return logits
             eos = self.llama.token_eos()
             if eos < 0:  # a model without end-of-text cannot be cut short
@@ -141,8 +156,15 @@ class LlamaCppEngine(LocalEngine):
                     messages=messages, **options
                 )
             except Exception as exc:
+                too_long = _PROMPT_TOO_LONG.match(str(exc))
+                if too_long is not None:
+                    refusal = self.context_refusal(int(too_long.group(1)), generation)
+                    if refusal is not None:
+                        raise refusal from exc
                 msg = f"llama.cpp failed to generate: {type(exc).__name__}: {exc}"
                 raise EngineError(msg) from exc
+        if refused:
+            raise refused[0]
         completion = (answer.get("usage") or {}).get("completion_tokens") or 0
         self.tokens.add(max(0, completion - max(0, sampled - 1)), flush=True)
         return answer

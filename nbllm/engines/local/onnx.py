@@ -12,13 +12,15 @@ is still computed, as padding, with the rest.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from nbllm.engines.local.base import Generation, require
+from nbllm.engines.local.base import Generation, context_length_of, require
 from nbllm.engines.local.batched import BatchedEngine, BatchWatch, pad_left
+from nbllm.engines.local.models import LocalModel, cache_entry
 from nbllm.engines.local.onnx_export import GRAPH_FILE, LAYOUT_FILE, DecoderLayout, export_decoder
 from nbllm.engines.local.phases import quiet_loading
 from nbllm.errors import EngineUnavailable
@@ -59,6 +61,9 @@ class OnnxEngine(BatchedEngine):
         except Exception as exc:
             msg = f"onnxruntime cannot load {folder / GRAPH_FILE}: {type(exc).__name__}: {exc}"
             raise EngineUnavailable(msg) from exc
+        self.context_length = self.layout.context_length or context_length_of(
+            _checkpoint_config(self.model), self.tokenizer
+        )
         # onnxruntime-gpu lists CUDA as available even where its libraries cannot load, and
         # then quietly runs on the CPU: what counts is what the session got.
         self.provider: str = self.session.get_providers()[0]
@@ -137,6 +142,20 @@ class OnnxEngine(BatchedEngine):
 
     def _release(self) -> None:
         self.session = None
+
+
+def _checkpoint_config(model: LocalModel) -> dict[str, Any] | None:
+    """The ``config.json`` of ``model``'s transformers checkpoint, where it is at hand.
+
+    For an export made before ``decoder.json`` held the context length: a GGUF file's
+    conversion is read if it is still in the cache, never made for this.
+    """
+    folder = cache_entry(model, "transformers") if model.is_gguf else model.path
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _next_tokens(

@@ -4,7 +4,8 @@ The first use of a model by the onnx engine exports it (``torch.onnx.export(...,
 dynamo=True)``; it needs torch, transformers and onnxscript, and takes a minute or two
 for the embedded model) into the cache directory: ``decoder.onnx`` (+
 ``decoder.onnx.data``, the weights), the tokenizer, and ``decoder.json``, which
-describes the graph (``DecoderLayout``). The export is checked against torch before it
+describes the graph (``DecoderLayout``, with the model's context length; exports made
+before it was written there have none). The export is checked against torch before it
 is kept.
 
 One graph serves every step, the prompt (zero-length past) and each new token:
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from nbllm.engines.local.base import end_of_text_ids, require
+from nbllm.engines.local.base import context_length_of, end_of_text_ids, require
 from nbllm.engines.local.models import (
     LocalModel,
     building,
@@ -81,6 +82,8 @@ class DecoderLayout:
     head_dim: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    #: Tokens of prompt and answer the model holds; None where the export does not say.
+    context_length: int | None = None
 
     @property
     def past_names(self) -> list[str]:
@@ -109,6 +112,7 @@ class DecoderLayout:
                 "head_dim": self.head_dim,
                 "vocab_size": self.vocab_size,
                 "eos_token_ids": list(self.eos_token_ids),
+                "context_length": self.context_length,
                 "inputs": {
                     "input_ids": ["batch", "sequence"],
                     "attention_mask": ["batch", "past_sequence + sequence"],
@@ -136,12 +140,14 @@ class DecoderLayout:
             if data.get("format") != _FORMAT:
                 msg = f"format {data.get('format')!r}, this version reads format {_FORMAT}"
                 raise ValueError(msg)
+            context = data.get("context_length")
             return cls(
                 layers=int(data["layers"]),
                 kv_heads=int(data["kv_heads"]),
                 head_dim=int(data["head_dim"]),
                 vocab_size=int(data["vocab_size"]),
                 eos_token_ids=tuple(int(i) for i in data["eos_token_ids"]),
+                context_length=None if context is None else int(context),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             msg = (
@@ -237,6 +243,7 @@ def _layout_of(hf_model: Any, tokenizer: Any) -> DecoderLayout:
         head_dim=int(head_dim),
         vocab_size=int(config.vocab_size),
         eos_token_ids=tuple(end_of_text_ids(hf_model, tokenizer)),
+        context_length=context_length_of(hf_model.config, tokenizer),
     )
 
 

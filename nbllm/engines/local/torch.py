@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nbllm.engines.local.base import Generation, LocalEngine, require
+from nbllm.engines.local.base import Generation, LocalEngine, context_length_of, require
 from nbllm.engines.local.batched import BatchedEngine, BatchWatch, pad_left
 from nbllm.engines.local.models import transformers_checkpoint
 from nbllm.engines.local.phases import quiet_loading
@@ -55,6 +55,7 @@ class TorchEngine(BatchedEngine):
 
     def _load(self) -> None:
         self.tokenizer, self.hf_model = load_transformers(self, self.checkpoint)
+        self.context_length = context_length_of(self.hf_model.config, self.tokenizer)
 
     def _generator(self) -> Any:
         """What ``generate`` is called on (DeepSpeed wraps the model)."""

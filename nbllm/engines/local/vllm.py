@@ -10,6 +10,9 @@ request's first output (its queue and its prompt's prefill), never the generatio
 (``nbllm.engines.local.base``). A request that is cancelled, or times out before its first
 output, is aborted in vLLM's scheduler: its sequence leaves the running batch at once.
 vLLM's own ``finish_reason`` ("stop", "length", "abort") is passed on as it is.
+
+The context is vLLM's ``max_model_len``. The prompt is tokenized in a thread, off the event
+loop, and one that leaves no room for ``max_tokens`` is refused before vLLM sees it.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class VllmEngine(LocalEngine):
             msg = f"vllm cannot load {self.model.name}: {type(exc).__name__}: {exc}"
             raise EngineUnavailable(msg) from exc
         self._vllm = vllm
+        self.context_length = _max_model_len(self.vllm_engine)
 
     def _sampling_params(self, generation: Generation) -> Any:
         return self._vllm.SamplingParams(
@@ -77,8 +81,11 @@ class VllmEngine(LocalEngine):
         )
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
-        generation = Generation.from_params(request.params)
-        prompt = self.encode(request.messages)
+        generation = self.generation(request)
+        prompt = await asyncio.to_thread(self.encode, request.messages)
+        refusal = self.context_refusal(len(prompt), generation)
+        if refusal is not None:
+            raise refusal
         self.tokens.loop = asyncio.get_running_loop()
         outputs = self.vllm_engine.generate(
             {"prompt_token_ids": prompt},
@@ -131,3 +138,13 @@ class VllmEngine(LocalEngine):
         if callable(shutdown):
             shutdown()
         self.vllm_engine = None
+
+
+def _max_model_len(vllm_engine: Any) -> int | None:
+    """vLLM's ``max_model_len`` (its engine's ``model_config``, or an older engine's
+    ``engine.model_config``); None where neither is there."""
+    config = getattr(vllm_engine, "model_config", None)
+    if config is None:
+        config = getattr(getattr(vllm_engine, "engine", None), "model_config", None)
+    value = getattr(config, "max_model_len", None)
+    return value if isinstance(value, int) and value > 0 else None
