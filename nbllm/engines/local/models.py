@@ -7,7 +7,8 @@ dependency that compiles for minutes, so it is installed with
 (importing it would fail without that dependency).
 
 A GGUF file is converted once into a plain transformers checkpoint in the cache
-directory (``$NBLLM_CACHE_DIR`` or ``~/.cache/nbllm``): it then loads in under a second
+directory (``$NBLLM_CACHE_DIR`` or ``~/.cache/nbllm``; the folders nbllm creates there are
+0700, those already there are left as they are): it then loads in under a second
 instead of about ten, and engines that refuse a GGUF-quantized model accept it. The
 conversion reports its progress through ``on_phase`` ("converting") and says so once on the
 ``nbllm`` logger at INFO; the bars transformers would draw are kept out of sight.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nbllm.engines.files import private_dir
 from nbllm.engines.local.phases import PhaseCallback, PhaseReport, quiet_loading
 from nbllm.errors import ConfigError, EngineUnavailable
 
@@ -170,11 +172,14 @@ def building(target: Path) -> Iterator[Path | None]:
     """Build ``target`` once, even with several processes at it.
 
     Yields a fresh temporary folder to fill (renamed to ``target`` on success), or None
-    when ``target`` already exists (built by this or another process).
+    when ``target`` already exists (built by this or another process). The folders it
+    creates, the temporary one included, are 0700 (a model may be private); its lock file
+    is 0600 and never opened through a symlink.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(target.parent)
     lock_path = target.parent / f".{target.name}.lock"
-    with open(lock_path, "w") as lock:
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(lock_path, flags, 0o600), "w") as lock:
         try:
             import fcntl
 
