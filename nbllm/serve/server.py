@@ -3,7 +3,8 @@
 Routes:
 
 - ``POST /v1/chat/completions``: one chat completion (no streaming);
-- ``GET /v1/models``: the one served model;
+- ``GET /v1/models``: the one served model (with ``max_model_len``, its context, where the
+  engine knows it);
 - ``GET /health``: 200 while the process is up, also while the model loads;
 - ``GET /ready``: 200 once the engine is loaded, 503 while loading, after a failed load
   and while draining.
@@ -15,8 +16,10 @@ must carry ``Authorization: Bearer KEY``.
 
 Limits, each checked before the body is read where it can be: the key, then the queue,
 then ``Content-Length`` against ``max_body_mb`` (413; a body without a length is cut at
-the limit). Then JSON nested too deep, more than ``MAX_MESSAGES`` messages, or a
-``max_tokens`` over ``MAX_TOKENS_CAP`` are 400. Bodies over 256 KiB are parsed in a
+the limit). Then what the body holds is checked (``nbllm.serve.chat_request``: JSON nested
+too deep, too many messages, a ``max_tokens`` beyond the model's context are 400). A local
+engine refuses a prompt that leaves no room for ``max_tokens`` in its context: its
+``RequestRejected`` is a 400 with the figures. Bodies over 256 KiB are parsed in a
 thread, two at a time (a parsed body may take 15 times its size).
 An engine's error reaches the client with its own message only where ``relays_errors``
 (not for an API engine, whose provider may quote the key: a generic text instead).
@@ -58,7 +61,6 @@ from nbllm.engines.openai_wire import (
     completion_body,
     error_body,
     error_type,
-    parse_chat_body,
     parse_timeout,
 )
 from nbllm.errors import (
@@ -68,7 +70,8 @@ from nbllm.errors import (
     RequestTimeout,
     RetryableError,
 )
-from nbllm.types import ChatRequest, ChatResponse
+from nbllm.serve.chat_request import MAX_MESSAGES, MAX_TOKENS_CAP, context_length, parse_chat
+from nbllm.types import ChatResponse
 
 __all__ = [
     "DEFAULT_MAX_BODY_MB",
@@ -84,25 +87,10 @@ _log = logging.getLogger("nbllm.serve")
 EngineSource = Engine | Callable[[], Engine]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Sampling parameters passed on to the engine, with the JSON types each may have.
-_SAMPLING_PARAMS: Mapping[str, tuple[type, ...]] = {
-    "max_tokens": (int,),
-    "temperature": (int, float),
-    "top_p": (int, float),
-    "seed": (int,),
-    "stop": (str, list),
-    "presence_penalty": (int, float),
-    "frequency_penalty": (int, float),
-}
 _RETRY_AFTER_S = 1
 #: The default body limit in MiB: aiohttp's 1 MiB is less than one long conversation with a
 #: large context; each MiB admitted may cost tens in parsed objects.
 DEFAULT_MAX_BODY_MB = 8.0
-#: Messages one request may hold (fixed): far beyond any real conversation.
-MAX_MESSAGES = 10_000
-#: The largest ``max_tokens`` accepted: engines do not report their model's context length,
-#: and no model they load has a context longer than this.
-MAX_TOKENS_CAP = 1 << 20
 # Bodies above this are parsed in a thread, so that /health and other requests go on.
 _PARSE_IN_THREAD_BYTES = 256 * 1024
 # Large bodies parsed at once: a parsed body may take 15 times its size in objects.
@@ -164,45 +152,7 @@ def _engine_error(exc: EngineError, *, relay: bool) -> web.Response:
     return _error(status, message, error_type(status), headers=headers)
 
 
-# --------------------------------------------------------------------- requests
-
-
-def _sampling_params(body: Mapping[str, Any]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    if "max_tokens" not in body and "max_completion_tokens" in body:
-        body = {**body, "max_tokens": body["max_completion_tokens"]}  # OpenAI's newer name
-    for name, types in _SAMPLING_PARAMS.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, types):
-            msg = f"'{name}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}"
-            raise BadChatRequest(msg)
-        params[name] = value
-    return params
-
-
-def _parse_chat(raw: bytes, model: str, timeout: float | None) -> ChatRequest:
-    """The engine request for an OpenAI chat completion body; ``model`` is the served one."""
-    try:
-        body, messages = parse_chat_body(raw)
-    except RecursionError:  # JSON nested deeper than the interpreter's stack
-        msg = "the request body is nested too deeply"
-        raise BadChatRequest(msg) from None
-    if len(messages) > MAX_MESSAGES:
-        msg = f"a request may hold at most {MAX_MESSAGES} messages, got {len(messages)}"
-        raise BadChatRequest(msg)
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    if type(max_tokens) is int and max_tokens > MAX_TOKENS_CAP:
-        msg = (
-            f"'max_tokens' {max_tokens} is beyond the model's context: at most "
-            f"{MAX_TOKENS_CAP} tokens"
-        )
-        raise BadChatRequest(msg)
-    if body.get("n", 1) != 1:
-        msg = "only n=1 is supported"
-        raise BadChatRequest(msg)
-    return ChatRequest(model, messages, _sampling_params(body), timeout)
+# --------------------------------------------------------------------- loading
 
 
 def _load_in_thread(factory: Callable[[], Engine]) -> asyncio.Future[Engine]:
@@ -488,15 +438,16 @@ class EngineServer:
         if length is not None and length > self.max_body_bytes:
             message = f"the request body is over the server's limit of {self.max_body_bytes} bytes"
             return _error(413, message, "invalid_request_error", "body_too_large")
+        context = context_length(refused)
         self._receiving += 1
         try:
             timeout = parse_timeout(request.headers.get(TIMEOUT_HEADER))
             raw = await request.read()  # a body without a length: 413 past the limit
             if len(raw) > _PARSE_IN_THREAD_BYTES:
                 async with self._large_parses:
-                    chat = await asyncio.to_thread(_parse_chat, raw, self.model, timeout)
+                    chat = await asyncio.to_thread(parse_chat, raw, self.model, timeout, context)
             else:
-                chat = _parse_chat(raw, self.model, timeout)
+                chat = parse_chat(raw, self.model, timeout, context)
         except BadChatRequest as exc:
             return _error(400, str(exc), "invalid_request_error")
         finally:
@@ -549,7 +500,15 @@ class EngineServer:
         return _error(500, f"the engine failed: {type(exc).__name__}", "server_error")
 
     async def _handle_models(self, request: web.Request) -> web.Response:
-        model = {"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "nbllm"}
+        model: dict[str, Any] = {
+            "id": self.served_model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "nbllm",
+        }
+        context = context_length(self._engine)
+        if context is not None:  # vLLM's name for it, which OpenAI-compatible tools read
+            model["max_model_len"] = context
         return web.json_response({"object": "list", "data": [model]})
 
     async def _handle_health(self, request: web.Request) -> web.Response:
