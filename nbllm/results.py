@@ -32,6 +32,8 @@ COLUMNS = (
     "model",
     "engine",
     "latency_s",
+    "queue_s",
+    "service_s",
     "prompt_tokens",
     "completion_tokens",
     "finish_reason",
@@ -53,6 +55,8 @@ _DTYPES = {
     "model": "string",
     "engine": "string",
     "latency_s": "Float64",
+    "queue_s": "Float64",
+    "service_s": "Float64",
     "prompt_tokens": "Int64",
     "completion_tokens": "Int64",
     "finish_reason": "string",
@@ -100,12 +104,14 @@ class RowTotals:
     What this run sent leaves resumed rows out, whose attempts an earlier run made:
     ``attempts`` (requests sent), ``sent`` (rows with at least one attempt) and
     ``sent_tokens`` (the tokens of answers to those requests; cached rows sent none).
+    ``queue_s()`` and ``service_s()`` are the rows this run sent, answered or not.
     Not locked: its owner serialises access.
     """
 
     __slots__ = (
         "_latencies",
-        "_new_latencies",
+        "_queue",
+        "_service",
         "answered",
         "attempts",
         "cached",
@@ -135,10 +141,9 @@ class RowTotals:
         self.truncated = 0
         self.cost_sum = 0.0
         self.cost_known = False
-        # Sorted latencies, plus those not merged in yet: an insort per row would move the
-        # whole list each time (quadratic over a long run); one merge per read is linear.
-        self._latencies: list[float] = []
-        self._new_latencies: list[float] = []
+        self._latencies = _SortedSample()
+        self._queue = _SortedSample()
+        self._service = _SortedSample()
 
     @classmethod
     def of(cls, records: Sequence[TurnRecord]) -> RowTotals:
@@ -172,9 +177,14 @@ class RowTotals:
             self.sent += 1
         if record.cached:
             self.cached += 1
+        elif record.attempts:
+            if record.queue_s is not None:
+                self._queue.add(record.queue_s)
+            if record.service_s is not None:
+                self._service.add(record.service_s)
         latency = request_latency(record)
         if latency is not None:
-            self._new_latencies.append(latency)
+            self._latencies.add(latency)
 
     def add_not_run(self, count: int) -> None:
         """Count ``count`` turns that never ran and that no row was added for (yet)."""
@@ -213,12 +223,38 @@ class RowTotals:
     def latencies(self) -> list[float]:
         """The latencies of requests answered in this run, sorted (the list itself: read it,
         don't keep it)."""
-        if self._new_latencies:
+        return self._latencies.values()
+
+    def queue_s(self) -> list[float]:
+        """The ``queue_s`` of the rows this run sent, sorted (read it, don't keep it)."""
+        return self._queue.values()
+
+    def service_s(self) -> list[float]:
+        """The ``service_s`` of the rows this run sent, sorted (read it, don't keep it)."""
+        return self._service.values()
+
+
+class _SortedSample:
+    """Values added one at a time, read sorted. The values not merged in yet wait in a
+    list of their own: an insort per value would move the whole list each time
+    (quadratic over a long run); one merge per read is linear."""
+
+    __slots__ = ("_new", "_sorted")
+
+    def __init__(self) -> None:
+        self._sorted: list[float] = []
+        self._new: list[float] = []
+
+    def add(self, value: float) -> None:
+        self._new.append(value)
+
+    def values(self) -> list[float]:
+        if self._new:
             # Sorting a sorted run followed by a short unsorted one is a merge (Timsort).
-            self._latencies.extend(self._new_latencies)
-            self._latencies.sort()
-            self._new_latencies.clear()
-        return self._latencies
+            self._sorted.extend(self._new)
+            self._sorted.sort()
+            self._new.clear()
+        return self._sorted
 
 
 def _took(seconds: float) -> str:
@@ -247,7 +283,10 @@ class RunSummary:
     Two kinds of figure. What this run did: ``requests_per_s``, ``tokens_per_s``,
     ``retries`` and the latency percentiles count only the requests this run sent, per
     second of its ``wall_s`` (cached and resumed turns sent none, so a run answered
-    wholly from its checkpoint reports 0 requests/s, 0 retries and no latency). What the
+    wholly from its checkpoint reports 0 requests/s, 0 retries and no latency). Where the
+    time went, over the turns this run sent (answered or not): ``queue_p50``/``queue_p95``
+    of ``queue_s`` (waiting for a slot, a limit, a pause or a backoff) and
+    ``service_p50``/``service_p95`` of ``service_s`` (the requests themselves). What the
     result holds: the turn counts, ``prompt_tokens``, ``completion_tokens`` and
     ``cost_usd`` add up every row, resumed and cached ones too, as ``df`` does.
     ``stop_reason``: why the run ended early by itself, or None. ``verdict`` says it all
@@ -266,6 +305,10 @@ class RunSummary:
     latency_p50: float | None
     latency_p95: float | None
     latency_p99: float | None
+    queue_p50: float | None
+    queue_p95: float | None
+    service_p50: float | None
+    service_p95: float | None
     retries: int
     cached: int
     resumed: int
@@ -286,7 +329,7 @@ class RunSummary:
         stop_reason: str | None = None,
     ) -> RunSummary:
         """The whole run's figures from the totals of all its rows."""
-        latencies = totals.latencies()
+        latencies, queue, service = totals.latencies(), totals.queue_s(), totals.service_s()
         return cls(
             conversations=conversations,
             turns=totals.turns,
@@ -300,6 +343,10 @@ class RunSummary:
             latency_p50=percentile(latencies, 0.50),
             latency_p95=percentile(latencies, 0.95),
             latency_p99=percentile(latencies, 0.99),
+            queue_p50=percentile(queue, 0.50),
+            queue_p95=percentile(queue, 0.95),
+            service_p50=percentile(service, 0.50),
+            service_p95=percentile(service, 0.95),
             retries=totals.retries,
             cached=totals.cached,
             resumed=totals.resumed,

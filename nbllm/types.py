@@ -120,6 +120,11 @@ class TurnRecord:
     from the run's checkpoint, finished by an earlier (interrupted) run of the same call.
     ``finish_reason``: why the answer ended (``ChatResponse.finish_reason``); ``"length"``
     means ``max_tokens`` cut it short.
+    Where the turn's time went, in seconds: ``service_s``, its requests themselves (every
+    attempt's, summed); ``queue_s``, the rest of the time from when the turn was ready (its
+    conversation's earlier turn answered) to its final answer or error: waiting for a
+    request slot, a rate limit, a server's pause after a 429, and the backoff between
+    attempts. Both are 0 for a cached row.
     A row is ``ok`` (answered), ``not_run`` (its error starts with ``NOT_RUN``), or failed.
     """
 
@@ -141,6 +146,8 @@ class TurnRecord:
     cached: bool = False
     resumed: bool = False
     finish_reason: str | None = None
+    queue_s: float | None = None
+    service_s: float | None = None
 
     @property
     def ok(self) -> bool:

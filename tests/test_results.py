@@ -73,6 +73,8 @@ def test_df_columns_order_and_types(result):
         "model": "string",
         "engine": "string",
         "latency_s": "Float64",
+        "queue_s": "Float64",
+        "service_s": "Float64",
         "prompt_tokens": "Int64",
         "completion_tokens": "Int64",
         "finish_reason": "string",

@@ -15,8 +15,9 @@ the same call finds the same file, reads the finished turns back (``resumed=True
 sends requests only for the rest. A file made for another call is refused, naming what
 differs. A lock held for the whole run keeps a second process off the same file.
 
-Only answered turns are stored, with why each answer ended (``finish_reason``, schema 2;
-a file of schema 1 is migrated in place and its rows read back with None): a turn that
+Only answered turns are stored, with why each answer ended (``finish_reason``, schema 2)
+and where its time went (``queue_s``, ``service_s``, schema 3); a file of an older schema
+is migrated in place and its rows read back with None for what it lacks. A turn that
 failed is tried again on a re-run. Turns are committed by group commit
 (``storage.GroupWriter``): a kill -9 loses at most ``storage.MAX_PENDING`` (5) answered
 turns, which the next run asks again; no turn is ever half-recorded.
@@ -56,7 +57,7 @@ __all__ = [
 
 log = logging.getLogger("nbllm")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CHECKPOINT_FILE = "checkpoint.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -75,14 +76,20 @@ CREATE TABLE IF NOT EXISTS turns (
     finished_at REAL,
     cached INTEGER NOT NULL DEFAULT 0,
     finish_reason TEXT,
+    queue_s REAL,
+    service_s REAL,
     PRIMARY KEY (conversation, turn)
 ) WITHOUT ROWID;
 """
-# Schema 1 (nbllm before finish_reason) had no finish_reason: its rows read back with None.
-_MIGRATIONS = {1: "ALTER TABLE turns ADD COLUMN finish_reason TEXT"}
+# What each older schema lacks, added in place; its rows read back with None there.
+_MIGRATIONS = {
+    1: "ALTER TABLE turns ADD COLUMN finish_reason TEXT",
+    2: "ALTER TABLE turns ADD COLUMN queue_s REAL; ALTER TABLE turns ADD COLUMN service_s REAL",
+}
 _COLUMNS = (
     "conversation, turn, conversation_id, answer, model, engine, latency_s, prompt_tokens, "
-    "completion_tokens, cost_usd, attempts, started_at, finished_at, cached, finish_reason"
+    "completion_tokens, cost_usd, attempts, started_at, finished_at, cached, finish_reason, "
+    "queue_s, service_s"
 )
 
 
@@ -163,7 +170,7 @@ class CheckpointStore(GroupWriter):
     """
 
     insert = f"INSERT OR REPLACE INTO turns ({_COLUMNS})"
-    width = 15
+    width = 17
 
     def __init__(self, conn: Any, path: Path, lock: FileLock, **writer: Any) -> None:
         super().__init__(conn, **writer)
@@ -274,6 +281,8 @@ class CheckpointStore(GroupWriter):
                 cached=bool(row[13]),
                 resumed=True,
                 finish_reason=row[14],
+                queue_s=row[15],
+                service_s=row[16],
             )
         return out
 
@@ -297,6 +306,8 @@ class CheckpointStore(GroupWriter):
                 record.finished_at,
                 int(record.cached),
                 record.finish_reason,
+                record.queue_s,
+                record.service_s,
             )
         )
 

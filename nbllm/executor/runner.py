@@ -36,9 +36,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from nbllm.engines.base import Engine
@@ -58,6 +57,7 @@ from nbllm.executor.events import (
 )
 from nbllm.executor.limiter import RateLimiter, estimate_tokens
 from nbllm.executor.slots import RequestSlots
+from nbllm.executor.timing import time_split, within
 from nbllm.executor.unreachable import unreachable_reason
 from nbllm.redact import public_url, redact, secret_values
 from nbllm.results import RunResult
@@ -75,20 +75,6 @@ STOPPED = f"{NOT_RUN}: the run was stopped before this turn finished"
 # Attempts that must all fail to connect, with none reaching the server, before a run
 # gives up: enough that one unlucky connection does not end a run.
 UNREACHABLE_AFTER = 3
-
-
-if sys.version_info >= (3, 11):
-
-    async def _within(seconds: float, answer: Awaitable[ChatResponse]) -> ChatResponse:
-        """``answer``, or ``TimeoutError`` after ``seconds``."""
-        async with asyncio.timeout(seconds):
-            return await answer
-
-else:  # 3.10 has no asyncio.timeout; wait_for runs the call in a task of its own
-
-    async def _within(seconds: float, answer: Awaitable[ChatResponse]) -> ChatResponse:
-        """``answer``, or ``TimeoutError`` after ``seconds``."""
-        return await asyncio.wait_for(answer, seconds)
 
 
 class Executor:
@@ -425,6 +411,7 @@ class Executor:
 
         ``keys`` hashes this conversation's requests for the cache (None without a cache).
         """
+        ready = self._loop.time()
         messages = conv.messages_for(k, answers, self.system)
         request = ChatRequest(self.model, messages, self.params, self.timeout)
         key = None
@@ -439,6 +426,8 @@ class Executor:
                     hit,
                     engine=hit.engine,  # who answered it, not this run's engine
                     latency_s=0.0,
+                    queue_s=0.0,
+                    service_s=0.0,
                     cost_usd=0.0 if hit.cost_usd is not None else None,
                     started_at=now,
                     finished_at=now,
@@ -448,11 +437,14 @@ class Executor:
         # Most turns left first, then the longest conversation (see RequestSlots).
         priority = (k - len(conv), -len(conv))
         sends: list[float] = []  # when each attempt left, filled by _attempt
+        spent: list[float] = []  # each attempt's seconds in the engine, filled by _attempt
         attempt = 0
         while True:
             attempt += 1
             try:
-                sent = await self._attempt(request, conv.id, k, attempt, estimate, sends, priority)
+                sent = await self._attempt(
+                    request, conv.id, k, attempt, estimate, (sends, spent), priority
+                )
                 if sent is None:
                     return None
                 response, latency = sent
@@ -478,6 +470,7 @@ class Executor:
                         attempts=attempt,
                         started_at=sends[0],
                         finished_at=time.time(),
+                        **time_split(ready, self._loop.time(), spent),
                     )
                 delay = self.retry.delay(error, attempt)
                 if isinstance(error, RateLimitError) and error.retry_after:
@@ -500,6 +493,7 @@ class Executor:
                 attempts=attempt,
                 started_at=sends[0],
                 finished_at=time.time(),
+                **time_split(ready, self._loop.time(), spent),
             )
 
     # -- one attempt: slots and budgets ----------------------------------------------
@@ -511,14 +505,16 @@ class Executor:
         turn: int,
         attempt: int,
         estimate: int,
-        sends: list[float],
+        log: tuple[list[float], list[float]],
         priority: tuple[int, ...],
     ) -> tuple[ChatResponse, float] | None:
         """Send once: the answer and its latency; None when stopped before it could go.
 
-        The moment the request leaves is appended to ``sends``. ``priority`` orders the
-        wait for a request slot (smallest first).
+        ``log`` is two lists: the moment the request leaves is appended to the first, the
+        seconds it spent in the engine (answered or not) to the second. ``priority``
+        orders the wait for a request slot (smallest first).
         """
+        sends, spent = log
         await self._slots.acquire(priority)
         try:
             # A 429 met while this one slept may have moved the end of the pause.
@@ -534,7 +530,7 @@ class Executor:
             sends.append(sent_at)
             if self._wants_sent:
                 self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
-            t0 = time.perf_counter()
+            t0 = self._loop.time()
             worker = asyncio.current_task()
             assert worker is not None
             # Its own task: a cancel of this worker can cut the request short but can never
@@ -554,7 +550,8 @@ class Executor:
             finally:
                 self._in_flight -= 1
                 self._sending.discard(worker)
-            latency = time.perf_counter() - t0
+                spent.append(self._loop.time() - t0)
+            latency = spent[-1]
             if grant is not None and self.tpm is not None:
                 used = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
                 if used:
@@ -567,7 +564,7 @@ class Executor:
         try:
             if self.timeout is None or self.engine.bounds_own_timeout:
                 return await self.engine.complete(request)
-            return await _within(self.timeout, self.engine.complete(request))
+            return await within(self.timeout, self.engine.complete(request))
         except EngineError:
             raise
         except asyncio.TimeoutError as exc:

@@ -460,7 +460,9 @@ def test_a_run_stopped_half_way_has_the_same_figures_in_the_summary_and_the_snap
     nbllm.run(
         [{"id": "x", "turns": ["c4 q0"]}],
         checkpoint=False,
-        **options | {"engine": nbllm.FakeEngine()},
+        # The same handler's code (its identity) with nothing refused: its answer is
+        # cached for the engine of the run below, which refuses "c4 q0" when asked.
+        **options | {"engine": nbllm.FakeEngine(refusing(set(), set()))},
     )
     refused.clear()
     refused.update({"c6 q1", "c7 q0"})
