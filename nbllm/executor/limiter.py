@@ -8,6 +8,14 @@ minute does not go out as 600 requests in the first millisecond.
 
 Waiters sleep on futures, served in arrival order and woken by one loop timer set
 for the moment the first waiter can go; nothing polls.
+
+``set_rate`` changes the budget while the limiter is in use (an adaptive limit does so
+as it learns the provider's). The promise then reads: a grant is made only while the
+window of ``period`` seconds that ends with it, the grant included, holds at most the
+rate in force at that moment. Grants made before a cut stay in the window and count
+against the new rate, so a cut is felt at once: nothing more goes until the window
+holds less than the new rate. A raise lets waiters go as soon as the new budget allows.
+Waiters keep their order and their place through a change; the timer is set again.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ class RateLimiter:
     ) -> None:
         self.rate = _positive(names[0], rate)
         self.period = _positive(names[1], period)
+        self._names = names
+        self._burst_given = burst is not None
         self.burst = (
             _positive(names[2], burst) if burst is not None else max(1.0, self.rate / self.period)
         )
@@ -101,6 +111,29 @@ class RateLimiter:
         if self._log and grant.t > now - self.period - self._margin:
             self._in_window += delta
         if delta < 0:
+            self._schedule(loop)
+
+    def set_rate(self, rate: float) -> None:
+        """Change the budget to ``rate`` units per ``period``, effective for the next grant.
+
+        The burst follows the rate (one second's worth) unless it was given explicitly.
+        Tokens already accrued at the old rate are kept, up to the new burst. Waiters are
+        served in the same order; their timer is set again for the new budget. A bad value
+        raises ``ConfigError`` naming the option and changes nothing.
+        """
+        rate = _positive(self._names[0], rate)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # set before the run starts: no waiter, nothing accrued yet
+            loop = None
+        if loop is not None:
+            self._refill(loop.time())  # what accrued so far accrued at the old rate
+        self.rate = rate
+        self._fill_per_s = rate / self.period
+        if not self._burst_given:
+            self.burst = max(1.0, rate / self.period)
+        self._level = min(self._level, self.burst)
+        if loop is not None and self._waiters:
             self._schedule(loop)
 
     # -- internals ---------------------------------------------------------------
