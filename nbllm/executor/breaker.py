@@ -10,7 +10,11 @@
                                    │ the probe is released or times out: the next allow()
                                    └ sends another probe
 
-The router asks ``allow()`` before it sends a request to the deployment and reports the
+To choose among deployments, ask ``available()``: it claims nothing, so a router may
+ask it of every candidate (``Router(..., is_open=lambda d: not breakers[d.id].available())``).
+Then ``allow()`` the one picked, which claims the probe where one is due, right before
+the request goes (after its slot and limiter waits, so that the probe timeout measures
+the request, not the queue); if it now says no, pick again. The executor reports the
 outcome with ``record_success()``, ``record_failure(error)`` or, for a request that ends
 with no outcome (cancelled, stopped), ``release_probe()``. A probe that never reports back
 does not wedge the breaker: after ``probe_timeout_s`` the next ``allow()`` sends another.
@@ -20,6 +24,7 @@ Interface::
     breaker = CircuitBreaker(allowed_fails=3, cooldown_s=5.0, probe_timeout_s=60.0,
                              clock=loop.time, on_change=callback)
     breaker.allow() -> bool            # may a request go now? (OPEN -> HALF_OPEN happens here)
+    breaker.available() -> bool        # what allow() would say, claiming nothing
     breaker.record_success() -> None
     breaker.record_failure(error) -> None   # ignored unless breaker.counts(error)
     breaker.release_probe() -> None    # an admitted request ended with no outcome
@@ -178,6 +183,15 @@ class CircuitBreaker:
         # No probe out (released), or the last one was lost: send another.
         self._probe_since = now
         return True
+
+    def available(self) -> bool:
+        """What ``allow()`` would answer now, without moving state or claiming a probe."""
+        if self._state is BreakerState.CLOSED:
+            return True
+        now = self._clock()
+        if self._state is BreakerState.OPEN:
+            return now >= self._opened_at + self.cooldown_s
+        return self._probe_since is None or now >= self._probe_since + self.probe_timeout_s
 
     def retry_in(self) -> float:
         """Seconds until ``allow()`` may say yes; 0 when it would say yes now."""

@@ -222,3 +222,20 @@ def test_bad_options_are_refused_naming_the_option(options, message):
     with pytest.raises(ConfigError) as caught:
         CircuitBreaker(**options)
     assert str(caught.value) == message
+
+
+def test_available_answers_like_allow_without_claiming_the_probe():
+    breaker, clock, changes = make(allowed_fails=1)
+    assert breaker.available()
+    breaker.record_failure(down())
+    assert not breaker.available()
+    clock.now += 5.0
+    # A router may ask of every candidate, as often as it likes: nothing is claimed.
+    assert all(breaker.available() for _ in range(3))
+    assert breaker.state is OPEN
+    assert breaker.allow()  # the one picked claims the probe
+    assert not breaker.available()
+    assert not breaker.allow()
+    breaker.release_probe()
+    assert breaker.available()
+    assert changes == [(CLOSED, OPEN), (OPEN, HALF_OPEN)]
