@@ -43,6 +43,7 @@ from typing import Any
 from nbllm.engines.base import Engine
 from nbllm.errors import EngineError, RateLimitError, RequestTimeout
 from nbllm.executor.arguments import check_seconds, check_whole
+from nbllm.executor.budget import Budget
 from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
 from nbllm.executor.events import (
@@ -109,6 +110,7 @@ class Executor:
         cache: ResponseCache | None = None,
         rate_window_s: float = 60.0,
         stop_grace_s: float = 10.0,
+        budget: Budget | None = None,
     ) -> None:
         check_whole("concurrency", concurrency)
         if max_conversations is not None:
@@ -134,6 +136,7 @@ class Executor:
         self.tpm = None if tpm is None else RateLimiter(tpm, rate_window_s, names=("tpm", *names))
         self.checkpoint = checkpoint
         self.cache = cache
+        self.budget = budget
         self._reuse_cached = cache is not None and cache.reusable(self.params)
         self._cache_scope = engine.identity() if cache is not None else ""  # who answers
         self._events = EventBus(listeners)
@@ -197,6 +200,8 @@ class Executor:
         self._loop = loop
         self._stop_loop = loop
         self._done = self.checkpoint.done(conversations) if self.checkpoint is not None else {}
+        if self.budget is not None:
+            self.budget.count_stored(self._done.values())
 
         started_at = time.time()
         t0 = time.perf_counter()
@@ -286,6 +291,14 @@ class Executor:
         for worker in self._workers:
             if worker is not me and not (idle_only and worker in self._sending):
                 worker.cancel()
+
+    def _stop_for(self, reason: str) -> None:
+        """End the run by itself as a stop does: nothing new starts, requests in flight
+        finish (within ``stop_grace_s``)."""
+        if self._stop_reason is None and not self._finished_run:
+            self._stop_reason = reason
+            self._stops_asked = max(self._stops_asked, 1)
+            self._on_stop()
 
     def _give_up(self, reason: str) -> None:
         """End the whole run by itself, at once: nothing can be reached."""
@@ -396,9 +409,11 @@ class Executor:
     def _complete_records(self) -> list[TurnRecord]:
         records: list[TurnRecord] = []
         why = STOPPED if self._stop_reason is None else f"{NOT_RUN}: {self._stop_reason}"
-        for conv, base in zip(self._conversations, self._offsets, strict=True):
+        for index, (conv, base) in enumerate(zip(self._conversations, self._offsets, strict=True)):
             for k in range(len(conv)):
-                record = self._records[base + k]
+                # A turn stored by an earlier run counts even if the run stopped before it
+                # was read back.
+                record = self._records[base + k] or self._done.get((index, k))
                 records.append(record if record is not None else self._unanswered(conv, k, why))
         return records
 
@@ -489,7 +504,7 @@ class Executor:
                 k,
                 response,
                 latency_s=latency,
-                cost_usd=response.cost_usd,
+                cost_usd=response.cost_usd if self.budget is None else self.budget.charge(response),
                 attempts=attempt,
                 started_at=sends[0],
                 finished_at=time.time(),
@@ -523,6 +538,8 @@ class Executor:
             if self.rpm is not None:
                 await self.rpm.acquire(1)
             grant = await self.tpm.acquire(estimate) if self.tpm is not None else None
+            if self.budget is not None and (why := self.budget.reached()):
+                self._stop_for(why)
             if self._stopping:
                 return None
             self._in_flight += 1

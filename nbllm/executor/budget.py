@@ -1,0 +1,97 @@
+"""A hard cap on what a run spends: dollars (``max_cost_usd``) and tokens (``max_tokens_total``).
+
+The cap is on what the run's result holds: answers resumed from the checkpoint count
+with what they cost when they were bought, cached answers count nothing (no request
+was sent for them). Before each request leaves, the executor asks ``reached()``; once
+the spending is at or over a cap, no new request starts and the ones in flight finish,
+so the overshoot is at most the requests already in flight. Running the same call
+again with a higher cap resumes from the checkpoint.
+
+A request's cost is what the engine reported (litellm's price table), or its tokens at
+``cost_per_1k_tokens`` when given. With ``max_cost_usd`` set, an answer whose cost is
+unknown stops the run as well: a cap that cannot be counted is not kept by guessing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from nbllm.errors import ConfigError
+from nbllm.types import ChatResponse, TurnRecord
+
+__all__ = ["Budget"]
+
+
+def _cap(name: str, value: float | None, *, whole: bool = False) -> float | None:
+    if value is None:
+        return None
+    ok = isinstance(value, int) if whole else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        expected = "a whole number > 0" if whole else "a number > 0"
+        msg = f"{name}= expected {expected} or None, got {value!r}"
+        raise ConfigError(msg)
+    return value
+
+
+class Budget:
+    """What a run may spend, and what it has spent so far."""
+
+    def __init__(
+        self,
+        *,
+        max_cost_usd: float | None = None,
+        max_tokens_total: int | None = None,
+        cost_per_1k_tokens: float | None = None,
+    ) -> None:
+        self.max_cost_usd = _cap("max_cost_usd", max_cost_usd)
+        self.max_tokens_total = _cap("max_tokens_total", max_tokens_total, whole=True)
+        self.cost_per_1k_tokens = _cap("cost_per_1k_tokens", cost_per_1k_tokens)
+        self.cost_usd = 0.0
+        self.tokens = 0
+        self._unknown_cost: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Budget(max_cost_usd={self.max_cost_usd!r}, "
+            f"max_tokens_total={self.max_tokens_total!r}, spent_usd={self.cost_usd:.6g}, "
+            f"spent_tokens={self.tokens})"
+        )
+
+    @property
+    def capped(self) -> bool:
+        return self.max_cost_usd is not None or self.max_tokens_total is not None
+
+    def count_stored(self, records: Iterable[TurnRecord]) -> None:
+        """Count answers bought by an earlier run (resumed from the checkpoint)."""
+        for record in records:
+            self.cost_usd += record.cost_usd or 0.0
+            self.tokens += (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+
+    def charge(self, response: ChatResponse) -> float | None:
+        """Count an answer this run bought; its cost (the engine's, or from
+        ``cost_per_1k_tokens``), None where neither is known."""
+        tokens = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
+        self.tokens += tokens
+        cost = response.cost_usd
+        if cost is None and self.cost_per_1k_tokens is not None:
+            cost = tokens * self.cost_per_1k_tokens / 1000
+        if cost is None:
+            if self.max_cost_usd is not None and self._unknown_cost is None:
+                self._unknown_cost = (
+                    f"budget: max_cost_usd={self.max_cost_usd!r} cannot be kept: no cost is "
+                    f"known for {response.model!r}'s answers (give cost_per_1k_tokens=)"
+                )
+            return None
+        self.cost_usd += cost
+        return cost
+
+    def reached(self) -> str | None:
+        """Why no new request may start (``"budget: max_cost_usd=5.0 reached"``), or None."""
+        if self._unknown_cost is not None:
+            return self._unknown_cost
+        if self.max_cost_usd is not None and self.cost_usd >= self.max_cost_usd:
+            return f"budget: max_cost_usd={self.max_cost_usd!r} reached"
+        if self.max_tokens_total is not None and self.tokens >= self.max_tokens_total:
+            return f"budget: max_tokens_total={self.max_tokens_total!r} reached"
+        return None
