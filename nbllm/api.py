@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from nbllm.engines import (
     create_engine,
     is_local,
 )
+from nbllm.engines.keys import checked_key_for_api_base
 from nbllm.errors import ConfigError
 from nbllm.executor import Event, Executor
 from nbllm.executor.cache import ResponseCache, resolve_cache_path
@@ -51,6 +51,7 @@ from nbllm.executor.checkpoint import (
 )
 from nbllm.executor.events import EnginePhase, EventBus
 from nbllm.executor.storage import MAX_PENDING
+from nbllm.redact import public_url
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.run_thread import RunThread
@@ -105,21 +106,18 @@ class RunStop:
 
 
 def _api_key_for(engine: Any, api_base: str | None, api_key: str | None) -> str | None:
-    """The key for a server given by ``api_base`` when ``api_key=`` is not given.
-
-    ``OPENAI_API_KEY`` is only ever sent to OpenAI's own host, never to another server;
-    ``NBLLM_API_KEY`` is for any other server. Without ``api_base``, litellm reads its
-    usual variables itself.
-    """
-    if api_key is not None or api_base is None or isinstance(engine, Engine):
-        return api_key
-    host = urllib.parse.urlsplit(api_base).hostname or ""
-    if host == "api.openai.com":
-        return os.environ.get("OPENAI_API_KEY")
-    return os.environ.get("NBLLM_API_KEY")
+    """The key for ``api_base`` when ``api_key=`` is not given (``nbllm.engines.keys``): a
+    provider's variable only to its own host, ``NBLLM_API_KEY`` to any other server; an
+    ``Engine`` instance keeps the key it was made with."""
+    return api_key if isinstance(engine, Engine) else checked_key_for_api_base(api_base, api_key)
 
 
-@dataclass
+def _run_repr(kind: str, turns: int, conversations: int, model: str, more: str) -> str:
+    # Short and secret-free: counts, not conversations; no options (params may hold keys).
+    return f"<{kind} {conversations:,} conversations, {turns:,} turns, model {model!r}{more}>"
+
+
+@dataclass(repr=False)
 class PreparedRun:
     """A validated run, ready to execute: data loaded, engine chosen, checkpoint opened.
 
@@ -144,6 +142,11 @@ class PreparedRun:
     @property
     def turns(self) -> int:
         return sum(len(c) for c in self.conversations)
+
+    def __repr__(self) -> str:
+        more = f", engine {self.engine.describe()}"  # describe(): secret-free, URLs public
+        more += f", checkpoint {self.store.path}" if self.store is not None else ""
+        return _run_repr("PreparedRun", self.turns, len(self.conversations), self.model, more)
 
     async def execute(self) -> RunResult:
         executor = Executor(
@@ -251,7 +254,7 @@ class _Handoff:
     abandoned: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class CheckedRun:
     """A run checked by ``check_run``, for ``open_run`` to make its engine and checkpoint."""
 
@@ -266,6 +269,12 @@ class CheckedRun:
     @property
     def turns(self) -> int:
         return sum(len(c) for c in self.conversations)
+
+    def __repr__(self) -> str:
+        engine, api_base = self.config.engine, self.config.api_base
+        more = f", engine {engine.describe() if isinstance(engine, Engine) else engine}"
+        more += f" @ {public_url(api_base)}" if api_base else ""
+        return _run_repr("CheckedRun", self.turns, len(self.conversations), self.model, more)
 
 
 def check_run(

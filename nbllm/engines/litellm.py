@@ -17,6 +17,7 @@ from typing import Any
 
 from nbllm.engines.base import Engine
 from nbllm.engines.http_status import error_for_status, public_url
+from nbllm.engines.keys import PLACEHOLDER_KEY, key_for_api_base
 from nbllm.errors import AuthenticationError, ConnectionFailed, EngineError, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
@@ -120,8 +121,11 @@ def _headers_of(exc: BaseException) -> Mapping[str, str] | None:
 class LiteLLMEngine(Engine):
     """Sends each request through ``litellm.acompletion``.
 
-    ``api_base`` and ``api_key`` are passed through when given; otherwise litellm
-    reads its usual environment variables (``OPENAI_API_KEY``, ...).
+    Without ``api_base`` (nor one in a request's parameters) litellm reads the provider's
+    usual variable (``OPENAI_API_KEY``, ...) and sends it to that provider. With one, and no
+    ``api_key``, the key is chosen by ``nbllm.engines.keys.key_for_api_base``: a provider's
+    own host gets its variable, any other server ``NBLLM_API_KEY`` or the placeholder
+    ``"EMPTY"``, whatever the model's prefix; litellm never picks one from the environment.
     """
 
     name = "litellm"
@@ -129,7 +133,7 @@ class LiteLLMEngine(Engine):
     def __init__(self, *, api_base: str | None = None, api_key: str | None = None) -> None:
         super().__init__()
         self.api_base = api_base
-        self._api_key = api_key
+        self._api_key = key_for_api_base(api_base, api_key)
         # Imported now (seconds, once a process), not at the first request: there it would
         # stall the event loop after the limiter had let the first sends go, so they would
         # reach the server late and bunch up with the next minute's.
@@ -138,6 +142,9 @@ class LiteLLMEngine(Engine):
     def __repr__(self) -> str:
         api_base = public_url(self.api_base) if self.api_base else None
         return f"LiteLLMEngine(api_base={api_base!r})"
+
+    def secrets(self) -> tuple[str, ...]:
+        return (self._api_key,) if self._api_key else ()
 
     def describe(self) -> str:
         return f"litellm @ {public_url(self.api_base)}" if self.api_base else "litellm"
@@ -148,14 +155,16 @@ class LiteLLMEngine(Engine):
     async def _complete(self, request: ChatRequest) -> ChatResponse:
         litellm = self._litellm
         kwargs: dict[str, Any] = dict(request.params)
+        # A server named in the parameters is as foreign as one given to the engine.
+        api_base = self.api_base or kwargs.get("api_base") or kwargs.get("base_url")
         if self.api_base:
             kwargs["api_base"] = self.api_base
         if self._api_key:
             kwargs["api_key"] = self._api_key
-        elif self.api_base and request.model.startswith("openai/"):
-            # An OpenAI-compatible server of one's own often needs no key, but litellm
-            # insists on one; a placeholder keeps it from sending OPENAI_API_KEY elsewhere.
-            kwargs["api_key"] = "EMPTY"
+        elif api_base and not kwargs.get("api_key"):
+            # Without a key litellm would read the model's provider variable from the
+            # environment and send it to api_base; a server of one's own often needs none.
+            kwargs["api_key"] = key_for_api_base(str(api_base), None) or PLACEHOLDER_KEY
         try:
             response = await litellm.acompletion(
                 model=request.model,
