@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from nbllm.errors import ConfigError
+from nbllm.redact import hidden, public_url
 from nbllm.retry import RetryPolicy
 
 __all__ = ["RunConfig", "add_run_arguments", "config_of_call", "parse_run_option", "text_type"]
@@ -55,10 +56,18 @@ def _option(
 
 class RunConfig(BaseModel):
     """The options of one run, checked on creation; frozen. ``api_key`` is a ``SecretStr``:
-    it never appears in ``repr``, ``str`` or a dump."""
+    it never appears in ``repr``, ``str`` or a dump. ``repr`` and ``str`` also show
+    ``api_base`` without a user name or password, and ``params`` with every value under a
+    credential-like name (``extra_headers``, ``api_key``, ``auth_token``, at any depth)
+    hidden."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        arbitrary_types_allowed=True,
+        # A ValidationError raised past __init__ (model_validate) must not echo a value.
+        hide_input_in_errors=True,
     )
 
     model: str | None = _option(
@@ -170,6 +179,15 @@ class RunConfig(BaseModel):
             # from None: pydantic's multi-line report as the cause would undo the one line.
             raise ConfigError(_one_line(exc, options)) from None
 
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        # pydantic's repr, str and pretty-printers all read these.
+        for name, value in super().__repr_args__():
+            if name == "api_base" and isinstance(value, str):
+                value = public_url(value)
+            elif name == "params" and isinstance(value, Mapping):
+                value = hidden(value)
+            yield name, value
+
     @property
     def retry_policy(self) -> RetryPolicy:
         if isinstance(self.retries, RetryPolicy):
@@ -205,9 +223,21 @@ def _one_line(exc: ValidationError, options: Mapping[str, Any]) -> str:
     name = str(error["loc"][0])
     if error["type"] == "extra_forbidden":
         return f"{name}= is not a run option; the options are {', '.join(RunConfig.model_fields)}"
-    got = options[name]
-    shown = f"a {type(got).__name__}" if name == "api_key" else repr(got)  # never the key
-    return f"{name}= expected {_about(name, 'expected')}, got {shown}"
+    return f"{name}= expected {_about(name, 'expected')}, got {_shown(name, options[name])}"
+
+
+def _shown(name: str, got: Any) -> str:
+    """A refused value as a message may show it: never the key, a URL's password or a
+    credential in a mapping (``params``)."""
+    if name == "api_key":
+        return f"a {type(got).__name__}"
+    if isinstance(got, str) and name == "api_base":
+        return repr(public_url(got))
+    if isinstance(got, Mapping):
+        return repr(hidden(got))
+    if name == "params":  # not a mapping, so no names to tell what in it is a credential
+        return f"a {type(got).__name__}"
+    return repr(got)
 
 
 def _leaf_types(annotation: Any) -> set[Any]:

@@ -42,6 +42,7 @@ from nbllm.config import config_of_call
 from nbllm.engines import Engine, is_local
 from nbllm.executor.events import Event
 from nbllm.executor.stats import RunStats
+from nbllm.redact import redact
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.run_thread import RunThread
@@ -144,7 +145,7 @@ class Job:
         )
         error = self._run.error
         if error is not None:
-            text += f", {type(error).__name__}: {error}"
+            text += f", {type(error).__name__}: {redact(str(error))}"
         return text + ">"
 
     # -- the job's thread ------------------------------------------------------------

@@ -59,6 +59,7 @@ from nbllm.dataset import did_you_mean
 from nbllm.errors import ConfigError, NbllmError
 from nbllm.executor.storage import nbllm_dir
 from nbllm.jobs import Job
+from nbllm.redact import public_url
 from nbllm.results import RunResult
 from nbllm.template import ConversationTemplate, with_conversation_ids
 from nbllm.ui.preview import ResultPreview
@@ -164,6 +165,15 @@ class LlmBatchMagics(Magics):
                 raise TraitError(str(exc)) from None
         return value
 
+    @classmethod
+    def class_get_trait_help(cls, trait: Any, inst: Any = None, helptext: str | None = None) -> str:
+        """What ``%config LlmBatchMagics`` shows of a setting: a URL's password never."""
+        text = super().class_get_trait_help(trait, inst, helptext)
+        value = getattr(inst, trait.name or "", None) if inst is not None else None
+        if isinstance(value, str) and public_url(value) != value:
+            text = text.replace(repr(value), repr(public_url(value)))
+        return text
+
     # -- settings ------------------------------------------------------------------
 
     def setting(self, key: str) -> tuple[Any, str]:
@@ -243,7 +253,10 @@ class LlmBatchMagics(Magics):
         rows: list[tuple[str, str, str]] = []
         for key in SETTINGS:
             value, source = self.setting(key)
-            rows.append((key, "-" if value is None else str(value), source))
+            shown = "-" if value is None else str(value)
+            if key == "api_base":
+                shown = public_url(shown)  # $NBLLM_API_BASE may hold user:password@
+            rows.append((key, shown, source))
         root = nbllm_dir()
         source = "$NBLLM_DIR" if os.environ.get("NBLLM_DIR") else "default"
         rows.append(("checkpoint dir", str(root.absolute() / "runs"), source))
