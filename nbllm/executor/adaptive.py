@@ -25,8 +25,9 @@ slot count). Interface::
    run's rate window, 60 s by default, the minute of OpenAI's RPM/TPM; a time-scaled run
    reads the scaled server's numbers per its scaled window). When the header first
    appears or its value changes, the limit becomes that value at once (capped by the
-   ceiling; not raised within a period of a 429). The header then stays the upper bound:
-   after a 429 the limit grows back to it, never past it.
+   ceiling; not raised within a period of a 429). A header that lowers the limit counts
+   as a cut (rule 2). The header then stays the upper bound: after a 429 the limit grows
+   back to it, never past it.
 2. *A 429 cuts, once per period.* The first 429 cuts the limit; further 429s within
    ``period`` of that cut are counted but cut nothing (they answer requests sent before
    the cut, and a provider's window remembers a full period). The cut aims at what the
@@ -274,6 +275,8 @@ class AdaptiveLimit:
         wanted = self._bounded(header)
         if now - self._last_429 < self.period:
             wanted = min(wanted, self._limit)  # a recent 429 says the header is not all ours
+        if wanted < self._limit:
+            self._last_cut = now  # the 429s of requests sent at the old rate cut no further
         self._set(wanted, now)
         return seen
 

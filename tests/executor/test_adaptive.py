@@ -289,10 +289,16 @@ Phases = list[tuple[float, int]]  # (seconds, R requests per period)
 
 
 async def simulate(
-    phases: Phases, *, start: float, sliding: bool = True, period: float = 60.0
+    phases: Phases,
+    *,
+    start: float,
+    sliding: bool = True,
+    headers: bool = False,
+    period: float = 60.0,
 ) -> tuple[list[tuple[float, bool]], AdaptiveLimit]:
     """Saturating clients behind one adaptive RateLimiter, against a provider admitting
-    R per period; returns (arrival time, admitted) for every request."""
+    R per period (and saying so in headers, as ``nbllm.testing``'s server does, where
+    ``headers``); returns (arrival time, admitted) for every request."""
     loop = asyncio.get_running_loop()
     limiter = RateLimiter(start, period=period)
     auto = AdaptiveLimit(limiter, ceiling=1000, start=start, period=period, clock=loop.time)
@@ -334,9 +340,16 @@ async def simulate(
             if t >= end:
                 return
             ok = admit(t)
+            said = None
+            if headers:
+                left = allowed_now(t) - len(admitted) if ok else 0
+                said = {
+                    "x-ratelimit-limit-requests": str(allowed_now(t)),
+                    "x-ratelimit-remaining-requests": str(max(0, left)),
+                }
             await asyncio.sleep(0.25)  # the answer on its way back
             log.append((t, ok))
-            (auto.on_success if ok else auto.on_rate_limited)()
+            (auto.on_success if ok else auto.on_rate_limited)(said)
 
     await asyncio.gather(*(client() for _ in range(6)))
     return log, auto
@@ -375,3 +388,15 @@ def test_it_follows_the_provider_down_and_up():
     assert goodput(log, 1350, 1800, 60) >= 0.85 * 25
     assert goodput(log, 2400, 3000, 60) >= 0.85 * 90
     assert share_429(log) < 0.05
+
+
+def test_with_limit_headers_it_takes_the_providers_limit_at_once():
+    phases: Phases = [(600.0, 60), (600.0, 25), (600.0, 90)]
+    log, auto = run_fake(lambda: simulate(phases, start=10, headers=True))
+    assert [limit for _, limit in auto.history] == [10, 60, 25, 90]
+    # Each phase runs at its R from its first answers, after the cut once the old
+    # requests have left the window.
+    assert goodput(log, 0, 600, 60) >= 0.95 * 60
+    assert goodput(log, 660, 1200, 60) >= 0.95 * 25
+    assert goodput(log, 1200, 1800, 60) >= 0.95 * 90
+    assert sum(not ok for _, ok in log) <= 5  # a few in flight as the limit fell
