@@ -194,8 +194,8 @@ class DeploymentList:
         if isinstance(group, str) and group in self.groups:
             return group
         msg = (
-            f"{option}= names {group!r}, which no model_list entry of {self.source} has as "
-            f"model_name; expected one of {', '.join(map(repr, self.groups))}"
+            f"{option}= names {group!r}, which no model_list entry has as model_name; "
+            f"expected one of {', '.join(map(repr, self.groups))}"
             f"{did_you_mean(group, self.groups)}"
         )
         raise ConfigError(msg)
@@ -374,9 +374,10 @@ def _entry(i: int, entry: Any, place: _Place, env: Mapping[str, str]) -> tuple[D
         values[key] = _resolved(key, value, env, at(key))
     model = values.get("model")
     if not isinstance(model, str) or not model.strip():
+        missing = "is missing; expected" if model is None else "expected"
         what = (
-            "litellm_params.model is missing; expected a model such as "
-            f"'openai/gpt-4o-mini', got {_shown(model)}"
+            f"litellm_params.model {missing} a model such as 'openai/gpt-4o-mini', "
+            f"got {_shown(model)}"
         )
         raise _fail(at("model"), what)
     # litellm also reads rpm and tpm beside litellm_params.
@@ -397,7 +398,8 @@ def _entry(i: int, entry: Any, place: _Place, env: Mapping[str, str]) -> tuple[D
         kind = "a whole number" if integer else "a number"
         bound = ">= 0" if zero else "> 0"
         also = ' or "auto"' if auto else ""
-        what = f"litellm_params.{key} expected {kind} {bound}{also}, got {_shown(value)}"
+        name = f"litellm_params.{key}" if key in lp else key
+        what = f"{name} expected {kind} {bound}{also}, got {_shown(value)}"
         raise _fail(at(key) if key in lp else place(label, entry, key=key), what)
 
     weight = num("weight")

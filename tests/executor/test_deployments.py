@@ -90,6 +90,8 @@ def test_a_yaml_file_is_read_with_its_router_settings(tmp_path):
 def test_rpm_and_tpm_beside_litellm_params_are_read_as_litellm_reads_them():
     listed = load_deployments([{**entry(), "rpm": 60, "tpm": 1000}])
     assert (listed.deployments[0].rpm, listed.deployments[0].tpm) == (60, 1000)
+    with pytest.raises(ConfigError, match=r"^router= model_list\[0\]: rpm expected a number > 0"):
+        load_deployments([{**entry(), "rpm": -1}])
 
 
 def test_fallbacks_under_litellm_settings_are_read_too(tmp_path):
@@ -137,6 +139,7 @@ BAD_ENTRIES = [
     ({"model_name": "  ", "litellm_params": {"model": "x"}}, "model_name is missing"),
     ({"model_name": "g"}, "litellm_params is missing"),
     ({"model_name": "g", "litellm_params": {"api_base": "http://h/v1"}}, "model is missing"),
+    ({"model_name": "g", "litellm_params": {"model": 4}}, "model expected a model such as"),
     (entry(rpm="fast"), "litellm_params.rpm expected a number > 0 or \"auto\", got 'fast'"),
     (entry(rpm=-1), "litellm_params.rpm expected a number > 0"),
     (entry(rpm=True), "litellm_params.rpm expected a number > 0"),
