@@ -233,10 +233,9 @@ def _shown(name: str, got: Any) -> str:
         return f"a {type(got).__name__}"
     if isinstance(got, str) and name == "api_base":
         return repr(public_url(got))
-    if isinstance(got, Mapping):
-        return repr(hidden(got))
-    if name == "params":  # not a mapping, so no names to tell what in it is a credential
-        return f"a {type(got).__name__}"
+    if isinstance(got, (Mapping, list, tuple)):  # credentials inside hidden, at any depth
+        shown = hidden({name: got})[name]
+        return repr(tuple(shown) if isinstance(got, tuple) else shown)
     return repr(got)
 
 
