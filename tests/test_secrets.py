@@ -146,6 +146,28 @@ def file_bytes(root: Path) -> dict[str, bytes]:
     return {str(path): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
+class RunWatcher:
+    """A listener that keeps every event and, at each one, the raw bytes of the run's files:
+    while the run goes, new rows sit in the -wal files, which are gone once it ends."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.events: list[Any] = []
+        self.files: dict[str, bytes] = {}
+
+    def __call__(self, event: Any) -> None:
+        self.events.append(event)
+        for path, raw in file_bytes(self.root).items():
+            self.files[f"{path} after event {len(self.events)}"] = raw
+
+    def places(self) -> dict[str, str | bytes]:
+        """The events, the files seen during the run, and the files it left."""
+        at_end = file_bytes(self.root)
+        names = {Path(p).name for p in at_end}
+        assert {"cache.sqlite", "checkpoint.sqlite"} <= names, sorted(names)
+        return {**event_texts(self.events), **self.files, **at_end}
+
+
 @pytest.fixture
 def echo():
     with EchoServer() as server:
@@ -191,7 +213,7 @@ def no_provider_keys(monkeypatch):
 @pytest.mark.parametrize("which", list(ENGINES))
 def test_a_quoting_server_leaks_nothing(which, mode, echo, logs, capsys, _nbllm_dir):
     engine, model, suffix = ENGINES[which]
-    events: list[Any] = []
+    watch = RunWatcher(_nbllm_dir)
     result = nbllm.run(
         DATA,
         model=model,
@@ -200,7 +222,7 @@ def test_a_quoting_server_leaks_nothing(which, mode, echo, logs, capsys, _nbllm_
         api_key=KEY,
         retries=ONE_RETRY,
         progress=False,
-        listeners=[events.append],
+        listeners=[watch],
         **SECRET_PARAMS,
     )
     # The server did receive the secrets, and its answers quoted them: the test can fail.
@@ -211,16 +233,15 @@ def test_a_quoting_server_leaks_nothing(which, mode, echo, logs, capsys, _nbllm_
         assert result.summary.turns_ok == 0
         assert result.df["error"].notna().all()
     if mode == "500":
-        assert any(isinstance(e, RetryScheduled) for e in events)
+        assert any(isinstance(e, RetryScheduled) for e in watch.events)
     shown = capsys.readouterr()
     assert_no_secret(
         {
             "stdout": shown.out,
             "stderr": shown.err,
             **result_texts(result),
-            **event_texts(events),
             **log_texts(logs),
-            **file_bytes(_nbllm_dir),
+            **watch.places(),
         }
     )
 
@@ -267,7 +288,7 @@ def test_a_refused_api_base_does_not_show_its_password():
 @pytest.mark.usefixtures("no_provider_keys")
 @pytest.mark.parametrize("mode", ["401", "400", "500", "ok"])
 async def test_serve_in_front_of_a_quoting_server_leaks_nothing(mode, echo, logs, _nbllm_dir):
-    events: list[Any] = []
+    watch = RunWatcher(_nbllm_dir)
     upstream = OpenAIEngine(echo.url(mode), api_key=KEY)
     async with EngineServer(upstream, model="m", api_key=SERVE_KEY) as server:
         result = await nbllm.arun(
@@ -278,7 +299,7 @@ async def test_serve_in_front_of_a_quoting_server_leaks_nothing(mode, echo, logs
             api_key=SERVE_KEY,
             retries=ONE_RETRY,
             progress=False,
-            listeners=[events.append],
+            listeners=[watch],
             **SECRET_PARAMS,
         )
     assert KEY in echo.all_text()
@@ -289,9 +310,8 @@ async def test_serve_in_front_of_a_quoting_server_leaks_nothing(mode, echo, logs
     assert_no_secret(
         {
             **result_texts(result),
-            **event_texts(events),
             **log_texts(logs),
-            **file_bytes(_nbllm_dir),
+            **watch.places(),
         }
     )
 
@@ -318,25 +338,24 @@ class QuotingEngine(Engine):
 @pytest.mark.usefixtures("no_provider_keys")
 @pytest.mark.parametrize("error", [AuthenticationError, ServerError, RuntimeError])
 def test_an_engine_of_ones_own_leaks_nothing(error, logs, _nbllm_dir):
-    events: list[Any] = []
+    watch = RunWatcher(_nbllm_dir)
     result = nbllm.run(
         DATA,
         model="m",
         engine=QuotingEngine(error),
         retries=ONE_RETRY,
         progress=False,
-        listeners=[events.append],
+        listeners=[watch],
         **SECRET_PARAMS,
     )
     assert result.summary.turns_ok == 0
     if error is ServerError:
-        assert any(isinstance(e, RetryScheduled) for e in events)
+        assert any(isinstance(e, RetryScheduled) for e in watch.events)
     assert_no_secret(
         {
             **result_texts(result),
-            **event_texts(events),
             **log_texts(logs),
-            **file_bytes(_nbllm_dir),
+            **watch.places(),
         }
     )
 
