@@ -40,8 +40,10 @@ def _unavailable(reason: str) -> None:
 def require_redis() -> str:
     """The path of ``redis-server``, once it and the ``redis`` package are known to be here."""
     binary = os.environ.get("NBLLM_REDIS_SERVER") or shutil.which("redis-server")
-    if binary is None or not os.access(binary, os.X_OK):
+    if binary is None:
         _unavailable("no redis-server on PATH")
+    elif not os.access(binary, os.X_OK):
+        _unavailable(f"no redis-server at {binary} (NBLLM_REDIS_SERVER)")
     try:
         import redis  # noqa: F401
     except ImportError:

