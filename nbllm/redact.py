@@ -20,6 +20,7 @@ camelCase, is one of ``SECRET_WORDS`` (``X-Api-Key``, ``auth_token``, ``aws_secr
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import urllib.parse
@@ -35,6 +36,7 @@ __all__ = [
     "public_url",
     "redact",
     "redact_error",
+    "redact_logs",
     "secret_values",
 ]
 
@@ -195,3 +197,30 @@ def public_url(url: str) -> str:
     if port:
         netloc += f":{port}"
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class _RedactingFilter(logging.Filter):
+    """Masks credentials in every record of the logger it is on (``redact``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record whose arguments do not fit: left to logging to report
+            return True
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+_FILTER = _RedactingFilter()
+
+
+def redact_logs(*names: str) -> None:
+    """Mask credentials in what the loggers ``names`` record, from now on. For other
+    libraries' loggers that nbllm drives (the OpenAI client logs each request's headers
+    and body at DEBUG). Idempotent; it costs nothing while their level is off."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)

@@ -158,3 +158,20 @@ def test_an_engines_errors_leave_it_without_its_key_or_header_values() -> None:
         asyncio.run(engine.complete(request))
     assert PLAIN not in str(caught.value)
     assert "hdrSECRET99" not in str(caught.value)
+
+
+def test_redact_logs_masks_another_librarys_debug_records(caplog: pytest.LogCaptureFixture) -> None:
+    """As the OpenAI client logs a request's options at DEBUG under litellm."""
+    import logging
+
+    from nbllm.redact import redact_logs
+
+    name = "nbllm-test-client._base_client"
+    redact_logs(name, name)  # twice: one filter
+    logger = logging.getLogger(name)
+    assert len(logger.filters) == 1
+    options = {"headers": {"X-Api-Key": PLAIN}, "json_data": {"api_key": PLAIN, "n": 1}}
+    with caplog.at_level(logging.DEBUG, logger=name):
+        logger.debug("Request options: %s", options)
+    assert PLAIN not in caplog.text
+    assert "Request options" in caplog.text and "'n': 1" in caplog.text

@@ -19,6 +19,7 @@ from nbllm.engines.base import Engine
 from nbllm.engines.http_status import error_for_status, public_url
 from nbllm.engines.keys import PLACEHOLDER_KEY, key_for_api_base
 from nbllm.errors import AuthenticationError, ConnectionFailed, EngineError, RequestTimeout
+from nbllm.redact import redact_logs
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["LiteLLMEngine", "import_litellm", "missing_credentials"]
@@ -52,6 +53,9 @@ def import_litellm() -> Any:
     warnings.filterwarnings("ignore", message=r".*`ReadOnly` qualifier.*", category=UserWarning)
     litellm.suppress_debug_info = True
     litellm.telemetry = False
+    # At DEBUG the OpenAI client logs each request's options, extra headers and body
+    # included (the loggers' own filters: a filter on "openai" would not see them).
+    redact_logs("openai._base_client", "LiteLLM", "LiteLLM Router", "httpx")
     return litellm
 
 
