@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import os
 import socket
@@ -65,18 +64,24 @@ from typing import Any
 
 from nbllm.errors import ConfigError
 from nbllm.executor.limiter import Grant, RateLimiter
-from nbllm.redact import public_url, redact
+from nbllm.executor.redis_link import (
+    DEFAULT_TIMEOUT_S,
+    Script,
+    check,
+    close_quietly,
+    reason,
+    redis_client,
+    report_down,
+    report_up,
+    text,
+)
+from nbllm.redact import public_url
 
 __all__ = ["KINDS", "SharedGrant", "SharedRateLimiter", "check", "redis_client"]
 
 log = logging.getLogger("nbllm")
 
 KINDS = ("rpm", "tpm")
-_DEFAULT_TIMEOUT_S = 2.0
-
-# Public URLs reported unreachable and not yet back: the outage is logged once per process,
-# however many limiters (deployments × rpm/tpm) notice it.
-_reported_down: set[str] = set()
 
 
 @dataclass(slots=True, eq=False)
@@ -90,22 +95,6 @@ class SharedGrant(Grant):
     issuer: RateLimiter | None = None
 
 
-class _Script:
-    """A Lua script run by ``EVALSHA``, sent whole (``EVAL``) when the server lacks it."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
-        from redis.exceptions import NoScriptError
-
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
-
-
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -117,7 +106,7 @@ local function fmt(x) return string.format('%.17g', x) end
 # KEYS: log, sum, tat, seq, procs
 # ARGV: amount, rate, period, burst, margin, participant id, participant ttl
 # -> {granted (0/1), wait in microseconds, participants, grant counter, member, window's sum}
-_ACQUIRE = _Script(
+_ACQUIRE = Script(
     _PRELUDE
     + """
 local amount, rate, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -169,7 +158,7 @@ return {1, 0, procs, seq, member, fmt(in_window)}
 )
 
 # KEYS: log, sum, tat; ARGV: member, actual, rate, period, margin -> the new member or ''
-_SETTLE = _Script(
+_SETTLE = Script(
     _PRELUDE
     + """
 local actual, rate, period = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -188,7 +177,7 @@ return member
 )
 
 # KEYS: log, sum, seq; ARGV: period, margin, then (age in seconds, amount) pairs -> counter
-_RECORD = _Script(
+_RECORD = Script(
     _PRELUDE
     + """
 local period, margin = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -209,45 +198,6 @@ redis.call('PEXPIRE', KEYS[3], ttl)
 return num(KEYS[3])
 """
 )
-
-
-def redis_client(url: str, timeout_s: float = _DEFAULT_TIMEOUT_S) -> Any:
-    """A ``redis.asyncio`` client for ``url`` that fails fast: no retries of its own, since a
-    failure means falling back, not waiting. ``ConfigError`` for a URL it cannot use."""
-    try:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-    except ImportError as exc:
-        msg = "redis_url= needs the redis package: pip install 'nbllm[redis]'"
-        raise ConfigError(msg) from exc
-    try:
-        return Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-    except (ValueError, TypeError) as exc:
-        msg = (
-            f"redis_url= expected a redis://, rediss:// or unix:// URL, "
-            f"got {public_url(str(url))!r}: {_reason(exc, url)}"
-        )
-        raise ConfigError(msg) from None
-
-
-async def check(url: str, *, timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
-    """Raise ``ConfigError`` (naming the URL without its password) unless Redis at ``url``
-    answers a PING within ``timeout_s``; the API calls this before any request is sent."""
-    client = redis_client(url, timeout_s)
-    try:
-        await client.ping()
-    except Exception as exc:  # any failure to reach it is the user's option to fix
-        msg = f"redis_url= cannot reach Redis at {public_url(url)}: {_reason(exc, url)}"
-        raise ConfigError(msg) from None
-    finally:
-        await _close_quietly(client)
-    _reported_down.discard(public_url(url))
 
 
 class SharedRateLimiter:
@@ -273,7 +223,7 @@ class SharedRateLimiter:
         on_fallback: Callable[[str], None] | None = None,
         on_recover: Callable[[], None] | None = None,
         retry_s: float = 5.0,
-        timeout_s: float = _DEFAULT_TIMEOUT_S,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         participant_ttl_s: float | None = None,
     ) -> None:
         if kind not in KINDS:
@@ -372,7 +322,7 @@ class SharedRateLimiter:
                     self._last_seq = int(seq)
                 now = self._now()
                 if int(granted):
-                    grant = SharedGrant(now, amount, _text(member), gated, gate)
+                    grant = SharedGrant(now, amount, text(member), gated, gate)
                     self._remember(grant)
                     self._seen = (now, float(in_window), self._own)
                     return grant
@@ -411,7 +361,7 @@ class SharedRateLimiter:
                     await client.zrem(self._keys["procs"], self._participant)
                 except Exception:  # leaving is a courtesy: the entry expires anyway
                     log.debug("nbllm: could not leave the participants of %s", self.url)
-            await _close_quietly(client)
+            await close_quietly(client)
 
     # -- Redis -------------------------------------------------------------------
 
@@ -452,7 +402,7 @@ class SharedRateLimiter:
             await self._fall_back(exc)
             return
         if member:
-            grant.member = _text(member)
+            grant.member = text(member)
 
     async def _record(self, client: Any) -> int:
         """Write this process's grants of the last period into the shared log."""
@@ -477,7 +427,7 @@ class SharedRateLimiter:
     async def _fall_back(self, exc: BaseException) -> None:
         if self._local is not None:
             return
-        reason = _reason(exc, self._redis_url)
+        why = reason(exc, self._redis_url)
         now = self._now()
         if self._gate is not None and now < self._gate_until:
             self._local = self._gate  # it already holds this process's recent grants
@@ -488,17 +438,15 @@ class SharedRateLimiter:
         self._retry_at = now + self.retry_s
         client, self._client = self._client, None
         if client is not None:
-            await _close_quietly(client)
-        if self.url not in _reported_down:
-            _reported_down.add(self.url)
-            log.warning(
-                "nbllm: Redis at %s is unreachable (%s); shared limits go on locally at this "
-                "process's share (%s %s: %g per %g s) and Redis is tried again every %g s",
-                self.url, reason, self.deployment, self.kind, self.local_rate, self.period,
-                self.retry_s,
-            )  # fmt: skip
+            await close_quietly(client)
+        report_down(
+            self.url,
+            f"{why}; shared limits go on locally at this process's share ({self.deployment} "
+            f"{self.kind}: {self.local_rate:g} per {self.period:g} s) and Redis is tried again "
+            f"every {self.retry_s:g} s",
+        )
         if self.on_fallback is not None:
-            self.on_fallback(reason)
+            self.on_fallback(why)
 
     async def _try_recover(self) -> None:
         client = redis_client(self._redis_url, self.timeout_s)
@@ -506,9 +454,9 @@ class SharedRateLimiter:
             await client.ping()
             self._last_seq = await self._record(client)
         except Exception as exc:
-            log.debug("nbllm: Redis at %s still unreachable: %s", self.url, _reason(exc, ""))
+            log.debug("nbllm: Redis at %s still unreachable: %s", self.url, reason(exc, ""))
             self._retry_at = self._now() + self.retry_s
-            await _close_quietly(client)
+            await close_quietly(client)
             return
         self._client = client
         # Other processes may stay local for up to retry_s more, spending budget Redis does
@@ -516,9 +464,7 @@ class SharedRateLimiter:
         # and their grants of the last window are written in.
         self._gate, self._local = self._local, None
         self._gate_until = self._now() + self.retry_s + self.period + self._margin
-        if self.url in _reported_down:
-            _reported_down.discard(self.url)
-            log.info("nbllm: Redis at %s is back; limits are shared again", self.url)
+        report_up(self.url)
         if self.on_recover is not None:
             self.on_recover()
 
@@ -569,29 +515,3 @@ class _LocalShare(RateLimiter):
         fresh = [Grant(g.t, g.amount) for g in grants if g.t > horizon]
         self._log = collections.deque(sorted([*self._log, *fresh], key=lambda g: g.t))
         self._in_window += sum(g.amount for g in fresh)
-
-
-async def _close_quietly(client: Any) -> None:
-    try:
-        await client.aclose()
-    except Exception:  # a broken connection is being dropped anyway
-        log.debug("nbllm: closing a Redis client failed", exc_info=True)
-
-
-def _password(url: str) -> str | None:
-    try:
-        from urllib.parse import urlsplit
-
-        return urlsplit(url).password
-    except ValueError:
-        return None
-
-
-def _reason(exc: BaseException, url: str) -> str:
-    """An exception as one line, with the URL's password and anything like a key masked."""
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return redact(text.replace(url, public_url(url)) if url else text, [_password(url)])
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
