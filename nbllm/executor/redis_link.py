@@ -10,7 +10,7 @@ without passwords, and the one-line-per-outage log.
 - ``Script(source)``: ``await script(client, keys, args)``;
 - ``reason(exc, url)``: an exception as one line, the URL's password and anything shaped like
   a credential masked;
-- ``report_down(url, detail)`` / ``report_up(url)``: one WARNING when Redis at ``url`` is found
+- ``report_down(url, why, then)`` / ``report_up(url)``: one WARNING when Redis at ``url`` is found
   unreachable and one INFO when it is back, however many limiters (deployments × rpm, tpm,
   slots) of this process notice it.
 
@@ -117,11 +117,12 @@ def reason(exc: BaseException, url: str) -> str:
     return redact(line.replace(url, public_url(url)), [_password(url)])
 
 
-def report_down(url: str, detail: str) -> None:
-    """Log once that Redis at ``url`` (a public URL) is unreachable, with ``detail``."""
+def report_down(url: str, why: str, then: str) -> None:
+    """Log once that Redis at ``url`` (a public URL) is unreachable, ``why``, and what
+    happens ``then``."""
     if url not in _reported_down:
         _reported_down.add(url)
-        log.warning("nbllm: Redis at %s is unreachable (%s)", url, detail)
+        log.warning("nbllm: Redis at %s is unreachable (%s); %s", url, why, then)
 
 
 def report_up(url: str) -> None:

@@ -441,7 +441,8 @@ class SharedRateLimiter:
             await close_quietly(client)
         report_down(
             self.url,
-            f"{why}; shared limits go on locally at this process's share ({self.deployment} "
+            why,
+            f"shared limits go on locally at this process's share ({self.deployment} "
             f"{self.kind}: {self.local_rate:g} per {self.period:g} s) and Redis is tried again "
             f"every {self.retry_s:g} s",
         )
