@@ -15,6 +15,7 @@ import time
 import pytest
 
 import nbllm
+import nbllm.prepare
 from nbllm import ChatRequest, ConfigError, DatasetError, FakeEngine, RetryPolicy
 from nbllm.executor.events import EnginePhase, Event, RequestSent, RunStarted, StopRequested
 
@@ -28,8 +29,9 @@ def test_run_returns_one_row_per_turn_with_the_documented_columns():
     result = nbllm.run(RECORDS, engine=FakeEngine(), model="fake-model", progress=False)
     assert list(result.df.columns) == [
         "conversation_id", "turn", "question", "answer", "reference", "model", "engine",
-        "latency_s", "queue_s", "service_s", "prompt_tokens", "completion_tokens", "finish_reason", "cost_usd",
-        "attempts", "error", "started_at", "finished_at", "cached", "resumed",
+        "latency_s", "queue_s", "service_s", "prompt_tokens", "completion_tokens",
+        "finish_reason", "cost_usd", "attempts", "error", "started_at", "finished_at",
+        "cached", "resumed",
     ]  # fmt: skip
     assert list(result.df["conversation_id"]) == ["a", "a", "b"]
     assert list(result.df["turn"]) == [0, 1, 0]
@@ -411,7 +413,7 @@ def test_the_engines_preparation_reaches_the_listeners_before_the_run_starts(mon
         on_phase("loading", 3, 3, "")
         return FakeEngine()
 
-    monkeypatch.setattr(nbllm.api, "create_engine", create_engine)
+    monkeypatch.setattr(nbllm.prepare, "create_engine", create_engine)
     # A local engine (no provider key to look for), as the phases come from one.
     nbllm.run(RECORDS, engine="torch", model="m", progress=False, listeners=[events.append])
     phases = [(e.phase, e.done, e.total, e.detail) for e in events[:2]]
@@ -491,7 +493,7 @@ def _damaged_checkpoint(tmp_path) -> str:
 
 def test_a_refused_checkpoint_closes_the_engine_made_for_the_run(tmp_path, monkeypatch):
     closed: list[str] = []
-    monkeypatch.setattr(nbllm.api, "create_engine", lambda engine, **_: _Loaded(closed))
+    monkeypatch.setattr(nbllm.prepare, "create_engine", lambda engine, **_: _Loaded(closed))
     with pytest.raises(nbllm.CheckpointError):
         nbllm.run(RECORDS, engine="torch", progress=False, checkpoint=_damaged_checkpoint(tmp_path))
     assert closed == ["closed"]
@@ -499,7 +501,7 @@ def test_a_refused_checkpoint_closes_the_engine_made_for_the_run(tmp_path, monke
 
 async def test_arun_closes_the_engine_when_the_checkpoint_is_refused(tmp_path, monkeypatch):
     closed: list[str] = []
-    monkeypatch.setattr(nbllm.api, "create_engine", lambda engine, **_: _Loaded(closed))
+    monkeypatch.setattr(nbllm.prepare, "create_engine", lambda engine, **_: _Loaded(closed))
     with pytest.raises(nbllm.CheckpointError):
         await nbllm.arun(
             RECORDS, engine="torch", progress=False, checkpoint=_damaged_checkpoint(tmp_path)
@@ -539,7 +541,7 @@ async def test_arun_loads_the_engine_off_the_loop_and_tells_its_phases_on_it(mon
             await asyncio.sleep(0.01)
             ticks += 1
 
-    monkeypatch.setattr(nbllm.api, "create_engine", slow_engine)
+    monkeypatch.setattr(nbllm.prepare, "create_engine", slow_engine)
     ticker = asyncio.create_task(tick())
     try:
         options = {"engine": "torch", "progress": False, "checkpoint": False, "cache": False}
@@ -560,7 +562,7 @@ async def test_cancelling_arun_while_the_model_loads_closes_it_once_loaded(monke
         time.sleep(0.3)
         return _Loaded(closed)
 
-    monkeypatch.setattr(nbllm.api, "create_engine", slow_engine)
+    monkeypatch.setattr(nbllm.prepare, "create_engine", slow_engine)
     options = {"engine": "torch", "progress": False, "checkpoint": False, "cache": False}
     task = asyncio.create_task(nbllm.arun(RECORDS, **options))
     while not loading.is_set():
@@ -591,7 +593,7 @@ def test_a_changed_auto_pick_for_a_local_model_resumes_the_checkpoint(tmp_path, 
     resumes the first one's checkpoint (not answers from the cache), and every row names the
     engine that answered it."""
     picks = iter(["torch", "llamacpp"])
-    monkeypatch.setattr(nbllm.api, "create_engine", lambda engine, **_: _Picked(next(picks)))
+    monkeypatch.setattr(nbllm.prepare, "create_engine", lambda engine, **_: _Picked(next(picks)))
     options = {"checkpoint": True, "cache": str(tmp_path / "cache.sqlite"), "progress": False}
     monkeypatch.setenv("NBLLM_DIR", str(tmp_path))
     data = [{"id": "a", "turns": ["one", "two"]}, {"id": "b", "turns": ["three"]}]
@@ -616,7 +618,7 @@ def test_under_auto_a_servers_address_stays_in_the_fingerprint(tmp_path, monkeyp
         made.ident = next(identities)
         return made
 
-    monkeypatch.setattr(nbllm.api, "create_engine", make)
+    monkeypatch.setattr(nbllm.prepare, "create_engine", make)
     monkeypatch.setenv("NBLLM_DIR", str(tmp_path))
     options = {"model": "m", "api_base": "http://a/v1", "cache": False, "progress": False}
     data = [{"id": "a", "turns": ["one"]}]

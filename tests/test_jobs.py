@@ -11,7 +11,7 @@ import time
 import pytest
 
 import nbllm
-from nbllm import api
+from nbllm import prepare
 from nbllm.errors import ConfigError, DatasetError, RequestRejected
 from nbllm.executor import Executor
 from nbllm.jobs import JOB_COLUMNS, Job
@@ -139,7 +139,7 @@ def test_a_run_that_raises_fails_the_job(monkeypatch):
             await super().run(conversations)
             raise RuntimeError("broken after the run")
 
-    monkeypatch.setattr(api, "Executor", BrokenExecutor)
+    monkeypatch.setattr(prepare, "Executor", BrokenExecutor)
     job = nbllm.submit(dataset(1), engine=nbllm.FakeEngine(), **QUIET)
     with pytest.raises(RuntimeError, match="broken after the run"):
         job.result(timeout=30)
@@ -249,7 +249,7 @@ def test_a_local_model_loads_in_the_jobs_thread_not_in_the_calling_cell(monkeypa
         loaded_in.append(threading.current_thread().name)
         return _Loaded(closed)
 
-    monkeypatch.setattr(api, "create_engine", slow_local_engine)
+    monkeypatch.setattr(prepare, "create_engine", slow_local_engine)
     t0 = time.perf_counter()
     job = nbllm.submit(dataset(2), engine="torch", checkpoint=False, cache=False, **QUIET)
     assert time.perf_counter() - t0 < 0.4  # the cell is free while the model loads
@@ -263,7 +263,7 @@ def test_a_local_model_loads_in_the_jobs_thread_not_in_the_calling_cell(monkeypa
 
 def test_a_local_job_whose_checkpoint_is_refused_fails_and_closes_its_model(monkeypatch, tmp_path):
     closed: list[str] = []
-    monkeypatch.setattr(api, "create_engine", lambda engine, **_: _Loaded(closed))
+    monkeypatch.setattr(prepare, "create_engine", lambda engine, **_: _Loaded(closed))
     damaged = tmp_path / "checkpoint.sqlite"
     damaged.write_bytes(b"not a database, " * 64)
     job = nbllm.submit(dataset(1), engine="torch", checkpoint=str(damaged), **QUIET)
@@ -280,7 +280,7 @@ def test_a_server_engine_is_still_made_in_the_calling_cell(monkeypatch):
         made_in.append(threading.current_thread().name)
         return nbllm.FakeEngine()
 
-    monkeypatch.setattr(api, "create_engine", engine_for_a_server)
+    monkeypatch.setattr(prepare, "create_engine", engine_for_a_server)
     job = nbllm.submit(dataset(1), model="m", api_base="http://127.0.0.1:9/v1", **QUIET)
     job.result(timeout=30)
     assert made_in == [threading.current_thread().name]

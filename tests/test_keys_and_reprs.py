@@ -21,7 +21,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
 import nbllm
-from nbllm import api
+from nbllm import prepare
 from nbllm.api import check_run, prepare_run
 from nbllm.engines import LiteLLMEngine
 from nbllm.engines.keys import PLACEHOLDER_KEY, key_for_api_base, provider_key_names
@@ -407,7 +407,7 @@ def test_a_failed_jobs_repr_masks_keys_in_its_error(monkeypatch):
         raise RuntimeError(f"could not load: Authorization: {HEADER_VALUE}")
 
     # A local model loads in the job's thread: its failure is the job's error.
-    monkeypatch.setattr(api, "create_engine", leaky)
+    monkeypatch.setattr(prepare, "create_engine", leaky)
     job = submit(
         RECORDS, engine="torch", worker=False, checkpoint=False, cache=False, progress=False
     )
