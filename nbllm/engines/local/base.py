@@ -22,7 +22,7 @@ tokens of prompt and answer together; None where the model does not say). A requ
 ``max_tokens`` is beyond it is refused before its prompt is tokenized, and one whose prompt
 tokens and ``max_tokens`` together exceed it is refused once the prompt is tokenized, before
 anything generates: both with ``RequestRejected``, which is never retried. Without
-``max_tokens`` the default (``DEFAULT_MAX_TOKENS``, at most the context) counts.
+``max_tokens`` the default (``DEFAULT_MAX_TOKENS``) counts.
 
 Every answer says why it ended (``ChatResponse.finish_reason``): "length" when
 ``max_tokens`` cut it, "stop" when the model ended it or a stop string did. While a model
@@ -37,7 +37,7 @@ import math
 import threading
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -220,18 +220,15 @@ class LocalEngine(Engine):
     def generation(self, request: ChatRequest) -> Generation:
         """The request's sampling options; a ``max_tokens`` beyond the context is refused.
 
-        Called before the prompt is tokenized: such a request costs no tokenizing. Without
-        ``max_tokens``, the default stays within the context.
+        Called before the prompt is tokenized: such a request costs no tokenizing.
         """
         generation = Generation.from_params(request.params)
         context = self.context_length
         if context is None or generation.max_new_tokens <= context:
             return generation
-        if generation.defaulted:
-            return replace(generation, max_new_tokens=context)
         msg = (
-            f"max_tokens {generation.max_new_tokens} is beyond the model's context of "
-            f"{context} tokens"
+            f"max_tokens {generation.max_new_tokens}{_default(generation)} is beyond the "
+            f"model's context of {context} tokens"
         )
         raise RequestRejected(msg)
 
@@ -241,10 +238,10 @@ class LocalEngine(Engine):
         context = self.context_length
         if context is None or prompt_tokens + generation.max_new_tokens <= context:
             return None
-        default = " (the default)" if generation.defaulted else ""
         msg = (
             f"the prompt's {prompt_tokens} tokens and max_tokens "
-            f"{generation.max_new_tokens}{default} exceed the context of {context} tokens"
+            f"{generation.max_new_tokens}{_default(generation)} exceed the context of "
+            f"{context} tokens"
         )
         return RequestRejected(msg)
 
@@ -306,6 +303,10 @@ class LocalEngine(Engine):
                 self.tokenizer = None
             self._free_cached_memory()
         await super().aclose()
+
+
+def _default(generation: Generation) -> str:
+    return " (the default)" if generation.defaulted else ""
 
 
 def end_of_text_ids(hf_model: Any, tokenizer: Any) -> list[int]:
