@@ -205,9 +205,12 @@ class SharedRateLimiter:
     ``(redis_url, deployment, kind)``, smoothed to a burst of ``burst`` (see the module).
 
     ``names`` gives the option names that a bad ``rate``, ``period`` or ``burst`` is reported
-    under, as for ``RateLimiter``. ``on_fallback(reason)`` and ``on_recover()`` are called
-    when Redis goes away and comes back; ``state`` is ``"shared"`` or ``"local"``, and
-    ``local_rate`` the fair share used while local.
+    under, as for ``RateLimiter``. ``on_fallback(reason)`` (``reason`` without passwords) and
+    ``on_recover()`` are called, on the event loop, when Redis goes away and comes back; they
+    must not raise. ``state`` is ``"shared"`` or ``"local"``, and ``local_rate`` the fair
+    share used while local. A process counts as sharing the key for ``participant_ttl_s``
+    (default: two periods, at least 10 s) after its last call. ``timeout_s`` bounds each
+    Redis call; ``retry_s`` is the pause between tries while Redis is away.
     """
 
     def __init__(
@@ -315,7 +318,13 @@ class SharedRateLimiter:
                 granted, wait_us, participants, seq, member, in_window = reply
                 self._participants = max(1, int(participants))
                 if int(seq) < self._last_seq:  # the server lost its data (restarted empty)
+                    lost = bool(self._history)
                     await self._restore_lost()
+                    if lost and int(granted):
+                        # granted on a log that did not hold our grants yet: hand it back
+                        # (as spent 0) and ask again now that they are in
+                        await self._settle_shared(SharedGrant(0.0, amount, text(member)), 0.0)
+                        continue
                     if self._local is not None:
                         continue
                 else:

@@ -149,6 +149,26 @@ async def test_scripts_are_sent_again_after_the_server_forgets_them(redis_server
         await admin.aclose()
 
 
+async def test_a_redis_that_lost_its_data_gets_our_recent_grants_back(redis_server):
+    import redis.asyncio
+
+    limiter = SharedRateLimiter(redis_server.url, DEPLOYMENT, "rpm", 10, 1.0)
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        for _ in range(10):  # the whole budget, in its burst
+            await limiter.acquire()
+        await admin.flushall()  # as a restart without persistence would
+        # the grant counter went backwards: the 10 grants are written back, so the window
+        # is still full and the 11th waits for it, instead of a fresh budget
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(limiter.acquire(), 0.3)
+        assert limiter.state == "shared"
+        assert float(await admin.get(f"nbllm:{{{DEPLOYMENT}:rpm}}:sum")) == 10
+    finally:
+        await limiter.aclose()
+        await admin.aclose()
+
+
 async def test_redis_going_away_falls_back_to_a_fair_share_and_comes_back(redis_server, caplog):
     # 40 per 2 s: a burst of 20, then 20 a second; each of two processes' share is half that
     rate, period = 40, 2.0
