@@ -99,6 +99,9 @@ async def arun(
     worker: bool | None = None,
     max_conversations: int | None = None,
     stop_grace_s: float = 10.0,
+    max_cost_usd: float | None = None,
+    max_tokens_total: int | None = None,
+    cost_per_1k_tokens: float | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -134,6 +137,9 @@ def run(
     worker: bool | None = None,
     max_conversations: int | None = None,
     stop_grace_s: float = 10.0,
+    max_cost_usd: float | None = None,
+    max_tokens_total: int | None = None,
+    cost_per_1k_tokens: float | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -150,8 +156,10 @@ def run(
     local engine — "vllm", "deepspeed", "onnx", "torch", "llamacpp" — or an ``Engine``),
     ``worker`` (run a local engine in a child process; default: on a CUDA GPU),
     ``max_conversations``, ``stop_grace_s`` (after a first Ctrl-C, seconds the requests
-    in flight may take to finish; a second Ctrl-C cancels them), ``listeners``
-    (callables receiving executor events).
+    in flight may take to finish; a second Ctrl-C cancels them), ``max_cost_usd`` /
+    ``max_tokens_total`` (hard caps: no new request once reached; the run's
+    ``stop_reason`` says which) with ``cost_per_1k_tokens`` (a price for answers whose
+    engine gives no cost), ``listeners`` (callables receiving executor events).
     ``nbllm.RunConfig`` describes each option and checks it.
 
     Without ``model`` and ``api_base``, the embedded SmolLM2-135M-Instruct answers on

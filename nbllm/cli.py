@@ -58,6 +58,9 @@ _RUN_OPTIONS = (
     "temperature",
     "engine",
     "stop_grace_s",
+    "max_cost_usd",
+    "max_tokens_total",
+    "cost_per_1k_tokens",
 )
 
 

@@ -165,6 +165,28 @@ class RunConfig(BaseModel):
         "a number >= 0",
         metavar="S",
     )
+    max_cost_usd: PositiveNumber | None = _option(
+        None,
+        "a hard cap in dollars: no new request once the run's answers cost this much (those "
+        "in flight finish); a re-run with a higher cap resumes",
+        "a number > 0 or None",
+        metavar="USD",
+    )
+    max_tokens_total: int | None = _option(
+        None,
+        "a hard cap in tokens (prompt and completion): no new request once the run's answers "
+        "used this many",
+        "a whole number >= 1 or None",
+        metavar="N",
+        ge=1,
+    )
+    cost_per_1k_tokens: PositiveNumber | None = _option(
+        None,
+        "the price in dollars of 1,000 tokens (prompt and completion) for answers whose "
+        "engine gives no cost",
+        "a number > 0 or None",
+        metavar="USD",
+    )
     listeners: tuple[Callable[[Any], Any], ...] = _option(
         (), "callables receiving the executor's events", "a list of callables", strict=False
     )

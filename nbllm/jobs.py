@@ -202,6 +202,9 @@ def submit(
     worker: bool | None = None,
     max_conversations: int | None = None,
     stop_grace_s: float = 10.0,
+    max_cost_usd: float | None = None,
+    max_tokens_total: int | None = None,
+    cost_per_1k_tokens: float | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> Job:

@@ -32,6 +32,7 @@ from nbllm.engines import (
 from nbllm.engines.keys import checked_key_for_api_base
 from nbllm.errors import ConfigError
 from nbllm.executor import Event, Executor
+from nbllm.executor.budget import Budget
 from nbllm.executor.cache import ResponseCache, resolve_cache_path
 from nbllm.executor.checkpoint import (
     CheckpointStore,
@@ -152,6 +153,7 @@ class PreparedRun:
             checkpoint=self.store,
             cache=self.cache,
             stop_grace_s=self.config.stop_grace_s,
+            budget=_budget(self.config),
         )
         self.stop.attach(executor)
         try:
@@ -324,11 +326,46 @@ def open_run(checked: CheckedRun, deliver: Deliver | None = None) -> PreparedRun
         raise
 
 
+def _budget(config: RunConfig) -> Budget | None:
+    caps = (config.max_cost_usd, config.max_tokens_total, config.cost_per_1k_tokens)
+    if all(cap is None for cap in caps):
+        return None
+    return Budget(
+        max_cost_usd=config.max_cost_usd,
+        max_tokens_total=config.max_tokens_total,
+        cost_per_1k_tokens=config.cost_per_1k_tokens,
+    )
+
+
+def _check_price(config: RunConfig, model: str) -> None:
+    """A dollar cap needs answers with a cost: litellm's price table, or
+    ``cost_per_1k_tokens``. An ``Engine`` of the user's own may price its answers."""
+    engine = config.engine
+    if config.max_cost_usd is None or config.cost_per_1k_tokens is not None:
+        return
+    if isinstance(engine, Engine):
+        return
+    through_litellm = engine == "litellm" or (
+        engine == "auto" and config.api_base is None and not is_local(engine, model, None)
+    )
+    if through_litellm:
+        from nbllm.engines.litellm import knows_price
+
+        if knows_price(model):
+            return
+        why = f"litellm's price table has no price for model={model!r}"
+    else:
+        why = f"engine={engine!r} gives no cost for its answers"
+    msg = f"max_cost_usd= needs a price: {why}; give cost_per_1k_tokens= as well"
+    raise ConfigError(msg)
+
+
 def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
     config, model, conversations = checked.config, checked.model, checked.conversations
     engine = config.engine
     api_key = None if config.api_key is None else config.api_key.get_secret_value()
     check_credentials(engine, model, config.api_base, api_key)
+    _check_price(config, model)
     phases = EventBus(checked.listeners)
 
     def on_phase(phase: str, done: float | None, total: float | None, detail: str = "") -> None:

@@ -59,6 +59,17 @@ def import_litellm() -> Any:
     return litellm
 
 
+def knows_price(model: str) -> bool:
+    """Whether litellm's bundled price table prices ``model``'s tokens (so its answers
+    come with a cost)."""
+    litellm = import_litellm()
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:  # litellm raises plain Exceptions for a model it does not know
+        return False
+    return bool(info.get("input_cost_per_token") or info.get("output_cost_per_token"))
+
+
 # What the OpenAI client says when it finds no key at all (litellm reports it as a 500).
 _MISSING_KEY = "Missing credentials"
 # Keys litellm also reads under a name its environment check does not know.

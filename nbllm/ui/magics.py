@@ -73,6 +73,8 @@ ENVIRONMENT = {
     name: f"NBLLM_{name.upper()}" for name in ("model", "api_base", "concurrency", "rpm", "tpm")
 }
 SESSION = "%llm_config / %config"
+# Run options the line takes but a session does not keep (a cap is the run's own).
+CAPS = ("max_cost_usd", "max_tokens_total", "cost_per_1k_tokens")
 DEFAULT_OUTPUT = "llm_result"
 PREVIEW_ROWS = 5
 
@@ -129,7 +131,7 @@ def _line_parser() -> _LineParser:
         help="the column whose values name the conversations (default: id or conversation_id)",
     )
     # No argparse choices for --engine: the run refuses an unknown one with the closest name.
-    add_run_arguments(parser, (*SETTINGS, "engine"), short={"model": "-m"})
+    add_run_arguments(parser, (*SETTINGS, "engine", *CAPS), short={"model": "-m"})
     checkpoint = parser.add_mutually_exclusive_group()
     add_run_arguments(checkpoint, ("checkpoint",))
     checkpoint.add_argument("--no-checkpoint", action="store_true", help="keep no checkpoint")
@@ -189,7 +191,9 @@ class LlmBatchMagics(Magics):
 
     def run_options(self, args: argparse.Namespace) -> dict[str, Any]:
         """The keyword arguments for ``nbllm.run`` / ``nbllm.submit`` from the parsed line."""
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {
+            key: getattr(args, key) for key in CAPS if getattr(args, key) is not None
+        }
         for key in SETTINGS:
             given = getattr(args, key)
             if given is not None:
