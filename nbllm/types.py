@@ -148,6 +148,7 @@ class TurnRecord:
     finish_reason: str | None = None
     queue_s: float | None = None
     service_s: float | None = None
+    deployment: str | None = None
 
     @property
     def ok(self) -> bool:

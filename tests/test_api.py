@@ -29,7 +29,7 @@ def test_run_returns_one_row_per_turn_with_the_documented_columns():
     result = nbllm.run(RECORDS, engine=FakeEngine(), model="fake-model", progress=False)
     assert list(result.df.columns) == [
         "conversation_id", "turn", "question", "answer", "reference", "model", "engine",
-        "latency_s", "queue_s", "service_s", "prompt_tokens", "completion_tokens",
+        "deployment", "latency_s", "queue_s", "service_s", "prompt_tokens", "completion_tokens",
         "finish_reason", "cost_usd", "attempts", "error", "started_at", "finished_at",
         "cached", "resumed",
     ]  # fmt: skip
@@ -650,3 +650,18 @@ def test_without_a_checkpoint_the_cache_commits_each_answer_at_once(tmp_path):
     )
     assert result.summary.turns_ok == 2
     assert seen == [1]
+
+
+def test_each_row_names_the_deployment_that_answered_and_resumed_rows_keep_it(tmp_path):
+    from nbllm.testing import TestServer
+
+    with TestServer() as server:
+        port = server.url.split(":")[2].split("/")[0]
+        options = {"model": "openai/nbllm-test", "api_base": server.url, "progress": False}
+        first = nbllm.run(RECORDS, checkpoint=tmp_path / "ck", **options)
+        again = nbllm.run(RECORDS, checkpoint=tmp_path / "ck", **options)
+    assert set(first.df["deployment"]) == {f"nbllm-test@127.0.0.1:{port}"}
+    assert again.df["resumed"].all()
+    assert list(again.df["deployment"]) == list(first.df["deployment"])
+    local = nbllm.run(RECORDS, engine=FakeEngine(), model="m", checkpoint=False, progress=False)
+    assert set(local.df["deployment"]) == {"m"}

@@ -72,6 +72,7 @@ def test_df_columns_order_and_types(result):
         "reference": "string",
         "model": "string",
         "engine": "string",
+        "deployment": "string",
         "latency_s": "Float64",
         "queue_s": "Float64",
         "service_s": "Float64",

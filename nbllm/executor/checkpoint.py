@@ -16,7 +16,8 @@ sends requests only for the rest. A file made for another call is refused, namin
 differs. A lock held for the whole run keeps a second process off the same file.
 
 Only answered turns are stored, with why each answer ended (``finish_reason``, schema 2)
-and where its time went (``queue_s``, ``service_s``, schema 3); a file of an older schema
+and where its time went and which deployment answered (``queue_s``, ``service_s``,
+``deployment``, schema 3); a file of an older schema
 is migrated in place and its rows read back with None for what it lacks. A turn that
 failed is tried again on a re-run. Turns are committed by group commit
 (``storage.GroupWriter``): a kill -9 loses at most ``storage.MAX_PENDING`` (5) answered
@@ -78,18 +79,20 @@ CREATE TABLE IF NOT EXISTS turns (
     finish_reason TEXT,
     queue_s REAL,
     service_s REAL,
+    deployment TEXT,
     PRIMARY KEY (conversation, turn)
 ) WITHOUT ROWID;
 """
 # What each older schema lacks, added in place; its rows read back with None there.
 _MIGRATIONS = {
     1: "ALTER TABLE turns ADD COLUMN finish_reason TEXT",
-    2: "ALTER TABLE turns ADD COLUMN queue_s REAL; ALTER TABLE turns ADD COLUMN service_s REAL",
+    2: "ALTER TABLE turns ADD COLUMN queue_s REAL; ALTER TABLE turns ADD COLUMN service_s REAL; "
+    "ALTER TABLE turns ADD COLUMN deployment TEXT",
 }
 _COLUMNS = (
     "conversation, turn, conversation_id, answer, model, engine, latency_s, prompt_tokens, "
     "completion_tokens, cost_usd, attempts, started_at, finished_at, cached, finish_reason, "
-    "queue_s, service_s"
+    "queue_s, service_s, deployment"
 )
 
 
@@ -170,7 +173,7 @@ class CheckpointStore(GroupWriter):
     """
 
     insert = f"INSERT OR REPLACE INTO turns ({_COLUMNS})"
-    width = 17
+    width = 18
 
     def __init__(self, conn: Any, path: Path, lock: FileLock, **writer: Any) -> None:
         super().__init__(conn, **writer)
@@ -283,6 +286,7 @@ class CheckpointStore(GroupWriter):
                 finish_reason=row[14],
                 queue_s=row[15],
                 service_s=row[16],
+                deployment=row[17],
             )
         return out
 
@@ -308,6 +312,7 @@ class CheckpointStore(GroupWriter):
                 record.finish_reason,
                 record.queue_s,
                 record.service_s,
+                record.deployment,
             )
         )
 

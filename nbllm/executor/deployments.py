@@ -485,11 +485,18 @@ def _with_weights(found: list[tuple[Deployment, bool]]) -> list[Deployment]:
 
 
 def _base_id(d: Deployment) -> str:
-    name = d.model.rstrip("/").rsplit("/", 1)[-1] or d.model
-    if d.api_base is None:
-        provider, sep, _ = d.model.partition("/")
+    return deployment_id(d.model, d.api_base)
+
+
+def deployment_id(model: str, api_base: str | None) -> str:
+    """A short, stable id for ``model`` served at ``api_base``: the model's last path
+    segment, then ``@host[:port]`` (``llama@127.0.0.1:8001``), or ``@provider`` without an
+    address (``claude-3-haiku@anthropic``). Never a key or a password."""
+    name = model.rstrip("/").rsplit("/", 1)[-1] or model
+    if api_base is None:
+        provider, sep, _ = model.partition("/")
         return f"{name}@{provider}" if sep and provider else name
-    parts = urllib.parse.urlsplit(d.api_base)
+    parts = urllib.parse.urlsplit(api_base)
     host = (parts.hostname or "").lower()
     if ":" in host:  # an IPv6 address
         host = f"[{host}]"

@@ -46,6 +46,7 @@ from nbllm.executor.arguments import check_seconds, check_whole
 from nbllm.executor.budget import Budget
 from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
+from nbllm.executor.deployments import deployment_id
 from nbllm.executor.events import (
     Event,
     EventBus,
@@ -57,6 +58,7 @@ from nbllm.executor.events import (
     TurnFinished,
 )
 from nbllm.executor.limiter import RateLimiter, estimate_tokens
+from nbllm.executor.rows import answered, unanswered
 from nbllm.executor.slots import RequestSlots
 from nbllm.executor.timing import time_split, within
 from nbllm.executor.unreachable import unreachable_reason
@@ -139,6 +141,8 @@ class Executor:
         self.budget = budget
         self._reuse_cached = cache is not None and cache.reusable(self.params)
         self._cache_scope = engine.identity() if cache is not None else ""  # who answers
+        api_base = getattr(engine, "api_base", None)
+        self._deployment = deployment_id(model, api_base if isinstance(api_base, str) else None)
         self._events = EventBus(listeners)
         self._wants_sent = self._events.wants(RequestSent)
         self._wants_retry = self._events.wants(RetryScheduled)
@@ -369,7 +373,7 @@ class Executor:
         if record.answer is None:
             reason = f"{SKIPPED}: turn {k} failed"
             for j in range(k + 1, len(conv)):
-                self._finish(index, base + j, self._unanswered(conv, j, reason))
+                self._finish(index, base + j, unanswered(conv, j, reason))
         return record.answer
 
     def _finish(self, index: int, slot: int, record: TurnRecord) -> None:
@@ -377,34 +381,6 @@ class Executor:
         if self._wants_finished:
             last = record.turn == len(self._conversations[index]) - 1
             self._emit(TurnFinished(record, self._in_flight, time.time(), last))
-
-    @staticmethod
-    def _unanswered(conv: Conversation, turn: int, error: str, **fields: Any) -> TurnRecord:
-        return TurnRecord(
-            conversation_id=conv.id,
-            turn=turn,
-            question=conv.questions[turn],
-            reference=conv.references[turn],
-            error=error,
-            **fields,
-        )
-
-    def _answered(
-        self, conv: Conversation, turn: int, response: ChatResponse, **fields: Any
-    ) -> TurnRecord:
-        return TurnRecord(
-            conversation_id=conv.id,
-            turn=turn,
-            question=conv.questions[turn],
-            answer=response.text,
-            reference=conv.references[turn],
-            model=response.model,
-            engine=fields.pop("engine", self.engine.name),
-            prompt_tokens=response.prompt_tokens,
-            completion_tokens=response.completion_tokens,
-            finish_reason=response.finish_reason,
-            **fields,
-        )
 
     def _complete_records(self) -> list[TurnRecord]:
         records: list[TurnRecord] = []
@@ -414,7 +390,7 @@ class Executor:
                 # A turn stored by an earlier run counts even if the run stopped before it
                 # was read back.
                 record = self._records[base + k] or self._done.get((index, k))
-                records.append(record if record is not None else self._unanswered(conv, k, why))
+                records.append(record if record is not None else unanswered(conv, k, why))
         return records
 
     # -- one turn: retries ---------------------------------------------------------
@@ -435,7 +411,7 @@ class Executor:
             hit = self.cache.get(key) if self._reuse_cached else None
             if hit is not None:
                 now = time.time()
-                return self._answered(
+                return answered(
                     conv,
                     k,
                     hit,
@@ -476,12 +452,13 @@ class Executor:
                 if self._stopping:
                     return None  # not retried now, nor an error: the turn never finished
                 if not self.retry.should_retry(error, attempt):
-                    return self._unanswered(
+                    return unanswered(
                         conv,
                         k,
                         redact(f"{type(error).__name__}: {error}", self._secrets),
                         model=self.model,
                         engine=self.engine.name,
+                        deployment=self._deployment,
                         attempts=attempt,
                         started_at=sends[0],
                         finished_at=time.time(),
@@ -499,10 +476,12 @@ class Executor:
                 continue
             if key is not None and self.cache is not None:
                 self.cache.put(key, response, engine=self.engine.name)
-            return self._answered(
+            return answered(
                 conv,
                 k,
                 response,
+                engine=self.engine.name,
+                deployment=self._deployment,
                 latency_s=latency,
                 cost_usd=response.cost_usd if self.budget is None else self.budget.charge(response),
                 attempts=attempt,

@@ -782,7 +782,7 @@ def test_a_schema_1_checkpoint_is_migrated_and_resumed_with_no_finish_reason(tmp
     df = result.df
     assert df.loc[df["resumed"], "finish_reason"].isna().all()
     assert (df.loc[~df["resumed"], "finish_reason"] == "stop").all()
-    migrated = [*V1_COLUMNS.split(", "), "finish_reason", "queue_s", "service_s"]
+    migrated = [*V1_COLUMNS.split(", "), "finish_reason", "queue_s", "service_s", "deployment"]
     assert schema_of(path, "turns") == ("3", migrated)
     assert df.loc[df["resumed"], "queue_s"].isna().all()
 
