@@ -99,6 +99,7 @@ async def arun(
     worker: bool | None = None,
     max_conversations: int | None = None,
     stop_grace_s: float = 10.0,
+    redis_url: str | None = None,
     max_cost_usd: float | None = None,
     max_tokens_total: int | None = None,
     cost_per_1k_tokens: float | None = None,
@@ -137,6 +138,7 @@ def run(
     worker: bool | None = None,
     max_conversations: int | None = None,
     stop_grace_s: float = 10.0,
+    redis_url: str | None = None,
     max_cost_usd: float | None = None,
     max_tokens_total: int | None = None,
     cost_per_1k_tokens: float | None = None,
@@ -156,7 +158,9 @@ def run(
     local engine — "vllm", "deepspeed", "onnx", "torch", "llamacpp" — or an ``Engine``),
     ``worker`` (run a local engine in a child process; default: on a CUDA GPU),
     ``max_conversations``, ``stop_grace_s`` (after a first Ctrl-C, seconds the requests
-    in flight may take to finish; a second Ctrl-C cancels them), ``max_cost_usd`` /
+    in flight may take to finish; a second Ctrl-C cancels them), ``redis_url`` (share
+    the ``rpm``/``tpm`` budgets with every process using this Redis against the same
+    deployment; default ``$NBLLM_REDIS_URL``), ``max_cost_usd`` /
     ``max_tokens_total`` (hard caps: no new request once reached; the run's
     ``stop_reason`` says which) with ``cost_per_1k_tokens`` (a price for answers whose
     engine gives no cost), ``listeners`` (callables receiving executor events).

@@ -58,6 +58,7 @@ _RUN_OPTIONS = (
     "temperature",
     "engine",
     "stop_grace_s",
+    "redis_url",
     "max_cost_usd",
     "max_tokens_total",
     "cost_per_1k_tokens",

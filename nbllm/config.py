@@ -165,6 +165,14 @@ class RunConfig(BaseModel):
         "a number >= 0",
         metavar="S",
     )
+    redis_url: str | None = _option(
+        None,
+        "share the rpm/tpm budgets with every process that uses this Redis and the same "
+        "deployment (none: $NBLLM_REDIS_URL, else this run's own)",
+        "a redis:// or rediss:// URL",
+        metavar="URL",
+        pattern=r"^(rediss?|unix)://",
+    )
     max_cost_usd: PositiveNumber | None = _option(
         None,
         "a hard cap in dollars: no new request once the run's answers cost this much (those "
@@ -204,7 +212,7 @@ class RunConfig(BaseModel):
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # pydantic's repr, str and pretty-printers all read these.
         for name, value in super().__repr_args__():
-            if name == "api_base" and isinstance(value, str):
+            if name in ("api_base", "redis_url") and isinstance(value, str):
                 value = public_url(value)
             elif name == "params" and isinstance(value, Mapping):
                 value = hidden(value)

@@ -202,6 +202,7 @@ def submit(
     worker: bool | None = None,
     max_conversations: int | None = None,
     stop_grace_s: float = 10.0,
+    redis_url: str | None = None,
     max_cost_usd: float | None = None,
     max_tokens_total: int | None = None,
     cost_per_1k_tokens: float | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -154,6 +155,7 @@ class PreparedRun:
             cache=self.cache,
             stop_grace_s=self.config.stop_grace_s,
             budget=_budget(self.config),
+            redis_url=self.config.redis_url or os.environ.get("NBLLM_REDIS_URL") or None,
         )
         self.stop.attach(executor)
         try:

@@ -10,6 +10,7 @@ from nbllm.executor.events import (
     RetryScheduled,
     RunFinished,
     RunStarted,
+    SharedQuota,
     StopRequested,
     TurnFinished,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "RetryScheduled",
     "RunFinished",
     "RunStarted",
+    "SharedQuota",
     "StopRequested",
     "TurnFinished",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "RetryScheduled",
     "RunFinished",
     "RunStarted",
+    "SharedQuota",
     "StopRequested",
     "TurnFinished",
 ]
@@ -117,6 +118,17 @@ class RunFinished:
     stop_reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SharedQuota:
+    """The limits shared through Redis (``redis_url``) went away (``shared`` False: this run
+    goes on with local limits at its fair share; ``reason`` says why, without a password)
+    or came back (``shared`` True)."""
+
+    shared: bool
+    reason: str
+    t: float
+
+
 Event = (
     RunStarted
     | RequestSent
@@ -125,6 +137,7 @@ Event = (
     | RunFinished
     | StopRequested
     | EnginePhase
+    | SharedQuota
 )
 
 

@@ -57,8 +57,11 @@ from nbllm.executor.events import (
     StopRequested,
     TurnFinished,
 )
-from nbllm.executor.limiter import RateLimiter, estimate_tokens
+from nbllm.executor.limiter import estimate_tokens
+from nbllm.executor.limits import run_limiter
+from nbllm.executor.redis_link import check
 from nbllm.executor.rows import answered, unanswered
+from nbllm.executor.shared_limit import SharedRateLimiter
 from nbllm.executor.slots import RequestSlots
 from nbllm.executor.timing import time_split, within
 from nbllm.executor.unreachable import unreachable_reason
@@ -113,6 +116,7 @@ class Executor:
         rate_window_s: float = 60.0,
         stop_grace_s: float = 10.0,
         budget: Budget | None = None,
+        redis_url: str | None = None,
     ) -> None:
         check_whole("concurrency", concurrency)
         if max_conversations is not None:
@@ -133,9 +137,6 @@ class Executor:
         self.system = system
         self.params = dict(params or {})
         self._secrets = (*engine.secrets(), *secret_values(self.params))  # masked in errors
-        names = ("rate_window_s", "burst")
-        self.rpm = None if rpm is None else RateLimiter(rpm, rate_window_s, names=("rpm", *names))
-        self.tpm = None if tpm is None else RateLimiter(tpm, rate_window_s, names=("tpm", *names))
         self.checkpoint = checkpoint
         self.cache = cache
         self.budget = budget
@@ -144,6 +145,11 @@ class Executor:
         api_base = getattr(engine, "api_base", None)
         self._deployment = deployment_id(model, api_base if isinstance(api_base, str) else None)
         self._events = EventBus(listeners)
+        self.redis_url = redis_url
+        self.rpm, self.tpm = (
+            run_limiter(kind, rate, rate_window_s, redis_url, self._deployment, self._emit)
+            for kind, rate in (("rpm", rpm), ("tpm", tpm))
+        )
         self._wants_sent = self._events.wants(RequestSent)
         self._wants_retry = self._events.wants(RetryScheduled)
         self._wants_finished = self._events.wants(TurnFinished)
@@ -172,6 +178,8 @@ class Executor:
         if self._running:
             msg = "this Executor is already running; create another for a second run"
             raise RuntimeError(msg)
+        if self.redis_url is not None:
+            await check(self.redis_url)  # before any request: ConfigError if unreachable
         self._running = True
         self._stopping = self._stops_asked > 0  # a stop() before the run stops it at once
         try:
@@ -180,6 +188,9 @@ class Executor:
             self._running = False
             self._stop_loop = None
             self._stops_asked = 0
+            for limiter in (self.rpm, self.tpm):
+                if isinstance(limiter, SharedRateLimiter):
+                    await limiter.aclose()
 
     async def _run(self, conversations: Sequence[Conversation]) -> RunResult:
         self._conversations = conversations

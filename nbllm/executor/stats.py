@@ -32,6 +32,7 @@ from nbllm.executor.events import (
     RetryScheduled,
     RunFinished,
     RunStarted,
+    SharedQuota,
     StopRequested,
     TurnFinished,
 )
@@ -119,6 +120,8 @@ class Snapshot:
     phase_total: float | None = None
     phase_detail: str | None = None
     generated_tokens: int | None = None
+    #: Why the limits shared through Redis are local for now (None while shared, or unused).
+    quota_note: str | None = None
 
     @property
     def turns_ok(self) -> int:
@@ -160,6 +163,7 @@ class RunStats:
         self._stopping = False
         self._errors_by_kind: dict[str, int] = {}
         self._last_error: str | None = None
+        self._quota: str | None = None
         self._phase: EnginePhase | None = None
         self._generated: int | None = None
         # (finish time, requests sent, tokens) of this run's turns in the recent window,
@@ -189,6 +193,8 @@ class RunStats:
                 self._run_finished(event)
             elif isinstance(event, StopRequested):
                 self._stopping = True
+            elif isinstance(event, SharedQuota):
+                self._quota = None if event.shared else event.reason
             elif isinstance(event, EnginePhase):
                 if event.phase == GENERATING:
                     # A count that comes late, after the run finished, changes nothing.
@@ -351,4 +357,5 @@ class RunStats:
                 phase_total=None if phase is None else phase.total,
                 phase_detail=None if phase is None else phase.detail or None,
                 generated_tokens=None if summary is not None else self._generated,
+                quota_note=self._quota,
             )

@@ -171,6 +171,8 @@ def error_lines(snap: Snapshot) -> list[str]:
     if snap.last_error:
         retrying = not snap.failed and snap.retries and not snap.finished
         lines.append(f"{'retrying after' if retrying else 'last error'}: {snap.last_error}")
+    if snap.quota_note:
+        lines.append(f"shared limits: {snap.quota_note}")
     return lines
 
 
