@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 __all__ = [
@@ -62,7 +62,18 @@ _ENV_NAME = re.compile(
 )
 _QUERY_NAMES = "key|api_key|apikey|token|access_token|sig|signature|code"
 _VALUE = r"[A-Za-z0-9._~+/=:-]{4,}"
-_PATTERNS = (
+
+
+def _masked_value(match: re.Match[str]) -> str:
+    """``name: value`` with the value masked, unless the value is a plain word (letters
+    only, shorter than any key): ``api_key= expected a string`` is a message, not a key."""
+    value = match.group(2)
+    if value.isalpha() and len(value) < 16:
+        return match.group(0)
+    return match.group(1) + MASK
+
+
+_PATTERNS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
     # "Authorization: Bearer abc", "Basic dXNlcjpwYXNz"
     (re.compile(rf"(?i)\b(Bearer)(\s+){_VALUE}"), rf"\1\2{MASK}"),
     (re.compile(r"(?i)\b(Basic)(\s+)[A-Za-z0-9+/]{8,}={0,2}"), rf"\1\2{MASK}"),
@@ -75,7 +86,7 @@ _PATTERNS = (
             r"|password|passwd|authorization|signature|cookie|credentials?)[\"']?\s*[:=]\s*"
             r"[\"']?)([^\s\"',;&}\]]{4,})"
         ),
-        rf"\1{MASK}",
+        _masked_value,
     ),
     # ?key=..., &access_token=... in a URL's query
     (re.compile(rf"(?i)([?&](?:{_QUERY_NAMES})=)[^&\s\"'#]+"), rf"\1{MASK}"),

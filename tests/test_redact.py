@@ -68,6 +68,8 @@ def test_ordinary_error_text_is_left_as_it_is() -> None:
         "prompt_tokens: 1234, completion_tokens: 56",
         "ConnectionFailed: connection to http://127.0.0.1:8000/v1 failed",
         "the token limit was exceeded; basic auth failed",
+        "api_key= expected a string, got 3",
+        "authorization: missing",
     ):
         assert redact(text) == text
 
