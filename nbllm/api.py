@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from nbllm.config import config_of_call
 from nbllm.engines import (
@@ -84,8 +84,10 @@ async def arun(
     api_base: str | None = None,
     api_key: str | None = None,
     concurrency: int = 32,
-    rpm: float | None = None,
-    tpm: float | None = None,
+    rpm: float | Literal["auto"] | None = None,
+    tpm: float | Literal["auto"] | None = None,
+    max_rpm: float | None = None,
+    max_tpm: float | None = None,
     timeout: float | None = 120.0,
     retries: int | RetryPolicy = 5,
     system: str | None = None,
@@ -123,8 +125,10 @@ def run(
     api_base: str | None = None,
     api_key: str | None = None,
     concurrency: int = 32,
-    rpm: float | None = None,
-    tpm: float | None = None,
+    rpm: float | Literal["auto"] | None = None,
+    tpm: float | Literal["auto"] | None = None,
+    max_rpm: float | None = None,
+    max_tpm: float | None = None,
     timeout: float | None = 120.0,
     retries: int | RetryPolicy = 5,
     system: str | None = None,
@@ -151,7 +155,8 @@ def run(
     JSONL path, or ``Conversation`` objects (see ``nbllm.dataset``). Options:
     ``model`` (any litellm model string), ``api_base`` / ``api_key`` (any
     OpenAI-compatible server), ``concurrency`` (requests in flight), ``rpm`` / ``tpm``
-    (per-minute budgets), ``timeout`` (seconds per attempt), ``retries`` (an int or a
+    (per-minute budgets; "auto" finds them while running, up to ``max_rpm`` /
+    ``max_tpm``), ``timeout`` (seconds per attempt), ``retries`` (an int or a
     ``RetryPolicy``), ``system`` (default system prompt), ``max_tokens``,
     ``temperature``, ``progress`` (the dashboard in a notebook, a text bar in a
     terminal; default: when interactive), ``engine`` ("auto", "openai", "litellm", a

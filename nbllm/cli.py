@@ -51,6 +51,8 @@ _RUN_OPTIONS = (
     "concurrency",
     "rpm",
     "tpm",
+    "max_rpm",
+    "max_tpm",
     "timeout",
     "retries",
     "system",

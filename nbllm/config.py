@@ -15,7 +15,7 @@ import argparse
 import os
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -31,7 +31,14 @@ from nbllm.errors import ConfigError
 from nbllm.redact import hidden, public_url
 from nbllm.retry import RetryPolicy
 
-__all__ = ["RunConfig", "add_run_arguments", "config_of_call", "parse_run_option", "text_type"]
+__all__ = [
+    "RunConfig",
+    "add_run_arguments",
+    "config_of_call",
+    "parse_run_option",
+    "takes_auto",
+    "text_type",
+]
 
 # int or float, kept as given: a temperature of 0 stays 0 in cache keys and fingerprints.
 PositiveNumber = Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -93,11 +100,30 @@ class RunConfig(BaseModel):
         metavar="KEY",
     )
     concurrency: int = _option(32, "requests in flight", "a whole number >= 1", metavar="N", ge=1)
-    rpm: PositiveNumber | None = _option(
-        None, "requests per minute, at most", "a number > 0 or None", metavar="N"
+    rpm: PositiveNumber | Literal["auto"] | None = _option(
+        None,
+        "requests per minute, at most; 'auto': found while running (429s and the provider's "
+        "rate-limit headers), at most max_rpm",
+        "a number > 0, 'auto' or None",
+        metavar="N",
     )
-    tpm: PositiveNumber | None = _option(
-        None, "tokens per minute, at most", "a number > 0 or None", metavar="N"
+    tpm: PositiveNumber | Literal["auto"] | None = _option(
+        None,
+        "tokens per minute, at most; 'auto': found while running, at most max_tpm",
+        "a number > 0, 'auto' or None",
+        metavar="N",
+    )
+    max_rpm: PositiveNumber | None = _option(
+        None,
+        "the ceiling of rpm='auto' (also where it starts: half of it)",
+        "a number > 0 or None",
+        metavar="N",
+    )
+    max_tpm: PositiveNumber | None = _option(
+        None,
+        "the ceiling of tpm='auto' (also where it starts: half of it)",
+        "a number > 0 or None",
+        metavar="N",
     )
     timeout: PositiveNumber | None = _option(
         120.0, "seconds per attempt", "a number > 0 or None", metavar="S"
@@ -277,9 +303,26 @@ def _leaf_types(annotation: Any) -> set[Any]:
 
 
 def text_type(name: str) -> type:
-    """How an option given as text is read: a number, a whole number, or the text itself."""
+    """How an option given as text is read: a number, a whole number, or the text itself
+    (a number option that also takes ``"auto"`` reads that word as it is)."""
     leaves = _leaf_types(RunConfig.model_fields[name].annotation)
     return float if float in leaves else int if int in leaves else str
+
+
+def takes_auto(name: str) -> bool:
+    """Whether option ``name`` also takes ``"auto"`` (``rpm="auto"``)."""
+    return "auto" in _leaf_types(RunConfig.model_fields[name].annotation)
+
+
+def _reader(name: str) -> Any:
+    kind = text_type(name)
+    if not takes_auto(name):
+        return kind
+
+    def read(text: str) -> Any:
+        return "auto" if text.strip().lower() == "auto" else kind(text)
+
+    return read
 
 
 def parse_run_option(name: str, text: str) -> Any:
@@ -287,9 +330,10 @@ def parse_run_option(name: str, text: str) -> Any:
     checked by the schema's rules; ``ConfigError`` otherwise."""
     kind = text_type(name)
     try:
-        value = kind(text)
+        value = _reader(name)(text)
     except ValueError:
         what = "a whole number" if kind is int else "a number"
+        what += " or 'auto'" if takes_auto(name) else ""
         msg = f"{name} expects {what}, got {text!r}"
         raise ConfigError(msg) from None
     RunConfig(**{name: value})
@@ -316,9 +360,8 @@ def add_run_arguments(
             help_text += f" (default: {default})"
         flags = [short[name]] if short and name in short else []
         kwargs: dict[str, Any] = {"default": None, "help": help_text}
-        kind = text_type(name)
-        if kind is not str:
-            kwargs["type"] = kind
+        if text_type(name) is not str:
+            kwargs["type"] = _reader(name)
         if choices and name in choices:
             kwargs["choices"] = choices[name]
         else:

@@ -146,6 +146,8 @@ class PreparedRun:
             max_conversations=self.config.max_conversations,
             rpm=self.config.rpm,
             tpm=self.config.tpm,
+            max_rpm=self.config.max_rpm,
+            max_tpm=self.config.max_tpm,
             timeout=self.config.timeout,
             retry=self.config.retry_policy,
             system=self.config.system,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from nbllm.executor.events import (
     EnginePhase,
     Event,
+    LimitChanged,
     Listener,
     RequestSent,
     RetryScheduled,
@@ -22,6 +23,7 @@ __all__ = [
     "EnginePhase",
     "Event",
     "Executor",
+    "LimitChanged",
     "Listener",
     "RateLimiter",
     "RequestSent",

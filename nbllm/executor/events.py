@@ -18,6 +18,7 @@ from nbllm.types import TurnRecord
 __all__ = [
     "EnginePhase",
     "Event",
+    "LimitChanged",
     "Listener",
     "RequestSent",
     "RetryScheduled",
@@ -129,6 +130,15 @@ class SharedQuota:
     t: float
 
 
+@dataclass(frozen=True, slots=True)
+class LimitChanged:
+    """An ``"auto"`` limit moved: ``kind`` ("rpm" or "tpm") is now ``limit`` per rate window."""
+
+    kind: str
+    limit: float
+    t: float
+
+
 Event = (
     RunStarted
     | RequestSent
@@ -138,6 +148,7 @@ Event = (
     | StopRequested
     | EnginePhase
     | SharedQuota
+    | LimitChanged
 )
 
 

@@ -1,56 +1,144 @@
-"""A run's requests- and tokens-per-minute budgets: local, or shared through Redis.
+"""A run's requests- and tokens-per-minute budgets: fixed or found while running, local or
+shared through Redis.
 
-With ``redis_url``, each budget is a ``SharedRateLimiter`` keyed by the deployment's id,
-so every process running against the same deployment with the same Redis stays under the
-limit together; without, a ``RateLimiter`` of this process's own. When the shared
-limiter falls back to local limits (Redis went away) or returns, the run's listeners get
-a ``SharedQuota`` event.
+``RunLimits`` is what the executor asks before each request (``acquire``) and tells after
+it (``answered``, ``rate_limited``):
+
+- ``rpm=N`` / ``tpm=N``: a ``RateLimiter`` of this process's own, or with ``redis_url`` a
+  ``SharedRateLimiter`` keyed by the deployment's id, so every process running against the
+  same deployment with the same Redis stays under the limit together. When the shared
+  limiter falls back to local limits (Redis went away) or returns, the run's listeners get
+  a ``SharedQuota`` event.
+- ``rpm="auto"`` / ``tpm="auto"``: the limiter's rate is driven by an ``AdaptiveLimit``:
+  it starts at half of ``max_rpm`` / ``max_tpm`` (or at ``AUTO_START`` per window without a
+  ceiling), grows while requests succeed, and is cut on a 429, never above the ceiling.
+  Each change is a ``LimitChanged`` event, so the dashboard shows the limit in force.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
-from nbllm.executor.events import Event, SharedQuota
-from nbllm.executor.limiter import RateLimiter
+from nbllm.errors import ConfigError, EngineError
+from nbllm.executor.adaptive import AdaptiveLimit
+from nbllm.executor.events import Event, LimitChanged, SharedQuota
+from nbllm.executor.limiter import Grant, RateLimiter
 from nbllm.executor.shared_limit import SharedRateLimiter
+from nbllm.types import ChatResponse
 
-__all__ = ["Limiter", "run_limiter"]
+__all__ = ["AUTO_START", "Limiter", "RunLimits"]
 
 Limiter = RateLimiter | SharedRateLimiter
+
+#: Where rpm / tpm "auto" start, per rate window, when no ceiling is given.
+AUTO_START = {"rpm": 60.0, "tpm": 60_000.0}
 
 _NAMES = ("rate_window_s", "burst")
 
 
-def run_limiter(
-    kind: str,
-    rate: float | None,
-    window_s: float,
-    redis_url: str | None,
-    deployment: str,
-    emit: Callable[[Event], None],
-) -> Limiter | None:
-    """The budget ``kind`` ("rpm" or "tpm") of ``rate`` per ``window_s``; None without one."""
-    if rate is None:
-        return None
-    names = (kind, *_NAMES)
-    if redis_url is None:
-        return RateLimiter(rate, window_s, names=names)
+class RunLimits:
+    """The rpm and tpm budgets of one run against one deployment (see the module)."""
 
-    def fell_back(reason: str) -> None:
-        emit(SharedQuota(False, f"{kind} is local for now: {reason}", time.time()))
+    def __init__(
+        self,
+        rpm: float | str | None,
+        tpm: float | str | None,
+        window_s: float,
+        *,
+        max_rpm: float | None = None,
+        max_tpm: float | None = None,
+        redis_url: str | None = None,
+        deployment: str,
+        emit: Callable[[Event], None],
+    ) -> None:
+        self._emit = emit
+        self.adaptive: dict[str, AdaptiveLimit] = {}
+        self.rpm = self._make("rpm", rpm, max_rpm, window_s, redis_url, deployment)
+        self.tpm = self._make("tpm", tpm, max_tpm, window_s, redis_url, deployment)
 
-    def recovered() -> None:
-        emit(SharedQuota(True, f"{kind} is shared again", time.time()))
+    def _make(
+        self,
+        kind: str,
+        rate: float | str | None,
+        ceiling: float | None,
+        window_s: float,
+        redis_url: str | None,
+        deployment: str,
+    ) -> Limiter | None:
+        if rate is None:
+            return None
+        start = None
+        if rate == "auto":
+            if redis_url is not None:
+                msg = (
+                    f"{kind}='auto' cannot be shared through redis_url= yet: give {kind}= a number"
+                )
+                raise ConfigError(msg)
+            start = ceiling / 2 if ceiling is not None else AUTO_START[kind]
+        first: Any = rate if start is None else start  # RateLimiter checks it
+        limiter = self._limiter(kind, first, window_s, redis_url, deployment)
+        if start is not None:
+            self.adaptive[kind] = AdaptiveLimit(
+                limiter.set_rate if isinstance(limiter, RateLimiter) else None,
+                ceiling=ceiling,
+                start=start,
+                period=window_s,
+                unit="requests" if kind == "rpm" else "tokens",
+                name=kind,
+            )
+        return limiter
 
-    return SharedRateLimiter(
-        redis_url,
-        deployment,
-        kind,
-        rate,
-        window_s,
-        names=names,
-        on_fallback=fell_back,
-        on_recover=recovered,
-    )
+    def _limiter(
+        self, kind: str, rate: float, window_s: float, redis_url: str | None, deployment: str
+    ) -> Limiter:
+        names = (kind, *_NAMES)
+        if redis_url is None:
+            return RateLimiter(rate, window_s, names=names)
+
+        def fell_back(reason: str) -> None:
+            self._emit(SharedQuota(False, f"{kind} is local for now: {reason}", time.time()))
+
+        def recovered() -> None:
+            self._emit(SharedQuota(True, f"{kind} is shared again", time.time()))
+
+        return SharedRateLimiter(
+            redis_url,
+            deployment,
+            kind,
+            rate,
+            window_s,
+            names=names,
+            on_fallback=fell_back,
+            on_recover=recovered,
+        )
+
+    async def acquire(self, estimate: int) -> Grant | None:
+        """Wait for one request and ``estimate`` tokens; the tokens' grant, if counted."""
+        if self.rpm is not None:
+            await self.rpm.acquire(1)
+        return await self.tpm.acquire(estimate) if self.tpm is not None else None
+
+    def answered(self, grant: Grant | None, response: ChatResponse) -> None:
+        """A request was answered: settle its tokens, and let "auto" limits grow."""
+        used = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
+        if grant is not None and self.tpm is not None and used:
+            self.tpm.settle(grant, used)
+        self._adapt("on_success", {"rpm": 1.0, "tpm": float(used)})
+
+    def rate_limited(self, error: EngineError, estimate: int) -> None:
+        """A 429: cut the "auto" limits (once per window, however many 429s it holds)."""
+        self._adapt("on_rate_limited", {"rpm": 1.0, "tpm": float(estimate)})
+
+    def _adapt(self, how: str, amounts: dict[str, float]) -> None:
+        for kind, control in self.adaptive.items():
+            before = control.limit
+            getattr(control, how)(None, amount=amounts[kind])
+            if control.limit != before:
+                self._emit(LimitChanged(kind, control.limit, time.time()))
+
+    async def aclose(self) -> None:
+        for limiter in (self.rpm, self.tpm):
+            if isinstance(limiter, SharedRateLimiter):
+                await limiter.aclose()

@@ -58,10 +58,9 @@ from nbllm.executor.events import (
     TurnFinished,
 )
 from nbllm.executor.limiter import estimate_tokens
-from nbllm.executor.limits import run_limiter
+from nbllm.executor.limits import RunLimits
 from nbllm.executor.redis_link import check
 from nbllm.executor.rows import answered, unanswered
-from nbllm.executor.shared_limit import SharedRateLimiter
 from nbllm.executor.slots import RequestSlots
 from nbllm.executor.timing import time_split, within
 from nbllm.executor.unreachable import unreachable_reason
@@ -104,8 +103,8 @@ class Executor:
         model: str,
         concurrency: int = 32,
         max_conversations: int | None = None,
-        rpm: float | None = None,
-        tpm: float | None = None,
+        rpm: float | str | None = None,
+        tpm: float | str | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         system: str | None = None,
@@ -117,6 +116,8 @@ class Executor:
         stop_grace_s: float = 10.0,
         budget: Budget | None = None,
         redis_url: str | None = None,
+        max_rpm: float | None = None,
+        max_tpm: float | None = None,
     ) -> None:
         check_whole("concurrency", concurrency)
         if max_conversations is not None:
@@ -146,10 +147,10 @@ class Executor:
         self._deployment = deployment_id(model, api_base if isinstance(api_base, str) else None)
         self._events = EventBus(listeners)
         self.redis_url = redis_url
-        self.rpm, self.tpm = (
-            run_limiter(kind, rate, rate_window_s, redis_url, self._deployment, self._emit)
-            for kind, rate in (("rpm", rpm), ("tpm", tpm))
-        )
+        self.limits = RunLimits(
+            rpm, tpm, rate_window_s, max_rpm=max_rpm, max_tpm=max_tpm, redis_url=redis_url,
+            deployment=self._deployment, emit=self._emit,
+        )  # fmt: skip
         self._wants_sent = self._events.wants(RequestSent)
         self._wants_retry = self._events.wants(RetryScheduled)
         self._wants_finished = self._events.wants(TurnFinished)
@@ -188,9 +189,7 @@ class Executor:
             self._running = False
             self._stop_loop = None
             self._stops_asked = 0
-            for limiter in (self.rpm, self.tpm):
-                if isinstance(limiter, SharedRateLimiter):
-                    await limiter.aclose()
+            await self.limits.aclose()
 
     async def _run(self, conversations: Sequence[Conversation]) -> RunResult:
         self._conversations = conversations
@@ -435,7 +434,7 @@ class Executor:
                     finished_at=now,
                     cached=True,
                 )
-        estimate = estimate_tokens(messages, self.params) if self.tpm else 0
+        estimate = estimate_tokens(messages, self.params) if self.limits.tpm else 0
         # Most turns left first, then the longest conversation (see RequestSlots).
         priority = (k - len(conv), -len(conv))
         sends: list[float] = []  # when each attempt left, filled by _attempt
@@ -476,10 +475,11 @@ class Executor:
                         **time_split(ready, self._loop.time(), spent),
                     )
                 delay = self.retry.delay(error, attempt)
-                if isinstance(error, RateLimitError) and error.retry_after:
-                    self._cooldown_until = max(
-                        self._cooldown_until, self._loop.time() + error.retry_after
-                    )
+                if isinstance(error, RateLimitError):
+                    self.limits.rate_limited(error, estimate)
+                    if error.retry_after:
+                        pause = self._loop.time() + error.retry_after
+                        self._cooldown_until = max(self._cooldown_until, pause)
                 if self._wants_retry:
                     text = redact(str(error), self._secrets)
                     self._emit(RetryScheduled(conv.id, k, attempt, text, delay, time.time()))
@@ -525,9 +525,7 @@ class Executor:
             # A 429 met while this one slept may have moved the end of the pause.
             while (wait := self._cooldown_until - self._loop.time()) > 0:
                 await asyncio.sleep(wait)
-            if self.rpm is not None:
-                await self.rpm.acquire(1)
-            grant = await self.tpm.acquire(estimate) if self.tpm is not None else None
+            grant = await self.limits.acquire(estimate)
             if self.budget is not None and (why := self.budget.reached()):
                 self._stop_for(why)
             if self._stopping:
@@ -558,12 +556,8 @@ class Executor:
                 self._in_flight -= 1
                 self._sending.discard(worker)
                 spent.append(self._loop.time() - t0)
-            latency = spent[-1]
-            if grant is not None and self.tpm is not None:
-                used = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
-                if used:
-                    self.tpm.settle(grant, used)
-            return response, latency
+            self.limits.answered(grant, response)
+            return response, spent[-1]
         finally:
             self._slots.release()
 

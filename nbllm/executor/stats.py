@@ -28,6 +28,7 @@ from nbllm.errors import ConfigError
 from nbllm.executor.events import (
     EnginePhase,
     Event,
+    LimitChanged,
     RequestSent,
     RetryScheduled,
     RunFinished,
@@ -122,6 +123,8 @@ class Snapshot:
     generated_tokens: int | None = None
     #: Why the limits shared through Redis are local for now (None while shared, or unused).
     quota_note: str | None = None
+    #: The "auto" limits in force, (kind, limit per rate window): ("rpm", 412.0).
+    auto_limits: tuple[tuple[str, float], ...] = ()
 
     @property
     def turns_ok(self) -> int:
@@ -164,6 +167,7 @@ class RunStats:
         self._errors_by_kind: dict[str, int] = {}
         self._last_error: str | None = None
         self._quota: str | None = None
+        self._auto_limits: dict[str, float] = {}
         self._phase: EnginePhase | None = None
         self._generated: int | None = None
         # (finish time, requests sent, tokens) of this run's turns in the recent window,
@@ -195,6 +199,8 @@ class RunStats:
                 self._stopping = True
             elif isinstance(event, SharedQuota):
                 self._quota = None if event.shared else event.reason
+            elif isinstance(event, LimitChanged):
+                self._auto_limits[event.kind] = event.limit
             elif isinstance(event, EnginePhase):
                 if event.phase == GENERATING:
                     # A count that comes late, after the run finished, changes nothing.
@@ -358,4 +364,5 @@ class RunStats:
                 phase_detail=None if phase is None else phase.detail or None,
                 generated_tokens=None if summary is not None else self._generated,
                 quota_note=self._quota,
+                auto_limits=tuple(sorted(self._auto_limits.items())),
             )

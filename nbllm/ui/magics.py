@@ -51,10 +51,10 @@ from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from traitlets import Float, Integer, TraitError, Unicode, validate
+from traitlets import Enum, Float, Integer, TraitError, Unicode, Union, validate
 
 import nbllm
-from nbllm.config import RunConfig, add_run_arguments, parse_run_option, text_type
+from nbllm.config import RunConfig, add_run_arguments, parse_run_option, takes_auto, text_type
 from nbllm.dataset import did_you_mean
 from nbllm.errors import ConfigError, NbllmError
 from nbllm.executor.storage import nbllm_dir
@@ -74,7 +74,7 @@ ENVIRONMENT = {
 }
 SESSION = "%llm_config / %config"
 # Run options the line takes but a session does not keep (a cap is the run's own).
-CAPS = ("max_cost_usd", "max_tokens_total", "cost_per_1k_tokens")
+CAPS = ("max_rpm", "max_tpm", "max_cost_usd", "max_tokens_total", "cost_per_1k_tokens")
 DEFAULT_OUTPUT = "llm_result"
 PREVIEW_ROWS = 5
 
@@ -96,8 +96,11 @@ def _parse_setting(key: str, text: str, where: str) -> Any:
 
 def _trait(key: str) -> Any:
     """The session default of option ``key``: unset, with its kind and help from the schema."""
-    trait = _TRAITS[text_type(key)]
     help_text = RunConfig.model_fields[key].description
+    if takes_auto(key):  # a number or "auto" (rpm="auto")
+        kinds = [Float(), Enum(["auto"])]
+        return Union(kinds, default_value=None, allow_none=True, help=help_text).tag(config=True)
+    trait = _TRAITS[text_type(key)]
     return trait(None, allow_none=True, help=help_text).tag(config=True)
 
 

@@ -85,6 +85,8 @@ def figure_items(snap: Snapshot) -> list[str]:
     if snap.generated_tokens is not None:  # a local generation moves before its turn ends
         items.append(generated_text(snap.generated_tokens))
     items += [f"{_rate(snap.requests_per_s)} req/s", f"{_rate(snap.tokens_per_s)} tok/s"]
+    # An "auto" limit in force, beside the rates it bounds (per rate window: a minute).
+    items += [f"{kind} limit {limit:,.0f}" for kind, limit in snap.auto_limits]
     if snap.latency_p50 is None:
         items.append("latency -")
     else:

@@ -285,9 +285,10 @@ async def test_tpm_limit_counts_real_usage(short_minute):
 
 def test_rate_window_s_is_the_minute_of_both_limits():
     executor = Executor(FakeEngine(), model="m", rpm=10, tpm=500, rate_window_s=2.5)
-    assert executor.rpm is not None and executor.rpm.period == 2.5
-    assert executor.tpm is not None and executor.tpm.period == 2.5
-    default = Executor(FakeEngine(), model="m", rpm=10, tpm=500)
+    limits = executor.limits
+    assert limits.rpm is not None and limits.rpm.period == 2.5
+    assert limits.tpm is not None and limits.tpm.period == 2.5
+    default = Executor(FakeEngine(), model="m", rpm=10, tpm=500).limits
     assert default.rpm is not None and default.rpm.period == 60.0
     assert default.tpm is not None and default.tpm.period == 60.0
 
