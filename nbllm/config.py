@@ -102,8 +102,8 @@ class RunConfig(BaseModel):
     concurrency: int = _option(32, "requests in flight", "a whole number >= 1", metavar="N", ge=1)
     rpm: PositiveNumber | Literal["auto"] | None = _option(
         None,
-        "requests per minute, at most; 'auto': found while running from the server's 429s, "
-        "at most max_rpm",
+        "requests per minute, at most; 'auto': found while running (the server's 429s and "
+        "x-ratelimit headers), at most max_rpm",
         "a number > 0, 'auto' or None",
         metavar="N",
     )

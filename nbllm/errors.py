@@ -22,6 +22,8 @@ Backend exceptions are mapped to this tree at the engine boundary
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
     "AuthenticationError",
     "CheckpointError",
@@ -87,7 +89,10 @@ class RetryableError(EngineError):
 
 
 class RateLimitError(RetryableError):
-    """The provider answered 429 Too Many Requests."""
+    """The provider answered 429 Too Many Requests. ``rate_limits``: its ``x-ratelimit-*``
+    headers (names in lower case), where it sent any."""
+
+    rate_limits: Mapping[str, str] | None = None
 
 
 class ServerError(RetryableError):

@@ -101,7 +101,8 @@ class ChatResponse:
 
     ``finish_reason`` is why the answer ended, as the provider says it (``"stop"``,
     ``"length"`` when ``max_tokens`` cut it, ``"content_filter"``, ``"tool_calls"``);
-    None when the engine does not say.
+    None when the engine does not say. ``rate_limits``: the provider's ``x-ratelimit-*``
+    headers on this answer (names in lower case), where it sent any.
     """
 
     text: str
@@ -110,6 +111,7 @@ class ChatResponse:
     completion_tokens: int | None = None
     cost_usd: float | None = None
     finish_reason: str | None = None
+    rate_limits: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

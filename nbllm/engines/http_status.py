@@ -15,7 +15,7 @@ from nbllm.errors import (
 )
 from nbllm.redact import public_url  # re-exported: engines import it from here
 
-__all__ = ["error_for_status", "parse_retry_after", "public_url"]
+__all__ = ["error_for_status", "parse_retry_after", "public_url", "rate_limit_headers"]
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -43,13 +43,23 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def rate_limit_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
+    """The provider's ``x-ratelimit-*`` headers (names in lower case); None without any."""
+    if not headers:
+        return None
+    found = {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
+    return found or None
+
+
 def error_for_status(
     status: int, detail: str, headers: Mapping[str, str] | None = None
 ) -> EngineError:
     """The nbllm error for an HTTP error status, with the server's retry hint attached."""
     message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
     if status == 429:
-        return RateLimitError(message, status=status, retry_after=parse_retry_after(headers))
+        limited = RateLimitError(message, status=status, retry_after=parse_retry_after(headers))
+        limited.rate_limits = rate_limit_headers(headers)
+        return limited
     if status >= 500 or status in (408, 409):
         return ServerError(message, status=status, retry_after=parse_retry_after(headers))
     if status in (401, 403):

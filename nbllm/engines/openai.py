@@ -16,12 +16,13 @@ import asyncio
 import json
 import urllib.parse
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 
 from nbllm.engines.base import Engine
-from nbllm.engines.http_status import error_for_status, public_url
+from nbllm.engines.http_status import error_for_status, public_url, rate_limit_headers
 from nbllm.engines.openai_wire import (
     TIMEOUT_ERROR_CODE,
     error_code,
@@ -107,6 +108,7 @@ class OpenAIEngine(Engine):
                 allow_redirects=False,
             ) as resp:
                 raw = await resp.read()
+                limits = rate_limit_headers(resp.headers) if resp.status == 200 else None
                 if 300 <= resp.status < 400:
                     raise self._redirected(resp.status, resp.headers.get("Location"))
                 if resp.status != 200:
@@ -120,7 +122,8 @@ class OpenAIEngine(Engine):
         except aiohttp.ClientError as exc:
             msg = f"connection to {self.api_base} failed: {type(exc).__name__}: {exc}"
             raise ConnectionFailed(msg) from exc
-        return self._parse(raw, model)
+        response = self._parse(raw, model)
+        return replace(response, rate_limits=limits) if limits else response
 
     def _error(self, status: int, raw: bytes, headers: Mapping[str, str]) -> EngineError:
         message = error_message(raw)

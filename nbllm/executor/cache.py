@@ -200,7 +200,10 @@ class ResponseCache(GroupWriter):
                 return None
             if row is None:
                 return None
-            hit = CachedResponse(*row)
+            text, model, prompt_tokens, completion_tokens, cost, finish_reason, engine = row
+            hit = CachedResponse(
+                text, model, prompt_tokens, completion_tokens, cost, finish_reason, engine=engine
+            )
         return hit
 
     def put(self, key: str, response: ChatResponse, engine: str | None = None) -> None:
@@ -213,7 +216,7 @@ class ResponseCache(GroupWriter):
             response.completion_tokens,
             response.cost_usd,
             response.finish_reason,
-            engine,
+            engine=engine,
         )
         self.add(
             (

@@ -18,10 +18,10 @@ it (``answered``, ``rate_limited``):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from nbllm.errors import ConfigError, EngineError
+from nbllm.errors import ConfigError, RateLimitError
 from nbllm.executor.adaptive import AdaptiveLimit
 from nbllm.executor.events import Event, LimitChanged, SharedQuota
 from nbllm.executor.limiter import Grant, RateLimiter
@@ -125,16 +125,18 @@ class RunLimits:
         used = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
         if grant is not None and self.tpm is not None and used:
             self.tpm.settle(grant, used)
-        self._adapt("on_success", {"rpm": 1.0, "tpm": float(used)})
+        self._adapt("on_success", {"rpm": 1.0, "tpm": float(used)}, response.rate_limits)
 
-    def rate_limited(self, error: EngineError, estimate: int) -> None:
+    def rate_limited(self, error: RateLimitError, estimate: int) -> None:
         """A 429: cut the "auto" limits (once per window, however many 429s it holds)."""
-        self._adapt("on_rate_limited", {"rpm": 1.0, "tpm": float(estimate)})
+        self._adapt("on_rate_limited", {"rpm": 1.0, "tpm": float(estimate)}, error.rate_limits)
 
-    def _adapt(self, how: str, amounts: dict[str, float]) -> None:
+    def _adapt(
+        self, how: str, amounts: dict[str, float], headers: Mapping[str, str] | None
+    ) -> None:
         for kind, control in self.adaptive.items():
             before = control.limit
-            getattr(control, how)(None, amount=amounts[kind])
+            getattr(control, how)(headers, amount=amounts[kind])
             if control.limit != before:
                 self._emit(LimitChanged(kind, control.limit, time.time()))
 

@@ -67,3 +67,48 @@ def test_the_options_take_auto_from_text():
     assert parse_run_option("rpm", "600") == 600.0
     with pytest.raises(ConfigError, match="rpm expects a number or 'auto', got 'fast'"):
         parse_run_option("rpm", "fast")
+
+
+def test_rpm_auto_takes_the_limit_a_provider_announces_in_its_headers():
+    """A server that sends OpenAI's x-ratelimit-* headers: the limit is set from them at the
+    first answer, not searched for (and never above max_rpm)."""
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        answer = {
+            "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+            "model": body["model"],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+        }
+        headers = {
+            "x-ratelimit-limit-requests": "30",
+            "x-ratelimit-remaining-requests": "29",
+            "x-ratelimit-reset-requests": "2s",
+        }
+        return web.json_response(answer, headers=headers)
+
+    events: list[Event] = []
+
+    async def run() -> nbllm.RunResult:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            convs = [Conversation(id=f"c{i}", questions=(f"q{i}",)) for i in range(3)]
+            async with nbllm.engines.OpenAIEngine(f"http://127.0.0.1:{port}/v1") as engine:
+                executor = Executor(
+                    engine, model="m", rpm="auto", max_rpm=100, listeners=[events.append]
+                )
+                return await executor.run(convs)
+        finally:
+            await runner.cleanup()
+
+    result = asyncio.run(run())
+    assert result.summary.turns_ok == 3
+    limits = [e.limit for e in events if isinstance(e, LimitChanged)]
+    assert limits and limits[0] == 30.0

@@ -353,12 +353,14 @@ def test_a_stored_answer_comes_back_with_its_engine_model_and_finish_reason(tmp_
     response = ChatResponse("cut sh", "served-model", 3, 2, 0.5, finish_reason="length")
     cache = ResponseCache(path)
     cache.put("k", response, engine="torch")
-    assert cache.get("k") == CachedResponse("cut sh", "served-model", 3, 2, 0.5, "length", "torch")
+    assert cache.get("k") == CachedResponse(
+        "cut sh", "served-model", 3, 2, 0.5, "length", engine="torch"
+    )
     cache.close()
     again = ResponseCache(path)  # from the file this time
     try:
         hit = again.get("k")
-        assert hit == CachedResponse("cut sh", "served-model", 3, 2, 0.5, "length", "torch")
+        assert hit == CachedResponse("cut sh", "served-model", 3, 2, 0.5, "length", engine="torch")
         assert again.get("other") is None
     finally:
         again.close()
