@@ -166,6 +166,7 @@ class RunStats:
         self._stopping = False
         self._errors_by_kind: dict[str, int] = {}
         self._last_error: str | None = None
+        self._shown_error: tuple[str | None, str] = (None, "")
         self._quota: str | None = None
         self._auto_limits: dict[str, float] = {}
         self._phase: EnginePhase | None = None
@@ -216,6 +217,15 @@ class RunStats:
                 self._started_t = event.t
 
     __call__ = update
+
+    def _last_error_line(self) -> str | None:
+        """The last error on one line, redacted once per error, not once per snapshot (a
+        dashboard asks several times a second)."""
+        if self._last_error is None:
+            return None
+        if self._shown_error[0] is not self._last_error:
+            self._shown_error = (self._last_error, one_line(self._last_error))
+        return self._shown_error[1]
 
     def _turn_finished(self, event: TurnFinished) -> None:
         record = event.record
@@ -354,7 +364,7 @@ class RunStats:
                 not_run=rows.not_run,
                 truncated=rows.truncated,
                 errors_by_kind=tuple(by_kind),
-                last_error=None if self._last_error is None else one_line(self._last_error),
+                last_error=self._last_error_line(),
                 stopping=self._stopping,
                 stop_reason=None if summary is None else summary.stop_reason,
                 verdict=None if summary is None else summary.verdict,
