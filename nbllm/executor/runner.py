@@ -144,7 +144,8 @@ class Executor:
         self._reuse_cached = cache is not None and cache.reusable(self.params)
         self._cache_scope = engine.identity() if cache is not None else ""  # who answers
         api_base = getattr(engine, "api_base", None)
-        self._deployment = deployment_id(model, api_base if isinstance(api_base, str) else None)
+        self._api_base = api_base if isinstance(api_base, str) and api_base else None
+        self._deployment = deployment_id(model, self._api_base)
         self._events = EventBus(listeners)
         self.redis_url = redis_url
         self.limits = RunLimits(
@@ -322,10 +323,7 @@ class Executor:
             self._cancel_workers()
 
     def _target(self) -> str:
-        api_base = getattr(self.engine, "api_base", None)
-        if isinstance(api_base, str) and api_base:
-            return public_url(api_base)
-        return self.engine.describe()
+        return public_url(self._api_base) if self._api_base else self.engine.describe()
 
     # -- conversations -------------------------------------------------------------
 
