@@ -175,11 +175,12 @@ def run(
     this machine; ``model`` may also be a Hugging Face model directory or a GGUF file.
 
     ``checkpoint`` (default True: ``.nbllm/runs/<id>/``; a path; False): every answered
-    turn is committed to SQLite within a quarter of a second, and re-running the same
-    call sends no request for a finished turn (``resumed`` rows); ``resume=False``
-    starts over. ``cache`` (default True: ``.nbllm/cache.sqlite``; a path; "always";
-    False): identical requests are answered from earlier runs (``cached`` rows), except
-    those with a non-zero ``temperature`` unless ``cache="always"``.
+    turn is committed to SQLite as it comes (group commit: at most 5 answered turns are
+    ever uncommitted), and re-running the same call sends no request for a finished turn
+    (``resumed`` rows); ``resume=False`` starts over. ``cache`` (default True:
+    ``.nbllm/cache.sqlite``; a path; "always"; False): identical requests to the same
+    engine and server are answered from earlier runs (``cached`` rows), except those
+    with a non-zero ``temperature`` unless ``cache="always"``.
 
     Any other keyword is passed to the engine as a sampling parameter (``top_p=0.9``,
     ``seed=1``, ...).
