@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import threading
+import warnings
+from pathlib import Path
 
 # Local models must work with no hub at all: any attempt to download fails the test.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -50,3 +54,35 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none was found on this machine")
     for item in gpu_tests:
         item.add_marker(skip)
+
+
+_SENDS_THROUGH_LITELLM: dict[str, bool] = {}
+
+
+def _sends_through_litellm(path: str) -> bool:
+    if path not in _SENDS_THROUGH_LITELLM:
+        text = Path(path).read_text(encoding="utf-8")
+        _SENDS_THROUGH_LITELLM[path] = any(
+            mark in text for mark in ('"litellm"', "LiteLLMEngine", '"gemini/', "hosted_vllm/")
+        )
+    return _SENDS_THROUGH_LITELLM[path]
+
+
+@pytest.fixture(autouse=True)
+def _litellm_clients_dropped(request):
+    """litellm keeps its HTTP clients (aiohttp sessions) in module-level caches, bound to
+    the event loop of the run that made them; once that run's loop is gone they are only
+    garbage, and the collector would report them as unclosed in whichever later test it
+    happens to run. After a test of a module that sends through litellm, its client cache
+    is dropped and the garbage collected there, with litellm's warnings ignored (a full
+    collection costs about 0.4 s, so only there)."""
+    yield
+    litellm = sys.modules.get("litellm")
+    if litellm is None or not _sends_through_litellm(str(request.node.fspath)):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # litellm's sessions, not nbllm's
+        cache = getattr(litellm, "in_memory_llm_clients_cache", None)
+        if cache is not None:
+            cache.flush_cache()
+        gc.collect()
