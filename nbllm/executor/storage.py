@@ -160,7 +160,7 @@ def open_database(
                     advice,
                 )
         if not readonly:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _to_wal(conn)
             conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
             if created:
                 _private_companions(path)
@@ -206,6 +206,21 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
     wal = path.with_name(path.name + "-wal")
     mode = "mode=ro" if wal.exists() else "immutable=1"
     return sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, isolation_level=None)
+
+
+def _to_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL. The switch takes the file for itself and SQLite does not wait for
+    it (no busy handler): a second run opening the same new file at that moment is told
+    "database is locked", so it tries again for up to a few seconds."""
+    for _ in range(250):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            time.sleep(0.02)
+    conn.execute("PRAGMA journal_mode = WAL")
 
 
 def _check_ours(
