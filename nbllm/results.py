@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from nbllm.results_deployments import DeploymentFigures, deployments_frame
 from nbllm.types import TurnRecord
 
 if TYPE_CHECKING:
@@ -319,6 +320,7 @@ class RunSummary:
     cost_usd: float | None
     interrupted: bool
     stop_reason: str | None = None
+    deployment_figures: tuple[DeploymentFigures, ...] = ()
 
     @classmethod
     def from_totals(
@@ -329,6 +331,7 @@ class RunSummary:
         wall_s: float,
         interrupted: bool,
         stop_reason: str | None = None,
+        deployments: Sequence[DeploymentFigures] = (),
     ) -> RunSummary:
         """The whole run's figures from the totals of all its rows."""
         latencies, queue, service = totals.latencies(), totals.queue_s(), totals.service_s()
@@ -357,7 +360,14 @@ class RunSummary:
             cost_usd=totals.cost_usd,
             interrupted=interrupted,
             stop_reason=stop_reason,
+            deployment_figures=tuple(deployments),
         )
+
+    @property
+    def deployments(self) -> pd.DataFrame:
+        """One row per deployment the run could send to: requests, errors, 429s, latency
+        p50/p95, tokens, cost, breaker trips and state (``DeploymentFigures``)."""
+        return deployments_frame(self.deployment_figures)
 
     @property
     def verdict(self) -> str:
@@ -406,7 +416,11 @@ class RunSummary:
                 return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
             return str(value)
 
-        return [(f.name, fmt(getattr(self, f.name))) for f in fields(self)]
+        return [
+            (f.name, fmt(getattr(self, f.name)))
+            for f in fields(self)
+            if f.name != "deployment_figures"  # a table of its own: ``deployments``
+        ]
 
     def __str__(self) -> str:
         rows = self._formatted()
@@ -445,8 +459,10 @@ class RunResult:
         model: str | None = None,
         engine: str | None = None,
         stop_reason: str | None = None,
+        deployments: Sequence[DeploymentFigures] = (),
     ) -> None:
         self.records = list(records)
+        self.deployments = tuple(deployments)
         self.conversations = conversations
         self.wall_s = wall_s
         self.started_at = started_at
@@ -509,6 +525,7 @@ class RunResult:
             wall_s=self.wall_s,
             interrupted=self.interrupted,
             stop_reason=self.stop_reason,
+            deployments=self.deployments,
         )
 
     def plot(self) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nbllm.executor.events import (
+    BreakerChanged,
     EnginePhase,
     Event,
     LimitChanged,
@@ -20,6 +21,7 @@ from nbllm.executor.runner import Executor
 from nbllm.retry import RetryPolicy
 
 __all__ = [
+    "BreakerChanged",
     "EnginePhase",
     "Event",
     "Executor",

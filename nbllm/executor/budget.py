@@ -68,14 +68,16 @@ class Budget:
             self.cost_usd += record.cost_usd or 0.0
             self.tokens += (record.prompt_tokens or 0) + (record.completion_tokens or 0)
 
-    def charge(self, response: ChatResponse) -> float | None:
-        """Count an answer this run bought; its cost (the engine's, or from
-        ``cost_per_1k_tokens``), None where neither is known."""
+    def charge(self, response: ChatResponse, price: float | None = None) -> float | None:
+        """Count an answer this run bought; its cost (the engine's, or from ``price``, the
+        deployment's own cost per 1,000 tokens, else ``cost_per_1k_tokens``), None where
+        neither is known."""
         tokens = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
         self.tokens += tokens
         cost = response.cost_usd
-        if cost is None and self.cost_per_1k_tokens is not None:
-            cost = tokens * self.cost_per_1k_tokens / 1000
+        price = self.cost_per_1k_tokens if price is None else price
+        if cost is None and price is not None:
+            cost = tokens * price / 1000
         if cost is None:
             if self.max_cost_usd is not None and self._unknown_cost is None:
                 self._unknown_cost = (

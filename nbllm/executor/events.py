@@ -132,10 +132,24 @@ class SharedQuota:
 
 @dataclass(frozen=True, slots=True)
 class LimitChanged:
-    """An ``"auto"`` limit moved: ``kind`` ("rpm" or "tpm") is now ``limit`` per rate window."""
+    """An ``"auto"`` limit moved: ``kind`` ("rpm" or "tpm") is now ``limit`` per rate window,
+    for ``deployment`` (the deployment's id; the run's one where it has one)."""
 
     kind: str
     limit: float
+    t: float
+    deployment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerChanged:
+    """A deployment's circuit breaker moved to ``state`` ("closed", "open" or "half-open");
+    ``trips`` is how many times it has opened in this run. While every deployment a turn
+    may go to is open, turns wait for a probe."""
+
+    deployment: str
+    state: str
+    trips: int
     t: float
 
 
@@ -149,6 +163,7 @@ Event = (
     | EnginePhase
     | SharedQuota
     | LimitChanged
+    | BreakerChanged
 )
 
 

@@ -54,6 +54,7 @@ class RunLimits:
         emit: Callable[[Event], None],
     ) -> None:
         self._emit = emit
+        self.deployment = deployment
         self.adaptive: dict[str, AdaptiveLimit] = {}
         self.rpm = self._make("rpm", rpm, max_rpm, window_s, redis_url, deployment)
         self.tpm = self._make("tpm", tpm, max_tpm, window_s, redis_url, deployment)
@@ -138,7 +139,7 @@ class RunLimits:
             before = control.limit
             getattr(control, how)(headers, amount=amounts[kind])
             if control.limit != before:
-                self._emit(LimitChanged(kind, control.limit, time.time()))
+                self._emit(LimitChanged(kind, control.limit, time.time(), self.deployment))
 
     async def aclose(self) -> None:
         for limiter in (self.rpm, self.tpm):

@@ -46,7 +46,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -314,17 +314,41 @@ class Router:
     def __repr__(self) -> str:
         return f"Router({len(self.deployments)} deployments, {self.options!r})"
 
-    def pick(self, group: str, loads: Mapping[str, DeploymentLoad]) -> Deployment | None:
-        """The deployment for the next request to ``group``, or ``None`` if none is available."""
+    def pick(
+        self,
+        group: str,
+        loads: Mapping[str, DeploymentLoad],
+        avoid: Collection[str] = (),
+    ) -> Deployment | None:
+        """The deployment for the next request to ``group``, or ``None`` if none is available.
+
+        ``avoid``: ids of deployments to pass over while another is available (the one a
+        retry just failed on); when only those are left, one of them is picked.
+        """
         self.deployments.check_group(group)
-        for candidate in (group, *self.options.fallbacks.get(group, ())):
-            chosen = self._pick_in(candidate, loads)
+        if avoid:
+            chosen = self._pick(group, loads, avoid)
+            if chosen is not None:
+                return chosen
+        return self._pick(group, loads, ())
+
+    def groups_of(self, group: str) -> tuple[str, ...]:
+        """``group`` and its fallback groups, in the order they are tried."""
+        return (group, *self.options.fallbacks.get(group, ()))
+
+    def _pick(
+        self, group: str, loads: Mapping[str, DeploymentLoad], avoid: Collection[str]
+    ) -> Deployment | None:
+        for candidate in self.groups_of(group):
+            chosen = self._pick_in(candidate, loads, avoid)
             if chosen is not None:
                 return chosen
         return None
 
-    def _pick_in(self, group: str, loads: Mapping[str, DeploymentLoad]) -> Deployment | None:
-        up = [d for d in self._groups[group] if not self._is_open(d)]
+    def _pick_in(
+        self, group: str, loads: Mapping[str, DeploymentLoad], avoid: Collection[str]
+    ) -> Deployment | None:
+        up = [d for d in self._groups[group] if d.id not in avoid and not self._is_open(d)]
         if not up:
             return None
         first = min(map(_order_key, up))

@@ -11,11 +11,11 @@ left (then the longest conversation, then the first to ask): the longest chains 
 wait behind short ones, so they do not end up running alone at the end of a run while
 slots stand empty. A request passes through a chain of single-concern steps::
 
-    _turn      retries: backoff with jitter, Retry-After, never 4xx
-    _attempt   a request slot (``concurrency``, by priority), the pause after a 429, the
-               RPM / TPM budgets
-    _send      the engine call under the per-request timeout (unless the engine applies
-               ``timeout`` itself: ``Engine.bounds_own_timeout``)
+    _turn      retries: backoff with jitter, Retry-After, never 4xx; after a deployment's
+               own failure, at once on another deployment
+    _attempt   a request slot (``concurrency``, by priority); then ``Lanes.admit``: the
+               deployment (nbllm's router, breakers), its slot, its pause, its budgets
+    Lane.send  the engine call under the per-request timeout
 
 A failure ends only its own conversation: its later turns are marked as skipped.
 
@@ -27,8 +27,8 @@ checkpointed) before the worker that asked for it can be cancelled: each request
 sent as its own task, so a cancel can only cut a request short, never drop its answer.
 Turns that never ran carry a "not run" error.
 
-When the first attempts of a run all fail to connect (refused, DNS, TLS), retrying
-cannot help: the run stops at once with ``stop_reason`` "cannot reach <url>: <why>".
+When the first attempts all fail to connect (refused, DNS, TLS) on every deployment,
+retrying cannot help: the run stops with ``stop_reason`` "cannot reach <url>: <why>".
 """
 
 from __future__ import annotations
@@ -41,12 +41,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from nbllm.engines.base import Engine
-from nbllm.errors import EngineError, RateLimitError, RequestTimeout
+from nbllm.errors import EngineError
 from nbllm.executor.arguments import check_seconds, check_whole
 from nbllm.executor.budget import Budget
 from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
-from nbllm.executor.deployments import deployment_id
 from nbllm.executor.events import (
     Event,
     EventBus,
@@ -57,17 +56,18 @@ from nbllm.executor.events import (
     StopRequested,
     TurnFinished,
 )
-from nbllm.executor.limiter import estimate_tokens
+from nbllm.executor.lanes import Attempts, Lane, NoDeployment, Routes, build_lanes
+from nbllm.executor.limiter import Grant, estimate_tokens
 from nbllm.executor.limits import RunLimits
 from nbllm.executor.redis_link import check
 from nbllm.executor.rows import answered, unanswered
 from nbllm.executor.slots import RequestSlots
-from nbllm.executor.timing import time_split, within
+from nbllm.executor.timing import time_split
 from nbllm.executor.unreachable import unreachable_reason
-from nbllm.redact import public_url, redact, secret_values
+from nbllm.redact import redact, secret_values
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
-from nbllm.types import NOT_RUN, SKIPPED, ChatRequest, ChatResponse, Conversation, TurnRecord
+from nbllm.types import NOT_RUN, SKIPPED, ChatResponse, Conversation, Message, TurnRecord
 
 __all__ = ["CONVERSATIONS_PER_SLOT", "Executor"]
 
@@ -83,14 +83,14 @@ UNREACHABLE_AFTER = 3
 
 
 class Executor:
-    """Runs conversations against one engine with caps, limits and retries.
+    """Runs conversations against one engine, or the deployments of ``routes`` (then
+    ``engine`` is None and ``model`` names the group), with caps, limits and retries.
 
     ``concurrency`` caps requests in flight; ``max_conversations`` caps conversations
     in progress (default: ``CONVERSATIONS_PER_SLOT`` x ``concurrency``; a value given is
     obeyed exactly). A freed request slot goes to the conversation with the most turns
-    left. ``rpm`` / ``tpm``: no minute ever holds more requests / tokens than these.
-    ``timeout``: seconds per request attempt (an engine with ``bounds_own_timeout``
-    applies it itself).
+    left. ``rpm`` / ``tpm``: no minute ever holds more requests / tokens than these (each
+    deployment's own where it sets them). ``timeout``: seconds per request attempt.
     ``rate_window_s``: the length in seconds of the "minute" of ``rpm`` / ``tpm``; tests
     and benchmarks shorten it so that a limit binds within seconds. ``stop_grace_s``:
     after a first ``stop()``, how long requests in flight may take to finish.
@@ -98,7 +98,7 @@ class Executor:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | None,
         *,
         model: str,
         concurrency: int = 32,
@@ -118,6 +118,7 @@ class Executor:
         redis_url: str | None = None,
         max_rpm: float | None = None,
         max_tpm: float | None = None,
+        routes: Routes | None = None,
     ) -> None:
         check_whole("concurrency", concurrency)
         if max_conversations is not None:
@@ -125,7 +126,12 @@ class Executor:
         check_seconds("timeout", timeout, none=True)
         check_seconds("stop_grace_s", stop_grace_s, zero=True)
         check_seconds("rate_window_s", rate_window_s)
+        sends_to = engine if engine is not None else routes
+        if sends_to is None:
+            msg = "Executor needs an engine, or routes= (a deployment list)"
+            raise TypeError(msg)
         self.engine = engine
+        self.routes = routes
         self.model = model
         self.concurrency = concurrency
         self.max_conversations = (
@@ -136,22 +142,31 @@ class Executor:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.system = system
-        self.params = dict(params or {})
-        self._secrets = (*engine.secrets(), *secret_values(self.params))  # masked in errors
+        # What answers depend on: the run's parameters over those the group's deployments set.
+        self.params = {**(routes.params if routes is not None else {}), **(params or {})}
         self.checkpoint = checkpoint
         self.cache = cache
         self.budget = budget
         self._reuse_cached = cache is not None and cache.reusable(self.params)
-        self._cache_scope = engine.identity() if cache is not None else ""  # who answers
-        api_base = getattr(engine, "api_base", None)
-        self._api_base = api_base if isinstance(api_base, str) and api_base else None
-        self._deployment = deployment_id(model, self._api_base)
         self._events = EventBus(listeners)
         self.redis_url = redis_url
-        self.limits = RunLimits(
-            rpm, tpm, rate_window_s, max_rpm=max_rpm, max_tpm=max_tpm, redis_url=redis_url,
-            deployment=self._deployment, emit=self._emit,
-        )  # fmt: skip
+        limits: dict[str, Any] = {"rpm": rpm, "tpm": tpm, "max_rpm": max_rpm, "max_tpm": max_tpm}
+
+        def run_limits(deployment: str, own: dict[str, Any]) -> RunLimits:
+            given = {k: v if own.get(k) is None else own[k] for k, v in limits.items()}
+            return RunLimits(
+                given["rpm"], given["tpm"], rate_window_s, max_rpm=given["max_rpm"],
+                max_tpm=given["max_tpm"], redis_url=redis_url, deployment=deployment,
+                emit=self._emit,
+            )  # fmt: skip
+
+        self.lanes = build_lanes(
+            sends_to, model, dict(params or {}), timeout, run_limits, self._emit
+        )
+        self.limits = self.lanes.lanes[0].limits  # the only lane's, for a single engine
+        self._tpm = any(lane.limits.tpm is not None for lane in self.lanes.lanes)
+        self._cache_scope = sends_to.identity() if cache is not None else ""  # who answers
+        self._engine_name = sends_to.name if isinstance(sends_to, Engine) else "router"
         self._wants_sent = self._events.wants(RequestSent)
         self._wants_retry = self._events.wants(RetryScheduled)
         self._wants_finished = self._events.wants(TurnFinished)
@@ -190,7 +205,7 @@ class Executor:
             self._running = False
             self._stop_loop = None
             self._stops_asked = 0
-            await self.limits.aclose()
+            await self.lanes.aclose()
 
     async def _run(self, conversations: Sequence[Conversation]) -> RunResult:
         self._conversations = conversations
@@ -202,13 +217,11 @@ class Executor:
         self._records: list[TurnRecord | None] = [None] * total
         self._slots = RequestSlots(self.concurrency)
         self._in_flight = 0
-        self._cooldown_until = 0.0
         self._sending: set[asyncio.Task[Any]] = set()  # workers awaiting an answer
         self._workers: list[asyncio.Task[None]] = []
         self._grace: asyncio.TimerHandle | None = None
         self._stop_reason: str | None = None
         self._reached = False  # some attempt got an answer (even an error) from the engine
-        self._unreachable = 0
         self._stop_announced = False
         self._finished_run = False
         loop = asyncio.get_running_loop()
@@ -225,7 +238,7 @@ class Executor:
                 len(conversations),
                 total,
                 self.model,
-                self.engine.name,
+                self._engine_name,
                 started_at,
                 resumed=len(self._done),
             )
@@ -265,8 +278,9 @@ class Executor:
             started_at=started_at,
             interrupted=interrupted,
             model=self.model,
-            engine=self.engine.name,
+            engine=self._engine_name,
             stop_reason=self._stop_reason,
+            deployments=self.lanes.figures(),
         )
         # The summary's own counts (computed once, kept by the result), so they agree.
         summary = result.summary
@@ -321,9 +335,6 @@ class Executor:
             self._stop_reason = reason
             self._stopping = True
             self._cancel_workers()
-
-    def _target(self) -> str:
-        return public_url(self._api_base) if self._api_base else self.engine.describe()
 
     # -- conversations -------------------------------------------------------------
 
@@ -409,10 +420,11 @@ class Executor:
         """Turn k: from the cache, or sent (with retries); None if stopped before sending.
 
         ``keys`` hashes this conversation's requests for the cache (None without a cache).
+        Each attempt goes to the lane ``Lanes.pick`` gives; a retry after a failure that
+        was the deployment's fault goes to another one at once where one is available.
         """
         ready = self._loop.time()
         messages = conv.messages_for(k, answers, self.system)
-        request = ChatRequest(self.model, messages, self.params, self.timeout)
         key = None
         if self.cache is not None and keys is not None:
             key = keys.key_with(messages[-1])
@@ -432,147 +444,160 @@ class Executor:
                     finished_at=now,
                     cached=True,
                 )
-        estimate = estimate_tokens(messages, self.params) if self.limits.tpm else 0
+        estimate = estimate_tokens(messages, self.params) if self._tpm else 0
         # Most turns left first, then the longest conversation (see RequestSlots).
         priority = (k - len(conv), -len(conv))
-        sends: list[float] = []  # when each attempt left, filled by _attempt
-        spent: list[float] = []  # each attempt's seconds in the engine, filled by _attempt
+        log = Attempts()
         attempt = 0
         while True:
             attempt += 1
             try:
-                sent = await self._attempt(
-                    request, conv.id, k, attempt, estimate, (sends, spent), priority
-                )
+                sent = await self._attempt(messages, conv.id, k, attempt, estimate, log, priority)
                 if sent is None:
                     return None
-                response, latency = sent
+                response, latency, lane, cost = sent
                 self._reached = True
             except EngineError as error:
-                if not self._reached:
+                # The lane it failed on; none when no deployment could take it.
+                on = None if isinstance(error, NoDeployment) or not log.lanes else log.lanes[-1]
+                if not self._reached and on is not None:
                     reason = unreachable_reason(error)
                     if reason is None:
                         self._reached = True
                     else:
-                        self._unreachable += 1
-                        if self._unreachable >= UNREACHABLE_AFTER:
-                            self._give_up(f"cannot reach {self._target()}: {reason}")
+                        on.unreachable += 1
+                        if self.lanes.unreachable(UNREACHABLE_AFTER):
+                            self._give_up(f"cannot reach {self.lanes.target()}: {reason}")
                 if self._stopping:
                     return None  # not retried now, nor an error: the turn never finished
                 if not self.retry.should_retry(error, attempt):
                     return unanswered(
                         conv,
                         k,
-                        redact(f"{type(error).__name__}: {error}", self._secrets),
+                        redact(f"{type(error).__name__}: {error}", self._secrets_of(on)),
                         model=self.model,
-                        engine=self.engine.name,
-                        deployment=self._deployment,
+                        engine=self._engine_name if on is None else on.engine.name,
+                        deployment=on.id if on is not None else None,
                         attempts=attempt,
-                        started_at=sends[0],
+                        started_at=log.sends[0] if log.sends else time.time(),
                         finished_at=time.time(),
-                        **time_split(ready, self._loop.time(), spent),
+                        **time_split(ready, self._loop.time(), log.spent),
                     )
                 delay = self.retry.delay(error, attempt)
-                if isinstance(error, RateLimitError):
-                    self.limits.rate_limited(error, estimate)
-                    if error.retry_after:
-                        pause = self._loop.time() + error.retry_after
-                        self._cooldown_until = max(self._cooldown_until, pause)
+                if on is not None:
+                    delay = self.lanes.after_failure(on, error, estimate, delay)
                 if self._wants_retry:
-                    text = redact(str(error), self._secrets)
+                    text = redact(str(error), self._secrets_of(on))
                     self._emit(RetryScheduled(conv.id, k, attempt, text, delay, time.time()))
                 await asyncio.sleep(delay)
                 continue
             if key is not None and self.cache is not None:
-                self.cache.put(key, response, engine=self.engine.name)
+                self.cache.put(key, response, engine=lane.engine.name)
             return answered(
                 conv,
                 k,
                 response,
-                engine=self.engine.name,
-                deployment=self._deployment,
+                engine=lane.engine.name,
+                deployment=lane.id,
                 latency_s=latency,
-                cost_usd=response.cost_usd if self.budget is None else self.budget.charge(response),
+                cost_usd=cost,
                 attempts=attempt,
-                started_at=sends[0],
+                started_at=log.sends[0],
                 finished_at=time.time(),
-                **time_split(ready, self._loop.time(), spent),
+                **time_split(ready, self._loop.time(), log.spent),
             )
 
-    # -- one attempt: slots and budgets ----------------------------------------------
+    def _secrets_of(self, lane: Lane | None) -> tuple[str, ...]:
+        return (*lane.secrets, *secret_values(self.params)) if lane is not None else ()
+
+    # -- one attempt: slots, a deployment, its budgets ---------------------------------
 
     async def _attempt(
         self,
-        request: ChatRequest,
+        messages: Sequence[Message],
         conversation_id: Any,
         turn: int,
         attempt: int,
         estimate: int,
-        log: tuple[list[float], list[float]],
+        log: Attempts,
         priority: tuple[int, ...],
-    ) -> tuple[ChatResponse, float] | None:
-        """Send once: the answer and its latency; None when stopped before it could go.
+    ) -> tuple[ChatResponse, float, Lane, float | None] | None:
+        """Send once: the answer, its latency, the lane that answered and the answer's
+        cost; None when stopped before it could go.
 
-        ``log`` is two lists: the moment the request leaves is appended to the first, the
-        seconds it spent in the engine (answered or not) to the second. ``priority``
-        orders the wait for a request slot (smallest first).
+        ``log`` gathers the turn's attempts: when each left, the seconds each spent in the
+        engine (answered or not) and the lane each went to. ``priority`` orders the wait
+        for a request slot (smallest first).
         """
-        sends, spent = log
         await self._slots.acquire(priority)
         try:
-            # A 429 met while this one slept may have moved the end of the pause.
-            while (wait := self._cooldown_until - self._loop.time()) > 0:
-                await asyncio.sleep(wait)
-            grant = await self.limits.acquire(estimate)
-            if self.budget is not None and (why := self.budget.reached()):
-                self._stop_for(why)
-            if self._stopping:
+            avoid = log.lanes[-1].id if log.lanes and log.failed_there else None
+            deadline = None if self.timeout is None else self._loop.time() + self.timeout
+            admitted = await self.lanes.admit(avoid, estimate, priority, deadline, self._may_send)
+            if admitted is None:
                 return None
-            self._in_flight += 1
-            sent_at = time.time()
-            sends.append(sent_at)
-            if self._wants_sent:
-                self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
-            t0 = self._loop.time()
-            worker = asyncio.current_task()
-            assert worker is not None
-            # Its own task: a cancel of this worker can cut the request short but can never
-            # drop an answer that has arrived (the task holds it).
-            send = self._loop.create_task(self._send(request))
-            self._sending.add(worker)
+            lane, grant = admitted
             try:
-                response = await send
-            except asyncio.CancelledError:
-                self._stopping = True
-                if not send.done():
-                    send.cancel()
-                    return None
-                if send.cancelled() or send.exception() is not None:
-                    return None
-                response = send.result()  # arrived as the cancel came: kept
+                return await self._send_on(
+                    lane, grant, messages, conversation_id, turn, attempt, log
+                )
             finally:
-                self._in_flight -= 1
-                self._sending.discard(worker)
-                spent.append(self._loop.time() - t0)
-            self.limits.answered(grant, response)
-            return response, spent[-1]
+                if lane.slots is not None:
+                    lane.slots.release()
         finally:
             self._slots.release()
 
-    async def _send(self, request: ChatRequest) -> ChatResponse:
+    def _may_send(self) -> bool:
+        """Asked right before each request leaves: the budget, then a stop."""
+        if self.budget is not None and (why := self.budget.reached()):
+            self._stop_for(why)
+        return not self._stopping
+
+    async def _send_on(
+        self,
+        lane: Lane,
+        grant: Grant | None,
+        messages: Sequence[Message],
+        conversation_id: Any,
+        turn: int,
+        attempt: int,
+        log: Attempts,
+    ) -> tuple[ChatResponse, float, Lane, float | None] | None:
+        self._in_flight += 1
+        sent_at = time.time()
+        log.sent(sent_at, lane)
+        if self._wants_sent:
+            self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
+        t0 = self._loop.time()
+        worker = asyncio.current_task()
+        assert worker is not None
+        # Its own task: a cancel of this worker can cut the request short but can never
+        # drop an answer that has arrived (the task holds it).
+        send = self._loop.create_task(lane.send(messages))
+        self._sending.add(worker)
         try:
-            if self.timeout is None or self.engine.bounds_own_timeout:
-                return await self.engine.complete(request)
-            return await within(self.timeout, self.engine.complete(request))
-        except EngineError:
+            response = await send
+        except asyncio.CancelledError:
+            self._stopping = True
+            if send.done() and not send.cancelled() and send.exception() is None:
+                response = send.result()  # arrived as the cancel came: kept
+            else:
+                send.cancel()
+                lane.abandoned()
+                return None
+        except EngineError as error:
+            log.failed_there = lane.failed(error)
             raise
-        except asyncio.TimeoutError as exc:
-            msg = f"no answer within timeout={self.timeout} s"
-            raise RequestTimeout(msg) from exc
-        except Exception as exc:
-            # An engine bug must not abort the batch: it becomes this row's error.
-            msg = f"{type(exc).__name__}: {exc}"
-            raise EngineError(msg) from exc
+        except BaseException:
+            lane.abandoned()
+            raise
+        finally:
+            self._in_flight -= 1
+            self._sending.discard(worker)
+            log.spent.append(self._loop.time() - t0)
+        lane.limits.answered(grant, response)
+        cost = lane.answered(log.spent[-1], response, self.budget)
+        return response, log.spent[-1], lane, cost
 
     def _emit(self, event: Event) -> None:
         self._events.emit(event)
