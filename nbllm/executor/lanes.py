@@ -300,13 +300,15 @@ class Lanes:
         avoid: str | None,
         estimate: int,
         priority: tuple[int, ...],
-        deadline: float | None,
+        timeout: float | None,
         may_send: Callable[[], bool],
     ) -> tuple[Lane, Grant | None] | None:
         """A lane whose slot, pause, budgets and breaker let a request go now (its slot
         held: ``lane.slots.release()`` after the request), and the tokens' grant of
-        ``estimate``; None when ``may_send()``, asked last, says the run stops."""
+        ``estimate``; None when ``may_send()``, asked last, says the run stops. Waits for
+        an open deployment up to ``timeout`` seconds (then ``NoDeployment``)."""
         loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
             lane = await self.pick(avoid, deadline)
             if lane.slots is not None:
@@ -420,6 +422,10 @@ class Attempts:
         self.spent: list[float] = []
         self.lanes: list[Lane] = []
         self.failed_there = False
+
+    def avoid(self) -> str | None:
+        """The deployment the last attempt failed on by its own fault, if it did."""
+        return self.lanes[-1].id if self.lanes and self.failed_there else None
 
     def sent(self, at: float, lane: Lane) -> None:
         self.sends.append(at)

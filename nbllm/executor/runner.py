@@ -460,6 +460,7 @@ class Executor:
             except EngineError as error:
                 # The lane it failed on; none when no deployment could take it.
                 on = None if isinstance(error, NoDeployment) or not log.lanes else log.lanes[-1]
+                secrets = on.secrets if on is not None else secret_values(self.params)
                 if not self._reached and on is not None:
                     reason = unreachable_reason(error)
                     if reason is None:
@@ -474,10 +475,10 @@ class Executor:
                     return unanswered(
                         conv,
                         k,
-                        redact(f"{type(error).__name__}: {error}", self._secrets_of(on)),
+                        redact(f"{type(error).__name__}: {error}", secrets),
                         model=self.model,
                         engine=self._engine_name if on is None else on.engine.name,
-                        deployment=on.id if on is not None else None,
+                        deployment=None if on is None else on.id,
                         attempts=attempt,
                         started_at=log.sends[0] if log.sends else time.time(),
                         finished_at=time.time(),
@@ -487,7 +488,7 @@ class Executor:
                 if on is not None:
                     delay = self.lanes.after_failure(on, error, estimate, delay)
                 if self._wants_retry:
-                    text = redact(str(error), self._secrets_of(on))
+                    text = redact(str(error), secrets)
                     self._emit(RetryScheduled(conv.id, k, attempt, text, delay, time.time()))
                 await asyncio.sleep(delay)
                 continue
@@ -506,9 +507,6 @@ class Executor:
                 finished_at=time.time(),
                 **time_split(ready, self._loop.time(), log.spent),
             )
-
-    def _secrets_of(self, lane: Lane | None) -> tuple[str, ...]:
-        return (*lane.secrets, *secret_values(self.params)) if lane is not None else ()
 
     # -- one attempt: slots, a deployment, its budgets ---------------------------------
 
@@ -531,16 +529,14 @@ class Executor:
         """
         await self._slots.acquire(priority)
         try:
-            avoid = log.lanes[-1].id if log.lanes and log.failed_there else None
-            deadline = None if self.timeout is None else self._loop.time() + self.timeout
-            admitted = await self.lanes.admit(avoid, estimate, priority, deadline, self._may_send)
+            admitted = await self.lanes.admit(
+                log.avoid(), estimate, priority, self.timeout, self._may_send
+            )
             if admitted is None:
                 return None
-            lane, grant = admitted
+            lane = admitted[0]
             try:
-                return await self._send_on(
-                    lane, grant, messages, conversation_id, turn, attempt, log
-                )
+                return await self._send_on(*admitted, messages, conversation_id, turn, attempt, log)
             finally:
                 if lane.slots is not None:
                     lane.slots.release()
