@@ -105,6 +105,11 @@ async def arun(
     max_cost_usd: float | None = None,
     max_tokens_total: int | None = None,
     cost_per_1k_tokens: float | None = None,
+    router: list[Any] | dict[str, Any] | str | os.PathLike[str] | None = None,
+    routing: str | None = None,
+    fallbacks: list[Any] | dict[str, Any] | None = None,
+    cooldown_s: float | None = None,
+    allowed_fails: int | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -146,6 +151,11 @@ def run(
     max_cost_usd: float | None = None,
     max_tokens_total: int | None = None,
     cost_per_1k_tokens: float | None = None,
+    router: list[Any] | dict[str, Any] | str | os.PathLike[str] | None = None,
+    routing: str | None = None,
+    fallbacks: list[Any] | dict[str, Any] | None = None,
+    cooldown_s: float | None = None,
+    allowed_fails: int | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -170,6 +180,15 @@ def run(
     ``stop_reason`` says which) with ``cost_per_1k_tokens`` (a price for answers whose
     engine gives no cost), ``listeners`` (callables receiving executor events).
     ``nbllm.RunConfig`` describes each option and checks it.
+
+    Many endpoints: ``router`` takes a deployment list in litellm's ``model_list`` format
+    (a list, or a YAML file such as litellm proxy's ``config.yaml``) and ``model`` names
+    one of its groups (``model_name``). Each request goes to one deployment of the group
+    (``routing``: "simple-shuffle", "least-busy", "latency-based", "usage-based"), each
+    deployment with its own limits, slots and circuit breaker (``allowed_fails``
+    consecutive failures open it for ``cooldown_s``); ``fallbacks`` name the groups to try
+    while a group is down. The ``deployment`` column says who answered each turn, and
+    ``result.summary.deployments`` gives each deployment's figures.
 
     Without ``model`` and ``api_base``, the embedded SmolLM2-135M-Instruct answers on
     this machine; ``model`` may also be a Hugging Face model directory or a GGUF file.

@@ -64,6 +64,10 @@ _RUN_OPTIONS = (
     "max_cost_usd",
     "max_tokens_total",
     "cost_per_1k_tokens",
+    "router",
+    "routing",
+    "cooldown_s",
+    "allowed_fails",
 )
 
 

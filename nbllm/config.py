@@ -221,6 +221,43 @@ class RunConfig(BaseModel):
         "a number > 0 or None",
         metavar="USD",
     )
+    router: list[Any] | dict[str, Any] | str | InstanceOf[os.PathLike] | None = _option(
+        None,
+        "deployments in litellm's model_list format (a list, a mapping with model_list, or a "
+        "YAML file such as litellm proxy's config.yaml); model= then names a group "
+        "(model_name), and each request goes to one of its deployments",
+        "a list of deployments, a mapping with 'model_list', or a YAML file's path",
+        metavar="YAML",
+    )
+    routing: str | None = _option(
+        None,
+        "how router= spreads requests: simple-shuffle (weighted, the default), least-busy, "
+        "latency-based or usage-based",
+        "'simple-shuffle', 'least-busy', 'latency-based' or 'usage-based'",
+        metavar="STRATEGY",
+    )
+    fallbacks: list[Any] | dict[str, Any] | None = _option(
+        None,
+        "router= groups to try, in order, while every deployment of a group is down: "
+        '[{"group": ["other-group", ...]}]',
+        'a list like [{"group": ["other-group"]}]',
+    )
+    cooldown_s: (
+        Annotated[int, Field(ge=0)] | Annotated[float, Field(ge=0, allow_inf_nan=False)] | None
+    ) = _option(
+        None,
+        "seconds a router= deployment's breaker stays open before one probe is sent (default 5)",
+        "a number >= 0 or None",
+        metavar="S",
+    )
+    allowed_fails: int | None = _option(
+        None,
+        "consecutive failures (5xx, timeouts, refused connections) that open a router= "
+        "deployment's breaker (default 3)",
+        "a whole number >= 1 or None",
+        metavar="N",
+        ge=1,
+    )
     listeners: tuple[Callable[[Any], Any], ...] = _option(
         (), "callables receiving the executor's events", "a list of callables", strict=False
     )
@@ -240,8 +277,8 @@ class RunConfig(BaseModel):
         for name, value in super().__repr_args__():
             if name in ("api_base", "redis_url") and isinstance(value, str):
                 value = public_url(value)
-            elif name == "params" and isinstance(value, Mapping):
-                value = hidden(value)
+            elif name in ("params", "router") and isinstance(value, (Mapping, list)):
+                value = hidden({name: value})[name]
             yield name, value
 
     @property

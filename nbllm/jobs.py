@@ -208,6 +208,11 @@ def submit(
     max_cost_usd: float | None = None,
     max_tokens_total: int | None = None,
     cost_per_1k_tokens: float | None = None,
+    router: list[Any] | dict[str, Any] | str | os.PathLike[str] | None = None,
+    routing: str | None = None,
+    fallbacks: list[Any] | dict[str, Any] | None = None,
+    cooldown_s: float | None = None,
+    allowed_fails: int | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> Job:

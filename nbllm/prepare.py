@@ -41,7 +41,10 @@ from nbllm.executor.checkpoint import (
     dataset_hash,
     resolve_checkpoint_path,
 )
+from nbllm.executor.deployments import DeploymentList, load_deployments
 from nbllm.executor.events import EnginePhase, EventBus
+from nbllm.executor.lanes import Routes
+from nbllm.executor.routing import RoutingOptions, routing_options
 from nbllm.executor.storage import MAX_PENDING
 from nbllm.redact import public_url
 from nbllm.results import RunResult
@@ -121,20 +124,22 @@ class PreparedRun:
     config: RunConfig
     model: str
     conversations: list[Conversation]
-    engine: Engine
+    engine: Engine | None  # None with routes: an engine per deployment there
     owns_engine: bool
     listeners: list[Callable[[Event], None]]
     store: CheckpointStore | None = None
     cache: ResponseCache | None = None
     stop: RunStop = field(default_factory=RunStop)
     view: Listener | None = None
+    routes: Routes | None = None
 
     @property
     def turns(self) -> int:
         return sum(len(c) for c in self.conversations)
 
     def __repr__(self) -> str:
-        more = f", engine {self.engine.describe()}"  # describe(): secret-free, URLs public
+        sends_to = self.engine if self.engine is not None else self.routes
+        more = f", engine {sends_to.describe() if sends_to is not None else '-'}"  # secret-free
         more += f", checkpoint {self.store.path}" if self.store is not None else ""
         return _run_repr("PreparedRun", self.turns, len(self.conversations), self.model, more)
 
@@ -158,6 +163,7 @@ class PreparedRun:
             stop_grace_s=self.config.stop_grace_s,
             budget=_budget(self.config),
             redis_url=self.config.redis_url or os.environ.get("NBLLM_REDIS_URL") or None,
+            routes=self.routes,
         )
         self.stop.attach(executor)
         try:
@@ -167,8 +173,10 @@ class PreparedRun:
             raise
         finally:
             self.release()
-            if self.owns_engine:
+            if self.owns_engine and self.engine is not None:
                 await self.engine.aclose()
+            if self.routes is not None:
+                await self.routes.aclose()
 
     def release(self) -> None:
         """Commit and close the checkpoint and the cache (the last batch is never lost)."""
@@ -259,6 +267,8 @@ class CheckedRun:
     stop: RunStop
     listeners: list[Listener]
     view: Listener | None
+    deployments: DeploymentList | None = None
+    routing: RoutingOptions | None = None
 
     @property
     def turns(self) -> int:
@@ -282,7 +292,10 @@ def check_run(
     engine = config.engine
     check_engine(engine)  # an unknown engine is the error to report, whatever else is missing
     model = config.model
-    if model is None:
+    deployments, routing = _deployments(config)
+    if deployments is not None:
+        model = _group(deployments, model)
+    elif model is None:
         if isinstance(engine, Engine):
             model = engine.default_model or engine.name
         elif is_local(engine, model, config.api_base):
@@ -300,7 +313,57 @@ def check_run(
     view = make_view(stop) if make_view is not None else None
     if view is not None:
         run_listeners.append(view)
-    return CheckedRun(config, conversations, model, cache_path, stop, run_listeners, view)
+    return CheckedRun(
+        config, conversations, model, cache_path, stop, run_listeners, view, deployments, routing
+    )
+
+
+_ROUTING_OPTIONS = ("routing", "fallbacks", "cooldown_s", "allowed_fails")
+
+
+def _deployments(config: RunConfig) -> tuple[DeploymentList | None, RoutingOptions | None]:
+    """``router=`` read and checked, with the run's routing options over its file's."""
+    if config.router is None:
+        for name in _ROUTING_OPTIONS:
+            if getattr(config, name) is not None:
+                msg = f"{name}= applies to the deployments of router=, which is not given"
+                raise ConfigError(msg)
+        return None, None
+    for name in ("api_base", "api_key"):
+        if getattr(config, name) is not None:
+            msg = (
+                f"{name}= and router= do not go together: give each deployment its own "
+                f"{name} in its litellm_params"
+            )
+            raise ConfigError(msg)
+    if isinstance(config.engine, Engine) or config.engine not in ("auto", "openai", "litellm"):
+        msg = (
+            f"engine={config.engine!r} cannot serve router= deployments: expected 'auto', "
+            "'openai' or 'litellm'"
+        )
+        raise ConfigError(msg)
+    deployments = load_deployments(config.router)
+    options = routing_options(
+        deployments,
+        routing=config.routing,
+        fallbacks=config.fallbacks,
+        cooldown_s=config.cooldown_s,
+        allowed_fails=config.allowed_fails,
+    )
+    return deployments, options
+
+
+def _group(deployments: DeploymentList, model: str | None) -> str:
+    """The group ``model=`` names; without one, the list's only group."""
+    if model is None:
+        if len(deployments.groups) == 1:
+            return deployments.groups[0]
+        msg = (
+            "model= is required with router= when its model_list has several groups: "
+            f"expected one of {', '.join(map(repr, deployments.groups))}"
+        )
+        raise ConfigError(msg)
+    return deployments.check_group(model)
 
 
 def _close_view(view: Listener | None) -> None:
@@ -312,8 +375,11 @@ def _close_view(view: Listener | None) -> None:
 def _discard(plan: PreparedRun) -> None:
     """Release a plan that will never run."""
     plan.release()
-    if plan.owns_engine:
+    if plan.owns_engine and plan.engine is not None:
         close_unused(plan.engine)
+    if plan.routes is not None:
+        for engine in plan.routes.engines.values():
+            close_unused(engine)
 
 
 Deliver = Callable[[EventBus, Event], None]
@@ -341,16 +407,19 @@ def _budget(config: RunConfig) -> Budget | None:
     )
 
 
-def _check_price(config: RunConfig, model: str) -> None:
-    """A dollar cap needs answers with a cost: litellm's price table, or
-    ``cost_per_1k_tokens``. An ``Engine`` of the user's own may price its answers."""
+def _check_price(
+    config: RunConfig, model: str, api_base: str | None, price: float | None = None
+) -> None:
+    """A dollar cap needs answers with a cost: litellm's price table, a deployment's
+    ``price`` or ``cost_per_1k_tokens``. An ``Engine`` of the user's own may price its
+    answers."""
     engine = config.engine
-    if config.max_cost_usd is None or config.cost_per_1k_tokens is not None:
+    if config.max_cost_usd is None or config.cost_per_1k_tokens is not None or price is not None:
         return
     if isinstance(engine, Engine):
         return
     through_litellm = engine == "litellm" or (
-        engine == "auto" and config.api_base is None and not is_local(engine, model, None)
+        engine == "auto" and api_base is None and not is_local(engine, model, None)
     )
     if through_litellm:
         from nbllm.engines.litellm import knows_price
@@ -368,8 +437,10 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
     config, model, conversations = checked.config, checked.model, checked.conversations
     engine = config.engine
     api_key = None if config.api_key is None else config.api_key.get_secret_value()
+    if checked.deployments is not None:
+        return _prepare_routed(checked)
     check_credentials(engine, model, config.api_base, api_key)
-    _check_price(config, model)
+    _check_price(config, model, config.api_base)
     phases = EventBus(checked.listeners)
 
     def on_phase(phase: str, done: float | None, total: float | None, detail: str = "") -> None:
@@ -401,19 +472,24 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
         stop=checked.stop,
         view=checked.view,
     )
+    # Under auto, a local model's checkpoint survives a changed pick (llama.cpp
+    # installed since, say): rows name the engine that answered each turn.
+    auto = engine == "auto" and is_local(engine, model, config.api_base)
+    return _open_stores(checked, plan, "auto" if auto else chosen.identity(), {})
+
+
+def _open_stores(
+    checked: CheckedRun, plan: PreparedRun, engine_identity: str, group_params: dict[str, Any]
+) -> PreparedRun:
+    """Open the run's checkpoint and cache; on any failure, release what the plan holds."""
+    config, model, conversations = plan.config, plan.model, plan.conversations
     try:
         if config.checkpoint is not False and config.checkpoint is not None:
             identity = RunIdentity(
                 dataset=dataset_hash(conversations),
                 model=model,
-                # Under auto, a local model's checkpoint survives a changed pick (llama.cpp
-                # installed since, say): rows name the engine that answered each turn.
-                engine=(
-                    "auto"
-                    if engine == "auto" and is_local(engine, model, config.api_base)
-                    else chosen.identity()
-                ),
-                params=config.sampling_params,
+                engine=engine_identity,
+                params={**group_params, **config.sampling_params},
                 system=config.system,
             )
             path = resolve_checkpoint_path(config.checkpoint, identity.fingerprint)
@@ -437,6 +513,59 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
         _discard(plan)  # a loaded local model, a worker child: not left behind
         raise
     return plan
+
+
+def _prepare_routed(checked: CheckedRun) -> PreparedRun:
+    """A run over ``router=``'s deployments: an engine per deployment of the group and of
+    its fallback groups (the lean OpenAI-compatible one for an ``api_base``, litellm for
+    a provider), each deployment's key and price checked first."""
+    config, group = checked.config, checked.model
+    assert checked.deployments is not None and checked.routing is not None
+    routes = Routes(checked.deployments, group, checked.routing, {})
+    engine = config.engine
+    made: dict[str, Engine] = {}
+    try:
+        for d in routes.used:
+            key = None if d.api_key is None else d.api_key.get_secret_value()
+            try:
+                if is_local(engine, d.model, d.api_base):
+                    msg = (
+                        f"litellm_params.model {d.model!r} is a model on this machine; a "
+                        "router= deployment is a server (api_base) or a provider's model"
+                    )
+                    raise ConfigError(msg)
+                check_credentials(engine, d.model, d.api_base, key)
+                _check_price(config, d.model, d.api_base, d.cost_per_1k_tokens)
+                key = _api_key_for(engine, d.api_base, key) if key is None else key
+            except ConfigError as exc:
+                msg = f"{d.where}: {exc}"
+                raise ConfigError(msg) from None
+            cap = d.max_parallel_requests
+            made[d.id] = create_engine(
+                engine,
+                model=d.model,
+                api_base=d.api_base,
+                api_key=key,
+                max_connections=max(cap if isinstance(cap, int) else config.concurrency, 8),
+            )
+    except BaseException:
+        for made_engine in made.values():
+            close_unused(made_engine)
+        raise
+    routes = Routes(checked.deployments, group, checked.routing, made)
+    plan = PreparedRun(
+        config,
+        group,
+        checked.conversations,
+        None,
+        False,
+        checked.listeners,
+        stop=checked.stop,
+        view=checked.view,
+        routes=routes,
+    )
+    # The group and its sampling parameters, not the list: adding a deployment keeps it.
+    return _open_stores(checked, plan, "router", routes.params)
 
 
 def close_unused(engine: Engine) -> None:

@@ -167,6 +167,7 @@ class Executor:
         self._tpm = any(lane.limits.tpm is not None for lane in self.lanes.lanes)
         self._cache_scope = sends_to.identity() if cache is not None else ""  # who answers
         self._engine_name = sends_to.name if isinstance(sends_to, Engine) else "router"
+        self._row_model = None if isinstance(sends_to, Engine) else model  # a group: named
         self._wants_sent = self._events.wants(RequestSent)
         self._wants_retry = self._events.wants(RetryScheduled)
         self._wants_finished = self._events.wants(TurnFinished)
@@ -412,7 +413,7 @@ class Executor:
                 records.append(record if record is not None else unanswered(conv, k, why))
         return records
 
-    # -- one turn: retries ---------------------------------------------------------
+    # -- one turn: retries, then each attempt ------------------------------------------
 
     async def _turn(
         self, conv: Conversation, k: int, answers: Sequence[str], keys: KeyChain | None
@@ -498,6 +499,7 @@ class Executor:
                 conv,
                 k,
                 response,
+                model=self._row_model,
                 engine=lane.engine.name,
                 deployment=lane.id,
                 latency_s=latency,
@@ -507,8 +509,6 @@ class Executor:
                 finished_at=time.time(),
                 **time_split(ready, self._loop.time(), log.spent),
             )
-
-    # -- one attempt: slots, a deployment, its budgets ---------------------------------
 
     async def _attempt(
         self,

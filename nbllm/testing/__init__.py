@@ -3,7 +3,9 @@
 ``TestServer`` runs in a background thread (``with TestServer() as server: server.url``);
 ``start_subprocess`` runs the same server as ``python -m nbllm.testing`` in a child process.
 Answers are ``"Answer to turn {turn}: {last user text[:60]} [{key[:8]}]"`` and the server
-rejects (400, ``history_errors``) any assistant message it did not itself answer. Tokens
+rejects (400, ``history_errors``) any assistant message it did not itself answer (with
+``shared_history=True``, any that it would have answered: servers standing for the
+deployments of one group then share conversations, each turn on any of them). Tokens
 are counted as about 4 characters each; a request whose ``max_tokens`` is smaller than its
 answer gets the first ``4 * max_tokens`` characters with ``finish_reason`` ``"length"``
 (as a real model is cut off), any other ``"stop"``. Bad options raise ``ConfigError``.

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None, help="require this Bearer key")
     parser.add_argument("--log", default=None, metavar="FILE.jsonl", help="append a request log")
     parser.add_argument(
+        "--shared-history",
+        action="store_true",
+        help="accept earlier answers any server of this model would give (a group of servers)",
+    )
+    parser.add_argument(
         "--parent-pid", type=int, default=None, help="stop when this process has gone"
     )
     return parser
@@ -94,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             log_path=args.log,
+            shared_history=args.shared_history,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

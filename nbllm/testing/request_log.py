@@ -14,7 +14,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RequestLogEntry", "messages_key", "prefix_keys", "read_log"]
+__all__ = [
+    "RequestLogEntry",
+    "answer_for",
+    "messages_key",
+    "prefix_keys",
+    "read_log",
+    "would_answer",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +83,21 @@ def read_log(path: str | os.PathLike[str]) -> list[RequestLogEntry]:
             except (ValueError, TypeError):
                 continue
     return entries
+
+
+def answer_for(turn: int, last_user: str, key: str) -> str:
+    """The answer to turn ``turn`` whose conversation so far hashes to ``key``."""
+    return f"Answer to turn {turn}: {last_user[:60]} [{key[:8]}]"
+
+
+def would_answer(
+    messages: Sequence[Mapping[str, Any]], i: int, key: str, given: Mapping[str, Any]
+) -> bool:
+    """Whether ``given`` (message ``i``) is what this server answers to ``messages[:i]``,
+    whole or cut short by a ``max_tokens``."""
+    users = [m["content"] for m in messages[:i] if m["role"] == "user"]
+    if not users:
+        return False
+    expected = answer_for(len(users) - 1, users[-1], key)
+    text = given["content"]
+    return isinstance(text, str) and bool(text) and expected.startswith(text)

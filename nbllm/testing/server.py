@@ -34,7 +34,7 @@ from nbllm.engines.openai_wire import (
     parse_max_tokens,
 )
 from nbllm.errors import ConfigError
-from nbllm.testing.request_log import RequestLogEntry, prefix_keys
+from nbllm.testing.request_log import RequestLogEntry, answer_for, prefix_keys, would_answer
 
 __all__ = ["Fault", "TestServer"]
 
@@ -119,6 +119,7 @@ class TestServer:
         host: str = "127.0.0.1",
         port: int = 0,
         log_path: str | os.PathLike[str] | None = None,
+        shared_history: bool = False,
     ) -> None:
         if isinstance(latency, tuple):
             low, high = (_number("latency", x) for x in latency)
@@ -150,6 +151,9 @@ class TestServer:
         self.api_key = api_key
         self.host = host
         self.log_path = None if log_path is None else Path(log_path)
+        # Accept an earlier answer that any server of this model would have given (it is a
+        # function of the conversation so far): servers of one group share conversations.
+        self.shared_history = bool(shared_history)
         self._requested_port = port
         # Cumulative table for one random draw per request; rotation list for fault_first.
         self._fault_cum: list[tuple[float, Fault]] = []
@@ -460,7 +464,9 @@ class TestServer:
         n = len(messages)
         answers = self._answers
         for i in assistant_at:
-            if answers.get(prefixes[i]) != messages[i]["content"]:
+            if answers.get(prefixes[i]) != messages[i]["content"] and not (
+                self.shared_history and would_answer(messages, i, prefixes[i], messages[i])
+            ):
                 self._history_errors += 1
                 self._record(t, conversation, key, 400, n, turn)
                 body400 = _error_body(f"history mismatch at message {i}", "invalid_request_error")
@@ -526,7 +532,7 @@ class TestServer:
             return _drop(request)
 
         # --- the answer
-        answer = f"Answer to turn {turn}: {last_user[:60]} [{key[:8]}]"
+        answer = answer_for(turn, last_user, key)
         finish_reason = "stop"
         if max_tokens is not None and _tokens(len(answer)) > max_tokens:
             # As a real model does: stop at max_tokens and say so.

@@ -74,7 +74,17 @@ ENVIRONMENT = {
 }
 SESSION = "%llm_config / %config"
 # Run options the line takes but a session does not keep (a cap is the run's own).
-CAPS = ("max_rpm", "max_tpm", "max_cost_usd", "max_tokens_total", "cost_per_1k_tokens")
+CAPS = (
+    "max_rpm",
+    "max_tpm",
+    "max_cost_usd",
+    "max_tokens_total",
+    "cost_per_1k_tokens",
+    "router",
+    "routing",
+    "cooldown_s",
+    "allowed_fails",
+)
 DEFAULT_OUTPUT = "llm_result"
 PREVIEW_ROWS = 5
 
