@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from nbllm.engines.local.phases import GENERATING
 from nbllm.errors import ConfigError
 from nbllm.executor.events import (
+    BreakerChanged,
     EnginePhase,
     Event,
     LimitChanged,
@@ -123,8 +124,11 @@ class Snapshot:
     generated_tokens: int | None = None
     #: Why the limits shared through Redis are local for now (None while shared, or unused).
     quota_note: str | None = None
-    #: The "auto" limits in force, (kind, limit per rate window): ("rpm", 412.0).
+    #: The "auto" limits in force, (kind, limit per rate window): ("rpm", 412.0); with
+    #: several deployments, the sum of theirs.
     auto_limits: tuple[tuple[str, float], ...] = ()
+    #: Deployments whose breaker is not closed, or has opened: (id, state, trips).
+    breakers: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def turns_ok(self) -> int:
@@ -168,7 +172,8 @@ class RunStats:
         self._last_error: str | None = None
         self._shown_error: tuple[str | None, str] = (None, "")
         self._quota: str | None = None
-        self._auto_limits: dict[str, float] = {}
+        self._auto_limits: dict[tuple[str, str], float] = {}
+        self._breakers: dict[str, tuple[str, int]] = {}
         self._phase: EnginePhase | None = None
         self._generated: int | None = None
         # (finish time, requests sent, tokens) of this run's turns in the recent window,
@@ -201,7 +206,9 @@ class RunStats:
             elif isinstance(event, SharedQuota):
                 self._quota = None if event.shared else event.reason
             elif isinstance(event, LimitChanged):
-                self._auto_limits[event.kind] = event.limit
+                self._auto_limits[(event.kind, event.deployment)] = event.limit
+            elif isinstance(event, BreakerChanged):
+                self._breakers[event.deployment] = (event.state, event.trips)
             elif isinstance(event, EnginePhase):
                 if event.phase == GENERATING:
                     # A count that comes late, after the run finished, changes nothing.
@@ -374,5 +381,13 @@ class RunStats:
                 phase_detail=None if phase is None else phase.detail or None,
                 generated_tokens=None if summary is not None else self._generated,
                 quota_note=self._quota,
-                auto_limits=tuple(sorted(self._auto_limits.items())),
+                auto_limits=_summed(self._auto_limits),
+                breakers=tuple((d, state, trips) for d, (state, trips) in self._breakers.items()),
             )
+
+
+def _summed(limits: dict[tuple[str, str], float]) -> tuple[tuple[str, float], ...]:
+    totals: dict[str, float] = {}
+    for (kind, _), limit in limits.items():
+        totals[kind] = totals.get(kind, 0.0) + limit
+    return tuple(sorted(totals.items()))

@@ -24,12 +24,15 @@ from typing import Any
 
 from nbllm.errors import ConfigError
 from nbllm.executor.events import (
+    BreakerChanged,
     EnginePhase,
     Event,
+    LimitChanged,
     RequestSent,
     RetryScheduled,
     RunFinished,
     RunStarted,
+    SharedQuota,
     StopRequested,
     TurnFinished,
 )
@@ -54,6 +57,8 @@ from nbllm.ui.static_dashboard import (
 )
 
 __all__ = ["Dashboard", "GpuGauges"]
+
+_NOTICES = (SharedQuota, LimitChanged, BreakerChanged)  # drawn with the next redraw
 
 log = logging.getLogger("nbllm")
 
@@ -109,6 +114,10 @@ class Dashboard:
         TurnFinished,
         StopRequested,
         RunFinished,
+        # What the limits and the deployments are doing: shown among the errors.
+        SharedQuota,
+        LimitChanged,
+        BreakerChanged,
     )
 
     def __init__(
@@ -155,7 +164,7 @@ class Dashboard:
         if self._feeds_stats:
             self.stats.update(event)
         kind = type(event)
-        if kind is TurnFinished or kind is RequestSent:  # the many: as little as can be
+        if kind is TurnFinished or kind is RequestSent or kind in _NOTICES:  # as little as can be
             self._timer.changed()
             return
         if isinstance(event, EnginePhase) and event.phase == GENERATING:

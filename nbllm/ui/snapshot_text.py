@@ -7,6 +7,8 @@ each figure is worded here once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from nbllm.executor.stats import Snapshot
 
 __all__ = [
@@ -175,7 +177,21 @@ def error_lines(snap: Snapshot) -> list[str]:
         lines.append(f"{'retrying after' if retrying else 'last error'}: {snap.last_error}")
     if snap.quota_note:
         lines.append(f"shared limits: {snap.quota_note}")
+    if snap.breakers:
+        lines.append(breaker_line(snap.breakers))
     return lines
+
+
+def breaker_line(breakers: Sequence[tuple[str, str, int]]) -> str:
+    """The deployments whose breaker is not closed or has opened, and what that means."""
+    parts = []
+    for deployment, state, trips in breakers:
+        opened = f" (opened {trips:,}x)" if trips else ""
+        parts.append(f"{deployment} {state}{opened}")
+    line = "breakers: " + " · ".join(parts)
+    if any(state != "closed" for _, state, _ in breakers):
+        line += " — turns go to the other deployments; one probe after the cooldown"
+    return line
 
 
 def status_line(snap: Snapshot, *, background: bool, grace_left_s: float | None = None) -> str:

@@ -14,11 +14,14 @@ import pytest
 import nbllm
 from nbllm.errors import ConfigError
 from nbllm.executor.events import (
+    BreakerChanged,
     EnginePhase,
+    LimitChanged,
     RequestSent,
     RetryScheduled,
     RunFinished,
     RunStarted,
+    SharedQuota,
     StopRequested,
     TurnFinished,
 )
@@ -984,3 +987,18 @@ def test_a_run_that_failed_before_its_end_leaves_no_live_widget_behind(monkeypat
     assert "the run ended before it finished" in final["text/html"]
     assert "Interrupt" not in final["text/html"]
     assert not dashboard_threads()
+
+
+def test_the_limits_and_the_breakers_reach_the_dashboard():
+    """The notices a run's limits and deployments send are drawn, not filtered out."""
+    dash = Dashboard(gpu=False)
+    dash(started(turns=6, conversations=3))
+    dash(LimitChanged("rpm", 120.0, 0.1, "m@a:1"))
+    dash(LimitChanged("rpm", 80.0, 0.1, "m@b:2"))
+    dash(SharedQuota(False, "rpm is local for now: connection refused", 0.2))
+    dash(BreakerChanged("m@b:2", "open", 1, 0.3))
+    dash.render()
+    assert "rpm limit 200" in dash.figures.value  # the group's limits together
+    assert "shared limits: rpm is local for now" in dash.errors.value
+    assert "breakers: m@b:2 open (opened 1x)" in dash.errors.value
+    dash(RunFinished(0, 0, 0.4, False, 0.4))
