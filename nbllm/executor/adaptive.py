@@ -40,8 +40,11 @@ slot count). Interface::
    tokens do not is the token budget's, and the request budget does not cut (nor the
    other way round; a slot count cuts only when neither header reads 0). Without such
    headers every adaptive budget takes the cut.
-3. *Growth while answers come.* After a full period with no 429 and no change, the next
-   answer raises the limit by ``increase`` (5 %) of itself, at least one unit; each
+3. *Growth while answers come.* Until the first 429 a rate budget starts slowly as TCP
+   does: after each full period with no 429 and no change, the next answer doubles it
+   (from 60 requests a minute, a provider's 10,000 is found within eight minutes, where
+   steps of 5 % would take an hour). After a 429, a full clean period lets the next
+   answer raise the limit by ``increase`` (5 %) of itself, at least one unit; each
    further clean period doubles that fraction (5, 10, 20, 40, 80, 100 %), so a provider
    that raised its limit is followed within a few periods, while right after a cut the
    first steps stay small. Any 429 resets the fraction to ``increase``. A rate budget
@@ -205,6 +208,7 @@ class AdaptiveLimit:
         self._last_cut = -math.inf
         self._last_429 = -math.inf
         self._doublings = 0
+        self._slow_start = unit != "slots"  # doubling per clean period until the first 429
         # (time, amount, answered) over the last period, with running sums
         self._events: collections.deque[tuple[float, float, bool]] = collections.deque()
         self._answered = 0.0
@@ -246,6 +250,7 @@ class AdaptiveLimit:
         self._last_429 = now
         self._quiet_since = now
         self._doublings = 0
+        self._slow_start = False
         if now - self._last_cut >= self.period:
             self._cut(now)
 
@@ -277,6 +282,7 @@ class AdaptiveLimit:
             wanted = min(wanted, self._limit)  # a recent 429 says the header is not all ours
         if wanted < self._limit:
             self._last_cut = now  # the 429s of requests sent at the old rate cut no further
+            self._slow_start = False
         self._set(wanted, now)
         return seen
 
@@ -303,7 +309,7 @@ class AdaptiveLimit:
         self._set(min(old, self._bounded(wanted)), now)
 
     def _grow(self, now: float) -> None:
-        fraction = min(1.0, self.increase * 2**self._doublings)
+        fraction = 1.0 if self._slow_start else min(1.0, self.increase * 2**self._doublings)
         wanted = self._bounded(self._limit + max(1.0, self._limit * fraction))
         if wanted > self._limit:
             self._doublings += 1

@@ -208,11 +208,17 @@ def test_growth_waits_for_a_clean_period_and_needs_the_limit_used():
     assert auto.limit == 100  # not a full period yet
     clock.now += 1.0
     auto.on_success()
-    assert auto.limit == pytest.approx(105)  # +5 %
+    assert auto.limit == pytest.approx(200)  # before any 429: doubled (a slow start)
+    auto.on_rate_limited()  # cut to what was accepted: 95 % of 60 answers a minute
+    assert auto.limit == pytest.approx(57)
     for _ in range(60):
         clock.now += 1.0
         auto.on_success()
-    assert auto.limit == pytest.approx(105 * 1.10)  # the next clean period: +10 %
+    assert auto.limit == pytest.approx(57 * 1.05)  # after a 429, +5 %
+    for _ in range(60):
+        clock.now += 1.0
+        auto.on_success()
+    assert auto.limit == pytest.approx(57 * 1.05 * 1.10)  # the next clean period: +10 %
     # A run that sends a tenth of its limit does not push it up.
     idle = AdaptiveLimit(ceiling=1000, start=100, period=60, clock=clock)
     for _ in range(10):
