@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbllm.engines.base import Engine
-from nbllm.engines.http_status import error_for_status, public_url
+from nbllm.engines.http_status import error_for_status, public_url, rate_limit_headers
 from nbllm.engines.keys import PLACEHOLDER_KEY, key_for_api_base
 from nbllm.errors import AuthenticationError, ConnectionFailed, EngineError, RequestTimeout
 from nbllm.redact import redact_logs
@@ -121,6 +121,17 @@ def missing_credentials(model: str) -> list[str]:
     if any(_spelled_otherwise(key) for key in missing):
         return []
     return missing
+
+
+def _rate_limits_of(response: Any) -> dict[str, str] | None:
+    """The provider's ``x-ratelimit-*`` headers, which litellm keeps in its hidden params
+    (OpenAI's names as they are, every header also as ``llm_provider-<name>``)."""
+    hidden = getattr(response, "_hidden_params", None)
+    headers = hidden.get("additional_headers") if isinstance(hidden, dict) else None
+    if not isinstance(headers, Mapping):
+        return None
+    bare = {str(k).removeprefix("llm_provider-"): str(v) for k, v in headers.items()}
+    return rate_limit_headers(bare)
 
 
 def _headers_of(exc: BaseException) -> Mapping[str, str] | None:
@@ -233,4 +244,5 @@ class LiteLLMEngine(Engine):
             completion_tokens=getattr(usage, "completion_tokens", None),
             cost_usd=cost,
             finish_reason=reason if isinstance(reason, str) and reason else None,
+            rate_limits=_rate_limits_of(response),
         )

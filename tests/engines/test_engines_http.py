@@ -277,3 +277,26 @@ def test_a_redirect_is_an_error_that_is_not_followed_nor_retried(relative):
     assert "token" not in error and "/chat" not in error and "sk-" not in error
     assert redirector.posts == 1  # type: ignore[attr-defined]
     assert recorder.requests == []
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param(lambda url: OpenAIEngine(url), id="openai"),
+        pytest.param(lambda url: LiteLLMEngine(api_base=url), id="litellm"),
+    ],
+)
+async def test_both_api_engines_pass_on_the_providers_rate_limit_headers(engine):
+    """What rpm="auto" reads to take a provider's limit at once, through either engine."""
+    from nbllm.types import ChatRequest
+
+    async with TestServer(rpm=50, window_s=5) as server:
+        client = engine(server.url)
+        try:
+            request = ChatRequest("openai/nbllm-test", [{"role": "user", "content": "hi"}])
+            response = await client.complete(request)
+        finally:
+            await client.aclose()
+    assert response.rate_limits is not None
+    assert response.rate_limits["x-ratelimit-limit-requests"] == "50"
+    assert response.rate_limits["x-ratelimit-remaining-requests"] == "49"
