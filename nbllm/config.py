@@ -99,7 +99,13 @@ class RunConfig(BaseModel):
         "a string",
         metavar="KEY",
     )
-    concurrency: int = _option(32, "requests in flight", "a whole number >= 1", metavar="N", ge=1)
+    concurrency: Annotated[int, Field(ge=1)] | Literal["auto"] = _option(
+        32,
+        "requests in flight; 'auto': found while running (from 8, halved on a 429, grown "
+        "while answers come, at most 256)",
+        "a whole number >= 1 or 'auto'",
+        metavar="N",
+    )
     rpm: PositiveNumber | Literal["auto"] | None = _option(
         None,
         "requests per minute, at most; 'auto': found while running (the server's 429s and "
@@ -358,6 +364,8 @@ def _reader(name: str) -> Any:
 
     def read(text: str) -> Any:
         return "auto" if text.strip().lower() == "auto" else kind(text)
+
+    read.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'x'"
 
     return read
 

@@ -186,7 +186,7 @@ def submit(
     model: str | None = None,
     api_base: str | None = None,
     api_key: str | None = None,
-    concurrency: int = 32,
+    concurrency: int | Literal["auto"] = 32,
     rpm: float | Literal["auto"] | None = None,
     tpm: float | Literal["auto"] | None = None,
     max_rpm: float | None = None,

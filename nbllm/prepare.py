@@ -44,6 +44,7 @@ from nbllm.executor.checkpoint import (
 from nbllm.executor.deployments import DeploymentList, load_deployments
 from nbllm.executor.events import EnginePhase, EventBus
 from nbllm.executor.lanes import Routes
+from nbllm.executor.limits import AUTO_CONCURRENCY
 from nbllm.executor.routing import RoutingOptions, routing_options
 from nbllm.executor.storage import MAX_PENDING
 from nbllm.redact import public_url
@@ -455,11 +456,13 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
         model=model,
         api_base=config.api_base,
         api_key=_api_key_for(engine, config.api_base, api_key),
-        max_connections=max(config.concurrency, 8),
+        max_connections=_connections(config.concurrency),
         worker=config.worker,
         on_phase=on_phase,
     )
-    if chosen.max_in_flight is not None and chosen.max_in_flight < config.concurrency:
+    if chosen.max_in_flight is not None and (
+        config.concurrency == "auto" or chosen.max_in_flight < config.concurrency
+    ):
         # More would only queue inside the engine, where their timeouts would run out.
         config = config.model_copy(update={"concurrency": chosen.max_in_flight})
     plan = PreparedRun(
@@ -546,7 +549,7 @@ def _prepare_routed(checked: CheckedRun) -> PreparedRun:
                 model=d.model,
                 api_base=d.api_base,
                 api_key=key,
-                max_connections=max(cap if isinstance(cap, int) else config.concurrency, 8),
+                max_connections=_connections(cap if isinstance(cap, int) else config.concurrency),
             )
     except BaseException:
         for made_engine in made.values():
@@ -566,6 +569,11 @@ def _prepare_routed(checked: CheckedRun) -> PreparedRun:
     )
     # The group and its sampling parameters, not the list: adding a deployment keeps it.
     return _open_stores(checked, plan, "router", routes.params)
+
+
+def _connections(concurrency: int | str) -> int:
+    """Connections an API engine may open: the requests it may have in flight."""
+    return max(int(AUTO_CONCURRENCY["ceiling"]) if concurrency == "auto" else int(concurrency), 8)
 
 
 def close_unused(engine: Engine) -> None:

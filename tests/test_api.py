@@ -278,9 +278,9 @@ def test_the_api_key_never_shows_in_the_config():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"concurrency": 0}, "concurrency= expected a whole number >= 1, got 0"),
-        ({"concurrency": True}, "concurrency= expected a whole number >= 1, got True"),
-        ({"concurrency": "8"}, "concurrency= expected a whole number >= 1, got '8'"),
+        ({"concurrency": 0}, "concurrency= expected a whole number >= 1 or 'auto', got 0"),
+        ({"concurrency": True}, "concurrency= expected a whole number >= 1 or 'auto', got True"),
+        ({"concurrency": "8"}, "concurrency= expected a whole number >= 1 or 'auto', got '8'"),
         ({"max_conversations": 1.0}, "max_conversations= expected a whole number >= 1 or None"),
         ({"rpm": False}, "rpm= expected a number > 0, 'auto' or None, got False"),
         ({"tpm": float("inf")}, "tpm= expected a number > 0, 'auto' or None, got inf"),

@@ -33,7 +33,7 @@ from nbllm.executor.budget import Budget
 from nbllm.executor.deployments import Deployment, DeploymentList, deployment_id
 from nbllm.executor.events import BreakerChanged, Event
 from nbllm.executor.limiter import Grant
-from nbllm.executor.limits import RunLimits
+from nbllm.executor.limits import AUTO_CONCURRENCY, RunLimits, SlotControl
 from nbllm.executor.routing import DeploymentLoad, Router, RoutingOptions
 from nbllm.executor.slots import RequestSlots
 from nbllm.executor.timing import within
@@ -115,6 +115,7 @@ class Lane:
         self.slots = slots
         self.price = price
         self.breaker: CircuitBreaker | None = None
+        self.controls: list[SlotControl] = []  # "auto" slot counts its answers move
         self.load = DeploymentLoad()
         self.totals = DeploymentTotals(id, group)
         self.cooldown_until = 0.0  # loop time until which a Retry-After pauses it
@@ -159,6 +160,9 @@ class Lane:
         """An attempt failed; whether it was the deployment's fault (see the breaker)."""
         self.load.finish(None)
         self.totals.failed(rate_limited=isinstance(error, RateLimitError))
+        if isinstance(error, RateLimitError):
+            for control in self.controls:
+                control.rate_limited(error.rate_limits)
         if self.breaker is None:
             return False
         self.breaker.record_failure(error)
@@ -171,6 +175,8 @@ class Lane:
         (the engine's, else from this deployment's price, else the run's)."""
         tokens = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
         self.load.finish(latency_s, tokens)
+        for control in self.controls:
+            control.answered(response.rate_limits)
         if self.breaker is not None:
             self.breaker.record_success()
         if budget is not None:
@@ -252,6 +258,17 @@ class Lanes:
             emit(BreakerChanged(lane.id, new.value, trips, time.time()))
 
         return changed
+
+    def request_slots(self, concurrency: int | str, emit: Callable[[Event], None]) -> RequestSlots:
+        """The run's request slots: ``concurrency`` of them, or with ``"auto"`` a count
+        found while running (``SlotControl``) from every lane's answers and 429s."""
+        if concurrency != "auto":
+            return RequestSlots(int(concurrency))
+        slots = RequestSlots(int(AUTO_CONCURRENCY["start"]))
+        control = SlotControl(slots, deployment="", emit=emit)
+        for lane in self.lanes:
+            lane.controls = [c for c in lane.controls if c.deployment] + [control]
+        return slots
 
     def target(self) -> str:
         """What the run sends to, for messages: the only lane's server, or the router."""
@@ -396,13 +413,17 @@ def build_lanes(
     def make_lane(d: Deployment, engine: Engine) -> Lane:
         cap = d.max_parallel_requests
         own = {"rpm": d.rpm, "tpm": d.tpm, "max_rpm": d.max_rpm, "max_tpm": d.max_tpm}
-        return Lane(
+        slots = (
+            RequestSlots(int(AUTO_CONCURRENCY["start"]) if cap == "auto" else cap) if cap else None
+        )
+        lane = Lane(
             d.id, d.group, engine, model=d.model, params={**d.params, **params},
             timeout=d.timeout if d.timeout is not None else timeout, limits=limits(d.id, own),
-            target=_target(engine, d.api_base),
-            slots=RequestSlots(cap) if isinstance(cap, int) else None,
-            price=d.cost_per_1k_tokens,
+            target=_target(engine, d.api_base), slots=slots, price=d.cost_per_1k_tokens,
         )  # fmt: skip
+        if cap == "auto" and slots is not None:
+            lane.controls.append(SlotControl(slots, deployment=d.id, emit=emit))
+        return lane
 
     return Lanes.routed(sends_to, make_lane, emit=emit, probe_timeout_s=timeout)
 

@@ -26,14 +26,18 @@ from nbllm.executor.adaptive import AdaptiveLimit
 from nbllm.executor.events import Event, LimitChanged, SharedQuota
 from nbllm.executor.limiter import Grant, RateLimiter
 from nbllm.executor.shared_limit import SharedRateLimiter
+from nbllm.executor.slots import RequestSlots
 from nbllm.types import ChatResponse
 
-__all__ = ["AUTO_START", "Limiter", "RunLimits"]
+__all__ = ["AUTO_CONCURRENCY", "AUTO_START", "Limiter", "RunLimits", "SlotControl"]
 
 Limiter = RateLimiter | SharedRateLimiter
 
 #: Where rpm / tpm "auto" start, per rate window, when no ceiling is given.
 AUTO_START = {"rpm": 60.0, "tpm": 60_000.0}
+#: concurrency="auto" (and a deployment's max_parallel_requests="auto"): the slot count it
+#: starts at, its ceiling, and the seconds of answers without a 429 it waits to grow.
+AUTO_CONCURRENCY = {"start": 8, "ceiling": 256, "period_s": 10.0}
 
 _NAMES = ("rate_window_s", "burst")
 
@@ -145,3 +149,43 @@ class RunLimits:
         for limiter in (self.rpm, self.tpm):
             if isinstance(limiter, SharedRateLimiter):
                 await limiter.aclose()
+
+
+class SlotControl:
+    """``concurrency="auto"``: a slot count found while running. Whole slots, cut by half
+    on a 429 that the rpm / tpm headers do not blame on their own budgets, and grown
+    while answers come (see ``AdaptiveLimit``); each change is a ``LimitChanged``
+    ("concurrency") event."""
+
+    def __init__(
+        self,
+        slots: RequestSlots,
+        *,
+        deployment: str,
+        emit: Callable[[Event], None],
+        ceiling: int = int(AUTO_CONCURRENCY["ceiling"]),
+    ) -> None:
+        self.slots = slots
+        self.deployment = deployment  # "" for the run's own slots
+        self._emit = emit
+        self.adaptive = AdaptiveLimit(
+            slots.set_capacity,
+            ceiling=ceiling,
+            start=min(AUTO_CONCURRENCY["start"], ceiling),
+            unit="slots",
+            period=AUTO_CONCURRENCY["period_s"],
+            name="concurrency",
+        )
+
+    def answered(self, headers: Mapping[str, str] | None) -> None:
+        self._moved(self.adaptive.on_success, headers)
+
+    def rate_limited(self, headers: Mapping[str, str] | None) -> None:
+        self._moved(self.adaptive.on_rate_limited, headers)
+
+    def _moved(self, how: Callable[..., None], headers: Mapping[str, str] | None) -> None:
+        before = self.adaptive.limit
+        how(headers)
+        if self.adaptive.limit != before:
+            limit = self.adaptive.limit
+            self._emit(LimitChanged("concurrency", limit, time.time(), self.deployment))

@@ -58,10 +58,9 @@ from nbllm.executor.events import (
 )
 from nbllm.executor.lanes import Attempts, Lane, NoDeployment, Routes, build_lanes
 from nbllm.executor.limiter import Grant, estimate_tokens
-from nbllm.executor.limits import RunLimits
+from nbllm.executor.limits import AUTO_CONCURRENCY, RunLimits
 from nbllm.executor.redis_link import check
 from nbllm.executor.rows import answered, unanswered
-from nbllm.executor.slots import RequestSlots
 from nbllm.executor.timing import time_split
 from nbllm.executor.unreachable import unreachable_reason
 from nbllm.redact import redact, secret_values
@@ -86,7 +85,8 @@ class Executor:
     """Runs conversations against one engine, or the deployments of ``routes`` (then
     ``engine`` is None and ``model`` names the group), with caps, limits and retries.
 
-    ``concurrency`` caps requests in flight; ``max_conversations`` caps conversations
+    ``concurrency`` caps requests in flight ("auto": found while running, from 429s);
+    ``max_conversations`` caps conversations
     in progress (default: ``CONVERSATIONS_PER_SLOT`` x ``concurrency``; a value given is
     obeyed exactly). A freed request slot goes to the conversation with the most turns
     left. ``rpm`` / ``tpm``: no minute ever holds more requests / tokens than these (each
@@ -101,7 +101,7 @@ class Executor:
         engine: Engine | None,
         *,
         model: str,
-        concurrency: int = 32,
+        concurrency: int | str = 32,
         max_conversations: int | None = None,
         rpm: float | str | None = None,
         tpm: float | str | None = None,
@@ -120,7 +120,8 @@ class Executor:
         max_tpm: float | None = None,
         routes: Routes | None = None,
     ) -> None:
-        check_whole("concurrency", concurrency)
+        if concurrency != "auto":
+            check_whole("concurrency", concurrency)
         if max_conversations is not None:
             check_whole("max_conversations", max_conversations)
         check_seconds("timeout", timeout, none=True)
@@ -134,11 +135,8 @@ class Executor:
         self.routes = routes
         self.model = model
         self.concurrency = concurrency
-        self.max_conversations = (
-            max_conversations
-            if max_conversations is not None
-            else CONVERSATIONS_PER_SLOT * concurrency
-        )
+        most = AUTO_CONCURRENCY["ceiling"] if concurrency == "auto" else concurrency
+        self.max_conversations = max_conversations or CONVERSATIONS_PER_SLOT * int(most)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.system = system
@@ -216,7 +214,7 @@ class Executor:
             self._offsets.append(total)
             total += len(conv)
         self._records: list[TurnRecord | None] = [None] * total
-        self._slots = RequestSlots(self.concurrency)
+        self._slots = self.lanes.request_slots(self.concurrency, self._emit)
         self._in_flight = 0
         self._sending: set[asyncio.Task[Any]] = set()  # workers awaiting an answer
         self._workers: list[asyncio.Task[None]] = []

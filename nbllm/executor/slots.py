@@ -80,9 +80,18 @@ class RequestSlots:
                 fut.cancel()  # the hand-over skips it
             raise
 
+    def set_capacity(self, capacity: float) -> None:
+        """Change the number of slots (``concurrency="auto"``). A raise lets waiters go at
+        once; after a cut, slots held beyond the new count are not handed on when released."""
+        capacity = max(1, int(capacity))
+        self._free += capacity - self.capacity
+        self.capacity = capacity
+        if self._waiting and self._free > 0:
+            self._schedule(asyncio.get_running_loop())
+
     def release(self) -> None:
         """Give a slot back; the most urgent waiter gets it on the next pass of the loop."""
-        if self._free >= self.capacity:
+        if self._free >= self.capacity:  # (after a cut _free is below zero until released)
             msg = "release() of a slot that was not held"
             raise RuntimeError(msg)
         self._free += 1

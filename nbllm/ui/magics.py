@@ -108,7 +108,7 @@ def _trait(key: str) -> Any:
     """The session default of option ``key``: unset, with its kind and help from the schema."""
     help_text = RunConfig.model_fields[key].description
     if takes_auto(key):  # a number or "auto" (rpm="auto")
-        kinds = [Float(), Enum(["auto"])]
+        kinds = [_TRAITS[text_type(key)](), Enum(["auto"])]
         return Union(kinds, default_value=None, allow_none=True, help=help_text).tag(config=True)
     trait = _TRAITS[text_type(key)]
     return trait(None, allow_none=True, help=help_text).tag(config=True)

@@ -244,7 +244,7 @@ def test_llm_config_sets_and_shows_the_session_defaults(shell, capsys):
     [
         ("api_key=sk-secret", "api_key is not a setting"),
         ("colour=blue", "unknown key 'colour'; allowed keys: model, api_base, concurrency"),
-        ("concurrency=0", "concurrency= expected a whole number >= 1, got 0"),
+        ("concurrency=0", "concurrency= expected a whole number >= 1 or 'auto', got 0"),
         ("temperature=hot", "temperature expects a number, got 'hot'"),
         ("api_base=localhost", "api_base= expected an http(s) URL"),
         ("model", "expected key=value"),
@@ -311,7 +311,10 @@ def test_a_bad_environment_value_names_the_variable(shell, monkeypatch):
     monkeypatch.setenv("NBLLM_CONCURRENCY", "lots")
     shell.user_ns["records"] = [{"id": 1, "turns": ["hi"]}]
     cell = shell.run_cell("%llm_batch records -m m")
-    assert "$NBLLM_CONCURRENCY: concurrency expects a whole number, got 'lots'" in usage_error(cell)
+    assert (
+        "$NBLLM_CONCURRENCY: concurrency expects a whole number or 'auto', got 'lots'"
+        in usage_error(cell)
+    )
 
 
 def test_no_api_key_is_ever_shown(shell, monkeypatch, capsys):
