@@ -460,9 +460,13 @@ class RunResult:
         engine: str | None = None,
         stop_reason: str | None = None,
         deployments: Sequence[DeploymentFigures] = (),
+        limit_history: Sequence[tuple[float, str, float]] = (),
     ) -> None:
         self.records = list(records)
         self.deployments = tuple(deployments)
+        #: The "auto" limits over the run: (time, "requests/s" | "tokens/s" | "concurrency",
+        #: limit), at the start and after each change; what ``plot()`` draws.
+        self.limit_history = tuple(limit_history)
         self.conversations = conversations
         self.wall_s = wall_s
         self.started_at = started_at

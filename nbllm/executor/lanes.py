@@ -383,6 +383,29 @@ class Lanes:
     def figures(self) -> list[DeploymentFigures]:
         return [lane.figures() for lane in self.lanes]
 
+    def limit_history(self) -> list[tuple[float, str, float]]:
+        """Every "auto" limit in force over the run, all deployments together: (wall-clock
+        time, kind, limit) at the start and after each change, where kind is
+        "requests/s" or "tokens/s" (the rpm / tpm limit per second) or "concurrency"."""
+        offset = time.time() - time.monotonic()  # the controllers' clock is monotonic
+        changes: list[tuple[float, str, int, float]] = []
+        # The run's own slot count (a deployment's own "auto" cap is in its figures only).
+        controls = {id(c): c for lane in self.lanes for c in lane.controls if not c.deployment}
+        series = [
+            (control, kind) for lane in self.lanes for kind, control in lane.limits.adaptive.items()
+        ] + [(c.adaptive, "concurrency") for c in controls.values()]
+        for index, (control, kind) in enumerate(series):
+            unit = {"rpm": "requests/s", "tpm": "tokens/s"}.get(kind, "concurrency")
+            per = control.period if unit != "concurrency" else 1.0
+            changes += [(t + offset, unit, index, value / per) for t, value in control.history]
+        current: dict[int, float] = {}
+        out: list[tuple[float, str, float]] = []
+        for t, unit, index, value in sorted(changes):
+            current[index] = value
+            total = sum(v for i, v in current.items() if series[i][1] == series[index][1])
+            out.append((t, unit, total))
+        return out
+
     async def aclose(self) -> None:
         for lane in self.lanes:
             await lane.limits.aclose()

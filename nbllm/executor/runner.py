@@ -280,6 +280,7 @@ class Executor:
             engine=self._engine_name,
             stop_reason=self._stop_reason,
             deployments=self.lanes.figures(),
+            limit_history=self.lanes.limit_history(),
         )
         # The summary's own counts (computed once, kept by the result), so they agree.
         summary = result.summary

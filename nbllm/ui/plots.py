@@ -36,6 +36,7 @@ MAX_BINS = 60
 _OK_COLOUR = "#55a868"
 _FAILED_COLOUR = "#c44e52"
 _FLIGHT_COLOUR = "#8172b2"
+_LIMIT_COLOUR = "#dd8452"
 _NOTE_COLOUR = "gray"
 
 
@@ -175,6 +176,25 @@ def _draw_throughput(
     ax.set_ylabel("turns finished / s")
 
 
+def _draw_limit(
+    ax: Axes,
+    history: Sequence[tuple[float, str, float]],
+    kind: str,
+    label: str,
+    t0: float,
+    end: float,
+) -> None:
+    """An "auto" limit over the run, as a dashed step line beside what it bounds."""
+    points = [(max(0.0, t - t0), value) for t, k, value in history if k == kind]
+    if not points:
+        return
+    xs = [x for x, _ in points] + [end]
+    ys = [y for _, y in points] + [points[-1][1]]
+    ax.step(xs, ys, where="post", color=_LIMIT_COLOUR, linestyle="--", linewidth=1, label=label)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small")
+
+
 def _draw_gpu(ax: Axes, samples: Sequence[Any], t0: float) -> None:
     by_device: dict[tuple[int, str], list[Any]] = defaultdict(list)
     for s in samples:
@@ -241,6 +261,8 @@ def plot_result(result: RunResult, gpu_samples: Sequence[Any] | None = None) -> 
     _draw_latency(ax_latency, records)
     _draw_in_flight(ax_flight, spans, end)
     _draw_throughput(ax_rate, ok, failed, end, result.wall_s)
+    _draw_limit(ax_flight, result.limit_history, "concurrency", "concurrency limit", t0, end)
+    _draw_limit(ax_rate, result.limit_history, "requests/s", "rpm limit (requests/s)", t0, end)
     time_axes = [ax_flight, ax_rate]
     if samples:
         ax_gpu = fig.add_subplot(grid[2, 1], sharex=ax_flight)

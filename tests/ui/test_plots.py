@@ -179,3 +179,29 @@ def test_turns_not_run_and_never_sent_are_named_apart():
     assert note(fig) == (
         "not in the time panels (no request in this run): 2 not run, 1 never sent rows"
     )
+
+
+def test_auto_limits_are_drawn_over_time_beside_what_they_bound():
+    """rpm="auto" and concurrency="auto": the limit in force, as the run found it, is a
+    dashed line on the throughput and in-flight panels, read from ``limit_history``."""
+    from nbllm.errors import RateLimitError
+
+    calls = 0
+
+    def provider(request):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RateLimitError("HTTP 429: slow down")
+        return "ok"
+
+    result = run(engine=FakeEngine(provider), rpm="auto", concurrency="auto", max_rpm=600)
+    kinds = {kind for _, kind, _ in result.limit_history}
+    assert kinds == {"requests/s", "concurrency"}
+    first = [v for _, kind, v in result.limit_history if kind == "requests/s"]
+    assert first[0] == pytest.approx(300 / 60)  # half the ceiling, per second
+    assert len(first) >= 2 and first[-1] < first[0]  # the 429 cut it
+    fig = plot_result(result)
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+    assert "rpm limit (requests/s)" in labels
+    assert "concurrency limit" in labels
