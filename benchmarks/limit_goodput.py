@@ -231,7 +231,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=int, help="R: requests per window (120; 40 with --quick)")
     parser.add_argument(
-        "--window", type=float, help="the window ('minute'), seconds (3; 2 with --quick)"
+        "--window", type=float, help="the window ('minute'), seconds (6; 2 with --quick)"
     )
     parser.add_argument("--windows", type=float, help="requests = this x R (8; 4 with --quick)")
     parser.add_argument("--latency", type=float, default=0.05, help="server latency, seconds")
@@ -244,7 +244,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="R = 40 per 2 s, 4 windows")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    defaults = (40, 2.0, 4.0) if args.quick else (120, 3.0, 8.0)
+    defaults = (40, 2.0, 4.0) if args.quick else (120, 6.0, 8.0)
     for name, value in zip(("rate", "window", "windows"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
