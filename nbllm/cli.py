@@ -205,6 +205,8 @@ def _run(args: argparse.Namespace) -> int:
     result = nbllm.run(data, **options)
     print(result.summary)
     summary = result.summary
+    if args.router is not None:  # where each deployment's requests went, and how they fared
+        print(summary.deployments.to_string(index=False))
     if summary.resumed or summary.cached:
         print(
             f"nbllm: {summary.resumed} of {summary.turns} turns resumed from the checkpoint, "

@@ -587,3 +587,31 @@ def test_runs_rm_removes_a_run(server, tmp_path, _nbllm_dir, capsys):
     assert nbllm.runs.list().empty
     assert main(["runs", "rm", run_id, "--root", str(_nbllm_dir)]) == 2
     assert "no stored run" in capsys.readouterr().err
+
+
+def test_a_router_yaml_spreads_the_run_and_prints_each_deployments_figures(tmp_path, capsys):
+    with TestServer(shared_history=True) as a, TestServer(shared_history=True) as b:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            "model_list:\n"
+            + "".join(
+                f"  - model_name: llama\n    litellm_params:\n"
+                f"      model: openai/llama\n      api_base: {s.url}\n"
+                for s in (a, b)
+            )
+            + "router_settings:\n  routing_strategy: least-busy\n",
+            encoding="utf-8",
+        )
+        records = [{**r, "id": f"{r['id']}{i}"} for i in range(4) for r in RECORDS]
+        data = write_jsonl(tmp_path / "convs.jsonl", records)
+        out = tmp_path / "out.csv"
+        args = ["run", str(data), "--router", str(config), "--model", "llama", "--no-progress"]
+        assert main([*args, "--concurrency", "4", "--no-cache", "--out", str(out)]) == 0
+        stdout = capsys.readouterr().out
+        for server in (a, b):
+            deployment = f"llama@127.0.0.1:{server.url.split(':')[2].split('/')[0]}"
+            assert deployment in stdout  # its row in the printed table
+            assert server.requests and server.history_errors == 0
+        assert set(pd.read_csv(out)["model"]) == {"llama"}
+        assert main([*args[:4], "--model", "lama"]) == 2
+        assert "did you mean 'llama'" in capsys.readouterr().err
