@@ -11,7 +11,7 @@ import nbllm
 from nbllm import Conversation
 from nbllm.errors import ConfigError
 from nbllm.executor import Executor, LimitChanged
-from nbllm.executor.events import Event
+from nbllm.executor.events import Event, TurnFinished
 from nbllm.executor.stats import RunStats
 from nbllm.testing import TestServer
 from nbllm.ui.snapshot_text import figure_items
@@ -112,3 +112,46 @@ def test_rpm_auto_takes_the_limit_a_provider_announces_in_its_headers():
     assert result.summary.turns_ok == 3
     limits = [e.limit for e in events if isinstance(e, LimitChanged)]
     assert limits and limits[0] == 30.0
+
+
+def test_rpm_auto_follows_a_provider_whose_limit_drops_and_comes_back():
+    """The server's limit halves mid-run and is restored later: the limit in force follows it
+    down and back up, and every turn is answered."""
+    window = 0.5
+    rate = 20
+    events: list[Event] = []
+    finished = 0
+
+    with TestServer(rpm=rate, window_s=window) as server:
+
+        def listen(event: Event) -> None:
+            nonlocal finished
+            events.append(event)
+            if isinstance(event, TurnFinished):
+                finished += 1
+                if finished == 40:
+                    server.rpm = rate // 2
+                elif finished == 80:
+                    server.rpm = rate
+
+        async def run() -> nbllm.RunResult:
+            convs = [Conversation(id=f"c{i}", questions=(f"question {i}",)) for i in range(140)]
+            async with nbllm.engines.OpenAIEngine(server.url) as engine:
+                executor = Executor(
+                    engine,
+                    model="nbllm-test",
+                    concurrency=4,
+                    rpm="auto",
+                    max_rpm=4 * rate,
+                    rate_window_s=window,
+                    retry=nbllm.RetryPolicy(retries=10, initial=0.05, maximum=0.5),
+                    listeners=[listen],
+                )
+                return await executor.run(convs)
+
+        result = asyncio.run(run())
+    assert result.summary.turns_ok == 140
+    limits = [e.limit for e in events if isinstance(e, LimitChanged)]
+    low = limits.index(min(limits))
+    assert limits[low] <= rate // 2, limits  # followed the provider down
+    assert max(limits[low:]) == rate, limits  # and back up, to the provider's limit
