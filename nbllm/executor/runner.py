@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -53,7 +52,6 @@ from nbllm.executor.events import (
     RetryScheduled,
     RunFinished,
     RunStarted,
-    StopRequested,
     TurnFinished,
 )
 from nbllm.executor.lanes import Attempts, Lane, NoDeployment, Routes, build_lanes
@@ -61,6 +59,7 @@ from nbllm.executor.limiter import Grant, estimate_tokens
 from nbllm.executor.limits import AUTO_CONCURRENCY, RunLimits
 from nbllm.executor.redis_link import check
 from nbllm.executor.rows import answered, unanswered
+from nbllm.executor.stopping import Stopping
 from nbllm.executor.timing import time_split
 from nbllm.executor.unreachable import unreachable_reason
 from nbllm.redact import redact, secret_values
@@ -81,7 +80,7 @@ STOPPED = f"{NOT_RUN}: the run was stopped before this turn finished"
 UNREACHABLE_AFTER = 3
 
 
-class Executor:
+class Executor(Stopping):
     """Runs conversations against one engine, or the deployments of ``routes`` (then
     ``engine`` is None and ``model`` names the group), with caps, limits and retries.
 
@@ -174,20 +173,6 @@ class Executor:
         self._stops_asked = 0
         self._running = False
         self._stop_loop: asyncio.AbstractEventLoop | None = None  # the running batch's
-
-    def stop(self) -> None:
-        """Stop the run, keeping every answer that arrived; ``run`` then returns.
-
-        The first call sends nothing new and lets the requests in flight finish, for up to
-        ``stop_grace_s`` seconds; a second call cancels them at once. Safe to call from any
-        thread, a signal handler or a listener, before or during the run.
-        """
-        self._stopping = True  # read by the workers before every send
-        self._stops_asked += 1
-        loop = self._stop_loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: the run is over
-                loop.call_soon_threadsafe(self._on_stop)
 
     async def run(self, conversations: Sequence[Conversation]) -> RunResult:
         """Run every conversation; rows come back in input order, whatever finished first."""
@@ -295,46 +280,6 @@ class Executor:
             )
         )
         return result
-
-    # -- stopping ------------------------------------------------------------------
-
-    def _on_stop(self) -> None:
-        """On the loop: the first stop lets requests in flight finish, a second cancels them."""
-        if self._finished_run or not self._workers:
-            return
-        self._stopping = True
-        if not self._stop_announced:
-            self._stop_announced = True
-            self._emit(StopRequested(self.stop_grace_s, self._in_flight, time.time()))
-            # Nothing is in flight for a worker waiting for a slot, a budget or a retry.
-            self._cancel_workers(idle_only=True)
-            if self._stops_asked <= 1 and self._sending and self.stop_grace_s > 0:
-                self._grace = self._loop.call_later(self.stop_grace_s, self._cancel_workers)
-                return
-        elif self._stops_asked <= 1:
-            return  # the first stop, seen again
-        self._cancel_workers()
-
-    def _cancel_workers(self, *, idle_only: bool = False) -> None:
-        me = asyncio.current_task()
-        for worker in self._workers:
-            if worker is not me and not (idle_only and worker in self._sending):
-                worker.cancel()
-
-    def _stop_for(self, reason: str) -> None:
-        """End the run by itself as a stop does: nothing new starts, requests in flight
-        finish (within ``stop_grace_s``)."""
-        if self._stop_reason is None and not self._finished_run:
-            self._stop_reason = reason
-            self._stops_asked = max(self._stops_asked, 1)
-            self._on_stop()
-
-    def _give_up(self, reason: str) -> None:
-        """End the whole run by itself, at once: nothing can be reached."""
-        if self._stop_reason is None and not self._finished_run:
-            self._stop_reason = reason
-            self._stopping = True
-            self._cancel_workers()
 
     # -- conversations -------------------------------------------------------------
 
