@@ -128,6 +128,9 @@ class TurnRecord:
     request slot, a rate limit, a server's pause after a 429, and the backoff between
     attempts. Both are 0 for a cached row.
     A row is ``ok`` (answered), ``not_run`` (its error starts with ``NOT_RUN``), or failed.
+    ``parsed``: the answer as ``response_format`` / ``parse`` read it (None without them, or
+    when every try failed: then ``error`` starts with ``ParseError``); ``parse_retries``:
+    the times the turn was asked again because its answer did not parse.
     """
 
     conversation_id: Hashable
@@ -151,6 +154,8 @@ class TurnRecord:
     queue_s: float | None = None
     service_s: float | None = None
     deployment: str | None = None
+    parsed: Any = None
+    parse_retries: int = 0
 
     @property
     def ok(self) -> bool:
