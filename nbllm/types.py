@@ -38,7 +38,12 @@ class Conversation:
     """One conversation: questions asked in order, each seeing every earlier answer.
 
     ``references`` holds a reference answer per turn (or ``None`` per turn when absent);
-    it is never sent to the model.
+    it is never sent to the model. ``images`` holds, per turn, the URLs of the images sent
+    with that turn's question (``nbllm.images``: a file is a base64 data URL), ``()`` for a
+    turn without. ``messages`` are sent at the start of every turn's request, after the
+    system message and before turn 0's question: few-shot examples, or an earlier
+    transcript to continue. ``turn_params`` holds, per turn, sampling parameters for that
+    turn alone (``params_for``).
     """
 
     id: Hashable
@@ -47,10 +52,18 @@ class Conversation:
     system: str | None = None
     context: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    images: tuple[tuple[str, ...], ...] = ()
+    messages: tuple[Message, ...] = ()
+    turn_params: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        n = len(self.questions)
         if not self.references:
-            object.__setattr__(self, "references", (None,) * len(self.questions))
+            object.__setattr__(self, "references", (None,) * n)
+        if not self.images:
+            object.__setattr__(self, "images", ((),) * n)
+        if not self.turn_params:
+            object.__setattr__(self, "turn_params", ({},) * n)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -60,24 +73,44 @@ class Conversation:
         parts = [p for p in (self.system or default_system, self.context) if p]
         return "\n\n".join(parts) if parts else None
 
+    def params_for(self, turn: int) -> Mapping[str, Any]:
+        """Sampling parameters for ``turn`` alone; they override the run's for that turn."""
+        return self.turn_params[turn]
+
+    def start_messages(self, default_system: str | None = None) -> list[Message]:
+        """What every turn's request starts with: the system message, then ``messages``."""
+        system = self.system_message(default_system)
+        head: list[Message] = [{"role": "system", "content": system}] if system else []
+        head.extend(dict(m) for m in self.messages)  # a caller may edit its list
+        return head
+
+    def user_message(self, turn: int) -> Message:
+        """Turn ``turn``'s question as a user message: its text, or OpenAI content parts
+        (the text, then each image) when the turn has images."""
+        question = self.questions[turn]
+        images = self.images[turn]
+        if not images:
+            return {"role": "user", "content": question}
+        parts: list[dict[str, Any]] = [{"type": "text", "text": question}]
+        parts.extend({"type": "image_url", "image_url": {"url": url}} for url in images)
+        return {"role": "user", "content": parts}
+
     def messages_for(
         self, turn: int, answers: Sequence[str], default_system: str | None = None
     ) -> list[Message]:
-        """Messages for ``turn`` (from 0): system, earlier question/answer pairs, the question.
+        """Messages for ``turn`` (from 0): ``start_messages``, earlier question/answer pairs,
+        the question.
 
         ``answers`` are the model's actual answers to turns ``0..turn-1``.
         """
         if len(answers) < turn:
             msg = f"turn {turn} needs {turn} earlier answers, got {len(answers)}"
             raise ValueError(msg)
-        messages: list[Message] = []
-        system = self.system_message(default_system)
-        if system:
-            messages.append({"role": "system", "content": system})
-        for question, answer in zip(self.questions[:turn], answers[:turn], strict=True):
-            messages.append({"role": "user", "content": question})
+        messages = self.start_messages(default_system)
+        for k, answer in enumerate(answers[:turn]):
+            messages.append(self.user_message(k))
             messages.append({"role": "assistant", "content": answer})
-        messages.append({"role": "user", "content": self.questions[turn]})
+        messages.append(self.user_message(turn))
         return messages
 
 

@@ -8,7 +8,7 @@ shape's error message.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ __all__ = [
     "check_id",
     "describe",
     "did_you_mean",
+    "is_list_like",
     "is_missing",
     "optional_text",
     "question_text",
@@ -47,6 +48,13 @@ def is_missing(value: Any) -> bool:
     if isinstance(value, (float, np.floating)):
         return bool(value != value)
     return False
+
+
+def is_list_like(value: Any) -> bool:
+    """A list, tuple, array or Series; not a string, bytes or a mapping."""
+    if isinstance(value, (str, bytes, bytearray, Mapping)):
+        return False
+    return isinstance(value, (Sequence, np.ndarray, pd.Series))
 
 
 def describe(value: Any) -> str:

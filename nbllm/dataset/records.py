@@ -7,28 +7,38 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import pandas as pd
 
 from nbllm.dataset.cells import (
     SHAPES,
     check_id,
     describe,
     did_you_mean,
+    is_list_like,
     optional_text,
     question_text,
     reference_text,
 )
+from nbllm.dataset.extras import opening_messages, turn_images, turn_params
 from nbllm.errors import DatasetError
+from nbllm.images import ImageReader
 from nbllm.types import Conversation
 
 __all__ = ["from_items", "from_path", "read_records"]
 
-_RECORD_KEYS = ("id", "turns", "system", "context", "references", "meta")
+_RECORD_KEYS = (
+    "id",
+    "turns",
+    "system",
+    "context",
+    "references",
+    "meta",
+    "images",
+    "messages",
+    "turn_params",
+)
 _KEY_LABELS = {k: f"key {k!r}" for k in _RECORD_KEYS}
 _ATTR_LABELS = {
     "id": "attribute 'id'",
@@ -37,6 +47,9 @@ _ATTR_LABELS = {
     "system": "attribute 'system'",
     "context": "attribute 'context'",
     "meta": "attribute 'meta'",
+    "images": "attribute 'images'",
+    "messages": "attribute 'messages'",
+    "turn_params": "attribute 'turn_params'",
 }
 
 
@@ -103,21 +116,24 @@ def from_items(items: list[tuple[str, Any]], prefix: str) -> list[Conversation]:
     """Records (dicts or Conversations) at positions like ``record 3`` / ``line 4``."""
     conversations: list[Conversation] = []
     seen: dict[Hashable, str] = {}
+    reader = ImageReader()
     for position, item in items:
         where = f"{prefix}{position}"
         if isinstance(item, Conversation):
-            conversation = _build(
-                where,
-                item.id,
-                item.questions,
-                item.references,
-                item.system,
-                item.context,
-                item.meta,
-                _ATTR_LABELS,
-            )
+            fields = {
+                "id": item.id,
+                "turns": item.questions,
+                "references": item.references,
+                "system": item.system,
+                "context": item.context,
+                "meta": item.meta,
+                "images": item.images,
+                "messages": item.messages,
+                "turn_params": item.turn_params,
+            }
+            conversation = _build(where, fields, _ATTR_LABELS, reader)
         elif isinstance(item, Mapping):
-            conversation = _from_mapping(item, where)
+            conversation = _from_mapping(item, where, reader)
         else:
             msg = (
                 f"{where}: expected a mapping like {{'id': ..., 'turns': [...]}} or a "
@@ -133,7 +149,7 @@ def from_items(items: list[tuple[str, Any]], prefix: str) -> list[Conversation]:
     return conversations
 
 
-def _from_mapping(record: Mapping[Any, Any], where: str) -> Conversation:
+def _from_mapping(record: Mapping[Any, Any], where: str, reader: ImageReader) -> Conversation:
     allowed = ", ".join(repr(k) for k in _RECORD_KEYS)
     for key in record:
         if key not in _RECORD_KEYS:
@@ -144,37 +160,16 @@ def _from_mapping(record: Mapping[Any, Any], where: str) -> Conversation:
         if key not in record:
             msg = f"{where}: missing key {key!r}; allowed keys: {allowed} ('id', 'turns' required)"
             raise DatasetError(msg)
-    return _build(
-        where,
-        record["id"],
-        record["turns"],
-        record.get("references"),
-        record.get("system"),
-        record.get("context"),
-        record.get("meta"),
-        _KEY_LABELS,
-    )
-
-
-def _is_list_like(value: Any) -> bool:
-    if isinstance(value, (str, bytes, bytearray, Mapping)):
-        return False
-    return isinstance(value, (Sequence, np.ndarray, pd.Series))
+    return _build(where, record, _KEY_LABELS, reader)
 
 
 def _build(
-    where: str,
-    raw_id: Any,
-    turns: Any,
-    references: Any,
-    system: Any,
-    context: Any,
-    meta: Any,
-    labels: Mapping[str, str],
+    where: str, record: Mapping[Any, Any], labels: Mapping[str, str], reader: ImageReader
 ) -> Conversation:
-    cid = check_id(raw_id, f"{where}, {labels['id']}")
+    cid = check_id(record["id"], f"{where}, {labels['id']}")
     where = f"{where} (id={cid!r})"
-    if not _is_list_like(turns):
+    turns = record["turns"]
+    if not is_list_like(turns):
         msg = f"{where}, {labels['turns']}: expected a list of question strings, got " + (
             describe(turns)
         )
@@ -188,8 +183,9 @@ def _build(
     )
 
     refs: tuple[str | None, ...] = ()
+    references = record.get("references")
     if references is not None:
-        if not _is_list_like(references):
+        if not is_list_like(references):
             msg = (
                 f"{where}, {labels['references']}: expected a list with one reference per turn, "
                 f"got {describe(references)}"
@@ -204,16 +200,25 @@ def _build(
             raise DatasetError(msg)
         refs = tuple(reference_text(r) for r in references)
 
+    meta = record.get("meta")
     if meta is None:
         meta = {}
     elif not isinstance(meta, Mapping):
         msg = f"{where}, {labels['meta']}: expected a mapping (dict), got {describe(meta)}"
         raise DatasetError(msg)
+    system = optional_text(record.get("system"), f"{where}, {labels['system']}")
+    messages, system = opening_messages(
+        record.get("messages"), system, f"{where}, {labels['messages']}"
+    )
+    n = len(questions)
     return Conversation(
         id=cid,
         questions=questions,
         references=refs,
-        system=optional_text(system, f"{where}, {labels['system']}"),
-        context=optional_text(context, f"{where}, {labels['context']}"),
+        system=system,
+        context=optional_text(record.get("context"), f"{where}, {labels['context']}"),
         meta=dict(meta),
+        images=turn_images(record.get("images"), n, f"{where}, {labels['images']}", reader),
+        messages=messages,
+        turn_params=turn_params(record.get("turn_params"), n, f"{where}, {labels['turn_params']}"),
     )
