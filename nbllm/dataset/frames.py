@@ -25,17 +25,20 @@ from nbllm.dataset.cells import (
     reference_text,
     scalar,
 )
+from nbllm.dataset.extras import cell_images
 from nbllm.errors import DatasetError
+from nbllm.images import ImageReader
 from nbllm.types import Conversation
 
 __all__ = ["from_dataframe"]
 
 _LONG_REQUIRED = ("conversation_id", "turn", "question")
-_LONG_OPTIONAL = ("system", "context", "reference")
+_LONG_OPTIONAL = ("system", "context", "reference", "image")
 _WIDE_OPTIONAL = ("id", "conversation_id", "system", "context")
 _QUESTION_RE = re.compile(r"question_(\d+)")
 _ANSWER_RE = re.compile(r"answer_(\d+)")
-_STEMS = ("question", "answer")
+_IMAGE_RE = re.compile(r"image_(\d+)")
+_STEMS = ("question", "answer", "image")
 _ENDS_IN_NUMBER = re.compile(r".*\d\W*")
 
 
@@ -60,12 +63,18 @@ def from_dataframe(df: pd.DataFrame) -> tuple[list[Conversation], list[str]]:
         raise DatasetError(msg)
     if questions:
         answers = _numbered(names, _ANSWER_RE, "answer")
-        used = {*questions.values(), *answers.values(), *(c for c in _WIDE_OPTIONAL if c in names)}
+        images = _numbered(names, _IMAGE_RE, "image")
+        used = {
+            *questions.values(),
+            *answers.values(),
+            *images.values(),
+            *(c for c in _WIDE_OPTIONAL if c in names),
+        }
         _check_unique_columns(df, used)
         numbered = [f"{stem}_{k}" for k in range(max(questions) + 2) for stem in _STEMS]
         _refuse_misspelled_numbered(names, used, numbered)
         hints = _ignored_column_hints(names, used, [*_WIDE_OPTIONAL, *numbered])
-        return _from_wide(df, questions, answers), hints
+        return _from_wide(df, questions, answers, images), hints
 
     missing = [c for c in _LONG_REQUIRED if c not in names]
     if missing:
@@ -181,6 +190,14 @@ def _from_long(df: pd.DataFrame) -> list[Conversation]:
             continue
         questions[i] = question_text(q, f"{row(i, turn=int(turns[i]))}, column 'question'")
 
+    images: list[tuple[str, ...]] | None = None
+    if "image" in df.columns:
+        reader = ImageReader()
+        images = [
+            cell_images(v, f"{row(i, turn=int(turns[i]))}, column 'image'", reader)
+            for i, v in enumerate(df["image"].tolist())
+        ]
+
     references: list[str | None] | None = None
     if "reference" in df.columns:
         references = [v if type(v) is str else reference_text(v) for v in df["reference"].tolist()]
@@ -218,6 +235,7 @@ def _from_long(df: pd.DataFrame) -> list[Conversation]:
 
     sorted_questions = [questions[i] for i in order_list]
     sorted_refs = [references[i] for i in order_list] if references is not None else None
+    sorted_images = [images[i] for i in order_list] if images is not None else None
     conversations = []
     for g, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
         conversations.append(
@@ -227,6 +245,7 @@ def _from_long(df: pd.DataFrame) -> list[Conversation]:
                 references=tuple(sorted_refs[s:e]) if sorted_refs is not None else (),
                 system=systems[g],
                 context=contexts[g],
+                images=tuple(sorted_images[s:e]) if sorted_images is not None else (),
             )
         )
     return conversations
@@ -351,7 +370,10 @@ def _short(text: str) -> str:
 
 
 def _from_wide(
-    df: pd.DataFrame, questions: dict[int, str], answers: dict[int, str]
+    df: pd.DataFrame,
+    questions: dict[int, str],
+    answers: dict[int, str],
+    images: dict[int, str],
 ) -> list[Conversation]:
     ks = list(questions)
     if ks[0] not in (0, 1):
@@ -367,7 +389,7 @@ def _from_wide(
                 f"contiguous; found {list(questions.values())})"
             )
             raise DatasetError(msg)
-    for k, name in answers.items():
+    for k, name in [*answers.items(), *images.items()]:
         if k not in questions:
             msg = f"wide DataFrame: column {name!r} has no matching column 'question_{k}'"
             raise DatasetError(msg)
@@ -378,14 +400,16 @@ def _from_wide(
 
     q_names = list(questions.values())
     a_names = [answers.get(k) for k in ks]
+    i_names = [images.get(k) for k in ks]
     extras = [c for c in ("system", "context") if c in df.columns]
-    used = [*q_names, *(a for a in a_names if a is not None), *extras]
+    used = [*q_names, *(a for a in a_names if a is not None), *images.values(), *extras]
     if id_name is not None:
         used.append(id_name)
     position = {name: p for p, name in enumerate(used)}
 
     conversations: list[Conversation] = []
     seen: dict[Hashable, Any] = {}
+    reader = ImageReader()
     labels = [
         tuple(map(scalar, label)) if isinstance(label, tuple) else scalar(label)
         for label in df.index.tolist()
@@ -439,6 +463,7 @@ def _from_wide(
                 )
                 raise DatasetError(msg)
 
+        pictures = _wide_images(values, position, i_names, q_names, len(texts), where, reader)
         system = context = None
         if "system" in position:
             system = optional_text(values[position["system"]], f"{where}, column 'system'")
@@ -451,6 +476,35 @@ def _from_wide(
                 references=tuple(refs),
                 system=system,
                 context=context,
+                images=pictures,
             )
         )
     return conversations
+
+
+def _wide_images(
+    values: tuple[Any, ...],
+    position: dict[str, int],
+    names: list[str | None],
+    q_names: list[str],
+    n_turns: int,
+    where: str,
+    reader: ImageReader,
+) -> tuple[tuple[str, ...], ...]:
+    """One row's ``image_<k>`` cells: the images of each of its turns."""
+    out: list[tuple[str, ...]] = []
+    for t, name in enumerate(names):
+        if name is None:
+            if t < n_turns:
+                out.append(())
+            continue
+        pictures = cell_images(values[position[name]], f"{where}, column {name!r}", reader)
+        if t < n_turns:
+            out.append(pictures)
+        elif pictures:
+            msg = (
+                f"{where}, column {name!r}: an image for a turn whose question {q_names[t]!r} "
+                "is empty"
+            )
+            raise DatasetError(msg)
+    return tuple(out)
