@@ -7,18 +7,24 @@
     user: {question_0}
     user: {question_1}
     reference: {answer_1}
+    user: What does this chart show?
+    image: {chart_path}
 
 - an optional ``system:`` block (it runs until the first ``user:`` line), then
 - one ``user:`` block per turn (a block runs until the next marker line), each optionally
-  followed by a ``reference:`` block holding that turn's reference answer;
-- a marker is a line starting with ``system:``, ``user:`` or ``reference:``;
+  followed by a ``reference:`` block holding that turn's reference answer and by
+  ``image:`` lines, one image each, sent with that turn's question (``nbllm.images``);
+- a marker is a line starting with ``system:``, ``user:``, ``reference:`` or ``image:``;
 - ``{column}`` is filled from each row (DataFrame columns or record keys; ``{x:.2f}`` and
   ``{{`` / ``}}`` work as in ``str.format``). A placeholder naming no column is an error
   before any request is sent. A turn whose placeholders are empty (NaN, None, blank) ends
   that row's conversation, as trailing empty questions do in a wide DataFrame; empty values
-  in the system block become empty text, in a reference block no reference.
+  in the system block become empty text, in a reference block no reference, in an image
+  line no image. An image line that is one placeholder (``image: {photo}``) takes the
+  cell as it is: a path, a URL, bytes, or a list of them; any other line is text, such as
+  ``image: /data/charts/{chart_id}.png``.
 
-Each row becomes one record ``{"id", "turns", "system", "references"}``, ready for
+Each row becomes one record ``{"id", "turns", "system", "references", "images"}``, ready for
 ``nbllm.run``. Its id comes from the column named by ``id_column`` (the magic's
 ``--id COLUMN``), else from a column or key named ``id`` or ``conversation_id``, else it is the
 row's index label (the record's position). ``with_conversation_ids`` does the same for DATA
@@ -44,7 +50,7 @@ from nbllm.errors import DatasetError
 __all__ = ["ConversationTemplate", "with_conversation_ids"]
 
 
-_MARKER = re.compile(r"(system|user|reference):[ \t]?(.*)")
+_MARKER = re.compile(r"(system|user|reference|image):[ \t]?(.*)")
 _FORMATTER = string.Formatter()
 _CONVERSIONS: dict[str, Callable[[Any], str]] = {"r": repr, "s": str, "a": ascii}
 
@@ -77,6 +83,15 @@ class _Text:
     @property
     def fields(self) -> list[str]:
         return [name for _, name, _, _ in self.parts if name is not None]
+
+    @property
+    def cell(self) -> str | None:
+        """The column, when the text is that one placeholder alone (``{photo}``)."""
+        if len(self.parts) == 1:
+            literal, name, spec, conversion = self.parts[0]
+            if not literal and name is not None and not spec and conversion is None:
+                return name
+        return None
 
     def render(self, row: Mapping[str, Any], where: str) -> str | None:
         """The text with each placeholder filled in, or None if one of them is empty."""
@@ -117,6 +132,7 @@ class ConversationTemplate:
 
     system: _Text | None
     turns: tuple[tuple[_Text, _Text | None], ...]
+    images: tuple[tuple[_Text, ...], ...] = ()
 
     @classmethod
     def parse(cls, body: str) -> ConversationTemplate | None:
@@ -124,6 +140,7 @@ class ConversationTemplate:
             return None
         system: list[str] | None = None
         turns: list[tuple[list[str], list[str] | None]] = []
+        images: list[list[list[str]]] = []
         current: list[str] | None = None
         for number, line in enumerate(body.splitlines(), start=1):
             match = _MARKER.fullmatch(line)
@@ -149,6 +166,13 @@ class ConversationTemplate:
             elif kind == "user":
                 current = [text]
                 turns.append((current, None))
+                images.append([])
+            elif kind == "image":
+                if not turns:
+                    msg = f"template line {number}: an 'image:' line must follow a 'user:' block"
+                    raise DatasetError(msg)
+                current = [text]
+                images[-1].append(current)
             else:
                 if not turns or turns[-1][1] is not None:
                     msg = (
@@ -171,7 +195,16 @@ class ConversationTemplate:
             ref = None if reference is None else _Text.parse("\n".join(reference), where)
             parsed.append((_Text.parse(text, where), ref))
         system_text = None if system is None else _Text.parse("\n".join(system), "system block")
-        return cls(system_text, tuple(parsed))
+        pictures = tuple(
+            tuple(
+                _Text.parse("\n".join(block).strip(), f"template turn {k}, image")
+                for block in blocks
+            )
+            for k, blocks in enumerate(images)
+        )
+        if not any(pictures):
+            pictures = ()
+        return cls(system_text, tuple(parsed), pictures)
 
     @property
     def fields(self) -> list[str]:
@@ -179,6 +212,7 @@ class ConversationTemplate:
         texts = [self.system] if self.system is not None else []
         for question, reference in self.turns:
             texts += [question] if reference is None else [question, reference]
+        texts += [image for blocks in self.images for image in blocks]
         return list(dict.fromkeys(name for text in texts for name in text.fields))
 
     def records(self, data: Any, id_column: str | None = None) -> list[dict[str, Any]]:
@@ -197,6 +231,7 @@ class ConversationTemplate:
         for label, cid, row in rows:
             turns: list[str] = []
             references: list[str | None] = []
+            pictures: list[list[Any]] = []
             for question, reference in self.turns:
                 text = question.render(row, f"{label}, turn {len(turns)}")
                 if text is None:
@@ -204,6 +239,9 @@ class ConversationTemplate:
                 turns.append(text)
                 rendered = None if reference is None else reference.render(row, label)
                 references.append(rendered or None)
+                if self.images:
+                    at = f"{label}, turn {len(turns) - 1}, image"
+                    pictures.append(_images(self.images[len(turns) - 1], row, at))
             if not turns:
                 fields = ", ".join(f"{{{f}}}" for f in self.turns[0][0].fields)
                 msg = (
@@ -218,8 +256,25 @@ class ConversationTemplate:
                 record["system"] = self.system.render(filled, f"{label}, system block") or None
             if with_references:
                 record["references"] = references
+            if any(pictures):
+                record["images"] = pictures
             records.append(record)
         return records
+
+
+def _images(blocks: Sequence[_Text], row: Mapping[str, Any], where: str) -> list[Any]:
+    """A turn's images from its ``image:`` lines; an empty cell is no image."""
+    out: list[Any] = []
+    for block in blocks:
+        name = block.cell
+        value: Any = row.get(name) if name is not None else block.render(row, where)
+        if hasattr(value, "tolist") and getattr(value, "ndim", 0) == 1:
+            value = value.tolist()  # an array or a Series
+        if isinstance(value, (list, tuple)):
+            out.extend(v for v in value if not _is_empty(v))
+        elif not _is_empty(value):
+            out.append(value)
+    return out
 
 
 def _check_id_column(column: str, columns: Sequence[str]) -> None:
