@@ -3,6 +3,8 @@
 A request's key is ``messages_key`` of its messages; the server remembers each answer
 under it, which is how it knows whether an assistant message in a later turn is one it
 gave. ``read_log`` reads back the JSONL log that ``TestServer(log_path=...)`` appends.
+``read_chat_body`` reads a request as the server takes it: text messages, and user
+messages of OpenAI content parts (text and images), as vision models take them.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nbllm.engines.openai_wire import BadChatRequest, parse_chat_body
+from nbllm.images import content_text
+
 __all__ = [
     "RequestLogEntry",
     "answer_for",
     "messages_key",
     "prefix_keys",
+    "read_chat_body",
     "read_log",
     "would_answer",
 ]
@@ -95,9 +101,68 @@ def would_answer(
 ) -> bool:
     """Whether ``given`` (message ``i``) is what this server answers to ``messages[:i]``,
     whole or cut short by a ``max_tokens``."""
-    users = [m["content"] for m in messages[:i] if m["role"] == "user"]
+    users = [content_text(m["content"]) for m in messages[:i] if m["role"] == "user"]
     if not users:
         return False
     expected = answer_for(len(users) - 1, users[-1], key)
     text = given["content"]
     return isinstance(text, str) and bool(text) and expected.startswith(text)
+
+
+def read_chat_body(raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``parse_chat_body``, except that a user message's content may be a list of content
+    parts: ``{"type": "text", "text": ...}`` and ``{"type": "image_url", "image_url":
+    {"url": ...}}``. A message is kept as role and content, the parts as they came, so the
+    request's key covers every image's bytes."""
+    try:
+        return parse_chat_body(raw)
+    except BadChatRequest:
+        body = _with_parts(raw)
+        if body is None:
+            raise
+    messages: list[dict[str, Any]] = []
+    for i, m in enumerate(body["messages"]):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            msg = f"messages[{i}] must be an object with a string 'role'"
+            raise BadChatRequest(msg)
+        content = m.get("content")
+        if isinstance(content, list) and m["role"] == "user":
+            for j, part in enumerate(content):
+                if not _good_part(part):
+                    msg = (
+                        f"messages[{i}].content[{j}] must be a text part or an image_url "
+                        "part with a string 'url'"
+                    )
+                    raise BadChatRequest(msg)
+        elif not isinstance(content, str):
+            msg = f"messages[{i}].content must be a string, or content parts in a user message"
+            raise BadChatRequest(msg)
+        messages.append({"role": m["role"], "content": content})
+    return body, messages
+
+
+def _with_parts(raw: bytes) -> dict[str, Any] | None:
+    """The body, when it is one that only content parts kept ``parse_chat_body`` from reading."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("stream"):
+        return None
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages
+    ):
+        return None
+    return body
+
+
+def _good_part(part: Any) -> bool:
+    if not isinstance(part, dict):
+        return False
+    if part.get("type") == "text":
+        return isinstance(part.get("text"), str)
+    if part.get("type") == "image_url":
+        image = part.get("image_url")
+        return isinstance(image, dict) and isinstance(image.get("url"), str)
+    return False

@@ -30,11 +30,18 @@ from nbllm.engines.openai_wire import (
     BadChatRequest,
     completion_body,
     error_body,
-    parse_chat_body,
     parse_max_tokens,
 )
 from nbllm.errors import ConfigError
-from nbllm.testing.request_log import RequestLogEntry, answer_for, prefix_keys, would_answer
+from nbllm.images import content_text
+from nbllm.testing.request_log import (
+    RequestLogEntry,
+    answer_for,
+    prefix_keys,
+    read_chat_body,
+    would_answer,
+)
+from nbllm.testing.structured import JsonAnswers
 
 __all__ = ["Fault", "TestServer"]
 
@@ -120,6 +127,7 @@ class TestServer:
         port: int = 0,
         log_path: str | os.PathLike[str] | None = None,
         shared_history: bool = False,
+        bad_json_first: int = 0,
     ) -> None:
         if isinstance(latency, tuple):
             low, high = (_number("latency", x) for x in latency)
@@ -154,6 +162,7 @@ class TestServer:
         # Accept an earlier answer that any server of this model would have given (it is a
         # function of the conversation so far): servers of one group share conversations.
         self.shared_history = bool(shared_history)
+        self.json_answers = JsonAnswers(bad_json_first)  # answers to response_format
         self._requested_port = port
         # Cumulative table for one random draw per request; rotation list for fault_first.
         self._fault_cum: list[tuple[float, Fault]] = []
@@ -443,7 +452,7 @@ class TestServer:
 
         # --- parse and validate
         try:
-            body, messages = parse_chat_body(await request.read())
+            body, messages = read_chat_body(await request.read())
             max_tokens = parse_max_tokens(body)
         except BadChatRequest as exc:
             self._record(t, conversation, "", 400, 0, -1)
@@ -459,7 +468,7 @@ class TestServer:
         for m in messages:
             if m["role"] == "user":
                 n_user += 1
-                last_user = m["content"]
+                last_user = content_text(m["content"])
         turn = n_user - 1
         n = len(messages)
         answers = self._answers
@@ -533,13 +542,15 @@ class TestServer:
 
         # --- the answer
         answer = answer_for(turn, last_user, key)
+        if body.get("response_format") is not None:
+            answer = self.json_answers.answer(body["response_format"], answer, turn)
         finish_reason = "stop"
         if max_tokens is not None and _tokens(len(answer)) > max_tokens:
             # As a real model does: stop at max_tokens and say so.
             answer, finish_reason = answer[: 4 * max_tokens], "length"
         answers[key] = answer
         self._counter += 1
-        prompt_tokens = _tokens(sum(len(m["content"]) for m in messages))
+        prompt_tokens = _tokens(sum(len(content_text(m["content"])) for m in messages))
         completion_tokens = _tokens(len(answer))
         payload = completion_body(
             f"chatcmpl-{self._counter}",
