@@ -8,7 +8,9 @@ rejects (400, ``history_errors``) any assistant message it did not itself answer
 deployments of one group then share conversations, each turn on any of them). Tokens
 are counted as about 4 characters each; a request whose ``max_tokens`` is smaller than its
 answer gets the first ``4 * max_tokens`` characters with ``finish_reason`` ``"length"``
-(as a real model is cut off), any other ``"stop"``. Bad options raise ``ConfigError``.
+(as a real model is cut off), any other ``"stop"``. A request with ``response_format`` is
+answered with JSON that follows its schema (``bad_json_first=N``: the first N are not JSON;
+see ``nbllm.testing.structured``). Bad options raise ``ConfigError``.
 """
 
 from __future__ import annotations

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None, help="require this Bearer key")
     parser.add_argument("--log", default=None, metavar="FILE.jsonl", help="append a request log")
     parser.add_argument(
+        "--bad-json-first", type=int, default=0, help="the first N JSON answers are not JSON"
+    )
+    parser.add_argument(
         "--shared-history",
         action="store_true",
         help="accept earlier answers any server of this model would give (a group of servers)",
@@ -100,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             log_path=args.log,
             shared_history=args.shared_history,
+            bad_json_first=args.bad_json_first,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -48,6 +48,7 @@ def _cli_args(options: Mapping[str, Any]) -> list[str]:
             "hang_s",
             "retry_after",
             "seed",
+            "bad_json_first",
             "api_key",
             "host",
             "port",

@@ -159,9 +159,7 @@ class TestServer:
         self.api_key = api_key
         self.host = host
         self.log_path = None if log_path is None else Path(log_path)
-        # Accept an earlier answer that any server of this model would have given (it is a
-        # function of the conversation so far): servers of one group share conversations.
-        self.shared_history = bool(shared_history)
+        self.shared_history = bool(shared_history)  # see nbllm.testing: servers of a group
         self.json_answers = JsonAnswers(bad_json_first)  # answers to response_format
         self._requested_port = port
         # Cumulative table for one random draw per request; rotation list for fault_first.
@@ -542,8 +540,8 @@ class TestServer:
 
         # --- the answer
         answer = answer_for(turn, last_user, key)
-        if body.get("response_format") is not None:
-            answer = self.json_answers.answer(body["response_format"], answer, turn)
+        if (asked := body.get("response_format")) is not None:
+            answer = self.json_answers.answer(asked, answer, turn)
         finish_reason = "stop"
         if max_tokens is not None and _tokens(len(answer)) > max_tokens:
             # As a real model does: stop at max_tokens and say so.
