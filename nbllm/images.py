@@ -59,6 +59,9 @@ IMAGE_ENGINES = ("openai", "litellm", "fake")
 fake engine (its handler sees the request). Local engines build a prompt from text with the
 model's chat template, so they cannot take an image."""
 
+# Local engines (and a worker serving one) build a text prompt with the chat template.
+_TEXT_ONLY = frozenset({"vllm", "deepspeed", "onnx", "torch", "llamacpp", "local", "local-model"})
+
 IMAGE_TOKENS = 1000
 """What an image counts for in a pre-call token estimate: a data URL's length says nothing
 of what a provider bills (OpenAI bills a 512x512 tile 170 tokens, a large picture ~1100)."""
@@ -222,6 +225,3 @@ def check_engine_takes_images(engine: Any, conversations: Iterable[Any]) -> None
             "vision model, or drop the images"
         )
         raise ConfigError(msg)
-
-
-_TEXT_ONLY = frozenset({"vllm", "deepspeed", "onnx", "torch", "llamacpp", "local", "local-model"})

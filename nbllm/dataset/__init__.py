@@ -5,9 +5,10 @@ before a single request is sent. Every :class:`~nbllm.errors.DatasetError` names
 (row label, record position or file line, and the column or key) and *what* was expected.
 
 1. **Long DataFrame** -- one row per turn. Required columns ``conversation_id``, ``turn``,
-   ``question``; optional ``system``, ``context``, ``reference``. Turns are integers running
-   ``0..n-1`` or ``1..n`` per conversation (any row order); ``system`` / ``context`` must be the
-   same on every row of a conversation (or empty on some rows). Conversations come out in order
+   ``question``; optional ``system``, ``context``, ``reference``, ``image`` (that turn's
+   images). Turns are integers running ``0..n-1`` or ``1..n`` per conversation (any row
+   order); ``system`` / ``context`` must be the same on every row of a conversation (or empty
+   on some rows). Conversations come out in order
    of first appearance::
 
        conversation_id  turn  question             reference
@@ -17,7 +18,8 @@ before a single request is sent. Every :class:`~nbllm.errors.DatasetError` names
 
 2. **Wide DataFrame** -- one row per conversation, columns ``question_0, question_1, ...``
    (or ``question_1, ...``) and optionally ``answer_<k>`` (reference answers), ``id`` or
-   ``conversation_id`` (default: the row's index label), ``system``, ``context``. A row may stop
+   ``conversation_id`` (default: the row's index label), ``system``, ``context``, ``image_<k>``
+   (turn k's images). A row may stop
    early: trailing empty questions end that conversation (ConvFinQA style)::
 
        id    question_0        question_1       answer_0  answer_1
@@ -25,7 +27,11 @@ before a single request is sent. Every :class:`~nbllm.errors.DatasetError` names
        "b"   "Net income?"     NaN              "3"       NaN
 
 3. **A list of dicts** -- ``{"id": "a", "turns": ["q1", "q2"], "references": ["r1", None],
-   "system": "...", "context": "...", "meta": {...}}``; only ``id`` and ``turns`` are required.
+   "system": "...", "context": "...", "meta": {...}, "images": [[...], [...]], "messages":
+   [...], "turn_params": [{...}, ...]}``; only ``id`` and ``turns`` are required. ``images``
+   holds one list per turn, or the first turn's images alone; ``messages`` (role and content)
+   open every turn's request, a leading system message being the system prompt;
+   ``turn_params`` holds one dict of sampling parameters (or None) per turn.
 
 4. **A path** (``str`` or ``os.PathLike``) to a ``.jsonl`` file (or ``.json``) holding one
    such record per line; blank lines are skipped::
@@ -39,8 +45,9 @@ before a single request is sent. Every :class:`~nbllm.errors.DatasetError` names
 Anything else raises ``DatasetError`` listing the accepted shapes.
 
 The readers live beside this entry point: ``cells`` (one value: checks and how a message
-describes it), ``frames`` (long and wide DataFrames) and ``records`` (dicts, ``Conversation``
-objects and JSONL files).
+describes it), ``extras`` (images, opening messages, per-turn parameters), ``frames`` (long
+and wide DataFrames) and ``records`` (dicts, ``Conversation`` objects and JSONL files). An
+image is a path, an http(s) URL or bytes (``nbllm.images``); a file is read once per call.
 """
 
 from __future__ import annotations
