@@ -35,6 +35,7 @@ DATA_MODULES = (
     "nbllm.errors",
     "nbllm.retry",
     "nbllm.redact",
+    "nbllm.images",
     "nbllm.scoring",
 )
 PREFIXES = (
