@@ -35,6 +35,7 @@ __all__ = [
     "IMAGE_TOKENS",
     "ImageReader",
     "check_engine_takes_images",
+    "content_chars",
     "content_text",
     "detect_mime",
     "has_images",
@@ -196,6 +197,19 @@ def content_text(content: Any) -> str:
             if isinstance(part, Mapping) and part.get("type") == "text"
         )
     return "" if content is None else str(content)
+
+
+def content_chars(content: Any) -> int:
+    """A message content's length for a ~4-characters-a-token estimate: its text, plus
+    ``IMAGE_TOKENS`` worth for each image rather than its URL's length."""
+    if isinstance(content, str):
+        return len(content)
+    images = 0
+    if isinstance(content, Sequence):
+        images = sum(
+            1 for part in content if isinstance(part, Mapping) and part.get("type") == "image_url"
+        )
+    return len(content_text(content)) + 4 * IMAGE_TOKENS * images
 
 
 def has_images(conversations: Iterable[Any]) -> bool:

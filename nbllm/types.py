@@ -77,6 +77,14 @@ class Conversation:
         """Sampling parameters for ``turn`` alone; they override the run's for that turn."""
         return self.turn_params[turn]
 
+    def sent_extras(self) -> list[Any]:
+        """What is sent beyond the questions, system and context, for a fingerprint: ``[]``
+        for a conversation of text alone (so its hash is what it was before images), else
+        its opening messages, images (data URLs: the bytes) and per-turn parameters."""
+        if not self.messages and not any(self.images) and not any(self.turn_params):
+            return []
+        return [list(self.messages), list(self.images), list(self.turn_params)]
+
     def start_messages(self, default_system: str | None = None) -> list[Message]:
         """What every turn's request starts with: the system message, then ``messages``."""
         system = self.system_message(default_system)

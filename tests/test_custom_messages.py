@@ -169,3 +169,13 @@ def test_turn_params_are_per_turn_and_empty_where_none_are_given():
     assert conv.params_for(2) == {"response_format": schema}
     (plain,) = load_conversations([{"id": "b", "turns": ["q0", "q1"]}])
     assert [plain.params_for(k) for k in range(2)] == [{}, {}]
+
+
+def test_opening_messages_and_turn_params_are_part_of_what_a_fingerprint_hashes():
+    base = {"id": "a", "turns": ["q0", "q1"]}
+    (plain,) = load_conversations([base])
+    (shots,) = load_conversations([{**base, "messages": FEW_SHOT}])
+    (params,) = load_conversations([{**base, "turn_params": [None, {"max_tokens": 3}]}])
+    assert plain.sent_extras() == []
+    assert shots.sent_extras() == [FEW_SHOT, [(), ()], [{}, {}]]
+    assert params.sent_extras() == [[], [(), ()], [{}, {"max_tokens": 3}]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import pandas as pd
@@ -13,7 +14,13 @@ from nbllm import ChatRequest, FakeEngine
 from nbllm.dataset import load_conversations
 from nbllm.errors import ConfigError, DatasetError
 from nbllm.executor.cache import request_key
-from nbllm.images import check_engine_takes_images, content_text, detect_mime
+from nbllm.images import (
+    IMAGE_TOKENS,
+    check_engine_takes_images,
+    content_chars,
+    content_text,
+    detect_mime,
+)
 from nbllm.template import ConversationTemplate
 from nbllm.testing import TestServer
 from nbllm.testing.request_log import messages_key
@@ -231,6 +238,26 @@ def test_a_requests_key_follows_the_image_bytes_not_the_path(pictures):
 
     assert key("chart.png") == key("moved/same.png")
     assert key("chart.png") != key("other.png")
+
+
+def test_what_a_fingerprint_hashes_beyond_the_text_holds_the_image_bytes(pictures):
+    (plain,) = load_conversations([{"id": "a", "turns": ["q"]}])
+    assert plain.sent_extras() == []  # a text-only conversation hashes as it did before
+    (chart,) = load_conversations([{"id": "a", "turns": ["q"], "images": "chart.png"}])
+    (changed,) = load_conversations([{"id": "a", "turns": ["q"], "images": PNG + b"\x00"}])
+    assert data_url("image/png", PNG) in json.dumps(chart.sent_extras())
+    assert json.dumps(chart.sent_extras()) != json.dumps(changed.sent_extras())
+
+
+def test_an_image_counts_as_a_fixed_share_of_a_token_estimate_not_its_urls_length():
+    huge = data_url("image/png", PNG * 10_000)
+    parts = [
+        {"type": "text", "text": "abcd"},
+        {"type": "image_url", "image_url": {"url": huge}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}},
+    ]
+    assert content_chars(parts) == 4 + 2 * 4 * IMAGE_TOKENS
+    assert content_chars("abcd") == 4
 
 
 # --------------------------------------------------------------------------- the HTTP round trip
