@@ -347,3 +347,14 @@ def test_a_finance_run_scored_numerically_takes_percentages_either_way() -> None
     assert result.df["score"].tolist() == [1.0, 1.0, 1.0, 0.0]
     assert summary.mean == pytest.approx(0.75)
     assert isinstance(summary.by_model, pd.Series)
+
+
+def test_a_callable_may_leave_a_row_unscored_and_the_html_escapes_names() -> None:
+    records = [
+        TurnRecord("a", 0, "q", answer="yes", reference="yes", model="<b>m</b>"),
+        TurnRecord("a", 1, "q", answer="n/a", reference="no", model="<b>m</b>"),
+    ]
+    summary = _result(records).score(lambda answer, reference: None if answer == "n/a" else 1)
+    assert (summary.scored, summary.mean) == (1, 1.0)
+    page = summary._repr_html_()
+    assert "&lt;b&gt;m&lt;/b&gt;" in page and "<b>m" not in page
