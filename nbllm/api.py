@@ -110,6 +110,9 @@ async def arun(
     fallbacks: list[Any] | dict[str, Any] | None = None,
     cooldown_s: float | None = None,
     allowed_fails: int | None = None,
+    response_format: Any = None,
+    parse: Any = None,
+    parse_retries: int = 2,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -156,6 +159,9 @@ def run(
     fallbacks: list[Any] | dict[str, Any] | None = None,
     cooldown_s: float | None = None,
     allowed_fails: int | None = None,
+    response_format: Any = None,
+    parse: Any = None,
+    parse_retries: int = 2,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:

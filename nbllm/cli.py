@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import json
 import signal
 import sys
 import threading
@@ -129,6 +130,11 @@ def _check_out(path: Path) -> None:
 
 def _write_out(df: pd.DataFrame, path: Path) -> None:
     suffix = path.suffix.lower()
+    if suffix != ".jsonl" and "parsed" in df:  # a table cell holds the parsed value as JSON
+        import pandas as pd
+
+        texts = [pd.NA if v is pd.NA else json.dumps(v, ensure_ascii=False) for v in df["parsed"]]
+        df = df.assign(parsed=pd.array(texts, dtype="string"))
     if suffix == ".csv":
         df.to_csv(path, index=False)
     elif suffix == ".jsonl":

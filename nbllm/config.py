@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from nbllm.errors import ConfigError
+from nbllm.parsing import Parser, make_parser
 from nbllm.redact import hidden, public_url
 from nbllm.retry import RetryPolicy
 
@@ -264,6 +265,25 @@ class RunConfig(BaseModel):
         metavar="N",
         ge=1,
     )
+    response_format: Any = _option(
+        None,
+        "structured answers: a pydantic model class or a JSON schema; each answer is validated "
+        "and its value goes into the parsed column (an answer that fails is asked again)",
+        "a pydantic model class or a JSON schema (a dict)",
+        metavar="SCHEMA",
+    )
+    parse: Any = _option(
+        None,
+        "a callable answer -> value, or 'number', whose value goes into the parsed column",
+        "a callable or 'number'",
+        metavar="PARSER",
+    )
+    parse_retries: Annotated[int, Field(ge=0)] = _option(
+        2,
+        "times a turn is asked again, shown its answer's error, when the answer does not parse",
+        "a whole number >= 0",
+        metavar="N",
+    )
     listeners: tuple[Callable[[Any], Any], ...] = _option(
         (), "callables receiving the executor's events", "a list of callables", strict=False
     )
@@ -302,7 +322,16 @@ class RunConfig(BaseModel):
         if self.temperature is not None:
             params["temperature"] = self.temperature
         params.update(self.params)
+        parser = self.parser
+        if parser is not None and parser.wire is not None:
+            params["response_format"] = parser.wire
         return params
+
+    @property
+    def parser(self) -> Parser | None:
+        """What reads the answers (``response_format`` / ``parse``); ConfigError if either
+        is not something it can be."""
+        return make_parser(self.response_format, self.parse)
 
 
 def config_of_call(call: Mapping[str, Any]) -> RunConfig:

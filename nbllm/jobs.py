@@ -213,6 +213,9 @@ def submit(
     fallbacks: list[Any] | dict[str, Any] | None = None,
     cooldown_s: float | None = None,
     allowed_fails: int | None = None,
+    response_format: Any = None,
+    parse: Any = None,
+    parse_retries: int = 2,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> Job:

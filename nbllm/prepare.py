@@ -165,6 +165,8 @@ class PreparedRun:
             budget=_budget(self.config),
             redis_url=self.config.redis_url or os.environ.get("NBLLM_REDIS_URL") or None,
             routes=self.routes,
+            parser=self.config.parser,
+            parse_retries=self.config.parse_retries,
         )
         self.stop.attach(executor)
         try:
@@ -293,6 +295,7 @@ def check_run(
     engine = config.engine
     check_engine(engine)  # an unknown engine is the error to report, whatever else is missing
     model = config.model
+    config.parser  # noqa: B018 - a schema or parser it cannot use: ConfigError now
     deployments, routing = _deployments(config)
     if deployments is not None:
         model = _group(deployments, model)

@@ -15,6 +15,8 @@ from nbllm.types import TurnRecord
 if TYPE_CHECKING:
     import pandas as pd
 
+    from nbllm.scoring import MetricFunction, ScoreSummary
+
 __all__ = [
     "COLUMNS",
     "RowTotals",
@@ -29,6 +31,7 @@ COLUMNS = (
     "turn",
     "question",
     "answer",
+    "parsed",
     "reference",
     "model",
     "engine",
@@ -53,6 +56,7 @@ _DTYPES = {
     "turn": "Int64",
     "question": "string",
     "answer": "string",
+    "parsed": "object",
     "reference": "string",
     "model": "string",
     "engine": "string",
@@ -122,6 +126,7 @@ class RowTotals:
         "cost_known",
         "cost_sum",
         "not_run",
+        "parse_retries",
         "prompt_tokens",
         "resumed",
         "sent",
@@ -142,6 +147,7 @@ class RowTotals:
         self.completion_tokens = 0
         self.sent_tokens = 0
         self.truncated = 0
+        self.parse_retries = 0
         self.cost_sum = 0.0
         self.cost_known = False
         self._latencies = _SortedSample()
@@ -175,6 +181,7 @@ class RowTotals:
         if record.resumed:
             self.resumed += 1
             return
+        self.parse_retries += record.parse_retries
         if record.attempts:
             self.attempts += record.attempts
             self.sent += 1
@@ -211,8 +218,9 @@ class RowTotals:
 
     @property
     def retries(self) -> int:
-        """Attempts in this run beyond each sent row's first."""
-        return self.attempts - self.sent
+        """Attempts in this run beyond each sent row's first, but those that asked again
+        because an answer did not parse (``parse_retries``)."""
+        return self.attempts - self.sent - self.parse_retries
 
     @property
     def tokens(self) -> int:
@@ -313,6 +321,7 @@ class RunSummary:
     service_p50: float | None
     service_p95: float | None
     retries: int
+    parse_retries: int
     cached: int
     resumed: int
     prompt_tokens: int
@@ -353,6 +362,7 @@ class RunSummary:
             service_p50=percentile(service, 0.50),
             service_p95=percentile(service, 0.95),
             retries=totals.retries,
+            parse_retries=totals.parse_retries,
             cached=totals.cached,
             resumed=totals.resumed,
             prompt_tokens=totals.prompt_tokens,
@@ -517,9 +527,27 @@ class RunResult:
                 columns[column] = pd.to_datetime(micros, unit="us", utc=True).astype(
                     "datetime64[ns, UTC]"
                 )
+            elif kind == "object":
+                columns[column] = pd.Series([pd.NA if v is None else v for v in values(column)])
             else:
                 columns[column] = pd.array(values(column), dtype=kind)
         return pd.DataFrame(columns, columns=list(COLUMNS))
+
+    def parsed_df(self) -> pd.DataFrame:
+        """The ``parsed`` answers as columns: one row per turn, ``conversation_id``,
+        ``turn`` and ``model``, then each field of a parsed object (nested ones as
+        ``outer.inner``), or one ``parsed`` column where the values are not objects.
+        Missing where a turn has no parsed answer."""
+        import pandas as pd
+
+        df = self.df
+        keys = df[["conversation_id", "turn", "model"]].reset_index(drop=True)
+        values = [None if v is pd.NA else v for v in df["parsed"]]
+        if values and all(v is None or isinstance(v, dict) for v in values):
+            fields = pd.json_normalize([v or {} for v in values])
+            fields = fields.convert_dtypes()
+            return pd.concat([keys, fields], axis=1)
+        return keys.assign(parsed=pd.Series([pd.NA if v is None else v for v in values]))
 
     @cached_property
     def summary(self) -> RunSummary:
@@ -531,6 +559,18 @@ class RunResult:
             stop_reason=self.stop_reason,
             deployments=self.deployments,
         )
+
+    def score(
+        self, metric: str | MetricFunction = "exact", *, rel_tol: float = 1e-2
+    ) -> ScoreSummary:
+        """Score each answer against its reference: adds a ``score`` column (0 to 1, missing
+        where there is no reference) to ``df`` and returns the mean overall, by turn and by
+        model. ``metric``: ``"exact"``, ``"contains"``, ``"numeric"`` (equal within
+        ``rel_tol``), ``"f1"`` or a callable ``(answer, reference) -> float``; see
+        ``nbllm.scoring.score``."""
+        from nbllm.scoring import score
+
+        return score(self, metric, rel_tol=rel_tol)
 
     def plot(self) -> Any:
         """A matplotlib figure: latency by turn, turns in flight and throughput over time,

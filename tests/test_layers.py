@@ -37,6 +37,7 @@ DATA_MODULES = (
     "nbllm.redact",
     "nbllm.images",
     "nbllm.scoring",
+    "nbllm.parsing",
 )
 PREFIXES = (
     ("nbllm.ui", UI),

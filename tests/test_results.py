@@ -69,6 +69,7 @@ def test_df_columns_order_and_types(result):
         "turn": "Int64",
         "question": "string",
         "answer": "string",
+        "parsed": "object",
         "reference": "string",
         "model": "string",
         "engine": "string",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from nbllm.types import ChatResponse, Conversation, TurnRecord
+from nbllm.parsing import ParseFailed, Parser
+from nbllm.types import ChatResponse, Conversation, Message, TurnRecord
 
-__all__ = ["answered", "unanswered"]
+__all__ = ["answered", "merged", "reparsed", "unanswered", "user"]
 
 
 def unanswered(conv: Conversation, turn: int, error: str, **fields: Any) -> TurnRecord:
@@ -38,3 +40,42 @@ def answered(conv: Conversation, turn: int, response: ChatResponse, **fields: An
         finish_reason=response.finish_reason,
         **fields,
     )
+
+
+def user(text: str) -> Message:
+    return {"role": "user", "content": text}
+
+
+def _add(a: float | None, b: float | None) -> float | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)
+
+
+def _add_int(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)
+
+
+def merged(first: TurnRecord, again: TurnRecord, parse_retries: int) -> TurnRecord:
+    """A turn asked again because its answer did not parse: ``again``'s answer (or error),
+    with both asks' attempts, tokens, cost and time; its start is ``first``'s."""
+    return replace(
+        again,
+        attempts=first.attempts + again.attempts,
+        prompt_tokens=_add_int(first.prompt_tokens, again.prompt_tokens),
+        completion_tokens=_add_int(first.completion_tokens, again.completion_tokens),
+        cost_usd=_add(first.cost_usd, again.cost_usd),
+        queue_s=_add(first.queue_s, again.queue_s),
+        service_s=_add(first.service_s, again.service_s),
+        started_at=first.started_at,
+        parse_retries=parse_retries,
+    )
+
+
+def reparsed(record: TurnRecord, parser: Parser | None) -> TurnRecord:
+    """A row read back from the checkpoint, its answer parsed again (parsing is a function
+    of the answer, so the checkpoint keeps the answer only)."""
+    if parser is None or record.answer is None:
+        return record
+    try:
+        return replace(record, parsed=parser.parse(record.answer))
+    except ParseFailed:
+        return record  # stored under another parse=: kept as it was answered

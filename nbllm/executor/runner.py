@@ -37,6 +37,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from nbllm.engines.base import Engine
@@ -58,10 +59,11 @@ from nbllm.executor.lanes import Attempts, Lane, NoDeployment, Routes, build_lan
 from nbllm.executor.limiter import Grant, estimate_tokens
 from nbllm.executor.limits import AUTO_CONCURRENCY, RunLimits
 from nbllm.executor.redis_link import check
-from nbllm.executor.rows import answered, unanswered
+from nbllm.executor.rows import answered, merged, reparsed, unanswered, user
 from nbllm.executor.stopping import Stopping
 from nbllm.executor.timing import time_split
 from nbllm.executor.unreachable import unreachable_reason
+from nbllm.parsing import ParseFailed, Parser
 from nbllm.redact import redact, secret_values
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
@@ -118,6 +120,8 @@ class Executor(Stopping):
         max_rpm: float | None = None,
         max_tpm: float | None = None,
         routes: Routes | None = None,
+        parser: Parser | None = None,
+        parse_retries: int = 2,
     ) -> None:
         if concurrency != "auto":
             check_whole("concurrency", concurrency)
@@ -139,6 +143,8 @@ class Executor(Stopping):
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.system = system
+        self.parser = parser
+        self.parse_retries = parse_retries
         # What answers depend on: the run's parameters over those the group's deployments set.
         self.params = {**(routes.params if routes is not None else {}), **(params or {})}
         self.checkpoint = checkpoint
@@ -305,7 +311,7 @@ class Executor(Stopping):
             stored = self._done.get((index, k))
             answer: str | None
             if stored is not None:
-                self._finish(index, base + k, stored)
+                self._finish(index, base + k, reparsed(stored, self.parser))
                 answer = stored.answer or ""
             else:
                 if self._stopping:
@@ -329,16 +335,44 @@ class Executor(Stopping):
     ) -> str | None:
         """Turn k of a conversation; its answer, or None when the conversation ends here."""
         record = await self._turn(conv, k, answers, keys)
+        if record is not None and self.parser is not None and record.ok:
+            record = await self._parsed(record, conv, k, answers)
         if record is None:
             return None  # stopped before this turn was sent
         self._finish(index, base + k, record)
         if record.ok and self.checkpoint is not None:
             self.checkpoint.record(index, record)
-        if record.answer is None:
+        if not record.ok:
             reason = f"{SKIPPED}: turn {k} failed"
             for j in range(k + 1, len(conv)):
                 self._finish(index, base + j, unanswered(conv, j, reason))
-        return record.answer
+        return record.answer if record.ok else None
+
+    async def _parsed(
+        self, record: TurnRecord, conv: Conversation, k: int, answers: Sequence[str]
+    ) -> TurnRecord | None:
+        """``record`` with its answer parsed; an answer that does not parse is asked again
+        (shown its error) up to ``parse_retries`` times, outside the conversation's history.
+        None when the run stops before the turn has an answer that parses."""
+        assert self.parser is not None
+        tries = 0
+        while True:
+            try:
+                value = self.parser.parse(record.answer or "")
+            except ParseFailed as error:
+                if tries >= self.parse_retries or self._stopping:
+                    failed = f"ParseError: {error}"
+                    return replace(record, error=failed, parse_retries=tries)
+                tries += 1
+                repair = (record.answer or "", self.parser.repair(str(error)))
+                again = await self._turn(conv, k, answers, None, repair)
+                if again is None:
+                    return None
+                record = merged(record, again, tries)
+                if not again.ok:
+                    return record
+                continue
+            return replace(record, parsed=value, parse_retries=tries)
 
     def _finish(self, index: int, slot: int, record: TurnRecord) -> None:
         self._records[slot] = record
@@ -360,7 +394,12 @@ class Executor(Stopping):
     # -- one turn: retries, then each attempt ------------------------------------------
 
     async def _turn(
-        self, conv: Conversation, k: int, answers: Sequence[str], keys: KeyChain | None
+        self,
+        conv: Conversation,
+        k: int,
+        answers: Sequence[str],
+        keys: KeyChain | None,
+        repair: tuple[str, str] | None = None,
     ) -> TurnRecord | None:
         """Turn k: from the cache, or sent (with retries); None if stopped before sending.
 
@@ -370,6 +409,8 @@ class Executor(Stopping):
         """
         ready = self._loop.time()
         messages = conv.messages_for(k, answers, self.system)
+        if repair is not None:  # asked again: the answer that did not parse, and why
+            messages += [{"role": "assistant", "content": repair[0]}, user(repair[1])]
         key = None
         if self.cache is not None and keys is not None:
             key = keys.key_with(messages[-1])

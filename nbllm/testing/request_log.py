@@ -22,6 +22,7 @@ from nbllm.images import content_text
 __all__ = [
     "RequestLogEntry",
     "answer_for",
+    "in_history",
     "messages_key",
     "prefix_keys",
     "read_chat_body",
@@ -166,3 +167,22 @@ def _good_part(part: Any) -> bool:
         image = part.get("image_url")
         return isinstance(image, dict) and isinstance(image.get("url"), str)
     return False
+
+
+def in_history(
+    answers: Mapping[str, str],
+    messages: Sequence[Mapping[str, Any]],
+    i: int,
+    prefix: str,
+    shared: bool,
+    structured: Any,
+) -> bool:
+    """Whether assistant message ``i`` is an answer the server gave to the messages before
+    it (``answers``, by their key ``prefix``), gave to a re-ask of them
+    (``structured.repaired``), or, with ``shared`` history, would have given."""
+    given = messages[i]["content"]
+    return (
+        answers.get(prefix) == given
+        or structured.repaired(prefix, given)
+        or (shared and would_answer(messages, i, prefix, messages[i]))
+    )

@@ -37,9 +37,9 @@ from nbllm.images import content_text
 from nbllm.testing.request_log import (
     RequestLogEntry,
     answer_for,
+    in_history,
     prefix_keys,
     read_chat_body,
-    would_answer,
 )
 from nbllm.testing.structured import JsonAnswers
 
@@ -471,8 +471,8 @@ class TestServer:
         n = len(messages)
         answers = self._answers
         for i in assistant_at:
-            if answers.get(prefixes[i]) != messages[i]["content"] and not (
-                self.shared_history and would_answer(messages, i, prefixes[i], messages[i])
+            if not in_history(
+                answers, messages, i, prefixes[i], self.shared_history, self.json_answers
             ):
                 self._history_errors += 1
                 self._record(t, conversation, key, 400, n, turn)
@@ -541,7 +541,7 @@ class TestServer:
         # --- the answer
         answer = answer_for(turn, last_user, key)
         if (asked := body.get("response_format")) is not None:
-            answer = self.json_answers.answer(asked, answer, turn)
+            answer = self.json_answers.answer(asked, answer, turn, messages, prefixes)
         finish_reason = "stop"
         if max_tokens is not None and _tokens(len(answer)) > max_tokens:
             # As a real model does: stop at max_tokens and say so.
