@@ -137,3 +137,27 @@ def test_bad_structured_options_are_refused_before_any_request(options, message)
     engine = FakeEngine()
     with pytest.raises(ConfigError, match=message):
         nbllm.run(data(1, 1), engine=engine, **options, **FAST)
+
+
+def test_the_magic_takes_a_schema_and_a_parser_from_the_notebook(monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    monkeypatch.delenv("NBLLM_API_BASE", raising=False)
+    config = Config()
+    config.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "nbllm")
+    try:
+        with TestServer() as server:
+            shell.user_ns.update(rows=data(2, 1), Revenue=Revenue, year=lambda o: o["year"])
+            line = f"rows -m m --api-base {server.url} --no-checkpoint -o out"
+            cell = shell.run_cell(f"%llm_batch {line} --schema Revenue --parse year")
+            assert cell.error_in_exec is None
+            assert list(shell.user_ns["out"].df["parsed"]) == [0, 0]
+            cell = shell.run_cell(f"%llm_batch {line} --schema Revenu")
+            assert "--schema 'Revenu' is not defined in the notebook" in str(cell.error_in_exec)
+            assert "did you mean 'Revenue'" in str(cell.error_in_exec)
+    finally:
+        shell.run_line_magic("unload_ext", "nbllm")
+        shell.reset(new_session=False)

@@ -59,6 +59,7 @@ from nbllm.dataset import did_you_mean
 from nbllm.errors import ConfigError, NbllmError
 from nbllm.executor.storage import nbllm_dir
 from nbllm.jobs import Job
+from nbllm.parsing import PARSERS
 from nbllm.redact import public_url
 from nbllm.results import RunResult
 from nbllm.template import ConversationTemplate, with_conversation_ids
@@ -149,6 +150,16 @@ def _line_parser() -> _LineParser:
     add_run_arguments(checkpoint, ("checkpoint",))
     checkpoint.add_argument("--no-checkpoint", action="store_true", help="keep no checkpoint")
     parser.add_argument(
+        "--schema",
+        metavar="NAME",
+        help="structured answers: a pydantic model class or a JSON schema (dict) in the notebook",
+    )
+    parser.add_argument(
+        "--parse",
+        metavar="PARSER",
+        help="'number', or the name of a callable in the notebook, to read each answer",
+    )
+    parser.add_argument(
         "--background", action="store_true", help="run with nbllm.submit; bind NAME_job now"
     )
     parser.add_argument("-h", "--help", action="store_true", help="show this help")
@@ -221,6 +232,11 @@ class LlmBatchMagics(Magics):
             options["checkpoint"] = False
         elif args.checkpoint is not None:
             options["checkpoint"] = args.checkpoint
+        if args.schema is not None:
+            options["response_format"] = self._lookup(args.schema, "--schema")
+        if args.parse is not None:
+            named = args.parse in PARSERS
+            options["parse"] = args.parse if named else self._lookup(args.parse, "--parse")
         options["progress"] = None  # automatic: the dashboard in a notebook
         return options
 
@@ -354,13 +370,20 @@ class LlmBatchMagics(Magics):
             raise UsageError(msg)
         return self.shell.user_ns
 
-    def _lookup(self, name: str) -> Any:
+    def _lookup(self, name: str, option: str = "DATA") -> Any:
         namespace = self._namespace()
         if name not in namespace:
             hint = did_you_mean(name, [k for k in namespace if not k.startswith("_")])
-            msg = (
-                f"%%llm_batch: DATA {name!r} is not defined in the notebook{hint}; pass the name "
+            what = (
                 "of a DataFrame, a list of records or a path"
+                if option == "DATA"
+                else "of a pydantic model class or a JSON schema dict"
+                if option == "--schema"
+                else "of a callable, or 'number'"
+            )
+            msg = (
+                f"%%llm_batch: {option} {name!r} is not defined in the notebook{hint}; pass "
+                f"the name {what}"
             )
             raise UsageError(msg)
         return namespace[name]
