@@ -161,3 +161,14 @@ def test_the_magic_takes_a_schema_and_a_parser_from_the_notebook(monkeypatch):
     finally:
         shell.run_line_magic("unload_ext", "nbllm")
         shell.reset(new_session=False)
+
+
+def test_parse_number_reads_the_number_a_prose_answer_gives():
+    answers = iter(["Revenue was $1,234.5 million.", "A loss of (12.3)", "About 14 %", "no idea"])
+    result = nbllm.run(
+        data(4, 1), engine=FakeEngine(lambda request: next(answers)), parse="number",
+        parse_retries=0, concurrency=1, **FAST,
+    )  # fmt: skip
+    parsed = list(result.df["parsed"])
+    assert parsed[:3] == [1_234_500_000.0, -12.3, 14.0]
+    assert result.df["error"].iloc[3].startswith("ParseError: parse=parse_number could not")
