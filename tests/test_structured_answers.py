@@ -172,3 +172,20 @@ def test_parse_number_reads_the_number_a_prose_answer_gives():
     parsed = list(result.df["parsed"])
     assert parsed[:3] == [1_234_500_000.0, -12.3, 14.0]
     assert result.df["error"].iloc[3].startswith("ParseError: parse=parse_number could not")
+
+
+def test_a_local_engine_is_asked_the_schema_in_its_prompt():
+    from nbllm.engines.local.base import Generation, schema_in_prompt
+    from nbllm.types import ChatRequest
+
+    wire = make_parser(Revenue).wire  # type: ignore[union-attr]
+    request = ChatRequest("m", [{"role": "user", "content": "Revenue in 2020?"}], {
+        "max_tokens": 64, "response_format": wire,
+    })  # fmt: skip
+    asked = schema_in_prompt(request)
+    assert "response_format" not in asked.params
+    Generation.from_params(asked.params)  # what a local engine refuses is gone
+    text = asked.messages[-1]["content"]
+    assert text.startswith("Revenue in 2020?\n\nAnswer with a single JSON object")
+    assert '"amount"' in text
+    assert schema_in_prompt(ChatRequest("m", request.messages, {})).messages == request.messages

@@ -31,8 +31,10 @@ generates, ``on_phase`` hears "generating" with the tokens generated so far (``p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
+import json
 import math
 import threading
 from abc import abstractmethod
@@ -47,7 +49,7 @@ from nbllm.engines.local.batching import check_batching
 from nbllm.engines.local.models import LocalModel, resolve_local_model
 from nbllm.engines.local.phases import PhaseCallback, PhaseReport, TokenReport
 from nbllm.errors import EngineUnavailable, RequestRejected
-from nbllm.types import ChatRequest, Message
+from nbllm.types import ChatRequest, ChatResponse, Message
 
 __all__ = ["DEFAULT_MAX_TOKENS", "Generation", "LocalEngine", "context_length_of"]
 
@@ -214,6 +216,9 @@ class LocalEngine(Engine):
 
     # -- shared ------------------------------------------------------------------
 
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        return await super().complete(schema_in_prompt(request))
+
     def describe(self) -> str:
         return f"{self.name} {self.model.name} on {self.device}"
 
@@ -358,3 +363,22 @@ def require(module: str, extra: str, engine: str) -> Any:
             f"(pip install 'nbllm[{extra}]'): {exc}"
         )
         raise EngineUnavailable(msg) from exc
+
+
+def schema_in_prompt(request: ChatRequest) -> ChatRequest:
+    """A request that asks for ``response_format``, as a local model is asked it: the schema
+    in the last message, as an instruction (a local engine has no constrained decoding
+    here; the run validates the answer and asks again where it does not parse)."""
+    wanted = request.params.get("response_format")
+    if wanted is None or not request.messages:
+        return request
+    params = {k: v for k, v in request.params.items() if k != "response_format"}
+    inner = wanted.get("json_schema") if isinstance(wanted, Mapping) else None
+    schema = inner.get("schema") if isinstance(inner, Mapping) else None
+    note = "Answer with a single JSON object"
+    if schema is not None:
+        note += " that follows this JSON schema: " + json.dumps(schema, ensure_ascii=False)
+    last = request.messages[-1]
+    content = f"{last.get('content', '')}\n\n{note}, and nothing else."
+    messages = [*request.messages[:-1], {**last, "content": content}]
+    return dataclasses.replace(request, messages=messages, params=params)
