@@ -99,7 +99,7 @@ class ImageReader:
     def url(self, value: Any, where: str) -> str:
         """The URL of one image (see the module docstring); ``where`` begins each error."""
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return _data_url(bytes(value), None, f"{where}: the bytes given")
+            return _data_url(bytes(value), None, f"{where}: the bytes given are")
         if isinstance(value, os.PathLike):
             return self._file(Path(os.fsdecode(value)), where)
         if not isinstance(value, str):
@@ -145,7 +145,7 @@ class ImageReader:
         except OSError as exc:
             msg = f"{where}: cannot read image file {str(path)!r}: {exc.strerror or exc}"
             raise DatasetError(msg) from exc
-        url = _data_url(data, path.name, f"{where}: {str(path)!r}")
+        url = _data_url(data, path.name, f"{where}: {str(path)!r} is")
         self._urls[key] = url
         return url
 
@@ -154,10 +154,10 @@ def _data_url(data: bytes, name: str | None, what: str) -> str:
     mime = detect_mime(data, name)
     if mime is None:
         if not data:
-            msg = f"{what} is empty, not an image"
+            msg = f"{what} empty, not an image"
         else:
             msg = (
-                f"{what} is not an image (expected PNG, JPEG, GIF, WebP, BMP or TIFF bytes, "
+                f"{what} not an image (expected PNG, JPEG, GIF, WebP, BMP or TIFF bytes, "
                 "or a file named as another image type)"
             )
         raise DatasetError(msg)
@@ -232,6 +232,13 @@ def check_engine_takes_images(engine: Any, conversations: Iterable[Any]) -> None
         takes = declared
     else:
         takes = name.split(" ")[0] not in _TEXT_ONLY and not name.endswith(" worker")
+    if not takes and name == "local":
+        msg = (
+            "a local model cannot take images (a local engine builds a text prompt); this "
+            "dataset has images in its turns: use an API engine with a vision model, or drop "
+            "the images"
+        )
+        raise ConfigError(msg)
     if not takes:
         msg = (
             f"engine {name!r} cannot send images (it builds a text prompt); this dataset has "

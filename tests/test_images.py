@@ -175,8 +175,8 @@ def test_a_templates_image_lines_send_the_cell_or_a_filled_in_path(pictures):
             "(relative to ",
         ),
         (["notes.txt"], "record 0 (id='a'), key 'images', turn 0, image 0: 'notes.txt' is not"),
-        ([[b"plain text"], []], "turn 0: the bytes given is not an image"),
-        ([[], [b""]], "turn 1: the bytes given is empty, not an image"),
+        ([[b"plain text"], []], "turn 0: the bytes given are not an image"),
+        ([[], [b""]], "turn 1: the bytes given are empty, not an image"),
         ("s3://bucket/x.png", "has a URL scheme nbllm does not read (s3://)"),
         ("data:text/plain;base64,aGk=", "is not a base64 image data URL"),
         (".", "'.' is a directory, expected an image file"),
@@ -213,6 +213,8 @@ def test_engines_that_build_a_text_prompt_refuse_images_naming_the_engine(pictur
         with pytest.raises(ConfigError, match=f"engine '{engine}' cannot send images"):
             check_engine_takes_images(engine, with_images)
         check_engine_takes_images(engine, text_only)
+    with pytest.raises(ConfigError, match=r"^a local model cannot take images"):
+        check_engine_takes_images("local", with_images)
     for engine in ("openai", "litellm", "auto", FakeEngine()):
         check_engine_takes_images(engine, with_images)
 
