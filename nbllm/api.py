@@ -113,6 +113,7 @@ async def arun(
     response_format: Any = None,
     parse: Any = None,
     parse_retries: int = 2,
+    score: Any = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -162,6 +163,7 @@ def run(
     response_format: Any = None,
     parse: Any = None,
     parse_retries: int = 2,
+    score: Any = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:

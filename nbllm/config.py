@@ -284,6 +284,14 @@ class RunConfig(BaseModel):
         "a whole number >= 0",
         metavar="N",
     )
+    score: Any = _option(
+        None,
+        "score each answer against its reference as the run goes: 'exact', 'contains', "
+        "'numeric', 'f1' or a callable (answer, reference) -> 0..1; shown live, in the summary "
+        "and in a score column",
+        "'exact', 'contains', 'numeric', 'f1' or a callable",
+        metavar="METRIC",
+    )
     listeners: tuple[Callable[[Any], Any], ...] = _option(
         (), "callables receiving the executor's events", "a list of callables", strict=False
     )

@@ -216,6 +216,7 @@ def submit(
     response_format: Any = None,
     parse: Any = None,
     parse_retries: int = 2,
+    score: Any = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> Job:

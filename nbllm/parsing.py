@@ -33,7 +33,7 @@ from pydantic import BaseModel, ValidationError
 
 from nbllm.errors import ConfigError
 
-__all__ = ["PARSERS", "ParseFailed", "Parser", "make_parser"]
+__all__ = ["PARSERS", "ParseFailed", "Parser", "make_parser", "parsed_frame"]
 
 #: The parsers ``parse=`` takes by name.
 PARSERS = ("number",)
@@ -215,3 +215,16 @@ def _parse_fn(parse: Any) -> Callable[[Any], Any] | None:
         return parse
     msg = f"parse= expected a callable or one of {', '.join(map(repr, PARSERS))}, got {parse!r}"
     raise ConfigError(msg)
+
+
+def parsed_frame(df: Any) -> Any:
+    """``RunResult.parsed_df``: ``df``'s keys, then its ``parsed`` objects' fields as
+    columns (missing where a turn has no parsed answer)."""
+    import pandas as pd
+
+    keys = df[["conversation_id", "turn", "model"]].reset_index(drop=True)
+    values = [None if v is pd.NA else v for v in df["parsed"]]
+    if values and all(v is None or isinstance(v, dict) for v in values):
+        fields = pd.json_normalize([v or {} for v in values]).convert_dtypes()
+        return pd.concat([keys, fields], axis=1)
+    return keys.assign(parsed=pd.Series([pd.NA if v is None else v for v in values]))

@@ -167,6 +167,7 @@ class PreparedRun:
             routes=self.routes,
             parser=self.config.parser,
             parse_retries=self.config.parse_retries,
+            score=_scorer(self.config),
         )
         self.stop.attach(executor)
         try:
@@ -312,6 +313,7 @@ def check_run(
             raise ConfigError(msg)
     cache_path = resolve_cache_path(config.cache)
     conversations = load_conversations(data)
+    _check_score(config, conversations)
     stop = RunStop()
     run_listeners = [*config.listeners, *listeners]
     view = make_view(stop) if make_view is not None else None
@@ -370,6 +372,21 @@ def _group(deployments: DeploymentList, model: str | None) -> str:
     return deployments.check_group(model)
 
 
+def _check_score(config: RunConfig, conversations: list[Conversation]) -> None:
+    """``score=``: a metric it knows, and references to score against."""
+    if config.score is None:
+        return
+    from nbllm.scoring import run_scorer
+
+    run_scorer(config.score)
+    if not any(ref for conv in conversations for ref in conv.references):
+        msg = (
+            "score= needs references to score against, and no conversation has one (a "
+            "reference column, answer_<k> columns, or a record's references)"
+        )
+        raise ConfigError(msg)
+
+
 def _close_view(view: Listener | None) -> None:
     close = getattr(view, "close", None)
     if callable(close):
@@ -398,6 +415,14 @@ def open_run(checked: CheckedRun, deliver: Deliver | None = None) -> PreparedRun
     except BaseException:
         _close_view(checked.view)  # shown already: say the run did not start instead of waiting
         raise
+
+
+def _scorer(config: RunConfig) -> Any:
+    if config.score is None:
+        return None
+    from nbllm.scoring import run_scorer
+
+    return run_scorer(config.score)
 
 
 def _budget(config: RunConfig) -> Budget | None:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from nbllm.results_deployments import DeploymentFigures, deployments_frame
+from nbllm.results_sample import SortedSample, percentile
 from nbllm.types import TurnRecord
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from nbllm.scoring import MetricFunction, ScoreSummary
+
+#: A row's score: (answer, reference) -> a number from 0 to 1, or None (not scored).
+Scorer = Callable[[str | None, str | None], float | None]
 
 __all__ = [
     "COLUMNS",
@@ -77,16 +80,6 @@ _DTYPES = {
 }
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (as numpy's default) of already sorted values."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q
-    low = math.floor(pos)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
-
-
 # What one row counts for. The end-of-run summary and the live statistics
 # (nbllm.executor.stats) both count rows with these rules, so a figure means one thing.
 
@@ -129,13 +122,19 @@ class RowTotals:
         "parse_retries",
         "prompt_tokens",
         "resumed",
+        "score_sum",
+        "scored",
+        "scorer",
         "sent",
         "sent_tokens",
         "truncated",
         "turns",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, scorer: Scorer | None = None) -> None:
+        self.scorer = scorer  # score= on the run: each row's answer against its reference
+        self.score_sum = 0.0
+        self.scored = 0
         self.turns = 0
         self.answered = 0
         self.not_run = 0
@@ -150,20 +149,25 @@ class RowTotals:
         self.parse_retries = 0
         self.cost_sum = 0.0
         self.cost_known = False
-        self._latencies = _SortedSample()
-        self._queue = _SortedSample()
-        self._service = _SortedSample()
+        self._latencies = SortedSample()
+        self._queue = SortedSample()
+        self._service = SortedSample()
 
     @classmethod
-    def of(cls, records: Sequence[TurnRecord]) -> RowTotals:
+    def of(cls, records: Sequence[TurnRecord], scorer: Scorer | None = None) -> RowTotals:
         """The totals of ``records``."""
-        totals = cls()
+        totals = cls(scorer)
         for record in records:
             totals.add(record)
         return totals
 
     def add(self, record: TurnRecord) -> None:
         self.turns += 1
+        if self.scorer is not None and not record.not_run:
+            value = self.scorer(record.answer, record.reference)
+            if value is not None:
+                self.score_sum += value
+                self.scored += 1
         if record.ok:
             self.answered += 1
             tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
@@ -217,6 +221,11 @@ class RowTotals:
         return self.ran - self.answered
 
     @property
+    def score(self) -> float | None:
+        """The mean score of the rows scored so far (None: none yet, or no ``score=``)."""
+        return self.score_sum / self.scored if self.scored else None
+
+    @property
     def retries(self) -> int:
         """Attempts in this run beyond each sent row's first, but those that asked again
         because an answer did not parse (``parse_retries``)."""
@@ -243,29 +252,6 @@ class RowTotals:
     def service_s(self) -> list[float]:
         """The ``service_s`` of the rows this run sent, sorted (read it, don't keep it)."""
         return self._service.values()
-
-
-class _SortedSample:
-    """Values added one at a time, read sorted. The values not merged in yet wait in a
-    list of their own: an insort per value would move the whole list each time
-    (quadratic over a long run); one merge per read is linear."""
-
-    __slots__ = ("_new", "_sorted")
-
-    def __init__(self) -> None:
-        self._sorted: list[float] = []
-        self._new: list[float] = []
-
-    def add(self, value: float) -> None:
-        self._new.append(value)
-
-    def values(self) -> list[float]:
-        if self._new:
-            # Sorting a sorted run followed by a short unsorted one is a merge (Timsort).
-            self._sorted.extend(self._new)
-            self._sorted.sort()
-            self._new.clear()
-        return self._sorted
 
 
 def _took(seconds: float) -> str:
@@ -329,6 +315,8 @@ class RunSummary:
     cost_usd: float | None
     interrupted: bool
     stop_reason: str | None = None
+    score: float | None = None
+    score_metric: str | None = None
     deployment_figures: tuple[DeploymentFigures, ...] = ()
 
     @classmethod
@@ -341,6 +329,7 @@ class RunSummary:
         interrupted: bool,
         stop_reason: str | None = None,
         deployments: Sequence[DeploymentFigures] = (),
+        score_metric: str | None = None,
     ) -> RunSummary:
         """The whole run's figures from the totals of all its rows."""
         latencies, queue, service = totals.latencies(), totals.queue_s(), totals.service_s()
@@ -370,6 +359,8 @@ class RunSummary:
             cost_usd=totals.cost_usd,
             interrupted=interrupted,
             stop_reason=stop_reason,
+            score=totals.score,
+            score_metric=score_metric,
             deployment_figures=tuple(deployments),
         )
 
@@ -471,12 +462,15 @@ class RunResult:
         stop_reason: str | None = None,
         deployments: Sequence[DeploymentFigures] = (),
         limit_history: Sequence[tuple[float, str, float]] = (),
+        score: tuple[str, Scorer] | None = None,
     ) -> None:
         self.records = list(records)
         self.deployments = tuple(deployments)
         #: The "auto" limits over the run: (time, "requests/s" | "tokens/s" | "concurrency",
         #: limit), at the start and after each change; what ``plot()`` draws.
         self.limit_history = tuple(limit_history)
+        #: score= of the run: the metric's name and the function that scored each row.
+        self.scoring = score
         self.conversations = conversations
         self.wall_s = wall_s
         self.started_at = started_at
@@ -531,33 +525,32 @@ class RunResult:
                 columns[column] = pd.Series([pd.NA if v is None else v for v in values(column)])
             else:
                 columns[column] = pd.array(values(column), dtype=kind)
-        return pd.DataFrame(columns, columns=list(COLUMNS))
+        df = pd.DataFrame(columns, columns=list(COLUMNS))
+        if self.scoring is not None:  # score= on the run: as the summary scored each row
+            score = self.scoring[1]
+            scores = [None if r.not_run else score(r.answer, r.reference) for r in records]
+            df["score"] = pd.array(scores, dtype="Float64")
+        return df
 
     def parsed_df(self) -> pd.DataFrame:
         """The ``parsed`` answers as columns: one row per turn, ``conversation_id``,
         ``turn`` and ``model``, then each field of a parsed object (nested ones as
-        ``outer.inner``), or one ``parsed`` column where the values are not objects.
-        Missing where a turn has no parsed answer."""
-        import pandas as pd
+        ``outer.inner``), or one ``parsed`` column where the values are not objects."""
+        from nbllm.parsing import parsed_frame
 
-        df = self.df
-        keys = df[["conversation_id", "turn", "model"]].reset_index(drop=True)
-        values = [None if v is pd.NA else v for v in df["parsed"]]
-        if values and all(v is None or isinstance(v, dict) for v in values):
-            fields = pd.json_normalize([v or {} for v in values])
-            fields = fields.convert_dtypes()
-            return pd.concat([keys, fields], axis=1)
-        return keys.assign(parsed=pd.Series([pd.NA if v is None else v for v in values]))
+        return parsed_frame(self.df)
 
     @cached_property
     def summary(self) -> RunSummary:
+        scoring = self.scoring
         return RunSummary.from_totals(
-            RowTotals.of(self.records),
+            RowTotals.of(self.records, scoring[1] if scoring else None),
             conversations=self.conversations,
             wall_s=self.wall_s,
             interrupted=self.interrupted,
             stop_reason=self.stop_reason,
             deployments=self.deployments,
+            score_metric=scoring[0] if scoring else None,
         )
 
     def score(

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
+from nbllm.results_sample import percentile
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -111,8 +113,6 @@ class DeploymentTotals:
             self.rate_limited += 1
 
     def figures(self, *, breaker: str = "-", trips: int = 0) -> DeploymentFigures:
-        from nbllm.results import percentile  # results imports this module
-
         latencies = sorted(self._latencies)
         return DeploymentFigures(
             deployment=self.deployment,

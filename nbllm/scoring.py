@@ -41,6 +41,7 @@ __all__ = [
     "parse_number",
     "read_number",
     "resolve_metric",
+    "run_scorer",
     "score",
 ]
 
@@ -275,6 +276,34 @@ def resolve_metric(
         return getattr(metric, "__name__", type(metric).__name__), metric
     msg = f"metric: expected a metric's name or a callable (answer, reference), got {metric!r}"
     raise ConfigError(msg)
+
+
+def run_scorer(
+    metric: str | MetricFunction, *, rel_tol: float = 1e-2
+) -> tuple[str, Callable[[str | None, str | None], float | None]]:
+    """``score=`` of a run: the metric's name and a function that scores one row as the
+    run goes (the live figure, the summary's ``score`` and the ``score`` column). A row
+    without a reference is not scored; a failed turn with one scores 0. A callable's
+    exception or a value outside 0 to 1 leaves that row unscored, never stops the run
+    (``result.score(metric)`` afterwards names the row)."""
+    name, function = resolve_metric(metric, rel_tol=rel_tol)
+    if isinstance(metric, str):
+        return name, _built_in(metric, float(rel_tol))
+
+    def safe(answer: str | None, reference: str | None) -> float | None:
+        if reference is None or not reference.strip():
+            return None
+        if answer is None:
+            return 0.0
+        try:
+            value = function(answer, reference)
+        except Exception:
+            return None
+        if isinstance(value, numbers.Real) and 0 <= float(value) <= 1:
+            return float(value)
+        return None
+
+    return name, safe
 
 
 # --- scoring a result -------------------------------------------------------------------

@@ -42,6 +42,8 @@ class RunStarted:
     engine: str
     t: float
     resumed: int = 0
+    #: score= of the run: (metric name, row scorer), so live figures score as the summary.
+    score: tuple[str, Callable[[str | None, str | None], float | None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

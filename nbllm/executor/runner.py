@@ -65,7 +65,7 @@ from nbllm.executor.timing import time_split
 from nbllm.executor.unreachable import unreachable_reason
 from nbllm.parsing import ParseFailed, Parser
 from nbllm.redact import redact, secret_values
-from nbllm.results import RunResult
+from nbllm.results import RunResult, Scorer
 from nbllm.retry import RetryPolicy
 from nbllm.types import NOT_RUN, SKIPPED, ChatResponse, Conversation, Message, TurnRecord
 
@@ -122,6 +122,7 @@ class Executor(Stopping):
         routes: Routes | None = None,
         parser: Parser | None = None,
         parse_retries: int = 2,
+        score: tuple[str, Scorer] | None = None,
     ) -> None:
         if concurrency != "auto":
             check_whole("concurrency", concurrency)
@@ -145,6 +146,7 @@ class Executor(Stopping):
         self.system = system
         self.parser = parser
         self.parse_retries = parse_retries
+        self.score = score  # score=: (metric name, row scorer)
         # What answers depend on: the run's parameters over those the group's deployments set.
         self.params = {**(routes.params if routes is not None else {}), **(params or {})}
         self.checkpoint = checkpoint
@@ -231,6 +233,7 @@ class Executor(Stopping):
                 self._engine_name,
                 started_at,
                 resumed=len(self._done),
+                score=self.score,
             )
         )
         order = sorted(range(len(conversations)), key=lambda i: -len(conversations[i]))
@@ -272,6 +275,7 @@ class Executor(Stopping):
             stop_reason=self._stop_reason,
             deployments=self.lanes.figures(),
             limit_history=self.lanes.limit_history(),
+            score=self.score,
         )
         # The summary's own counts (computed once, kept by the result), so they agree.
         summary = result.summary

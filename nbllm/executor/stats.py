@@ -129,6 +129,9 @@ class Snapshot:
     auto_limits: tuple[tuple[str, float], ...] = ()
     #: Deployments whose breaker is not closed, or has opened: (id, state, trips).
     breakers: tuple[tuple[str, str, int], ...] = ()
+    #: score= of the run: the mean score of the rows scored so far, and the metric's name.
+    score: float | None = None
+    score_metric: str | None = None
 
     @property
     def turns_ok(self) -> int:
@@ -162,6 +165,7 @@ class RunStats:
         self._in_flight = 0
         self._retries = 0
         self._rows = RowTotals()
+        self._score_metric: str | None = None
         self._started_t: float | None = None
         self._finished_t: float | None = None
         self._wall_s: float | None = None
@@ -195,6 +199,8 @@ class RunStats:
                 self._last_error = event.error
             elif isinstance(event, RunStarted):
                 self._reset()
+                self._score_metric = event.score[0] if event.score else None
+                self._rows = RowTotals(event.score[1] if event.score else None)
                 self._started_t = event.t
                 self._model, self._engine = event.model, event.engine
                 self._turns_total = event.turns
@@ -383,6 +389,8 @@ class RunStats:
                 quota_note=self._quota,
                 auto_limits=_summed(self._auto_limits),
                 breakers=tuple((d, state, trips) for d, (state, trips) in self._breakers.items()),
+                score=self._rows.score,
+                score_metric=self._score_metric,
             )
 
 

@@ -94,6 +94,8 @@ def figure_items(snap: Snapshot) -> list[str]:
     else:
         p50, p95 = format_seconds(snap.latency_p50), format_seconds(snap.latency_p95)
         items.append(f"latency p50 {p50} · p95 {p95}")
+    if snap.score is not None:  # score= on the run: quality beside speed
+        items.append(f"score {snap.score:.2f} ({snap.score_metric})")
     items += [f"retries {snap.retries:,}", f"{snap.failed:,} failed"]
     if snap.truncated:
         items.append(truncated_text(snap.truncated))
