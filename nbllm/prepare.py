@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbllm import run_checks
 from nbllm.config import RunConfig
 from nbllm.dataset import load_conversations
 from nbllm.engines import (
@@ -33,7 +34,6 @@ from nbllm.engines import (
 from nbllm.engines.keys import checked_key_for_api_base
 from nbllm.errors import ConfigError
 from nbllm.executor import Event, Executor
-from nbllm.executor.budget import Budget
 from nbllm.executor.cache import ResponseCache, resolve_cache_path
 from nbllm.executor.checkpoint import (
     CheckpointStore,
@@ -41,12 +41,13 @@ from nbllm.executor.checkpoint import (
     dataset_hash,
     resolve_checkpoint_path,
 )
-from nbllm.executor.deployments import DeploymentList, load_deployments
+from nbllm.executor.deployments import DeploymentList
 from nbllm.executor.events import EnginePhase, EventBus
 from nbllm.executor.lanes import Routes
 from nbllm.executor.limits import AUTO_CONCURRENCY
-from nbllm.executor.routing import RoutingOptions, routing_options
+from nbllm.executor.routing import RoutingOptions
 from nbllm.executor.storage import MAX_PENDING
+from nbllm.images import check_engine_takes_images
 from nbllm.redact import public_url
 from nbllm.results import RunResult
 from nbllm.types import Conversation
@@ -162,12 +163,12 @@ class PreparedRun:
             checkpoint=self.store,
             cache=self.cache,
             stop_grace_s=self.config.stop_grace_s,
-            budget=_budget(self.config),
+            budget=run_checks.budget(self.config),
             redis_url=self.config.redis_url or os.environ.get("NBLLM_REDIS_URL") or None,
             routes=self.routes,
             parser=self.config.parser,
             parse_retries=self.config.parse_retries,
-            score=_scorer(self.config),
+            score=run_checks.scorer(self.config),
         )
         self.stop.attach(executor)
         try:
@@ -297,9 +298,9 @@ def check_run(
     check_engine(engine)  # an unknown engine is the error to report, whatever else is missing
     model = config.model
     config.parser  # noqa: B018 - a schema or parser it cannot use: ConfigError now
-    deployments, routing = _deployments(config)
+    deployments, routing = run_checks.deployments(config)
     if deployments is not None:
-        model = _group(deployments, model)
+        model = run_checks.group(deployments, model)
     elif model is None:
         if isinstance(engine, Engine):
             model = engine.default_model or engine.name
@@ -313,7 +314,9 @@ def check_run(
             raise ConfigError(msg)
     cache_path = resolve_cache_path(config.cache)
     conversations = load_conversations(data)
-    _check_score(config, conversations)
+    run_checks.check_score(config, conversations)
+    local = deployments is None and is_local(engine, model, config.api_base)
+    check_engine_takes_images("local" if local and engine == "auto" else engine, conversations)
     stop = RunStop()
     run_listeners = [*config.listeners, *listeners]
     view = make_view(stop) if make_view is not None else None
@@ -322,69 +325,6 @@ def check_run(
     return CheckedRun(
         config, conversations, model, cache_path, stop, run_listeners, view, deployments, routing
     )
-
-
-_ROUTING_OPTIONS = ("routing", "fallbacks", "cooldown_s", "allowed_fails")
-
-
-def _deployments(config: RunConfig) -> tuple[DeploymentList | None, RoutingOptions | None]:
-    """``router=`` read and checked, with the run's routing options over its file's."""
-    if config.router is None:
-        for name in _ROUTING_OPTIONS:
-            if getattr(config, name) is not None:
-                msg = f"{name}= applies to the deployments of router=, which is not given"
-                raise ConfigError(msg)
-        return None, None
-    for name in ("api_base", "api_key"):
-        if getattr(config, name) is not None:
-            msg = (
-                f"{name}= and router= do not go together: give each deployment its own "
-                f"{name} in its litellm_params"
-            )
-            raise ConfigError(msg)
-    if isinstance(config.engine, Engine) or config.engine not in ("auto", "openai", "litellm"):
-        msg = (
-            f"engine={config.engine!r} cannot serve router= deployments: expected 'auto', "
-            "'openai' or 'litellm'"
-        )
-        raise ConfigError(msg)
-    deployments = load_deployments(config.router)
-    options = routing_options(
-        deployments,
-        routing=config.routing,
-        fallbacks=config.fallbacks,
-        cooldown_s=config.cooldown_s,
-        allowed_fails=config.allowed_fails,
-    )
-    return deployments, options
-
-
-def _group(deployments: DeploymentList, model: str | None) -> str:
-    """The group ``model=`` names; without one, the list's only group."""
-    if model is None:
-        if len(deployments.groups) == 1:
-            return deployments.groups[0]
-        msg = (
-            "model= is required with router= when its model_list has several groups: "
-            f"expected one of {', '.join(map(repr, deployments.groups))}"
-        )
-        raise ConfigError(msg)
-    return deployments.check_group(model)
-
-
-def _check_score(config: RunConfig, conversations: list[Conversation]) -> None:
-    """``score=``: a metric it knows, and references to score against."""
-    if config.score is None:
-        return
-    from nbllm.scoring import run_scorer
-
-    run_scorer(config.score)
-    if not any(ref for conv in conversations for ref in conv.references):
-        msg = (
-            "score= needs references to score against, and no conversation has one (a "
-            "reference column, answer_<k> columns, or a record's references)"
-        )
-        raise ConfigError(msg)
 
 
 def _close_view(view: Listener | None) -> None:
@@ -417,51 +357,6 @@ def open_run(checked: CheckedRun, deliver: Deliver | None = None) -> PreparedRun
         raise
 
 
-def _scorer(config: RunConfig) -> Any:
-    if config.score is None:
-        return None
-    from nbllm.scoring import run_scorer
-
-    return run_scorer(config.score)
-
-
-def _budget(config: RunConfig) -> Budget | None:
-    caps = (config.max_cost_usd, config.max_tokens_total, config.cost_per_1k_tokens)
-    if all(cap is None for cap in caps):
-        return None
-    return Budget(
-        max_cost_usd=config.max_cost_usd,
-        max_tokens_total=config.max_tokens_total,
-        cost_per_1k_tokens=config.cost_per_1k_tokens,
-    )
-
-
-def _check_price(
-    config: RunConfig, model: str, api_base: str | None, price: float | None = None
-) -> None:
-    """A dollar cap needs answers with a cost: litellm's price table, a deployment's
-    ``price`` or ``cost_per_1k_tokens``. An ``Engine`` of the user's own may price its
-    answers."""
-    engine = config.engine
-    if config.max_cost_usd is None or config.cost_per_1k_tokens is not None or price is not None:
-        return
-    if isinstance(engine, Engine):
-        return
-    through_litellm = engine == "litellm" or (
-        engine == "auto" and api_base is None and not is_local(engine, model, None)
-    )
-    if through_litellm:
-        from nbllm.engines.litellm import knows_price
-
-        if knows_price(model):
-            return
-        why = f"litellm's price table has no price for model={model!r}"
-    else:
-        why = f"engine={engine!r} gives no cost for its answers"
-    msg = f"max_cost_usd= needs a price: {why}; give cost_per_1k_tokens= as well"
-    raise ConfigError(msg)
-
-
 def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
     config, model, conversations = checked.config, checked.model, checked.conversations
     engine = config.engine
@@ -469,7 +364,7 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
     if checked.deployments is not None:
         return _prepare_routed(checked)
     check_credentials(engine, model, config.api_base, api_key)
-    _check_price(config, model, config.api_base)
+    run_checks.check_price(config, model, config.api_base)
     phases = EventBus(checked.listeners)
 
     def on_phase(phase: str, done: float | None, total: float | None, detail: str = "") -> None:
@@ -566,7 +461,7 @@ def _prepare_routed(checked: CheckedRun) -> PreparedRun:
                     )
                     raise ConfigError(msg)
                 check_credentials(engine, d.model, d.api_base, key)
-                _check_price(config, d.model, d.api_base, d.cost_per_1k_tokens)
+                run_checks.check_price(config, d.model, d.api_base, d.cost_per_1k_tokens)
                 key = _api_key_for(engine, d.api_base, key) if key is None else key
             except ConfigError as exc:
                 msg = f"{d.where}: {exc}"

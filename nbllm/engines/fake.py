@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from nbllm.engines.base import Engine
+from nbllm.images import content_text
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["FakeEngine", "echo"]
@@ -42,7 +43,7 @@ def _max_tokens(params: Mapping[str, Any]) -> int | None:
 
 def echo(request: ChatRequest) -> str:
     """The default handler: repeats the last message back."""
-    last = str(request.messages[-1].get("content", ""))
+    last = content_text(request.messages[-1].get("content", ""))
     return f"You asked: {last}"
 
 
@@ -92,7 +93,7 @@ class FakeEngine(Engine):
         limit = _max_tokens(request.params)
         if limit is not None and _count_tokens(text) > limit:
             text, finish_reason = text[: 4 * limit], "length"
-        prompt = sum(_count_tokens(str(m.get("content", ""))) for m in request.messages)
+        prompt = sum(_count_tokens(content_text(m.get("content", ""))) for m in request.messages)
         return ChatResponse(
             text=text,
             model=request.model,

@@ -106,7 +106,8 @@ def dataset_hash(conversations: Sequence[Conversation]) -> str:
     """A hash of what is sent for each conversation (not references or meta, never sent)."""
     digest = hashlib.sha256()
     for conv in conversations:
-        digest.update(_canonical([conv.id, conv.questions, conv.system, conv.context]).encode())
+        sent = [conv.id, conv.questions, conv.system, conv.context, *conv.sent_extras()]
+        digest.update(_canonical(sent).encode())
         digest.update(b"\n")
     return digest.hexdigest()
 

@@ -126,11 +126,15 @@ class Lane:
     def __repr__(self) -> str:
         return f"Lane({self.id!r}, breaker={self.breaker!r})"
 
-    async def send(self, messages: Sequence[Message]) -> ChatResponse:
+    async def send(
+        self, messages: Sequence[Message], extra: Mapping[str, Any] | None = None
+    ) -> ChatResponse:
         """One request to this deployment, under its timeout (unless the engine applies
-        it itself); any failure is an ``EngineError``."""
+        it itself), with ``extra`` (a turn's own parameters) over its parameters; any
+        failure is an ``EngineError``."""
         timeout = self.timeout
-        request = ChatRequest(self.model, messages, self.params, timeout)
+        params = {**self.params, **extra} if extra else self.params
+        request = ChatRequest(self.model, messages, params, timeout)
         try:
             if timeout is None or self.bounds_own_timeout:
                 return await self.engine.complete(request)

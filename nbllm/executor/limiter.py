@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbllm.errors import ConfigError
+from nbllm.images import content_chars
 
 __all__ = ["Grant", "RateLimiter", "estimate_tokens"]
 
@@ -220,6 +221,6 @@ def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, 
 
     Reconciled with the real usage when the answer arrives.
     """
-    chars = sum(len(str(m.get("content", ""))) + 8 for m in messages)
+    chars = sum(content_chars(m.get("content", "")) + 8 for m in messages)
     completion = params.get("max_tokens") or params.get("max_completion_tokens")
     return chars // 4 + int(completion or _DEFAULT_COMPLETION_ESTIMATE)

@@ -308,9 +308,8 @@ class Executor(Stopping):
         keys = None
         if self.cache is not None:
             keys = KeyChain(self.model, self.params, self._cache_scope)
-            system = conv.system_message(self.system)
-            if system:
-                keys.extend({"role": "system", "content": system})
+            for message in conv.start_messages(self.system):
+                keys.extend(message)
         for k in range(len(conv)):
             stored = self._done.get((index, k))
             answer: str | None
@@ -325,7 +324,7 @@ class Executor(Stopping):
                     return
             answers.append(answer)
             if keys is not None:
-                keys.extend({"role": "user", "content": conv.questions[k]})
+                keys.extend(conv.user_message(k))
                 keys.extend({"role": "assistant", "content": answer})
 
     async def _run_turn(
@@ -415,10 +414,14 @@ class Executor(Stopping):
         messages = conv.messages_for(k, answers, self.system)
         if repair is not None:  # asked again: the answer that did not parse, and why
             messages += [{"role": "assistant", "content": repair[0]}, user(repair[1])]
+        extra = conv.params_for(k)  # this turn's own sampling parameters, over the run's
+        params = {**self.params, **extra} if extra else self.params
         key = None
         if self.cache is not None and keys is not None:
-            key = keys.key_with(messages[-1])
-            hit = self.cache.get(key) if self._reuse_cached else None
+            # A turn's own parameters are part of its key (no message carries that field).
+            key = keys.key_with({**messages[-1], "turn_params": extra} if extra else messages[-1])
+            reuse = self.cache.reusable(params) if extra else self._reuse_cached
+            hit = self.cache.get(key) if reuse else None
             if hit is not None:
                 now = time.time()
                 return answered(
@@ -434,7 +437,7 @@ class Executor(Stopping):
                     finished_at=now,
                     cached=True,
                 )
-        estimate = estimate_tokens(messages, self.params) if self._tpm else 0
+        estimate = estimate_tokens(messages, params) if self._tpm else 0
         # Most turns left first, then the longest conversation (see RequestSlots).
         priority = (k - len(conv), -len(conv))
         log = Attempts()
@@ -442,7 +445,9 @@ class Executor(Stopping):
         while True:
             attempt += 1
             try:
-                sent = await self._attempt(messages, conv.id, k, attempt, estimate, log, priority)
+                sent = await self._attempt(
+                    messages, conv.id, k, attempt, estimate, log, priority, extra
+                )
                 if sent is None:
                     return None
                 response, latency, lane, cost = sent
@@ -508,6 +513,7 @@ class Executor(Stopping):
         estimate: int,
         log: Attempts,
         priority: tuple[int, ...],
+        extra: Mapping[str, Any],
     ) -> tuple[ChatResponse, float, Lane, float | None] | None:
         """Send once: the answer, its latency, the lane that answered and the answer's
         cost; None when stopped before it could go.
@@ -525,7 +531,9 @@ class Executor(Stopping):
                 return None
             lane = admitted[0]
             try:
-                return await self._send_on(*admitted, messages, conversation_id, turn, attempt, log)
+                return await self._send_on(
+                    *admitted, messages, conversation_id, turn, attempt, log, extra
+                )
             finally:
                 if lane.slots is not None:
                     lane.slots.release()
@@ -547,6 +555,7 @@ class Executor(Stopping):
         turn: int,
         attempt: int,
         log: Attempts,
+        extra: Mapping[str, Any],
     ) -> tuple[ChatResponse, float, Lane, float | None] | None:
         self._in_flight += 1
         sent_at = time.time()
@@ -558,7 +567,7 @@ class Executor(Stopping):
         assert worker is not None
         # Its own task: a cancel of this worker can cut the request short but can never
         # drop an answer that has arrived (the task holds it).
-        send = self._loop.create_task(lane.send(messages))
+        send = self._loop.create_task(lane.send(messages, extra))
         self._sending.add(worker)
         try:
             response = await send

@@ -1,0 +1,125 @@
+"""The checks of a run's options that need more than the schema: the deployment list and
+its routing options, the metric of ``score=``, the budget and the price a dollar cap needs.
+``nbllm.prepare`` calls them before any engine is made or request sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbllm.config import RunConfig
+from nbllm.engines import Engine, is_local
+from nbllm.errors import ConfigError
+from nbllm.executor.budget import Budget
+from nbllm.executor.deployments import DeploymentList, load_deployments
+from nbllm.executor.routing import RoutingOptions, routing_options
+from nbllm.types import Conversation
+
+__all__ = ["budget", "check_price", "check_score", "deployments", "group", "scorer"]
+
+
+_ROUTING_OPTIONS = ("routing", "fallbacks", "cooldown_s", "allowed_fails")
+
+
+def deployments(config: RunConfig) -> tuple[DeploymentList | None, RoutingOptions | None]:
+    """``router=`` read and checked, with the run's routing options over its file's."""
+    if config.router is None:
+        for name in _ROUTING_OPTIONS:
+            if getattr(config, name) is not None:
+                msg = f"{name}= applies to the deployments of router=, which is not given"
+                raise ConfigError(msg)
+        return None, None
+    for name in ("api_base", "api_key"):
+        if getattr(config, name) is not None:
+            msg = (
+                f"{name}= and router= do not go together: give each deployment its own "
+                f"{name} in its litellm_params"
+            )
+            raise ConfigError(msg)
+    if isinstance(config.engine, Engine) or config.engine not in ("auto", "openai", "litellm"):
+        msg = (
+            f"engine={config.engine!r} cannot serve router= deployments: expected 'auto', "
+            "'openai' or 'litellm'"
+        )
+        raise ConfigError(msg)
+    deployments = load_deployments(config.router)
+    options = routing_options(
+        deployments,
+        routing=config.routing,
+        fallbacks=config.fallbacks,
+        cooldown_s=config.cooldown_s,
+        allowed_fails=config.allowed_fails,
+    )
+    return deployments, options
+
+
+def group(deployments: DeploymentList, model: str | None) -> str:
+    """The group ``model=`` names; without one, the list's only group."""
+    if model is None:
+        if len(deployments.groups) == 1:
+            return deployments.groups[0]
+        msg = (
+            "model= is required with router= when its model_list has several groups: "
+            f"expected one of {', '.join(map(repr, deployments.groups))}"
+        )
+        raise ConfigError(msg)
+    return deployments.check_group(model)
+
+
+def check_score(config: RunConfig, conversations: list[Conversation]) -> None:
+    """``score=``: a metric it knows, and references to score against."""
+    if config.score is None:
+        return
+    from nbllm.scoring import run_scorer
+
+    run_scorer(config.score)
+    if not any(ref for conv in conversations for ref in conv.references):
+        msg = (
+            "score= needs references to score against, and no conversation has one (a "
+            "reference column, answer_<k> columns, or a record's references)"
+        )
+        raise ConfigError(msg)
+
+
+def scorer(config: RunConfig) -> Any:
+    if config.score is None:
+        return None
+    from nbllm.scoring import run_scorer
+
+    return run_scorer(config.score)
+
+
+def budget(config: RunConfig) -> Budget | None:
+    caps = (config.max_cost_usd, config.max_tokens_total, config.cost_per_1k_tokens)
+    if all(cap is None for cap in caps):
+        return None
+    return Budget(
+        max_cost_usd=config.max_cost_usd,
+        max_tokens_total=config.max_tokens_total,
+        cost_per_1k_tokens=config.cost_per_1k_tokens,
+    )
+
+
+def check_price(
+    config: RunConfig, model: str, api_base: str | None, price: float | None = None
+) -> None:
+    """A dollar cap needs answers with a cost: litellm's price table, a deployment's
+    ``price`` or ``cost_per_1k_tokens``. An ``Engine`` of the user's own may price its
+    answers."""
+    engine = config.engine
+    if config.max_cost_usd is None or config.cost_per_1k_tokens is not None or price is not None:
+        return
+    if isinstance(engine, Engine):
+        return
+    through_litellm = engine == "litellm" or (
+        engine == "auto" and api_base is None and not is_local(engine, model, None)
+    )
+    if through_litellm:
+        from nbllm.engines.litellm import knows_price
+
+        if knows_price(model):
+            return
+        why = f"litellm's price table has no price for model={model!r}"
+    else:
+        why = f"engine={engine!r} gives no cost for its answers"
+    msg = f"max_cost_usd= needs a price: {why}; give cost_per_1k_tokens= as well"
+    raise ConfigError(msg)
