@@ -565,6 +565,15 @@ class RunResult:
 
         return score(self, metric, rel_tol=rel_tol)
 
+    def judge(self, *, model: str | None = None, **options: Any) -> RunResult:
+        """Grade the answers against their references with an LLM as judge, a second run:
+        adds ``judge_score`` and ``judge_reason`` columns to ``df`` and returns the judge's
+        own result. A convenience for ``nbllm.judge.judge(result, ...)`` (its prompts, the
+        ``rubric`` and the run's options there); like ``plot``, imported only when asked."""
+        from nbllm.judge import judge
+
+        return judge(self, model=model, **options)
+
     def plot(self) -> Any:
         """A matplotlib figure: latency by turn, turns in flight and throughput over time,
         and GPU utilisation over the run when a GPU was sampled (``gpu_samples``).

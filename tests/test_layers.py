@@ -4,8 +4,8 @@ data (types, dataset, template, results, config, errors, retry, redact) < engine
 the faces (api, cli, jobs, runs, serve, testing, the package itself) < ui.
 
 A module may import its own layer and those below it. A face may ask ``ui`` for a frontend
-lazily (inside a function); nothing else looks up, not even lazily, except the one documented
-convenience ``RunResult.plot()``. Imports under ``if TYPE_CHECKING:`` are annotations only and
+lazily (inside a function); nothing else looks up, not even lazily, except the two documented
+conveniences ``RunResult.plot()`` and ``RunResult.judge()``. Imports under ``if TYPE_CHECKING:`` are annotations only and
 do not count.
 """
 
@@ -46,7 +46,7 @@ PREFIXES = (
 )
 NOTEBOOK_STACK = ("IPython", "ipywidgets", "matplotlib", "traitlets", "ipykernel")
 # (importer, imported): deliberate lazy imports that look up a layer.
-LAZY_UPWARD_ALLOWED = {("nbllm.results", "nbllm.ui.plots")}
+LAZY_UPWARD_ALLOWED = {("nbllm.results", "nbllm.ui.plots"), ("nbllm.results", "nbllm.judge")}
 
 
 def _module_name(path: Path) -> str:
