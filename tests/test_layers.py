@@ -5,8 +5,8 @@ the faces (api, cli, jobs, runs, serve, testing, the package itself) < ui.
 
 A module may import its own layer and those below it. A face may ask ``ui`` for a frontend
 lazily (inside a function); nothing else looks up, not even lazily, except the two documented
-conveniences ``RunResult.plot()`` and ``RunResult.judge()``. Imports under ``if TYPE_CHECKING:`` are annotations only and
-do not count.
+conveniences ``RunResult.plot()`` and ``RunResult.judge()``. Imports under
+``if TYPE_CHECKING:`` are annotations only and do not count.
 """
 
 from __future__ import annotations
