@@ -287,7 +287,9 @@ class RunSummary:
     result holds: the turn counts, ``prompt_tokens``, ``completion_tokens`` and
     ``cost_usd`` add up every row, resumed and cached ones too, as ``df`` does.
     ``stop_reason``: why the run ended early by itself, or None. ``verdict`` says it all
-    in one line.
+    in one line. ``parse_retries``: asks again for answers that did not parse (``retries``
+    leaves them out). ``score`` / ``score_metric``: with ``score=`` on the run, the mean
+    score of the rows scored. ``deployments``: one row per deployment (a DataFrame).
     """
 
     conversations: int
@@ -498,7 +500,9 @@ class RunResult:
         Missing is ``pd.NA`` everywhere (``NaT`` in the two time columns): text columns
         are ``string``, numbers nullable ``Int64`` / ``Float64``, ``started_at`` and
         ``finished_at`` ``datetime64[ns, UTC]``; ``cached`` and ``resumed`` are ``bool``.
-        ``conversation_id`` keeps the dataset's ids as they were (``object``).
+        ``conversation_id`` keeps the dataset's ids as they were, and ``parsed`` the values
+        ``response_format`` / ``parse`` made (``object``); with ``score=`` on the run a
+        ``score`` column follows (``Float64``).
         ``finish_reason`` says why each answer ended: ``"stop"``, ``"length"`` when
         ``max_tokens`` cut it short, or the provider's word (``"content_filter"``, ...);
         missing where there is no answer or the engine did not say.
