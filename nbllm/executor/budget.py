@@ -20,7 +20,15 @@ from collections.abc import Iterable
 from nbllm.errors import ConfigError
 from nbllm.types import ChatResponse, TurnRecord
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "priced"]
+
+
+def priced(response: ChatResponse, price: float | None) -> float | None:
+    """An answer's cost: the engine's, else its tokens at ``price`` dollars per 1,000
+    (prompt and completion), else None (not known)."""
+    if response.cost_usd is not None or price is None:
+        return response.cost_usd
+    return ((response.prompt_tokens or 0) + (response.completion_tokens or 0)) * price / 1000
 
 
 def _cap(name: str, value: float | None, *, whole: bool = False) -> float | None:
@@ -72,12 +80,8 @@ class Budget:
         """Count an answer this run bought; its cost (the engine's, or from ``price``, the
         deployment's own cost per 1,000 tokens, else ``cost_per_1k_tokens``), None where
         neither is known."""
-        tokens = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
-        self.tokens += tokens
-        cost = response.cost_usd
-        price = self.cost_per_1k_tokens if price is None else price
-        if cost is None and price is not None:
-            cost = tokens * price / 1000
+        self.tokens += (response.prompt_tokens or 0) + (response.completion_tokens or 0)
+        cost = priced(response, self.cost_per_1k_tokens if price is None else price)
         if cost is None:
             if self.max_cost_usd is not None and self._unknown_cost is None:
                 self._unknown_cost = (

@@ -29,7 +29,7 @@ from typing import Any
 from nbllm.engines.base import Engine
 from nbllm.errors import EngineError, RateLimitError, RequestTimeout
 from nbllm.executor.breaker import BreakerState, CircuitBreaker
-from nbllm.executor.budget import Budget
+from nbllm.executor.budget import Budget, priced
 from nbllm.executor.deployments import Deployment, DeploymentList, deployment_id
 from nbllm.executor.events import BreakerChanged, Event
 from nbllm.executor.limiter import Grant
@@ -116,7 +116,8 @@ class Lane:
         self.price = price
         self.breaker: CircuitBreaker | None = None
         self.controls: list[SlotControl] = []  # "auto" slot counts its answers move
-        self.load = DeploymentLoad()
+        # What the router reads of this deployment; None for a run against one engine.
+        self.load: DeploymentLoad | None = None
         self.totals = DeploymentTotals(id, group)
         self.cooldown_until = 0.0  # loop time until which a Retry-After pauses it
         self.unreachable = 0  # attempts that could not connect, before any answered
@@ -151,18 +152,21 @@ class Lane:
 
     def started(self) -> None:
         """An attempt leaves for this deployment."""
-        self.load.start()
+        if self.load is not None:
+            self.load.start()
         self.totals.sent()
 
     def abandoned(self) -> None:
         """An attempt ended with no outcome (cancelled, stopped)."""
-        self.load.finish(None)
+        if self.load is not None:
+            self.load.finish(None)
         if self.breaker is not None:
             self.breaker.release_probe()
 
     def failed(self, error: EngineError) -> bool:
         """An attempt failed; whether it was the deployment's fault (see the breaker)."""
-        self.load.finish(None)
+        if self.load is not None:
+            self.load.finish(None)
         self.totals.failed(rate_limited=isinstance(error, RateLimitError))
         if isinstance(error, RateLimitError):
             for control in self.controls:
@@ -178,17 +182,15 @@ class Lane:
         """An attempt was answered after ``latency_s``: its cost, counted in ``budget``
         (the engine's, else from this deployment's price, else the run's)."""
         tokens = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
-        self.load.finish(latency_s, tokens)
+        if self.load is not None:
+            self.load.finish(latency_s, tokens)
         for control in self.controls:
             control.answered(response.rate_limits)
         if self.breaker is not None:
             self.breaker.record_success()
-        if budget is not None:
-            cost = budget.charge(response, self.price)
-        elif response.cost_usd is None and self.price is not None:
-            cost = tokens * self.price / 1000
-        else:
-            cost = response.cost_usd
+        cost = (
+            priced(response, self.price) if budget is None else budget.charge(response, self.price)
+        )
         self.totals.answered(latency_s, tokens, cost)
         return cost
 
@@ -215,7 +217,10 @@ class Lanes:
         self.router = router
         self.only = self.lanes[0] if router is None else None
         self.by_id = {lane.id: lane for lane in self.lanes}
-        self._loads = {lane.id: lane.load for lane in self.lanes}
+        if router is not None:
+            for lane in self.lanes:
+                lane.load = DeploymentLoad()
+        self._loads = {lane.id: lane.load for lane in self.lanes if lane.load is not None}
         self._target = target
         self._changed: asyncio.Event | None = None  # set when a breaker moves
 
