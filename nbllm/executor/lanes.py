@@ -28,12 +28,13 @@ from typing import Any
 
 from nbllm.engines.base import Engine
 from nbllm.errors import EngineError, RateLimitError, RequestTimeout
+from nbllm.executor.adaptive import AdaptiveLimit
 from nbllm.executor.breaker import BreakerState, CircuitBreaker
 from nbllm.executor.budget import Budget, priced
 from nbllm.executor.deployments import Deployment, DeploymentList, deployment_id
 from nbllm.executor.events import BreakerChanged, Event
 from nbllm.executor.limiter import Grant
-from nbllm.executor.limits import AUTO_CONCURRENCY, RunLimits, SlotControl
+from nbllm.executor.limits import AUTO_CONCURRENCY, RunLimits, SlotControl, run_wide
 from nbllm.executor.routing import DeploymentLoad, Router, RoutingOptions
 from nbllm.executor.slots import RequestSlots
 from nbllm.executor.timing import within
@@ -42,6 +43,10 @@ from nbllm.results_deployments import DeploymentFigures, DeploymentTotals
 from nbllm.types import ChatRequest, ChatResponse, Message
 
 __all__ = ["Attempts", "Lane", "Lanes", "NoDeployment", "Routes", "build_lanes"]
+
+
+#: ``limit_history``'s names for each kind of "auto" limit (rates per second).
+_HISTORY_UNITS = {"rpm": "requests/s", "tpm": "tokens/s", "concurrency": "concurrency"}
 
 
 class NoDeployment(RequestTimeout):
@@ -393,26 +398,27 @@ class Lanes:
         return [lane.figures() for lane in self.lanes]
 
     def limit_history(self) -> list[tuple[float, str, float]]:
-        """Every "auto" limit in force over the run, all deployments together: (wall-clock
+        """Every "auto" limit in force over the run, run-wide (``run_wide``): (wall-clock
         time, kind, limit) at the start and after each change, where kind is
         "requests/s" or "tokens/s" (the rpm / tpm limit per second) or "concurrency"."""
         offset = time.time() - time.monotonic()  # the controllers' clock is monotonic
-        changes: list[tuple[float, str, int, float]] = []
-        # The run's own slot count (a deployment's own "auto" cap is in its figures only).
-        controls = {id(c): c for lane in self.lanes for c in lane.controls if not c.deployment}
-        series = [
-            (control, kind) for lane in self.lanes for kind, control in lane.limits.adaptive.items()
-        ] + [(c.adaptive, "concurrency") for c in controls.values()]
-        for index, (control, kind) in enumerate(series):
-            unit = {"rpm": "requests/s", "tpm": "tokens/s"}.get(kind, "concurrency")
-            per = control.period if unit != "concurrency" else 1.0
-            changes += [(t + offset, unit, index, value / per) for t, value in control.history]
-        current: dict[int, float] = {}
+        series: dict[tuple[str, str], AdaptiveLimit] = {}
+        for lane in self.lanes:
+            for kind, control in lane.limits.adaptive.items():
+                series[(kind, lane.id)] = control
+            for slots in lane.controls:
+                series[("concurrency", slots.deployment)] = slots.adaptive
+        changes = sorted(
+            (t, key, value) for key, control in series.items() for t, value in control.history
+        )
+        current: dict[tuple[str, str], float] = {}
         out: list[tuple[float, str, float]] = []
-        for t, unit, index, value in sorted(changes):
-            current[index] = value
-            total = sum(v for i, v in current.items() if series[i][1] == series[index][1])
-            out.append((t, unit, total))
+        for t, (kind, deployment), value in changes:
+            current[(kind, deployment)] = value
+            if kind == "concurrency" and deployment:
+                continue  # a deployment's own cap: not the run's
+            per = 1.0 if kind == "concurrency" else series[(kind, deployment)].period
+            out.append((t + offset, _HISTORY_UNITS[kind], run_wide(current)[kind] / per))
         return out
 
     async def aclose(self) -> None:

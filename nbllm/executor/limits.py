@@ -29,7 +29,7 @@ from nbllm.executor.shared_limit import SharedRateLimiter
 from nbllm.executor.slots import RequestSlots
 from nbllm.types import ChatResponse
 
-__all__ = ["AUTO_CONCURRENCY", "AUTO_START", "Limiter", "RunLimits", "SlotControl"]
+__all__ = ["AUTO_CONCURRENCY", "AUTO_START", "Limiter", "RunLimits", "SlotControl", "run_wide"]
 
 Limiter = RateLimiter | SharedRateLimiter
 
@@ -40,6 +40,18 @@ AUTO_START = {"rpm": 60.0, "tpm": 60_000.0}
 AUTO_CONCURRENCY = {"start": 8, "ceiling": 256, "period_s": 10.0}
 
 _NAMES = ("rate_window_s", "burst")
+
+
+def run_wide(limits: Mapping[tuple[str, str], float]) -> dict[str, float]:
+    """The "auto" limits in force across a run, by kind, from each ``(kind, deployment)``'s
+    own: a rate ("rpm", "tpm") summed over the deployments; "concurrency" the run's own
+    slot count (deployment ""), a deployment's own "auto" cap being its alone. What the
+    dashboard shows and ``result.limit_history`` records."""
+    out: dict[str, float] = {}
+    for (kind, deployment), limit in limits.items():
+        if kind != "concurrency" or not deployment:
+            out[kind] = out.get(kind, 0.0) + limit
+    return out
 
 
 class RunLimits:

@@ -38,6 +38,7 @@ from nbllm.executor.events import (
     StopRequested,
     TurnFinished,
 )
+from nbllm.executor.limits import run_wide
 from nbllm.redact import redact
 from nbllm.results import RowTotals, RunSummary, percentile
 from nbllm.types import SKIPPED
@@ -387,15 +388,8 @@ class RunStats:
                 phase_detail=None if phase is None else phase.detail or None,
                 generated_tokens=None if summary is not None else self._generated,
                 quota_note=self._quota,
-                auto_limits=_summed(self._auto_limits),
+                auto_limits=tuple(sorted(run_wide(self._auto_limits).items())),
                 breakers=tuple((d, state, trips) for d, (state, trips) in self._breakers.items()),
                 score=self._rows.score,
                 score_metric=self._score_metric,
             )
-
-
-def _summed(limits: dict[tuple[str, str], float]) -> tuple[tuple[str, float], ...]:
-    totals: dict[str, float] = {}
-    for (kind, _), limit in limits.items():
-        totals[kind] = totals.get(kind, 0.0) + limit
-    return tuple(sorted(totals.items()))
