@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from nbllm.errors import ConfigError
 from nbllm.results import RunResult
+from nbllm.scoring import GIVE_REFERENCES
 
 __all__ = ["DEFAULT_RUBRIC", "JUDGE_PROMPT", "JUDGE_SYSTEM", "Verdict", "judge"]
 
@@ -69,11 +70,8 @@ def judge(
         if answer is not pd.NA and reference is not pd.NA and str(reference).strip()
     ]
     if not rows:
-        msg = (
-            "judge: no row has both an answer and a reference to grade against; give "
-            "references with the data (a reference column, answer_<k> columns, or a record's "
-            "references)"
-        )
+        what = "no row has both an answer and a reference to grade against"
+        msg = f"judge: {what}; {GIVE_REFERENCES}"
         raise ConfigError(msg)
     records = []
     for i in rows:

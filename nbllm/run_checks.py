@@ -69,14 +69,12 @@ def check_score(config: RunConfig, conversations: list[Conversation]) -> None:
     """``score=``: a metric it knows, and references to score against."""
     if config.score is None:
         return
-    from nbllm.scoring import run_scorer
+    from nbllm.scoring import GIVE_REFERENCES, run_scorer
 
     run_scorer(config.score)
     if not any(ref for conv in conversations for ref in conv.references):
-        msg = (
-            "score= needs references to score against, and no conversation has one (a "
-            "reference column, answer_<k> columns, or a record's references)"
-        )
+        what = "needs references to score against, and no conversation has one"
+        msg = f"score= {what}; {GIVE_REFERENCES}"
         raise ConfigError(msg)
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "GIVE_REFERENCES",
     "METRICS",
     "Metric",
     "MetricFunction",
@@ -290,11 +291,7 @@ def run_scorer(
     if isinstance(metric, str):
         return name, _built_in(metric, float(rel_tol))
 
-    def safe(answer: str | None, reference: str | None) -> float | None:
-        if reference is None or not reference.strip():
-            return None
-        if answer is None:
-            return 0.0
+    def guarded(answer: str, reference: str) -> float | None:
         try:
             value = function(answer, reference)
         except Exception:
@@ -303,7 +300,14 @@ def run_scorer(
             return float(value)
         return None
 
-    return name, safe
+    return name, _needs_both(guarded)
+
+
+#: How a user gives references: said wherever scoring finds none.
+GIVE_REFERENCES = (
+    "give references with the data (a reference column, answer_<k> columns, or a record's "
+    "references)"
+)
 
 
 # --- scoring a result -------------------------------------------------------------------
@@ -410,10 +414,7 @@ def score(
     df = result.df
     references = [_text(value) for value in df["reference"]]
     if not any(ref is not None and ref.strip() for ref in references):
-        msg = (
-            "score: no row has a reference to score against; give references with the "
-            "data (a reference column, answer_<k> columns, or a record's references)"
-        )
+        msg = f"score: no row has a reference to score against; {GIVE_REFERENCES}"
         raise ConfigError(msg)
     answers = [_text(value) for value in df["answer"]]
     if isinstance(metric, str):

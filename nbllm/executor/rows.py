@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from nbllm.parsing import ParseFailed, Parser
 from nbllm.types import ChatResponse, Conversation, Message, TurnRecord
 
 __all__ = ["answered", "merged", "reparsed", "unanswered", "user"]
+
+N = TypeVar("N", int, float)
 
 
 def unanswered(conv: Conversation, turn: int, error: str, **fields: Any) -> TurnRecord:
@@ -46,12 +48,11 @@ def user(text: str) -> Message:
     return {"role": "user", "content": text}
 
 
-def _add(a: float | None, b: float | None) -> float | None:
-    return None if a is None and b is None else (a or 0) + (b or 0)
-
-
-def _add_int(a: int | None, b: int | None) -> int | None:
-    return None if a is None and b is None else (a or 0) + (b or 0)
+def _add(a: N | None, b: N | None) -> N | None:
+    """Two asks' figures together; None only where neither has one."""
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 def merged(first: TurnRecord, again: TurnRecord, parse_retries: int) -> TurnRecord:
@@ -60,8 +61,8 @@ def merged(first: TurnRecord, again: TurnRecord, parse_retries: int) -> TurnReco
     return replace(
         again,
         attempts=first.attempts + again.attempts,
-        prompt_tokens=_add_int(first.prompt_tokens, again.prompt_tokens),
-        completion_tokens=_add_int(first.completion_tokens, again.completion_tokens),
+        prompt_tokens=_add(first.prompt_tokens, again.prompt_tokens),
+        completion_tokens=_add(first.completion_tokens, again.completion_tokens),
         cost_usd=_add(first.cost_usd, again.cost_usd),
         queue_s=_add(first.queue_s, again.queue_s),
         service_s=_add(first.service_s, again.service_s),
