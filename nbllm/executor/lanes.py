@@ -182,10 +182,17 @@ class Lane:
         return self.breaker.counts(error)
 
     def answered(
-        self, latency_s: float, response: ChatResponse, budget: Budget | None
+        self,
+        latency_s: float,
+        response: ChatResponse,
+        budget: Budget | None,
+        grant: Grant | None = None,
     ) -> float | None:
-        """An attempt was answered after ``latency_s``: its cost, counted in ``budget``
-        (the engine's, else from this deployment's price, else the run's)."""
+        """An attempt was answered after ``latency_s``: its tokens settle ``grant`` and its
+        "auto" limits may grow; its cost, counted in ``budget`` (the engine's, else from
+        this deployment's price, else the run's)."""
+        self.limits.answered(grant, response)
+        self._limits_to_load()
         tokens = (response.prompt_tokens or 0) + (response.completion_tokens or 0)
         if self.load is not None:
             self.load.finish(latency_s, tokens)
@@ -198,6 +205,18 @@ class Lane:
         )
         self.totals.answered(latency_s, tokens, cost)
         return cost
+
+    def rate_limited(self, error: RateLimitError, estimate: int) -> None:
+        """A 429 here: its "auto" limits are cut (``estimate``: the request's tokens)."""
+        self.limits.rate_limited(error, estimate)
+        self._limits_to_load()
+
+    def _limits_to_load(self) -> None:
+        """The "auto" limits in force, where the router reads them (usage-based routing
+        measures a deployment's use against its own limit)."""
+        if self.load is not None:
+            for kind, control in self.limits.adaptive.items():
+                setattr(self.load, kind, control.limit)
 
     def figures(self) -> DeploymentFigures:
         breaker = self.breaker
@@ -368,7 +387,7 @@ class Lanes:
         and may pause the lane (Retry-After); a failure that was the deployment's fault
         is retried on another one at once, where one is available."""
         if isinstance(error, RateLimitError):
-            lane.limits.rate_limited(error, estimate)
+            lane.rate_limited(error, estimate)
             if error.retry_after:
                 pause = asyncio.get_running_loop().time() + error.retry_after
                 lane.cooldown_until = max(lane.cooldown_until, pause)

@@ -589,8 +589,7 @@ class Executor(Stopping):
             self._in_flight -= 1
             self._sending.discard(worker)
             log.spent.append(self._loop.time() - t0)
-        lane.limits.answered(grant, response)
-        cost = lane.answered(log.spent[-1], response, self.budget)
+        cost = lane.answered(log.spent[-1], response, self.budget, grant)
         return response, log.spent[-1], lane, cost
 
     def _emit(self, event: Event) -> None:

@@ -167,3 +167,32 @@ def test_several_groups_need_model_and_a_local_model_is_no_deployment(tmp_path):
         router = [{"model_name": "g", "litellm_params": {"model": str(local)}}]
         with pytest.raises(ConfigError, match=r"model_list\[0\].*a model on this machine"):
             nbllm.run(dataset(2, 1), router=router, **FAST)
+
+
+async def test_usage_based_routing_reads_an_auto_limit_in_force():
+    """A deployment with rpm="auto" is measured against the limit it has found, which the
+    lane hands to the router's load after each answer."""
+    from nbllm.engines import FakeEngine
+    from nbllm.executor.deployments import load_deployments
+    from nbllm.executor.lanes import Routes, build_lanes
+    from nbllm.executor.limits import RunLimits
+    from nbllm.executor.routing import routing_options
+    from nbllm.types import ChatResponse
+
+    listed = load_deployments(
+        [{"model_name": "g", "litellm_params": {"model": "m", "rpm": "auto", "max_rpm": 100}}]
+    )
+    routes = Routes(listed, "g", routing_options(listed, routing="usage-based"), {
+        d.id: FakeEngine() for d in listed
+    })  # fmt: skip
+
+    def limits(deployment: str, own: dict[str, object]) -> RunLimits:
+        return RunLimits(own["rpm"], None, 60.0, max_rpm=own["max_rpm"], deployment=deployment,
+                         emit=lambda event: None)  # type: ignore[arg-type]  # fmt: skip
+
+    lanes = build_lanes(routes, "g", {}, None, limits, lambda event: None)
+    (lane,) = lanes.lanes
+    assert lane.load is not None and lane.load.rpm is None
+    lane.started()
+    lane.answered(0.1, ChatResponse(text="ok", model="m"), None)
+    assert lane.load.rpm == lane.limits.adaptive["rpm"].limit == 50  # half the ceiling
