@@ -3,8 +3,9 @@
 A lane is a deployment with everything the executor keeps for it: its engine, the model
 string and parameters it is sent, its timeout, its rpm / tpm budgets (``RunLimits``), its
 own request slots (``max_parallel_requests``), its circuit breaker, its load (what the
-router reads), its figures (``DeploymentTotals``) and the pause after a 429 that said
-Retry-After. A pause, a limit or a broken server of one deployment never holds up another.
+router reads, with the "auto" limits in force; kept only where there is a router), its
+figures (``DeploymentTotals``) and the pause after a 429 that said Retry-After. A pause, a
+limit or a broken server of one deployment never holds up another.
 
 - ``Routes``: what a run with ``router=`` sends to: the checked deployment list, the group
   that ``model=`` names, the routing options, and an engine per deployment of the group

@@ -9,9 +9,9 @@ Interface:
 - ``DeploymentLoad(clock=time.monotonic, window_s=60.0)``: what the router knows of one
   deployment. The executor calls ``start()`` as a request is sent and
   ``finish(latency_s=..., tokens=...)`` as it ends (``latency_s=None`` for a failure);
-  it may set ``rpm`` / ``tpm`` to the limits in force where they adapt.
+  it sets ``rpm`` / ``tpm`` to the limits in force where they adapt (``"auto"``).
 - ``Router(deployments, options, is_open=None, rng=None)``;
-  ``router.pick(group, loads) -> Deployment | None`` with ``loads`` a mapping from
+  ``router.pick(group, loads, avoid=()) -> Deployment | None`` with ``loads`` a mapping from
   deployment id to its ``DeploymentLoad`` (a deployment missing there counts as idle and
   unmeasured). ``None``: no deployment of the group or of its fallbacks is available;
   the caller waits (breakers say until when) and asks again.
