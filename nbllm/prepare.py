@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -447,7 +447,7 @@ def _prepare_routed(checked: CheckedRun) -> PreparedRun:
     a provider), each deployment's key and price checked first."""
     config, group = checked.config, checked.model
     assert checked.deployments is not None and checked.routing is not None
-    routes = Routes(checked.deployments, group, checked.routing, {})
+    routes = Routes(checked.deployments, group, checked.routing, {})  # its engines come next
     engine = config.engine
     made: dict[str, Engine] = {}
     try:
@@ -478,7 +478,7 @@ def _prepare_routed(checked: CheckedRun) -> PreparedRun:
         for made_engine in made.values():
             close_unused(made_engine)
         raise
-    routes = Routes(checked.deployments, group, checked.routing, made)
+    routes = replace(routes, engines=made)
     plan = PreparedRun(
         config,
         group,
