@@ -80,7 +80,7 @@ def _with_gpu_samples(result: RunResult, progress: Any) -> RunResult:
 async def arun(
     data: Any,
     *,
-    model: str | None = None,
+    model: str | list[str] | None = None,
     api_base: str | None = None,
     api_key: str | None = None,
     concurrency: int | Literal["auto"] = 32,
@@ -110,6 +110,7 @@ async def arun(
     fallbacks: list[Any] | dict[str, Any] | None = None,
     cooldown_s: float | None = None,
     allowed_fails: int | None = None,
+    ensemble: Literal["first", "vote"] | None = None,
     response_format: Any = None,
     parse: Any = None,
     parse_retries: int = 2,
@@ -130,7 +131,7 @@ async def arun(
 def run(
     data: Any,
     *,
-    model: str | None = None,
+    model: str | list[str] | None = None,
     api_base: str | None = None,
     api_key: str | None = None,
     concurrency: int | Literal["auto"] = 32,
@@ -160,6 +161,7 @@ def run(
     fallbacks: list[Any] | dict[str, Any] | None = None,
     cooldown_s: float | None = None,
     allowed_fails: int | None = None,
+    ensemble: Literal["first", "vote"] | None = None,
     response_format: Any = None,
     parse: Any = None,
     parse_retries: int = 2,
@@ -197,6 +199,12 @@ def run(
     consecutive failures open it for ``cooldown_s``); ``fallbacks`` name the groups to try
     while a group is down. The ``deployment`` column says who answered each turn, and
     ``result.summary.deployments`` gives each deployment's figures.
+
+    Several models: ``model=["a", "b"]`` asks every conversation of each model, each with
+    its own history: one row per (conversation, model, turn), and ``result.compare()``
+    lays them side by side. ``ensemble="first"`` sends each turn to every model and keeps
+    the first valid answer (the others are cancelled; ``result.summary.ensemble`` shows
+    the latency gained), ``ensemble="vote"`` the answer most models gave (``votes``).
 
     Without ``model`` and ``api_base``, the embedded SmolLM2-135M-Instruct answers on
     this machine; ``model`` may also be a Hugging Face model directory or a GGUF file.

@@ -69,6 +69,7 @@ _RUN_OPTIONS = (
     "routing",
     "cooldown_s",
     "allowed_fails",
+    "ensemble",
 )
 
 
@@ -213,6 +214,8 @@ def _run(args: argparse.Namespace) -> int:
     summary = result.summary
     if args.router is not None:  # where each deployment's requests went, and how they fared
         print(summary.deployments.to_string(index=False))
+    if args.ensemble is not None:  # how often each model's answer was kept, and how fast
+        print(summary.ensemble.to_string(index=False))
     if summary.resumed or summary.cached:
         print(
             f"nbllm: {summary.resumed} of {summary.turns} turns resumed from the checkpoint, "

@@ -25,6 +25,7 @@ from pydantic import (
     JsonValue,
     SecretStr,
     ValidationError,
+    field_validator,
 )
 
 from nbllm.errors import ConfigError
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 # int or float, kept as given: a temperature of 0 stays 0 in cache keys and fingerprints.
+ModelName = Annotated[str, Field(pattern=r"\S")]
 PositiveNumber = Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Temperature = (
     Annotated[int, Field(ge=0, le=2)] | Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
@@ -78,12 +80,14 @@ class RunConfig(BaseModel):
         hide_input_in_errors=True,
     )
 
-    model: str | None = _option(
-        None,
-        "a litellm model string (openai/gpt-4o-mini), the name a server at api_base serves, or "
-        "a local model folder or .gguf file; none: the embedded SmolLM2-135M-Instruct",
-        "a model name such as 'openai/gpt-4o-mini'",
-        pattern=r"\S",
+    model: ModelName | Annotated[list[ModelName], Field(min_length=1, strict=False)] | None = (
+        _option(
+            None,
+            "a litellm model string (openai/gpt-4o-mini), the name a server at api_base serves, or "
+            "a local model folder or .gguf file; none: the embedded SmolLM2-135M-Instruct; several "
+            "(a list, or -m given again): every conversation is asked of each",
+            "a model name such as 'openai/gpt-4o-mini', or a list of them",
+        )
     )
     api_base: str | None = _option(
         None,
@@ -265,6 +269,13 @@ class RunConfig(BaseModel):
         metavar="N",
         ge=1,
     )
+    ensemble: Literal["first", "vote"] | None = _option(
+        None,
+        "with several models: 'first' sends each turn to every model and keeps the first "
+        "valid answer (the others are cancelled); 'vote' keeps the answer most models gave",
+        "'first', 'vote' or None",
+        metavar="HOW",
+    )
     response_format: Any = _option(
         None,
         "structured answers: a pydantic model class or a JSON schema; each answer is validated "
@@ -314,6 +325,16 @@ class RunConfig(BaseModel):
             elif name in ("params", "router") and isinstance(value, (Mapping, list)):
                 value = hidden({name: value})[name]
             yield name, value
+
+    @field_validator("model")
+    @classmethod
+    def _one_model(cls, value: Any) -> Any:
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models of ``model=[...]``, or () for one model (or none)."""
+        return tuple(self.model) if isinstance(self.model, list) else ()
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -382,6 +403,20 @@ def _leaf_types(annotation: Any) -> set[Any]:
     return {leaf for arg in args for leaf in _leaf_types(arg)} if args else {annotation}
 
 
+def takes_many(name: str) -> bool:
+    """Whether option ``name`` also takes a list of names (``model=["a", "b"]``, which a
+    command line gives as ``-m a -m b``)."""
+    annotation = RunConfig.model_fields[name].annotation
+    lists = [_bare(a) for a in typing.get_args(annotation) if typing.get_origin(_bare(a)) is list]
+    return any(_bare(typing.get_args(a)[0]) is str for a in lists)  # of names, not of mappings
+
+
+def _bare(annotation: Any) -> Any:
+    return (
+        typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+    )
+
+
 def text_type(name: str) -> type:
     """How an option given as text is read: a number, a whole number, or the text itself
     (a number option that also takes ``"auto"`` reads that word as it is)."""
@@ -422,6 +457,19 @@ def parse_run_option(name: str, text: str) -> Any:
     return value
 
 
+class _OneOrMore(argparse.Action):
+    """A flag that may be given again: its value, or the list of every value given."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is None:
+            setattr(namespace, self.dest, values)
+        else:
+            setattr(
+                namespace, self.dest, [*(before if isinstance(before, list) else [before]), values]
+            )
+
+
 def add_run_arguments(
     parser: argparse._ActionsContainer,
     names: Iterable[str],
@@ -444,6 +492,8 @@ def add_run_arguments(
         kwargs: dict[str, Any] = {"default": None, "help": help_text}
         if text_type(name) is not str:
             kwargs["type"] = _reader(name)
+        if takes_many(name):
+            kwargs["action"] = _OneOrMore  # given again: one more
         if choices and name in choices:
             kwargs["choices"] = choices[name]
         else:

@@ -183,7 +183,7 @@ def _opened(checked: CheckedRun) -> Callable[[], Awaitable[RunResult]]:
 def submit(
     data: Any,
     *,
-    model: str | None = None,
+    model: str | list[str] | None = None,
     api_base: str | None = None,
     api_key: str | None = None,
     concurrency: int | Literal["auto"] = 32,
@@ -213,6 +213,7 @@ def submit(
     fallbacks: list[Any] | dict[str, Any] | None = None,
     cooldown_s: float | None = None,
     allowed_fails: int | None = None,
+    ensemble: Literal["first", "vote"] | None = None,
     response_format: Any = None,
     parse: Any = None,
     parse_retries: int = 2,
@@ -237,7 +238,8 @@ def submit(
     # The job's statistics listen first, before the engine is made, so the view (which
     # reads them) shows a local engine's preparation too.
     run: PreparedRun | CheckedRun
-    if is_local(config.engine, config.model, config.api_base):
+    models = config.models or (config.model if isinstance(config.model, str) else None,)
+    if any(is_local(config.engine, m, config.api_base) for m in models):
         # The model loads in the job's thread (seconds; minutes for a first conversion),
         # not in the calling cell.
         run = check_run(data, config, listeners=[stats.update], make_view=make_view)

@@ -134,6 +134,7 @@ class PreparedRun:
     stop: RunStop = field(default_factory=RunStop)
     view: Listener | None = None
     routes: Routes | None = None
+    models: tuple[tuple[str, Engine | Routes], ...] = ()  # model=[...]: what each is sent to
 
     @property
     def turns(self) -> int:
@@ -166,6 +167,8 @@ class PreparedRun:
             budget=run_checks.budget(self.config),
             redis_url=self.config.redis_url or os.environ.get("NBLLM_REDIS_URL") or None,
             routes=self.routes,
+            models=self.models,
+            ensemble=self.config.ensemble,
             parser=self.config.parser,
             parse_retries=self.config.parse_retries,
             score=run_checks.scorer(self.config),
@@ -182,6 +185,12 @@ class PreparedRun:
                 await self.engine.aclose()
             if self.routes is not None:
                 await self.routes.aclose()
+            for to in self._made():
+                await to.aclose()
+
+    def _made(self) -> list[Engine | Routes]:
+        """What the run made for its models (not an ``Engine`` the caller gave)."""
+        return [to for _, to in self.models if to is not self.config.engine]
 
     def release(self) -> None:
         """Commit and close the checkpoint and the cache (the last batch is never lost)."""
@@ -274,6 +283,7 @@ class CheckedRun:
     view: Listener | None
     deployments: DeploymentList | None = None
     routing: RoutingOptions | None = None
+    models: tuple[str, ...] = ()  # model=[...]: each model (or group) asked
 
     @property
     def turns(self) -> int:
@@ -296,10 +306,13 @@ def check_run(
     (the engine's name, the model, the data), then the view; ``open_run`` does the rest."""
     engine = config.engine
     check_engine(engine)  # an unknown engine is the error to report, whatever else is missing
-    model = config.model
+    model = config.model if isinstance(config.model, str) else None
     config.parser  # noqa: B018 - a schema or parser it cannot use: ConfigError now
     deployments, routing = run_checks.deployments(config)
-    if deployments is not None:
+    models = run_checks.models(config, deployments)
+    if models:
+        model = ", ".join(models)
+    elif deployments is not None:
         model = run_checks.group(deployments, model)
     elif model is None:
         if isinstance(engine, Engine):
@@ -315,7 +328,9 @@ def check_run(
     cache_path = resolve_cache_path(config.cache)
     conversations = load_conversations(data)
     run_checks.check_score(config, conversations)
-    local = deployments is None and is_local(engine, model, config.api_base)
+    local = deployments is None and any(
+        is_local(engine, m, config.api_base) for m in models or (model,)
+    )
     check_engine_takes_images("local" if local and engine == "auto" else engine, conversations)
     stop = RunStop()
     run_listeners = [*config.listeners, *listeners]
@@ -323,8 +338,9 @@ def check_run(
     if view is not None:
         run_listeners.append(view)
     return CheckedRun(
-        config, conversations, model, cache_path, stop, run_listeners, view, deployments, routing
-    )
+        config, conversations, model, cache_path, stop, run_listeners, view, deployments, routing,
+        models,
+    )  # fmt: skip
 
 
 def _close_view(view: Listener | None) -> None:
@@ -338,9 +354,12 @@ def _discard(plan: PreparedRun) -> None:
     plan.release()
     if plan.owns_engine and plan.engine is not None:
         close_unused(plan.engine)
-    if plan.routes is not None:
-        for engine in plan.routes.engines.values():
-            close_unused(engine)
+    for to in (plan.routes, *plan._made()):
+        if isinstance(to, Routes):
+            for engine in to.engines.values():
+                close_unused(engine)
+        elif to is not None:
+            close_unused(to)
 
 
 Deliver = Callable[[EventBus, Event], None]
@@ -360,29 +379,11 @@ def open_run(checked: CheckedRun, deliver: Deliver | None = None) -> PreparedRun
 def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
     config, model, conversations = checked.config, checked.model, checked.conversations
     engine = config.engine
-    api_key = None if config.api_key is None else config.api_key.get_secret_value()
+    if checked.models:
+        return _prepare_models(checked, deliver)
     if checked.deployments is not None:
         return _prepare_routed(checked)
-    check_credentials(engine, model, config.api_base, api_key)
-    run_checks.check_price(config, model, config.api_base)
-    phases = EventBus(checked.listeners)
-
-    def on_phase(phase: str, done: float | None, total: float | None, detail: str = "") -> None:
-        event = EnginePhase(phase, done, total, time.time(), detail)
-        if deliver is None:
-            phases.emit(event)
-        else:
-            deliver(phases, event)
-
-    chosen = create_engine(
-        engine,
-        model=model,
-        api_base=config.api_base,
-        api_key=_api_key_for(engine, config.api_base, api_key),
-        max_connections=_connections(config.concurrency),
-        worker=config.worker,
-        on_phase=on_phase,
-    )
+    chosen = _engine_for(checked, model, deliver)
     if chosen.max_in_flight is not None and (
         config.concurrency == "auto" or chosen.max_in_flight < config.concurrency
     ):
@@ -402,6 +403,65 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
     # installed since, say): rows name the engine that answered each turn.
     auto = engine == "auto" and is_local(engine, model, config.api_base)
     return _open_stores(checked, plan, "auto" if auto else chosen.identity(), {})
+
+
+def _engine_for(checked: CheckedRun, model: str, deliver: Deliver | None) -> Engine:
+    """The engine that answers ``model``, its key and price checked first (``engine=``
+    itself where it is an ``Engine``)."""
+    config, engine = checked.config, checked.config.engine
+    api_key = None if config.api_key is None else config.api_key.get_secret_value()
+    check_credentials(engine, model, config.api_base, api_key)
+    run_checks.check_price(config, model, config.api_base)
+    phases = EventBus(checked.listeners)
+
+    def on_phase(phase: str, done: float | None, total: float | None, detail: str = "") -> None:
+        event = EnginePhase(phase, done, total, time.time(), detail)
+        if deliver is None:
+            phases.emit(event)
+        else:
+            deliver(phases, event)
+
+    return create_engine(
+        engine,
+        model=model,
+        api_base=config.api_base,
+        api_key=_api_key_for(engine, config.api_base, api_key),
+        max_connections=_connections(config.concurrency),
+        worker=config.worker,
+        on_phase=on_phase,
+    )
+
+
+def _prepare_models(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
+    """A run of several models: an engine per model (the one ``engine=`` gives, where it
+    is an ``Engine``), or with ``router=`` the engines of each group's deployments."""
+    made: list[tuple[str, Engine | Routes]] = []
+    plan = PreparedRun(
+        checked.config,
+        checked.model,
+        checked.conversations,
+        None,
+        False,
+        checked.listeners,
+        stop=checked.stop,
+        view=checked.view,
+    )
+    try:
+        for name in checked.models:
+            if checked.deployments is not None:
+                made.append((name, _routes_for(checked, name)))
+            else:
+                made.append((name, _engine_for(checked, name, deliver)))
+    except BaseException:
+        plan.models = tuple(made)
+        _discard(plan)
+        raise
+    plan.models = tuple(made)
+    ensemble = checked.config.ensemble
+    identity = " + ".join(to.identity() for _, to in made)
+    identity += f" (ensemble {ensemble})" if ensemble else ""
+    params = {} if checked.deployments is None else made[0][1].params  # type: ignore[union-attr]
+    return _open_stores(checked, plan, identity, params)
 
 
 def _open_stores(
@@ -445,7 +505,26 @@ def _prepare_routed(checked: CheckedRun) -> PreparedRun:
     """A run over ``router=``'s deployments: an engine per deployment of the group and of
     its fallback groups (the lean OpenAI-compatible one for an ``api_base``, litellm for
     a provider), each deployment's key and price checked first."""
-    config, group = checked.config, checked.model
+    routes = _routes_for(checked, checked.model)
+    plan = PreparedRun(
+        checked.config,
+        checked.model,
+        checked.conversations,
+        None,
+        False,
+        checked.listeners,
+        stop=checked.stop,
+        view=checked.view,
+        routes=routes,
+    )
+    # The group and its sampling parameters, not the list: adding a deployment keeps it.
+    return _open_stores(checked, plan, "router", routes.params)
+
+
+def _routes_for(checked: CheckedRun, group: str) -> Routes:
+    """``group`` of ``router=``'s deployments, with an engine per deployment of it and of
+    its fallback groups, each deployment's key and price checked first."""
+    config = checked.config
     assert checked.deployments is not None and checked.routing is not None
     routes = Routes(checked.deployments, group, checked.routing, {})  # its engines come next
     engine = config.engine
@@ -478,20 +557,7 @@ def _prepare_routed(checked: CheckedRun) -> PreparedRun:
         for made_engine in made.values():
             close_unused(made_engine)
         raise
-    routes = replace(routes, engines=made)
-    plan = PreparedRun(
-        config,
-        group,
-        checked.conversations,
-        None,
-        False,
-        checked.listeners,
-        stop=checked.stop,
-        view=checked.view,
-        routes=routes,
-    )
-    # The group and its sampling parameters, not the list: adding a deployment keeps it.
-    return _open_stores(checked, plan, "router", routes.params)
+    return replace(routes, engines=made)
 
 
 def _connections(concurrency: int | str) -> int:

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from nbllm.results_deployments import DeploymentFigures, deployments_frame
-from nbllm.results_sample import SortedSample, percentile
+from nbllm.results_models import EnsembleFigures, compare_frame, ensemble_frame
+from nbllm.results_sample import percentile
+from nbllm.results_totals import RowTotals, Scorer, request_latency
 from nbllm.types import TurnRecord
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from nbllm.scoring import MetricFunction, ScoreSummary
-
-#: A row's score: (answer, reference) -> a number from 0 to 1, or None (not scored).
-Scorer = Callable[[str | None, str | None], float | None]
 
 __all__ = [
     "COLUMNS",
@@ -80,180 +79,6 @@ _DTYPES = {
 }
 
 
-# What one row counts for. The end-of-run summary and the live statistics
-# (nbllm.executor.stats) both count rows with these rules, so a figure means one thing.
-
-
-def request_latency(record: TurnRecord) -> float | None:
-    """The latency of a request answered in this run; None for a row that sent none
-    (cached, resumed) or got no answer."""
-    if record.cached or record.resumed or not record.ok:
-        return None
-    return record.latency_s
-
-
-class RowTotals:
-    """The running totals of a run's rows, added one row at a time.
-
-    ``add`` is a few additions (the live statistics call it for every finished turn);
-    the latencies are sorted only when asked for. A row is answered, not run (see
-    ``TurnRecord.not_run``) or failed. Only answered rows bring tokens. ``cached`` counts
-    rows answered from the cache in this run, so a resumed row is never also cached.
-    ``truncated`` counts answered rows that ``max_tokens`` cut short (``finish_reason``
-    ``"length"``), whichever run answered them: the answer in the result is cut either way.
-    What this run sent leaves resumed rows out, whose attempts an earlier run made:
-    ``attempts`` (requests sent), ``sent`` (rows with at least one attempt) and
-    ``sent_tokens`` (the tokens of answers to those requests; cached rows sent none).
-    ``queue_s()`` and ``service_s()`` are the rows this run sent, answered or not.
-    Not locked: its owner serialises access.
-    """
-
-    __slots__ = (
-        "_latencies",
-        "_queue",
-        "_service",
-        "answered",
-        "attempts",
-        "cached",
-        "completion_tokens",
-        "cost_known",
-        "cost_sum",
-        "not_run",
-        "parse_retries",
-        "prompt_tokens",
-        "resumed",
-        "score_sum",
-        "scored",
-        "scorer",
-        "sent",
-        "sent_tokens",
-        "truncated",
-        "turns",
-    )
-
-    def __init__(self, scorer: Scorer | None = None) -> None:
-        self.scorer = scorer  # score= on the run: each row's answer against its reference
-        self.score_sum = 0.0
-        self.scored = 0
-        self.turns = 0
-        self.answered = 0
-        self.not_run = 0
-        self.attempts = 0
-        self.sent = 0
-        self.cached = 0
-        self.resumed = 0
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.sent_tokens = 0
-        self.truncated = 0
-        self.parse_retries = 0
-        self.cost_sum = 0.0
-        self.cost_known = False
-        self._latencies = SortedSample()
-        self._queue = SortedSample()
-        self._service = SortedSample()
-
-    @classmethod
-    def of(cls, records: Sequence[TurnRecord], scorer: Scorer | None = None) -> RowTotals:
-        """The totals of ``records``."""
-        totals = cls(scorer)
-        for record in records:
-            totals.add(record)
-        return totals
-
-    def add(self, record: TurnRecord) -> None:
-        self.turns += 1
-        if self.scorer is not None and not record.not_run:
-            value = self.scorer(record.answer, record.reference)
-            if value is not None:
-                self.score_sum += value
-                self.scored += 1
-        if record.ok:
-            self.answered += 1
-            tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
-            self.prompt_tokens += record.prompt_tokens or 0
-            self.completion_tokens += record.completion_tokens or 0
-            if not (record.resumed or record.cached):
-                self.sent_tokens += tokens
-            if record.finish_reason == "length":
-                self.truncated += 1
-        elif record.not_run:
-            self.not_run += 1
-        if record.cost_usd is not None:
-            self.cost_sum += record.cost_usd
-            self.cost_known = True
-        if record.resumed:
-            self.resumed += 1
-            return
-        self.parse_retries += record.parse_retries
-        if record.attempts:
-            self.attempts += record.attempts
-            self.sent += 1
-        if record.cached:
-            self.cached += 1
-        elif record.attempts:
-            if record.queue_s is not None:
-                self._queue.add(record.queue_s)
-            if record.service_s is not None:
-                self._service.add(record.service_s)
-        latency = request_latency(record)
-        if latency is not None:
-            self._latencies.add(latency)
-
-    def add_not_run(self, count: int) -> None:
-        """Count ``count`` turns that never ran and that no row was added for (yet)."""
-        self.turns += count
-        self.not_run += count
-
-    @property
-    def errors(self) -> int:
-        """Rows without an answer: failed, skipped after an earlier failure, or not run."""
-        return self.turns - self.answered
-
-    @property
-    def ran(self) -> int:
-        """Rows that ran: answered or failed (not the ones that never ran)."""
-        return self.turns - self.not_run
-
-    @property
-    def failed(self) -> int:
-        """Rows without an answer that ran: an error, or skipped after an earlier one."""
-        return self.ran - self.answered
-
-    @property
-    def score(self) -> float | None:
-        """The mean score of the rows scored so far (None: none yet, or no ``score=``)."""
-        return self.score_sum / self.scored if self.scored else None
-
-    @property
-    def retries(self) -> int:
-        """Attempts in this run beyond each sent row's first, but those that asked again
-        because an answer did not parse (``parse_retries``)."""
-        return self.attempts - self.sent - self.parse_retries
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def cost_usd(self) -> float | None:
-        """The sum of the known costs; None while no row has one."""
-        return self.cost_sum if self.cost_known else None
-
-    def latencies(self) -> list[float]:
-        """The latencies of requests answered in this run, sorted (the list itself: read it,
-        don't keep it)."""
-        return self._latencies.values()
-
-    def queue_s(self) -> list[float]:
-        """The ``queue_s`` of the rows this run sent, sorted (read it, don't keep it)."""
-        return self._queue.values()
-
-    def service_s(self) -> list[float]:
-        """The ``service_s`` of the rows this run sent, sorted (read it, don't keep it)."""
-        return self._service.values()
-
-
 def _took(seconds: float) -> str:
     """``"0.04 s"``, ``"12.3 s"``, ``"3 min 05 s"``, ``"2 h 07 min"``."""
     if seconds < 0.995:  # a short run against a fast server still reads as a time, not 0.0 s
@@ -290,6 +115,8 @@ class RunSummary:
     in one line. ``parse_retries``: asks again for answers that did not parse (``retries``
     leaves them out). ``score`` / ``score_metric``: with ``score=`` on the run, the mean
     score of the rows scored. ``deployments``: one row per deployment (a DataFrame).
+    ``ensemble``: with ``ensemble=``, each model's turn times, how often its answer was
+    kept and how much the ensemble's p95 gains on it (a DataFrame, ``EnsembleFigures``).
     """
 
     conversations: int
@@ -320,6 +147,7 @@ class RunSummary:
     score: float | None = None
     score_metric: str | None = None
     deployment_figures: tuple[DeploymentFigures, ...] = ()
+    ensemble_figures: tuple[EnsembleFigures, ...] = ()
 
     @classmethod
     def from_totals(
@@ -332,6 +160,7 @@ class RunSummary:
         stop_reason: str | None = None,
         deployments: Sequence[DeploymentFigures] = (),
         score_metric: str | None = None,
+        ensemble: Sequence[EnsembleFigures] = (),
     ) -> RunSummary:
         """The whole run's figures from the totals of all its rows."""
         latencies, queue, service = totals.latencies(), totals.queue_s(), totals.service_s()
@@ -364,6 +193,7 @@ class RunSummary:
             score=totals.score,
             score_metric=score_metric,
             deployment_figures=tuple(deployments),
+            ensemble_figures=tuple(ensemble),
         )
 
     @property
@@ -371,6 +201,12 @@ class RunSummary:
         """One row per deployment the run could send to: requests, errors, 429s, latency
         p50/p95, tokens, cost, breaker trips and state (``DeploymentFigures``)."""
         return deployments_frame(self.deployment_figures)
+
+    @property
+    def ensemble(self) -> pd.DataFrame:
+        """With ``ensemble=``: one row per model, then one for the ensemble; turns, turns
+        kept, turns withdrawn, turn p50/p95 and the p95 gained (``EnsembleFigures``)."""
+        return ensemble_frame(self.ensemble_figures)
 
     @property
     def verdict(self) -> str:
@@ -422,7 +258,7 @@ class RunSummary:
         return [
             (f.name, fmt(getattr(self, f.name)))
             for f in fields(self)
-            if f.name != "deployment_figures"  # a table of its own: ``deployments``
+            if f.name not in ("deployment_figures", "ensemble_figures")  # tables of their own
         ]
 
     def __str__(self) -> str:
@@ -465,8 +301,14 @@ class RunResult:
         deployments: Sequence[DeploymentFigures] = (),
         limit_history: Sequence[tuple[float, str, float]] = (),
         score: tuple[str, Scorer] | None = None,
+        models: Sequence[str] = (),
+        ensemble: Sequence[EnsembleFigures] | None = None,
     ) -> None:
         self.records = list(records)
+        #: model=[...]: the models, in the order given (empty for a run of one model).
+        self.models = tuple(models)
+        #: ensemble=: each model's figures and the ensemble's (None without an ensemble).
+        self.ensemble = None if ensemble is None else tuple(ensemble)
         self.deployments = tuple(deployments)
         #: The "auto" limits over the run: (time, "requests/s" | "tokens/s" | "concurrency",
         #: limit), at the start and after each change; what ``plot()`` draws.
@@ -530,11 +372,31 @@ class RunResult:
             else:
                 columns[column] = pd.array(values(column), dtype=kind)
         df = pd.DataFrame(columns, columns=list(COLUMNS))
+        if any(r.votes is not None for r in records):  # ensemble="vote"
+            df.insert(df.columns.get_loc("model") + 1, "votes", pd.array(values("votes"), "Int64"))
         if self.scoring is not None:  # score= on the run: as the summary scored each row
             score = self.scoring[1]
             scores = [None if r.not_run else score(r.answer, r.reference) for r in records]
             df["score"] = pd.array(scores, dtype="Float64")
         return df
+
+    def compare(self) -> pd.DataFrame:
+        """The models of ``model=[...]`` side by side: one row per (conversation, turn),
+        each model's answer, latency, tokens, cost, error (and score, where ``score=`` or
+        ``score()`` scored the rows) in columns named ``answer[<model>]`` and so on, then
+        ``agreement``: the share of the models that answered whose answer is the most
+        common one (compared as ``"exact"`` does, or by ``parsed`` where a parser read
+        them)."""
+        if not self.models or self.ensemble is not None:
+            msg = "compare() needs a run of several models side by side: model=['a', 'b']"
+            raise ValueError(msg)
+        df = self.df
+        scores = None
+        if "score" in df.columns:
+            scores = [
+                None if v is None else float(v) for v in df["score"].to_numpy(None, na_value=None)
+            ]
+        return compare_frame(self.records, self.models, scores)
 
     def parsed_df(self) -> pd.DataFrame:
         """The ``parsed`` answers as columns: one row per turn, ``conversation_id``,
@@ -555,6 +417,7 @@ class RunResult:
             stop_reason=self.stop_reason,
             deployments=self.deployments,
             score_metric=scoring[0] if scoring else None,
+            ensemble=self.ensemble or (),
         )
 
     def score(

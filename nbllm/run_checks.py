@@ -65,6 +65,25 @@ def group(deployments: DeploymentList, model: str | None) -> str:
     return deployments.check_group(model)
 
 
+def models(config: RunConfig, deployments: DeploymentList | None) -> tuple[str, ...]:
+    """The models of ``model=[...]`` (each a group of ``router=`` where one is given), each
+    named once; ``ensemble=`` only with two or more."""
+    names = config.models
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            msg = f"model= names {name!r} twice; give each model once"
+            raise ConfigError(msg)
+    if config.ensemble is not None and not names:
+        msg = (
+            f"ensemble={config.ensemble!r} needs two models or more to ask, "
+            "as model=['a', 'b'] (-m a -m b); got one"
+        )
+        raise ConfigError(msg)
+    if deployments is not None:
+        return tuple(group(deployments, name) for name in names)
+    return names
+
+
 def check_score(config: RunConfig, conversations: list[Conversation]) -> None:
     """``score=``: a metric it knows, and references to score against."""
     if config.score is None:

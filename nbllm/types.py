@@ -171,7 +171,8 @@ class TurnRecord:
     A row is ``ok`` (answered), ``not_run`` (its error starts with ``NOT_RUN``), or failed.
     ``parsed``: the answer as ``response_format`` / ``parse`` read it (None without them, or
     when every try failed: then ``error`` starts with ``ParseError``); ``parse_retries``:
-    the times the turn was asked again because its answer did not parse.
+    the times the turn was asked again because its answer did not parse. ``votes``: with
+    ``ensemble="vote"``, how many models gave the answer kept (None otherwise).
     """
 
     conversation_id: Hashable
@@ -197,6 +198,7 @@ class TurnRecord:
     deployment: str | None = None
     parsed: Any = None
     parse_retries: int = 0
+    votes: int | None = None
 
     @property
     def ok(self) -> bool:

@@ -17,7 +17,8 @@ differs. A lock held for the whole run keeps a second process off the same file.
 
 Only answered turns are stored, with why each answer ended (``finish_reason``, schema 2)
 and where its time went and which deployment answered (``queue_s``, ``service_s``,
-``deployment``, schema 3); a file of an older schema
+``deployment``, schema 3) and, for ``ensemble="vote"``, how many models gave the answer
+(``votes``, schema 4); a file of an older schema
 is migrated in place and its rows read back with None for what it lacks. A turn that
 failed is tried again on a re-run. Turns are committed by group commit
 (``storage.GroupWriter``): a kill -9 loses at most ``storage.MAX_PENDING`` (5) answered
@@ -58,7 +59,7 @@ __all__ = [
 
 log = logging.getLogger("nbllm")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CHECKPOINT_FILE = "checkpoint.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -80,6 +81,7 @@ CREATE TABLE IF NOT EXISTS turns (
     queue_s REAL,
     service_s REAL,
     deployment TEXT,
+    votes INTEGER,
     PRIMARY KEY (conversation, turn)
 ) WITHOUT ROWID;
 """
@@ -88,11 +90,12 @@ _MIGRATIONS = {
     1: "ALTER TABLE turns ADD COLUMN finish_reason TEXT",
     2: "ALTER TABLE turns ADD COLUMN queue_s REAL; ALTER TABLE turns ADD COLUMN service_s REAL; "
     "ALTER TABLE turns ADD COLUMN deployment TEXT",
+    3: "ALTER TABLE turns ADD COLUMN votes INTEGER",
 }
 _COLUMNS = (
     "conversation, turn, conversation_id, answer, model, engine, latency_s, prompt_tokens, "
     "completion_tokens, cost_usd, attempts, started_at, finished_at, cached, finish_reason, "
-    "queue_s, service_s, deployment"
+    "queue_s, service_s, deployment, votes"
 )
 
 
@@ -174,7 +177,7 @@ class CheckpointStore(GroupWriter):
     """
 
     insert = f"INSERT OR REPLACE INTO turns ({_COLUMNS})"
-    width = 18
+    width = 19
 
     def __init__(self, conn: Any, path: Path, lock: FileLock, **writer: Any) -> None:
         super().__init__(conn, **writer)
@@ -288,6 +291,7 @@ class CheckpointStore(GroupWriter):
                 queue_s=row[15],
                 service_s=row[16],
                 deployment=row[17],
+                votes=row[18],
             )
         return out
 
@@ -314,6 +318,7 @@ class CheckpointStore(GroupWriter):
                 record.queue_s,
                 record.service_s,
                 record.deployment,
+                record.votes,
             )
         )
 

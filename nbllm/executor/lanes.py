@@ -254,6 +254,15 @@ class Lanes:
         return cls([lane], group=lane.group)
 
     @classmethod
+    def joined(cls, parts: Sequence[Lanes]) -> Lanes:
+        """Every lane of several models' ``parts``, for what a run counts over all of them
+        (its request slots, figures, limits, reach); each part picks its own lanes."""
+        made = cls([lane for part in parts for lane in part.lanes], group="")
+        made.only = None
+        made._target = ", ".join(part.target() for part in parts)
+        return made
+
+    @classmethod
     def routed(
         cls,
         routes: Routes,
@@ -314,7 +323,7 @@ class Lanes:
         to ``deadline`` (loop time; None: as long as it takes)."""
         if self.only is not None:
             return self.only
-        assert self.router is not None
+        assert self.router is not None, "joined lanes are counted, not picked from"
         loop = asyncio.get_running_loop()
         while True:
             chosen = self.router.pick(self.group, self._loads, (avoid,) if avoid else ())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from nbllm.parsing import ParseFailed, Parser
 from nbllm.types import ChatResponse, Conversation, Message, TurnRecord
 
-__all__ = ["answered", "merged", "reparsed", "unanswered", "user"]
+__all__ = ["answered", "cached", "merged", "reparsed", "unanswered", "user"]
 
 N = TypeVar("N", int, float)
 
@@ -42,6 +43,17 @@ def answered(conv: Conversation, turn: int, response: ChatResponse, **fields: An
         finish_reason=response.finish_reason,
         **fields,
     )
+
+
+def cached(conv: Conversation, turn: int, hit: Any, model: str | None) -> TurnRecord:
+    """Turn ``turn`` answered from the response cache (``hit``, a ``CachedResponse``):
+    no request, no time, no cost; its engine is the one that answered it then."""
+    now = time.time()
+    return answered(
+        conv, turn, hit, model=model, engine=hit.engine, latency_s=0.0, queue_s=0.0,
+        service_s=0.0, cost_usd=0.0 if hit.cost_usd is not None else None, started_at=now,
+        finished_at=now, cached=True,
+    )  # fmt: skip
 
 
 def user(text: str) -> Message:

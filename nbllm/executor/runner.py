@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from nbllm.engines.base import Engine
@@ -46,6 +46,7 @@ from nbllm.executor.arguments import check_seconds, check_whole
 from nbllm.executor.budget import Budget
 from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
+from nbllm.executor.ensemble import Ensembles, Member, check_ensemble, members
 from nbllm.executor.events import (
     Event,
     EventBus,
@@ -55,17 +56,18 @@ from nbllm.executor.events import (
     RunStarted,
     TurnFinished,
 )
-from nbllm.executor.lanes import Attempts, Lane, NoDeployment, Routes, build_lanes
+from nbllm.executor.lanes import Attempts, Lane, Lanes, NoDeployment, Routes
 from nbllm.executor.limiter import Grant, estimate_tokens
 from nbllm.executor.limits import AUTO_CONCURRENCY, RunLimits
 from nbllm.executor.redis_link import check
-from nbllm.executor.rows import answered, merged, reparsed, unanswered, user
+from nbllm.executor.rows import answered, cached, reparsed, unanswered, user
 from nbllm.executor.stopping import Stopping
 from nbllm.executor.timing import time_split
 from nbllm.executor.unreachable import unreachable_reason
-from nbllm.parsing import ParseFailed, Parser
+from nbllm.parsing import Parser
 from nbllm.redact import redact, secret_values
 from nbllm.results import RunResult, Scorer
+from nbllm.results_models import EnsembleTotals
 from nbllm.retry import RetryPolicy
 from nbllm.types import NOT_RUN, SKIPPED, ChatResponse, Conversation, Message, TurnRecord
 
@@ -77,14 +79,22 @@ __all__ = ["CONVERSATIONS_PER_SLOT", "Executor"]
 CONVERSATIONS_PER_SLOT = 4
 
 STOPPED = f"{NOT_RUN}: the run was stopped before this turn finished"
+# The worker a request is sent for (an ensemble sends from tasks of its own): what a stop
+# lets finish or cancels.
+_WORKER: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
+    "worker", default=None
+)
 # Attempts that must all fail to connect, with none reaching the server, before a run
 # gives up: enough that one unlucky connection does not end a run.
 UNREACHABLE_AFTER = 3
 
 
-class Executor(Stopping):
+class Executor(Stopping, Ensembles):
     """Runs conversations against one engine, or the deployments of ``routes`` (then
     ``engine`` is None and ``model`` names the group), with caps, limits and retries.
+    ``models``: several models, each (name, engine or routes); every conversation is
+    asked of each (``model`` names them all), or with ``ensemble`` ("first", "vote") each
+    turn is asked of all and one answer kept (see ``nbllm.executor.ensemble``).
 
     ``concurrency`` caps requests in flight ("auto": found while running, from 429s);
     ``max_conversations`` caps conversations
@@ -123,6 +133,8 @@ class Executor(Stopping):
         parser: Parser | None = None,
         parse_retries: int = 2,
         score: tuple[str, Scorer] | None = None,
+        models: Sequence[tuple[str, Engine | Routes]] = (),
+        ensemble: str | None = None,
     ) -> None:
         if concurrency != "auto":
             check_whole("concurrency", concurrency)
@@ -132,9 +144,11 @@ class Executor(Stopping):
         check_seconds("stop_grace_s", stop_grace_s, zero=True)
         check_seconds("rate_window_s", rate_window_s)
         sends_to = engine if engine is not None else routes
-        if sends_to is None:
-            msg = "Executor needs an engine, or routes= (a deployment list)"
+        targets = list(models) or ([(model, sends_to)] if sends_to is not None else [])
+        if not targets:
+            msg = "Executor needs an engine, routes= (a deployment list) or models="
             raise TypeError(msg)
+        check_ensemble(ensemble, len(targets))
         self.engine = engine
         self.routes = routes
         self.model = model
@@ -165,14 +179,19 @@ class Executor(Stopping):
                 emit=self._emit,
             )  # fmt: skip
 
-        self.lanes = build_lanes(
-            sends_to, model, dict(params or {}), timeout, run_limits, self._emit
+        self.members = members(
+            targets, dict(params or {}), timeout, run_limits, self._emit, cache is not None
         )
+        self.ensemble = ensemble
+        self._withdrawing: set[asyncio.Task[Any]] = set()
+        self._ensemble_totals: EnsembleTotals | None = None
+        only = self.members[0].lanes
+        several = len(self.members) > 1
+        self.lanes = Lanes.joined([m.lanes for m in self.members]) if several else only
         self.limits = self.lanes.lanes[0].limits  # the only lane's, for a single engine
         self._tpm = any(lane.limits.tpm is not None for lane in self.lanes.lanes)
-        self._cache_scope = sends_to.identity() if cache is not None else ""  # who answers
-        self._engine_name = sends_to.name if isinstance(sends_to, Engine) else "router"
-        self._row_model = None if isinstance(sends_to, Engine) else model  # a group: named
+        names = dict.fromkeys(to.name if isinstance(to, Engine) else "router" for _, to in targets)
+        self._engine_name = ", ".join(names)
         self._wants_sent = self._events.wants(RequestSent)
         self._wants_retry = self._events.wants(RetryScheduled)
         self._wants_finished = self._events.wants(TurnFinished)
@@ -200,6 +219,13 @@ class Executor(Stopping):
             await self.lanes.aclose()
 
     async def _run(self, conversations: Sequence[Conversation]) -> RunResult:
+        # Side by side, each (conversation, model) is a conversation of its own.
+        each = 1 if len(self.members) == 1 or self.ensemble else len(self.members)
+        conversations = [conv for conv in conversations for _ in range(each)]
+        self._member_of = [[i % each] for i in range(len(conversations))]
+        if self.ensemble:
+            self._member_of = [list(range(len(self.members)))] * len(conversations)
+            self._ensemble_totals = EnsembleTotals([m.name for m in self.members])
         self._conversations = conversations
         self._offsets = []
         total = 0
@@ -209,7 +235,7 @@ class Executor(Stopping):
         self._records: list[TurnRecord | None] = [None] * total
         self._slots = self.lanes.request_slots(self.concurrency, self._emit)
         self._in_flight = 0
-        self._sending: set[asyncio.Task[Any]] = set()  # workers awaiting an answer
+        self._sending: dict[asyncio.Task[Any], int] = {}  # workers awaiting answers
         self._workers: list[asyncio.Task[None]] = []
         self._grace: asyncio.TimerHandle | None = None
         self._stop_reason: str | None = None
@@ -276,6 +302,8 @@ class Executor(Stopping):
             deployments=self.lanes.figures(),
             limit_history=self.lanes.limit_history(),
             score=self.score,
+            models=[m.name for m in self.members] if len(self.members) > 1 else (),
+            ensemble=self._ensemble_totals.figures() if self._ensemble_totals else None,
         )
         # The summary's own counts (computed once, kept by the result), so they agree.
         summary = result.summary
@@ -294,6 +322,7 @@ class Executor(Stopping):
     # -- conversations -------------------------------------------------------------
 
     async def _worker(self, queue: collections.deque[int]) -> None:
+        _WORKER.set(asyncio.current_task())  # its ensemble members' tasks inherit it
         try:
             while queue and not self._stopping:
                 await self._conversation(queue.popleft())
@@ -305,11 +334,15 @@ class Executor(Stopping):
         conv = self._conversations[index]
         base = self._offsets[index]
         answers: list[str] = []
-        keys = None
-        if self.cache is not None:
-            keys = KeyChain(self.model, self.params, self._cache_scope)
-            for message in conv.start_messages(self.system):
-                keys.extend(message)
+        keys: list[KeyChain | None] = []
+        for m in self._member_of[index]:
+            chain = None
+            if self.cache is not None:
+                member = self.members[m]
+                chain = KeyChain(member.name, self.params, member.scope)
+                for message in conv.start_messages(self.system):
+                    chain.extend(message)
+            keys.append(chain)
         for k in range(len(conv)):
             stored = self._done.get((index, k))
             answer: str | None
@@ -323,9 +356,10 @@ class Executor(Stopping):
                 if answer is None:
                     return
             answers.append(answer)
-            if keys is not None:
-                keys.extend(conv.user_message(k))
-                keys.extend({"role": "assistant", "content": answer})
+            for chain in keys:
+                if chain is not None:
+                    chain.extend(conv.user_message(k))
+                    chain.extend({"role": "assistant", "content": answer})
 
     async def _run_turn(
         self,
@@ -334,12 +368,14 @@ class Executor(Stopping):
         conv: Conversation,
         k: int,
         answers: Sequence[str],
-        keys: KeyChain | None,
+        keys: Sequence[KeyChain | None],
     ) -> str | None:
         """Turn k of a conversation; its answer, or None when the conversation ends here."""
-        record = await self._turn(conv, k, answers, keys)
-        if record is not None and self.parser is not None and record.ok:
-            record = await self._parsed(record, conv, k, answers)
+        if self.ensemble:
+            record = await self._ensemble_turn(conv, k, answers, keys)
+        else:
+            member = self.members[self._member_of[index][0]]
+            record = await self._answer(member, conv, k, answers, keys[0])
         if record is None:
             return None  # stopped before this turn was sent
         self._finish(index, base + k, record)
@@ -350,32 +386,6 @@ class Executor(Stopping):
             for j in range(k + 1, len(conv)):
                 self._finish(index, base + j, unanswered(conv, j, reason))
         return record.answer if record.ok else None
-
-    async def _parsed(
-        self, record: TurnRecord, conv: Conversation, k: int, answers: Sequence[str]
-    ) -> TurnRecord | None:
-        """``record`` with its answer parsed; an answer that does not parse is asked again
-        (shown its error) up to ``parse_retries`` times, outside the conversation's history.
-        None when the run stops before the turn has an answer that parses."""
-        assert self.parser is not None
-        tries = 0
-        while True:
-            try:
-                value = self.parser.parse(record.answer or "")
-            except ParseFailed as error:
-                if tries >= self.parse_retries or self._stopping:
-                    failed = f"ParseError: {error}"
-                    return replace(record, error=failed, parse_retries=tries)
-                tries += 1
-                repair = (record.answer or "", self.parser.repair(str(error)))
-                again = await self._turn(conv, k, answers, None, repair)
-                if again is None:
-                    return None
-                record = merged(record, again, tries)
-                if not again.ok:
-                    return record
-                continue
-            return replace(record, parsed=value, parse_retries=tries)
 
     def _finish(self, index: int, slot: int, record: TurnRecord) -> None:
         self._records[slot] = record
@@ -398,6 +408,7 @@ class Executor(Stopping):
 
     async def _turn(
         self,
+        member: Member,
         conv: Conversation,
         k: int,
         answers: Sequence[str],
@@ -423,20 +434,7 @@ class Executor(Stopping):
             reuse = self.cache.reusable(params) if extra else self._reuse_cached
             hit = self.cache.get(key) if reuse else None
             if hit is not None:
-                now = time.time()
-                return answered(
-                    conv,
-                    k,
-                    hit,
-                    engine=hit.engine,  # who answered it, not this run's engine
-                    latency_s=0.0,
-                    queue_s=0.0,
-                    service_s=0.0,
-                    cost_usd=0.0 if hit.cost_usd is not None else None,
-                    started_at=now,
-                    finished_at=now,
-                    cached=True,
-                )
+                return cached(conv, k, hit, member.row_model)
         estimate = estimate_tokens(messages, params) if self._tpm else 0
         # Most turns left first, then the longest conversation (see RequestSlots).
         priority = (k - len(conv), -len(conv))
@@ -446,7 +444,7 @@ class Executor(Stopping):
             attempt += 1
             try:
                 sent = await self._attempt(
-                    messages, conv.id, k, attempt, estimate, log, priority, extra
+                    member.lanes, messages, conv.id, k, attempt, estimate, log, priority, extra
                 )
                 if sent is None:
                     return None
@@ -471,7 +469,7 @@ class Executor(Stopping):
                         conv,
                         k,
                         redact(f"{type(error).__name__}: {error}", secrets),
-                        model=self.model,
+                        model=member.name,
                         engine=self._engine_name if on is None else on.engine.name,
                         deployment=None if on is None else on.id,
                         attempts=attempt,
@@ -481,7 +479,7 @@ class Executor(Stopping):
                     )
                 delay = self.retry.delay(error, attempt)
                 if on is not None:
-                    delay = self.lanes.after_failure(on, error, estimate, delay)
+                    delay = member.lanes.after_failure(on, error, estimate, delay)
                 if self._wants_retry:
                     text = redact(str(error), secrets)
                     self._emit(RetryScheduled(conv.id, k, attempt, text, delay, time.time()))
@@ -493,7 +491,7 @@ class Executor(Stopping):
                 conv,
                 k,
                 response,
-                model=self._row_model,
+                model=member.row_model,
                 engine=lane.engine.name,
                 deployment=lane.id,
                 latency_s=latency,
@@ -506,6 +504,7 @@ class Executor(Stopping):
 
     async def _attempt(
         self,
+        lanes: Lanes,
         messages: Sequence[Message],
         conversation_id: Any,
         turn: int,
@@ -524,7 +523,7 @@ class Executor(Stopping):
         """
         await self._slots.acquire(priority)
         try:
-            admitted = await self.lanes.admit(
+            admitted = await lanes.admit(
                 log.avoid(), estimate, priority, self.timeout, self._may_send
             )
             if admitted is None:
@@ -563,16 +562,16 @@ class Executor(Stopping):
         if self._wants_sent:
             self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
         t0 = self._loop.time()
-        worker = asyncio.current_task()
+        worker = _WORKER.get() or asyncio.current_task()
         assert worker is not None
         # Its own task: a cancel of this worker can cut the request short but can never
         # drop an answer that has arrived (the task holds it).
         send = self._loop.create_task(lane.send(messages, extra))
-        self._sending.add(worker)
+        self._sending[worker] = self._sending.get(worker, 0) + 1
         try:
             response = await send
         except asyncio.CancelledError:
-            self._stopping = True
+            self._stopping = self._stopping or not self._withdrawn()
             if send.done() and not send.cancelled() and send.exception() is None:
                 response = send.result()  # arrived as the cancel came: kept
             else:
@@ -587,7 +586,8 @@ class Executor(Stopping):
             raise
         finally:
             self._in_flight -= 1
-            self._sending.discard(worker)
+            if (left := self._sending.pop(worker, 1) - 1) > 0:
+                self._sending[worker] = left
             log.spent.append(self._loop.time() - t0)
         cost = lane.answered(log.spent[-1], response, self.budget, grant)
         return response, log.spent[-1], lane, cost

@@ -31,7 +31,7 @@ class Stopping:
     _stop_announced: bool
     _stop_reason: str | None
     _workers: list[asyncio.Task[None]]
-    _sending: set[asyncio.Task[Any]]
+    _sending: dict[asyncio.Task[Any], int]  # workers with requests in flight: how many
     _grace: asyncio.TimerHandle | None
     _in_flight: int
 

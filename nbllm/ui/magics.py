@@ -85,6 +85,7 @@ CAPS = (
     "routing",
     "cooldown_s",
     "allowed_fails",
+    "ensemble",
 )
 DEFAULT_OUTPUT = "llm_result"
 PREVIEW_ROWS = 5

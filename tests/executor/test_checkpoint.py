@@ -782,8 +782,8 @@ def test_a_schema_1_checkpoint_is_migrated_and_resumed_with_no_finish_reason(tmp
     df = result.df
     assert df.loc[df["resumed"], "finish_reason"].isna().all()
     assert (df.loc[~df["resumed"], "finish_reason"] == "stop").all()
-    migrated = [*V1_COLUMNS.split(", "), "finish_reason", "queue_s", "service_s", "deployment"]
-    assert schema_of(path, "turns") == ("3", migrated)
+    added = ["finish_reason", "queue_s", "service_s", "deployment", "votes"]
+    assert schema_of(path, "turns") == ("4", [*V1_COLUMNS.split(", "), *added])
     assert df.loc[df["resumed"], "queue_s"].isna().all()
 
     again = nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
