@@ -553,3 +553,19 @@ def _runs(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_lognormal_latency_has_its_median_and_a_long_right_tail():
+    import random
+    import statistics
+
+    from nbllm.testing.options import Latency
+
+    latency, rng = Latency(0.1, 0.8), random.Random(3)
+    draws = sorted(latency.draw(rng) for _ in range(4000))
+    assert statistics.median(draws) == pytest.approx(0.1, rel=0.08)
+    assert draws[int(0.95 * len(draws))] > 3 * 0.1  # exp(1.645 * 0.8) = 3.7 times the median
+    with pytest.raises(ConfigError, match="one number"):
+        TestServer(latency=(0.1, 0.2), latency_sigma=0.5)
+    with pytest.raises(ConfigError, match="latency_sigma"):
+        TestServer(latency=0.1, latency_sigma=-1)

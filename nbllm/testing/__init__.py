@@ -10,14 +10,17 @@ are counted as about 4 characters each; a request whose ``max_tokens`` is smalle
 answer gets the first ``4 * max_tokens`` characters with ``finish_reason`` ``"length"``
 (as a real model is cut off), any other ``"stop"``. A request with ``response_format`` is
 answered with JSON that follows its schema (``bad_json_first=N``: the first N are not JSON;
-see ``nbllm.testing.structured``). Bad options raise ``ConfigError``.
+see ``nbllm.testing.structured``). ``latency`` is seconds per answer, a (low, high) range
+drawn uniformly, or with ``latency_sigma`` > 0 the median of a lognormal draw (a long right
+tail, as a loaded provider's). Bad options raise ``ConfigError``.
 """
 
 from __future__ import annotations
 
 from nbllm.testing.launcher import URL_LINE_PREFIX, SubprocessServer, start_subprocess
+from nbllm.testing.options import Fault
 from nbllm.testing.request_log import RequestLogEntry, messages_key, read_log
-from nbllm.testing.server import Fault, TestServer
+from nbllm.testing.server import TestServer
 
 __all__ = [
     "URL_LINE_PREFIX",

@@ -17,7 +17,8 @@ from nbllm.engines.child_process import ParentWatch
 from nbllm.engines.openai_wire import on_stop_signals
 from nbllm.errors import ConfigError
 from nbllm.testing.launcher import URL_LINE_PREFIX
-from nbllm.testing.server import Fault, TestServer
+from nbllm.testing.options import Fault
+from nbllm.testing.server import TestServer
 
 
 def _latency(text: str) -> float | tuple[float, float]:
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (0: a free one)")
     parser.add_argument("--latency", type=_latency, default=0.0, help="seconds: S or LOW,HIGH")
+    parser.add_argument(
+        "--latency-sigma", type=float, default=0.0, help="> 0: lognormal, median --latency"
+    )
     parser.add_argument("--rpm", type=int, default=None, help="accepted requests per window")
     parser.add_argument("--window-s", type=float, default=60.0, help="rate-limit window")
     parser.add_argument(
@@ -104,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_path=args.log,
             shared_history=args.shared_history,
             bad_json_first=args.bad_json_first,
+            latency_sigma=args.latency_sigma,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

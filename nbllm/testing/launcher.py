@@ -15,7 +15,8 @@ from types import TracebackType
 from typing import Any, cast
 
 from nbllm.engines.child_process import ServerProcess
-from nbllm.testing.server import Fault, TestServer
+from nbllm.testing.options import Fault
+from nbllm.testing.server import TestServer
 
 __all__ = ["URL_LINE_PREFIX", "SubprocessServer", "start_subprocess"]
 
@@ -49,6 +50,7 @@ def _cli_args(options: Mapping[str, Any]) -> list[str]:
             "retry_after",
             "seed",
             "bad_json_first",
+            "latency_sigma",
             "api_key",
             "host",
             "port",

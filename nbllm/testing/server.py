@@ -19,7 +19,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from enum import Enum
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -32,8 +31,8 @@ from nbllm.engines.openai_wire import (
     error_body,
     parse_max_tokens,
 )
-from nbllm.errors import ConfigError
 from nbllm.images import content_text
+from nbllm.testing.options import Fault, Latency, as_number, refuse_unless
 from nbllm.testing.request_log import (
     RequestLogEntry,
     answer_for,
@@ -49,42 +48,6 @@ MODEL_ID = "nbllm-test"
 _JSON = "application/json"
 _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
-
-
-class Fault(str, Enum):
-    """Failure kinds the server can inject; a ``str`` enum so CLI/JSON spellings map directly."""
-
-    SERVER_ERROR = "server_error"  # 500 with an OpenAI-shaped error body
-    UNAVAILABLE = "unavailable"  # 503 with Retry-After
-    DROP = "drop"  # the connection is closed without any response
-    HANG = "hang"  # held for hang_s, then answered normally (cut off by shutdown)
-
-    @classmethod
-    def parse(cls, value: Fault | str) -> Fault:
-        """Accept a Fault, its value or its name, in any case (for CLI and dict keys)."""
-        if isinstance(value, Fault):
-            return value
-        text = str(value).strip().lower().replace("-", "_")
-        for kind in cls:
-            if text in (kind.value, kind.name.lower()):
-                return kind
-        msg = f"faults: unknown fault {value!r}; expected one of {[k.value for k in cls]}"
-        raise ConfigError(msg)
-
-
-def _check(ok: bool, option: str, expected: str, value: object) -> None:
-    """Refuse a bad option with one line naming it and what it must be."""
-    if not ok:
-        msg = f"TestServer {option} must be {expected}, got {value!r}"
-        raise ConfigError(msg)
-
-
-def _number(option: str, value: object) -> float:
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        _check(False, option, "a number", value)
-        raise
 
 
 def _tokens(n_chars: int) -> int:
@@ -128,26 +91,23 @@ class TestServer:
         log_path: str | os.PathLike[str] | None = None,
         shared_history: bool = False,
         bad_json_first: int = 0,
+        latency_sigma: float = 0.0,
     ) -> None:
-        if isinstance(latency, tuple):
-            low, high = (_number("latency", x) for x in latency)
-            _check(0 <= low <= high, "latency", "a range with 0 <= low <= high", latency)
-            self._latency: tuple[float, float] = (low, high)
-        else:
-            _check(_number("latency", latency) >= 0, "latency", ">= 0", latency)
-            self._latency = (float(latency), float(latency))
-        _check(rpm is None or rpm >= 1, "rpm", ">= 1 or None", rpm)
-        _check(_number("window_s", window_s) > 0, "window_s", "> 0", window_s)
-        _check(fault_first is None or fault_first >= 0, "fault_first", ">= 0 or None", fault_first)
+        self._latency = Latency(latency, latency_sigma)
+        refuse_unless(rpm is None or rpm >= 1, "rpm", ">= 1 or None", rpm)
+        refuse_unless(as_number("window_s", window_s) > 0, "window_s", "> 0", window_s)
+        refuse_unless(
+            fault_first is None or fault_first >= 0, "fault_first", ">= 0 or None", fault_first
+        )
         for name, value in (("hang_s", hang_s), ("retry_after", retry_after)):
-            _check(_number(name, value) >= 0, name, ">= 0", value)
+            refuse_unless(as_number(name, value) >= 0, name, ">= 0", value)
         table: dict[Fault, float] = {}
         for k, p in (faults or {}).items():
-            p = _number(f"faults[{k!r}]", p)
-            _check(0.0 <= p <= 1.0, f"faults[{k!r}]", "a probability in [0, 1]", p)
+            p = as_number(f"faults[{k!r}]", p)
+            refuse_unless(0.0 <= p <= 1.0, f"faults[{k!r}]", "a probability in [0, 1]", p)
             table[Fault.parse(k)] = table.get(Fault.parse(k), 0.0) + p
         at_most_1 = fault_first is not None or sum(table.values()) <= 1.0 + 1e-9
-        _check(at_most_1, "faults", "probabilities that add up to at most 1", table)
+        refuse_unless(at_most_1, "faults", "probabilities that add up to at most 1", table)
         self.latency = latency
         self.rpm = rpm
         self.window_s = float(window_s)
@@ -527,9 +487,7 @@ class TestServer:
             }
 
         # --- hang / latency, both cut short by shutdown
-        delay = self._latency[0]
-        if self._latency[1] > delay:
-            delay = self._rng_latency.uniform(delay, self._latency[1])
+        delay = self._latency.draw(self._rng_latency)
         if fault is Fault.HANG:
             delay += self.hang_s
         if delay > 0 and not await self._sleep(delay):
