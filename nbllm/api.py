@@ -205,6 +205,7 @@ def run(
     lays them side by side. ``ensemble="first"`` sends each turn to every model and keeps
     the first valid answer (the others are cancelled; ``result.summary.ensemble`` shows
     the latency gained), ``ensemble="vote"`` the answer most models gave (``votes``).
+    ``concurrency``, the limits, retries and breakers apply to each model as to one.
 
     Without ``model`` and ``api_base``, the embedded SmolLM2-135M-Instruct answers on
     this machine; ``model`` may also be a Hugging Face model directory or a GGUF file.

@@ -94,7 +94,8 @@ class Executor(Stopping, Ensembles):
     ``engine`` is None and ``model`` names the group), with caps, limits and retries.
     ``models``: several models, each (name, engine or routes); every conversation is
     asked of each (``model`` names them all), or with ``ensemble`` ("first", "vote") each
-    turn is asked of all and one answer kept (see ``nbllm.executor.ensemble``).
+    turn is asked of all and one answer kept (see ``nbllm.executor.ensemble``); then
+    ``concurrency`` (a number) is each model's: the run has that many slots per model.
 
     ``concurrency`` caps requests in flight ("auto": found while running, from 429s);
     ``max_conversations`` caps conversations
@@ -154,7 +155,10 @@ class Executor(Stopping, Ensembles):
         self.model = model
         self.concurrency = concurrency
         most = AUTO_CONCURRENCY["ceiling"] if concurrency == "auto" else concurrency
-        self.max_conversations = max_conversations or CONVERSATIONS_PER_SLOT * int(most)
+        # With several models, concurrency is each model's (side by side, in conversations).
+        self._slot_count = concurrency if concurrency == "auto" else concurrency * len(targets)
+        each = 1 if ensemble else len(targets)
+        self.max_conversations = max_conversations or CONVERSATIONS_PER_SLOT * int(most) * each
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.system = system
@@ -233,7 +237,7 @@ class Executor(Stopping, Ensembles):
             self._offsets.append(total)
             total += len(conv)
         self._records: list[TurnRecord | None] = [None] * total
-        self._slots = self.lanes.request_slots(self.concurrency, self._emit)
+        self._slots = self.lanes.request_slots(self._slot_count, self._emit)
         self._in_flight = 0
         self._sending: dict[asyncio.Task[Any], int] = {}  # workers awaiting answers
         self._workers: list[asyncio.Task[None]] = []
