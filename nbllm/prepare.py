@@ -328,6 +328,7 @@ def check_run(
     cache_path = resolve_cache_path(config.cache)
     conversations = load_conversations(data)
     run_checks.check_score(config, conversations)
+    run_checks.check_turn_formats(conversations)
     local = deployments is None and any(
         is_local(engine, m, config.api_base) for m in models or (model,)
     )

@@ -84,6 +84,25 @@ def models(config: RunConfig, deployments: DeploymentList | None) -> tuple[str, 
     return names
 
 
+def check_turn_formats(conversations: list[Conversation]) -> None:
+    """Each ``response_format`` a turn gives in its ``turn_params``: a pydantic model class
+    or a JSON schema nbllm can send and validate (else ``ConfigError`` naming the turn)."""
+    from nbllm.parsing import make_parser
+
+    seen: set[int] = set()
+    for conv in conversations:
+        for k, params in enumerate(conv.turn_params):
+            given = params.get("response_format")
+            if given is None or id(given) in seen:
+                continue
+            try:
+                make_parser(given)
+            except ConfigError as exc:
+                msg = f"conversation {conv.id!r}, turn {k}, turn_params: {exc}"
+                raise ConfigError(msg) from None
+            seen.add(id(given))
+
+
 def check_score(config: RunConfig, conversations: list[Conversation]) -> None:
     """``score=``: a metric it knows, and references to score against."""
     if config.score is None:

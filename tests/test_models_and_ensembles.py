@@ -230,11 +230,11 @@ def test_cancelling_an_ensemble_run_keeps_every_turn_that_finished():
     async def main() -> nbllm.RunResult:
         task = asyncio.ensure_future(
             nbllm.arun(
-                data(8, 3),
+                data(16, 3),
                 engine=FakeEngine(fake),
                 model=["fast", "slow"],
                 ensemble="vote",
-                concurrency=4,
+                concurrency=2,
                 **FAST,
             )
         )

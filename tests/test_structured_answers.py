@@ -189,3 +189,33 @@ def test_a_local_engine_is_asked_the_schema_in_its_prompt():
     assert text.startswith("Revenue in 2020?\n\nAnswer with a single JSON object")
     assert '"amount"' in text
     assert schema_in_prompt(ChatRequest("m", request.messages, {})).messages == request.messages
+
+
+def test_a_turn_may_ask_for_its_own_pydantic_schema():
+    records = [
+        {
+            "id": i,
+            "turns": [f"q{i} plain", f"q{i} typed"],
+            "turn_params": [None, {"response_format": Revenue}],
+        }
+        for i in range(2)
+    ]
+    with TestServer() as server:
+        result = nbllm.run(records, model="m", api_base=server.url, **FAST)
+        sent = [entry for entry in server.requests]
+    df = result.df
+    assert df["error"].isna().all(), df["error"].tolist()
+    assert df["parsed"].isna().tolist() == [True, False, True, False]
+    assert set(df["parsed"].iloc[1]) == {"answer", "year", "amount"}
+    assert len(sent) == 4  # each turn asked once: every typed answer parsed the first time
+
+
+def test_a_bad_schema_in_turn_params_is_refused_naming_the_turn():
+    engine = FakeEngine()
+    bad = {"type": "object", "properties": {"x": {"type": "no-such-type"}}}
+    records = [{"id": "a", "turns": ["q0", "q1"], "turn_params": [None, {"response_format": bad}]}]
+    with pytest.raises(
+        ConfigError, match=r"conversation 'a', turn 1, turn_params: response_format"
+    ):
+        nbllm.run(records, engine=engine, model="m", **FAST)
+    assert engine.calls == 0

@@ -3,7 +3,9 @@
 
 ``_answer`` asks a turn of one model (its ``_turn``: the cache, then attempts with retries)
 and parses the answer: one that does not parse is asked again, shown its error, up to
-``parse_retries`` times, outside the conversation's history.
+``parse_retries`` times, outside the conversation's history. A turn whose ``turn_params``
+give a ``response_format`` (a pydantic class or a JSON schema) is sent that schema and
+parsed by it instead of the run's (``_parser_for``, ``_turn_params``).
 
 Each model of ``model=[...]`` is a ``Member``: its name (what its rows say in ``model``),
 its lanes (one engine, or the deployments of a group), and who answers for the response
@@ -40,7 +42,7 @@ from nbllm.executor.events import Event
 from nbllm.executor.lanes import Lanes, Routes, build_lanes
 from nbllm.executor.limits import RunLimits
 from nbllm.executor.rows import merged
-from nbllm.parsing import ParseFailed
+from nbllm.parsing import ParseFailed, make_parser
 from nbllm.results_models import ENSEMBLES, EnsembleTotals, agreement_key
 from nbllm.types import Conversation, TurnRecord
 
@@ -114,6 +116,7 @@ class Ensembles:
     _stopping: bool
     _withdrawing: set[asyncio.Task[Any]]
     _ensemble_totals: EnsembleTotals | None
+    _turn_parsers: dict[int, Parser | None]
 
     async def _turn(
         self,
@@ -136,9 +139,30 @@ class Ensembles:
     ) -> TurnRecord | None:
         """Turn k asked of ``member``, its answer parsed; None when stopped first."""
         record = await self._turn(member, conv, k, answers, keys)
-        if record is not None and self.parser is not None and record.ok:
-            record = await self._parsed(member, record, conv, k, answers)
+        parser = self._parser_for(conv, k)
+        if record is not None and parser is not None and record.ok:
+            record = await self._parsed(member, record, conv, k, answers, parser)
         return record
+
+    def _parser_for(self, conv: Conversation, k: int) -> Parser | None:
+        """What reads turn k's answer: its own ``response_format``, else the run's parser."""
+        given = conv.params_for(k).get("response_format")
+        if given is None:
+            return self.parser
+        made = self._turn_parsers.get(id(given))
+        if made is None:
+            made = self._turn_parsers[id(given)] = make_parser(given)
+        return made
+
+    def _turn_params(self, conv: Conversation, k: int) -> Mapping[str, Any]:
+        """Turn k's own sampling parameters as an engine is sent them: a ``response_format``
+        in the wire's form (a pydantic class made a JSON schema)."""
+        extra = conv.params_for(k)
+        if extra.get("response_format") is None:
+            return extra
+        parser = self._parser_for(conv, k)
+        assert parser is not None
+        return {**extra, "response_format": parser.wire}
 
     async def _parsed(
         self,
@@ -147,21 +171,21 @@ class Ensembles:
         conv: Conversation,
         k: int,
         answers: Sequence[str],
+        parser: Parser,
     ) -> TurnRecord | None:
-        """``record`` with its answer parsed; an answer that does not parse is asked again
-        (shown its error) up to ``parse_retries`` times, outside the conversation's history.
-        None when the run stops before the turn has an answer that parses."""
-        assert self.parser is not None
+        """``record`` with its answer parsed by ``parser``; an answer that does not parse is
+        asked again (shown its error) up to ``parse_retries`` times, outside the
+        conversation's history. None when the run stops before an answer parses."""
         tries = 0
         while True:
             try:
-                value = self.parser.parse(record.answer or "")
+                value = parser.parse(record.answer or "")
             except ParseFailed as error:
                 if tries >= self.parse_retries or self._stopping:
                     failed = f"ParseError: {error}"
                     return replace(record, error=failed, parse_retries=tries)
                 tries += 1
-                repair = (record.answer or "", self.parser.repair(str(error)))
+                repair = (record.answer or "", parser.repair(str(error)))
                 again = await self._turn(member, conv, k, answers, None, repair)
                 if again is None:
                     return None
@@ -241,7 +265,7 @@ class Ensembles:
         elif any(r is None for r in records):
             return None, None  # stopped before every member answered: not finished
         else:
-            by_parsed = self.parser is not None
+            by_parsed = any(r is not None and r.parsed is not None for r in records)
             votes: dict[str, list[int]] = {}
             for i, r in enumerate(records):
                 key = agreement_key(r, by_parsed) if r is not None else None

@@ -189,9 +189,9 @@ class Executor(Stopping, Ensembles):
         self.ensemble = ensemble
         self._withdrawing: set[asyncio.Task[Any]] = set()
         self._ensemble_totals: EnsembleTotals | None = None
-        only = self.members[0].lanes
-        several = len(self.members) > 1
-        self.lanes = Lanes.joined([m.lanes for m in self.members]) if several else only
+        self._turn_parsers: dict[int, Parser | None] = {}  # by id of a turn's response_format
+        parts = [m.lanes for m in self.members]
+        self.lanes = Lanes.joined(parts) if len(parts) > 1 else parts[0]
         self.limits = self.lanes.lanes[0].limits  # the only lane's, for a single engine
         self._tpm = any(lane.limits.tpm is not None for lane in self.lanes.lanes)
         names = dict.fromkeys(to.name if isinstance(to, Engine) else "router" for _, to in targets)
@@ -351,7 +351,7 @@ class Executor(Stopping, Ensembles):
             stored = self._done.get((index, k))
             answer: str | None
             if stored is not None:
-                self._finish(index, base + k, reparsed(stored, self.parser))
+                self._finish(index, base + k, reparsed(stored, self._parser_for(conv, k)))
                 answer = stored.answer or ""
             else:
                 if self._stopping:
@@ -429,7 +429,7 @@ class Executor(Stopping, Ensembles):
         messages = conv.messages_for(k, answers, self.system)
         if repair is not None:  # asked again: the answer that did not parse, and why
             messages += [{"role": "assistant", "content": repair[0]}, user(repair[1])]
-        extra = conv.params_for(k)  # this turn's own sampling parameters, over the run's
+        extra = self._turn_params(conv, k)  # this turn's own parameters, over the run's
         params = {**self.params, **extra} if extra else self.params
         key = None
         if self.cache is not None and keys is not None:
