@@ -7,7 +7,9 @@ once the model has been converted (the first use converts it, about 10 s).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import json
 import subprocess
 import sys
 import threading
@@ -586,3 +588,41 @@ def test_choosing_torch_prints_nothing_and_imports_no_other_engine():
     )
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ("", "")
+
+
+def test_vllm_holds_its_decoding_to_the_schema_asked():
+    from types import SimpleNamespace
+
+    from nbllm.engines.local.vllm import guided
+
+    class Params:
+        def __init__(self, **kw: object) -> None:
+            self.kw = kw
+
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}}}
+    wire = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    newer = SimpleNamespace(StructuredOutputsParams=Params, GuidedDecodingParams=Params)
+    ((kind, made),) = guided(newer, wire).items()
+    assert kind == "structured_outputs" and made.kw == {"json": schema}
+    ((kind, made),) = guided(SimpleNamespace(GuidedDecodingParams=Params), wire).items()
+    assert kind == "guided_decoding" and made.kw == {"json": schema}
+    ((kind, made),) = guided(newer, {"type": "json_object"}).items()
+    assert made.kw == {"json_object": True}
+    assert guided(newer, None) == {} and guided(SimpleNamespace(), wire) == {}
+
+
+@pytest.mark.gpu
+async def test_vllm_answers_json_that_follows_the_schema():
+    require_embedded_model("vllm")
+    from nbllm.engines.local.vllm import VllmEngine
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    wire = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    engine = VllmEngine()
+    try:
+        request = ask(PROMPTS[0], max_tokens=32)
+        request = dataclasses.replace(request, params={**request.params, "response_format": wire})
+        answer = await engine.complete(request)
+        assert isinstance(json.loads(answer.text)["city"], str)
+    finally:
+        await engine.aclose()

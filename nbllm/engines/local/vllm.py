@@ -11,6 +11,10 @@ request's first output (its queue and its prompt's prefill), never the generatio
 output, is aborted in vLLM's scheduler: its sequence leaves the running batch at once.
 vLLM's own ``finish_reason`` ("stop", "length", "abort") is passed on as it is.
 
+A request with ``response_format`` is decoded under vLLM's structured outputs (guided
+decoding: the JSON schema, or any JSON object), besides the schema in the prompt that every
+local engine is given: the answer cannot leave the schema (``guided``).
+
 The context is vLLM's ``max_model_len``. The prompt is tokenized in a thread, off the event
 loop, and one that leaves no room for ``max_tokens`` is refused before vLLM sees it.
 """
@@ -18,7 +22,9 @@ loop, and one that leaves no room for ``max_tokens`` is refused before vLLM sees
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
 from nbllm.engines.local.base import Generation, LocalEngine, require
@@ -27,9 +33,32 @@ from nbllm.engines.local.phases import quiet_loading
 from nbllm.errors import EngineError, EngineUnavailable, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = ["VllmEngine"]
+__all__ = ["VllmEngine", "guided"]
 
 _request_ids = itertools.count()
+# The response_format of the request being sent (schema_in_prompt takes it out of params).
+_WANTED: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "response_format", default=None
+)
+
+
+def guided(sampling_params: Any, response_format: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``SamplingParams`` keywords that hold vLLM's decoding to ``response_format``
+    (OpenAI's wire form): ``structured_outputs=StructuredOutputsParams(...)`` where vLLM
+    has it (0.10.2 on), else ``guided_decoding=GuidedDecodingParams(...)``; none without
+    a response_format, or on a vLLM with neither."""
+    if not isinstance(response_format, Mapping):
+        return {}
+    inner = response_format.get("json_schema")
+    schema = inner.get("schema") if isinstance(inner, Mapping) else None
+    if schema is None and response_format.get("type") != "json_object":
+        return {}
+    what = {"json": dict(schema)} if schema is not None else {"json_object": True}
+    if hasattr(sampling_params, "StructuredOutputsParams"):
+        return {"structured_outputs": sampling_params.StructuredOutputsParams(**what)}
+    if hasattr(sampling_params, "GuidedDecodingParams"):
+        return {"guided_decoding": sampling_params.GuidedDecodingParams(**what)}
+    return {}
 
 
 class VllmEngine(LocalEngine):
@@ -78,7 +107,15 @@ class VllmEngine(LocalEngine):
             top_p=generation.top_p,
             seed=generation.seed,
             stop=list(generation.stop) or None,
+            **guided(self._vllm.sampling_params, _WANTED.get()),
         )
+
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        token = _WANTED.set(request.params.get("response_format"))
+        try:
+            return await super().complete(request)
+        finally:
+            _WANTED.reset(token)
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
         generation = self.generation(request)
