@@ -115,6 +115,9 @@ async def arun(
     parse: Any = None,
     parse_retries: int = 2,
     score: Any = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    trace_content: bool = False,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -166,6 +169,9 @@ def run(
     parse: Any = None,
     parse_retries: int = 2,
     score: Any = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    trace_content: bool = False,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:

@@ -70,6 +70,8 @@ _RUN_OPTIONS = (
     "cooldown_s",
     "allowed_fails",
     "ensemble",
+    "metrics_port",
+    "metrics_host",
 )
 
 

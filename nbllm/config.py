@@ -303,6 +303,26 @@ class RunConfig(BaseModel):
         "'exact', 'contains', 'numeric', 'f1' or a callable",
         metavar="METRIC",
     )
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = _option(
+        None,
+        "serve Prometheus metrics on /metrics at this port while the run goes (none: "
+        "$NBLLM_METRICS_PORT, else no endpoint); needs nbllm[metrics]",
+        "a port number from 1 to 65535, or None",
+        metavar="PORT",
+    )
+    metrics_host: str = _option(
+        "127.0.0.1",
+        "the address /metrics listens on (0.0.0.0: every interface, for a scraper elsewhere)",
+        "an IP address or host name",
+        metavar="HOST",
+        pattern=r"\S",
+    )
+    trace_content: bool = _option(
+        False,
+        "with OpenTelemetry configured, also record each turn's question and answer in its "
+        "conversation's span (never by default)",
+        "True or False",
+    )
     listeners: tuple[Callable[[Any], Any], ...] = _option(
         (), "callables receiving the executor's events", "a list of callables", strict=False
     )

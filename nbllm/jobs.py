@@ -218,6 +218,9 @@ def submit(
     parse: Any = None,
     parse_retries: int = 2,
     score: Any = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    trace_content: bool = False,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> Job:

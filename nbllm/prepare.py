@@ -334,7 +334,7 @@ def check_run(
     )
     check_engine_takes_images("local" if local and engine == "auto" else engine, conversations)
     stop = RunStop()
-    run_listeners = [*config.listeners, *listeners]
+    run_listeners = [*config.listeners, *listeners, *run_checks.watchers(config)]
     view = make_view(stop) if make_view is not None else None
     if view is not None:
         run_listeners.append(view)

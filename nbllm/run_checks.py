@@ -4,17 +4,30 @@ its routing options, the metric of ``score=``, the budget and the price a dollar
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
-from nbllm.config import RunConfig
+from nbllm.config import RunConfig, parse_run_option
 from nbllm.engines import Engine, is_local
 from nbllm.errors import ConfigError
 from nbllm.executor.budget import Budget
 from nbllm.executor.deployments import DeploymentList, load_deployments
+from nbllm.executor.events import Event
 from nbllm.executor.routing import RoutingOptions, routing_options
 from nbllm.types import Conversation
 
-__all__ = ["budget", "check_price", "check_score", "deployments", "group", "scorer"]
+__all__ = [
+    "budget",
+    "check_price",
+    "check_score",
+    "check_turn_formats",
+    "deployments",
+    "group",
+    "models",
+    "scorer",
+    "watchers",
+]
 
 
 _ROUTING_OPTIONS = ("routing", "fallbacks", "cooldown_s", "allowed_fails")
@@ -101,6 +114,31 @@ def check_turn_formats(conversations: list[Conversation]) -> None:
                 msg = f"conversation {conv.id!r}, turn {k}, turn_params: {exc}"
                 raise ConfigError(msg) from None
             seen.add(id(given))
+
+
+def watchers(config: RunConfig) -> list[Callable[[Event], None]]:
+    """The listeners that show the run outside the notebook: Prometheus metrics where a
+    port is asked for (``metrics_port``, else ``$NBLLM_METRICS_PORT``), and OpenTelemetry
+    spans where a tracer provider is configured. Made before any request: a port in use
+    or a missing package is a ``ConfigError`` now."""
+    from nbllm.metrics import metrics_listener
+    from nbllm.tracing import tracing_listener
+
+    port = config.metrics_port
+    text = os.environ.get("NBLLM_METRICS_PORT", "").strip()
+    if port is None and text:
+        try:
+            port = parse_run_option("metrics_port", text)
+        except ConfigError as exc:
+            msg = f"$NBLLM_METRICS_PORT: {exc}"
+            raise ConfigError(msg) from None
+    given = {"rpm": config.rpm, "tpm": config.tpm}
+    limits = {k: float(v) for k, v in given.items() if isinstance(v, (int, float))}  # not "auto"
+    found = [
+        metrics_listener(port, config.metrics_host, limits),
+        tracing_listener(config.trace_content),
+    ]
+    return [listener for listener in found if listener is not None]
 
 
 def check_score(config: RunConfig, conversations: list[Conversation]) -> None:

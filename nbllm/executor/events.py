@@ -68,6 +68,32 @@ class RetryScheduled:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptFinished:
+    """One request attempt ended: answered (``outcome`` "ok"), refused with a 429
+    ("rate_limited"), failed ("error": ``error`` names the ``EngineError``'s class) or
+    cancelled ("cancelled": a stop, or an ensemble's request withdrawn). ``model`` is the
+    model or group the run names it by, ``deployment`` the deployment's id; ``latency_s``
+    the seconds it spent in the engine, from ``sent_at`` to ``t`` (Unix seconds). An
+    answer's model, tokens, finish reason and cost come with it (None otherwise)."""
+
+    conversation_id: Hashable
+    turn: int
+    attempt: int
+    model: str
+    deployment: str
+    outcome: str
+    error: str | None
+    latency_s: float
+    sent_at: float
+    t: float
+    response_model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TurnFinished:
     """A turn has its final row: answered, failed, or skipped because an earlier turn failed.
 
@@ -158,6 +184,7 @@ class BreakerChanged:
 Event = (
     RunStarted
     | RequestSent
+    | AttemptFinished
     | RetryScheduled
     | TurnFinished
     | RunFinished

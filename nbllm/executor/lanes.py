@@ -33,7 +33,7 @@ from nbllm.executor.adaptive import AdaptiveLimit
 from nbllm.executor.breaker import BreakerState, CircuitBreaker
 from nbllm.executor.budget import Budget, priced
 from nbllm.executor.deployments import Deployment, DeploymentList, deployment_id
-from nbllm.executor.events import BreakerChanged, Event
+from nbllm.executor.events import AttemptFinished, BreakerChanged, Event
 from nbllm.executor.limiter import Grant
 from nbllm.executor.limits import AUTO_CONCURRENCY, RunLimits, SlotControl, run_wide
 from nbllm.executor.routing import DeploymentLoad, Router, RoutingOptions
@@ -43,7 +43,16 @@ from nbllm.redact import public_url, secret_values
 from nbllm.results_deployments import DeploymentFigures, DeploymentTotals
 from nbllm.types import ChatRequest, ChatResponse, Message
 
-__all__ = ["Attempts", "Lane", "Lanes", "NoDeployment", "Routes", "build_lanes"]
+__all__ = [
+    "Attempts",
+    "Lane",
+    "Lanes",
+    "NoDeployment",
+    "Routes",
+    "attempt_answered",
+    "attempt_failed",
+    "build_lanes",
+]
 
 
 #: ``limit_history``'s names for each kind of "auto" limit (rates per second).
@@ -493,6 +502,44 @@ def build_lanes(
         return lane
 
     return Lanes.routed(sends_to, make_lane, emit=emit, probe_timeout_s=timeout)
+
+
+def attempt_answered(
+    lane: Lane,
+    conversation_id: Any,
+    turn: int,
+    attempt: int,
+    sent_at: float,
+    response: ChatResponse,
+    cost: float | None,
+) -> AttemptFinished:
+    """The ``AttemptFinished`` of an attempt ``lane`` answered."""
+    now = time.time()
+    return AttemptFinished(
+        conversation_id, turn, attempt, lane.group, lane.id, "ok", None, now - sent_at,
+        sent_at, now, response.model, response.prompt_tokens, response.completion_tokens,
+        response.finish_reason, cost,
+    )  # fmt: skip
+
+
+def attempt_failed(
+    lane: Lane,
+    conversation_id: Any,
+    turn: int,
+    attempt: int,
+    sent_at: float,
+    seconds: float,
+    error: EngineError | None,
+) -> AttemptFinished:
+    """The ``AttemptFinished`` of an attempt that ended without an answer: ``error``, or
+    cancelled (None)."""
+    outcome = "cancelled" if error is None else "error"
+    outcome = "rate_limited" if isinstance(error, RateLimitError) else outcome
+    kind = None if error is None else type(error).__name__
+    return AttemptFinished(
+        conversation_id, turn, attempt, lane.group, lane.id, outcome, kind, seconds, sent_at,
+        time.time(),
+    )  # fmt: skip
 
 
 def _target(engine: Engine, api_base: str | None) -> str:

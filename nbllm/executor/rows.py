@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from nbllm.parsing import ParseFailed, Parser
 from nbllm.types import ChatResponse, Conversation, Message, TurnRecord
 
-__all__ = ["answered", "cached", "merged", "reparsed", "unanswered", "user"]
+__all__ = ["answered", "cached", "complete", "merged", "reparsed", "unanswered", "user"]
 
 N = TypeVar("N", int, float)
 
@@ -92,3 +93,20 @@ def reparsed(record: TurnRecord, parser: Parser | None) -> TurnRecord:
         return replace(record, parsed=parser.parse(record.answer))
     except ParseFailed:
         return record  # stored under another parse=: kept as it was answered
+
+
+def complete(
+    conversations: Sequence[Conversation],
+    offsets: Sequence[int],
+    records: Sequence[TurnRecord | None],
+    done: Mapping[tuple[int, int], TurnRecord],
+    why: str,
+) -> list[TurnRecord]:
+    """Every turn's row, in input order: as recorded, else as stored by an earlier run (it
+    counts even if the run stopped before it was read back), else not run (``why``)."""
+    out: list[TurnRecord] = []
+    for index, (conv, base) in enumerate(zip(conversations, offsets, strict=True)):
+        for k in range(len(conv)):
+            record = records[base + k] or done.get((index, k))
+            out.append(record if record is not None else unanswered(conv, k, why))
+    return out

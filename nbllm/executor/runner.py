@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -48,6 +47,7 @@ from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
 from nbllm.executor.ensemble import Ensembles, Member, check_ensemble, members
 from nbllm.executor.events import (
+    AttemptFinished,
     Event,
     EventBus,
     RequestSent,
@@ -56,11 +56,17 @@ from nbllm.executor.events import (
     RunStarted,
     TurnFinished,
 )
-from nbllm.executor.lanes import Attempts, Lane, Lanes, NoDeployment, Routes
-from nbllm.executor.limiter import Grant, estimate_tokens
+from nbllm.executor.lanes import (
+    Attempts,
+    Lanes,
+    NoDeployment,
+    Routes,
+)
+from nbllm.executor.limiter import estimate_tokens
 from nbllm.executor.limits import AUTO_CONCURRENCY, RunLimits
 from nbllm.executor.redis_link import check
-from nbllm.executor.rows import answered, cached, reparsed, unanswered, user
+from nbllm.executor.rows import answered, cached, complete, reparsed, unanswered, user
+from nbllm.executor.sending import WORKER, Sending
 from nbllm.executor.stopping import Stopping
 from nbllm.executor.timing import time_split
 from nbllm.executor.unreachable import unreachable_reason
@@ -69,7 +75,7 @@ from nbllm.redact import redact, secret_values
 from nbllm.results import RunResult, Scorer
 from nbllm.results_models import EnsembleTotals
 from nbllm.retry import RetryPolicy
-from nbllm.types import NOT_RUN, SKIPPED, ChatResponse, Conversation, Message, TurnRecord
+from nbllm.types import NOT_RUN, SKIPPED, Conversation, TurnRecord
 
 __all__ = ["CONVERSATIONS_PER_SLOT", "Executor"]
 
@@ -79,17 +85,12 @@ __all__ = ["CONVERSATIONS_PER_SLOT", "Executor"]
 CONVERSATIONS_PER_SLOT = 4
 
 STOPPED = f"{NOT_RUN}: the run was stopped before this turn finished"
-# The worker a request is sent for (an ensemble sends from tasks of its own): what a stop
-# lets finish or cancels.
-_WORKER: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
-    "worker", default=None
-)
 # Attempts that must all fail to connect, with none reaching the server, before a run
 # gives up: enough that one unlucky connection does not end a run.
 UNREACHABLE_AFTER = 3
 
 
-class Executor(Stopping, Ensembles):
+class Executor(Stopping, Ensembles, Sending):
     """Runs conversations against one engine, or the deployments of ``routes`` (then
     ``engine`` is None and ``model`` names the group), with caps, limits and retries.
     ``models``: several models, each (name, engine or routes); every conversation is
@@ -197,6 +198,7 @@ class Executor(Stopping, Ensembles):
         names = dict.fromkeys(to.name if isinstance(to, Engine) else "router" for _, to in targets)
         self._engine_name = ", ".join(names)
         self._wants_sent = self._events.wants(RequestSent)
+        self._wants_attempt = self._events.wants(AttemptFinished)
         self._wants_retry = self._events.wants(RetryScheduled)
         self._wants_finished = self._events.wants(TurnFinished)
         self.stop_grace_s = stop_grace_s
@@ -294,8 +296,9 @@ class Executor(Stopping, Ensembles):
         wall = time.perf_counter() - t0
         unfinished = any(r is None for r in self._records)
         interrupted = interrupted or (self._stopping and self._stop_reason is None and unfinished)
+        why = STOPPED if self._stop_reason is None else f"{NOT_RUN}: {self._stop_reason}"
         result = RunResult(
-            self._complete_records(),
+            complete(self._conversations, self._offsets, self._records, self._done, why),
             conversations=len(conversations),
             wall_s=wall,
             started_at=started_at,
@@ -326,7 +329,7 @@ class Executor(Stopping, Ensembles):
     # -- conversations -------------------------------------------------------------
 
     async def _worker(self, queue: collections.deque[int]) -> None:
-        _WORKER.set(asyncio.current_task())  # its ensemble members' tasks inherit it
+        WORKER.set(asyncio.current_task())  # its ensemble members' tasks inherit it
         try:
             while queue and not self._stopping:
                 await self._conversation(queue.popleft())
@@ -396,17 +399,6 @@ class Executor(Stopping, Ensembles):
         if self._wants_finished:
             last = record.turn == len(self._conversations[index]) - 1
             self._emit(TurnFinished(record, self._in_flight, time.time(), last))
-
-    def _complete_records(self) -> list[TurnRecord]:
-        records: list[TurnRecord] = []
-        why = STOPPED if self._stop_reason is None else f"{NOT_RUN}: {self._stop_reason}"
-        for index, (conv, base) in enumerate(zip(self._conversations, self._offsets, strict=True)):
-            for k in range(len(conv)):
-                # A turn stored by an earlier run counts even if the run stopped before it
-                # was read back.
-                record = self._records[base + k] or self._done.get((index, k))
-                records.append(record if record is not None else unanswered(conv, k, why))
-        return records
 
     # -- one turn: retries, then each attempt ------------------------------------------
 
@@ -505,96 +497,6 @@ class Executor(Stopping, Ensembles):
                 finished_at=time.time(),
                 **time_split(ready, self._loop.time(), log.spent),
             )
-
-    async def _attempt(
-        self,
-        lanes: Lanes,
-        messages: Sequence[Message],
-        conversation_id: Any,
-        turn: int,
-        attempt: int,
-        estimate: int,
-        log: Attempts,
-        priority: tuple[int, ...],
-        extra: Mapping[str, Any],
-    ) -> tuple[ChatResponse, float, Lane, float | None] | None:
-        """Send once: the answer, its latency, the lane that answered and the answer's
-        cost; None when stopped before it could go.
-
-        ``log`` gathers the turn's attempts: when each left, the seconds each spent in the
-        engine (answered or not) and the lane each went to. ``priority`` orders the wait
-        for a request slot (smallest first).
-        """
-        await self._slots.acquire(priority)
-        try:
-            admitted = await lanes.admit(
-                log.avoid(), estimate, priority, self.timeout, self._may_send
-            )
-            if admitted is None:
-                return None
-            lane = admitted[0]
-            try:
-                return await self._send_on(
-                    *admitted, messages, conversation_id, turn, attempt, log, extra
-                )
-            finally:
-                if lane.slots is not None:
-                    lane.slots.release()
-        finally:
-            self._slots.release()
-
-    def _may_send(self) -> bool:
-        """Asked right before each request leaves: the budget, then a stop."""
-        if self.budget is not None and (why := self.budget.reached()):
-            self._stop_for(why)
-        return not self._stopping
-
-    async def _send_on(
-        self,
-        lane: Lane,
-        grant: Grant | None,
-        messages: Sequence[Message],
-        conversation_id: Any,
-        turn: int,
-        attempt: int,
-        log: Attempts,
-        extra: Mapping[str, Any],
-    ) -> tuple[ChatResponse, float, Lane, float | None] | None:
-        self._in_flight += 1
-        sent_at = time.time()
-        log.sent(sent_at, lane)
-        if self._wants_sent:
-            self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
-        t0 = self._loop.time()
-        worker = _WORKER.get() or asyncio.current_task()
-        assert worker is not None
-        # Its own task: a cancel of this worker can cut the request short but can never
-        # drop an answer that has arrived (the task holds it).
-        send = self._loop.create_task(lane.send(messages, extra))
-        self._sending[worker] = self._sending.get(worker, 0) + 1
-        try:
-            response = await send
-        except asyncio.CancelledError:
-            self._stopping = self._stopping or not self._withdrawn()
-            if send.done() and not send.cancelled() and send.exception() is None:
-                response = send.result()  # arrived as the cancel came: kept
-            else:
-                send.cancel()
-                lane.abandoned()
-                return None
-        except EngineError as error:
-            log.failed_there = lane.failed(error)
-            raise
-        except BaseException:
-            lane.abandoned()
-            raise
-        finally:
-            self._in_flight -= 1
-            if (left := self._sending.pop(worker, 1) - 1) > 0:
-                self._sending[worker] = left
-            log.spent.append(self._loop.time() - t0)
-        cost = lane.answered(log.spent[-1], response, self.budget, grant)
-        return response, log.spent[-1], lane, cost
 
     def _emit(self, event: Event) -> None:
         self._events.emit(event)
