@@ -118,6 +118,8 @@ async def arun(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     trace_content: bool = False,
+    alerts: Any = None,
+    on_alert: Callable[[Any], Any] | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:
@@ -172,6 +174,8 @@ def run(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     trace_content: bool = False,
+    alerts: Any = None,
+    on_alert: Callable[[Any], Any] | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> RunResult:

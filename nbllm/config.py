@@ -323,6 +323,17 @@ class RunConfig(BaseModel):
         "conversation's span (never by default)",
         "True or False",
     )
+    alerts: Any = _option(
+        None,
+        "alert rules: a dict of rule -> threshold (latency_p95_s, error_rate, "
+        "rate_limited_rate, throughput_drop, gpu_memory, spend_share; False turns one off) "
+        "with window_s and cooldown_s; None: the defaults; False: no alerts",
+        "a dict of rule -> threshold, False or None",
+        metavar="RULES",
+    )
+    on_alert: Callable[[Any], Any] | None = _option(
+        None, "called with each Alert as it is raised (a webhook of one's own)", "a callable"
+    )
     listeners: tuple[Callable[[Any], Any], ...] = _option(
         (), "callables receiving the executor's events", "a list of callables", strict=False
     )

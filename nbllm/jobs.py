@@ -221,6 +221,8 @@ def submit(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     trace_content: bool = False,
+    alerts: Any = None,
+    on_alert: Callable[[Any], Any] | None = None,
     listeners: Iterable[Callable[[Event], None]] = (),
     **params: Any,
 ) -> Job:

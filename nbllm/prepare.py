@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbllm import run_checks
 from nbllm.config import RunConfig
@@ -51,6 +51,9 @@ from nbllm.images import check_engine_takes_images
 from nbllm.redact import public_url
 from nbllm.results import RunResult
 from nbllm.types import Conversation
+
+if TYPE_CHECKING:
+    from nbllm.alerts import AlertWatcher
 
 __all__ = [
     "CheckedRun",
@@ -135,6 +138,7 @@ class PreparedRun:
     view: Listener | None = None
     routes: Routes | None = None
     models: tuple[tuple[str, Engine | Routes], ...] = ()  # model=[...]: what each is sent to
+    alerts: AlertWatcher | None = None  # alerts=: the rules' watcher, a listener of the run
 
     @property
     def turns(self) -> int:
@@ -169,6 +173,7 @@ class PreparedRun:
             routes=self.routes,
             models=self.models,
             ensemble=self.config.ensemble,
+            alerts=self.alerts.fired if self.alerts is not None else None,
             parser=self.config.parser,
             parse_retries=self.config.parse_retries,
             score=run_checks.scorer(self.config),
@@ -284,6 +289,7 @@ class CheckedRun:
     deployments: DeploymentList | None = None
     routing: RoutingOptions | None = None
     models: tuple[str, ...] = ()  # model=[...]: each model (or group) asked
+    alerts: AlertWatcher | None = None
 
     @property
     def turns(self) -> int:
@@ -334,13 +340,17 @@ def check_run(
     )
     check_engine_takes_images("local" if local and engine == "auto" else engine, conversations)
     stop = RunStop()
+    alerts = run_checks.alert_watcher(config)
     run_listeners = [*config.listeners, *listeners, *run_checks.watchers(config)]
     view = make_view(stop) if make_view is not None else None
     if view is not None:
         run_listeners.append(view)
+    if alerts is not None:  # an Alert goes to every other listener (the view shows it)
+        alerts.forward = EventBus(list(run_listeners)).emit
+        run_listeners.append(alerts)
     return CheckedRun(
         config, conversations, model, cache_path, stop, run_listeners, view, deployments, routing,
-        models,
+        models, alerts,
     )  # fmt: skip
 
 
@@ -399,6 +409,7 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
         checked.listeners,
         stop=checked.stop,
         view=checked.view,
+        alerts=checked.alerts,
     )
     # Under auto, a local model's checkpoint survives a changed pick (llama.cpp
     # installed since, say): rows name the engine that answered each turn.
@@ -446,6 +457,7 @@ def _prepare_models(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun
         checked.listeners,
         stop=checked.stop,
         view=checked.view,
+        alerts=checked.alerts,
     )
     try:
         for name in checked.models:
@@ -516,6 +528,7 @@ def _prepare_routed(checked: CheckedRun) -> PreparedRun:
         checked.listeners,
         stop=checked.stop,
         view=checked.view,
+        alerts=checked.alerts,
         routes=routes,
     )
     # The group and its sampling parameters, not the list: adding a deployment keeps it.

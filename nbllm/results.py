@@ -117,6 +117,7 @@ class RunSummary:
     score of the rows scored. ``deployments``: one row per deployment (a DataFrame).
     ``ensemble``: with ``ensemble=``, each model's turn times, how often its answer was
     kept and how much the ensemble's p95 gains on it (a DataFrame, ``EnsembleFigures``).
+    ``alerts``: the message of each alert raised during the run (``alerts=``).
     """
 
     conversations: int
@@ -148,6 +149,7 @@ class RunSummary:
     score_metric: str | None = None
     deployment_figures: tuple[DeploymentFigures, ...] = ()
     ensemble_figures: tuple[EnsembleFigures, ...] = ()
+    alerts: tuple[str, ...] = ()
 
     @classmethod
     def from_totals(
@@ -161,6 +163,7 @@ class RunSummary:
         deployments: Sequence[DeploymentFigures] = (),
         score_metric: str | None = None,
         ensemble: Sequence[EnsembleFigures] = (),
+        alerts: Sequence[str] = (),
     ) -> RunSummary:
         """The whole run's figures from the totals of all its rows."""
         latencies, queue, service = totals.latencies(), totals.queue_s(), totals.service_s()
@@ -194,6 +197,7 @@ class RunSummary:
             score_metric=score_metric,
             deployment_figures=tuple(deployments),
             ensemble_figures=tuple(ensemble),
+            alerts=tuple(alerts),
         )
 
     @property
@@ -253,6 +257,8 @@ class RunSummary:
                 return f"{value:,}"
             if isinstance(value, float):
                 return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+            if isinstance(value, tuple):  # alerts: one message after another
+                return "; ".join(map(str, value)) or "-"
             return str(value)
 
         return [
@@ -303,12 +309,15 @@ class RunResult:
         score: tuple[str, Scorer] | None = None,
         models: Sequence[str] = (),
         ensemble: Sequence[EnsembleFigures] | None = None,
+        alerts: Sequence[Any] = (),
     ) -> None:
         self.records = list(records)
         #: model=[...]: the models, in the order given (empty for a run of one model).
         self.models = tuple(models)
         #: ensemble=: each model's figures and the ensemble's (None without an ensemble).
         self.ensemble = None if ensemble is None else tuple(ensemble)
+        #: alerts=: every Alert raised during the run (``nbllm.alerts``), in order.
+        self.alerts = tuple(alerts)
         self.deployments = tuple(deployments)
         #: The "auto" limits over the run: (time, "requests/s" | "tokens/s" | "concurrency",
         #: limit), at the start and after each change; what ``plot()`` draws.
@@ -418,6 +427,7 @@ class RunResult:
             deployments=self.deployments,
             score_metric=scoring[0] if scoring else None,
             ensemble=self.ensemble or (),
+            alerts=tuple(a.message for a in self.alerts),
         )
 
     def score(

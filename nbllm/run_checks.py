@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbllm.config import RunConfig, parse_run_option
 from nbllm.engines import Engine, is_local
@@ -17,7 +17,11 @@ from nbllm.executor.events import Event
 from nbllm.executor.routing import RoutingOptions, routing_options
 from nbllm.types import Conversation
 
+if TYPE_CHECKING:
+    from nbllm.alerts import AlertWatcher
+
 __all__ = [
+    "alert_watcher",
     "budget",
     "check_price",
     "check_score",
@@ -139,6 +143,16 @@ def watchers(config: RunConfig) -> list[Callable[[Event], None]]:
         tracing_listener(config.trace_content),
     ]
     return [listener for listener in found if listener is not None]
+
+
+def alert_watcher(config: RunConfig) -> AlertWatcher | None:
+    """The run's ``AlertWatcher`` (``alerts=`` checked now), or None with ``alerts=False``."""
+    from nbllm.alerts import AlertWatcher, alert_rules
+
+    rules = alert_rules(config.alerts)
+    if rules is None:
+        return None
+    return AlertWatcher(rules, on_alert=config.on_alert, max_cost_usd=config.max_cost_usd)
 
 
 def check_score(config: RunConfig, conversations: list[Conversation]) -> None:

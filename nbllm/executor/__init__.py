@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from nbllm.executor.events import (
+    Alert,
+    AttemptFinished,
     BreakerChanged,
     EnginePhase,
     Event,
@@ -21,6 +23,8 @@ from nbllm.executor.runner import Executor
 from nbllm.retry import RetryPolicy
 
 __all__ = [
+    "Alert",
+    "AttemptFinished",
     "BreakerChanged",
     "EnginePhase",
     "Event",

@@ -16,6 +16,9 @@ from typing import Protocol
 from nbllm.types import TurnRecord
 
 __all__ = [
+    "Alert",
+    "AttemptFinished",
+    "BreakerChanged",
     "EnginePhase",
     "Event",
     "LimitChanged",
@@ -91,6 +94,19 @@ class AttemptFinished:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     cost_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """A rule of ``alerts=`` crossed (``nbllm.alerts``): ``rule`` ("error_rate", ...), a
+    one-line ``message``, the ``value`` seen and the ``threshold`` it passed. Raised at most
+    once per rule per cooldown."""
+
+    rule: str
+    message: str
+    value: float
+    threshold: float
+    t: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +201,7 @@ Event = (
     RunStarted
     | RequestSent
     | AttemptFinished
+    | Alert
     | RetryScheduled
     | TurnFinished
     | RunFinished

@@ -47,6 +47,7 @@ from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
 from nbllm.executor.ensemble import Ensembles, Member, check_ensemble, members
 from nbllm.executor.events import (
+    Alert,
     AttemptFinished,
     Event,
     EventBus,
@@ -137,6 +138,7 @@ class Executor(Stopping, Ensembles, Sending):
         score: tuple[str, Scorer] | None = None,
         models: Sequence[tuple[str, Engine | Routes]] = (),
         ensemble: str | None = None,
+        alerts: Sequence[Alert] | None = None,
     ) -> None:
         if concurrency != "auto":
             check_whole("concurrency", concurrency)
@@ -188,6 +190,7 @@ class Executor(Stopping, Ensembles, Sending):
             targets, dict(params or {}), timeout, run_limits, self._emit, cache is not None
         )
         self.ensemble = ensemble
+        self.alerts = alerts  # alerts=: the list the run's alert watcher fills, for the result
         self._withdrawing: set[asyncio.Task[Any]] = set()
         self._ensemble_totals: EnsembleTotals | None = None
         self._turn_parsers: dict[int, Parser | None] = {}  # by id of a turn's response_format
@@ -311,6 +314,7 @@ class Executor(Stopping, Ensembles, Sending):
             score=self.score,
             models=[m.name for m in self.members] if len(self.members) > 1 else (),
             ensemble=self._ensemble_totals.figures() if self._ensemble_totals else None,
+            alerts=self.alerts or (),
         )
         # The summary's own counts (computed once, kept by the result), so they agree.
         summary = result.summary

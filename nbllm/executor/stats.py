@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from nbllm.engines.local.phases import GENERATING
 from nbllm.errors import ConfigError
 from nbllm.executor.events import (
+    Alert,
     BreakerChanged,
     EnginePhase,
     Event,
@@ -130,6 +131,8 @@ class Snapshot:
     auto_limits: tuple[tuple[str, float], ...] = ()
     #: Deployments whose breaker is not closed, or has opened: (id, state, trips).
     breakers: tuple[tuple[str, str, int], ...] = ()
+    #: alerts=: the message of each alert raised so far, oldest first.
+    alerts: tuple[str, ...] = ()
     #: score= of the run: the mean score of the rows scored so far, and the metric's name.
     score: float | None = None
     score_metric: str | None = None
@@ -179,6 +182,7 @@ class RunStats:
         self._quota: str | None = None
         self._auto_limits: dict[tuple[str, str], float] = {}
         self._breakers: dict[str, tuple[str, int]] = {}
+        self._alerts: list[str] = []
         self._phase: EnginePhase | None = None
         self._generated: int | None = None
         # (finish time, requests sent, tokens) of this run's turns in the recent window,
@@ -216,6 +220,8 @@ class RunStats:
                 self._auto_limits[(event.kind, event.deployment)] = event.limit
             elif isinstance(event, BreakerChanged):
                 self._breakers[event.deployment] = (event.state, event.trips)
+            elif isinstance(event, Alert):
+                self._alerts.append(event.message)
             elif isinstance(event, EnginePhase):
                 if event.phase == GENERATING:
                     # A count that comes late, after the run finished, changes nothing.
@@ -390,6 +396,7 @@ class RunStats:
                 quota_note=self._quota,
                 auto_limits=tuple(sorted(run_wide(self._auto_limits).items())),
                 breakers=tuple((d, state, trips) for d, (state, trips) in self._breakers.items()),
+                alerts=tuple(self._alerts),
                 score=self._rows.score,
                 score_metric=self._score_metric,
             )

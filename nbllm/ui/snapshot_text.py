@@ -181,6 +181,7 @@ def error_lines(snap: Snapshot) -> list[str]:
         lines.append(f"shared limits: {snap.quota_note}")
     if snap.breakers:
         lines.append(breaker_line(snap.breakers))
+    lines.extend(f"alert: {message}" for message in snap.alerts[-3:])  # the latest three
     return lines
 
 

@@ -1,0 +1,230 @@
+"""Threshold alerts: a run that goes wrong says so once, not in a storm.
+
+``alerts=`` on ``nbllm.run`` / ``arun`` / ``submit`` sets the rules' thresholds (a number)
+or turns a rule off (``False``); the rules not named keep their defaults (``DEFAULTS``), and
+``alerts=False`` turns them all off. Two settings go with them: ``window_s`` (the recent
+window the rates and the p95 are taken over, default 60 s) and ``cooldown_s`` (how long a
+rule that fired stays quiet, default 300 s). The rules:
+
+``latency_p95_s``      the p95 of the answered requests' latency over the window is above
+                       this many seconds (default 60);
+``error_rate``         failed attempts (5xx, timeouts, refused connections, ...) are more
+                       than this share of the window's attempts (0.25);
+``rate_limited_rate``  429s are more than this share of the window's attempts (0.2);
+``throughput_drop``    answers per second over the window fell below this share of the
+                       pace of the window before it (0.5: halved);
+``gpu_memory``         a GPU's memory in use is above this share of its total (0.95), read
+                       from NVML at most every 5 s (nothing where there is no GPU);
+``spend_share``        the run's cost has passed this share of ``max_cost_usd`` (0.8).
+
+A rate needs ``MIN_ATTEMPTS`` attempts in the window before it can fire. When a rule
+crosses, its ``Alert`` (an executor event) goes, once per cooldown, to every listener of the
+run (the notebook dashboard shows it as a banner), to the ``nbllm`` logger as a warning, to
+``on_alert`` (a callable: a webhook of one's own) and into ``result.summary.alerts``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from nbllm.dataset.cells import did_you_mean
+from nbllm.engines.hardware import nvml_reading, open_nvml
+from nbllm.errors import ConfigError
+from nbllm.executor.events import Alert, AttemptFinished, Event, RunStarted, TurnFinished
+from nbllm.results_sample import percentile
+
+__all__ = ["DEFAULTS", "MIN_ATTEMPTS", "AlertRules", "AlertWatcher", "alert_rules"]
+
+log = logging.getLogger("nbllm")
+
+#: Each rule's default threshold (see the module).
+DEFAULTS: dict[str, float] = {
+    "latency_p95_s": 60.0,
+    "error_rate": 0.25,
+    "rate_limited_rate": 0.2,
+    "throughput_drop": 0.5,
+    "gpu_memory": 0.95,
+    "spend_share": 0.8,
+}
+SETTINGS = {"window_s": 60.0, "cooldown_s": 300.0}
+#: Attempts a window needs before a rate or a p95 over it can fire.
+MIN_ATTEMPTS = 20
+_GPU_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    """The rules in force: ``thresholds`` by rule (the rules turned off left out)."""
+
+    thresholds: Mapping[str, float]
+    window_s: float = SETTINGS["window_s"]
+    cooldown_s: float = SETTINGS["cooldown_s"]
+
+
+def alert_rules(given: Any) -> AlertRules | None:
+    """``alerts=`` checked: None (the defaults), False (none), or a dict of rule ->
+    threshold or False, with ``window_s`` / ``cooldown_s``; ``ConfigError`` naming a rule
+    that does not exist (with the closest name) or a threshold that is not a number > 0."""
+    if given is False:
+        return None
+    if given is None or given is True:
+        return AlertRules(dict(DEFAULTS))
+    if not isinstance(given, Mapping):
+        msg = f"alerts= expected a dict of rule -> threshold (or False), got {type(given).__name__}"
+        raise ConfigError(msg)
+    thresholds = dict(DEFAULTS)
+    settings = dict(SETTINGS)
+    for name, value in given.items():
+        if name not in DEFAULTS and name not in SETTINGS:
+            known = [*DEFAULTS, *SETTINGS]
+            msg = f"alerts=: no rule {name!r}{did_you_mean(str(name), known)}; the rules: "
+            raise ConfigError(msg + ", ".join(known))
+        if value is False and name in DEFAULTS:
+            thresholds.pop(name)
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not value > 0:
+            msg = f"alerts={{{name!r}: ...}} expected a number > 0 (or False), got {value!r}"
+            raise ConfigError(msg)
+        if name in SETTINGS:
+            settings[name] = float(value)
+        else:
+            thresholds[name] = float(value)
+    return AlertRules(thresholds, settings["window_s"], settings["cooldown_s"])
+
+
+class AlertWatcher:
+    """A run's listener that checks the rules as events come (see the module).
+
+    ``forward`` delivers each ``Alert`` to the run's other listeners (set by whoever builds
+    the run); ``fired`` keeps every alert raised, for the summary.
+    """
+
+    def __init__(
+        self,
+        rules: AlertRules,
+        *,
+        on_alert: Callable[[Alert], Any] | None = None,
+        max_cost_usd: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rules = rules
+        self.on_alert = on_alert
+        self.max_cost_usd = max_cost_usd
+        self.forward: Callable[[Event], None] | None = None
+        self.fired: list[Alert] = []
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        # (time, latency or None, outcome) of each attempt, and the time of each answer.
+        self._attempts: collections.deque[tuple[float, float | None, str]] = collections.deque()
+        self._answers: collections.deque[float] = collections.deque()
+        self._cost = 0.0
+        self._gpu_at = -_GPU_EVERY_S
+
+    def __call__(self, event: Event) -> None:
+        now = self._clock()
+        if isinstance(event, AttemptFinished):
+            if event.outcome != "cancelled":
+                latency = event.latency_s if event.outcome == "ok" else None
+                self._attempts.append((now, latency, event.outcome))
+            self._check(now)
+        elif isinstance(event, TurnFinished):
+            record = event.record
+            if record.ok and not record.resumed and not record.cached:
+                self._answers.append(now)
+                self._cost += record.cost_usd or 0.0
+                self._spend()
+        elif isinstance(event, RunStarted):
+            self._answers.clear()
+            self._attempts.clear()
+
+    # -- the rules -----------------------------------------------------------------
+
+    def _check(self, now: float) -> None:
+        window = self.rules.window_s
+        while self._attempts and self._attempts[0][0] < now - window:
+            self._attempts.popleft()
+        while self._answers and self._answers[0] < now - 2 * window:
+            self._answers.popleft()
+        rules = self.rules.thresholds
+        attempts = self._attempts
+        if len(attempts) >= MIN_ATTEMPTS:
+            n = len(attempts)
+            if "error_rate" in rules:
+                share = sum(1 for _, _, o in attempts if o == "error") / n
+                self._rate("error_rate", share, f"{share:.0%} of the last {n} attempts failed")
+            if "rate_limited_rate" in rules:
+                share = sum(1 for _, _, o in attempts if o == "rate_limited") / n
+                self._rate(
+                    "rate_limited_rate", share, f"{share:.0%} of the last {n} attempts got a 429"
+                )
+            if "latency_p95_s" in rules:
+                latencies = sorted(lat for _, lat, _ in attempts if lat is not None)
+                p95 = percentile(latencies, 0.95)
+                if p95 is not None:
+                    self._rate("latency_p95_s", p95, f"request latency p95 is {p95:.2f} s")
+        if "throughput_drop" in rules and self._answers and now - self._answers[0] >= window:
+            recent = sum(1 for t in self._answers if t >= now - window)
+            before = len(self._answers) - recent
+            if before >= MIN_ATTEMPTS:
+                ratio = recent / before
+                if ratio < rules["throughput_drop"]:
+                    self._raise(
+                        "throughput_drop", ratio, rules["throughput_drop"],
+                        f"answers per second fell to {ratio:.0%} of the window before",
+                    )  # fmt: skip
+        if "gpu_memory" in rules and now - self._gpu_at >= _GPU_EVERY_S:
+            self._gpu_at = now
+            self._gpus()
+
+    def _rate(self, rule: str, value: float, what: str) -> None:
+        threshold = self.rules.thresholds[rule]
+        if value > threshold:
+            self._raise(rule, value, threshold, f"{what} (alert above {threshold:g})")
+
+    def _spend(self) -> None:
+        share = self.rules.thresholds.get("spend_share")
+        if share is None or not self.max_cost_usd:
+            return
+        used = self._cost / self.max_cost_usd
+        if used > share:
+            what = f"${self._cost:,.4f} spent, {used:.0%} of max_cost_usd ${self.max_cost_usd:g}"
+            self._raise("spend_share", used, share, what)
+
+    def _gpus(self) -> None:
+        devices = open_nvml()
+        if devices is None:
+            return
+        threshold = self.rules.thresholds["gpu_memory"]
+        with devices:
+            for device in devices:
+                info = nvml_reading(partial(devices.nvml.nvmlDeviceGetMemoryInfo, device.handle))
+                if info is None or not info.total:
+                    continue
+                used = info.used / info.total
+                if used > threshold:
+                    what = f"GPU {device.index} memory is {used:.0%} full"
+                    self._raise("gpu_memory", used, threshold, what)
+
+    def _raise(self, rule: str, value: float, threshold: float, message: str) -> None:
+        now = self._clock()
+        last = self._last.get(rule)
+        if last is not None and now - last < self.rules.cooldown_s:
+            return
+        self._last[rule] = now
+        alert = Alert(rule, message, value, threshold, time.time())
+        self.fired.append(alert)
+        log.warning("nbllm alert: %s", message)
+        if self.forward is not None:
+            self.forward(alert)
+        if self.on_alert is not None:
+            try:
+                self.on_alert(alert)
+            except Exception:  # a webhook's failure must not stop the run
+                log.exception("on_alert raised; the run goes on")
