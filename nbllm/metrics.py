@@ -32,7 +32,8 @@ the others ``ok``, ``skipped`` or ``failed``), and ``nbllm_tokens_total`` the to
 
 from __future__ import annotations
 
-import contextlib
+import bisect
+import collections
 import itertools
 import logging
 import threading
@@ -50,7 +51,6 @@ from nbllm.executor.events import (
     RequestSent,
     RetryScheduled,
     RunFinished,
-    RunStarted,
     TurnFinished,
 )
 from nbllm.types import SKIPPED, TurnRecord
@@ -109,52 +109,14 @@ class MetricsExporter:
             msg = f"metrics_port= needs prometheus-client, which is not installed: {INSTALL}"
             raise ConfigError(msg) from None
         self.host, self.port = host, port
-        self.registry = prom.CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = prom.Counter(
-            "nbllm_requests", "Request attempts, by how each ended",
-            ["run", "model", "deployment", "outcome"], registry=r,
-        )  # fmt: skip
-        self.duration = prom.Histogram(
-            "nbllm_request_duration_seconds", "Seconds each attempt spent in the engine",
-            ["run", "model", "deployment"], registry=r,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-        )  # fmt: skip
-        self.queue = prom.Histogram(
-            "nbllm_queue_wait_seconds", "Seconds each turn sent waited before its answer "
-            "besides its requests (slots, limits, pauses, back-off)", ["run"], registry=r,
-            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
-        )  # fmt: skip
-        self.tokens = prom.Counter(
-            "nbllm_tokens", "Tokens of the turns answered by a request", ["run", "kind"],
-            registry=r,
-        )  # fmt: skip
-        self.cost = prom.Counter(
-            "nbllm_cost_usd", "US dollars of the turns answered by a request", ["run"], registry=r
-        )
-        self.in_flight = prom.Gauge(
-            "nbllm_requests_in_flight", "Requests sent and not yet ended", ["run"], registry=r
-        )
-        self.turns = prom.Counter(
-            "nbllm_turns", "Turns finished, by status", ["run", "status"], registry=r
-        )
-        self.retries = prom.Counter(
-            "nbllm_retries", "Retries scheduled, by the failed attempt's error",
-            ["run", "reason"], registry=r,
-        )  # fmt: skip
-        self.rate_limit = prom.Gauge(
-            "nbllm_rate_limit", "The limit in force (per minute for rpm / tpm)",
-            ["run", "kind", "deployment"], registry=r,
-        )  # fmt: skip
-        self.circuit = prom.Gauge(
-            "nbllm_circuit_open", "1 while a deployment's breaker is open or half-open",
-            ["run", "deployment"], registry=r,
-        )  # fmt: skip
-        r.register(_GpuCollector())
-        self._lock = threading.Lock()
-        self._labels: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        self.runs: dict[str, _RunSeries] = {}  # the runs shown, by their label
+        self.registry = prom.CollectorRegistry()
+        self.registry.register(_RunsCollector(self))
+        self.registry.register(_GpuCollector())
         try:
-            self.server, self.thread = prom.start_http_server(port, addr=host, registry=r)
+            self.server, self.thread = prom.start_http_server(
+                port, addr=host, registry=self.registry
+            )
         except OSError as exc:
             msg = f"metrics_port={port}: cannot listen on {host}:{port}: {exc.strerror or exc}"
             raise ConfigError(msg) from None
@@ -180,27 +142,51 @@ class MetricsExporter:
         self.server.shutdown()
         self.server.server_close()
 
-    def _series(self, run: str, metric: Any, *labels: str) -> Any:
-        with self._lock:
-            self._labels.setdefault(run, set()).add((metric, (run, *labels)))
-        return metric.labels(run, *labels)
-
     def forget(self, run: str) -> None:
         """Drop every series of ``run``."""
-        with self._lock:
-            series = self._labels.pop(run, set())
-        for metric, labels in series:
-            with contextlib.suppress(KeyError):  # removed already
-                metric.remove(*labels)
+        self.runs.pop(run, None)
 
     def run_listener(
         self, run: str, limits: Mapping[str, float | None], grace_s: float
     ) -> Callable[[Event], None]:
-        return _RunSeries(self, run, limits, grace_s)
+        series = _RunSeries(self, run, limits, grace_s)
+        self.runs[run] = series
+        return series
+
+
+#: The buckets of the two histograms, in seconds.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class _Histogram:
+    """Observations counted per bucket (the last one: above every bound), and their sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Prometheus' cumulative buckets, ``+Inf`` last."""
+        counts = list(self.counts)  # one copy: the loop may add one meanwhile
+        out, running = [], 0
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
+            running += n
+            out.append((bound, float(running)))
+        return out
 
 
 class _RunSeries:
-    """One run's listener: each event moves its series (a few dict lookups)."""
+    """One run's figures, kept as plain numbers that each event moves (a dict lookup and an
+    addition: the listener runs for every event of the run); ``_RunsCollector`` turns them
+    into series at each scrape, from another thread (each read is one copy)."""
 
     def __init__(
         self,
@@ -212,57 +198,138 @@ class _RunSeries:
         self.exporter = exporter
         self.run = run
         self.grace_s = grace_s
-        self._limits = {k: v for k, v in limits.items() if isinstance(v, (int, float))}
+        self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.durations: dict[tuple[str, str], _Histogram] = {}
+        self.queue = _Histogram(QUEUE_BUCKETS)
+        self.tokens = {"prompt": 0, "completion": 0}
+        self.cost = 0.0
+        self.in_flight = 0
+        self.turns = dict.fromkeys(("ok", "failed", "cached", "resumed", "skipped"), 0)
+        self.retries: collections.Counter[str] = collections.Counter()
+        self.limits: dict[tuple[str, str], float] = {
+            (kind, ""): float(v) for kind, v in limits.items() if isinstance(v, (int, float))
+        }
+        self.circuit: dict[str, float] = {}
         self._failed: dict[tuple[Hashable, int, int], str] = {}
-        self._in_flight = exporter._series(run, exporter.in_flight)
 
     def __call__(self, event: Event) -> None:
-        e, run = self.exporter, self.run
-        if isinstance(event, RequestSent):
-            self._in_flight.inc()
-        elif isinstance(event, AttemptFinished):
-            self._in_flight.dec()
-            labels = (event.model, event.deployment)
-            e._series(run, e.requests, *labels, event.outcome).inc()
-            if event.outcome != "cancelled":
-                e._series(run, e.duration, *labels).observe(event.latency_s)
-            if event.outcome != "ok":
-                key = (event.conversation_id, event.turn, event.attempt)
-                self._failed[key] = event.error or event.outcome
-        elif isinstance(event, TurnFinished):
-            self._turn(event.record)
-        elif isinstance(event, RetryScheduled):
-            key = (event.conversation_id, event.turn, event.attempt)
-            e._series(run, e.retries, self._failed.pop(key, "error")).inc()
-        elif isinstance(event, LimitChanged):
-            e._series(run, e.rate_limit, event.kind, event.deployment).set(event.limit)
-        elif isinstance(event, BreakerChanged):
-            is_open = 0.0 if event.state == "closed" else 1.0
-            e._series(run, e.circuit, event.deployment).set(is_open)
-        elif isinstance(event, RunStarted):
-            for kind, limit in self._limits.items():
-                e._series(run, e.rate_limit, kind, "").set(float(limit))
-            for status in ("ok", "failed", "cached", "resumed", "skipped"):
-                e._series(run, e.turns, status)  # every status shows, 0 until counted
-        elif isinstance(event, RunFinished):
-            timer = threading.Timer(self.grace_s, e.forget, args=(run,))
+        kind = type(event)
+        if kind is RequestSent:
+            self.in_flight += 1
+        elif kind is AttemptFinished:
+            self._attempt(event)  # type: ignore[arg-type]
+        elif kind is TurnFinished:
+            self._turn(event.record)  # type: ignore[union-attr]
+        elif kind is RetryScheduled:
+            key = (event.conversation_id, event.turn, event.attempt)  # type: ignore[union-attr]
+            self.retries[self._failed.pop(key, "error")] += 1
+        elif kind is LimitChanged:
+            self.limits[(event.kind, event.deployment)] = event.limit  # type: ignore[union-attr]
+        elif kind is BreakerChanged:
+            is_open = 0.0 if event.state == "closed" else 1.0  # type: ignore[union-attr]
+            self.circuit[event.deployment] = is_open  # type: ignore[union-attr]
+        elif kind is RunFinished:
+            timer = threading.Timer(self.grace_s, self.exporter.forget, args=(self.run,))
             timer.daemon = True
             timer.start()
 
+    def _attempt(self, event: AttemptFinished) -> None:
+        self.in_flight -= 1
+        where = (event.model, event.deployment)
+        self.requests[event.model, event.deployment, event.outcome] += 1
+        if event.outcome != "cancelled":
+            histogram = self.durations.get(where)
+            if histogram is None:
+                histogram = self.durations[where] = _Histogram(DURATION_BUCKETS)
+            histogram.observe(event.latency_s)
+        if event.outcome != "ok":
+            key = (event.conversation_id, event.turn, event.attempt)
+            self._failed[key] = event.error or event.outcome
+
     def _turn(self, record: TurnRecord) -> None:
-        e, run = self.exporter, self.run
         status = turn_status(record)
-        e._series(run, e.turns, status).inc()
+        self.turns[status] += 1
         if status in ("ok", "failed") and record.queue_s is not None:
-            e._series(run, e.queue).observe(record.queue_s)
+            self.queue.observe(record.queue_s)
         if status != "ok":
             return
-        if record.prompt_tokens:
-            e._series(run, e.tokens, "prompt").inc(record.prompt_tokens)
-        if record.completion_tokens:
-            e._series(run, e.tokens, "completion").inc(record.completion_tokens)
-        if record.cost_usd:
-            e._series(run, e.cost).inc(record.cost_usd)
+        self.tokens["prompt"] += record.prompt_tokens or 0
+        self.tokens["completion"] += record.completion_tokens or 0
+        self.cost += record.cost_usd or 0.0
+
+
+class _RunsCollector:
+    """Every run's series, made from its numbers at each scrape."""
+
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self.exporter = exporter
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        requests = CounterMetricFamily(
+            "nbllm_requests", "Request attempts, by how each ended",
+            labels=["run", "model", "deployment", "outcome"],
+        )  # fmt: skip
+        duration = HistogramMetricFamily(
+            "nbllm_request_duration_seconds", "Seconds each attempt spent in the engine",
+            labels=["run", "model", "deployment"],
+        )  # fmt: skip
+        queue = HistogramMetricFamily(
+            "nbllm_queue_wait_seconds",
+            "Seconds each turn sent waited besides its requests (slots, limits, pauses, "
+            "back-off)", labels=["run"],
+        )  # fmt: skip
+        tokens = CounterMetricFamily(
+            "nbllm_tokens", "Tokens of the turns answered by a request", labels=["run", "kind"]
+        )
+        cost = CounterMetricFamily(
+            "nbllm_cost_usd", "US dollars of the turns answered by a request", labels=["run"]
+        )
+        in_flight = GaugeMetricFamily(
+            "nbllm_requests_in_flight", "Requests sent and not yet ended", labels=["run"]
+        )
+        turns = CounterMetricFamily(
+            "nbllm_turns", "Turns finished, by status", labels=["run", "status"]
+        )
+        retries = CounterMetricFamily(
+            "nbllm_retries", "Retries scheduled, by the failed attempt's error",
+            labels=["run", "reason"],
+        )  # fmt: skip
+        limits = GaugeMetricFamily(
+            "nbllm_rate_limit", "The limit in force: rpm / tpm per rate window, concurrency",
+            labels=["run", "kind", "deployment"],
+        )  # fmt: skip
+        circuit = GaugeMetricFamily(
+            "nbllm_circuit_open", "1 while a deployment's breaker is open or half-open",
+            labels=["run", "deployment"],
+        )  # fmt: skip
+        for run, series in list(self.exporter.runs.items()):
+            for (model, deployment, outcome), n in list(series.requests.items()):
+                requests.add_metric([run, model, deployment, outcome], n)
+            for (model, deployment), hist in list(series.durations.items()):
+                duration.add_metric([run, model, deployment], hist.buckets(), hist.total)
+            queue.add_metric([run], series.queue.buckets(), series.queue.total)
+            for kind, n in list(series.tokens.items()):
+                tokens.add_metric([run, kind], n)
+            cost.add_metric([run], series.cost)
+            in_flight.add_metric([run], series.in_flight)
+            for status, n in list(series.turns.items()):
+                turns.add_metric([run, status], n)
+            for reason, n in list(series.retries.items()):
+                retries.add_metric([run, reason], n)
+            for (kind, deployment), value in list(series.limits.items()):
+                limits.add_metric([run, kind, deployment], value)
+            for deployment, value in list(series.circuit.items()):
+                circuit.add_metric([run, deployment], value)
+        return [requests, duration, queue, tokens, cost, in_flight, turns, retries, limits, circuit]
 
 
 class _GpuCollector:
