@@ -37,6 +37,7 @@ from nbllm.errors import (
 )
 from nbllm.executor import Executor, RateLimiter
 from nbllm.jobs import jobs, submit
+from nbllm.logs import log_to_stderr
 from nbllm.results import RunResult, RunSummary
 from nbllm.retry import RetryPolicy
 from nbllm.types import ChatRequest, ChatResponse, Conversation, TurnRecord
@@ -76,6 +77,7 @@ __all__ = [
     "hardware",
     "jobs",
     "load_conversations",
+    "log_to_stderr",
     "run",
     "runs",
     "stop_workers",

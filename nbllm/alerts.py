@@ -28,75 +28,22 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from nbllm.dataset.cells import did_you_mean
+from nbllm.alert_rules import DEFAULTS, SETTINGS, AlertRules, alert_rules
 from nbllm.engines.hardware import nvml_reading, open_nvml
-from nbllm.errors import ConfigError
 from nbllm.executor.events import Alert, AttemptFinished, Event, RunStarted, TurnFinished
 from nbllm.results_sample import percentile
 
-__all__ = ["DEFAULTS", "MIN_ATTEMPTS", "AlertRules", "AlertWatcher", "alert_rules"]
+__all__ = ["DEFAULTS", "MIN_ATTEMPTS", "SETTINGS", "AlertRules", "AlertWatcher", "alert_rules"]
 
 log = logging.getLogger("nbllm")
 
-#: Each rule's default threshold (see the module).
-DEFAULTS: dict[str, float] = {
-    "latency_p95_s": 60.0,
-    "error_rate": 0.25,
-    "rate_limited_rate": 0.2,
-    "throughput_drop": 0.5,
-    "gpu_memory": 0.95,
-    "spend_share": 0.8,
-}
-SETTINGS = {"window_s": 60.0, "cooldown_s": 300.0}
 #: Attempts a window needs before a rate or a p95 over it can fire.
 MIN_ATTEMPTS = 20
 _GPU_EVERY_S = 5.0
-
-
-@dataclass(frozen=True)
-class AlertRules:
-    """The rules in force: ``thresholds`` by rule (the rules turned off left out)."""
-
-    thresholds: Mapping[str, float]
-    window_s: float = SETTINGS["window_s"]
-    cooldown_s: float = SETTINGS["cooldown_s"]
-
-
-def alert_rules(given: Any) -> AlertRules | None:
-    """``alerts=`` checked: None (the defaults), False (none), or a dict of rule ->
-    threshold or False, with ``window_s`` / ``cooldown_s``; ``ConfigError`` naming a rule
-    that does not exist (with the closest name) or a threshold that is not a number > 0."""
-    if given is False:
-        return None
-    if given is None or given is True:
-        return AlertRules(dict(DEFAULTS))
-    if not isinstance(given, Mapping):
-        msg = f"alerts= expected a dict of rule -> threshold (or False), got {type(given).__name__}"
-        raise ConfigError(msg)
-    thresholds = dict(DEFAULTS)
-    settings = dict(SETTINGS)
-    for name, value in given.items():
-        if name not in DEFAULTS and name not in SETTINGS:
-            known = [*DEFAULTS, *SETTINGS]
-            msg = f"alerts=: no rule {name!r}{did_you_mean(str(name), known)}; the rules: "
-            raise ConfigError(msg + ", ".join(known))
-        if value is False and name in DEFAULTS:
-            thresholds.pop(name)
-            continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not value > 0:
-            msg = f"alerts={{{name!r}: ...}} expected a number > 0 (or False), got {value!r}"
-            raise ConfigError(msg)
-        if name in SETTINGS:
-            settings[name] = float(value)
-        else:
-            thresholds[name] = float(value)
-    return AlertRules(thresholds, settings["window_s"], settings["cooldown_s"])
 
 
 class AlertWatcher:

@@ -26,7 +26,6 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from nbllm.config import config_of_call
 from nbllm.engines import (
     Engine,
 )
@@ -45,6 +44,7 @@ from nbllm.prepare import (
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.run_thread import RunThread
+from nbllm.settings import resolve_call
 
 __all__ = [
     "CheckedRun",
@@ -128,7 +128,7 @@ async def arun(
     The engine is made (a local model loaded, seconds) in a worker thread, so the
     caller's loop, a kernel's widgets included, goes on meanwhile.
     """
-    config = config_of_call(locals())
+    config = resolve_call(locals())
     plan = await aprepare_run(data, config, make_view=_blocking_view(config.progress))
     return _with_gpu_samples(await plan.execute(), plan.view)
 
@@ -231,7 +231,7 @@ def run(
     Any other keyword is passed to the engine as a sampling parameter (``top_p=0.9``,
     ``seed=1``, ...).
     """
-    config = config_of_call(locals())
+    config = resolve_call(locals())
     plan = prepare_run(data, config, make_view=_blocking_view(config.progress))
     try:
         asyncio.get_running_loop()

@@ -400,8 +400,25 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: "runs --root DIR rm ID" keeps the --root given before "rm".
     rm.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
     rm.set_defaults(handler=_runs_rm)
+    config = commands.add_parser(
+        "config",
+        help="show every run option's value and where it comes from",
+        description=(
+            "Show every run option's value below the command line and where it comes from: "
+            "an NBLLM_<OPTION> variable, the project's nbllm.toml (or [tool.nbllm] in "
+            "pyproject.toml), the user's nbllm.toml, or the default. A key is never shown."
+        ),
+    )
+    config.set_defaults(handler=_config)
     add_serve_parser(commands)
     return parser
+
+
+def _config(args: argparse.Namespace) -> int:
+    from nbllm.settings import show
+
+    print(show())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,7 @@ __all__ = [
     "add_run_arguments",
     "config_of_call",
     "parse_run_option",
+    "show",
     "takes_auto",
     "text_type",
 ]
@@ -392,6 +393,15 @@ class RunConfig(BaseModel):
         """What reads the answers (``response_format`` / ``parse``); ConfigError if either
         is not something it can be."""
         return make_parser(self.response_format, self.parse)
+
+
+def show() -> str:
+    """Every run option's value below the call, and where it comes from: the environment
+    (``NBLLM_<OPTION>``), the project's or the user's ``nbllm.toml``, or the default (a
+    key never shown). See ``nbllm.settings``."""
+    from nbllm.settings import show as settings_show
+
+    return settings_show()
 
 
 def config_of_call(call: Mapping[str, Any]) -> RunConfig:

@@ -38,7 +38,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from nbllm.api import CheckedRun, PreparedRun, RunStop, check_run, open_run, prepare_run
-from nbllm.config import config_of_call
 from nbllm.engines import Engine, is_local
 from nbllm.executor.events import Event
 from nbllm.executor.stats import RunStats
@@ -46,6 +45,7 @@ from nbllm.redact import redact
 from nbllm.results import RunResult
 from nbllm.retry import RetryPolicy
 from nbllm.run_thread import RunThread
+from nbllm.settings import resolve_call
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -232,7 +232,7 @@ def submit(
     calling cell, before any request is sent; a local model loads in the job's thread
     (see the module docstring). In a notebook the dashboard has a Stop button.
     """
-    config = config_of_call(locals())
+    config = resolve_call(locals())
     stats = RunStats()
 
     def make_view(stop: RunStop) -> Callable[[Event], None] | None:

@@ -15,8 +15,15 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _nbllm_dir(tmp_path, monkeypatch):
-    """Checkpoints and the response cache of a test live in its own temporary folder."""
+    """Checkpoints and the response cache of a test live in its own temporary folder, and
+    no configuration of the machine's (an nbllm.toml of the user's, NBLLM_<OPTION>
+    variables) reaches a test."""
     monkeypatch.setenv("NBLLM_DIR", str(tmp_path / ".nbllm"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / ".config"))
+    from nbllm.config import RunConfig
+
+    for variable in ["NBLLM_CONFIG", *(f"NBLLM_{name.upper()}" for name in RunConfig.model_fields)]:
+        monkeypatch.delenv(variable, raising=False)
     return tmp_path / ".nbllm"
 
 

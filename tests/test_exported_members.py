@@ -20,7 +20,7 @@ def test_public_names():
             "OpenAIEngine", "RateLimitError", "RateLimiter", "RequestRejected", "RequestTimeout",
             "RetryPolicy", "RetryableError", "RunConfig", "RunResult", "RunSummary",
             "ServerError", "TurnRecord", "__version__", "arun", "hardware", "jobs",
-            "load_conversations", "run", "runs", "stop_workers", "submit",
+            "load_conversations", "log_to_stderr", "run", "runs", "stop_workers", "submit",
         ]
     )  # fmt: skip
     for name in nbllm.__all__:

@@ -38,6 +38,8 @@ DATA_MODULES = (
     "nbllm.images",
     "nbllm.scoring",
     "nbllm.parsing",
+    "nbllm.settings",
+    "nbllm.alert_rules",
 )
 PREFIXES = (
     ("nbllm.ui", UI),

@@ -62,6 +62,7 @@ from nbllm.jobs import Job
 from nbllm.parsing import PARSERS
 from nbllm.redact import public_url
 from nbllm.results import RunResult
+from nbllm.settings import source_of
 from nbllm.template import ConversationTemplate, with_conversation_ids
 from nbllm.ui.preview import ResultPreview
 
@@ -208,11 +209,10 @@ class LlmBatchMagics(Magics):
         value = getattr(self, key)
         if value is not None:
             return value, SESSION
-        variable = ENVIRONMENT.get(key)
-        text = os.environ.get(variable, "").strip() if variable else ""
-        if variable and text:
-            return _parse_setting(key, text, f"${variable}"), f"${variable}"
-        return RunConfig.model_fields[key].default, "default"
+        try:  # $NBLLM_<KEY>, then the project's and the user's nbllm.toml (nbllm.settings)
+            return source_of(key)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
 
     def run_options(self, args: argparse.Namespace) -> dict[str, Any]:
         """The keyword arguments for ``nbllm.run`` / ``nbllm.submit`` from the parsed line."""
