@@ -141,18 +141,6 @@ def test_nbllm_config_prints_every_option_and_its_source(project, capsys, monkey
     assert nbllm.config.show() == out.rstrip("\n")
 
 
-def test_the_magic_settings_come_from_the_file_below_the_session(project):
-    from IPython.testing.globalipapp import get_ipython
-
-    from nbllm.ui.magics import SESSION, LlmBatchMagics
-
-    (project / "nbllm.toml").write_text("model = 'from-file'\n", encoding="utf-8")
-    magics = LlmBatchMagics(shell=get_ipython())
-    assert magics.setting("model") == ("from-file", f"{project / 'nbllm.toml'}:1")
-    magics.model = "from-session"
-    assert magics.setting("model") == ("from-session", SESSION)
-
-
 def test_log_to_stderr_shows_the_nbllm_records(capsys):
     import logging
 

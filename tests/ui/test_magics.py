@@ -526,3 +526,12 @@ def test_the_preview_leaves_out_columns_no_row_fills():
                          model="m", progress=False, checkpoint=False)  # fmt: skip
     columns = list(ResultPreview.of(answered.df).frame.columns)
     assert columns == ["conversation_id", "turn", "question", "answer", "latency_s"]
+
+
+def test_a_setting_comes_from_nbllm_toml_below_the_session(shell, tmp_path, monkeypatch):
+    (tmp_path / "nbllm.toml").write_text("model = 'from-file'\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    m = magics(shell)
+    assert m.setting("model") == ("from-file", f"{tmp_path.resolve() / 'nbllm.toml'}:1")
+    m.model = "from-session"
+    assert m.setting("model") == ("from-session", SESSION)
