@@ -24,6 +24,7 @@ from typing import Any
 
 from nbllm.errors import ConfigError
 from nbllm.executor.events import (
+    Alert,
     BreakerChanged,
     EnginePhase,
     Event,
@@ -58,7 +59,7 @@ from nbllm.ui.static_dashboard import (
 
 __all__ = ["Dashboard", "GpuGauges"]
 
-_NOTICES = (SharedQuota, LimitChanged, BreakerChanged)  # drawn with the next redraw
+_NOTICES = (SharedQuota, LimitChanged, BreakerChanged, Alert)  # drawn with the next redraw
 
 log = logging.getLogger("nbllm")
 
@@ -86,6 +87,39 @@ class GpuGauges:
     memory: Any
     label: Any
     row: Any
+
+
+class _Warnings(logging.Handler):
+    """The ``nbllm`` logger's warnings while a run is shown: each message once (with how
+    many times it came) among the dashboard's error lines, not as a stream of records under
+    the cell. Alerts are left out: their ``Alert`` events show them already."""
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._changed = changed
+        self._seen: dict[str, int] = {}
+        self._seen_lock = threading.Lock()
+
+    def attach(self) -> None:
+        if self not in log.handlers:
+            log.addHandler(self)
+
+    def detach(self) -> None:
+        log.removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().split())
+        if message.startswith("nbllm alert:"):
+            return
+        with self._seen_lock:
+            self._seen[message] = self._seen.get(message, 0) + 1
+        self._changed()
+
+    def lines(self) -> list[str]:
+        """The latest three messages, each once."""
+        with self._seen_lock:
+            seen = list(self._seen.items())
+        return [f"warning: {m}" + (f" ({n:,}x)" if n > 1 else "") for m, n in seen[-3:]]
 
 
 class Dashboard:
@@ -118,6 +152,7 @@ class Dashboard:
         SharedQuota,
         LimitChanged,
         BreakerChanged,
+        Alert,
     )
 
     def __init__(
@@ -150,6 +185,7 @@ class Dashboard:
             name="nbllm-dashboard",
         )
         self.gpu_gauges: list[GpuGauges] = []
+        self.warnings = _Warnings(self._timer.changed)
         self.widget: Any = None
         try:
             self._build()
@@ -184,6 +220,7 @@ class Dashboard:
         if isinstance(event, RunStarted):
             self._finished = self._closed = False
             self._cancel_at = None
+            self.warnings.attach()
             if self.gpu_monitor is not None and self.gpu_found:
                 self.gpu_monitor.start()
             self.render()
@@ -208,6 +245,7 @@ class Dashboard:
         self._leave_static_html()
 
     def _stop_updates(self) -> None:
+        self.warnings.detach()
         self._timer.stop()
         if self.gpu_monitor is not None:
             self.gpu_monitor.stop()
@@ -243,7 +281,7 @@ class Dashboard:
         return dashboard_html(
             snap,
             status=self._status(snap),
-            errors=error_lines(snap),
+            errors=error_lines(snap) + self.warnings.lines(),
             phase=phase_text(snap),
             gpu=gpu,
         )
@@ -390,7 +428,7 @@ class Dashboard:
             bar.bar_style = style
             label.value = bar_label(done, total, unit)
         _show(self.figures, figures_html(figure_items(snap)) if snap.started and not phase else "")
-        _show(self.errors, errors_html(error_lines(snap)))
+        _show(self.errors, errors_html(error_lines(snap) + self.warnings.lines()))
         status = self._status(snap)
         weight = "600" if snap.finished else "normal"
         line = f'<div style="font-weight:{weight};line-height:1.5">{html.escape(status)}</div>'

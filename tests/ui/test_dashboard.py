@@ -1002,3 +1002,23 @@ def test_the_limits_and_the_breakers_reach_the_dashboard():
     assert "shared limits: rpm is local for now" in dash.errors.value
     assert "breakers: m@b:2 open (opened 1x)" in dash.errors.value
     dash(RunFinished(0, 0, 0.4, False, 0.4))
+
+
+def test_warnings_and_alerts_show_once_in_the_dashboard_not_under_the_cell(capsys):
+    import logging
+
+    from nbllm.executor.events import Alert
+
+    log = logging.getLogger("nbllm")
+    dash = Dashboard(gpu=False)
+    dash(RunStarted(2, 2, "m", "fake", time.time()))
+    for _ in range(3):
+        log.warning("shared limits went local: redis is unreachable")
+    log.warning("nbllm alert: request latency p95 is 9.00 s (alert above 5)")
+    dash(Alert("latency_p95_s", "request latency p95 is 9.00 s (alert above 5)", 9, 5, time.time()))
+    text = dash.html()
+    assert text.count("shared limits went local") == 1 and "(3x)" in text
+    assert text.count("request latency p95 is 9.00 s") == 1  # the Alert's line, not the record
+    assert capsys.readouterr().err == ""  # no stream of records under the cell
+    dash(RunFinished(2, 0, 1.0, False, time.time()))
+    assert dash.warnings not in log.handlers  # only while the run is shown
