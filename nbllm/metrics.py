@@ -332,6 +332,79 @@ class _RunsCollector:
         return [requests, duration, queue, tokens, cost, in_flight, turns, retries, limits, circuit]
 
 
+def serve_metrics(server: Any, port: int, host: str = "127.0.0.1") -> MetricsExporter:
+    """``/metrics`` on ``host:port`` for ``nbllm serve``'s ``server`` (an ``EngineServer``):
+    its queue, requests in flight, readiness, and for a local engine the tokens it has
+    generated and its batches by size (with the GPUs, as for a run)."""
+    exporter = MetricsExporter.serving(host, port)
+    exporter.registry.register(_ServeCollector(server))
+    return exporter
+
+
+#: The buckets of ``nbllm_serve_batch_size``: requests per batch.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _ServeCollector:
+    """An ``EngineServer``'s figures, read at each scrape."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        server = self.server
+        out: list[Any] = [
+            GaugeMetricFamily(
+                "nbllm_serve_queue_depth", "Chat requests admitted and not yet answered "
+                "(at most max_queue)", value=server.in_flight + server.receiving,
+            ),
+            GaugeMetricFamily(
+                "nbllm_serve_requests_in_flight", "Chat requests the engine is answering",
+                value=server.in_flight,
+            ),
+            GaugeMetricFamily(
+                "nbllm_serve_max_queue", "Chat requests admitted at most", value=server.max_queue
+            ),
+            GaugeMetricFamily(
+                "nbllm_serve_ready", "1 once the engine is loaded and answering",
+                value=1.0 if server.state.value == "ready" else 0.0,
+            ),
+        ]  # fmt: skip
+        engine = server.engine
+        tokens = getattr(getattr(engine, "tokens", None), "count", None)
+        if isinstance(tokens, int):
+            generated = CounterMetricFamily(
+                "nbllm_serve_generated_tokens",
+                "Tokens the local engine has generated (rate() of it: tokens per second)",
+                value=tokens,
+            )
+            out.append(generated)
+        sizes = getattr(getattr(engine, "_batcher", None), "batch_sizes", None)
+        if sizes is not None:
+            counts = dict(sizes)  # one copy: the engine's loop may add a batch meanwhile
+            buckets, running = [], 0.0
+            for bound in BATCH_BUCKETS:
+                running = float(sum(n for size, n in counts.items() if size <= bound))
+                buckets.append((str(bound), running))
+            buckets.append(("+Inf", float(sum(counts.values()))))
+            total = float(sum(size * n for size, n in counts.items()))
+            batches = HistogramMetricFamily(
+                "nbllm_serve_batch_size", "Requests per batch the local engine ran"
+            )
+            batches.add_metric([], buckets, total)
+            out.append(batches)
+        return out
+
+
 class _GpuCollector:
     """Each GPU's utilisation and memory in use, read from NVML at each scrape (nothing
     where there is no NVIDIA GPU: NVML fails to start in about a millisecond)."""

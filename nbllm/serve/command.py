@@ -212,6 +212,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", help="for local engines, e.g. cpu, cuda, cuda:1")
     serve.add_argument(
+        "--metrics-port",
+        type=_positive_int,
+        metavar="PORT",
+        help="serve Prometheus metrics on /metrics at this port: the queue, batch sizes, "
+        "tokens generated (needs nbllm[metrics])",
+    )
+    serve.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST", help="(default: 127.0.0.1)"
+    )
+    serve.add_argument(
         "--fake-latency",
         type=_non_negative,
         default=0.0,
@@ -342,6 +352,10 @@ def main(args: argparse.Namespace) -> int:
         # A local model's messages hold no provider text (nor its keys): worth relaying.
         relay_errors=args.engine == "fake" or is_local(args.engine, args.model, None),
     )
+    if args.metrics_port is not None:  # before listening: a port in use stops here
+        from nbllm.metrics import serve_metrics
+
+        serve_metrics(server, args.metrics_port, args.metrics_host)
     serving = serve_until_signal(
         server,
         parent_pid=args.parent_pid,

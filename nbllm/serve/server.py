@@ -281,6 +281,11 @@ class EngineServer:
         return not isinstance(self._engine, (OpenAIEngine, LiteLLMEngine))
 
     @property
+    def engine(self) -> Engine | None:
+        """The engine answering, once made (None while it loads, or if it failed)."""
+        return self._engine
+
+    @property
     def in_flight(self) -> int:
         """Chat requests admitted whose engine call has not ended (a cancelled one counts
         until the engine lets go of it)."""

@@ -23,6 +23,7 @@ where its backend can (``nbllm.engines.local.batched``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import queue
 import threading
@@ -179,6 +180,7 @@ class DynamicBatcher(Generic[Item, Out]):
         self.batches_run = 0
         self.largest_batch = 0
         self._last_batch_size = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batches by size
 
     async def submit(
         self, item: Item, group: Hashable = None, *, timeout: float | None = None
@@ -235,6 +237,7 @@ class DynamicBatcher(Generic[Item, Out]):
                 continue
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, len(batch))
+            self.batch_sizes[len(batch)] += 1
             self._last_batch_size = len(batch)
             try:
                 outputs = await self._model_thread.call(self._run_batch, [p.item for p in batch])
