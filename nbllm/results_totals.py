@@ -125,7 +125,7 @@ class RowTotals:
         self.parse_retries += record.parse_retries
         if record.attempts:
             self.attempts += record.attempts
-            self.sent += 1
+            self.sent += record.asked  # each model an ensemble asked: its first attempt
         if record.cached:
             self.cached += 1
         elif record.attempts:

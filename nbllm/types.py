@@ -199,6 +199,7 @@ class TurnRecord:
     parsed: Any = None
     parse_retries: int = 0
     votes: int | None = None
+    asked: int = 1
 
     @property
     def ok(self) -> bool:

@@ -14,6 +14,7 @@ from helpers import answer_from_history
 import nbllm
 from nbllm import ChatRequest, FakeEngine
 from nbllm.errors import ConfigError, RequestRejected
+from nbllm.retry import RetryPolicy
 from nbllm.testing import TestServer
 
 FAST = {"checkpoint": False, "cache": False, "progress": False}
@@ -310,3 +311,34 @@ def test_first_takes_the_faster_of_two_real_servers_and_cancels_the_slower():
     assert result.wall_s < 0.6 * 3 * 0.8  # faster than the slow server's three turns
     table = result.summary.deployments.set_index("group")
     assert table.loc["fast", "requests"] == 18 and table.loc["slow", "requests"] == 18
+
+
+def test_an_ensembles_rows_count_every_models_requests_and_retries_as_the_live_view():
+    from nbllm.errors import ServerError
+    from nbllm.executor.events import RetryScheduled
+
+    calls: Counter[tuple[str, str]] = Counter()
+
+    async def handler(request: ChatRequest) -> str:
+        key = (request.model, str(request.messages[-1]["content"]))
+        calls[key] += 1
+        await asyncio.sleep(DELAYS[request.model])
+        if request.model == "fast" and calls[key] == 1:
+            raise ServerError("500 once per question")
+        return f"{request.model} answers"
+
+    retries: list[RetryScheduled] = []
+    result = nbllm.run(
+        data(3, 2),
+        engine=FakeEngine(handler),
+        model=["fast", "slow"],
+        ensemble="first",
+        retries=RetryPolicy(retries=3, initial=0.001, maximum=0.001),
+        listeners=[lambda e: retries.append(e) if isinstance(e, RetryScheduled) else None],
+        **FAST,
+    )
+    df = result.df
+    assert df["error"].isna().all() and set(df["model"]) == {"fast"}
+    # Each turn: fast failed once and answered; slow's request was withdrawn: 3 requests.
+    assert list(df["attempts"]) == [3] * 6
+    assert result.summary.retries == len(retries) == 6

@@ -42,6 +42,7 @@ from nbllm.executor.events import Event
 from nbllm.executor.lanes import Lanes, Routes, build_lanes
 from nbllm.executor.limits import RunLimits
 from nbllm.executor.rows import merged
+from nbllm.executor.sending import SENT
 from nbllm.parsing import ParseFailed, make_parser
 from nbllm.results_models import ENSEMBLES, EnsembleTotals, agreement_key
 from nbllm.types import Conversation, TurnRecord
@@ -195,6 +196,19 @@ class Ensembles:
                 continue
             return replace(record, parsed=value, parse_retries=tries)
 
+    async def _member_answer(
+        self,
+        sent: list[str],
+        member: Member,
+        conv: Conversation,
+        k: int,
+        answers: Sequence[str],
+        keys: KeyChain | None,
+    ) -> TurnRecord | None:
+        """``_answer`` in a member's own task, its requests counted in ``sent``."""
+        SENT.set(sent)
+        return await self._answer(member, conv, k, answers, keys)
+
     def _withdrawn(self) -> bool:
         """Whether the request being cancelled was withdrawn (not a stop)."""
         return asyncio.current_task() in self._withdrawing
@@ -209,8 +223,9 @@ class Ensembles:
         """Turn k asked of every member; the row kept, or None when stopped first."""
         loop = asyncio.get_running_loop()
         ready = loop.time()
+        sent: list[list[str]] = [[] for _ in self.members]  # each member's requests
         tasks = [
-            loop.create_task(self._answer(member, conv, k, answers, keys[i]))
+            loop.create_task(self._member_answer(sent[i], member, conv, k, answers, keys[i]))
             for i, member in enumerate(self.members)
         ]
         first = self.ensemble == "first"
@@ -245,6 +260,9 @@ class Ensembles:
         row, kept_by = self._kept(records)
         if row is None:
             return None
+        # Every model's requests for the turn, the withdrawn ones too (retries are the rest).
+        asked = sum(1 for requests in sent if requests)
+        row = replace(row, attempts=sum(map(len, sent)), asked=max(asked, 1))
         if self._ensemble_totals is not None:
             times = [
                 _WITHDRAWN if task in withdrawn else None if r is None else _turn_seconds(r)

@@ -24,13 +24,16 @@ from nbllm.executor.limiter import Grant
 from nbllm.executor.slots import RequestSlots
 from nbllm.types import ChatResponse, Message
 
-__all__ = ["WORKER", "Sending"]
+__all__ = ["SENT", "WORKER", "Sending"]
 
 #: The worker a request is sent for (an ensemble sends from tasks of its own): what a stop
 #: lets finish or cancels.
 WORKER: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
     "worker", default=None
 )
+
+#: An ensemble's member task: the requests it sent (their lanes' ids), whatever became of them.
+SENT: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("sent", default=None)
 
 
 class Sending:
@@ -112,6 +115,8 @@ class Sending:
         self._in_flight += 1
         sent_at = time.time()
         log.sent(sent_at, lane)
+        if (sent := SENT.get()) is not None:
+            sent.append(lane.id)
         if self._wants_sent:
             self._emit(RequestSent(conversation_id, turn, attempt, self._in_flight, sent_at))
         t0 = self._loop.time()
