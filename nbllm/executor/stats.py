@@ -5,7 +5,7 @@ the events they receive and read their figures from it; a metrics exporter plugs
 same way. Each finished row is counted by ``nbllm.results.RowTotals``, the rules that the
 end-of-run ``RunSummary`` counts the final rows with, so a live figure and the summary's
 mean the same thing. What only a live view has is computed here: the pace over a recent
-window, the ETA, the requests in flight, retries as they are scheduled, errors by kind and
+window, the ETA, the requests in flight, retries as they are sent, errors by kind and
 the last error, a stop on its way, a local engine's preparation before the run and the
 tokens it has generated while the run goes.
 Once the run has finished, every figure is the end-of-run summary's (whole-run rates, the
@@ -74,7 +74,8 @@ class Snapshot:
     the two together; ``turns_ok`` the answered ones. ``errors_by_kind``: (kind, count)
     of the failed turns, most frequent first, the kind being the error text up to its
     first ":"; ``last_error``: the latest error (of a turn or a retry) in full, on one
-    line, keys redacted. ``retries`` counts the retries scheduled in this run.
+    line, keys redacted. ``retries`` counts the retries sent in this run (one scheduled
+    and never sent, as an ensemble's withdrawn one, is not one).
     ``truncated``: answered turns that ``max_tokens`` cut short (``finish_reason``
     ``"length"``), as the summary counts them. ``cost_usd`` is ``None`` while no row
     has a known cost. ``eta_s`` is ``None`` until there is a pace to go by, while
@@ -199,8 +200,9 @@ class RunStats:
                 self._turn_finished(event)
             elif isinstance(event, RequestSent):
                 self._in_flight = event.in_flight
+                if event.attempt > 1:  # a retry sent, as the summary counts them
+                    self._retries += 1
             elif isinstance(event, RetryScheduled):
-                self._retries += 1
                 self._last_error = event.error
             elif isinstance(event, RunStarted):
                 self._reset()

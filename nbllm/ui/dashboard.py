@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,25 +90,26 @@ class GpuGauges:
     row: Any
 
 
-class _Warnings(logging.Handler):
+class _Warnings:
     """The ``nbllm`` logger's warnings while a run is shown: each message once (with how
     many times it came) among the dashboard's error lines, not as a stream of records under
-    the cell. Alerts are left out: their ``Alert`` events show them already."""
+    the cell. Alerts are left out: their ``Alert`` events show them already.
+
+    One relay on the logger (``_RELAY``) hands the records to the dashboard whose run
+    started last and is still shown; with none, records go where they went before."""
 
     def __init__(self, changed: Callable[[], None]) -> None:
-        super().__init__(logging.WARNING)
         self._changed = changed
         self._seen: dict[str, int] = {}
         self._seen_lock = threading.Lock()
 
     def attach(self) -> None:
-        if self not in log.handlers:
-            log.addHandler(self)
+        _RELAY.show_in(self)
 
     def detach(self) -> None:
-        log.removeHandler(self)
+        _RELAY.leave(self)
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def add(self, record: logging.LogRecord) -> None:
         message = " ".join(record.getMessage().split())
         if message.startswith("nbllm alert:"):
             return
@@ -120,6 +122,36 @@ class _Warnings(logging.Handler):
         with self._seen_lock:
             seen = list(self._seen.items())
         return [f"warning: {m}" + (f" ({n:,}x)" if n > 1 else "") for m, n in seen[-3:]]
+
+
+class _Relay(logging.Handler):
+    """On the ``nbllm`` logger while a dashboard shows a run (see ``_Warnings``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._target: weakref.ref[_Warnings] | None = None
+
+    def show_in(self, warnings: _Warnings) -> None:
+        self._target = weakref.ref(warnings)
+        if self not in log.handlers:
+            log.addHandler(self)
+
+    def leave(self, warnings: _Warnings) -> None:
+        if self._target is not None and self._target() is warnings:
+            self._target = None
+            log.removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        target = self._target() if self._target is not None else None
+        if target is None:  # its dashboard has gone: the record goes where it would have
+            log.removeHandler(self)
+            if logging.lastResort is not None:
+                logging.lastResort.handle(record)
+            return
+        target.add(record)
+
+
+_RELAY = _Relay()
 
 
 class Dashboard:

@@ -144,6 +144,7 @@ def test_stats_is_a_listener_with_cheap_counts():
     stats = RunStats()
     stats(RunStarted(2, 3, "m", "fake", 0.0))
     stats(RetryScheduled("c", 0, 1, "ServerError: 500", 0.0, 0.1))
+    stats(RequestSent("c", 0, 2, 1, 0.1))  # the retry sent: what counts as one
     stats(TurnFinished(record(attempts=2), 0, 0.2))
     stats(TurnFinished(record(1, error="RequestRejected: no"), 0, 0.3))
     assert (stats.turns_done, stats.errors, stats.retries) == (2, 1, 1)
@@ -333,6 +334,7 @@ def test_text_progress_shows_the_counts_of_its_stats():
     bar = TextProgress(file=out)
     bar(RunStarted(3, 3, "m", "fake", 0.0))
     bar(RetryScheduled("a", 0, 1, "ServerError: 500", 0.0, 0.1))
+    bar(RequestSent("a", 0, 2, 0, 0.1))
     bar(TurnFinished(record(attempts=2), 0, 0.2))
     bar(TurnFinished(record(1, error="RequestRejected: no"), 0, 0.3))
     assert (bar.stats.errors, bar.stats.retries) == (1, 1)
