@@ -62,7 +62,7 @@ from nbllm.jobs import Job
 from nbllm.parsing import PARSERS
 from nbllm.redact import public_url
 from nbllm.results import RunResult
-from nbllm.settings import source_of
+from nbllm.settings import show, source_of
 from nbllm.template import ConversationTemplate, with_conversation_ids
 from nbllm.ui.preview import ResultPreview
 
@@ -298,6 +298,12 @@ class LlmBatchMagics(Magics):
         value_width = max(len(r[1]) for r in rows)
         lines = ["nbllm session defaults (%%llm_batch options override them):"]
         lines += [f"  {k:<{width}}  {v:<{value_width}}  {s}" for k, v, s in rows]
+        try:  # every other option, where it comes from (nbllm config prints the same)
+            others = [line for line in show().splitlines() if line.split()[0] not in SETTINGS]
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        lines += ["the other run options (the call's keywords override them):"]
+        lines += [f"  {line}" for line in others]
         return "\n".join(lines)
 
     # -- %%llm_batch ---------------------------------------------------------------

@@ -233,6 +233,7 @@ def test_llm_config_sets_and_shows_the_session_defaults(shell, capsys):
     assert "16" in lines["concurrency"] and SESSION in lines["concurrency"]
     assert lines["tpm"].split()[1:] == ["-", "default"]
     assert "checkpoint dir" in shown and "$NBLLM_DIR" in shown
+    assert "max_cost_usd" in shown and "metrics_port" in shown  # every other option too
 
     shell.run_line_magic("llm_config", "concurrency=none")
     assert m.concurrency is None
