@@ -37,6 +37,7 @@ __all__ = [
     "RunConfig",
     "add_run_arguments",
     "config_of_call",
+    "leaf_types",
     "parse_run_option",
     "show",
     "takes_auto",
@@ -437,11 +438,12 @@ def _shown(name: str, got: Any) -> str:
     return repr(got)
 
 
-def _leaf_types(annotation: Any) -> set[Any]:
+def leaf_types(annotation: Any) -> set[Any]:
+    """The types an option's annotation is made of, and the values of its ``Literal``s."""
     if typing.get_origin(annotation) is Annotated:
-        return _leaf_types(typing.get_args(annotation)[0])
+        return leaf_types(typing.get_args(annotation)[0])
     args = typing.get_args(annotation)
-    return {leaf for arg in args for leaf in _leaf_types(arg)} if args else {annotation}
+    return {leaf for arg in args for leaf in leaf_types(arg)} if args else {annotation}
 
 
 def takes_many(name: str) -> bool:
@@ -461,13 +463,13 @@ def _bare(annotation: Any) -> Any:
 def text_type(name: str) -> type:
     """How an option given as text is read: a number, a whole number, or the text itself
     (a number option that also takes ``"auto"`` reads that word as it is)."""
-    leaves = _leaf_types(RunConfig.model_fields[name].annotation)
+    leaves = leaf_types(RunConfig.model_fields[name].annotation)
     return float if float in leaves else int if int in leaves else str
 
 
 def takes_auto(name: str) -> bool:
     """Whether option ``name`` also takes ``"auto"`` (``rpm="auto"``)."""
-    return "auto" in _leaf_types(RunConfig.model_fields[name].annotation)
+    return "auto" in leaf_types(RunConfig.model_fields[name].annotation)
 
 
 def _reader(name: str) -> Any:

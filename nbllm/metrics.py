@@ -84,14 +84,15 @@ def turn_status(record: TurnRecord) -> str:
 def metrics_listener(
     port: int | None,
     host: str = "127.0.0.1",
-    limits: Mapping[str, float | None] | None = None,
+    limits: Mapping[str, Any] | None = None,
     *,
     grace_s: float | None = None,
 ) -> Callable[[Event], None] | None:
     """The listener that feeds ``/metrics`` on ``host:port`` for one run (None without a
     port). The endpoint starts with the first run that asks for it; ``ConfigError`` where
     ``prometheus-client`` is missing or the port is taken by something else. ``limits``:
-    the run's fixed rpm / tpm, shown as ``nbllm_rate_limit`` until an "auto" one moves."""
+    the run's rpm / tpm, shown as ``nbllm_rate_limit`` where fixed (a number; "auto" ones
+    show as they move)."""
     if port is None:
         return None
     exporter = MetricsExporter.serving(host, port)
@@ -147,7 +148,7 @@ class MetricsExporter:
         self.runs.pop(run, None)
 
     def run_listener(
-        self, run: str, limits: Mapping[str, float | None], grace_s: float
+        self, run: str, limits: Mapping[str, Any], grace_s: float
     ) -> Callable[[Event], None]:
         series = _RunSeries(self, run, limits, grace_s)
         self.runs[run] = series
@@ -192,7 +193,7 @@ class _RunSeries:
         self,
         exporter: MetricsExporter,
         run: str,
-        limits: Mapping[str, float | None],
+        limits: Mapping[str, Any],
         grace_s: float,
     ) -> None:
         self.exporter = exporter

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -169,7 +168,7 @@ class PreparedRun:
             cache=self.cache,
             stop_grace_s=self.config.stop_grace_s,
             budget=run_checks.budget(self.config),
-            redis_url=self.config.redis_url or os.environ.get("NBLLM_REDIS_URL") or None,
+            redis_url=self.config.redis_url,  # $NBLLM_REDIS_URL too: nbllm.settings
             routes=self.routes,
             models=self.models,
             ensemble=self.config.ensemble,
@@ -295,6 +294,22 @@ class CheckedRun:
     def turns(self) -> int:
         return sum(len(c) for c in self.conversations)
 
+    def plan(
+        self,
+        engine: Engine | None = None,
+        *,
+        owns: bool = False,
+        config: RunConfig | None = None,
+        routes: Routes | None = None,
+    ) -> PreparedRun:
+        """The ``PreparedRun`` of this run, sent to ``engine`` (or ``routes``, or models set
+        after), with its data, listeners, stop, view and alerts; ``config`` where an engine
+        changed an option (a local one's ``concurrency``)."""
+        return PreparedRun(
+            config or self.config, self.model, self.conversations, engine, owns,
+            self.listeners, stop=self.stop, view=self.view, alerts=self.alerts, routes=routes,
+        )  # fmt: skip
+
     def __repr__(self) -> str:
         engine, api_base = self.config.engine, self.config.api_base
         more = f", engine {engine.describe() if isinstance(engine, Engine) else engine}"
@@ -388,7 +403,7 @@ def open_run(checked: CheckedRun, deliver: Deliver | None = None) -> PreparedRun
 
 
 def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
-    config, model, conversations = checked.config, checked.model, checked.conversations
+    config, model = checked.config, checked.model
     engine = config.engine
     if checked.models:
         return _prepare_models(checked, deliver)
@@ -400,17 +415,7 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
     ):
         # More would only queue inside the engine, where their timeouts would run out.
         config = config.model_copy(update={"concurrency": chosen.max_in_flight})
-    plan = PreparedRun(
-        config,
-        model,
-        conversations,
-        chosen,
-        chosen is not engine,
-        checked.listeners,
-        stop=checked.stop,
-        view=checked.view,
-        alerts=checked.alerts,
-    )
+    plan = checked.plan(chosen, owns=chosen is not engine, config=config)
     # Under auto, a local model's checkpoint survives a changed pick (llama.cpp
     # installed since, say): rows name the engine that answered each turn.
     auto = engine == "auto" and is_local(engine, model, config.api_base)
@@ -448,17 +453,7 @@ def _prepare_models(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun
     """A run of several models: an engine per model (the one ``engine=`` gives, where it
     is an ``Engine``), or with ``router=`` the engines of each group's deployments."""
     made: list[tuple[str, Engine | Routes]] = []
-    plan = PreparedRun(
-        checked.config,
-        checked.model,
-        checked.conversations,
-        None,
-        False,
-        checked.listeners,
-        stop=checked.stop,
-        view=checked.view,
-        alerts=checked.alerts,
-    )
+    plan = checked.plan()
     try:
         for name in checked.models:
             if checked.deployments is not None:
@@ -519,18 +514,7 @@ def _prepare_routed(checked: CheckedRun) -> PreparedRun:
     its fallback groups (the lean OpenAI-compatible one for an ``api_base``, litellm for
     a provider), each deployment's key and price checked first."""
     routes = _routes_for(checked, checked.model)
-    plan = PreparedRun(
-        checked.config,
-        checked.model,
-        checked.conversations,
-        None,
-        False,
-        checked.listeners,
-        stop=checked.stop,
-        view=checked.view,
-        alerts=checked.alerts,
-        routes=routes,
-    )
+    plan = checked.plan(routes=routes)
     # The group and its sampling parameters, not the list: adding a deployment keeps it.
     return _open_stores(checked, plan, "router", routes.params)
 

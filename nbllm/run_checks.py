@@ -4,11 +4,10 @@ its routing options, the metric of ``score=``, the budget and the price a dollar
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from nbllm.config import RunConfig, parse_run_option
+from nbllm.config import RunConfig
 from nbllm.engines import Engine, is_local
 from nbllm.errors import ConfigError
 from nbllm.executor.budget import Budget
@@ -122,24 +121,15 @@ def check_turn_formats(conversations: list[Conversation]) -> None:
 
 def watchers(config: RunConfig) -> list[Callable[[Event], None]]:
     """The listeners that show the run outside the notebook: Prometheus metrics where a
-    port is asked for (``metrics_port``, else ``$NBLLM_METRICS_PORT``), and OpenTelemetry
-    spans where a tracer provider is configured. Made before any request: a port in use
-    or a missing package is a ``ConfigError`` now."""
+    port is asked for (``metrics_port``; ``$NBLLM_METRICS_PORT`` may set it), and
+    OpenTelemetry spans where a tracer provider is configured. Made before any request: a
+    port in use or a missing package is a ``ConfigError`` now."""
     from nbllm.metrics import metrics_listener
     from nbllm.tracing import tracing_listener
 
-    port = config.metrics_port
-    text = os.environ.get("NBLLM_METRICS_PORT", "").strip()
-    if port is None and text:
-        try:
-            port = parse_run_option("metrics_port", text)
-        except ConfigError as exc:
-            msg = f"$NBLLM_METRICS_PORT: {exc}"
-            raise ConfigError(msg) from None
-    given = {"rpm": config.rpm, "tpm": config.tpm}
-    limits = {k: float(v) for k, v in given.items() if isinstance(v, (int, float))}  # not "auto"
+    limits = {"rpm": config.rpm, "tpm": config.tpm}
     found = [
-        metrics_listener(port, config.metrics_host, limits),
+        metrics_listener(config.metrics_port, config.metrics_host, limits),
         tracing_listener(config.trace_content),
     ]
     return [listener for listener in found if listener is not None]

@@ -31,14 +31,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nbllm.alert_rules import alert_rules
-from nbllm.config import RunConfig, parse_run_option
+from nbllm.config import RunConfig, leaf_types, parse_run_option
 from nbllm.dataset.cells import did_you_mean
 from nbllm.errors import ConfigError
 
@@ -222,18 +221,9 @@ def file_layers(start: Path | None = None) -> list[Layer]:
 
 
 def _takes_text(name: str) -> bool:
-    annotation = RunConfig.model_fields[name].annotation
-
-    def leaves(a: Any) -> set[Any]:
-        if typing.get_origin(a) is typing.Annotated:
-            return leaves(typing.get_args(a)[0])
-        if typing.get_origin(a) is typing.Literal:
-            return {type(v) for v in typing.get_args(a)}
-        args = typing.get_args(a)
-        return {x for arg in args for x in leaves(arg)} if args else {a}
-
-    found = leaves(annotation)
-    return bool(found & {str, int, float, bool})
+    """Whether option ``name`` can be written as text (a number, a word, a path)."""
+    leaves = leaf_types(RunConfig.model_fields[name].annotation)
+    return any(leaf in (str, int, float, bool) or isinstance(leaf, str) for leaf in leaves)
 
 
 def environment_layer(environ: Mapping[str, str] | None = None) -> Layer:
