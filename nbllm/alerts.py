@@ -17,9 +17,11 @@ rule that fired stays quiet, default 300 s). The rules:
                        from NVML at most every 5 s (nothing where there is no GPU);
 ``spend_share``        the run's cost has passed this share of ``max_cost_usd`` (0.8).
 
-A rate needs ``MIN_ATTEMPTS`` attempts in the window before it can fire. When a rule
-crosses, its ``Alert`` (an executor event) goes, once per cooldown, to every listener of the
-run (the notebook dashboard shows it as a banner), to the ``nbllm`` logger as a warning, to
+A rate needs ``MIN_ATTEMPTS`` attempts in the window before it can fire. The rates are kept
+as attempts come; the rules that read the whole window (the p95, the pace, the GPUs) run at
+most twice a second and once more at the run's last turn. When a rule crosses, its
+``Alert`` (an executor event) goes, once per cooldown, to every listener of the run (the
+notebook dashboard shows it as a line under its errors), to the ``nbllm`` logger as a warning, to
 ``on_alert`` (a callable: a webhook of one's own) and into ``result.summary.alerts``.
 """
 
@@ -34,7 +36,14 @@ from typing import Any
 
 from nbllm.alert_rules import DEFAULTS, SETTINGS, AlertRules, alert_rules
 from nbllm.engines.hardware import nvml_reading, open_nvml
-from nbllm.executor.events import Alert, AttemptFinished, Event, RunStarted, TurnFinished
+from nbllm.executor.events import (
+    Alert,
+    AttemptFinished,
+    Event,
+    RunFinished,
+    RunStarted,
+    TurnFinished,
+)
 from nbllm.results_sample import percentile
 
 __all__ = ["DEFAULTS", "MIN_ATTEMPTS", "SETTINGS", "AlertRules", "AlertWatcher", "alert_rules"]
@@ -44,6 +53,10 @@ log = logging.getLogger("nbllm")
 #: Attempts a window needs before a rate or a p95 over it can fire.
 MIN_ATTEMPTS = 20
 _GPU_EVERY_S = 5.0
+#: The rate rules: (rule, the attempts' outcome it counts, what the message says of them).
+_RATES = (("error_rate", "error", "failed"), ("rate_limited_rate", "rate_limited", "got a 429"))
+#: The rules are checked at most this often (seconds): a check reads the whole window.
+_CHECK_EVERY_S = 0.5
 
 
 class AlertWatcher:
@@ -73,6 +86,9 @@ class AlertWatcher:
         self._answers: collections.deque[float] = collections.deque()
         self._cost = 0.0
         self._gpu_at = -_GPU_EVERY_S
+        self._checked_at = -_CHECK_EVERY_S
+        self._turns_left = -1  # turns of the run still to finish (RunStarted tells)
+        self._outcomes: collections.Counter[str] = collections.Counter()  # in the window
 
     def __call__(self, event: Event) -> None:
         now = self._clock()
@@ -80,42 +96,51 @@ class AlertWatcher:
             if event.outcome != "cancelled":
                 latency = event.latency_s if event.outcome == "ok" else None
                 self._attempts.append((now, latency, event.outcome))
+                self._outcomes[event.outcome] += 1
             self._check(now)
         elif isinstance(event, TurnFinished):
+            self._turns_left -= 1
+            if self._turns_left == 0:  # the last turn: before the result is made
+                self._check(now, whole=True)
             record = event.record
             if record.ok and not record.resumed and not record.cached:
                 self._answers.append(now)
                 self._cost += record.cost_usd or 0.0
                 self._spend()
         elif isinstance(event, RunStarted):
+            self._turns_left = event.turns
             self._answers.clear()
             self._attempts.clear()
+            self._outcomes.clear()
+        elif isinstance(event, RunFinished) and self._turns_left > 0:
+            self._check(now, whole=True)  # stopped early: what the last half second brought
 
     # -- the rules -----------------------------------------------------------------
 
-    def _check(self, now: float) -> None:
+    def _check(self, now: float, *, whole: bool = False) -> None:
+        """The rates at every attempt (counts kept as they come); the rules that read the
+        whole window at most every ``_CHECK_EVERY_S``, and at the run's end (``whole``)."""
         window = self.rules.window_s
         while self._attempts and self._attempts[0][0] < now - window:
-            self._attempts.popleft()
-        while self._answers and self._answers[0] < now - 2 * window:
-            self._answers.popleft()
+            self._outcomes[self._attempts.popleft()[2]] -= 1
         rules = self.rules.thresholds
         attempts = self._attempts
-        if len(attempts) >= MIN_ATTEMPTS:
-            n = len(attempts)
-            if "error_rate" in rules:
-                share = sum(1 for _, _, o in attempts if o == "error") / n
-                self._rate("error_rate", share, f"{share:.0%} of the last {n} attempts failed")
-            if "rate_limited_rate" in rules:
-                share = sum(1 for _, _, o in attempts if o == "rate_limited") / n
-                self._rate(
-                    "rate_limited_rate", share, f"{share:.0%} of the last {n} attempts got a 429"
-                )
-            if "latency_p95_s" in rules:
-                latencies = sorted(lat for _, lat, _ in attempts if lat is not None)
-                p95 = percentile(latencies, 0.95)
-                if p95 is not None:
-                    self._rate("latency_p95_s", p95, f"request latency p95 is {p95:.2f} s")
+        n = len(attempts)
+        if n >= MIN_ATTEMPTS:
+            for rule, outcome, what in _RATES:
+                if rule in rules:
+                    share = self._outcomes[outcome] / n
+                    self._rate(rule, share, f"{share:.0%} of the last {n} attempts {what}")
+        if not whole and now - self._checked_at < _CHECK_EVERY_S:
+            return
+        self._checked_at = now
+        while self._answers and self._answers[0] < now - 2 * window:
+            self._answers.popleft()
+        if n >= MIN_ATTEMPTS and "latency_p95_s" in rules:
+            latencies = sorted(lat for _, lat, _ in attempts if lat is not None)
+            p95 = percentile(latencies, 0.95)
+            if p95 is not None:
+                self._rate("latency_p95_s", p95, f"request latency p95 is {p95:.2f} s")
         if "throughput_drop" in rules and self._answers and now - self._answers[0] >= window:
             recent = sum(1 for t in self._answers if t >= now - window)
             before = len(self._answers) - recent
