@@ -275,7 +275,7 @@ class Ensembles:
         """The row a turn keeps from its members' records (None: a member never finished)
         and the index of the member it came from."""
         if self.ensemble == "first":
-            # The first valid answer to arrive; order of arrival is the order of ``done``.
+            # The valid answer that finished first (the first model's on a tie).
             answered = [(i, r) for i, r in enumerate(records) if r is not None and r.ok]
             if answered:
                 best = min(answered, key=lambda p: (p[1].finished_at or 0.0, p[0]))
