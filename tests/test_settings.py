@@ -87,7 +87,10 @@ def test_pyproject_tool_table_and_per_model_defaults(project):
         ("\n\nconcurrency = 'lots'\n", r"nbllm.toml:3: concurrency= expected a whole number"),
         ("temperature = -1\n", r"nbllm.toml:1: temperature= expected"),
         ("rpm = \n", r"nbllm.toml: not valid TOML: .*line 1"),
-        ("api_key = 'literal-key-in-a-file'\n", r"nbllm.toml:1: api_key: a key is never written in a file"),
+        (
+            "api_key = 'literal-key-in-a-file'\n",
+            r"nbllm.toml:1: api_key: a key is never written in a file",
+        ),
         ("[alerts]\nerror_rat = 0.5\n", r"nbllm.toml:2: alerts=: no rule 'error_rat'"),
         ("[models.'m']\nmax_tokenz = 5\n", r"nbllm.toml:2: 'max_tokenz' is not an nbllm option"),
     ],
