@@ -6,8 +6,11 @@ provider is set), and None otherwise; it never imports OpenTelemetry itself, so 
 without it pays nothing. The spans, all made with the times of the executor's events::
 
     nbllm run                      RunStarted .. RunFinished
-      nbllm conversation           its first request (or row) .. its last row
+      nbllm conversation           its first request sent (or row) .. its last row
         chat {model}               one request attempt: sent .. answered, refused or failed
+
+A conversation's spans are made together when it ends (or when the run does): a request
+costs a list append while the run is busy, and its span is exported with its conversation's.
 
 The run span is a child of the span current where the listener was made (``nbllm.run``'s
 caller), so a run inside a traced evaluation shows under it. Request spans follow
@@ -35,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 from nbllm.executor.events import (
     AttemptFinished,
     Event,
-    RequestSent,
     RunFinished,
     RunStarted,
     TurnFinished,
@@ -81,10 +83,11 @@ class RunTracer:
 
     One instance may follow several runs one after another; each ``RunStarted`` starts a
     new run span, under the span that was current when the instance was made. It handles
-    only the events in ``event_types``, with a few dict operations each.
+    only the events in ``event_types``: an ended attempt is kept with its conversation, and
+    a conversation's spans are made when it ends, from the events' own times.
     """
 
-    event_types = (RunStarted, RequestSent, AttemptFinished, TurnFinished, RunFinished)
+    event_types = (RunStarted, AttemptFinished, TurnFinished, RunFinished)
 
     def __init__(self, tracer: Tracer, trace_content: bool = False) -> None:
         from opentelemetry import context, trace
@@ -98,9 +101,10 @@ class RunTracer:
         self._run_context: Any = self._parent
         # The open conversation spans, with the context of each and its turns finished so far.
         self._conversations: dict[Hashable, _Conversation] = {}
+        # Per (model, deployment): the request span's name and its attributes that never change.
+        self._requests: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self._handlers: dict[type, Callable[[Any], None]] = {
             RunStarted: self._run_started,
-            RequestSent: self._request_sent,
             AttemptFinished: self._attempt_finished,
             TurnFinished: self._turn_finished,
             RunFinished: self._run_finished,
@@ -141,7 +145,7 @@ class RunTracer:
     def _run_finished(self, event: RunFinished) -> None:
         end = _ns(event.t)
         for conversation in self._conversations.values():
-            conversation.end(end)
+            self._spans(conversation, event.t)
         self._conversations.clear()
         run = self._run
         if run is None:
@@ -159,58 +163,90 @@ class RunTracer:
             run.set_status(self._error("interrupted"))
         run.end(end_time=end)
 
-    # --- conversations
+    # --- conversations and their requests
 
     def _conversation(self, conversation_id: Hashable, t: float) -> _Conversation:
-        """The open span of ``conversation_id``, started at ``t`` when it has none."""
+        """The open conversation ``conversation_id``, begun at ``t`` when it has none."""
         conversation = self._conversations.get(conversation_id)
         if conversation is None:
-            span = self._tracer.start_span(
-                CONVERSATION_SPAN,
-                context=self._run_context,
-                start_time=_ns(t),
-                attributes={"nbllm.conversation_id": str(conversation_id)},
-            )
-            conversation = _Conversation(span, self._trace.set_span_in_context(span))
-            self._conversations[conversation_id] = conversation
+            conversation = self._conversations[conversation_id] = _Conversation(conversation_id, t)
         return conversation
 
-    def _request_sent(self, event: RequestSent) -> None:
-        self._conversation(event.conversation_id, event.t)
+    def _attempt_finished(self, event: AttemptFinished) -> None:
+        conversation = self._conversations.get(event.conversation_id)
+        if conversation is None:
+            conversation = self._conversation(event.conversation_id, event.sent_at)
+        conversation.attempts.append(event)
 
     def _turn_finished(self, event: TurnFinished) -> None:
         record = event.record
         conversation = self._conversation(record.conversation_id, event.t)
         conversation.turns += 1
-        if not conversation.failed and not record.ok and not record.not_run:
-            conversation.failed = True
-            conversation.span.set_status(self._error(error_kind(record.error or "no answer")))
+        if conversation.failed is None and not record.ok and not record.not_run:
+            conversation.failed = error_kind(record.error or "no answer")
         if self._trace_content:
-            conversation.span.add_event(
-                TURN_EVENT,
-                attributes={
-                    "nbllm.turn": record.turn,
-                    "gen_ai.prompt": record.question,
-                    "gen_ai.completion": record.answer or "",
-                },
-                timestamp=_ns(event.t),
-            )
+            conversation.content.append((event.t, record.turn, record.question, record.answer))
         if event.conversation_done:
             del self._conversations[record.conversation_id]
-            conversation.end(_ns(event.t))
+            self._spans(conversation, event.t)
 
-    # --- request attempts
+    def _spans(self, conversation: _Conversation, t: float) -> None:
+        """The spans of a conversation that ended at ``t``: its own, then one per request,
+        made together from the times the events carried."""
+        span = self._tracer.start_span(
+            CONVERSATION_SPAN,
+            context=self._run_context,
+            start_time=_ns(conversation.start),
+            attributes={
+                "nbllm.conversation_id": str(conversation.id),
+                "nbllm.turns": conversation.turns,
+            },
+        )
+        if conversation.failed is not None:
+            span.set_status(self._error(conversation.failed))
+        for at, turn, question, answer in conversation.content:
+            span.add_event(
+                TURN_EVENT,
+                attributes={
+                    "nbllm.turn": turn,
+                    "gen_ai.prompt": question,
+                    "gen_ai.completion": answer or "",
+                },
+                timestamp=_ns(at),
+            )
+        context = self._trace.set_span_in_context(span)
+        start_span = self._tracer.start_span
+        for event in conversation.attempts:
+            name, attributes = self._request(event)
+            failed = event.outcome != "ok"
+            if failed:
+                attributes["error.type"] = event.error or event.outcome
+            request = start_span(
+                name, context=context, start_time=_ns(event.sent_at), attributes=attributes
+            )
+            if failed:
+                request.set_status(self._error(event.error or event.outcome))
+            request.end(end_time=_ns(event.t))
+        span.end(end_time=_ns(t))
 
-    def _attempt_finished(self, event: AttemptFinished) -> None:
-        conversation = self._conversation(event.conversation_id, event.sent_at)
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.request.model": event.model,
-            "nbllm.attempt": event.attempt,
-            "nbllm.outcome": event.outcome,
-            "nbllm.deployment": event.deployment,
-            "nbllm.turn": event.turn,
-        }
+    def _request(self, event: AttemptFinished) -> tuple[str, dict[str, Any]]:
+        """A request span's name and attributes (GenAI's conventions and nbllm's own)."""
+        key = (event.model, event.deployment)
+        known = self._requests.get(key)
+        if known is None:
+            known = self._requests[key] = (
+                f"chat {event.model}",
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.request.model": event.model,
+                    "nbllm.deployment": event.deployment,
+                },
+            )
+        name, constant = known
+        attributes = constant.copy()
+        attributes["nbllm.attempt"] = event.attempt
+        attributes["nbllm.outcome"] = event.outcome
+        attributes["nbllm.turn"] = event.turn
         if event.response_model is not None:
             attributes["gen_ai.response.model"] = event.response_model
         if event.prompt_tokens is not None:
@@ -221,34 +257,22 @@ class RunTracer:
             attributes["gen_ai.response.finish_reasons"] = (event.finish_reason,)
         if event.cost_usd is not None:
             attributes["nbllm.cost_usd"] = event.cost_usd
-        failed = event.outcome != "ok"
-        if failed:
-            attributes["error.type"] = event.error or event.outcome
-        span = self._tracer.start_span(
-            f"chat {event.model}",
-            context=conversation.context,
-            start_time=_ns(event.sent_at),
-            attributes=attributes,
-        )
-        if failed:
-            span.set_status(self._error(event.error or event.outcome))
-        span.end(end_time=_ns(event.t))
+        return name, attributes
 
     def _error(self, description: str) -> Any:
         return self._trace.Status(self._trace.StatusCode.ERROR, description)
 
 
 class _Conversation:
-    """A conversation's open span, the context its request spans start in, and its turns."""
+    """A conversation not yet ended: when it began, its request attempts, its turns so far,
+    the kind of its first failure, and (with ``trace_content``) its questions and answers."""
 
-    __slots__ = ("context", "failed", "span", "turns")
+    __slots__ = ("attempts", "content", "failed", "id", "start", "turns")
 
-    def __init__(self, span: Span, context: Any) -> None:
-        self.span = span
-        self.context = context
+    def __init__(self, conversation_id: Hashable, start: float) -> None:
+        self.id = conversation_id
+        self.start = start
+        self.attempts: list[AttemptFinished] = []
+        self.content: list[tuple[float, int, str, str | None]] = []
         self.turns = 0
-        self.failed = False
-
-    def end(self, end_time: int) -> None:
-        self.span.set_attribute("nbllm.turns", self.turns)
-        self.span.end(end_time=end_time)
+        self.failed: str | None = None

@@ -249,7 +249,7 @@ def test_the_same_conversation_again_gets_a_new_span(provider, exporter):
     for k, model in enumerate(("a", "b")):
         record = TurnRecord(7, 0, QUESTION, answer=ANSWER, model=model)
         run_events += [
-            RequestSent(7, 0, 1, in_flight=1, t=T0 + k),
+            attempt(1, "ok", None, sent_at=T0 + k, t=T0 + k + 0.4),
             TurnFinished(record, in_flight=0, t=T0 + k + 0.5, conversation_done=True),
         ]
     run_events.append(RunFinished(2, 0, wall_s=2, interrupted=False, t=T0 + 2))
@@ -354,13 +354,13 @@ def test_other_events_are_not_delivered(provider):
     tracer = RunTracer(provider.get_tracer("nbllm"))
     assert set(tracer.event_types) == {
         RunStarted,
-        RequestSent,
         events.AttemptFinished,
         TurnFinished,
         RunFinished,
     }
     bus = events.EventBus([tracer])
     assert not bus.wants(RetryScheduled)
+    assert not bus.wants(RequestSent)  # a request's span is made once, when it has ended
     assert bus.wants(events.AttemptFinished)
 
 
