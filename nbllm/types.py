@@ -143,7 +143,10 @@ class ChatResponse:
     ``finish_reason`` is why the answer ended, as the provider says it (``"stop"``,
     ``"length"`` when ``max_tokens`` cut it, ``"content_filter"``, ``"tool_calls"``);
     None when the engine does not say. ``rate_limits``: the provider's ``x-ratelimit-*``
-    headers on this answer (names in lower case), where it sent any.
+    headers on this answer (names in lower case), where it sent any. ``cached_tokens``: how
+    many of the ``prompt_tokens`` were not computed again but taken from a cache of earlier
+    prompts (a local engine's prefix cache, or a provider's ``prompt_tokens_details``);
+    None when the engine does not say.
     """
 
     text: str
@@ -153,6 +156,7 @@ class ChatResponse:
     cost_usd: float | None = None
     finish_reason: str | None = None
     rate_limits: Mapping[str, str] | None = None
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
