@@ -17,6 +17,20 @@ It prints generated tokens per second for both, and the ratio nbllm / plain, whi
 never fall below 1.0 (the batcher may never make things slower) and should approach the
 machine's batch speed-up as N grows. Both ways produce the same greedy answers (checked).
 
+Two more parts measure the torch engine's own scheduling, each side by side in one process:
+
+``prefix``      8 conversations x 3 turns, each with the same ~2 KB document in its system
+                message: generated tokens per second with the prefix cache and without it
+                (``prefix_cache=False``), both batched continuously; target >= 2x, and the
+                greedy answers must be identical;
+``continuous``  16 requests at once whose ``max_tokens`` run from 8 to 128 (prompts the model
+                answers at length): continuous batching against the static batcher
+                (``continuous=False``: transformers' ``generate`` per fixed batch), same
+                ``batch_size``; target >= 1.3x, identical greedy answers. The static
+                batcher cannot put requests with different ``max_tokens`` in one batch, so
+                a second line asks 16 questions with one ``max_tokens`` (128) whose answers
+                end unevenly by themselves (short facts and long counts, alternating).
+
 With ``--vllm`` on a GPU with vLLM installed, it also runs the multi-turn comparison: 64
 four-turn conversations through nbllm's vllm engine (every conversation moves on to its next
 turn as soon as its answer is back) against vLLM's own ``LLM.chat`` called turn by turn
@@ -24,7 +38,8 @@ with a barrier across conversations (what people write by hand); target nbllm / 
 >= 1.2. Without a usable vLLM it says so and skips that part.
 
 Run: ``python benchmarks/local_engines.py`` (``--quick``: N in 1, 4 and 6-token answers;
-``--engines torch,onnx`` to choose; ``--json PATH`` to keep the figures).
+``--engines torch,onnx`` to choose; ``--parts batching,prefix,continuous`` to choose the
+parts, all by default; ``--json PATH`` to keep the figures).
 """
 
 from __future__ import annotations
@@ -121,7 +136,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds per figure (median)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--vllm", action="store_true", help="the vLLM multi-turn comparison")
+    parser.add_argument("--parts", default="batching,prefix,continuous", help="which parts")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
 
     from nbllm.engines import available, hardware
 
@@ -139,7 +156,7 @@ def main() -> None:
     print()
     print(f"{'engine':10} {'N':>3} {'plain tok/s':>12} {'nbllm tok/s':>12} {'ratio':>6}  same")
     figures = []
-    for name in names:
+    for name in names if "batching" in parts else []:
         t_load = time.perf_counter()
         engine = load(name, batch_size=max(sizes))
         load_s = time.perf_counter() - t_load
@@ -172,15 +189,152 @@ def main() -> None:
             )
         asyncio.run(engine.aclose())
         print(f"{name:10} loaded in {load_s:.1f} s ({engine.describe()})")
-    worst = min(f["ratio"] for f in figures)
-    print()
-    print(f"lowest nbllm / plain ratio: {worst:.2f} (must be >= 1.0)")
     report: dict[str, Any] = {"batching": figures}
+    if figures:
+        worst = min(f["ratio"] for f in figures)
+        print()
+        print(f"lowest nbllm / plain ratio: {worst:.2f} (must be >= 1.0)")
+    if "prefix" in parts:
+        report["prefix"] = prefix_reuse(args.repeats, quick=args.quick)
+    if "continuous" in parts:
+        report["continuous"] = continuous_batching(args.repeats, quick=args.quick)
     if args.vllm:
         report["vllm_multiturn"] = vllm_multiturn()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+
+
+TARGET_PREFIX = 2.0
+TARGET_CONTINUOUS = 1.3
+# About 2 KB of figures, repeated in every conversation's system message.
+DOCUMENT = "\n".join(
+    f"{year} Q{q}: revenue {100 + 7 * q + 11 * (year - 2020)}m, costs {70 + 5 * q}m, "
+    f"headcount {400 + 12 * q + 30 * (year - 2020)}, churn {2 + q % 3}.{q}%"
+    for year in range(2018, 2026)
+    for q in range(1, 5)
+)
+DOCUMENT_TURNS = ("What was revenue in the first quarter listed?", "And costs then?", "Summarise.")
+
+
+def _torch(**options: Any) -> Any:
+    from nbllm.engines.local.torch import TorchEngine
+
+    return TorchEngine(batch_size=8, **options)
+
+
+def _run_timed(engine: Any, convs: list[dict[str, Any]], max_tokens: int) -> tuple[float, Any]:
+    import nbllm
+
+    t0 = time.perf_counter()
+    result = nbllm.run(
+        convs, engine=engine, concurrency=len(convs), max_tokens=max_tokens,
+        checkpoint=False, cache=False, progress=False,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    df = result.df
+    assert df["error"].isna().all(), df["error"].dropna().tolist()
+    return int(df["completion_tokens"].sum()) / wall, df
+
+
+def prefix_reuse(repeats: int, *, quick: bool) -> dict[str, Any]:
+    """Tokens/s of a multi-turn run with a shared document, with and without the cache."""
+    n = 4 if quick else 8
+    convs = [
+        {"id": f"d{i}", "system": DOCUMENT, "turns": [f"(ask {i}) {DOCUMENT_TURNS[0]}",
+                                                     *DOCUMENT_TURNS[1:]]}
+        for i in range(n)
+    ]  # fmt: skip
+    rates: dict[str, list[float]] = {"cache": [], "no cache": []}
+    answers: dict[str, list[Any]] = {}
+    engines = {"cache": _torch(), "no cache": _torch(prefix_cache=False)}
+    for engine in engines.values():
+        _run_timed(engine, [{"id": "w", "turns": ["Hi"]}], 2)  # warm-up
+    for repeat in range(repeats):
+        for way in list(engines)[:: 1 if repeat % 2 == 0 else -1]:
+            engine = engines[way]
+            if engine.prefix is not None:
+                engine.prefix.clear()  # each round starts cold
+            rate, df = _run_timed(engine, convs, 24)
+            rates[way].append(rate)
+            answers[way] = list(df["answer"])
+    with_cache, without = (statistics.median(rates[w]) for w in ("cache", "no cache"))
+    same = answers["cache"] == answers["no cache"]
+    reused = engines["cache"].prefix.reused_tokens
+    for engine in engines.values():
+        asyncio.run(engine.aclose())
+    ratio = with_cache / without
+    print()
+    print(
+        f"prefix reuse, {n} conversations x 3 turns, a {len(DOCUMENT):,}-character document: "
+        f"{with_cache:.1f} tok/s with the cache, {without:.1f} without, ratio {ratio:.2f} "
+        f"(target >= {TARGET_PREFIX}); same answers: {same}; prompt tokens reused in the "
+        f"last round: {reused:,}"
+    )
+    return {"with_cache": with_cache, "without": without, "ratio": ratio, "same_answers": same}
+
+
+def continuous_batching(repeats: int, *, quick: bool) -> dict[str, Any]:
+    """16 requests with max_tokens from 8 to 128: continuous against static batching."""
+    n = 8 if quick else 16
+    top = 48 if quick else 128
+    spread = [round(8 + (top - 8) * k / (n - 1)) for k in range(n)]
+    counting = [f"Count from {k + 1} to 1000, one number per line." for k in range(n)]
+    uneven = [
+        counting[k] if k % 2 else f"What is {k} + {k}? Answer with the number only."
+        for k in range(n)
+    ]
+    engines = {"continuous": _torch(), "static": _torch(continuous=False)}
+    for engine in engines.values():  # warm-up: the model thread, torch's own pools
+        _continuous_part({"one": engine}, ["Hi", "Hello"], [4, 4], 1)
+    figures = {}
+    for label, questions, lengths in (
+        (f"max_tokens {spread[0]}..{spread[-1]}", counting, spread),
+        (f"one max_tokens ({top}), uneven answers", uneven, [top] * n),
+    ):
+        figures[label] = _continuous_part(engines, questions, lengths, repeats)
+        continuous, static, same = figures[label]
+        print(
+            f"continuous batching, {n} requests, {label}, batch_size 8: {continuous:.1f} tok/s "
+            f"continuous, {static:.1f} static, ratio {continuous / static:.2f} "
+            f"(target >= {TARGET_CONTINUOUS}); same answers: {same}"
+        )
+    for engine in engines.values():
+        asyncio.run(engine.aclose())
+    return {
+        label: {"continuous": c, "static": s, "ratio": c / s, "same_answers": same}
+        for label, (c, s, same) in figures.items()
+    }
+
+
+def _continuous_part(
+    engines: dict[str, Any], questions: list[str], lengths: list[int], repeats: int
+) -> tuple[float, float, bool]:
+    """Median tokens/s continuous and static, and whether the greedy answers agree."""
+    rates: dict[str, list[float]] = {way: [] for way in engines}
+    answers: dict[str, list[str]] = {}
+
+    async def ask_all(engine: Any) -> tuple[float, list[str]]:
+        from nbllm.types import ChatRequest
+
+        chats = [
+            ChatRequest("m", [{"role": "user", "content": q}], {"max_tokens": m})
+            for q, m in zip(questions, lengths, strict=True)
+        ]
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(engine.complete(chat) for chat in chats))
+        wall = time.perf_counter() - t0
+        return sum(a.completion_tokens or 0 for a in got) / wall, [a.text for a in got]
+
+    for repeat in range(repeats):
+        for way in list(engines)[:: 1 if repeat % 2 == 0 else -1]:
+            rate, texts = asyncio.run(ask_all(engines[way]))
+            rates[way].append(rate)
+            answers[way] = texts
+    if len(engines) == 1:
+        return 0.0, 0.0, True
+    continuous, static = (statistics.median(rates[w]) for w in ("continuous", "static"))
+    return continuous, static, answers["continuous"] == answers["static"]
 
 
 TARGET_VLLM_MULTITURN = 1.2

@@ -99,6 +99,8 @@ async def arun(
     resume: bool = True,
     engine: str | Engine = "auto",
     worker: bool | None = None,
+    prefix_cache: bool = True,
+    prefix_cache_bytes: int | None = None,
     max_conversations: int | None = None,
     stop_grace_s: float = 10.0,
     redis_url: str | None = None,
@@ -155,6 +157,8 @@ def run(
     resume: bool = True,
     engine: str | Engine = "auto",
     worker: bool | None = None,
+    prefix_cache: bool = True,
+    prefix_cache_bytes: int | None = None,
     max_conversations: int | None = None,
     stop_grace_s: float = 10.0,
     redis_url: str | None = None,
@@ -192,6 +196,9 @@ def run(
     terminal; default: when interactive), ``engine`` ("auto", "openai", "litellm", a
     local engine — "vllm", "deepspeed", "onnx", "torch", "llamacpp" — or an ``Engine``),
     ``worker`` (run a local engine in a child process; default: on a CUDA GPU),
+    ``prefix_cache`` / ``prefix_cache_bytes`` (a local engine reuses the keys and values of
+    the beginnings its prompts share with recent ones, the conversation's earlier turns or a
+    common document, within that many bytes; rows show ``cached_tokens``),
     ``max_conversations``, ``stop_grace_s`` (after a first Ctrl-C, seconds the requests
     in flight may take to finish; a second Ctrl-C cancels them), ``redis_url`` (share
     the ``rpm``/``tpm`` budgets with every process using this Redis against the same

@@ -188,6 +188,18 @@ class RunConfig(BaseModel):
         "run a local engine in a child process; none: on a CUDA GPU",
         "True, False or None (automatic)",
     )
+    prefix_cache: bool = _option(
+        True,
+        "a local engine reuses the keys and values of recent prompts' shared beginnings",
+        "True or False",
+    )
+    prefix_cache_bytes: int | None = _option(
+        None,
+        "the bound on a local engine's prefix cache; none: a fifth of free memory, <= 4 GiB",
+        "a whole number of bytes >= 0 or None",
+        metavar="BYTES",
+        ge=0,
+    )
     max_conversations: int | None = _option(
         None,
         "conversations in progress at once; none: 4 x concurrency",

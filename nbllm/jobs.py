@@ -202,6 +202,8 @@ def submit(
     resume: bool = True,
     engine: str | Engine = "auto",
     worker: bool | None = None,
+    prefix_cache: bool = True,
+    prefix_cache_bytes: int | None = None,
     max_conversations: int | None = None,
     stop_grace_s: float = 10.0,
     redis_url: str | None = None,

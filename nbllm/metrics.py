@@ -399,7 +399,9 @@ class _ServeCollector:
             buckets.append(("+Inf", float(sum(counts.values()))))
             total = float(sum(size * n for size, n in counts.items()))
             batches = HistogramMetricFamily(
-                "nbllm_serve_batch_size", "Requests per batch the local engine ran"
+                "nbllm_serve_batch_size",
+                "Requests per batch the local engine ran (per token step where it batches "
+                "continuously)",
             )
             batches.add_metric([], buckets, total)
             out.append(batches)

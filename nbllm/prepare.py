@@ -422,6 +422,17 @@ def _prepare(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:
     return _open_stores(checked, plan, "auto" if auto else chosen.identity(), {})
 
 
+def local_options(config: RunConfig) -> dict[str, Any]:
+    """The run's options for a local engine, where they differ from an engine's own
+    defaults (so that asking a provider for none of them is no error)."""
+    options: dict[str, Any] = {}
+    if not config.prefix_cache:
+        options["prefix_cache"] = False
+    if config.prefix_cache_bytes is not None:
+        options["prefix_cache_bytes"] = config.prefix_cache_bytes
+    return options
+
+
 def _engine_for(checked: CheckedRun, model: str, deliver: Deliver | None) -> Engine:
     """The engine that answers ``model``, its key and price checked first (``engine=``
     itself where it is an ``Engine``)."""
@@ -446,6 +457,7 @@ def _engine_for(checked: CheckedRun, model: str, deliver: Deliver | None) -> Eng
         max_connections=_connections(config.concurrency),
         worker=config.worker,
         on_phase=on_phase,
+        **local_options(config),
     )
 
 

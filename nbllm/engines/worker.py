@@ -341,10 +341,19 @@ _shared_lock = threading.Lock()
 
 
 def local_option_args(
-    *, batch_size: int | None = None, batch_wait_s: float | None = None, device: str | None = None
+    *,
+    batch_size: int | None = None,
+    batch_wait_s: float | None = None,
+    device: str | None = None,
+    prefix_cache: bool = True,
+    prefix_cache_bytes: int | None = None,
 ) -> list[str]:
     """``nbllm serve`` arguments for a local engine's keyword options."""
     args: list[str] = []
+    if not prefix_cache:
+        args.append("--no-prefix-cache")
+    if prefix_cache_bytes is not None:
+        args += ["--prefix-cache-bytes", str(prefix_cache_bytes)]
     if batch_size is not None:
         args += ["--batch-size", str(batch_size)]
     if batch_wait_s is not None:
@@ -359,12 +368,16 @@ def shared_worker(engine: str, model: str | None, **local_options: Any) -> Worke
 
     The first call starts it and waits for the model to load; later calls with the same
     arguments get the same worker while it runs. ``local_options``: ``batch_size``,
-    ``batch_wait_s``, ``device``. Every worker is stopped when the interpreter exits.
+    ``batch_wait_s``, ``device``, ``prefix_cache``, ``prefix_cache_bytes``. Every worker is
+    stopped when the interpreter exits.
     """
     try:
         options = tuple(local_option_args(**local_options))
     except TypeError as exc:
-        msg = f"a local engine takes batch_size, batch_wait_s and device, got {local_options!r}"
+        msg = (
+            "a local engine takes batch_size, batch_wait_s, device, prefix_cache and "
+            f"prefix_cache_bytes, got {local_options!r}"
+        )
         raise ConfigError(msg) from exc
     key = (engine, model, options)
     with _shared_lock:

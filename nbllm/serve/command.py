@@ -81,6 +81,10 @@ def engine_factory(args: argparse.Namespace) -> Callable[[], Engine]:
         options["batch_wait_s"] = args.batch_wait_ms / 1000
     if args.device is not None:
         options["device"] = args.device
+    if not args.prefix_cache:
+        options["prefix_cache"] = False
+    if args.prefix_cache_bytes is not None:
+        options["prefix_cache_bytes"] = args.prefix_cache_bytes
     # worker=False: this process is the worker; it must not start another one.
     return functools.partial(create_engine, args.engine, model=args.model, worker=False, **options)
 
@@ -92,6 +96,17 @@ def _non_negative(text: str) -> float:
         value = math.nan
     if not value >= 0:  # also refuses nan
         msg = f"expected a number >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        msg = f"expected a whole number >= 0, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -211,6 +226,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--batch-wait-ms", type=_non_negative, metavar="MS", help="for local engines"
     )
     serve.add_argument("--device", help="for local engines, e.g. cpu, cuda, cuda:1")
+    serve.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="for local engines: compute every prompt whole, reusing no earlier prompt's keys",
+    )
+    serve.add_argument(
+        "--prefix-cache-bytes",
+        type=_whole_number,
+        metavar="BYTES",
+        help="for local engines: the prefix cache's bound (default: a fifth of free memory)",
+    )
     serve.add_argument(
         "--metrics-port",
         type=_positive_int,

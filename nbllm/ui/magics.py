@@ -87,6 +87,8 @@ CAPS = (
     "cooldown_s",
     "allowed_fails",
     "ensemble",
+    "prefix_cache",
+    "prefix_cache_bytes",
 )
 DEFAULT_OUTPUT = "llm_result"
 PREVIEW_ROWS = 5

@@ -160,7 +160,7 @@ def test_shared_worker_is_reused_requires_its_random_key_and_stops_at_exit() -> 
 
 
 def test_shared_worker_refuses_unknown_local_options() -> None:
-    with pytest.raises(ConfigError, match="batch_size, batch_wait_s and device"):
+    with pytest.raises(ConfigError, match="batch_size, batch_wait_s, device"):
         shared_worker("fake", None, batch=4)
 
 

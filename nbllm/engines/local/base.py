@@ -48,7 +48,7 @@ from nbllm.engines.hardware import Hardware, hardware
 from nbllm.engines.local.batching import check_batching
 from nbllm.engines.local.models import LocalModel, resolve_local_model
 from nbllm.engines.local.phases import PhaseCallback, PhaseReport, TokenReport
-from nbllm.errors import EngineUnavailable, RequestRejected
+from nbllm.errors import ConfigError, EngineUnavailable, RequestRejected
 from nbllm.types import ChatRequest, ChatResponse, Message
 
 __all__ = ["DEFAULT_MAX_TOKENS", "Generation", "LocalEngine", "context_length_of"]
@@ -146,6 +146,20 @@ class Generation:
         return answer, "length"
 
 
+def check_prefix_cache(prefix_cache: object, prefix_cache_bytes: object) -> None:
+    """Refuse a prefix-cache option no engine can use, naming it."""
+    if not isinstance(prefix_cache, bool):
+        msg = f"prefix_cache must be True or False, got {prefix_cache!r}"
+        raise ConfigError(msg)
+    if prefix_cache_bytes is not None and (
+        isinstance(prefix_cache_bytes, bool)
+        or not isinstance(prefix_cache_bytes, int)
+        or prefix_cache_bytes < 0
+    ):
+        msg = f"prefix_cache_bytes must be a whole number of bytes >= 0, got {prefix_cache_bytes!r}"
+        raise ConfigError(msg)
+
+
 class LocalEngine(Engine):
     """A model loaded in this process.
 
@@ -154,6 +168,11 @@ class LocalEngine(Engine):
     the best this machine has). ``batch_size`` (default from ``nbllm.hardware()``) and
     ``batch_wait_s`` are taken by every local engine, so one set of options fits whichever
     ``auto`` picks; an engine that schedules requests itself reads what applies to it.
+    So do ``continuous`` (admit requests into a running batch between tokens, rather than
+    run fixed batches to their longest answer), ``prefix_cache`` (keep recent prompts' keys
+    and values, so that a prompt that starts like one of them computes only the rest) and
+    ``prefix_cache_bytes`` (that cache's bound; default a fifth of free memory, at most
+    4 GiB): the torch engine uses them, the others schedule and cache in their own way.
     ``on_phase(phase, done, total, detail)`` hears the model being prepared: converted or
     exported once ("converting", "exporting"), then "loading" (None / None at the start,
     1 / 1 once loaded); see ``nbllm.engines.local.phases``.
@@ -171,10 +190,17 @@ class LocalEngine(Engine):
         batch_wait_s: float = 0.01,
         device: str | None = None,
         on_phase: PhaseCallback | None = None,
+        continuous: bool = True,
+        prefix_cache: bool = True,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
         super().__init__()
         # Checked before anything loads: a bad option should not wait for a conversion.
         check_batching(1 if batch_size is None else batch_size, batch_wait_s)
+        check_prefix_cache(prefix_cache, prefix_cache_bytes)
+        self.continuous = bool(continuous)
+        self.prefix_cache = prefix_cache
+        self.prefix_cache_bytes = prefix_cache_bytes
         self.hardware: Hardware = hardware()
         self.device = device or self.hardware.device
         self.model: LocalModel = resolve_local_model(model)

@@ -30,6 +30,7 @@ from typing import TypeAlias
 from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine
 from nbllm.engines.local.batching import DynamicBatcher
+from nbllm.engines.local.memory import is_out_of_memory, memory_figures
 from nbllm.engines.local.phases import PhaseCallback, TokenReport
 from nbllm.errors import EngineError, RequestRejected
 from nbllm.types import ChatRequest, ChatResponse, Message
@@ -91,6 +92,9 @@ class BatchedEngine(LocalEngine):
         batch_wait_s: float = 0.01,
         device: str | None = None,
         on_phase: PhaseCallback | None = None,
+        continuous: bool = True,
+        prefix_cache: bool = True,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -98,6 +102,9 @@ class BatchedEngine(LocalEngine):
             batch_wait_s=batch_wait_s,
             device=device,
             on_phase=on_phase,
+            continuous=continuous,
+            prefix_cache=prefix_cache,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
         self.max_in_flight = self.batch_size
         self._batcher: DynamicBatcher[_Request, _Output] = DynamicBatcher(
@@ -171,7 +178,7 @@ class BatchedEngine(LocalEngine):
         try:
             outputs = self._generate(prompts, generation, watch)
         except Exception as exc:
-            if not _is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 if isinstance(exc, EngineError):
                     raise
                 msg = f"{self.name} failed to generate: {type(exc).__name__}: {exc}"
@@ -181,7 +188,7 @@ class BatchedEngine(LocalEngine):
                 msg = (
                     f"{self.device} out of memory generating one answer of up to "
                     f"{generation.max_new_tokens} tokens for a {len(prompts[0])}-token "
-                    f"prompt ({_memory_figures()}); lower max_tokens or use a smaller model"
+                    f"prompt ({memory_figures()}); lower max_tokens or use a smaller model"
                 )
                 raise EngineError(msg) from exc
         else:
@@ -207,25 +214,3 @@ def pad_left(prompts: Sequence[list[int]], pad_id: int) -> tuple[list[list[int]]
     ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
     mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
     return ids, mask
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if type(exc).__name__ in ("OutOfMemoryError", "OutOfMemoryException"):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _memory_figures() -> str:
-    """Free and total memory of each CUDA device, as far as torch can tell."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA device"
-        figures = []
-        for index in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(index)
-            figures.append(f"GPU {index}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
-        return "; ".join(figures)
-    except Exception as exc:
-        return f"memory figures unavailable: {exc}"

@@ -20,9 +20,11 @@ __all__ = ["DeepSpeedEngine"]
 
 
 class DeepSpeedEngine(TorchEngine):
-    """DeepSpeed inference with the same dynamic batcher as ``TorchEngine``."""
+    """DeepSpeed inference with the dynamic batcher in front of its ``generate`` (no
+    continuous batching or prefix cache: its injected kernels keep their own cache)."""
 
     name = "deepspeed"
+    can_batch_continuously = False
 
     def _load(self) -> None:
         torch = require("torch", "local", self.name)
