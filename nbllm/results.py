@@ -42,6 +42,7 @@ COLUMNS = (
     "queue_s",
     "service_s",
     "prompt_tokens",
+    "cached_tokens",
     "completion_tokens",
     "finish_reason",
     "cost_usd",
@@ -67,6 +68,7 @@ _DTYPES = {
     "queue_s": "Float64",
     "service_s": "Float64",
     "prompt_tokens": "Int64",
+    "cached_tokens": "Int64",
     "completion_tokens": "Int64",
     "finish_reason": "string",
     "cost_usd": "Float64",
@@ -357,6 +359,9 @@ class RunResult:
         ``finish_reason`` says why each answer ended: ``"stop"``, ``"length"`` when
         ``max_tokens`` cut it short, or the provider's word (``"content_filter"``, ...);
         missing where there is no answer or the engine did not say.
+        ``cached_tokens``: how many of ``prompt_tokens`` the engine took from a cache of
+        earlier prompts (a provider's prompt cache, a local engine's prefix cache); missing
+        where the engine did not say.
         """
         import pandas as pd
 

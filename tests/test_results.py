@@ -78,6 +78,7 @@ def test_df_columns_order_and_types(result):
         "queue_s": "Float64",
         "service_s": "Float64",
         "prompt_tokens": "Int64",
+        "cached_tokens": "Int64",
         "completion_tokens": "Int64",
         "finish_reason": "string",
         "cost_usd": "Float64",
@@ -89,6 +90,7 @@ def test_df_columns_order_and_types(result):
         "resumed": "bool",
     }
     assert df["prompt_tokens"].isna().sum() == 2  # missing usage stays missing, not 0
+    assert df["cached_tokens"].isna().all()  # the engine did not say: missing, not 0
 
 
 def test_df_times_are_utc_datetimes(result):
