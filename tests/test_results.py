@@ -183,6 +183,28 @@ def test_answers_cut_short_are_counted_whichever_run_answered_them():
     assert summary_of([answered(0, finish_reason="stop")]).truncated == 0
 
 
+def test_cached_prompt_tokens_add_up_every_answered_row_and_show_only_when_there_are_some():
+    records = [
+        answered(0, prompt_tokens=100, cached_tokens=0),
+        answered(1, prompt_tokens=200, cached_tokens=150),
+        answered(2, prompt_tokens=100, cached_tokens=50, resumed=True),
+        answered(3, prompt_tokens=100, cached_tokens=None),  # the engine did not say
+        failed(4),
+    ]
+    result = RunResult(records, conversations=5, wall_s=1.0, started_at=0.0)
+    s = result.summary
+    assert s.cached_tokens == 200 == result.df["cached_tokens"].sum()
+    assert s.cached_tokens_share == pytest.approx(200 / 500)
+    text = str(s)
+    assert "cached_tokens        200" in text and "cached_tokens_share  0.4" in text
+    assert "cached_tokens" in s._repr_html_()
+
+    without = summary_of([answered(0, prompt_tokens=100), answered(1, cached_tokens=0)])
+    assert (without.cached_tokens, without.cached_tokens_share) == (0, 0.0)
+    assert "cached_tokens" not in str(without) and "cached_tokens" not in without._repr_html_()
+    assert summary_of([failed()]).cached_tokens_share is None  # no prompt tokens at all
+
+
 def test_an_empty_result_has_no_latency_and_no_cost():
     s = RunResult([], conversations=0, wall_s=0.0, started_at=0.0).summary
     assert s.latency_p50 is None and s.cost_usd is None and s.requests_per_s == 0.0
