@@ -123,8 +123,7 @@ class TestServer:
         self.log_path = None if log_path is None else Path(log_path)
         self.shared_history = bool(shared_history)  # see nbllm.testing: servers of a group
         self.json_answers = JsonAnswers(bad_json_first)  # answers to response_format
-        # prompt_cache=True: each answer says its cached prompt tokens (server state, as
-        # the answers: kept by reset()).
+        # prompt_cache=True: each answer says its cached prompt tokens.
         self.prompt_cache = PromptCache() if prompt_cache else None
         self._requested_port = port
         # Cumulative table for one random draw per request; rotation list for fault_first.
@@ -209,8 +208,9 @@ class TestServer:
     def reset(self) -> None:
         """Clear the request log, counters and fault_first attempts (answers are kept).
 
-        The remembered answers and the rate-limit window are server state, not logs: keeping
-        them means a reset between runs neither breaks history checks nor allows a burst.
+        The remembered answers, the rate-limit window and the prompt cache are server state,
+        not logs: keeping them means a reset between runs neither breaks history checks nor
+        allows a burst, and a request asked again still finds its prompt cached.
         """
         self._reset_state()
 
