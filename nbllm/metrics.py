@@ -14,7 +14,9 @@ The series follow Prometheus' naming (base units, ``_total`` counters)::
     nbllm_request_duration_seconds{run,model,deployment}  histogram of attempts that ended
                                                            (not cancelled)
     nbllm_queue_wait_seconds{run}                         histogram of the queue_s of turns sent
-    nbllm_tokens_total{run,kind="prompt|completion"}      of rows answered by a request now
+    nbllm_tokens_total{run,kind}                          of rows answered by a request now;
+                                                           kind: prompt, completion, cached
+                                                           (prompt tokens from a cache)
     nbllm_cost_usd_total{run}                             of the same rows
     nbllm_requests_in_flight{run}
     nbllm_turns_total{run,status="ok|failed|cached|resumed|skipped"}
@@ -27,7 +29,8 @@ The series follow Prometheus' naming (base units, ``_total`` counters)::
 The values are exact, not sampled: after a run, ``nbllm_turns_total`` holds the rows of its
 ``df`` by status (a row of this run counts once: ``resumed`` and ``cached`` rows by that,
 the others ``ok``, ``skipped`` or ``failed``), and ``nbllm_tokens_total`` the tokens of its
-``ok`` rows. Turns that never ran (a stop) are not counted.
+``ok`` rows (``kind="cached"``: the sum of their ``cached_tokens``). Turns that never ran
+(a stop) are not counted.
 """
 
 from __future__ import annotations
@@ -202,7 +205,7 @@ class _RunSeries:
         self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self.durations: dict[tuple[str, str], _Histogram] = {}
         self.queue = _Histogram(QUEUE_BUCKETS)
-        self.tokens = {"prompt": 0, "completion": 0}
+        self.tokens = {"prompt": 0, "completion": 0, "cached": 0}
         self.cost = 0.0
         self.in_flight = 0
         self.turns = dict.fromkeys(("ok", "failed", "cached", "resumed", "skipped"), 0)
@@ -256,6 +259,7 @@ class _RunSeries:
             return
         self.tokens["prompt"] += record.prompt_tokens or 0
         self.tokens["completion"] += record.completion_tokens or 0
+        self.tokens["cached"] += record.cached_tokens or 0
         self.cost += record.cost_usd or 0.0
 
 

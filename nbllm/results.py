@@ -42,6 +42,7 @@ COLUMNS = (
     "queue_s",
     "service_s",
     "prompt_tokens",
+    "cached_tokens",
     "completion_tokens",
     "finish_reason",
     "cost_usd",
@@ -67,6 +68,7 @@ _DTYPES = {
     "queue_s": "Float64",
     "service_s": "Float64",
     "prompt_tokens": "Int64",
+    "cached_tokens": "Int64",
     "completion_tokens": "Int64",
     "finish_reason": "string",
     "cost_usd": "Float64",
@@ -110,7 +112,10 @@ class RunSummary:
     of ``queue_s`` (waiting for a slot, a limit, a pause or a backoff) and
     ``service_p50``/``service_p95`` of ``service_s`` (the requests themselves). What the
     result holds: the turn counts, ``prompt_tokens``, ``completion_tokens`` and
-    ``cost_usd`` add up every row, resumed and cached ones too, as ``df`` does.
+    ``cost_usd`` add up every row, resumed and cached ones too, as ``df`` does, and so does
+    ``cached_tokens``: the prompt tokens engines took from their caches of earlier prompts
+    (``cached_tokens_share`` of ``prompt_tokens``; None without prompt tokens). The text
+    shows these two only where some prompt tokens were cached.
     ``stop_reason``: why the run ended early by itself, or None. ``verdict`` says it all
     in one line. ``parse_retries``: asks again for answers that did not parse (``retries``
     leaves them out). ``score`` / ``score_metric``: with ``score=`` on the run, the mean
@@ -141,6 +146,8 @@ class RunSummary:
     cached: int
     resumed: int
     prompt_tokens: int
+    cached_tokens: int
+    cached_tokens_share: float | None
     completion_tokens: int
     cost_usd: float | None
     interrupted: bool
@@ -189,6 +196,8 @@ class RunSummary:
             cached=totals.cached,
             resumed=totals.resumed,
             prompt_tokens=totals.prompt_tokens,
+            cached_tokens=totals.cached_tokens,
+            cached_tokens_share=totals.cached_tokens_share,
             completion_tokens=totals.completion_tokens,
             cost_usd=totals.cost_usd,
             interrupted=interrupted,
@@ -261,10 +270,11 @@ class RunSummary:
                 return "; ".join(map(str, value)) or "-"
             return str(value)
 
+        left_out = {"deployment_figures", "ensemble_figures"}  # tables of their own
+        if not self.cached_tokens:  # an engine without a prompt cache: nothing to say
+            left_out |= {"cached_tokens", "cached_tokens_share"}
         return [
-            (f.name, fmt(getattr(self, f.name)))
-            for f in fields(self)
-            if f.name not in ("deployment_figures", "ensemble_figures")  # tables of their own
+            (f.name, fmt(getattr(self, f.name))) for f in fields(self) if f.name not in left_out
         ]
 
     def __str__(self) -> str:
@@ -357,6 +367,9 @@ class RunResult:
         ``finish_reason`` says why each answer ended: ``"stop"``, ``"length"`` when
         ``max_tokens`` cut it short, or the provider's word (``"content_filter"``, ...);
         missing where there is no answer or the engine did not say.
+        ``cached_tokens``: how many of ``prompt_tokens`` the engine took from a cache of
+        earlier prompts (a provider's prompt cache, a local engine's prefix cache); missing
+        where the engine did not say.
         """
         import pandas as pd
 

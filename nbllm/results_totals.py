@@ -36,6 +36,9 @@ class RowTotals:
     the latencies are sorted only when asked for. A row is answered, not run (see
     ``TurnRecord.not_run``) or failed. Only answered rows bring tokens. ``cached`` counts
     rows answered from the cache in this run, so a resumed row is never also cached.
+    ``cached_tokens`` adds up the prompt tokens engines took from their prompt caches
+    (``TurnRecord.cached_tokens``); ``cached_tokens_share`` is their share of
+    ``prompt_tokens``.
     ``truncated`` counts answered rows that ``max_tokens`` cut short (``finish_reason``
     ``"length"``), whichever run answered them: the answer in the result is cut either way.
     What this run sent leaves resumed rows out, whose attempts an earlier run made:
@@ -52,6 +55,7 @@ class RowTotals:
         "answered",
         "attempts",
         "cached",
+        "cached_tokens",
         "completion_tokens",
         "cost_known",
         "cost_sum",
@@ -80,6 +84,7 @@ class RowTotals:
         self.cached = 0
         self.resumed = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.sent_tokens = 0
         self.truncated = 0
@@ -109,6 +114,7 @@ class RowTotals:
             self.answered += 1
             tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
             self.prompt_tokens += record.prompt_tokens or 0
+            self.cached_tokens += record.cached_tokens or 0
             self.completion_tokens += record.completion_tokens or 0
             if not (record.resumed or record.cached):
                 self.sent_tokens += tokens
@@ -171,6 +177,11 @@ class RowTotals:
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def cached_tokens_share(self) -> float | None:
+        """``cached_tokens`` over ``prompt_tokens``; None while there are no prompt tokens."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     @property
     def cost_usd(self) -> float | None:

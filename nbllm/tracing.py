@@ -15,10 +15,12 @@ costs a list append while the run is busy, and its span is exported with its con
 The run span is a child of the span current where the listener was made (``nbllm.run``'s
 caller), so a run inside a traced evaluation shows under it. Request spans follow
 OpenTelemetry's GenAI conventions (``gen_ai.operation.name`` "chat", ``gen_ai.request.model``,
-``gen_ai.usage.input_tokens``, ...) with nbllm's own figures under ``nbllm.*``; a request
-that was not answered has status ERROR and ``error.type``. A conversation with a failed turn
-has status ERROR with the error's kind; the run span has status ERROR only when the run was
-interrupted or gave up by itself (``stop_reason``), not because some turns failed.
+``gen_ai.usage.input_tokens``, ``gen_ai.usage.cache_read.input_tokens`` where the engine
+said how many of them came from its cache, ...) with nbllm's own figures under ``nbllm.*``;
+a request that was not answered has status ERROR and ``error.type``. A conversation with a
+failed turn has status ERROR with the error's kind; the run span has status ERROR only when
+the run was interrupted or gave up by itself (``stop_reason``), not because some turns
+failed.
 
 Spans hold no message text, answers, keys or URLs: error texts are cut to their kind. Only
 ``trace_content=True`` adds, at each finished turn, an event ``"nbllm.turn"`` on the
@@ -251,6 +253,8 @@ class RunTracer:
             attributes["gen_ai.response.model"] = event.response_model
         if event.prompt_tokens is not None:
             attributes["gen_ai.usage.input_tokens"] = event.prompt_tokens
+        if event.cached_tokens is not None:  # part of input_tokens, as the convention says
+            attributes["gen_ai.usage.cache_read.input_tokens"] = event.cached_tokens
         if event.completion_tokens is not None:
             attributes["gen_ai.usage.output_tokens"] = event.completion_tokens
         if event.finish_reason is not None:

@@ -166,7 +166,8 @@ class TurnRecord:
     ``cached``: answered from the response cache, no request sent. ``resumed``: read back
     from the run's checkpoint, finished by an earlier (interrupted) run of the same call.
     ``finish_reason``: why the answer ended (``ChatResponse.finish_reason``); ``"length"``
-    means ``max_tokens`` cut it short.
+    means ``max_tokens`` cut it short. ``cached_tokens``: how many of ``prompt_tokens`` the
+    engine took from its cache of earlier prompts (``ChatResponse.cached_tokens``).
     Where the turn's time went, in seconds: ``service_s``, its requests themselves (every
     attempt's, summed); ``queue_s``, the rest of the time from when the turn was ready (its
     conversation's earlier turn answered) to its final answer or error: waiting for a
@@ -189,6 +190,7 @@ class TurnRecord:
     latency_s: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
     cost_usd: float | None = None
     attempts: int = 0
     error: str | None = None

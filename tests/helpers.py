@@ -244,11 +244,19 @@ def visible_text(html: str) -> str:
 
 
 def rewrite_as_schema_1(
-    path: Path, *, table: str, create: str, columns: str, rows_query: str = "", keep: int = -1
+    path: Path,
+    *,
+    table: str,
+    create: str,
+    columns: str,
+    rows_query: str = "",
+    keep: int = -1,
+    version: int = 1,
 ) -> None:
-    """Rewrite the nbllm database at ``path`` as the previous nbllm wrote it: ``table`` made
-    by its schema-1 ``create`` statement, holding ``columns`` of the first ``keep`` rows
-    (all by default, in ``rows_query`` order), with the same meta at schema_version 1, WAL."""
+    """Rewrite the nbllm database at ``path`` as an earlier nbllm wrote it: ``table`` made
+    by its schema-1 (or ``version``) ``create`` statement, holding ``columns`` of the first
+    ``keep`` rows (all by default, in ``rows_query`` order), with the same meta at that
+    schema_version, WAL."""
     source = sqlite3.connect(path)
     meta = source.execute("SELECT key, value FROM meta").fetchall()
     rows = source.execute(f"SELECT {columns} FROM {table} {rows_query} LIMIT ?", (keep,)).fetchall()
@@ -259,7 +267,7 @@ def rewrite_as_schema_1(
     conn.execute("PRAGMA journal_mode = WAL")
     conn.executescript(create + "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
     conn.executemany("INSERT INTO meta VALUES (?, ?)", meta)
-    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
     marks = ", ".join("?" * len(columns.split(",")))
     conn.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
     conn.commit()

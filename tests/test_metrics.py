@@ -15,6 +15,7 @@ import nbllm
 from nbllm import metrics
 from nbllm.errors import ConfigError
 from nbllm.executor.events import TurnFinished
+from nbllm.executor.stats import RunStats
 from nbllm.retry import RetryPolicy
 from nbllm.testing import TestServer
 
@@ -76,7 +77,8 @@ def test_metrics_during_and_after_a_run_equal_the_rows(port):
         if isinstance(event, TurnFinished) and not during:
             during.append(scrape(port))  # the endpoint answers while the run goes
 
-    with TestServer(latency=0.01, faults={"server_error": 0.15}, seed=4) as server:
+    server = TestServer(latency=0.01, faults={"server_error": 0.15}, seed=4, prompt_cache=True)
+    with server:
         result = nbllm.run(
             data(),
             model="m",
@@ -109,10 +111,43 @@ def test_metrics_during_and_after_a_run_equal_the_rows(port):
     assert of_run(after, "nbllm_tokens_total", run, kind="completion") == (
         df["completion_tokens"].sum()
     )
+    cached = of_run(after, "nbllm_tokens_total", run, kind="cached")
+    assert cached == df["cached_tokens"].sum() > 0
     assert of_run(after, "nbllm_queue_wait_seconds_count", run) == len(df)
     assert of_run(after, "nbllm_requests_in_flight", run) == 0
     labels = {dict(k[1]).get("deployment") for k in after if k[0] == "nbllm_requests_total"}
     assert labels == {deployment}
+
+
+def test_prompt_cached_tokens_reach_the_rows_the_summary_and_metrics_alike(port):
+    """A run over HTTP against the test server's prompt cache: a conversation's first turn
+    has nothing cached, each later one the tokens of the messages an earlier request began
+    with, as the server counts them; the summary, the live view and /metrics add them up
+    alike."""
+    stats = RunStats()
+    with TestServer(prompt_cache=True) as server:
+        options = {"metrics_port": port, "listeners": [stats], **FAST}
+        result = nbllm.run(data(6, 3), model="m", api_base=server.url, **options)
+    after = scrape(port)
+    (run,) = runs_on(after)
+    df = result.df
+    assert df["error"].isna().all()
+    assert (df.loc[df["turn"] == 0, "cached_tokens"] == 0).all()
+    assert (df.loc[df["turn"] > 0, "cached_tokens"] > 0).all()
+    for _, rows in df.groupby("conversation_id"):
+        questions, answers = list(rows["question"]), list(rows["answer"])
+        for k in range(1, len(rows)):
+            # Turn k-1's request: the questions up to k-1 and the answers before it.
+            chars = sum(map(len, questions[:k])) + sum(map(len, answers[: k - 1]))
+            assert rows["cached_tokens"].iloc[k] == max(1, chars // 4)
+    total = df["cached_tokens"].sum()
+    summary = result.summary
+    assert summary.cached_tokens == total
+    assert summary.cached_tokens_share == pytest.approx(total / df["prompt_tokens"].sum())
+    assert "cached_tokens_share" in str(summary)
+    snap = stats.snapshot()
+    assert (snap.cached_tokens, snap.cached_tokens_share) == (total, summary.cached_tokens_share)
+    assert of_run(after, "nbllm_tokens_total", run, kind="cached") == total
 
 
 def test_two_runs_share_the_endpoint_and_a_finished_run_drops_out(port, monkeypatch):

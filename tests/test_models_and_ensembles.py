@@ -177,6 +177,20 @@ def test_vote_keeps_the_majority_answer_deterministically_and_counts_every_model
     assert fake.cancelled == Counter()
 
 
+def test_vote_counts_every_models_cached_prompt_tokens_as_it_counts_their_tokens():
+    def answer(request: ChatRequest) -> nbllm.ChatResponse:
+        cached = {"fast": 1, "mid": 2, "slow": None}[request.model]  # slow does not say
+        return nbllm.ChatResponse("42", request.model, 10, 1, cached_tokens=cached)
+
+    result = nbllm.run(
+        data(2, 1), engine=FakeEngine(answer), model=["fast", "mid", "slow"], ensemble="vote",
+        **FAST,
+    )  # fmt: skip
+    df = result.df
+    assert list(df["prompt_tokens"]) == [30, 30]
+    assert list(df["cached_tokens"]) == [3, 3]
+
+
 def test_a_tie_goes_to_the_first_model_given():
     fake = Models({"fast": "yes", "mid": "no"})
     result = nbllm.run(

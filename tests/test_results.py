@@ -78,6 +78,7 @@ def test_df_columns_order_and_types(result):
         "queue_s": "Float64",
         "service_s": "Float64",
         "prompt_tokens": "Int64",
+        "cached_tokens": "Int64",
         "completion_tokens": "Int64",
         "finish_reason": "string",
         "cost_usd": "Float64",
@@ -89,6 +90,7 @@ def test_df_columns_order_and_types(result):
         "resumed": "bool",
     }
     assert df["prompt_tokens"].isna().sum() == 2  # missing usage stays missing, not 0
+    assert df["cached_tokens"].isna().all()  # the engine did not say: missing, not 0
 
 
 def test_df_times_are_utc_datetimes(result):
@@ -179,6 +181,28 @@ def test_answers_cut_short_are_counted_whichever_run_answered_them():
     assert result.summary.truncated == 3
     assert result.df["finish_reason"].tolist() == ["length"] * 3 + ["stop", pd.NA, pd.NA]
     assert summary_of([answered(0, finish_reason="stop")]).truncated == 0
+
+
+def test_cached_prompt_tokens_add_up_every_answered_row_and_show_only_when_there_are_some():
+    records = [
+        answered(0, prompt_tokens=100, cached_tokens=0),
+        answered(1, prompt_tokens=200, cached_tokens=150),
+        answered(2, prompt_tokens=100, cached_tokens=50, resumed=True),
+        answered(3, prompt_tokens=100, cached_tokens=None),  # the engine did not say
+        failed(4),
+    ]
+    result = RunResult(records, conversations=5, wall_s=1.0, started_at=0.0)
+    s = result.summary
+    assert s.cached_tokens == 200 == result.df["cached_tokens"].sum()
+    assert s.cached_tokens_share == pytest.approx(200 / 500)
+    text = str(s)
+    assert "cached_tokens        200" in text and "cached_tokens_share  0.4" in text
+    assert "cached_tokens" in s._repr_html_()
+
+    without = summary_of([answered(0, prompt_tokens=100), answered(1, cached_tokens=0)])
+    assert (without.cached_tokens, without.cached_tokens_share) == (0, 0.0)
+    assert "cached_tokens" not in str(without) and "cached_tokens" not in without._repr_html_()
+    assert summary_of([failed()]).cached_tokens_share is None  # no prompt tokens at all
 
 
 def test_an_empty_result_has_no_latency_and_no_cost():

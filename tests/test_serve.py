@@ -149,6 +149,24 @@ async def test_the_engines_finish_reason_reaches_the_client() -> None:
         assert await reason("silent") == "stop"
 
 
+async def test_the_engines_cached_prompt_tokens_reach_a_workers_client() -> None:
+    """What a local engine took from its prefix cache goes where OpenAI puts it, so the
+    client of a worker (``worker=True``) reads it; an engine that does not say: None."""
+
+    class Engine(FakeEngine):
+        async def _complete(self, request: ChatRequest) -> ChatResponse:
+            said = request.messages[-1]["content"]
+            cached = None if said == "silent" else len(request.messages) - 1
+            return ChatResponse("ok", "m", 10 * len(request.messages), 1, cached_tokens=cached)
+
+    async with EngineServer(Engine(), model="m") as server, ServeEngine(server.url) as client:
+        history = [*HELLO, {"role": "assistant", "content": "ok"}]
+        request = ChatRequest("m", [*history, {"role": "user", "content": "and then?"}])
+        assert (await client.complete(request)).cached_tokens == 2
+        silent = ChatRequest("m", [{"role": "user", "content": "silent"}])
+        assert (await client.complete(silent)).cached_tokens is None
+
+
 async def test_completion_json_models_health_and_ready() -> None:
     async with (
         EngineServer(FakeEngine(), model="m") as server,

@@ -136,6 +136,26 @@ async def test_max_tokens_cuts_the_answer_and_says_length() -> None:
     assert cut.completion_tokens == 3
 
 
+async def test_prompt_cache_says_the_tokens_of_the_longest_start_answered_before() -> None:
+    first = [{"role": "user", "content": "What is 2 + 2? Think it through."}]  # 32 characters
+    async with TestServer(prompt_cache=True) as server, OpenAIEngine(server.url) as client:
+        turn_0 = await client.complete(ChatRequest("m", first))
+        history = [*first, {"role": "assistant", "content": turn_0.text}]
+        turn_1 = await client.complete(
+            ChatRequest("m", [*history, {"role": "user", "content": "And 3 + 3?"}])
+        )
+        again = await client.complete(ChatRequest("m", first))
+        other = await client.complete(ChatRequest("m", [{"role": "user", "content": "Hi"}]))
+    assert turn_0.cached_tokens == 0  # nothing asked before
+    assert turn_1.cached_tokens == len(first[0]["content"]) // 4 == 8  # turn 0's question
+    assert again.cached_tokens == again.prompt_tokens == 8  # all of it, asked before
+    assert other.cached_tokens == 0
+
+    async with TestServer() as server, OpenAIEngine(server.url) as client:
+        assert (await client.complete(ChatRequest("m", first))).cached_tokens is None
+        assert (await client.complete(ChatRequest("m", first))).cached_tokens is None  # off
+
+
 def test_invalid_requests_get_openai_shaped_400() -> None:
     with TestServer() as server:
         bad_bodies: list[Any] = [
@@ -442,9 +462,11 @@ def test_cli_arguments_round_trip() -> None:
             "fault_first": 1,
             "api_key": "k",
             "log_path": Path("x.jsonl"),
+            "prompt_cache": True,
         }
     )
     parsed = build_parser().parse_args(args)
+    assert parsed.prompt_cache and not build_parser().parse_args([]).prompt_cache
     assert parsed.latency == (0.1, 0.2)
     assert parsed.rpm == 10 and parsed.window_s == 2.0 and parsed.fault_first == 1
     assert parsed.fault_rate == [(Fault.DROP, 0.1), (Fault.UNAVAILABLE, 0.2)]

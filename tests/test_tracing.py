@@ -79,6 +79,7 @@ def attempt(
         completion_tokens=5 if ok else None,
         finish_reason="stop" if ok else None,
         cost_usd=0.001 if ok else None,
+        cached_tokens=8 if ok else None,
     )
 
 
@@ -178,6 +179,7 @@ def test_spans_carry_the_run_and_request_figures(provider, exporter):
         "gen_ai.request.model": "m",
         "gen_ai.response.model": "m-2024",
         "gen_ai.usage.input_tokens": 12,
+        "gen_ai.usage.cache_read.input_tokens": 8,  # of the 12: from the engine's cache
         "gen_ai.usage.output_tokens": 5,
         "gen_ai.response.finish_reasons": ("stop",),
         "nbllm.attempt": 2,

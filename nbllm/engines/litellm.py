@@ -231,6 +231,9 @@ class LiteLLMEngine(Engine):
             msg = f"litellm returned a response without a message: {response!r:.200}"
             raise EngineError(msg) from exc
         usage = getattr(response, "usage", None)
+        # OpenAI's field; litellm's Usage also puts Anthropic's cache_read_input_tokens and
+        # DeepSeek's prompt_cache_hit_tokens there.
+        cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
         reason = getattr(choice, "finish_reason", None)
         cost: float | None
         try:
@@ -245,4 +248,5 @@ class LiteLLMEngine(Engine):
             cost_usd=cost,
             finish_reason=reason if isinstance(reason, str) and reason else None,
             rate_limits=_rate_limits_of(response),
+            cached_tokens=cached if isinstance(cached, int) else None,
         )

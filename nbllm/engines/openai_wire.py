@@ -93,15 +93,25 @@ def completion_body(
     prompt_tokens: int | None,
     completion_tokens: int | None,
     finish_reason: str = "stop",
+    cached_tokens: int | None = None,
 ) -> dict[str, Any]:
     """An OpenAI ``chat.completion`` object; token counts not known are null.
 
     ``finish_reason`` is why the answer ended: ``"stop"``, or ``"length"`` when
-    ``max_tokens`` cut it (a server passes on what its engine said).
+    ``max_tokens`` cut it (a server passes on what its engine said). ``cached_tokens``, the
+    prompt tokens taken from a cache of earlier prompts, goes where OpenAI puts it
+    (``usage.prompt_tokens_details.cached_tokens``); left out when not known.
     """
     total = None
     if prompt_tokens is not None and completion_tokens is not None:
         total = prompt_tokens + completion_tokens
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": total,
+    }
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return {
         "id": id_,
         "object": "chat.completion",
@@ -114,11 +124,7 @@ def completion_body(
                 "finish_reason": finish_reason,
             }
         ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": total,
-        },
+        "usage": usage,
     }
 
 
@@ -200,7 +206,8 @@ def parse_timeout(value: str | None) -> float | None:
 def read_completion(raw: bytes, model: str) -> ChatResponse:
     """The answer in a ``chat.completion`` body; ``model`` where the body names none.
 
-    ``finish_reason`` is the first choice's, None when the body has none (or not a string).
+    ``finish_reason`` is the first choice's, None when the body has none (or not a string);
+    ``cached_tokens`` is ``usage.prompt_tokens_details.cached_tokens``, None when absent.
     Raises ``ValueError`` when ``raw`` is not a chat completion.
     """
     try:
@@ -214,12 +221,15 @@ def read_completion(raw: bytes, model: str) -> ChatResponse:
     if not isinstance(usage, dict):
         usage = {}
     reason = choice.get("finish_reason")
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return ChatResponse(
         text=text if isinstance(text, str) else "",
         model=payload.get("model") or model,
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),
         finish_reason=reason if isinstance(reason, str) and reason else None,
+        cached_tokens=cached if isinstance(cached, int) else None,
     )
 
 

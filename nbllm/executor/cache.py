@@ -11,8 +11,9 @@ folder (``.nbllm/cache.sqlite`` by default), so it works across runs, kernels an
 sessions. An explicitly non-zero ``temperature`` asks for a fresh sample each time, so
 such requests are not answered from the cache unless ``cache="always"``; their answers
 are still stored. Each answer is stored with the engine that produced it, its model and
-why it ended (``CachedResponse``); answers stored by an nbllm older than cache schema 2
-have no engine (None).
+why it ended (``CachedResponse``) and how many of its prompt tokens the engine took from
+its own prompt cache; answers stored by an nbllm older than cache schema 2 have no engine
+(None), and older than schema 3 no ``cached_tokens`` (None).
 
 The cache is trusted input: whoever can write the file can plant answers. nbllm creates
 it private (0600, in a 0700 folder); a cache shared between users is shared trust.
@@ -43,7 +44,7 @@ __all__ = ["CACHE_FILE", "CachedResponse", "KeyChain", "ResponseCache", "resolve
 
 log = logging.getLogger("nbllm")
 
-SCHEMA_VERSION = 2  # keys carry their own version tag ("nbllm-request-v1")
+SCHEMA_VERSION = 3  # keys carry their own version tag ("nbllm-request-v1")
 CACHE_FILE = "cache.sqlite"
 # Answers are committed in batches, not by group commit: keys are random, so each answer
 # lands on its own page of the file, and a commit per few answers costs the loop about
@@ -62,17 +63,20 @@ CREATE TABLE IF NOT EXISTS responses (
     cost_usd REAL,
     created_at REAL NOT NULL,
     engine TEXT,
-    finish_reason TEXT
+    finish_reason TEXT,
+    cached_tokens INTEGER
 ) WITHOUT ROWID;
 """
-# Schema 1 stored neither the engine nor why an answer ended: its answers read back with None.
+# Schema 1 stored neither the engine nor why an answer ended, schema 2 not the prompt tokens
+# taken from the engine's cache: their answers read back with None there.
 _MIGRATIONS = {
     1: "ALTER TABLE responses ADD COLUMN engine TEXT; "
-    "ALTER TABLE responses ADD COLUMN finish_reason TEXT"
+    "ALTER TABLE responses ADD COLUMN finish_reason TEXT",
+    2: "ALTER TABLE responses ADD COLUMN cached_tokens INTEGER",
 }
 _COLUMNS = (
     "key, text, model, prompt_tokens, completion_tokens, cost_usd, created_at, engine, "
-    "finish_reason"
+    "finish_reason, cached_tokens"
 )
 
 
@@ -153,7 +157,7 @@ class ResponseCache(GroupWriter):
     """Answers by request key. Reads see committed and pending answers alike."""
 
     insert = f"INSERT OR REPLACE INTO responses ({_COLUMNS})"
-    width = 9
+    width = 10
 
     def __init__(
         self,
@@ -189,7 +193,7 @@ class ResponseCache(GroupWriter):
             try:
                 row = self._conn.execute(
                     "SELECT text, model, prompt_tokens, completion_tokens, cost_usd, "
-                    "finish_reason, engine FROM responses WHERE key = ?",
+                    "finish_reason, engine, cached_tokens FROM responses WHERE key = ?",
                     (key,),
                 ).fetchone()
             except sqlite3.Error as exc:
@@ -200,10 +204,11 @@ class ResponseCache(GroupWriter):
                 return None
             if row is None:
                 return None
-            text, model, prompt_tokens, completion_tokens, cost, finish_reason, engine = row
+            text, model, prompt, completion, cost, finish_reason, engine, cached_tokens = row
             hit = CachedResponse(
-                text, model, prompt_tokens, completion_tokens, cost, finish_reason, engine=engine
-            )
+                text, model, prompt, completion, cost, finish_reason,
+                cached_tokens=cached_tokens, engine=engine,
+            )  # fmt: skip
         return hit
 
     def put(self, key: str, response: ChatResponse, engine: str | None = None) -> None:
@@ -216,6 +221,7 @@ class ResponseCache(GroupWriter):
             response.completion_tokens,
             response.cost_usd,
             response.finish_reason,
+            cached_tokens=response.cached_tokens,
             engine=engine,
         )
         self.add(
@@ -229,6 +235,7 @@ class ResponseCache(GroupWriter):
                 time.time(),
                 engine,
                 response.finish_reason,
+                response.cached_tokens,
             )
         )
 

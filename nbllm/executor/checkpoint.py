@@ -18,7 +18,8 @@ differs. A lock held for the whole run keeps a second process off the same file.
 Only answered turns are stored, with why each answer ended (``finish_reason``, schema 2)
 and where its time went and which deployment answered (``queue_s``, ``service_s``,
 ``deployment``, schema 3) and, for ``ensemble="vote"``, how many models gave the answer
-(``votes``, schema 4); a file of an older schema
+(``votes``, schema 4) and how many prompt tokens the engine took from its cache
+(``cached_tokens``, schema 5); a file of an older schema
 is migrated in place and its rows read back with None for what it lacks. A turn that
 failed is tried again on a re-run. Turns are committed by group commit
 (``storage.GroupWriter``): a kill -9 loses at most ``storage.MAX_PENDING`` (5) answered
@@ -59,7 +60,7 @@ __all__ = [
 
 log = logging.getLogger("nbllm")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CHECKPOINT_FILE = "checkpoint.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -82,6 +83,7 @@ CREATE TABLE IF NOT EXISTS turns (
     service_s REAL,
     deployment TEXT,
     votes INTEGER,
+    cached_tokens INTEGER,
     PRIMARY KEY (conversation, turn)
 ) WITHOUT ROWID;
 """
@@ -91,11 +93,12 @@ _MIGRATIONS = {
     2: "ALTER TABLE turns ADD COLUMN queue_s REAL; ALTER TABLE turns ADD COLUMN service_s REAL; "
     "ALTER TABLE turns ADD COLUMN deployment TEXT",
     3: "ALTER TABLE turns ADD COLUMN votes INTEGER",
+    4: "ALTER TABLE turns ADD COLUMN cached_tokens INTEGER",
 }
 _COLUMNS = (
     "conversation, turn, conversation_id, answer, model, engine, latency_s, prompt_tokens, "
     "completion_tokens, cost_usd, attempts, started_at, finished_at, cached, finish_reason, "
-    "queue_s, service_s, deployment, votes"
+    "queue_s, service_s, deployment, votes, cached_tokens"
 )
 
 
@@ -177,7 +180,7 @@ class CheckpointStore(GroupWriter):
     """
 
     insert = f"INSERT OR REPLACE INTO turns ({_COLUMNS})"
-    width = 19
+    width = 20
 
     def __init__(self, conn: Any, path: Path, lock: FileLock, **writer: Any) -> None:
         super().__init__(conn, **writer)
@@ -292,6 +295,7 @@ class CheckpointStore(GroupWriter):
                 service_s=row[16],
                 deployment=row[17],
                 votes=row[18],
+                cached_tokens=row[19],
             )
         return out
 
@@ -319,6 +323,7 @@ class CheckpointStore(GroupWriter):
                 record.service_s,
                 record.deployment,
                 record.votes,
+                record.cached_tokens,
             )
         )
 

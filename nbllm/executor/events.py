@@ -77,7 +77,8 @@ class AttemptFinished:
     cancelled ("cancelled": a stop, or an ensemble's request withdrawn). ``model`` is the
     model or group the run names it by, ``deployment`` the deployment's id; ``latency_s``
     the seconds it spent in the engine, from ``sent_at`` to ``t`` (Unix seconds). An
-    answer's model, tokens, finish reason and cost come with it (None otherwise)."""
+    answer's model, tokens, finish reason and cost come with it (None otherwise), and the
+    prompt tokens its engine took from a cache of earlier prompts (``cached_tokens``)."""
 
     conversation_id: Hashable
     turn: int
@@ -94,6 +95,7 @@ class AttemptFinished:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     cost_usd: float | None = None
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -518,7 +518,7 @@ def attempt_answered(
     return AttemptFinished(
         conversation_id, turn, attempt, lane.group, lane.id, "ok", None, now - sent_at,
         sent_at, now, response.model, response.prompt_tokens, response.completion_tokens,
-        response.finish_reason, cost,
+        response.finish_reason, cost, response.cached_tokens,
     )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ def answered(conv: Conversation, turn: int, response: ChatResponse, **fields: An
         model=model,
         prompt_tokens=response.prompt_tokens,
         completion_tokens=response.completion_tokens,
+        cached_tokens=response.cached_tokens,
         finish_reason=response.finish_reason,
         **fields,
     )
@@ -76,6 +77,7 @@ def merged(first: TurnRecord, again: TurnRecord, parse_retries: int) -> TurnReco
         attempts=first.attempts + again.attempts,
         prompt_tokens=_add(first.prompt_tokens, again.prompt_tokens),
         completion_tokens=_add(first.completion_tokens, again.completion_tokens),
+        cached_tokens=_add(first.cached_tokens, again.cached_tokens),
         cost_usd=_add(first.cost_usd, again.cost_usd),
         queue_s=_add(first.queue_s, again.queue_s),
         service_s=_add(first.service_s, again.service_s),

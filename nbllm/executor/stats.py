@@ -77,7 +77,9 @@ class Snapshot:
     line, keys redacted. ``retries`` counts the retries sent in this run (one scheduled
     and never sent, as an ensemble's withdrawn one, is not one).
     ``truncated``: answered turns that ``max_tokens`` cut short (``finish_reason``
-    ``"length"``), as the summary counts them. ``cost_usd`` is ``None`` while no row
+    ``"length"``), as the summary counts them, and ``cached_tokens`` /
+    ``cached_tokens_share`` the prompt tokens engines took from their caches, as it adds
+    them up. ``cost_usd`` is ``None`` while no row
     has a known cost. ``eta_s`` is ``None`` until there is a pace to go by, while
     stopping, and once the run ended with turns not run.
     ``stopping``: a stop was asked and the requests in flight are finishing.
@@ -115,6 +117,8 @@ class Snapshot:
     failed: int = 0
     not_run: int = 0
     truncated: int = 0
+    cached_tokens: int = 0
+    cached_tokens_share: float | None = None
     errors_by_kind: tuple[tuple[str, int], ...] = ()
     last_error: str | None = None
     stopping: bool = False
@@ -385,6 +389,8 @@ class RunStats:
                 failed=rows.failed,
                 not_run=rows.not_run,
                 truncated=rows.truncated,
+                cached_tokens=rows.cached_tokens,
+                cached_tokens_share=rows.cached_tokens_share,
                 errors_by_kind=tuple(by_kind),
                 last_error=self._last_error_line(),
                 stopping=self._stopping,

@@ -496,6 +496,7 @@ class EngineServer:
                 response.completion_tokens,
                 # "stop" only where the engine said nothing: a cut answer says "length".
                 response.finish_reason or "stop",
+                response.cached_tokens,
             )
             return web.json_response(body)
         if isinstance(exc, EngineError):

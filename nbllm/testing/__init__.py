@@ -12,7 +12,10 @@ answer gets the first ``4 * max_tokens`` characters with ``finish_reason`` ``"le
 answered with JSON that follows its schema (``bad_json_first=N``: the first N are not JSON;
 see ``nbllm.testing.structured``). ``latency`` is seconds per answer, a (low, high) range
 drawn uniformly, or with ``latency_sigma`` > 0 the median of a lognormal draw (a long right
-tail, as a loaded provider's). Bad options raise ``ConfigError``.
+tail, as a loaded provider's). With ``prompt_cache=True`` each answer says, in
+``usage.prompt_tokens_details.cached_tokens``, the tokens of the longest start of its
+messages that an earlier request it answered had (``nbllm.testing.prompt_cache``): 0 on a
+conversation's first turn, more on each later one. Bad options raise ``ConfigError``.
 """
 
 from __future__ import annotations

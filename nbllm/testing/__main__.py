@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept earlier answers any server of this model would give (a group of servers)",
     )
     parser.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        help="say the prompt tokens of each request's start an earlier request had",
+    )
+    parser.add_argument(
         "--parent-pid", type=int, default=None, help="stop when this process has gone"
     )
     return parser
@@ -109,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shared_history=args.shared_history,
             bad_json_first=args.bad_json_first,
             latency_sigma=args.latency_sigma,
+            prompt_cache=args.prompt_cache,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -40,8 +40,8 @@ def _cli_args(options: Mapping[str, Any]) -> list[str]:
                 args += ["--fault-rate", f"{Fault.parse(kind).value}={float(p)}"]
         elif name == "log_path":
             args += ["--log", os.fspath(value)]
-        elif name == "shared_history":
-            args += ["--shared-history"] if value else []
+        elif name in ("shared_history", "prompt_cache"):  # switches
+            args += ["--" + name.replace("_", "-")] if value else []
         elif name in (
             "rpm",
             "window_s",

@@ -33,6 +33,7 @@ from nbllm.engines.openai_wire import (
 )
 from nbllm.images import content_text
 from nbllm.testing.options import Fault, Latency, as_number, refuse_unless
+from nbllm.testing.prompt_cache import PromptCache
 from nbllm.testing.request_log import (
     RequestLogEntry,
     answer_for,
@@ -92,6 +93,7 @@ class TestServer:
         shared_history: bool = False,
         bad_json_first: int = 0,
         latency_sigma: float = 0.0,
+        prompt_cache: bool = False,
     ) -> None:
         self._latency = Latency(latency, latency_sigma)
         refuse_unless(rpm is None or rpm >= 1, "rpm", ">= 1 or None", rpm)
@@ -121,6 +123,8 @@ class TestServer:
         self.log_path = None if log_path is None else Path(log_path)
         self.shared_history = bool(shared_history)  # see nbllm.testing: servers of a group
         self.json_answers = JsonAnswers(bad_json_first)  # answers to response_format
+        # prompt_cache=True: each answer says its cached prompt tokens.
+        self.prompt_cache = PromptCache() if prompt_cache else None
         self._requested_port = port
         # Cumulative table for one random draw per request; rotation list for fault_first.
         self._fault_cum: list[tuple[float, Fault]] = []
@@ -204,8 +208,9 @@ class TestServer:
     def reset(self) -> None:
         """Clear the request log, counters and fault_first attempts (answers are kept).
 
-        The remembered answers and the rate-limit window are server state, not logs: keeping
-        them means a reset between runs neither breaks history checks nor allows a burst.
+        The remembered answers, the rate-limit window and the prompt cache are server state,
+        not logs: keeping them means a reset between runs neither breaks history checks nor
+        allows a burst, and a request asked again still finds its prompt cached.
         """
         self._reset_state()
 
@@ -506,8 +511,13 @@ class TestServer:
             answer, finish_reason = answer[: 4 * max_tokens], "length"
         answers[key] = answer
         self._counter += 1
-        prompt_tokens = _tokens(sum(len(content_text(m["content"])) for m in messages))
+        sizes = [len(content_text(m["content"])) for m in messages]
+        prompt_tokens = _tokens(sum(sizes))
         completion_tokens = _tokens(len(answer))
+        cached_tokens = None
+        if self.prompt_cache is not None:
+            held = self.prompt_cache.held(messages)
+            cached_tokens = _tokens(sum(sizes[:held])) if held else 0
         payload = completion_body(
             f"chatcmpl-{self._counter}",
             body.get("model") or MODEL_ID,
@@ -515,6 +525,7 @@ class TestServer:
             prompt_tokens,
             completion_tokens,
             finish_reason,
+            cached_tokens,
         )
         self._accepted.append(admitted_at if self.rpm is not None else t)
         self._record(t, conversation, key, 200, n, turn)

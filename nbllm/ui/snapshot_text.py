@@ -78,10 +78,10 @@ def _cost(usd: float) -> str:
 def figure_items(snap: Snapshot) -> list[str]:
     """Every figure of the snapshot but the bars', one short item each.
 
-    Counts that are zero and say nothing (cached, resumed, not run, cut short, a cost of
-    nothing) are left out, and so are the requests in flight and a local engine's tokens
-    generated so far once the run has ended; failures are always shown, so "0 failed"
-    says there were none.
+    Counts that are zero and say nothing (cached, resumed, not run, cut short, prompt
+    tokens cached, a cost of nothing) are left out, and so are the requests in flight and
+    a local engine's tokens generated so far once the run has ended; failures are always
+    shown, so "0 failed" says there were none.
     """
     items = [] if snap.finished else [f"in flight {snap.in_flight:,}"]
     if snap.generated_tokens is not None:  # a local generation moves before its turn ends
@@ -103,6 +103,9 @@ def figure_items(snap: Snapshot) -> list[str]:
         items.append(f"{snap.not_run:,} not run")
     if snap.cached:
         items.append(f"cached {snap.cached:,}")
+    if snap.cached_tokens:  # an engine with a prompt cache said how much of it served
+        share = snap.cached_tokens_share or 0.0
+        items.append(f"{snap.cached_tokens:,} prompt tokens cached ({share:.0%})")
     if snap.resumed:
         items.append(f"resumed {snap.resumed:,}")
     if snap.cost_usd:  # unknown, or nothing (a local model): no figure to show

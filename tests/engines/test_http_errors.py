@@ -89,6 +89,30 @@ def test_a_completion_body_round_trips():
             read_completion(raw, "m")
 
 
+@pytest.mark.parametrize(
+    ("usage", "cached"),
+    [
+        ({"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 32}}, 32),
+        ({"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 0}}, 0),
+        ({"prompt_tokens": 40, "prompt_tokens_details": {"audio_tokens": 0}}, None),
+        ({"prompt_tokens": 40, "prompt_tokens_details": None}, None),
+        ({"prompt_tokens": 40}, None),  # a server that does not say
+        ({"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": "32"}}, None),
+    ],
+)
+def test_the_cached_prompt_tokens_of_an_answer_are_read_where_openai_puts_them(usage, cached):
+    body = {"model": "m", "choices": [{"message": {"content": "x"}}], "usage": usage}
+    response = read_completion(json.dumps(body).encode(), "m")
+    assert response.cached_tokens == cached and response.prompt_tokens == 40
+
+
+def test_a_completion_body_says_its_cached_tokens_only_when_known():
+    body = completion_body("chatcmpl-1", "m", "hi", 40, 2, cached_tokens=32)
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    assert read_completion(json.dumps(body).encode(), "m").cached_tokens == 32
+    assert "prompt_tokens_details" not in completion_body("chatcmpl-2", "m", "hi", 40, 2)["usage"]
+
+
 # -- litellm's answers and exceptions, read by LiteLLMEngine (a fake acompletion) ----------
 
 
@@ -135,6 +159,32 @@ def test_litellm_gives_the_providers_finish_reason(monkeypatch):
         ],
     )
     assert _ask(_litellm_engine(monkeypatch, cut)).finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("usage", "cached"),
+    [
+        ({"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 32}}, 32),  # OpenAI
+        ({"prompt_tokens": 40, "cache_read_input_tokens": 24}, 24),  # Anthropic, as litellm maps it
+        ({"prompt_tokens": 40, "prompt_cache_hit_tokens": 16}, 16),  # DeepSeek, likewise
+        ({"prompt_tokens": 40}, None),  # the provider did not say
+        (None, None),  # no usage at all
+    ],
+)
+def test_litellm_gives_the_prompt_tokens_the_provider_took_from_its_cache(
+    monkeypatch, usage, cached
+):
+    from nbllm.engines.litellm import import_litellm
+
+    litellm = import_litellm()
+    fields = {"usage": litellm.Usage(**usage)} if usage is not None else {}
+    answer = litellm.ModelResponse(
+        model="gpt-4o-mini",
+        choices=[{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        **fields,
+    )
+    response = _ask(_litellm_engine(monkeypatch, answer))
+    assert response.cached_tokens == cached
 
 
 def test_litellm_refused_credentials_are_an_authentication_error(monkeypatch):

@@ -267,6 +267,24 @@ def test_cached_answers_are_checkpointed_and_resumed(tmp_path):
     assert list(resumed.df["answer"]) == list(cached.df["answer"])
 
 
+def test_a_cached_or_resumed_row_keeps_the_cached_tokens_its_answer_came_with(tmp_path):
+    def handler(request: ChatRequest) -> ChatResponse:
+        turn = len(request.messages) // 2
+        return ChatResponse(answer_from_history(request), "m", 10 + turn, 2, cached_tokens=turn)
+
+    data = dataset()
+    options = {"engine": FakeEngine(handler), "model": "m", "progress": False}
+    sent = nbllm.run(data, checkpoint=tmp_path / "one.sqlite", **options)
+    cached = nbllm.run(data, checkpoint=tmp_path / "two.sqlite", **options)
+    resumed = nbllm.run(data, checkpoint=tmp_path / "two.sqlite", **options)
+    assert_all_cached(cached)
+    assert resumed.df["resumed"].all()
+    expected = list(sent.df["turn"])
+    assert list(sent.df["cached_tokens"]) == expected
+    assert list(cached.df["cached_tokens"]) == expected
+    assert list(resumed.df["cached_tokens"]) == expected
+
+
 def test_the_turns_after_a_resumed_one_are_keyed_with_its_stored_answer(tmp_path):
     """A checkpoint holding only the first turns, a cache holding every turn: the later
     turns' keys include the stored answers, so all of them come from the cache."""
@@ -350,17 +368,19 @@ def test_incremental_keys_equal_whole_request_keys():
 
 def test_a_stored_answer_comes_back_with_its_engine_model_and_finish_reason(tmp_path):
     path = tmp_path / "cache.sqlite"
-    response = ChatResponse("cut sh", "served-model", 3, 2, 0.5, finish_reason="length")
+    response = ChatResponse(
+        "cut sh", "served-model", 3, 2, 0.5, finish_reason="length", cached_tokens=1
+    )
     cache = ResponseCache(path)
     cache.put("k", response, engine="torch")
-    assert cache.get("k") == CachedResponse(
-        "cut sh", "served-model", 3, 2, 0.5, "length", engine="torch"
+    stored = CachedResponse(
+        "cut sh", "served-model", 3, 2, 0.5, "length", cached_tokens=1, engine="torch"
     )
+    assert cache.get("k") == stored
     cache.close()
     again = ResponseCache(path)  # from the file this time
     try:
-        hit = again.get("k")
-        assert hit == CachedResponse("cut sh", "served-model", 3, 2, 0.5, "length", engine="torch")
+        assert again.get("k") == stored
         assert again.get("other") is None
     finally:
         again.close()
@@ -473,7 +493,9 @@ def test_a_schema_1_cache_is_migrated_and_its_answers_are_used(tmp_path):
     assert_all_cached(second)
     assert list(second.df["answer"]) == list(first.df["answer"])
     assert second.df["finish_reason"].isna().all()
-    assert cache_schema(path) == ("2", [*V1_COLUMNS.split(", "), "engine", "finish_reason"])
+    assert second.df["cached_tokens"].isna().all()
+    added = ["engine", "finish_reason", "cached_tokens"]
+    assert cache_schema(path) == ("3", [*V1_COLUMNS.split(", "), *added])
 
     more = dataset(4, question="new question")
     nbllm.run(more, cache=path, **options)

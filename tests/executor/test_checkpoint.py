@@ -35,7 +35,7 @@ from helpers import (
 )
 
 import nbllm
-from nbllm import ChatRequest, FakeEngine, RequestRejected
+from nbllm import ChatRequest, ChatResponse, FakeEngine, RequestRejected
 from nbllm.errors import CheckpointError
 from nbllm.executor.checkpoint import RunIdentity, dataset_hash
 from nbllm.executor.events import TurnFinished
@@ -50,6 +50,15 @@ def dataset(n: int = 6, question: str = "question") -> list[dict]:
         {"id": f"c{i}", "turns": [f"c{i} {question} {k}" for k in range(1 + i % 3)]}
         for i in range(n)
     ]
+
+
+def with_cached_tokens(request: ChatRequest) -> ChatResponse:
+    """An answer from history; its engine says it took 2 prompt tokens per earlier turn
+    from its cache."""
+    text = answer_from_history(request)
+    return ChatResponse(
+        text, "m", 10 * len(request.messages), 1, cached_tokens=len(request.messages) - 1
+    )
 
 
 def n_turns(data: list[dict]) -> int:
@@ -319,6 +328,38 @@ async def test_a_cancelled_run_then_a_rerun_completes_the_rest(tmp_path):
         zip(ok_first["conversation_id"], ok_first["turn"], strict=True)
     )
     assert list(second.df["answer"]) == uninterrupted_answers(data)
+
+
+async def test_a_stopped_run_resumed_keeps_each_rows_cached_tokens(tmp_path):
+    data = dataset(12)
+    path = tmp_path / "ckpt.sqlite"
+    holder: dict[str, asyncio.Task] = {}
+    finished: list[TurnFinished] = []
+
+    def cancel_after_some(event):
+        if isinstance(event, TurnFinished):
+            finished.append(event)
+            if len(finished) == 7:
+                holder["task"].cancel()
+
+    holder["task"] = asyncio.ensure_future(
+        nbllm.arun(
+            data, engine=FakeEngine(with_cached_tokens, latency=0.01), model="m",
+            concurrency=3, checkpoint=path, listeners=[cancel_after_some], **QUIET,
+        )
+    )  # fmt: skip
+    first = await asyncio.wait_for(holder["task"], 10)
+    assert first.interrupted
+    second = await nbllm.arun(
+        data, engine=FakeEngine(with_cached_tokens), model="m", checkpoint=path, **QUIET
+    )
+    df = second.df
+    assert 7 <= df["resumed"].sum() < len(df)
+    # Resumed or sent now, each row holds what its engine said: 2 per earlier turn.
+    assert list(df["cached_tokens"]) == [2 * t for t in df["turn"]]
+    ok_first = first.df[first.df["error"].isna()]
+    resumed = df[df["resumed"]]
+    assert list(resumed["cached_tokens"]) == list(ok_first["cached_tokens"])
 
 
 def test_resume_false_sends_everything_again_and_warns(tmp_path, caplog):
@@ -782,13 +823,51 @@ def test_a_schema_1_checkpoint_is_migrated_and_resumed_with_no_finish_reason(tmp
     df = result.df
     assert df.loc[df["resumed"], "finish_reason"].isna().all()
     assert (df.loc[~df["resumed"], "finish_reason"] == "stop").all()
-    added = ["finish_reason", "queue_s", "service_s", "deployment", "votes"]
-    assert schema_of(path, "turns") == ("4", [*V1_COLUMNS.split(", "), *added])
+    added = ["finish_reason", "queue_s", "service_s", "deployment", "votes", "cached_tokens"]
+    assert schema_of(path, "turns") == ("5", [*V1_COLUMNS.split(", "), *added])
     assert df.loc[df["resumed"], "queue_s"].isna().all()
 
     again = nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
     assert again.summary.resumed == total
     assert again.df["finish_reason"].tolist() == df["finish_reason"].tolist()
+
+
+# --------------------------------------------------------------------------- schema 4
+
+# The turns table of checkpoint schema 4 (nbllm before cached_tokens), as it was written.
+V4_TURNS = V1_TURNS.replace(
+    "    PRIMARY KEY",
+    "    finish_reason TEXT,\n    queue_s REAL,\n    service_s REAL,\n    deployment TEXT,\n"
+    "    votes INTEGER,\n    PRIMARY KEY",
+)
+V4_COLUMNS = f"{V1_COLUMNS}, finish_reason, queue_s, service_s, deployment, votes"
+
+
+def test_a_schema_4_checkpoint_is_migrated_and_resumed_with_no_cached_tokens(tmp_path):
+    path = tmp_path / "ckpt.sqlite"
+    data = dataset(6)
+    total = n_turns(data)
+    engine = FakeEngine(with_cached_tokens)
+    nbllm.run(data, engine=engine, model="m", checkpoint=path, **QUIET)
+    rewrite_as_schema_1(
+        path, table="turns", create=V4_TURNS, columns=V4_COLUMNS,
+        rows_query="ORDER BY conversation, turn", keep=5, version=4,
+    )  # fmt: skip
+    assert schema_of(path, "turns") == ("4", V4_COLUMNS.split(", "))
+
+    engine = FakeEngine(with_cached_tokens)
+    result = nbllm.run(data, engine=engine, model="m", checkpoint=path, **QUIET)
+    assert engine.calls == total - 5
+    df = result.df
+    assert df.loc[df["resumed"], "cached_tokens"].isna().all()  # never stored: unknown
+    sent = df[~df["resumed"]]
+    assert list(sent["cached_tokens"]) == [2 * t for t in sent["turn"]]
+    assert schema_of(path, "turns") == ("5", [*V4_COLUMNS.split(", "), "cached_tokens"])
+
+    engine = FakeEngine(with_cached_tokens)
+    again = nbllm.run(data, engine=engine, model="m", checkpoint=path, **QUIET)
+    assert again.summary.resumed == total and engine.calls == 0
+    assert again.df["cached_tokens"].equals(df["cached_tokens"])
 
 
 def test_a_checkpoint_of_a_schema_nbllm_cannot_migrate_is_refused_as_it_is(tmp_path):

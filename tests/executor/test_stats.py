@@ -22,7 +22,7 @@ from nbllm.executor.events import (
 from nbllm.executor.stats import RunStats, Snapshot, one_line
 from nbllm.results import RowTotals, RunResult, RunSummary, request_latency
 from nbllm.testing import Fault, TestServer
-from nbllm.types import NOT_RUN, ChatRequest, TurnRecord
+from nbllm.types import NOT_RUN, ChatRequest, ChatResponse, TurnRecord
 from nbllm.ui.dashboard import Dashboard
 from nbllm.ui.progress import TextProgress
 
@@ -358,6 +358,7 @@ def summary_figures(summary: RunSummary) -> dict[str, object]:
         "cached": summary.cached,
         "resumed": summary.resumed,
         "cut short": summary.truncated,
+        "cached tokens": (summary.cached_tokens, summary.cached_tokens_share),
         "requests/s": summary.requests_per_s,
         "tokens/s": summary.tokens_per_s,
         "latency": (summary.latency_p50, summary.latency_p95),
@@ -379,6 +380,7 @@ def snapshot_figures(snap: Snapshot) -> dict[str, object]:
         "cached": snap.cached,
         "resumed": snap.resumed,
         "cut short": snap.truncated,
+        "cached tokens": (snap.cached_tokens, snap.cached_tokens_share),
         "requests/s": snap.requests_per_s,
         "tokens/s": snap.tokens_per_s,
         "latency": (snap.latency_p50, snap.latency_p95),
@@ -390,9 +392,10 @@ def snapshot_figures(snap: Snapshot) -> dict[str, object]:
 
 def refusing(refused: set[str], flaky: set[str]):
     """A handler that refuses the questions in ``refused`` and fails each one in ``flaky``
-    once (503, retried)."""
+    once (503, retried). Its engine says it took a prompt token per earlier message from
+    its cache."""
 
-    def handler(request: ChatRequest) -> str:
+    def handler(request: ChatRequest) -> ChatResponse:
         question = str(request.messages[-1]["content"])
         if question in flaky:
             flaky.discard(question)
@@ -401,7 +404,8 @@ def refusing(refused: set[str], flaky: set[str]):
         if question in refused:
             msg = "refused"
             raise RequestRejected(msg, status=400)
-        return f"answer to {question}"
+        n = len(request.messages)
+        return ChatResponse(f"answer to {question}", "m", 4 * n, 3, cached_tokens=n - 1)
 
     return handler
 
@@ -440,6 +444,8 @@ def test_every_view_of_a_run_agrees(tmp_path):
     figures = summary_figures(result.summary)
     expected = {"turns": 7, "ok": 5, "failed": 2, "not run": 0, "retries": 1}
     expected |= {"cached": 1, "resumed": 3, "interrupted": False}
+    # c0's second turn (3 messages) is the one with cached prompt tokens, of 28 in all.
+    expected |= {"cached tokens": (2, 2 / 28)}
     assert {key: figures[key] for key in expected} == expected
     for snap in (dashboard.stats.snapshot(), text.stats.snapshot(), job.stats.snapshot()):
         assert snapshot_figures(snap) == figures

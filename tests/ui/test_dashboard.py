@@ -338,6 +338,9 @@ def test_figures_say_seconds_elapsed_and_eta_and_leave_out_empty_counts():
     assert not any(item.startswith(("ETA", "in flight")) for item in items)
     local = figure_items(Snapshot(cost_usd=0.0, started=True))  # a local model costs nothing
     assert not any(item.startswith("cost") for item in local)
+    assert not any("prompt tokens cached" in item for item in items)
+    prompt_cache = Snapshot(cached_tokens=1234, cached_tokens_share=0.417, finished=True)
+    assert "1,234 prompt tokens cached (42%)" in figure_items(prompt_cache)
 
 
 def test_the_status_line_is_never_stale():
