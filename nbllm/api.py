@@ -99,6 +99,8 @@ async def arun(
     resume: bool = True,
     engine: str | Engine = "auto",
     worker: bool | None = None,
+    replicas: int | Literal["auto"] | None = None,
+    allow_oversubscribe: bool = False,
     prefix_cache: bool = True,
     prefix_cache_bytes: int | None = None,
     max_conversations: int | None = None,
@@ -157,6 +159,8 @@ def run(
     resume: bool = True,
     engine: str | Engine = "auto",
     worker: bool | None = None,
+    replicas: int | Literal["auto"] | None = None,
+    allow_oversubscribe: bool = False,
     prefix_cache: bool = True,
     prefix_cache_bytes: int | None = None,
     max_conversations: int | None = None,
@@ -196,7 +200,9 @@ def run(
     terminal; default: when interactive), ``engine`` ("auto", "openai", "litellm", a
     local engine — "vllm", "deepspeed", "onnx", "torch", "llamacpp" — or an ``Engine``),
     ``worker`` (run a local engine in a child process; default: on a CUDA GPU),
-    ``prefix_cache`` / ``prefix_cache_bytes`` (a local engine reuses the keys and values of
+    ``replicas`` (copies of a local model in worker processes, one per GPU with "auto";
+    ``allow_oversubscribe=True`` lets them outnumber the GPUs), ``prefix_cache`` /
+    ``prefix_cache_bytes`` (a local engine reuses the keys and values of
     the beginnings its prompts share with recent ones, the conversation's earlier turns or a
     common document, within that many bytes; rows show ``cached_tokens``),
     ``max_conversations``, ``stop_grace_s`` (after a first Ctrl-C, seconds the requests

@@ -72,6 +72,8 @@ _RUN_OPTIONS = (
     "ensemble",
     "metrics_port",
     "metrics_host",
+    "replicas",
+    "allow_oversubscribe",
     "prefix_cache",
     "prefix_cache_bytes",
 )

@@ -188,6 +188,17 @@ class RunConfig(BaseModel):
         "run a local engine in a child process; none: on a CUDA GPU",
         "True, False or None (automatic)",
     )
+    replicas: Annotated[int, Field(ge=1)] | Literal["auto"] | None = _option(
+        None,
+        "copies of a local model, each in a worker process (one per GPU with 'auto'); none: one",
+        "a whole number >= 1, 'auto' or None",
+        metavar="N",
+    )
+    allow_oversubscribe: bool = _option(
+        False,
+        "let replicas outnumber the GPUs (or CPU cores) and share them",
+        "True or False",
+    )
     prefix_cache: bool = _option(
         True,
         "a local engine reuses the keys and values of recent prompts' shared beginnings",

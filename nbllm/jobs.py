@@ -202,6 +202,8 @@ def submit(
     resume: bool = True,
     engine: str | Engine = "auto",
     worker: bool | None = None,
+    replicas: int | Literal["auto"] | None = None,
+    allow_oversubscribe: bool = False,
     prefix_cache: bool = True,
     prefix_cache_bytes: int | None = None,
     max_conversations: int | None = None,

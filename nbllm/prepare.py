@@ -426,6 +426,9 @@ def local_options(config: RunConfig) -> dict[str, Any]:
     """The run's options for a local engine, where they differ from an engine's own
     defaults (so that asking a provider for none of them is no error)."""
     options: dict[str, Any] = {}
+    if config.replicas is not None:
+        options["replicas"] = config.replicas
+        options["allow_oversubscribe"] = config.allow_oversubscribe
     if not config.prefix_cache:
         options["prefix_cache"] = False
     if config.prefix_cache_bytes is not None:

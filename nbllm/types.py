@@ -157,6 +157,9 @@ class ChatResponse:
     finish_reason: str | None = None
     rate_limits: Mapping[str, str] | None = None
     cached_tokens: int | None = None
+    #: The engine that answered, where one engine stands for several (``"torch worker
+    #: 2/4"``, a replica); None: the engine the run names.
+    engine: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -168,6 +168,32 @@ def _worker_engine(
     return worker.engine(max_connections=max_connections)
 
 
+def _replica_engine(
+    engine: str,
+    model: str | None,
+    count: int,
+    max_connections: int,
+    on_phase: PhaseCallback | None,
+    local_options: dict[str, Any],
+) -> Engine:
+    """``count`` shared workers of the model and the engine that spreads requests on them."""
+    from nbllm.engines.replicas import shared_replicas
+    from nbllm.engines.worker import local_option_args
+
+    try:
+        options = local_option_args(**local_options)
+    except TypeError as exc:
+        msg = f"a local engine does not take {sorted(local_options)}"
+        raise ConfigError(msg) from exc
+    loading = PhaseReport(on_phase, "loading")
+    what = model or EMBEDDED_MODEL
+    loading(None, f"starting {count} worker processes for {what} ({engine})")
+    replicas = shared_replicas(engine, model, count, options)
+    loading.total = 1
+    loading(1, f"loaded: {count} x {replicas.workers[0].served_engine or engine} with {what}")
+    return replicas.engine(max_connections=max_connections)
+
+
 def create_engine(
     engine: str | Engine,
     *,
@@ -181,12 +207,27 @@ def create_engine(
 ) -> Engine:
     """The engine for these options (see the module docstring for the rules).
 
-    ``local_options`` go to a local engine (``batch_size``, ``batch_wait_s``, ``device``);
-    ``on_phase`` hears its preparation (see the module docstring).
+    ``local_options`` go to a local engine (``batch_size``, ``batch_wait_s``, ``device``,
+    ``prefix_cache``, ``prefix_cache_bytes``); ``replicas`` (with ``allow_oversubscribe``)
+    starts that many workers of it (``nbllm.engines.replicas``). ``on_phase`` hears its
+    preparation (see the module docstring).
     """
     check_engine(engine)
     if isinstance(engine, Engine):
         return engine
+    replicas = local_options.pop("replicas", None)
+    oversubscribe = bool(local_options.pop("allow_oversubscribe", False))
+    if replicas is not None:
+        if not is_local(engine, model, api_base):
+            msg = "replicas= runs copies of a local model; it cannot be used with a server"
+            raise ConfigError(msg)
+        if worker is False:
+            msg = "replicas= runs each copy in a worker process; it cannot go with worker=False"
+            raise ConfigError(msg)
+        from nbllm.engines.replicas import resolve_replicas
+
+        count = resolve_replicas(replicas, allow_oversubscribe=oversubscribe)
+        return _replica_engine(engine, model, count, max_connections, on_phase, local_options)
     if is_local(engine, model, api_base):
         if worker is None:
             worker = hardware().has_cuda

@@ -36,7 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -102,7 +102,8 @@ class Worker:
     (e.g. ``["--batch-size", "8"]``). The server requires ``api_key`` (default: a random
     one), which reaches the child through the environment, never its command line;
     ``engine()`` sends it. ``start_timeout`` bounds the wait for the server to listen,
-    ``load_timeout`` the wait for the model to load.
+    ``load_timeout`` the wait for the model to load. ``env`` adds to the child's environment
+    (``CUDA_VISIBLE_DEVICES`` to pin it to a GPU, ``OMP_NUM_THREADS`` to share a CPU).
 
     Use as ``with Worker(...) as worker:`` (or ``async with``), or ``start()`` / ``stop()``.
     """
@@ -116,6 +117,7 @@ class Worker:
         api_key: str | None = None,
         start_timeout: float = 60.0,
         load_timeout: float = 600.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         reserved = [o for o in options if o.split("=", 1)[0] in _RESERVED_OPTIONS]
         if reserved:
@@ -145,7 +147,7 @@ class Worker:
             self.command,
             url_prefix=SERVE_URL_LINE_PREFIX,
             name="nbllm serve",
-            env={SERVE_API_KEY_ENV: self._api_key},
+            env={**(env or {}), SERVE_API_KEY_ENV: self._api_key},
             parent_pid_option="--parent-pid",
         )
 

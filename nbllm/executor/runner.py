@@ -492,7 +492,7 @@ class Executor(Stopping, Ensembles, Sending):
                 k,
                 response,
                 model=member.row_model,
-                engine=lane.engine.name,
+                engine=response.engine or lane.engine.name,
                 deployment=lane.id,
                 latency_s=latency,
                 cost_usd=cost,

@@ -87,6 +87,8 @@ CAPS = (
     "cooldown_s",
     "allowed_fails",
     "ensemble",
+    "replicas",
+    "allow_oversubscribe",
     "prefix_cache",
     "prefix_cache_bytes",
 )
