@@ -101,6 +101,8 @@ async def arun(
     worker: bool | None = None,
     replicas: int | Literal["auto"] | None = None,
     allow_oversubscribe: bool = False,
+    cluster: Literal["ray"] | None = None,
+    ray_address: str | None = None,
     prefix_cache: bool = True,
     prefix_cache_bytes: int | None = None,
     max_conversations: int | None = None,
@@ -161,6 +163,8 @@ def run(
     worker: bool | None = None,
     replicas: int | Literal["auto"] | None = None,
     allow_oversubscribe: bool = False,
+    cluster: Literal["ray"] | None = None,
+    ray_address: str | None = None,
     prefix_cache: bool = True,
     prefix_cache_bytes: int | None = None,
     max_conversations: int | None = None,
@@ -201,7 +205,8 @@ def run(
     local engine — "vllm", "deepspeed", "onnx", "torch", "llamacpp" — or an ``Engine``),
     ``worker`` (run a local engine in a child process; default: on a CUDA GPU),
     ``replicas`` (copies of a local model in worker processes, one per GPU with "auto";
-    ``allow_oversubscribe=True`` lets them outnumber the GPUs), ``prefix_cache`` /
+    ``allow_oversubscribe=True`` lets them outnumber the GPUs; ``cluster="ray"`` or
+    ``ray_address`` makes them Ray actors across a cluster), ``prefix_cache`` /
     ``prefix_cache_bytes`` (a local engine reuses the keys and values of
     the beginnings its prompts share with recent ones, the conversation's earlier turns or a
     common document, within that many bytes; rows show ``cached_tokens``),

@@ -74,6 +74,8 @@ _RUN_OPTIONS = (
     "metrics_host",
     "replicas",
     "allow_oversubscribe",
+    "cluster",
+    "ray_address",
     "prefix_cache",
     "prefix_cache_bytes",
 )

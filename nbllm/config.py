@@ -194,6 +194,17 @@ class RunConfig(BaseModel):
         "a whole number >= 1, 'auto' or None",
         metavar="N",
     )
+    cluster: Literal["ray"] | None = _option(
+        None,
+        "run the replicas as Ray actors ('ray'); none: worker processes of this machine",
+        "'ray' or None",
+    )
+    ray_address: str | None = _option(
+        None,
+        "the Ray cluster to run replicas on, e.g. ray://head:10001 (implies cluster='ray')",
+        "an address or None",
+        metavar="ADDRESS",
+    )
     allow_oversubscribe: bool = _option(
         False,
         "let replicas outnumber the GPUs (or CPU cores) and share them",

@@ -204,6 +204,8 @@ def submit(
     worker: bool | None = None,
     replicas: int | Literal["auto"] | None = None,
     allow_oversubscribe: bool = False,
+    cluster: Literal["ray"] | None = None,
+    ray_address: str | None = None,
     prefix_cache: bool = True,
     prefix_cache_bytes: int | None = None,
     max_conversations: int | None = None,

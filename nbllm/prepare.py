@@ -428,7 +428,11 @@ def local_options(config: RunConfig) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if config.replicas is not None:
         options["replicas"] = config.replicas
+    if config.replicas is not None or config.allow_oversubscribe:
         options["allow_oversubscribe"] = config.allow_oversubscribe
+    if config.cluster is not None or config.ray_address is not None:
+        options["cluster"] = "ray"
+        options["ray_address"] = config.ray_address
     if not config.prefix_cache:
         options["prefix_cache"] = False
     if config.prefix_cache_bytes is not None:

@@ -217,6 +217,27 @@ def create_engine(
         return engine
     replicas = local_options.pop("replicas", None)
     oversubscribe = bool(local_options.pop("allow_oversubscribe", False))
+    cluster = local_options.pop("cluster", None)
+    ray_address = local_options.pop("ray_address", None)
+    if cluster is not None or ray_address is not None:
+        if not is_local(engine, model, api_base):
+            msg = "cluster='ray' runs copies of a local model; it cannot be used with a server"
+            raise ConfigError(msg)
+        from nbllm.engines.ray_replicas import shared_ray_replicas
+
+        loading = PhaseReport(on_phase, "loading")
+        loading(None, f"starting Ray replicas of {model or EMBEDDED_MODEL} ({engine})")
+        found = shared_ray_replicas(
+            ray_address,
+            engine,
+            model,
+            "auto" if replicas is None else replicas,
+            local_options,
+            allow_oversubscribe=oversubscribe,
+        )
+        loading.total = 1
+        loading(1, f"loaded: {found.count} Ray replicas")
+        return found.engine()
     if replicas is not None:
         if not is_local(engine, model, api_base):
             msg = "replicas= runs copies of a local model; it cannot be used with a server"

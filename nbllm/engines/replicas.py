@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -32,8 +33,17 @@ from nbllm.engines.worker import Worker, WorkerEngine
 from nbllm.errors import ConfigError, EngineError, EngineUnavailable
 from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = ["ReplicaEngine", "ReplicaSet", "replica_places", "resolve_replicas", "shared_replicas"]
+__all__ = [
+    "ReplicaEngine",
+    "ReplicaSet",
+    "SpreadEngine",
+    "replica_places",
+    "resolve_replicas",
+    "shared_replicas",
+]
 
+# Seconds a request waits for some replica to be live again when none is.
+_COMING_BACK_S = 900.0
 # Seconds to wait for the operating system to report a worker's exit after its connection
 # broke, before the failure is taken for the request's own.
 _DEATH_GRACE_S = 0.5
@@ -172,48 +182,37 @@ class ReplicaSet:
         return ReplicaEngine(self, **kwargs)
 
 
-class ReplicaEngine(Engine):
-    """Sends each request to a live replica of a ``ReplicaSet`` (see the module)."""
+class SpreadEngine(Engine):
+    """Spreads requests over ``count`` replicas (see the module): a conversation's first
+    request to the least busy live one, its later turns to the same one while it lives, and
+    a request whose replica died to another at once. A subclass says how to send
+    (``_send``), which replicas are live (``_live``), whether a failure means the replica
+    died (``_died``, which also sees to its restart) and whether any may come back
+    (``_coming_back``)."""
 
     bounds_own_timeout = True
 
-    def __init__(self, replicas: ReplicaSet, **client_options: Any) -> None:
+    def __init__(self, count: int) -> None:
         super().__init__()
-        self.replicas = replicas
-        self._client_options = client_options
-        first = replicas.workers[0]
-        served = first.served_engine or replicas.engine_name
-        self.name = f"{served} worker"
-        self.default_model = str(first.model)
-        limits = [w.max_in_flight for w in replicas.workers]
-        self.max_in_flight = None if None in limits else sum(x or 0 for x in limits)
-        self._clients: dict[int, tuple[Worker, WorkerEngine]] = {}
-        self._retired: list[WorkerEngine] = []
-        self._in_flight = [0] * len(replicas)
+        self.count = count
+        self._in_flight = [0] * count
         self._home: dict[Hashable, int] = {}
-        self._identity = WorkerEngine(first).identity()
 
-    def identity(self) -> str:
-        # One replica's answers are any replica's: a run resumes with another count.
-        return self._identity
+    async def _send(self, index: int, request: ChatRequest) -> ChatResponse:
+        raise NotImplementedError
 
-    def describe(self) -> str:
-        return f"{self.name} x{len(self.replicas)}"
+    def _live(self, index: int) -> bool:
+        raise NotImplementedError
 
-    def _client(self, index: int) -> WorkerEngine:
-        """The HTTP client of replica ``index``'s current worker (a new one after a restart)."""
-        worker = self.replicas.workers[index]
-        held = self._clients.get(index)
-        if held is None or held[0] is not worker:
-            if held is not None:
-                self._retired.append(held[1])  # its worker died: closed with the engine
-            held = (worker, worker.engine(**self._client_options))
-            self._clients[index] = held
-        return held[1]
+    async def _died(self, index: int, error: BaseException) -> bool:
+        raise NotImplementedError
+
+    def _coming_back(self) -> bool:
+        raise NotImplementedError
 
     def _choose(self, request: ChatRequest, avoid: set[int]) -> int | None:
         """The conversation's replica while it is live, else the least busy live one."""
-        live = [i for i in range(len(self.replicas)) if i not in avoid and self.replicas.live(i)]
+        live = [i for i in range(self.count) if i not in avoid and self._live(i)]
         if not live:
             return None
         key = _conversation_key(request)
@@ -229,23 +228,76 @@ class ReplicaEngine(Engine):
         while True:
             index = self._choose(request, avoid)
             if index is None:
-                index = await self._wait_for_a_replica(avoid)
-            client = self._client(index)
+                avoid.clear()  # every one was tried or is down: wait for one to be back
+                index = await self._wait_for_a_replica()
             self._in_flight[index] += 1
             try:
-                response = await client.complete(request)
-            except EngineError:
-                if not await self._died(index):
+                response = await self._send(index, request)
+            except EngineError as error:
+                if not await self._died(index, error):
                     raise  # the replica lives: the request's own failure
                 avoid.add(index)
                 continue  # sent again to another replica, at once
             finally:
                 self._in_flight[index] -= 1
-            return dataclasses.replace(
-                response, engine=f"{self.name} {index + 1}/{len(self.replicas)}"
-            )
+            return dataclasses.replace(response, engine=f"{self.name} {index + 1}/{self.count}")
 
-    async def _died(self, index: int) -> bool:
+    async def _wait_for_a_replica(self) -> int:
+        deadline = time.monotonic() + _COMING_BACK_S
+        while self._coming_back() and time.monotonic() < deadline:
+            live = [i for i in range(self.count) if self._live(i)]
+            if live:
+                return min(live, key=lambda i: (self._in_flight[i], i))
+            await asyncio.sleep(0.1)
+        msg = f"every replica of the {self.name} has stopped and none could be started again"
+        raise EngineUnavailable(msg)
+
+
+class ReplicaEngine(SpreadEngine):
+    """Sends each request to a live worker of a ``ReplicaSet`` (see the module)."""
+
+    def __init__(self, replicas: ReplicaSet, **client_options: Any) -> None:
+        super().__init__(len(replicas))
+        self.replicas = replicas
+        self._client_options = client_options
+        first = replicas.workers[0]
+        served = first.served_engine or replicas.engine_name
+        self.name = f"{served} worker"
+        self.default_model = str(first.model)
+        limits = [w.max_in_flight for w in replicas.workers]
+        self.max_in_flight = None if None in limits else sum(x or 0 for x in limits)
+        self._clients: dict[int, tuple[Worker, WorkerEngine]] = {}
+        self._retired: list[WorkerEngine] = []
+        self._identity = WorkerEngine(first).identity()
+
+    def identity(self) -> str:
+        # One replica's answers are any replica's: a run resumes with another count.
+        return self._identity
+
+    def describe(self) -> str:
+        return f"{self.name} x{self.count}"
+
+    def _client(self, index: int) -> WorkerEngine:
+        """The HTTP client of replica ``index``'s current worker (a new one after a restart)."""
+        worker = self.replicas.workers[index]
+        held = self._clients.get(index)
+        if held is None or held[0] is not worker:
+            if held is not None:
+                self._retired.append(held[1])  # its worker died: closed with the engine
+            held = (worker, worker.engine(**self._client_options))
+            self._clients[index] = held
+        return held[1]
+
+    async def _send(self, index: int, request: ChatRequest) -> ChatResponse:
+        return await self._client(index).complete(request)
+
+    def _live(self, index: int) -> bool:
+        return self.replicas.live(index)
+
+    def _coming_back(self) -> bool:
+        return self.replicas.running
+
+    async def _died(self, index: int, error: BaseException) -> bool:
         """Whether replica ``index``'s process has died (then it is started again)."""
         worker = self.replicas.workers[index]
         for _ in range(int(_DEATH_GRACE_S / 0.05)):
@@ -254,17 +306,6 @@ class ReplicaEngine(Engine):
                 return True
             await asyncio.sleep(0.05)
         return False
-
-    async def _wait_for_a_replica(self, avoid: set[int]) -> int:
-        """Every replica is down or was tried: wait for one to be live again."""
-        while self.replicas.running:
-            avoid.clear()  # a replica started again may be tried again
-            live = [i for i in range(len(self.replicas)) if self.replicas.live(i)]
-            if live:
-                return min(live, key=lambda i: (self._in_flight[i], i))
-            await asyncio.sleep(0.1)
-        msg = f"every replica of the {self.name} has stopped and none could be started again"
-        raise EngineUnavailable(msg)
 
     async def aclose(self) -> None:
         for client in [*(c for _, c in self._clients.values()), *self._retired]:

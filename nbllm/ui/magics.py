@@ -89,6 +89,8 @@ CAPS = (
     "ensemble",
     "replicas",
     "allow_oversubscribe",
+    "cluster",
+    "ray_address",
     "prefix_cache",
     "prefix_cache_bytes",
 )

@@ -626,3 +626,40 @@ async def test_vllm_answers_json_that_follows_the_schema():
         assert isinstance(json.loads(answer.text)["city"], str)
     finally:
         await engine.aclose()
+
+
+def test_vllm_takes_its_own_parallel_options_and_refuses_bad_ones(monkeypatch):
+    """tensor/pipeline parallel sizes and vLLM's executor backend reach vLLM's engine args
+    (a stand-in vllm module here: vLLM itself needs a GPU)."""
+    from types import SimpleNamespace
+
+    from nbllm.engines.local import vllm as vllm_module
+    from nbllm.engines.local.vllm import VllmEngine
+
+    with pytest.raises(ConfigError, match="tensor_parallel_size must be a whole number >= 1"):
+        VllmEngine(tensor_parallel_size=0)
+    seen: dict[str, object] = {}
+
+    class Args:
+        def __init__(self, **kw: object) -> None:
+            seen.update(kw)
+
+    class Loaded:
+        @staticmethod
+        def from_engine_args(args: object) -> object:
+            return SimpleNamespace()
+
+    fake = SimpleNamespace(AsyncEngineArgs=Args, AsyncLLMEngine=Loaded)
+    tokenizers = SimpleNamespace(
+        AutoTokenizer=SimpleNamespace(from_pretrained=lambda path: SimpleNamespace())
+    )
+    monkeypatch.setattr(VllmEngine, "_prepare", lambda self: setattr(self, "checkpoint", "m"))
+    monkeypatch.setattr(
+        vllm_module, "require", lambda name, *_: fake if name == "vllm" else tokenizers
+    )
+    monkeypatch.setattr(vllm_module, "_max_model_len", lambda engine: 2048)
+    VllmEngine(tensor_parallel_size=2, pipeline_parallel_size=3, distributed_executor_backend="ray")
+    assert seen["tensor_parallel_size"] == 2
+    assert seen["pipeline_parallel_size"] == 3
+    assert seen["distributed_executor_backend"] == "ray"
+    assert seen["enable_prefix_caching"] is True

@@ -1,7 +1,10 @@
 """The vLLM engine: vLLM's async engine in this process, with its own continuous batching.
 
 Prefix caching is on, so the earlier turns of a conversation (sent again with every
-turn) are not recomputed. ``tensor_parallel_size`` defaults to the visible GPUs. vLLM
+turn) are not recomputed. ``tensor_parallel_size`` defaults to the visible GPUs;
+``tensor_parallel_size``, ``pipeline_parallel_size`` and ``distributed_executor_backend``
+("ray" to spread a model too large for one machine over a Ray cluster) pass through to vLLM,
+which keeps its own distribution. vLLM
 keeps GPU memory while the process lives, so in a notebook prefer ``worker=True``
 (the default on a GPU): the model then lives in a worker process that can be stopped.
 
@@ -30,7 +33,7 @@ from typing import Any
 from nbllm.engines.local.base import Generation, LocalEngine, require
 from nbllm.engines.local.models import transformers_checkpoint
 from nbllm.engines.local.phases import quiet_loading
-from nbllm.errors import EngineError, EngineUnavailable, RequestTimeout
+from nbllm.errors import ConfigError, EngineError, EngineUnavailable, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["VllmEngine", "guided"]
@@ -70,6 +73,34 @@ class VllmEngine(LocalEngine):
 
     name = "vllm"
 
+    def __init__(
+        self,
+        *args: Any,
+        tensor_parallel_size: int | None = None,
+        pipeline_parallel_size: int | None = None,
+        distributed_executor_backend: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for option, value in (
+            ("tensor_parallel_size", tensor_parallel_size),
+            ("pipeline_parallel_size", pipeline_parallel_size),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                msg = f"{option} must be a whole number >= 1, got {value!r}"
+                raise ConfigError(msg)
+        self.parallel: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("tensor_parallel_size", tensor_parallel_size),
+                ("pipeline_parallel_size", pipeline_parallel_size),
+                ("distributed_executor_backend", distributed_executor_backend),
+            )
+            if v is not None
+        }
+        super().__init__(*args, **kwargs)
+
     def _prepare(self) -> None:
         if not self.hardware.has_cuda:
             msg = "vllm needs a CUDA or ROCm GPU, and none was found"
@@ -85,13 +116,14 @@ class VllmEngine(LocalEngine):
         with quiet_loading():
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
         gpus = sum(1 for g in self.hardware.gpus if g.kind in ("cuda", "rocm"))
+        parallel = {"tensor_parallel_size": max(1, gpus), **self.parallel}
         try:
             args = vllm.AsyncEngineArgs(
                 model=checkpoint,
                 served_model_name=self.model.name,
                 enable_prefix_caching=True,
-                tensor_parallel_size=max(1, gpus),
                 max_num_seqs=max(self.batch_size, 8),
+                **parallel,
             )
             self.vllm_engine: Any = vllm.AsyncLLMEngine.from_engine_args(args)
         except Exception as exc:
