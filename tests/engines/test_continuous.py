@@ -241,3 +241,23 @@ async def test_a_bounded_cache_keeps_to_its_bytes():
         assert engine.prefix.evictions > 0
     finally:
         await engine.aclose()
+
+
+def test_onnx_on_the_cpu_batches_continuously_and_reuses_prefixes_with_the_same_answers():
+    require_embedded_model("onnxruntime", "onnx", "onnxscript")
+    from nbllm.engines.local.onnx import OnnxEngine
+
+    results = {}
+    for way, options in {"continuous": {}, "static": {"continuous": False}}.items():
+        engine = OnnxEngine(batch_size=4, **options)
+        try:
+            results[way] = (run_on(engine), engine.continuous, engine.prefix)
+        finally:
+            asyncio.run(engine.aclose())
+    (fast, on, prefix), (slow, off, _) = results["continuous"], results["static"]
+    assert on and not off
+    assert list(fast.df["answer"]) == list(slow.df["answer"])
+    assert prefix is not None
+    later = fast.df[fast.df["turn"] > 0]
+    assert (later["cached_tokens"] > 0).all()
+    assert slow.df["cached_tokens"].isna().all()

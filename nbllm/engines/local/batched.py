@@ -30,8 +30,11 @@ from typing import TypeAlias
 from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine
 from nbllm.engines.local.batching import DynamicBatcher
-from nbllm.engines.local.memory import is_out_of_memory, memory_figures
+from nbllm.engines.local.continuous import ContinuousBatcher
+from nbllm.engines.local.kv_batch import Decoder, KVBackend, KVBatch
+from nbllm.engines.local.memory import free_bytes, is_out_of_memory, memory_figures
 from nbllm.engines.local.phases import PhaseCallback, TokenReport
+from nbllm.engines.local.prefix_cache import PrefixCache, default_prefix_cache_bytes
 from nbllm.errors import EngineError, RequestRejected
 from nbllm.types import ChatRequest, ChatResponse, Message
 
@@ -81,8 +84,18 @@ class BatchedEngine(LocalEngine):
     """A local model answering batches of concurrent requests gathered by a dynamic batcher.
 
     ``batch_size`` and ``batch_wait_s`` set the batcher; ``batch_size=1`` turns batching
-    off. Requests whose sampling options differ never share a batch.
+    off. Requests whose sampling options differ never share a batch. An engine that can run
+    its model on explicit keys and values calls ``_batch_continuously(backend)`` once loaded:
+    its requests then go to the continuous batcher (``nbllm.engines.local.continuous``) and,
+    with ``prefix_cache``, reuse recent prompts' keys and values.
     """
+
+    #: Whether this engine can batch continuously (DeepSpeed's wrapped ``generate`` cannot).
+    can_batch_continuously = True
+    #: The prefix cache (None when off, or when batching statically).
+    prefix: PrefixCache | None = None
+    #: What the continuous batcher runs the model through (None when batching statically).
+    backend: KVBackend | None = None
 
     def __init__(
         self,
@@ -111,6 +124,54 @@ class BatchedEngine(LocalEngine):
             self._run_batch, max_batch_size=self.batch_size, max_wait_s=self.batch_wait_s
         )
 
+    def _batch_continuously(self, backend: KVBackend) -> None:
+        """From now on, batch continuously over ``backend`` (see the class)."""
+        self.backend = backend
+        if self.prefix_cache:
+            size = self.prefix_cache_bytes
+            self.prefix = PrefixCache(
+                default_prefix_cache_bytes(free_bytes(self.device)) if size is None else size
+            )
+        self._batcher = ContinuousBatcher(  # type: ignore[assignment]
+            decoder=Decoder(backend, self.prefix),
+            new_batch=lambda: KVBatch(backend),
+            eos_ids=self.eos_token_ids,
+            refuse=lambda row: self.context_refusal(len(row.prompt), row.generation),
+            lock=self._lock,
+            closed=lambda: self.state is EngineState.CLOSED,
+            report=self.tokens.add,
+            max_rows=self.batch_size,
+            free_memory=self._free_memory_now,
+            name=self.name,
+        )
+
+    def _free_memory_now(self) -> None:
+        """Out of memory: forget the prefix cache and hand cached blocks back."""
+        if self.prefix is not None:
+            self.prefix.clear()
+        self._free_cached_memory()
+
+    async def _complete_continuously(
+        self, batcher: ContinuousBatcher, request: ChatRequest
+    ) -> ChatResponse:
+        generation = self.generation(request)
+        self.tokens.loop = asyncio.get_running_loop()
+        messages = request.messages
+        row = await batcher.submit(
+            lambda: self.encode(messages), generation, timeout=request.timeout
+        )
+        new_ids = self.strip_eos(row.generated)
+        text, finish_reason = generation.finish(self.decode(new_ids), len(new_ids))
+        return ChatResponse(
+            text=text,
+            model=self.model.name,
+            prompt_tokens=len(row.prompt),
+            completion_tokens=len(new_ids),
+            cost_usd=0.0,
+            finish_reason=finish_reason,
+            cached_tokens=row.reused if self.prefix is not None else None,
+        )
+
     @abstractmethod
     def _generate(
         self, prompts: Sequence[list[int]], generation: Generation, watch: BatchWatch
@@ -122,6 +183,9 @@ class BatchedEngine(LocalEngine):
         """
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
+        batcher = self._batcher
+        if isinstance(batcher, ContinuousBatcher):
+            return await self._complete_continuously(batcher, request)
         generation = self.generation(request)
         self.tokens.loop = asyncio.get_running_loop()
         waiting = _Request(None, generation, messages=request.messages)
@@ -206,6 +270,8 @@ class BatchedEngine(LocalEngine):
         if self.state is not EngineState.CLOSED:
             await self._batcher.aclose()
         await super().aclose()
+        if self.prefix is not None:
+            self.prefix.clear()
 
 
 def pad_left(prompts: Sequence[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -33,7 +33,7 @@ from nbllm.errors import EngineError, RequestRejected, RequestTimeout
 
 if TYPE_CHECKING:
     from nbllm.engines.local.base import Generation
-    from nbllm.engines.local.torch_kv import KVBatch, TorchDecoder
+    from nbllm.engines.local.kv_batch import Decoder, KVBatch
 
 __all__ = ["ContinuousBatcher", "Row"]
 
@@ -72,7 +72,7 @@ class ContinuousBatcher:
     def __init__(
         self,
         *,
-        decoder: TorchDecoder,
+        decoder: Decoder,
         new_batch: Callable[[], KVBatch],
         eos_ids: list[int],
         refuse: Callable[[Row], RequestRejected | None],
@@ -229,11 +229,8 @@ class ContinuousBatcher:
             return
         generation = row.generation
         if not generation.greedy:
-            import torch
-
-            row.generator = torch.Generator(device="cpu")
             seed = generation.seed if generation.seed is not None else time.time_ns()
-            row.generator.manual_seed(seed % (1 << 63))
+            row.generator = self.decoder.generator(seed)
         try:
             layers, scores, row.reused = self.decoder.prefill(row.prompt)
         except Exception as exc:
@@ -256,12 +253,7 @@ class ContinuousBatcher:
         """Pick the row's next token from ``scores``; True when its answer has ended (an
         end-of-text token, which is not part of the answer, or ``max_tokens`` reached)."""
         generation = row.generation
-        token = self.decoder.pick(
-            scores.cpu() if row.generator is not None else scores,
-            generation.temperature,
-            generation.top_p,
-            row.generator,
-        )
+        token = self.decoder.pick(scores, generation.temperature, generation.top_p, row.generator)
         row.generated.append(token)
         if token in self.eos_ids:
             return True

@@ -1,8 +1,22 @@
-"""Telling an out-of-memory failure from others, and saying how much memory each GPU has."""
+"""Telling an out-of-memory failure from others, and saying how much memory is free."""
 
 from __future__ import annotations
 
-__all__ = ["is_out_of_memory", "memory_figures"]
+import os
+
+__all__ = ["free_bytes", "is_out_of_memory", "memory_figures"]
+
+
+def free_bytes(device: str) -> int | None:
+    """Bytes free on ``device`` (its memory on CUDA, the machine's otherwise), if known."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.mem_get_info()[0])
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -3,11 +3,18 @@
 The graph is exported once per model (``nbllm.engines.local.onnx_export``: the first use
 needs torch, transformers and onnxscript, and takes a minute or two for the embedded
 model) into the cache directory. Later loads read only that folder and need onnxruntime,
-numpy and transformers' tokenizer, not torch. Each batch runs the graph once on the
-left-padded prompts and once per new token, keeping the keys/values where the execution
-provider put them. A row whose request was cancelled is treated as finished from the next
-token on, and the batch ends once every row is finished or dropped; until then a dropped row
-is still computed, as padding, with the rest.
+numpy and transformers' tokenizer, not torch.
+
+On the CPU (the provider the session really got) requests are batched continuously and
+reuse the keys and values of recent prompts, as in the torch engine
+(``nbllm.engines.local.continuous``): the graph runs on each new prompt alone, after its
+longest cached prefix, then once per token for every row together (``OnnxBackend``).
+
+On CUDA, and with ``continuous=False``, each batch runs the graph once on the left-padded
+prompts and once per new token, keeping the keys/values where the execution provider put
+them. A row whose request was cancelled is treated as finished from the next token on, and
+the batch ends once every row is finished or dropped; until then a dropped row is still
+computed, as padding, with the rest.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ import numpy as np
 
 from nbllm.engines.local.base import Generation, context_length_of, require
 from nbllm.engines.local.batched import BatchedEngine, BatchWatch, pad_left
+from nbllm.engines.local.kv_batch import Layers
 from nbllm.engines.local.models import LocalModel, cache_entry
 from nbllm.engines.local.onnx_export import GRAPH_FILE, LAYOUT_FILE, DecoderLayout, export_decoder
 from nbllm.engines.local.phases import quiet_loading
 from nbllm.errors import EngineUnavailable
 
-__all__ = ["OnnxEngine"]
+__all__ = ["OnnxBackend", "OnnxEngine"]
 
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
@@ -39,6 +47,13 @@ class OnnxEngine(BatchedEngine):
     """
 
     name = "onnx"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.continuous and self.provider == _CPU:
+            self._batch_continuously(OnnxBackend(self))
+        else:
+            self.continuous = False
 
     def _prepare(self) -> None:
         require("onnxruntime", "onnx", "onnx")
@@ -142,6 +157,53 @@ class OnnxEngine(BatchedEngine):
 
     def _release(self) -> None:
         self.session = None
+        if self.prefix is not None:
+            self.prefix.clear()
+
+
+class OnnxBackend:
+    """``KVBackend`` for the decoder graph, keys and values as numpy arrays on the CPU."""
+
+    def __init__(self, engine: OnnxEngine) -> None:
+        self.engine = engine
+        self.layout = engine.layout
+
+    def forward(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: Layers | None
+    ) -> tuple[Any, Layers]:
+        layout = self.layout
+        if past is None:
+            empty = np.zeros((len(ids), layout.kv_heads, 0, layout.head_dim), dtype=np.float32)
+            flat: list[Any] = [empty] * len(layout.past_names)
+        else:
+            flat = [array for pair in past for array in pair]
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        feed.update(zip(layout.past_names, (np.ascontiguousarray(a) for a in flat), strict=True))
+        outputs = self.engine.session.run(None, feed)
+        present = outputs[1:]
+        return outputs[0][:, -1, :], list(zip(present[0::2], present[1::2], strict=True))
+
+    def pad_left(self, array: Any, columns: int) -> Any:
+        return np.pad(array, ((0, 0), (0, 0), (columns, 0), (0, 0))) if columns else array
+
+    def cat_rows(self, arrays: Any) -> Any:
+        return np.concatenate(list(arrays))
+
+    def select(self, array: Any, rows: np.ndarray, start: int) -> Any:
+        return array[rows, :, start:]
+
+    def copy(self, array: Any) -> Any:
+        return np.array(array, copy=True)
+
+    def nbytes(self, array: Any) -> int:
+        return int(array.nbytes)
+
+    def pick(self, scores: Any, temperature: float, top_p: float, generator: Any) -> int:
+        generation = Generation(temperature=temperature, top_p=top_p)
+        return int(_next_tokens(np.asarray(scores)[None], generation, generator)[0])
+
+    def generator(self, seed: int) -> Any:
+        return np.random.default_rng(seed)
 
 
 def _checkpoint_config(model: LocalModel) -> dict[str, Any] | None:

@@ -16,22 +16,16 @@ others keep going: transformers cannot take a row out of a running batch.
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nbllm.engines.base import EngineState
 from nbllm.engines.local.base import Generation, LocalEngine, context_length_of, require
 from nbllm.engines.local.batched import BatchedEngine, BatchWatch, pad_left
-from nbllm.engines.local.continuous import ContinuousBatcher, Row
 from nbllm.engines.local.models import transformers_checkpoint
 from nbllm.engines.local.phases import quiet_loading
-from nbllm.engines.local.prefix_cache import PrefixCache, default_prefix_cache_bytes
-from nbllm.engines.local.torch_kv import KVBatch, TorchDecoder
-from nbllm.errors import EngineUnavailable, RequestRejected
-from nbllm.types import ChatRequest, ChatResponse
+from nbllm.engines.local.torch_kv import TorchBackend
+from nbllm.errors import EngineUnavailable
 
 __all__ = ["TorchEngine"]
 
@@ -62,64 +56,13 @@ class TorchEngine(BatchedEngine):
     """A transformers model on CPU, CUDA or MPS, batched continuously (see the module)."""
 
     name = "torch"
-    #: Whether this engine can batch continuously (DeepSpeed's wrapped ``generate`` cannot).
-    can_batch_continuously = True
-    #: The prefix cache (None when off, or with ``continuous=False``).
-    prefix: PrefixCache | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not (self.continuous and self.can_batch_continuously):
+        if self.continuous and self.can_batch_continuously:
+            self._batch_continuously(TorchBackend(self.hf_model, self.device))
+        else:
             self.continuous = False
-            return
-        if self.prefix_cache:
-            size = self.prefix_cache_bytes
-            self.prefix = PrefixCache(
-                default_prefix_cache_bytes(_free_memory(self.device)) if size is None else size
-            )
-        self._batcher = ContinuousBatcher(  # type: ignore[assignment]
-            decoder=TorchDecoder(self.hf_model, self.device, self.prefix),
-            new_batch=lambda: KVBatch(self.hf_model, self.device),
-            eos_ids=self.eos_token_ids,
-            refuse=self._refusal,
-            lock=self._lock,
-            closed=lambda: self.state is EngineState.CLOSED or self.hf_model is None,
-            report=self.tokens.add,
-            max_rows=self.batch_size,
-            free_memory=self._free_memory_now,
-            name=self.name,
-        )
-
-    def _free_memory_now(self) -> None:
-        """Out of memory: forget the prefix cache and hand cached blocks back."""
-        if self.prefix is not None:
-            self.prefix.clear()
-        self._free_cached_memory()
-
-    def _refusal(self, row: Row) -> RequestRejected | None:
-        return self.context_refusal(len(row.prompt), row.generation)
-
-    async def _complete(self, request: ChatRequest) -> ChatResponse:
-        batcher = self._batcher
-        if not isinstance(batcher, ContinuousBatcher):
-            return await super()._complete(request)
-        generation = self.generation(request)
-        self.tokens.loop = asyncio.get_running_loop()
-        messages = request.messages
-        row = await batcher.submit(
-            lambda: self.encode(messages), generation, timeout=request.timeout
-        )
-        new_ids = self.strip_eos(row.generated)
-        text, finish_reason = generation.finish(self.decode(new_ids), len(new_ids))
-        return ChatResponse(
-            text=text,
-            model=self.model.name,
-            prompt_tokens=len(row.prompt),
-            completion_tokens=len(new_ids),
-            cost_usd=0.0,
-            finish_reason=finish_reason,
-            cached_tokens=row.reused if self.prefix is not None else None,
-        )
 
     def _prepare(self) -> None:
         require("torch", "local", self.name)
@@ -169,20 +112,10 @@ class TorchEngine(BatchedEngine):
 
     def _release(self) -> None:
         self.hf_model = None
+        if isinstance(self.backend, TorchBackend):
+            self.backend.model = None  # nothing holds the model any more
         if self.prefix is not None:
             self.prefix.clear()
-
-
-def _free_memory(device: str) -> int | None:
-    """Bytes free on ``device`` (its memory on CUDA, the machine's otherwise), if known."""
-    try:
-        if device.startswith("cuda"):
-            import torch
-
-            return int(torch.cuda.mem_get_info()[0])
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, RuntimeError, AttributeError):
-        return None
 
 
 def _step_watch(watch: BatchWatch, eos_ids: Sequence[int], rows: int, device: str) -> Any:
