@@ -31,6 +31,13 @@ Two more parts measure the torch engine's own scheduling, each side by side in o
                 a second line asks 16 questions with one ``max_tokens`` (128) whose answers
                 end unevenly by themselves (short facts and long counts, alternating).
 
+``replicas``    the same multi-turn conversations through ``replicas=1`` and ``replicas=2``
+                (worker processes of the torch engine, each with its share of the cores or
+                its own GPU; started before timing). On a 2-core machine two replicas share
+                the same two cores, so this part is about correctness, not speed, there.
+
+``--gpu`` runs the torch parts on CUDA and adds the vLLM comparison below.
+
 With ``--vllm`` on a GPU with vLLM installed, it also runs the multi-turn comparison: 64
 four-turn conversations through nbllm's vllm engine (every conversation moves on to its next
 turn as soon as its answer is back) against vLLM's own ``LLM.chat`` called turn by turn
@@ -38,8 +45,8 @@ with a barrier across conversations (what people write by hand); target nbllm / 
 >= 1.2. Without a usable vLLM it says so and skips that part.
 
 Run: ``python benchmarks/local_engines.py`` (``--quick``: N in 1, 4 and 6-token answers;
-``--engines torch,onnx`` to choose; ``--parts batching,prefix,continuous`` to choose the
-parts, all by default; ``--json PATH`` to keep the figures).
+``--engines torch,onnx`` to choose; ``--parts batching,prefix,continuous,replicas`` to
+choose the parts, all by default; ``--json PATH`` to keep the figures).
 """
 
 from __future__ import annotations
@@ -136,9 +143,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds per figure (median)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--vllm", action="store_true", help="the vLLM multi-turn comparison")
-    parser.add_argument("--parts", default="batching,prefix,continuous", help="which parts")
+    parser.add_argument(
+        "--parts", default="batching,prefix,continuous,replicas", help="which parts"
+    )
+    parser.add_argument("--gpu", action="store_true", help="torch parts on CUDA, and --vllm")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    if args.gpu:
+        global DEVICE
+        DEVICE = "cuda"
+        args.vllm = True
 
     from nbllm.engines import available, hardware
 
@@ -198,6 +212,8 @@ def main() -> None:
         report["prefix"] = prefix_reuse(args.repeats, quick=args.quick)
     if "continuous" in parts:
         report["continuous"] = continuous_batching(args.repeats, quick=args.quick)
+    if "replicas" in parts:
+        report["replicas"] = replicas(args.repeats, quick=args.quick)
     if args.vllm:
         report["vllm_multiturn"] = vllm_multiturn()
     if args.json:
@@ -217,10 +233,46 @@ DOCUMENT = "\n".join(
 DOCUMENT_TURNS = ("What was revenue in the first quarter listed?", "And costs then?", "Summarise.")
 
 
+DEVICE = "cpu"
+
+
 def _torch(**options: Any) -> Any:
     from nbllm.engines.local.torch import TorchEngine
 
-    return TorchEngine(batch_size=8, **options)
+    return TorchEngine(batch_size=8, device=DEVICE, **options)
+
+
+def replicas(repeats: int, *, quick: bool) -> dict[str, Any]:
+    """Tokens/s of a multi-turn run on one worker replica and on two."""
+    import nbllm
+    from nbllm.engines.replicas import shared_replicas
+
+    n = 8 if quick else 16
+    convs = conversations(n)
+    sets = {count: shared_replicas("torch", None, count) for count in (1, 2)}  # loaded first
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    answers: dict[int, list[Any]] = {}
+    for repeat in range(repeats):
+        for count in (1, 2)[:: 1 if repeat % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            result = nbllm.run(
+                convs, engine="torch", replicas=count, allow_oversubscribe=True,
+                concurrency=2 * n, max_tokens=24, checkpoint=False, cache=False, progress=False,
+            )  # fmt: skip
+            wall = time.perf_counter() - t0
+            df = result.df
+            assert df["error"].isna().all(), df["error"].dropna().tolist()
+            rates[count].append(int(df["completion_tokens"].sum()) / wall)
+            answers[count] = list(df["answer"])
+    for replica_set in sets.values():
+        replica_set.stop()
+    one, two = statistics.median(rates[1]), statistics.median(rates[2])
+    same = answers[1] == answers[2]
+    print(
+        f"replicas, {n} conversations x 2 turns, on {os.cpu_count()} cores ({DEVICE}): "
+        f"{one:.1f} tok/s on 1 replica, {two:.1f} on 2, ratio {two / one:.2f}; same answers: {same}"
+    )
+    return {"one": one, "two": two, "ratio": two / one, "same_answers": same}
 
 
 def _run_timed(engine: Any, convs: list[dict[str, Any]], max_tokens: int) -> tuple[float, Any]:

@@ -261,3 +261,23 @@ def test_onnx_on_the_cpu_batches_continuously_and_reuses_prefixes_with_the_same_
     later = fast.df[fast.df["turn"] > 0]
     assert (later["cached_tokens"] > 0).all()
     assert slow.df["cached_tokens"].isna().all()
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_continuous_batching_answers_as_the_static_batcher_and_frees_memory():
+    require_embedded_model()
+    import torch
+
+    from nbllm.engines.local.torch import TorchEngine
+
+    answers = {}
+    for way, options in {"continuous": {}, "static": {"continuous": False}}.items():
+        engine = TorchEngine(batch_size=4, device="cuda", **options)
+        try:
+            answers[way] = list(run_on(engine).df["answer"])
+            if way == "continuous":
+                assert engine.prefix is not None and engine.prefix.hits > 0
+        finally:
+            asyncio.run(engine.aclose())
+    assert answers["continuous"] == answers["static"]
+    assert torch.cuda.memory_allocated() < 50 * 2**20  # the prefix cache went with the model

@@ -151,3 +151,18 @@ def test_a_conversation_stays_on_its_replica_while_it_lives(stop_replicas):
     per_conversation = df.groupby("conversation_id")["engine"].nunique()
     assert (per_conversation == 1).all()
     assert df["engine"].nunique() == 2  # and the conversations were spread over both
+
+
+@pytest.mark.gpu
+def test_auto_starts_one_replica_per_gpu_each_pinned_to_its_own(stop_replicas):
+    require_embedded_model()
+    from nbllm.engines import hardware
+
+    gpus = sum(1 for g in hardware().gpus if g.kind == "cuda")
+    df = run(engine="torch", replicas="auto").df
+    assert df["error"].isna().all()
+    [replica_set] = replicas_module._shared.values()
+    assert len(replica_set) == gpus
+    pinned = [w_place["CUDA_VISIBLE_DEVICES"] for w_place in replica_set.places]
+    assert len(set(pinned)) == gpus
+    assert set(df["engine"]) <= {f"torch worker {i + 1}/{gpus}" for i in range(gpus)}
