@@ -554,7 +554,8 @@ def add_run_arguments(
     short: Mapping[str, str] | None = None,
     choices: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
-    """One ``--flag-name`` per option in ``names``: type, help and metavar from the schema.
+    """One ``--flag-name`` per option in ``names``: type, help and metavar from the schema
+    (``--flag-name`` / ``--no-flag-name`` for a True/False option).
 
     Every flag defaults to None, meaning "not given": ``nbllm.run``'s own default applies.
     ``short`` adds a one-letter alias (``{"model": "-m"}``); ``choices`` lists allowed values.
@@ -567,6 +568,10 @@ def add_run_arguments(
             help_text += f" (default: {default})"
         flags = [short[name]] if short and name in short else []
         kwargs: dict[str, Any] = {"default": None, "help": help_text}
+        if field.annotation is bool:  # --name / --no-name
+            kwargs["action"] = argparse.BooleanOptionalAction
+            parser.add_argument(*flags, "--" + name.replace("_", "-"), **kwargs)
+            continue
         if text_type(name) is not str:
             kwargs["type"] = _reader(name)
         if takes_many(name):

@@ -615,3 +615,21 @@ def test_a_router_yaml_spreads_the_run_and_prints_each_deployments_figures(tmp_p
         assert set(pd.read_csv(out)["model"]) == {"llama"}
         assert main([*args[:4], "--model", "lama"]) == 2
         assert "did you mean 'llama'" in capsys.readouterr().err
+
+
+def test_local_engine_flags_read_as_their_options():
+    from nbllm.cli import build_parser
+    from nbllm.engines.worker import local_option_args
+
+    args = build_parser().parse_args(
+        ["run", "data.jsonl", "--no-prefix-cache", "--prefix-cache-bytes", "1000",
+         "--replicas", "auto", "--allow-oversubscribe", "--cluster", "ray"]
+    )  # fmt: skip
+    assert args.prefix_cache is False and args.prefix_cache_bytes == 1000
+    assert args.replicas == "auto" and args.allow_oversubscribe is True and args.cluster == "ray"
+    assert build_parser().parse_args(["run", "data.jsonl", "--replicas", "2"]).replicas == 2
+    # A worker (nbllm serve) is told the same.
+    serve_args = local_option_args(prefix_cache=False, prefix_cache_bytes=5)
+    assert serve_args == ["--no-prefix-cache", "--prefix-cache-bytes", "5"]
+    served = build_parser().parse_args(["serve", "--engine", "torch", *serve_args])
+    assert served.prefix_cache is False and served.prefix_cache_bytes == 5

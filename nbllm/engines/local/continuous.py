@@ -62,7 +62,8 @@ class ContinuousBatcher:
     (an empty ``KVBatch``), ``eos_ids``, ``refuse(row)`` (a ``RequestRejected`` for a
     prompt the context cannot hold, or None), ``lock`` (held for each model call, so that
     the model is never released mid-call), ``closed()``, and ``report(tokens)`` for the
-    tokens generated, ``free_memory()`` after running out of memory, and its ``name``.
+    tokens generated (``report(n)``; ``report(0, flush=True)`` when the loop ends),
+    ``free_memory()`` after running out of memory, and its ``name``.
 
     Out of memory in a step with several rows, the newer half of them waits again and the
     batch keeps at most the older half from then on; with one row, or computing one prompt,
@@ -78,7 +79,7 @@ class ContinuousBatcher:
         refuse: Callable[[Row], RequestRejected | None],
         lock: threading.Lock,
         closed: Callable[[], bool],
-        report: Callable[[int], None],
+        report: Callable[..., None],
         max_rows: int,
         free_memory: Callable[[], None],
         name: str,
@@ -168,6 +169,7 @@ class ContinuousBatcher:
             while True:
                 admitted = self._admit(self.max_rows - len(rows))
                 if admitted is None:
+                    self.report(0, flush=True)  # the last count reaches the listener now
                     return
                 with self.lock:
                     if self.closed():
@@ -289,7 +291,8 @@ class ContinuousBatcher:
         with self._guard:
             left, self._waiting = self._waiting, []
         for row in left:
-            row.loop.call_soon_threadsafe(row.future.cancel)
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                row.loop.call_soon_threadsafe(row.future.cancel)
         self._thread.stop()
 
 
