@@ -104,8 +104,19 @@ def one_request(engine: Any, messages: list[dict[str, str]], generation: Any) ->
         answer = engine._run_chat((messages, generation))
         text = answer["choices"][0]["message"]["content"] or ""
         return answer["usage"]["completion_tokens"], text.strip()
-    new_ids = engine._generate([engine.encode(messages)], generation)[0]
+    new_ids = engine._generate([engine.encode(messages)], generation, _Unwatched())[0]
     return len(new_ids), engine.decode(new_ids)
+
+
+class _Unwatched:
+    """What ``_generate`` reports each step to, for a plain loop: nobody listens, nothing
+    is dropped."""
+
+    def generated(self, tokens: int) -> None:
+        pass
+
+    def dropped(self) -> list[bool]:
+        return [False]
 
 
 def through_nbllm(engine: Any, convs: list[dict[str, Any]], max_tokens: int) -> tuple[float, list]:
