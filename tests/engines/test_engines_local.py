@@ -260,6 +260,9 @@ async def test_torch_reports_its_tokens_and_stops_a_cancelled_generation(torch_e
         before = torch_engine.tokens.count
         long = asyncio.ensure_future(torch_engine.complete(ask(COUNTING, max_tokens=400)))
         await asyncio.wait_for(generating.wait(), 60)
+        # (A count from an earlier request may be heard late: wait for this one's tokens.)
+        while torch_engine.tokens.count == before:
+            await asyncio.sleep(0.01)
         long.cancel()
         with pytest.raises(asyncio.CancelledError):
             await long

@@ -62,7 +62,7 @@ class ContinuousBatcher:
     (an empty ``KVBatch``), ``eos_ids``, ``refuse(row)`` (a ``RequestRejected`` for a
     prompt the context cannot hold, or None), ``lock`` (held for each model call, so that
     the model is never released mid-call), ``closed()``, and ``report(tokens)`` for the
-    tokens generated (``report(n)``; ``report(0, flush=True)`` when the loop ends),
+    tokens generated (``report(n, flush=...)``: flushed before an answer goes back),
     ``free_memory()`` after running out of memory, and its ``name``.
 
     Out of memory in a step with several rows, the newer half of them waits again and the
@@ -169,7 +169,6 @@ class ContinuousBatcher:
             while True:
                 admitted = self._admit(self.max_rows - len(rows))
                 if admitted is None:
-                    self.report(0, flush=True)  # the last count reaches the listener now
                     return
                 with self.lock:
                     if self.closed():
@@ -184,9 +183,7 @@ class ContinuousBatcher:
                             if not is_out_of_memory(exc) or len(rows) == 1:
                                 raise
                             self._shrink(batch, rows)
-                    elif self._counted:
-                        self.report(self._counted)
-                        self._counted = 0
+
         except BaseException as exc:
             # Every request this loop holds or that waits fails with it; the next one
             # submitted starts a new loop.
@@ -246,6 +243,7 @@ class ContinuousBatcher:
             _answer(row, EngineError(msg))
             return
         if self._take(row, scores):
+            self._report(flush=True)
             _answer(row, row)
             return
         batch.join(layers, len(row.prompt))
@@ -269,6 +267,7 @@ class ContinuousBatcher:
         self.largest_batch = max(self.largest_batch, len(rows))
         self.batch_sizes[len(rows)] += 1
         kept: list[int] = []
+        ended: list[Row] = []
         for index, row in enumerate(rows):
             if row.cancelled:
                 continue
@@ -278,12 +277,19 @@ class ContinuousBatcher:
             # The last token picked was never fed: the row holds the rest.
             held = row.prompt + row.generated[:-1]
             self.decoder.keep(held, batch.row(index))
-            _answer(row, row)
+            ended.append(row)
         if len(kept) < len(rows):
             batch.keep(kept)
             rows[:] = [rows[i] for i in kept]
-        if self._counted:
-            self.report(self._counted)
+        self._report(flush=bool(ended))
+        for row in ended:
+            _answer(row, row)
+
+    def _report(self, *, flush: bool) -> None:
+        """Tell the tokens picked since the last report; ``flush`` before an answer goes
+        back, so that its tokens are counted by the time its caller reads them."""
+        if self._counted or flush:
+            self.report(self._counted, flush=flush)
             self._counted = 0
 
     async def aclose(self) -> None:
