@@ -5,8 +5,8 @@ engine     backend                              extra              batching
 =========  ===================================  =================  ==========================
 vllm       vLLM's async engine (GPU)            own environment    vLLM's continuous batching
 deepspeed  ``deepspeed.init_inference``         ``deepspeed``      the dynamic batcher
-onnx       ONNX Runtime, exported once          ``onnx``           the dynamic batcher
-torch      transformers ``generate``            ``local``          the dynamic batcher
+onnx       ONNX Runtime, exported once          ``onnx``           continuous (CPU); dynamic
+torch      a transformers model                 ``local``          continuous, prefix cache
 llamacpp   llama.cpp on a GGUF file (CPU)       ``llamacpp``       one request at a time
 =========  ===================================  =================  ==========================
 

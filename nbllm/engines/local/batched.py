@@ -3,8 +3,12 @@
 A subclass loads its model in ``_load`` and generates one batch in ``_generate`` (token
 ids in, new token ids out). Gathering concurrent requests into those batches (the
 ``DynamicBatcher``, on one long-lived model thread) and halving a batch that runs out of
-memory live here once. A run keeps at most ``batch_size`` requests in flight
-(``max_in_flight``): more would only wait in the batcher's queue while their timeouts run.
+memory live here once. A subclass whose model can run on explicit keys and values hands a
+``KVBackend`` to ``_batch_continuously`` instead: its requests then join a running batch
+between tokens and reuse cached prefixes (``nbllm.engines.local.continuous``), and what
+follows about batches applies to its static path only. A run keeps at most ``batch_size``
+requests in flight (``max_in_flight``): more would only wait in the batcher's queue while
+their timeouts run.
 
 A request's prompt is tokenized in the model thread, when its batch starts, so that
 tokenizing never holds up the event loop; a prompt that leaves no room for its

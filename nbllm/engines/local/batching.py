@@ -1,6 +1,7 @@
 """The dynamic batcher: concurrent requests gathered into one generate call.
 
-Engines without a scheduler of their own (torch, onnx, deepspeed) run one batch at a
+Engines without a scheduler of their own (deepspeed, onnx on CUDA, and torch or onnx with
+``continuous=False``; see ``nbllm.engines.local.continuous`` for the others) run one batch at a
 time on their model. A request joins the queue; a batch is cut as soon as it holds
 ``max_batch_size`` requests, or once its oldest request has waited ``max_wait_s`` —
 so batching never adds more than ``max_wait_s`` to any request's wait before its batch

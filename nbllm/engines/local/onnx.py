@@ -40,7 +40,8 @@ _CUDA = "CUDAExecutionProvider"
 
 
 class OnnxEngine(BatchedEngine):
-    """ONNX Runtime on CPU or CUDA, with the dynamic batcher in front.
+    """ONNX Runtime on CPU or CUDA: batched continuously on the CPU, by the dynamic batcher
+    on CUDA (see the module).
 
     ``describe()`` names the execution provider the session really runs on: with
     ``device="cuda"`` that may be the CPU when onnxruntime's CUDA libraries cannot load.
