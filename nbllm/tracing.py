@@ -175,10 +175,7 @@ class RunTracer:
         return conversation
 
     def _attempt_finished(self, event: AttemptFinished) -> None:
-        conversation = self._conversations.get(event.conversation_id)
-        if conversation is None:
-            conversation = self._conversation(event.conversation_id, event.sent_at)
-        conversation.attempts.append(event)
+        self._conversation(event.conversation_id, event.sent_at).attempts.append(event)
 
     def _turn_finished(self, event: TurnFinished) -> None:
         record = event.record

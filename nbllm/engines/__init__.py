@@ -194,6 +194,28 @@ def _replica_engine(
     return replicas.engine(max_connections=max_connections)
 
 
+def _ray_engine(
+    engine: str,
+    model: str | None,
+    count: int | str,
+    address: str | None,
+    oversubscribe: bool,
+    on_phase: PhaseCallback | None,
+    local_options: dict[str, Any],
+) -> Engine:
+    """``count`` shared Ray actors of the model and the engine that spreads requests on them."""
+    from nbllm.engines.ray_replicas import shared_ray_replicas
+
+    loading = PhaseReport(on_phase, "loading")
+    loading(None, f"starting Ray replicas of {model or EMBEDDED_MODEL} ({engine})")
+    found = shared_ray_replicas(
+        address, engine, model, count, local_options, allow_oversubscribe=oversubscribe
+    )
+    loading.total = 1
+    loading(1, f"loaded: {found.count} Ray replicas")
+    return found.engine()
+
+
 def create_engine(
     engine: str | Engine,
     *,
@@ -223,21 +245,10 @@ def create_engine(
         if not is_local(engine, model, api_base):
             msg = "cluster='ray' runs copies of a local model; it cannot be used with a server"
             raise ConfigError(msg)
-        from nbllm.engines.ray_replicas import shared_ray_replicas
-
-        loading = PhaseReport(on_phase, "loading")
-        loading(None, f"starting Ray replicas of {model or EMBEDDED_MODEL} ({engine})")
-        found = shared_ray_replicas(
-            ray_address,
-            engine,
-            model,
-            "auto" if replicas is None else replicas,
-            local_options,
-            allow_oversubscribe=oversubscribe,
+        count = "auto" if replicas is None else replicas
+        return _ray_engine(
+            engine, model, count, ray_address, oversubscribe, on_phase, local_options
         )
-        loading.total = 1
-        loading(1, f"loaded: {found.count} Ray replicas")
-        return found.engine()
     if replicas is not None:
         if not is_local(engine, model, api_base):
             msg = "replicas= runs copies of a local model; it cannot be used with a server"

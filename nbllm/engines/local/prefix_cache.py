@@ -17,6 +17,7 @@ size in bytes and slices what it gets back.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class PrefixCache:
             raise ValueError(msg)
         self.max_bytes = max_bytes
         self._entries: collections.OrderedDict[int, PrefixEntry] = collections.OrderedDict()
+        self._keys = itertools.count()
         self._lock = threading.Lock()
         self.bytes = 0
         #: Lookups that found a common prefix, and those that did not.
@@ -126,7 +128,7 @@ class PrefixCache:
                 _, oldest = self._entries.popitem(last=False)
                 self.bytes -= oldest.nbytes
                 self.evictions += 1
-            self._entries[id(ids)] = PrefixEntry(ids, kv, nbytes)
+            self._entries[next(self._keys)] = PrefixEntry(ids, kv, nbytes)
             self.bytes += nbytes
         return True
 
