@@ -35,7 +35,7 @@ from typing import Any, Generic, TypeVar
 
 from nbllm.errors import ConfigError, RequestTimeout
 
-__all__ = ["DynamicBatcher", "ModelThread", "check_batching"]
+__all__ = ["DynamicBatcher", "ModelThread", "check_batching", "settle"]
 
 Item = TypeVar("Item")
 Out = TypeVar("Out")
@@ -126,7 +126,7 @@ class ModelThread:
         while (job := self._jobs.get()) is not None:
             with self._claims:
                 # A future cancelled this very moment may still be read as pending: the
-                # call then runs, and ``_settle`` drops its outcome.
+                # call then runs, and ``settle`` drops its outcome.
                 if job.given_up or job.future.done():
                     continue
                 job.started = True
@@ -135,10 +135,12 @@ class ModelThread:
             except BaseException as exc:
                 outcome, failed = exc, True
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                job.loop.call_soon_threadsafe(_settle, job.future, outcome, failed)
+                job.loop.call_soon_threadsafe(settle, job.future, outcome, failed)
 
 
-def _settle(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
+def settle(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
+    """Give ``future`` its outcome (an exception when ``failed``) unless it is already done;
+    called on the future's loop (``loop.call_soon_threadsafe`` from a model thread)."""
     if future.done():
         return
     if failed:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nbllm.engines.local.batching import ModelThread
+from nbllm.engines.local.batching import ModelThread, settle
 from nbllm.engines.local.memory import is_out_of_memory, memory_figures
 from nbllm.errors import EngineError, RequestRejected, RequestTimeout
 
@@ -308,14 +308,6 @@ def _said(exc: BaseException) -> str:
 
 def _answer(row: Row, outcome: Row | BaseException) -> None:
     """Settle ``row``'s future on its own loop (from the model thread)."""
-
-    def settle() -> None:
-        if row.future.done():
-            return
-        if isinstance(outcome, BaseException):
-            row.future.set_exception(outcome)
-        else:
-            row.future.set_result(outcome)
-
+    failed = isinstance(outcome, BaseException)
     with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-        row.loop.call_soon_threadsafe(settle)
+        row.loop.call_soon_threadsafe(settle, row.future, outcome, failed)
