@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nbllm
-from nbllm.config import add_run_arguments
+from nbllm.config_args import add_run_arguments
 from nbllm.errors import ConfigError, DatasetError, NbllmError
 from nbllm.executor.stats import one_line
 from nbllm.executor.storage import nbllm_dir
@@ -65,6 +65,11 @@ _RUN_OPTIONS = (
     "max_cost_usd",
     "max_tokens_total",
     "cost_per_1k_tokens",
+    "batch_api",
+    "batch_fallback",
+    "max_batches",
+    "batch_max_requests",
+    "batch_poll_s",
     "router",
     "routing",
     "cooldown_s",

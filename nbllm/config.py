@@ -2,8 +2,9 @@
 
 ``RunConfig`` is the single source of the options of ``nbllm.run`` (and ``arun``,
 ``submit``): their names, order, defaults and one-line descriptions. The command's flags
-(``add_run_arguments``), the magic's options and its session settings and environment
-variables (``parse_run_option``) are derived from it, so an option is added in one place.
+(``nbllm.config_args.add_run_arguments``), the magic's options and its session settings
+and environment variables (``parse_run_option``) are derived from it, so an option is
+added in one place.
 
 A refused value is one line that names the option and says what was expected, e.g.
 ``concurrency= expected a whole number >= 1, got 0``; booleans are not numbers.
@@ -11,10 +12,9 @@ A refused value is one line that names the option and says what was expected, e.
 
 from __future__ import annotations
 
-import argparse
 import os
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -35,7 +35,6 @@ from nbllm.retry import RetryPolicy
 
 __all__ = [
     "RunConfig",
-    "add_run_arguments",
     "config_of_call",
     "leaf_types",
     "parse_run_option",
@@ -268,6 +267,35 @@ class RunConfig(BaseModel):
         "a number > 0 or None",
         metavar="USD",
     )
+    batch_api: bool = _option(
+        False,
+        "send the run through the provider's batch API (openai/..., anthropic/..., or an "
+        "api_base= with /v1/batches): about half the price, answers within 24 h",
+        "True or False",
+    )
+    batch_fallback: Literal["batch", "live"] = _option(
+        "batch",
+        "where a request a batch failed or left unanswered goes again (up to retries): in "
+        "the next batch, or as a live request",
+        "'batch' or 'live'",
+        metavar="WHERE",
+    )
+    max_batches: Annotated[int, Field(ge=1)] = _option(
+        4, "batch_api: batches in flight at once (more requests wait)", "a whole number >= 1",
+        metavar="N",
+    )  # fmt: skip
+    batch_max_requests: int | None = _option(
+        None,
+        "batch_api: requests per batch at most; none: the provider's limit (OpenAI 50,000, "
+        "Anthropic 100,000)",
+        "a whole number >= 1 or None",
+        metavar="N",
+        ge=1,
+    )
+    batch_poll_s: PositiveNumber = _option(
+        30.0, "batch_api: seconds between polls of a batch in flight", "a number > 0",
+        metavar="S",
+    )  # fmt: skip
     router: list[Any] | dict[str, Any] | str | InstanceOf[os.PathLike] | None = _option(
         None,
         "deployments in litellm's model_list format (a list, a mapping with model_list, or a "
@@ -532,52 +560,3 @@ def parse_run_option(name: str, text: str) -> Any:
         raise ConfigError(msg) from None
     RunConfig(**{name: value})
     return value
-
-
-class _OneOrMore(argparse.Action):
-    """A flag that may be given again: its value, or the list of every value given."""
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
-        before = getattr(namespace, self.dest, None)
-        if before is None:
-            setattr(namespace, self.dest, values)
-        else:
-            setattr(
-                namespace, self.dest, [*(before if isinstance(before, list) else [before]), values]
-            )
-
-
-def add_run_arguments(
-    parser: argparse._ActionsContainer,
-    names: Iterable[str],
-    *,
-    short: Mapping[str, str] | None = None,
-    choices: Mapping[str, Sequence[str]] | None = None,
-) -> None:
-    """One ``--flag-name`` per option in ``names``: type, help and metavar from the schema
-    (``--flag-name`` / ``--no-flag-name`` for a True/False option).
-
-    Every flag defaults to None, meaning "not given": ``nbllm.run``'s own default applies.
-    ``short`` adds a one-letter alias (``{"model": "-m"}``); ``choices`` lists allowed values.
-    """
-    for name in names:
-        field = RunConfig.model_fields[name]
-        default = field.default
-        help_text = field.description or ""
-        if default is not None:
-            help_text += f" (default: {default})"
-        flags = [short[name]] if short and name in short else []
-        kwargs: dict[str, Any] = {"default": None, "help": help_text}
-        if field.annotation is bool:  # --name / --no-name
-            kwargs["action"] = argparse.BooleanOptionalAction
-            parser.add_argument(*flags, "--" + name.replace("_", "-"), **kwargs)
-            continue
-        if text_type(name) is not str:
-            kwargs["type"] = _reader(name)
-        if takes_many(name):
-            kwargs["action"] = _OneOrMore  # given again: one more
-        if choices and name in choices:
-            kwargs["choices"] = choices[name]
-        else:
-            kwargs["metavar"] = _about(name, "metavar")
-        parser.add_argument(*flags, "--" + name.replace("_", "-"), **kwargs)

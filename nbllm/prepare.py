@@ -350,6 +350,7 @@ def check_run(
     conversations = load_conversations(data)
     run_checks.check_score(config, conversations)
     run_checks.check_turn_formats(conversations)
+    config = run_checks.for_batches(config, conversations, models, model, deployments is not None)
     local = deployments is None and any(
         is_local(engine, m, config.api_base) for m in models or (model,)
     )
@@ -456,16 +457,13 @@ def _engine_for(checked: CheckedRun, model: str, deliver: Deliver | None) -> Eng
         else:
             deliver(phases, event)
 
-    return create_engine(
-        engine,
-        model=model,
-        api_base=config.api_base,
-        api_key=_api_key_for(engine, config.api_base, api_key),
-        max_connections=_connections(config.concurrency),
-        worker=config.worker,
-        on_phase=on_phase,
-        **local_options(config),
-    )
+    key = _api_key_for(engine, config.api_base, api_key)
+    made = create_engine(
+        engine, model=model, api_base=config.api_base, api_key=key,
+        max_connections=_connections(config.concurrency), worker=config.worker,
+        on_phase=on_phase, **local_options(config),
+    )  # fmt: skip
+    return run_checks.batched(config, model, key, made)
 
 
 def _prepare_models(checked: CheckedRun, deliver: Deliver | None) -> PreparedRun:

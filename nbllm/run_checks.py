@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbllm.config import RunConfig
 from nbllm.engines import Engine, is_local
+from nbllm.engines.batch import batch_api_of, batch_engine
 from nbllm.errors import ConfigError
 from nbllm.executor.budget import Budget
 from nbllm.executor.deployments import DeploymentList, load_deployments
@@ -21,11 +22,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "alert_watcher",
+    "batched",
     "budget",
     "check_price",
     "check_score",
     "check_turn_formats",
     "deployments",
+    "for_batches",
     "group",
     "models",
     "scorer",
@@ -201,3 +204,56 @@ def check_price(
         why = f"engine={engine!r} gives no cost for its answers"
     msg = f"max_cost_usd= needs a price: {why}; give cost_per_1k_tokens= as well"
     raise ConfigError(msg)
+
+
+def for_batches(
+    config: RunConfig,
+    conversations: list[Conversation],
+    models: tuple[str, ...],
+    model: str,
+    routed: bool,
+) -> RunConfig:
+    """``batch_api=True`` checked, before anything is made or sent; the run's options for
+    it: every conversation in progress at once (a batch holds every turn that is ready;
+    ``max_batches`` and ``batch_max_requests`` are the caps), and no per-request timeout
+    (a batch has its own completion window)."""
+    if not config.batch_api:
+        return config
+    engine = config.engine
+    if isinstance(engine, Engine) or routed:
+        what = "an Engine instance" if isinstance(engine, Engine) else "router= deployments"
+        msg = f"batch_api=True goes to a provider's batch API; it cannot go through {what}"
+        raise ConfigError(msg)
+    for name in models or (model,):
+        if is_local(engine, name, config.api_base):
+            msg = (
+                f"batch_api=True goes to a provider's batch API, but {name!r} runs on this "
+                f"machine (engine={engine!r}): drop batch_api=True, or name a provider's "
+                "model (openai/..., anthropic/...) or an api_base= server"
+            )
+            raise ConfigError(msg)
+        batch_api_of(name, config.api_base)  # ConfigError: a provider without one
+    for name in ("rpm", "tpm"):
+        if getattr(config, name) is not None:
+            msg = (
+                f"batch_api=True with {name}={getattr(config, name)!r}: {name} limits live "
+                "requests per minute, which a batch run does not send. A provider's batch "
+                "quota is set with max_batches= (batches in flight) and batch_max_requests= "
+                f"(requests per batch); drop {name}="
+            )
+            raise ConfigError(msg)
+    everyone = max(1, len(conversations) * max(1, len(models)))
+    return config.model_copy(update={"concurrency": everyone, "max_conversations": everyone})
+
+
+def batched(config: RunConfig, model: str, api_key: str | None, live: Engine) -> Engine:
+    """``live``, or with ``batch_api=True`` the engine that sends ``model``'s requests
+    through its provider's batch API (``live`` answers what a batch did not, with
+    ``batch_fallback="live"``)."""
+    if not config.batch_api:
+        return live
+    return batch_engine(
+        model, config.api_base, api_key, live=live, fallback=config.batch_fallback,
+        max_batches=config.max_batches, max_requests=config.batch_max_requests,
+        poll_s=config.batch_poll_s,
+    )  # fmt: skip

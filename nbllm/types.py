@@ -160,6 +160,9 @@ class ChatResponse:
     #: The engine that answered, where one engine stands for several (``"torch worker
     #: 2/4"``, a replica); None: the engine the run names.
     engine: str | None = None
+    #: Dollars this answer cost less than it would have live (a batch API's discount);
+    #: None when not known or not a batch answer.
+    saved_usd: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +174,8 @@ class TurnRecord:
     ``finish_reason``: why the answer ended (``ChatResponse.finish_reason``); ``"length"``
     means ``max_tokens`` cut it short. ``cached_tokens``: how many of ``prompt_tokens`` the
     engine took from its cache of earlier prompts (``ChatResponse.cached_tokens``).
+    ``saved_usd``: what a batch API's answer cost less than a live one
+    (``ChatResponse.saved_usd``).
     Where the turn's time went, in seconds: ``service_s``, its requests themselves (every
     attempt's, summed); ``queue_s``, the rest of the time from when the turn was ready (its
     conversation's earlier turn answered) to its final answer or error: waiting for a
@@ -195,6 +200,7 @@ class TurnRecord:
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     cost_usd: float | None = None
+    saved_usd: float | None = None
     attempts: int = 0
     error: str | None = None
     started_at: float | None = None

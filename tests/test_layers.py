@@ -32,6 +32,7 @@ DATA_MODULES = (
     "nbllm.template",
     "nbllm.results",
     "nbllm.config",
+    "nbllm.config_args",
     "nbllm.errors",
     "nbllm.retry",
     "nbllm.redact",

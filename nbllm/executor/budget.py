@@ -5,7 +5,10 @@ with what they cost when they were bought, cached answers count nothing (no requ
 was sent for them). Before each request leaves, the executor asks ``reached()``; once
 the spending is at or over a cap, no new request starts and the ones in flight finish,
 so the overshoot is at most the requests already in flight. Running the same call
-again with a higher cap resumes from the checkpoint.
+again with a higher cap resumes from the checkpoint. A batch (``batch_api=True``) holds
+its requests' worst case (their prompts and ``max_tokens`` at the batch price) before it
+is created (``fit``), and releases it when it ends (``release``): no batch can take the
+run past a cap.
 
 A request's cost is what the engine reported (litellm's price table), or its tokens at
 ``cost_per_1k_tokens`` when given. With ``max_cost_usd`` set, an answer whose cost is
@@ -57,6 +60,9 @@ class Budget:
         self.cost_per_1k_tokens = _cap("cost_per_1k_tokens", cost_per_1k_tokens)
         self.cost_usd = 0.0
         self.tokens = 0
+        # Held by batches in flight (batch_api=True): their worst case, until they end.
+        self.reserved_usd = 0.0
+        self.reserved_tokens = 0
         self._unknown_cost: str | None = None
 
     def __repr__(self) -> str:
@@ -91,6 +97,36 @@ class Budget:
             return None
         self.cost_usd += cost
         return cost
+
+    def fit(self, worst: list[tuple[float | None, int]]) -> tuple[int, str | None]:
+        """How many of these requests (each its worst-case cost and tokens, in order) fit
+        under the caps with what is spent and held; those are held. With fewer than all,
+        why the rest does not fit."""
+        cost, tokens = self.cost_usd + self.reserved_usd, self.tokens + self.reserved_tokens
+        taken = 0
+        price = self.cost_per_1k_tokens
+        worst = [(c if c is not None or price is None else t * price / 1000, t) for c, t in worst]
+        for line_cost, line_tokens in worst:
+            if self.max_cost_usd is not None and cost + (line_cost or 0.0) > self.max_cost_usd:
+                break
+            if self.max_tokens_total is not None and tokens + line_tokens > self.max_tokens_total:
+                break
+            cost += line_cost or 0.0
+            tokens += line_tokens
+            taken += 1
+        held = worst[:taken]
+        self.reserved_usd += sum(c or 0.0 for c, _ in held)
+        self.reserved_tokens += sum(t for _, t in held)
+        if taken == len(worst):
+            return taken, None
+        cap = "max_cost_usd" if self.max_cost_usd is not None else "max_tokens_total"
+        value = self.max_cost_usd if cap == "max_cost_usd" else self.max_tokens_total
+        return taken, f"budget: {cap}={value!r} would be passed by a batch's worst case"
+
+    def release(self, cost: float, tokens: int) -> None:
+        """A batch has ended: what it held is free (its answers are charged as they come)."""
+        self.reserved_usd = max(0.0, self.reserved_usd - cost)
+        self.reserved_tokens = max(0, self.reserved_tokens - tokens)
 
     def reached(self) -> str | None:
         """Why no new request may start (``"budget: max_cost_usd=5.0 reached"``), or None."""

@@ -19,7 +19,9 @@ Only answered turns are stored, with why each answer ended (``finish_reason``, s
 and where its time went and which deployment answered (``queue_s``, ``service_s``,
 ``deployment``, schema 3) and, for ``ensemble="vote"``, how many models gave the answer
 (``votes``, schema 4) and how many prompt tokens the engine took from its cache
-(``cached_tokens``, schema 5); a file of an older schema
+(``cached_tokens``, schema 5), and what a batch API's answer saved against the live price
+(``saved_usd``) and the run's batches (``nbllm.executor.batch_journal``, schema 6); a file
+of an older schema
 is migrated in place and its rows read back with None for what it lacks. A turn that
 failed is tried again on a re-run. Turns are committed by group commit
 (``storage.GroupWriter``): a kill -9 loses at most ``storage.MAX_PENDING`` (5) answered
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from nbllm.errors import CheckpointError, ConfigError
+from nbllm.executor.batch_journal import BATCH_SCHEMA, CheckpointJournal
 from nbllm.executor.storage import (
     FileLock,
     GroupWriter,
@@ -60,9 +63,10 @@ __all__ = [
 
 log = logging.getLogger("nbllm")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 CHECKPOINT_FILE = "checkpoint.sqlite"
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS turns (
     conversation INTEGER NOT NULL,
     turn INTEGER NOT NULL,
@@ -84,9 +88,12 @@ CREATE TABLE IF NOT EXISTS turns (
     deployment TEXT,
     votes INTEGER,
     cached_tokens INTEGER,
+    saved_usd REAL,
     PRIMARY KEY (conversation, turn)
 ) WITHOUT ROWID;
 """
+    + BATCH_SCHEMA
+)
 # What each older schema lacks, added in place; its rows read back with None there.
 _MIGRATIONS = {
     1: "ALTER TABLE turns ADD COLUMN finish_reason TEXT",
@@ -94,11 +101,12 @@ _MIGRATIONS = {
     "ALTER TABLE turns ADD COLUMN deployment TEXT",
     3: "ALTER TABLE turns ADD COLUMN votes INTEGER",
     4: "ALTER TABLE turns ADD COLUMN cached_tokens INTEGER",
+    5: "ALTER TABLE turns ADD COLUMN saved_usd REAL;" + BATCH_SCHEMA,
 }
 _COLUMNS = (
     "conversation, turn, conversation_id, answer, model, engine, latency_s, prompt_tokens, "
     "completion_tokens, cost_usd, attempts, started_at, finished_at, cached, finish_reason, "
-    "queue_s, service_s, deployment, votes, cached_tokens"
+    "queue_s, service_s, deployment, votes, cached_tokens, saved_usd"
 )
 
 
@@ -180,7 +188,7 @@ class CheckpointStore(GroupWriter):
     """
 
     insert = f"INSERT OR REPLACE INTO turns ({_COLUMNS})"
-    width = 20
+    width = 21
 
     def __init__(self, conn: Any, path: Path, lock: FileLock, **writer: Any) -> None:
         super().__init__(conn, **writer)
@@ -252,6 +260,8 @@ class CheckpointStore(GroupWriter):
         self._conn.execute("BEGIN IMMEDIATE")
         if not resume and done:
             self._conn.execute("DELETE FROM turns")
+            self._conn.execute("DELETE FROM batch_lines")
+            self._conn.execute("DELETE FROM batches")
             self.discarded = done
         self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
         self._conn.execute("COMMIT")
@@ -296,6 +306,7 @@ class CheckpointStore(GroupWriter):
                 deployment=row[17],
                 votes=row[18],
                 cached_tokens=row[19],
+                saved_usd=row[20],
             )
         return out
 
@@ -324,8 +335,13 @@ class CheckpointStore(GroupWriter):
                 record.deployment,
                 record.votes,
                 record.cached_tokens,
+                record.saved_usd,
             )
         )
+
+    def journal(self) -> CheckpointJournal:
+        """This run's batches (``batch_api=True``), in this file."""
+        return CheckpointJournal(self._conn, self.flush)
 
     def describe(self) -> str:
         return f"the checkpoint {self.path}"

@@ -18,6 +18,7 @@ from nbllm.types import TurnRecord
 __all__ = [
     "Alert",
     "AttemptFinished",
+    "BatchUpdated",
     "BreakerChanged",
     "EnginePhase",
     "Event",
@@ -199,6 +200,31 @@ class BreakerChanged:
     t: float
 
 
+@dataclass(frozen=True, slots=True)
+class BatchUpdated:
+    """A provider's batch (``batch_api=True``) as last polled: ``status`` in OpenAI's words
+    (validating, in_progress, finalizing, completed, failed, expired, cancelling,
+    cancelled), its lines done and failed of ``total``, when it was created and when its
+    completion window ends (Unix seconds), and how many of this run's requests wait on
+    it. ``error``: the provider's message for a failed batch."""
+
+    batch_id: str
+    api: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+    created_at: float | None
+    expires_at: float | None
+    waiting: int
+    t: float
+    error: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("completed", "failed", "expired", "cancelled")
+
+
 Event = (
     RunStarted
     | RequestSent
@@ -212,6 +238,7 @@ Event = (
     | SharedQuota
     | LimitChanged
     | BreakerChanged
+    | BatchUpdated
 )
 
 

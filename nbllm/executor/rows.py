@@ -43,6 +43,7 @@ def answered(conv: Conversation, turn: int, response: ChatResponse, **fields: An
         completion_tokens=response.completion_tokens,
         cached_tokens=response.cached_tokens,
         finish_reason=response.finish_reason,
+        saved_usd=fields.pop("saved_usd", response.saved_usd),
         **fields,
     )
 
@@ -53,7 +54,8 @@ def cached(conv: Conversation, turn: int, hit: Any, model: str | None) -> TurnRe
     now = time.time()
     return answered(
         conv, turn, hit, model=model, engine=hit.engine, latency_s=0.0, queue_s=0.0,
-        service_s=0.0, cost_usd=0.0 if hit.cost_usd is not None else None, started_at=now,
+        service_s=0.0, cost_usd=0.0 if hit.cost_usd is not None else None, saved_usd=None,
+        started_at=now,
         finished_at=now, cached=True,
     )  # fmt: skip
 
@@ -79,6 +81,7 @@ def merged(first: TurnRecord, again: TurnRecord, parse_retries: int) -> TurnReco
         completion_tokens=_add(first.completion_tokens, again.completion_tokens),
         cached_tokens=_add(first.cached_tokens, again.cached_tokens),
         cost_usd=_add(first.cost_usd, again.cost_usd),
+        saved_usd=_add(first.saved_usd, again.saved_usd),
         queue_s=_add(first.queue_s, again.queue_s),
         service_s=_add(first.service_s, again.service_s),
         started_at=first.started_at,

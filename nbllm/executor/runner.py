@@ -40,8 +40,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from nbllm.engines.base import Engine
+from nbllm.engines.batch.engine import BatchEngine
 from nbllm.errors import EngineError
 from nbllm.executor.arguments import check_seconds, check_whole
+from nbllm.executor.batch_runs import attach_batches
 from nbllm.executor.budget import Budget
 from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
@@ -209,6 +211,7 @@ class Executor(Stopping, Ensembles, Sending):
         self._stops_asked = 0
         self._running = False
         self._stop_loop: asyncio.AbstractEventLoop | None = None  # the running batch's
+        self._batch_engines: list[BatchEngine] = []  # batch_api=True: what a stop cancels
 
     async def run(self, conversations: Sequence[Conversation]) -> RunResult:
         """Run every conversation; rows come back in input order, whatever finished first."""
@@ -219,6 +222,10 @@ class Executor(Stopping, Ensembles, Sending):
             await check(self.redis_url)  # before any request: ConfigError if unreachable
         self._running = True
         self._stopping = self._stops_asked > 0  # a stop() before the run stops it at once
+        engines = [lane.engine for lane in self.lanes.lanes]
+        self._batch_engines = attach_batches(
+            engines, self.checkpoint, self._emit, self.budget, self._stop_for
+        )
         try:
             return await self._run(conversations)
         finally:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nbllm.engines.batch.lines import ASKING
 from nbllm.errors import EngineError
 from nbllm.executor.budget import Budget
 from nbllm.executor.events import Event, RequestSent
@@ -124,7 +125,9 @@ class Sending:
         assert worker is not None
         # Its own task: a cancel of this worker can cut the request short but can never
         # drop an answer that has arrived (the task holds it).
+        asking = ASKING.set((str(conversation_id), turn))  # who waits on a batch's line
         send = self._loop.create_task(lane.send(messages, extra))
+        ASKING.reset(asking)
         self._sending[worker] = self._sending.get(worker, 0) + 1
         try:
             response = await send

@@ -14,6 +14,8 @@ import contextlib
 import time
 from typing import Any
 
+from nbllm.engines.batch.engine import BatchEngine
+from nbllm.executor.batch_runs import cancel_batches
 from nbllm.executor.events import Event, StopRequested
 
 __all__ = ["Stopping"]
@@ -34,6 +36,7 @@ class Stopping:
     _sending: dict[asyncio.Task[Any], int]  # workers with requests in flight: how many
     _grace: asyncio.TimerHandle | None
     _in_flight: int
+    _batch_engines: list[BatchEngine]
 
     def _emit(self, event: Event) -> None:
         raise NotImplementedError
@@ -60,6 +63,8 @@ class Stopping:
         if not self._stop_announced:
             self._stop_announced = True
             self._emit(StopRequested(self.stop_grace_s, self._in_flight, time.time()))
+            if self._stop_reason is None:  # a user's stop cancels batch_api's batches;
+                cancel_batches(self._batch_engines, self._loop)  # a budget cap lets them end
             # Nothing is in flight for a worker waiting for a slot, a budget or a retry.
             self._cancel_workers(idle_only=True)
             if self._stops_asked <= 1 and self._sending and self.stop_grace_s > 0:

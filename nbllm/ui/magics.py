@@ -54,7 +54,8 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Enum, Float, Integer, TraitError, Unicode, Union, validate
 
 import nbllm
-from nbllm.config import RunConfig, add_run_arguments, parse_run_option, takes_auto, text_type
+from nbllm.config import RunConfig, parse_run_option, takes_auto, text_type
+from nbllm.config_args import add_run_arguments
 from nbllm.dataset import did_you_mean
 from nbllm.errors import ConfigError, NbllmError
 from nbllm.executor.storage import nbllm_dir
@@ -82,6 +83,11 @@ CAPS = (
     "max_cost_usd",
     "max_tokens_total",
     "cost_per_1k_tokens",
+    "batch_api",
+    "batch_fallback",
+    "max_batches",
+    "batch_max_requests",
+    "batch_poll_s",
     "router",
     "routing",
     "cooldown_s",

@@ -824,7 +824,8 @@ def test_a_schema_1_checkpoint_is_migrated_and_resumed_with_no_finish_reason(tmp
     assert df.loc[df["resumed"], "finish_reason"].isna().all()
     assert (df.loc[~df["resumed"], "finish_reason"] == "stop").all()
     added = ["finish_reason", "queue_s", "service_s", "deployment", "votes", "cached_tokens"]
-    assert schema_of(path, "turns") == ("5", [*V1_COLUMNS.split(", "), *added])
+    added.append("saved_usd")
+    assert schema_of(path, "turns") == ("6", [*V1_COLUMNS.split(", "), *added])
     assert df.loc[df["resumed"], "queue_s"].isna().all()
 
     again = nbllm.run(data, engine=FakeEngine(), model="m", checkpoint=path, **QUIET)
@@ -862,7 +863,10 @@ def test_a_schema_4_checkpoint_is_migrated_and_resumed_with_no_cached_tokens(tmp
     assert df.loc[df["resumed"], "cached_tokens"].isna().all()  # never stored: unknown
     sent = df[~df["resumed"]]
     assert list(sent["cached_tokens"]) == [2 * t for t in sent["turn"]]
-    assert schema_of(path, "turns") == ("5", [*V4_COLUMNS.split(", "), "cached_tokens"])
+    assert schema_of(path, "turns") == (
+        "6",
+        [*V4_COLUMNS.split(", "), "cached_tokens", "saved_usd"],
+    )
 
     engine = FakeEngine(with_cached_tokens)
     again = nbllm.run(data, engine=engine, model="m", checkpoint=path, **QUIET)
