@@ -16,6 +16,16 @@ tail, as a loaded provider's). With ``prompt_cache=True`` each answer says, in
 ``usage.prompt_tokens_details.cached_tokens``, the tokens of the longest start of its
 messages that an earlier request it answered had (``nbllm.testing.prompt_cache``): 0 on a
 conversation's first turn, more on each later one. Bad options raise ``ConfigError``.
+
+The server also runs batches, as OpenAI's Files and Batch API (``/v1/files``,
+``/v1/batches``) and Anthropic's Message Batches (``/v1/messages/batches``) do: a batch's
+lines are answered all at once, in file order and with the same history check,
+``batch_delay_s`` (default 0.2) after it is created. ``batch_max_requests``: a larger batch
+is refused (OpenAI: ``failed``; Anthropic: a 400); ``batch_fail_first=N``: the first N lines
+run get a 500; ``batch_expire_first=N``: the first N batches expire with half their lines
+answered. Batch lines are logged in ``server.batch_requests``, not ``server.requests``;
+``server.batches`` lists the batches and ``server.stats()`` counts them
+(``nbllm.testing.batches``).
 """
 
 from __future__ import annotations

@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="say the prompt tokens of each request's start an earlier request had",
     )
     parser.add_argument(
+        "--batch-delay", type=float, default=0.2, help="seconds from a batch's creation to its end"
+    )
+    parser.add_argument(
+        "--batch-max-requests", type=int, default=None, help="the most requests in one batch"
+    )
+    parser.add_argument(
+        "--batch-fail-first", type=int, default=0, help="the first N batch lines get a 500"
+    )
+    parser.add_argument(
+        "--batch-expire-first", type=int, default=0, help="the first N batches expire half-run"
+    )
+    parser.add_argument(
         "--parent-pid", type=int, default=None, help="stop when this process has gone"
     )
     return parser
@@ -115,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             bad_json_first=args.bad_json_first,
             latency_sigma=args.latency_sigma,
             prompt_cache=args.prompt_cache,
+            batch_delay_s=args.batch_delay,
+            batch_max_requests=args.batch_max_requests,
+            batch_fail_first=args.batch_fail_first,
+            batch_expire_first=args.batch_expire_first,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -40,6 +40,8 @@ def _cli_args(options: Mapping[str, Any]) -> list[str]:
                 args += ["--fault-rate", f"{Fault.parse(kind).value}={float(p)}"]
         elif name == "log_path":
             args += ["--log", os.fspath(value)]
+        elif name == "batch_delay_s":
+            args += ["--batch-delay", str(value)]
         elif name in ("shared_history", "prompt_cache"):  # switches
             args += ["--" + name.replace("_", "-")] if value else []
         elif name in (
@@ -54,6 +56,9 @@ def _cli_args(options: Mapping[str, Any]) -> list[str]:
             "api_key",
             "host",
             "port",
+            "batch_max_requests",
+            "batch_fail_first",
+            "batch_expire_first",
         ):
             args += ["--" + name.replace("_", "-"), str(value)]
         else:

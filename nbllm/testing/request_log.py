@@ -4,7 +4,8 @@ A request's key is ``messages_key`` of its messages; the server remembers each a
 under it, which is how it knows whether an assistant message in a later turn is one it
 gave. ``read_log`` reads back the JSONL log that ``TestServer(log_path=...)`` appends.
 ``read_chat_body`` reads a request as the server takes it: text messages, and user
-messages of OpenAI content parts (text and images), as vision models take them.
+messages of OpenAI content parts (text and images), as vision models take them, and
+``AskedTurn`` is such a request with the keys and turn the server answers it by.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nbllm.engines.openai_wire import BadChatRequest, parse_chat_body
+from nbllm.engines.openai_wire import BadChatRequest, parse_chat_body, parse_max_tokens
 from nbllm.images import content_text
 
 __all__ = [
+    "AskedTurn",
     "RequestLogEntry",
     "answer_for",
     "in_history",
@@ -186,3 +188,31 @@ def in_history(
         or structured.repaired(prefix, given)
         or (shared and would_answer(messages, i, prefix, messages[i]))
     )
+
+
+@dataclass(frozen=True, slots=True)
+class AskedTurn:
+    """A chat request read as the server answers it: its body, messages, their key and
+    the keys of each assistant message's history, and the turn it asks for."""
+
+    body: dict[str, Any]
+    messages: list[dict[str, Any]]
+    max_tokens: int | None
+    assistant_at: list[int]
+    prefixes: dict[int, str]
+    key: str
+    turn: int
+    last_user: str
+
+    @classmethod
+    def read(cls, raw: bytes) -> AskedTurn:
+        """Raises ``BadChatRequest`` for a body the server does not answer."""
+        body, messages = read_chat_body(raw)
+        max_tokens = parse_max_tokens(body)
+        assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        prefixes, key = prefix_keys(messages, assistant_at)
+        users = [content_text(m["content"]) for m in messages if m["role"] == "user"]
+        last_user = users[-1] if users else ""
+        return cls(
+            body, messages, max_tokens, assistant_at, prefixes, key, len(users) - 1, last_user
+        )

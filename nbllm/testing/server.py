@@ -4,6 +4,7 @@ It speaks HTTP on 127.0.0.1 so that the whole client stack (sessions, retries, r
 connection errors) is exercised for real, yet it needs no API key, no network and no GPU.
 Answers are deterministic in the messages and the server remembers what it answered, so a
 test can prove that turn k of a conversation carried the model's real earlier answers.
+It also runs OpenAI and Anthropic batches (``nbllm.testing.batches``), answered the same way.
 """
 
 from __future__ import annotations
@@ -29,18 +30,13 @@ from nbllm.engines.openai_wire import (
     BadChatRequest,
     completion_body,
     error_body,
-    parse_max_tokens,
 )
 from nbllm.images import content_text
+from nbllm.testing import anthropic_batches, openai_batches
+from nbllm.testing.batches import BatchBook, BatchOptions, BatchRecord
 from nbllm.testing.options import Fault, Latency, as_number, refuse_unless
 from nbllm.testing.prompt_cache import PromptCache
-from nbllm.testing.request_log import (
-    RequestLogEntry,
-    answer_for,
-    in_history,
-    prefix_keys,
-    read_chat_body,
-)
+from nbllm.testing.request_log import AskedTurn, RequestLogEntry, answer_for, in_history
 from nbllm.testing.structured import JsonAnswers
 
 __all__ = ["Fault", "TestServer"]
@@ -49,14 +45,11 @@ MODEL_ID = "nbllm-test"
 _JSON = "application/json"
 _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
+_FAULT_500 = "The server had an error (injected fault)."
 
 
 def _tokens(n_chars: int) -> int:
     return max(1, n_chars // 4)
-
-
-def _error_body(message: str, type_: str, code: str | None = None) -> bytes:
-    return json.dumps(error_body(message, type_, code)).encode()
 
 
 def _retry_after_text(seconds: float) -> str:
@@ -94,7 +87,14 @@ class TestServer:
         bad_json_first: int = 0,
         latency_sigma: float = 0.0,
         prompt_cache: bool = False,
+        batch_delay_s: float = 0.2,
+        batch_max_requests: int | None = None,
+        batch_fail_first: int = 0,
+        batch_expire_first: int = 0,
     ) -> None:
+        self.batch_options = BatchOptions(
+            batch_delay_s, batch_max_requests, batch_fail_first, batch_expire_first
+        )
         self._latency = Latency(latency, latency_sigma)
         refuse_unless(rpm is None or rpm >= 1, "rpm", ">= 1 or None", rpm)
         refuse_unless(as_number("window_s", window_s) > 0, "window_s", "> 0", window_s)
@@ -152,6 +152,7 @@ class TestServer:
         self._log_file: IO[str] | None = None
         self._in_flight = 0
         self._counter = 0
+        self._batches = BatchBook(self.batch_options, self.answer_body)
         self._reset_state()
 
     # ----------------------------------------------------------------- public state
@@ -164,6 +165,7 @@ class TestServer:
         self._max_in_flight = self._in_flight
         self._rng_faults = random.Random(self.seed)
         self._rng_latency = random.Random(self.seed + 1)
+        self._batches.reset_logs()
 
     @property
     def port(self) -> int:
@@ -188,6 +190,17 @@ class TestServer:
         return list(self._requests)
 
     @property
+    def batch_requests(self) -> list[RequestLogEntry]:
+        """The lines of batches the server ran, in the order it ran them (not in ``requests``:
+        that log stays the live requests); ``conversation`` is the line's ``custom_id``."""
+        return list(self._batches.batch_requests)
+
+    @property
+    def batches(self) -> list[BatchRecord]:
+        """The batches created (through either provider's routes), oldest first, as now."""
+        return [job.record() for job in self._batches.logged]
+
+    @property
     def accepted_times(self) -> list[float]:
         """``time.monotonic()`` at which each request answered 200 was admitted by the limiter.
 
@@ -206,7 +219,9 @@ class TestServer:
         return self._max_in_flight
 
     def reset(self) -> None:
-        """Clear the request log, counters and fault_first attempts (answers are kept).
+        """Clear the request log, counters and fault_first attempts (answers are kept), and
+        the batch logs, counters and batch_fail_first / batch_expire_first counts (batches
+        and files stay readable by id).
 
         The remembered answers, the rate-limit window and the prompt cache are server state,
         not logs: keeping them means a reset between runs neither breaks history checks nor
@@ -215,7 +230,9 @@ class TestServer:
         self._reset_state()
 
     def stats(self) -> dict[str, Any]:
-        """Summary counts: total, by_status, history_errors, max_in_flight, in_flight."""
+        """Summary counts: total, by_status, history_errors, max_in_flight, in_flight (of
+        live requests), and batches_created, batches_cancelled, files_uploaded, batch_lines
+        (the lines of the batches created)."""
         by_status: dict[int, int] = {}
         for entry in self.requests:
             by_status[entry.status] = by_status.get(entry.status, 0) + 1
@@ -225,6 +242,7 @@ class TestServer:
             "history_errors": self._history_errors,
             "max_in_flight": self._max_in_flight,
             "in_flight": self._in_flight,
+            **self._batches.counts,
         }
 
     def __repr__(self) -> str:
@@ -325,6 +343,8 @@ class TestServer:
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/health", self._handle_health)
+        openai_batches.add_routes(app, self._batches, self.api_key)
+        anthropic_batches.add_routes(app, self._batches, self.api_key)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         try:
             await runner.setup()
@@ -375,12 +395,7 @@ class TestServer:
         return web.Response(body=json.dumps(body).encode(), content_type=_JSON)
 
     def _unauthorized(self) -> web.Response:
-        body = _error_body(
-            "Incorrect or missing API key for the nbllm test server.",
-            "invalid_request_error",
-            "invalid_api_key",
-        )
-        return web.Response(status=401, body=body, content_type=_JSON)
+        return openai_batches.unauthorized()
 
     def _record(
         self,
@@ -412,37 +427,15 @@ class TestServer:
         if self._auth is not None and request.headers.get("Authorization") != self._auth:
             self._record(t, conversation, "", 401, 0, -1)
             return self._unauthorized()
-
-        # --- parse and validate
         try:
-            body, messages = read_chat_body(await request.read())
-            max_tokens = parse_max_tokens(body)
+            asked = AskedTurn.read(await request.read())
         except BadChatRequest as exc:
             self._record(t, conversation, "", 400, 0, -1)
-            return web.Response(
-                status=400, body=_error_body(str(exc), "invalid_request_error"), content_type=_JSON
-            )
-
-        # --- history check: every assistant message must be what this server answered
-        assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        prefixes, key = prefix_keys(messages, assistant_at)
-        n_user = 0
-        last_user = ""
-        for m in messages:
-            if m["role"] == "user":
-                n_user += 1
-                last_user = content_text(m["content"])
-        turn = n_user - 1
-        n = len(messages)
-        answers = self._answers
-        for i in assistant_at:
-            if not in_history(
-                answers, messages, i, prefixes[i], self.shared_history, self.json_answers
-            ):
-                self._history_errors += 1
-                self._record(t, conversation, key, 400, n, turn)
-                body400 = _error_body(f"history mismatch at message {i}", "invalid_request_error")
-                return web.Response(status=400, body=body400, content_type=_JSON)
+            return _json_response(400, error_body(str(exc), "invalid_request_error"))
+        key, n, turn = asked.key, len(asked.messages), asked.turn
+        if (mismatch := self._history_error(asked)) is not None:
+            self._record(t, conversation, key, 400, n, turn)
+            return _json_response(400, mismatch)
 
         # --- rate limit over a sliding window of admitted requests
         rl_headers: dict[str, str] | None = None
@@ -460,25 +453,19 @@ class TestServer:
                     "x-ratelimit-limit-requests": str(self.rpm),
                     "x-ratelimit-remaining-requests": "0",
                 }
-                body429 = _error_body(
-                    f"Rate limit reached: {self.rpm} requests per {self.window_s:g} s.",
-                    "rate_limit_error",
-                    "rate_limit_exceeded",
-                )
-                return web.Response(status=429, body=body429, headers=headers, content_type=_JSON)
+                message = f"Rate limit reached: {self.rpm} requests per {self.window_s:g} s."
+                body429 = error_body(message, "rate_limit_error", "rate_limit_exceeded")
+                return _json_response(429, body429, headers)
 
         # --- faults (decided before admission so failed requests never count as accepted)
         fault = self._pick_fault(key)
         if fault is Fault.SERVER_ERROR:
             self._record(t, conversation, key, 500, n, turn)
-            body500 = _error_body("The server had an error (injected fault).", "server_error")
-            return web.Response(status=500, body=body500, content_type=_JSON)
+            return _json_response(500, error_body(_FAULT_500, "server_error"))
         if fault is Fault.UNAVAILABLE:
             self._record(t, conversation, key, 503, n, turn)
-            body503 = _error_body("The server is overloaded (injected fault).", "server_error")
-            return web.Response(
-                status=503, body=body503, headers=self._retry_after_headers, content_type=_JSON
-            )
+            body503 = error_body("The server is overloaded (injected fault).", "server_error")
+            return _json_response(503, body503, self._retry_after_headers)
         if fault is Fault.DROP:
             self._record(t, conversation, key, 0, n, turn)
             return _drop(request)
@@ -501,36 +488,67 @@ class TestServer:
             self._record(t, conversation, key, -1, n, turn)
             return _drop(request)
 
-        # --- the answer
-        answer = answer_for(turn, last_user, key)
-        if (asked := body.get("response_format")) is not None:
-            answer = self.json_answers.answer(asked, answer, turn, messages, prefixes)
+        payload = self._answer(asked)
+        self._accepted.append(admitted_at if self.rpm is not None else t)
+        self._record(t, conversation, key, 200, n, turn)
+        return _json_response(200, payload, rl_headers)
+
+    def answer_body(
+        self, body: Mapping[str, Any], t: float, conversation: str | None, fault: bool = False
+    ) -> tuple[int, dict[str, Any], RequestLogEntry]:
+        """Answer one chat request body as the live route would, with no rate limit or
+        latency (a batch line): its status, the chat.completion or error body, and the log
+        entry for the caller to keep. ``fault``: a 500 instead of the answer. Must run on the
+        server's loop."""
+        try:
+            asked = AskedTurn.read(json.dumps(body).encode())
+        except BadChatRequest as exc:
+            entry = RequestLogEntry(t, conversation, "", 400, 0, -1)
+            return 400, error_body(str(exc), "invalid_request_error"), entry
+        status, payload = 400, self._history_error(asked)
+        if payload is None and fault:
+            status, payload = 500, error_body(_FAULT_500, "server_error")
+        elif payload is None:
+            status, payload = 200, self._answer(asked)
+        entry = RequestLogEntry(t, conversation, asked.key, status, len(asked.messages), asked.turn)
+        return status, payload, entry
+
+    def _history_error(self, asked: AskedTurn) -> dict[str, Any] | None:
+        """The 400 body when an assistant message is not what this server answered."""
+        shared, messages = self.shared_history, asked.messages
+        for i in asked.assistant_at:
+            prefix = asked.prefixes[i]
+            if not in_history(self._answers, messages, i, prefix, shared, self.json_answers):
+                self._history_errors += 1
+                return error_body(f"history mismatch at message {i}", "invalid_request_error")
+        return None
+
+    def _answer(self, asked: AskedTurn) -> dict[str, Any]:
+        """The chat.completion for a request that passed the history check; remembered so
+        that later turns carrying it pass theirs."""
+        body, messages, turn = asked.body, asked.messages, asked.turn
+        answer = answer_for(turn, asked.last_user, asked.key)
+        if (wanted := body.get("response_format")) is not None:
+            answer = self.json_answers.answer(wanted, answer, turn, messages, asked.prefixes)
         finish_reason = "stop"
-        if max_tokens is not None and _tokens(len(answer)) > max_tokens:
+        if asked.max_tokens is not None and _tokens(len(answer)) > asked.max_tokens:
             # As a real model does: stop at max_tokens and say so.
-            answer, finish_reason = answer[: 4 * max_tokens], "length"
-        answers[key] = answer
+            answer, finish_reason = answer[: 4 * asked.max_tokens], "length"
+        self._answers[asked.key] = answer
         self._counter += 1
         sizes = [len(content_text(m["content"])) for m in messages]
-        prompt_tokens = _tokens(sum(sizes))
-        completion_tokens = _tokens(len(answer))
         cached_tokens = None
         if self.prompt_cache is not None:
             held = self.prompt_cache.held(messages)
             cached_tokens = _tokens(sum(sizes[:held])) if held else 0
-        payload = completion_body(
+        return completion_body(
             f"chatcmpl-{self._counter}",
             body.get("model") or MODEL_ID,
             answer,
-            prompt_tokens,
-            completion_tokens,
+            _tokens(sum(sizes)),
+            _tokens(len(answer)),
             finish_reason,
             cached_tokens,
-        )
-        self._accepted.append(admitted_at if self.rpm is not None else t)
-        self._record(t, conversation, key, 200, n, turn)
-        return web.Response(
-            body=json.dumps(payload).encode(), headers=rl_headers, content_type=_JSON
         )
 
     def _pick_fault(self, key: str) -> Fault | None:
@@ -550,6 +568,14 @@ class TestServer:
             if u < edge:
                 return kind
         return None
+
+
+def _json_response(
+    status: int, payload: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(payload).encode(), headers=headers, content_type=_JSON
+    )
 
 
 def _set_result_if_pending(fut: asyncio.Future[bool], value: bool) -> None:
