@@ -49,6 +49,7 @@ from nbllm.executor.storage import MAX_PENDING
 from nbllm.images import check_engine_takes_images
 from nbllm.redact import public_url
 from nbllm.results import RunResult
+from nbllm.run_call import call_text
 from nbllm.types import Conversation
 
 if TYPE_CHECKING:
@@ -512,6 +513,8 @@ def _open_stores(
                     turns=plan.turns,
                     resume=config.resume,
                 )
+                if config.batch_api:  # hours long: nbllm.runs.resume(id) may pick it up
+                    plan.store.keep_call(call_text(config, conversations))
         if checked.cache_path is not None:
             reuse = config.cache == "always"
             if plan.store is not None:

@@ -4,6 +4,7 @@
 
     nbllm.runs.list_runs()          # one row per stored run, newest first
     nbllm.runs.remove("3dd51522")   # a run's id, or a unique start of it
+    nbllm.runs.resume("3dd51522")   # a batch_api=True run, picked up in the background
 
 ``nbllm.runs.list`` is the same function under its first name.
 
@@ -28,7 +29,9 @@ from nbllm.executor.storage import lock_holder, lock_if_free, lock_path, nbllm_d
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["list_runs", "remove"]
+    from nbllm.jobs import Job
+
+__all__ = ["list_runs", "remove", "resume"]
 
 COLUMNS = (
     "id",
@@ -220,3 +223,24 @@ def remove(run_id: str, root: str | Path | None = None) -> Path:
                 entry.unlink()
     shutil.rmtree(folder)
     return folder
+
+
+def resume(run_id: str, root: str | Path | None = None, **options: Any) -> Job:
+    """Pick up a stored ``batch_api=True`` run in the background; returns its ``Job``.
+
+    The run's conversations and plain options come from its checkpoint (``nbllm.run_call``);
+    ``options`` are given again over them: the key (``api_key=``, else the environment's,
+    as for any run), ``parse=``, ``response_format=``, ``listeners=``, or ``progress=``.
+    Batches still in flight are followed again, never created again; answers that came
+    back meanwhile are collected. A run whose call was not kept is a ``CheckpointError``.
+    """
+    from nbllm.jobs import submit
+    from nbllm.run_call import call_of
+
+    folder = _find(run_id, _runs_dir(root))
+    path = folder / CHECKPOINT_FILE
+    meta = _read(path)["meta"]
+    conversations, kept = call_of(meta.get("call"), f"run {folder.name}")
+    kept.update(options)
+    kept["checkpoint"] = path
+    return submit(conversations, **kept)

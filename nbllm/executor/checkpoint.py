@@ -339,6 +339,11 @@ class CheckpointStore(GroupWriter):
             )
         )
 
+    def keep_call(self, text: str | None) -> None:
+        """Keep the run's call (``nbllm.run_call``) for ``nbllm.runs.resume``."""
+        if text is not None:
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('call', ?)", (text,))
+
     def journal(self) -> CheckpointJournal:
         """This run's batches (``batch_api=True``), in this file."""
         return CheckpointJournal(self._conn, self.flush)

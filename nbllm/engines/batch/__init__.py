@@ -71,7 +71,8 @@ def batch_engine(
         client = AnthropicBatches(api_base, api_key)
     else:
         client = OpenAIBatches(api_base, api_key)
-    prices = prices_of(model) if api_base is None else None
+    # A provider's model has a price; a server's own name ("my-model") is not looked up.
+    prices = prices_of(model) if "/" in model else None
     return BatchEngine(
         client, live=live, fallback=fallback, max_batches=max_batches,
         max_requests=max_requests, poll_s=poll_s, prices=prices,

@@ -315,6 +315,14 @@ class BatchEngine(Engine):
             self._report(batch, info)
             await self._collect(batch, info)
         except EngineError as error:  # the provider refused a poll: the batch is lost to us
+            log.warning("nbllm: batch %s cannot be followed: %s", batch_id, error)
+            if self.journal is not None:
+                self.journal.collected(batch_id, "lost", {})  # its requests are asked again
+            for line in batch.record.lines:
+                self._failed.add(line.fingerprint)
+                known = self._known.get(line.fingerprint)
+                if known and (batch_id, line.custom_id) in known:
+                    known.remove((batch_id, line.custom_id))
             for future in batch.waiters.values():
                 _settle(future, error)
         finally:

@@ -1,0 +1,236 @@
+"""batch_api=True against the test server's batch endpoints: multi-turn conversations go
+in waves of batches with exact histories and no live request; a kill -9 and a re-run
+re-attach to the batch in flight; expired lines are sent again; large waves are split;
+a stop cancels; a failed line goes live with batch_fallback="live"; bad options are
+refused before anything is sent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import nbllm
+from nbllm.errors import ConfigError
+from nbllm.testing import TestServer
+
+FAST = {"batch_poll_s": 0.02, "progress": False}
+
+
+def dataset(n: int = 6) -> list[dict]:
+    """Conversations of 1 to 4 turns, most of 3 or 4 (ConvFinQA's shape)."""
+    lengths = [4, 3, 3, 4, 2, 1, 3, 4, 3, 2]
+    return [
+        {
+            "id": f"c{i}",
+            "turns": [f"question {k} of conversation {i}?" for k in range(lengths[i % 10])],
+        }
+        for i in range(n)
+    ]
+
+
+def run(server: TestServer, data: list[dict], **options) -> nbllm.RunResult:
+    options = {**FAST, **options}
+    return nbllm.run(data, model="nbllm-test", api_base=server.url, batch_api=True, **options)
+
+
+def lines_sent(server: TestServer) -> int:
+    return len(server.batch_requests)
+
+
+def test_multi_turn_waves_have_exact_histories_and_send_nothing_live(tmp_path) -> None:
+    data = dataset(6)
+    turns = sum(len(c["turns"]) for c in data)
+    with TestServer(batch_delay_s=0.1) as server:
+        result = run(server, data, checkpoint=tmp_path / "run.sqlite", cache=False)
+        assert result.summary.turns_ok == turns
+        assert server.history_errors == 0
+        assert server.requests == []  # no live request
+        assert lines_sent(server) == turns
+        # One wave per turn: every conversation's turn k in the same batch.
+        assert server.stats()["batches_created"] == max(len(c["turns"]) for c in data)
+        assert set(result.df["engine"]) == {"openai batch"}
+        # The answers are the live ones.
+        live = nbllm.run(
+            data, model="nbllm-test", api_base=server.url, checkpoint=False, cache=False,
+            progress=False,
+        )  # fmt: skip
+        assert list(result.df["answer"]) == list(live.df["answer"])
+
+
+def test_a_conversation_goes_on_when_its_own_batch_ends(tmp_path) -> None:
+    """Two batches of one wave (split by batch_max_requests): the conversations of the
+    first to end are asked their next turn while the second is still in flight."""
+    data = dataset(4)
+    with TestServer(batch_delay_s=0.15) as server:
+        result = run(server, data, batch_max_requests=2, checkpoint=False, cache=False)
+        assert result.summary.turns_ok == sum(len(c["turns"]) for c in data)
+        assert all(b.n_lines <= 2 for b in server.batches)
+        assert server.history_errors == 0
+
+
+def test_a_wave_larger_than_the_limit_is_split(tmp_path) -> None:
+    data = dataset(10)
+    with TestServer(batch_delay_s=0.05, batch_max_requests=4) as server:
+        result = run(server, data, batch_max_requests=4, checkpoint=False, cache=False)
+        assert result.summary.turns_ok == sum(len(c["turns"]) for c in data)
+        assert all(b.status == "completed" for b in server.batches)
+        assert max(b.n_lines for b in server.batches) == 4
+
+
+def test_an_expired_batch_sends_again_only_its_unanswered_lines(tmp_path) -> None:
+    data = [{"id": f"c{i}", "turns": ["only question?"]} for i in range(6)]
+    with TestServer(batch_delay_s=0.05, batch_expire_first=1) as server:
+        result = run(
+            server, data, checkpoint=False, cache=False, retries=nbllm.RetryPolicy(initial=0.01)
+        )
+        assert result.summary.turns_ok == 6
+        first, second = server.batches[0], server.batches[1]
+        assert first.status == "expired"
+        assert second.n_lines == 3  # the half the expired batch left unanswered
+        assert sum(b.n_lines for b in server.batches) == 9
+        assert lines_sent(server) == 6  # answered lines: each turn once
+        assert server.requests == []
+
+
+def test_failed_lines_go_live_with_batch_fallback_live(tmp_path) -> None:
+    data = [{"id": f"c{i}", "turns": ["q?"]} for i in range(5)]
+    with TestServer(batch_delay_s=0.05, batch_fail_first=2) as server:
+        result = run(
+            server, data, batch_fallback="live", checkpoint=False, cache=False,
+            retries=nbllm.RetryPolicy(initial=0.01),
+        )  # fmt: skip
+        assert result.summary.turns_ok == 5
+        assert len(server.requests) == 2  # the two failed lines, asked live
+        assert server.stats()["batches_created"] == 1
+
+
+def test_a_failed_line_is_sent_in_the_next_batch_by_default(tmp_path) -> None:
+    data = [{"id": f"c{i}", "turns": ["q?"]} for i in range(5)]
+    with TestServer(batch_delay_s=0.05, batch_fail_first=2) as server:
+        result = run(
+            server, data, checkpoint=False, cache=False, retries=nbllm.RetryPolicy(initial=0.01)
+        )
+        assert result.summary.turns_ok == 5
+        assert server.requests == []
+        assert [b.n_lines for b in server.batches] == [5, 2]
+
+
+def test_a_refused_batch_puts_the_providers_message_in_the_error_column() -> None:
+    data = [{"id": f"c{i}", "turns": ["q?"]} for i in range(3)]
+    with TestServer(batch_delay_s=0.05, batch_max_requests=2) as server:
+        result = run(server, data, checkpoint=False, cache=False)
+        assert result.summary.turns_failed == 3
+        error = result.df["error"][0]
+        assert "failed" in error and "2" in error, error
+
+
+JOB = """
+import sys
+import nbllm
+
+url, checkpoint = sys.argv[1:]
+data = [{"id": f"c{i}", "turns": [f"q{k} of {i}?" for k in range(2)]} for i in range(4)]
+nbllm.run(data, model="nbllm-test", api_base=url, batch_api=True, batch_poll_s=0.05,
+          checkpoint=checkpoint, cache=False, progress=False)
+"""
+
+
+def test_kill_9_then_rerun_reattaches_to_the_batch_in_flight(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(JOB))
+    checkpoint = tmp_path / "run.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(Path(nbllm.__file__).parents[1])}
+    with TestServer(batch_delay_s=1.5) as server:
+        argv = [sys.executable, str(script), server.url, str(checkpoint)]
+        child = subprocess.Popen(argv, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while server.stats()["batches_created"] < 1:
+                assert child.poll() is None, "the job ended before its first batch"
+                assert time.monotonic() < deadline, "no batch within 60 s"
+                time.sleep(0.01)
+            time.sleep(0.2)  # the journal is written right after the create returns
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+        assert server.stats()["batches_created"] == 1
+        data = [{"id": f"c{i}", "turns": [f"q{k} of {i}?" for k in range(2)]} for i in range(4)]
+        result = nbllm.run(
+            data, model="nbllm-test", api_base=server.url, batch_api=True, batch_poll_s=0.05,
+            checkpoint=checkpoint, cache=False, progress=False,
+        )  # fmt: skip
+        assert result.summary.turns_ok == 8
+        # The first wave was not created again: one batch for turn 0, one for turn 1.
+        assert server.stats()["batches_created"] == 2
+        assert lines_sent(server) == 8
+        assert server.requests == []
+        assert server.history_errors == 0
+
+
+def test_a_rerun_after_the_batch_ended_collects_it_without_a_new_one(tmp_path) -> None:
+    """The batches of a finished run are all collected: running it again sends nothing."""
+    data = dataset(3)
+    with TestServer(batch_delay_s=0.05) as server:
+        first = run(server, data, checkpoint=tmp_path / "c.sqlite", cache=False)
+        created = server.stats()["batches_created"]
+        again = run(server, data, checkpoint=tmp_path / "c.sqlite", cache=False)
+        assert again.summary.turns_ok == first.summary.turns_ok
+        assert server.stats()["batches_created"] == created
+
+
+def test_stop_cancels_the_batches_in_flight() -> None:
+    data = [{"id": f"c{i}", "turns": ["q?"]} for i in range(3)]
+    with TestServer(batch_delay_s=30) as server:
+        job = nbllm.submit(
+            data, model="nbllm-test", api_base=server.url, batch_api=True, batch_poll_s=0.02,
+            checkpoint=False, cache=False, progress=False, stop_grace_s=0.5,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while server.stats()["batches_created"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        result = job.stop(timeout=30)
+        assert result.summary.turns_ok == 0
+        assert server.stats()["batches_cancelled"] == 1
+        assert server.batches[0].status in ("cancelling", "cancelled")
+
+
+def test_anthropic_message_batches_answer_multi_turn_conversations() -> None:
+    data = dataset(3)
+    with TestServer(batch_delay_s=0.05) as server:
+        result = nbllm.run(
+            data, model="anthropic/claude-test", api_base=server.url, api_key="k-test",
+            batch_api=True, checkpoint=False, cache=False, system="Be brief.", **FAST,
+        )  # fmt: skip
+        assert result.summary.turns_ok == sum(len(c["turns"]) for c in data)
+        assert server.history_errors == 0
+        assert {b.api for b in server.batches} == {"anthropic"}
+        assert set(result.df["engine"]) == {"anthropic batch"}
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"model": None, "engine": "torch"}, "runs on this machine"),
+        ({"model": "groq/llama-3.1-8b-instant", "api_key": "x"}, "groq has no batch API"),
+        ({"model": "openai/gpt-4o-mini", "api_key": "x", "rpm": 500}, "rpm"),
+        ({"model": "openai/gpt-4o-mini", "api_key": "x", "tpm": 9000}, "tpm"),
+    ],
+)
+def test_bad_batch_options_are_one_line_before_anything_is_sent(options, says) -> None:
+    data = [{"id": "a", "turns": ["q?"]}]
+    with pytest.raises(ConfigError) as caught:
+        nbllm.run(data, batch_api=True, progress=False, checkpoint=False, cache=False, **options)
+    message = str(caught.value)
+    assert says in message and "\n" not in message, message
+    assert "batch_api" in message
