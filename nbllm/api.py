@@ -229,6 +229,20 @@ def run(
     engine gives no cost), ``listeners`` (callables receiving executor events).
     ``nbllm.RunConfig`` describes each option and checks it.
 
+    Batch APIs: ``batch_api=True`` sends the run through the provider's batch API
+    (OpenAI's files and batches for ``openai/...`` and any ``api_base`` serving them,
+    Anthropic's Message Batches for ``anthropic/...``) at about half the price, answered
+    within the provider's window (up to 24 h). Every conversation's ready turn goes in one
+    batch; when a batch ends, the conversations it answered go on at once into the next
+    (``max_batches`` in flight, ``batch_max_requests`` per batch, polled every
+    ``batch_poll_s``). Batch ids go into the checkpoint as they are created: the same call
+    run again, after a kill or the next morning, re-attaches instead of creating them
+    again (``nbllm.runs.resume(id)`` picks a run up from its id). A line a batch failed or
+    left unanswered is sent again in a later batch, or live with
+    ``batch_fallback="live"``. Rows cost the batch price; ``summary.saved_usd`` is the
+    saving. A blocking call lasts as long as the batches: ``nbllm.submit`` runs it in the
+    background, and its ``stop()`` cancels the batches in flight.
+
     Many endpoints: ``router`` takes a deployment list in litellm's ``model_list`` format
     (a list, or a YAML file such as litellm proxy's ``config.yaml``) and ``model`` names
     one of its groups (``model_name``). Each request goes to one deployment of the group

@@ -222,12 +222,16 @@ def _run(args: argparse.Namespace) -> int:
         options["resume"] = False
     if args.no_progress:
         options["progress"] = False  # else a bar on a terminal, none into a file or a pipe
-    result = nbllm.run(data, **options)
+    return _report(nbllm.run(data, **options), out, routed=args.router is not None)
+
+
+def _report(result: nbllm.RunResult, out: Path | None, *, routed: bool = False) -> int:
+    """Print a finished run's summary (and write ``--out``); the command's exit code."""
     print(result.summary)
     summary = result.summary
-    if args.router is not None:  # where each deployment's requests went, and how they fared
+    if routed:  # where each deployment's requests went, and how they fared
         print(summary.deployments.to_string(index=False))
-    if args.ensemble is not None:  # how often each model's answer was kept, and how fast
+    if summary.ensemble_figures:  # how often each model's answer was kept, and how fast
         print(summary.ensemble.to_string(index=False))
     if summary.resumed or summary.cached:
         print(
@@ -328,6 +332,12 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs_resume(args: argparse.Namespace) -> int:
+    job = nbllm.runs.resume(args.id, args.root)
+    print(f"nbllm: resuming run {args.id} ({job.turns_total:,} turns)", file=sys.stderr)
+    return _report(job.result(), None)
+
+
 def _runs_rm(args: argparse.Namespace) -> int:
     removed = nbllm.runs.remove(args.id, args.root)
     print(f"removed run {removed.name} ({removed})")
@@ -397,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser(
         "runs",
         help="list the stored runs (checkpoints)",
-        description="List the stored runs (checkpoints), newest first; 'runs rm ID' removes one.",
+        description=(
+            "List the stored runs (checkpoints), newest first; 'runs rm ID' removes one, "
+            "'runs resume ID' picks up a batch run."
+        ),
     )
     runs.add_argument("--root", metavar="DIR", help=root_help)
     runs.set_defaults(handler=_runs)
@@ -411,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: "runs --root DIR rm ID" keeps the --root given before "rm".
     rm.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
     rm.set_defaults(handler=_runs_rm)
+    again = actions.add_parser(
+        "resume",
+        help="pick up a stored batch_api run and wait for it to finish",
+        description=(
+            "Pick up a stored --batch-api run by its id: its batches in flight are followed "
+            "again (never created again) and the rest of its turns are asked. The key comes "
+            "from the environment. Ctrl-C leaves its batches running at the provider."
+        ),
+    )
+    again.add_argument("id", metavar="ID", help="the run's id, or a start of it naming one run")
+    again.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
+    again.set_defaults(handler=_runs_resume)
     config = commands.add_parser(
         "config",
         help="show every run option's value and where it comes from",

@@ -194,6 +194,8 @@ def check_price(
     through_litellm = engine == "litellm" or (
         engine == "auto" and api_base is None and not is_local(engine, model, None)
     )
+    # A batch engine prices a provider's model from litellm's table, at any api_base.
+    through_litellm = through_litellm or (config.batch_api and "/" in model)
     if through_litellm:
         from nbllm.engines.litellm import knows_price
 

@@ -243,4 +243,5 @@ def resume(run_id: str, root: str | Path | None = None, **options: Any) -> Job:
     conversations, kept = call_of(meta.get("call"), f"run {folder.name}")
     kept.update(options)
     kept["checkpoint"] = path
-    return submit(conversations, **kept)
+    params = kept.pop("params", {})  # sampling parameters go as keywords of their own
+    return submit(conversations, **kept, **params)

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 import nbllm
-from nbllm.errors import ConfigError
+from nbllm.errors import CheckpointError, ConfigError
 from nbllm.testing import TestServer
 
 FAST = {"batch_poll_s": 0.02, "progress": False}
@@ -234,3 +235,143 @@ def test_bad_batch_options_are_one_line_before_anything_is_sent(options, says) -
     message = str(caught.value)
     assert says in message and "\n" not in message, message
     assert "batch_api" in message
+
+
+class Revenue(BaseModel):
+    answer: str
+    year: int
+    amount: float
+
+
+def test_structured_answers_and_scores_work_the_same_over_batches() -> None:
+    data = [{"id": f"c{i}", "turns": ["q0?", "q1?"], "references": ["x", "y"]} for i in range(3)]
+    with TestServer(batch_delay_s=0.05) as server:
+        result = run(
+            server, data, response_format=Revenue, score="exact", checkpoint=False, cache=False
+        )
+        assert result.summary.turns_ok == 6
+        assert list(result.df["parsed"].map(lambda p: p["year"])) == [0, 1] * 3
+        assert "score" in result.df.columns
+        assert server.requests == [] and server.history_errors == 0
+
+
+def test_several_models_each_go_in_their_own_batches() -> None:
+    data = dataset(3)
+    turns = sum(len(c["turns"]) for c in data)
+    with TestServer(batch_delay_s=0.05) as server:
+        result = nbllm.run(
+            data, model=["nbllm-test", "nbllm-other"], api_base=server.url, batch_api=True,
+            checkpoint=False, cache=False, **FAST,
+        )  # fmt: skip
+        assert result.summary.turns_ok == 2 * turns
+        assert set(result.df["model"]) == {"nbllm-test", "nbllm-other"}
+        assert server.history_errors == 0 and server.requests == []
+
+
+def test_rows_cost_the_batch_price_and_the_summary_says_the_saving() -> None:
+    data = [{"id": f"c{i}", "turns": ["a question?"]} for i in range(3)]
+    with TestServer(batch_delay_s=0.05) as server:
+        result = nbllm.run(
+            data, model="openai/gpt-4o-mini", api_base=server.url, batch_api=True,
+            checkpoint=False, cache=False, **FAST,
+        )  # fmt: skip
+    df = result.df
+    live = df["prompt_tokens"] * 1.5e-7 + df["completion_tokens"] * 6e-7
+    batch = df["prompt_tokens"] * 7.5e-8 + df["completion_tokens"] * 3e-7
+    assert list(df["cost_usd"]) == pytest.approx(list(batch))
+    assert list(df["saved_usd"]) == pytest.approx(list(live - batch))
+    assert result.summary.saved_usd == pytest.approx(float((live - batch).sum()))
+
+
+def test_a_budget_cap_holds_a_batch_s_worst_case_before_it_is_created() -> None:
+    """Each request may take 100 answer tokens at $3e-7 each: the cap lets 3 go."""
+    data = [{"id": f"c{i}", "turns": ["q?"]} for i in range(8)]
+    with TestServer(batch_delay_s=0.05) as server:
+        result = nbllm.run(
+            data, model="openai/gpt-4o-mini", api_base=server.url, batch_api=True,
+            max_tokens=100, max_cost_usd=3.5 * 100 * 3e-7, checkpoint=False, cache=False,
+            **FAST,
+        )  # fmt: skip
+        assert [b.n_lines for b in server.batches] == [3]
+    assert result.stop_reason is not None and "max_cost_usd" in result.stop_reason
+    assert result.summary.turns_ok == 3
+    assert result.df["error"].dropna().str.startswith("not run").all()
+
+
+RESUMABLE = """
+import sys
+import nbllm
+
+url, root = sys.argv[1:]
+data = [{"id": f"c{i}", "turns": [f"q{k} of {i}?" for k in range(2)]} for i in range(3)]
+nbllm.run(data, model="nbllm-test", api_base=url, batch_api=True, batch_poll_s=0.05,
+          cache=False, progress=False)
+"""
+
+
+def test_runs_resume_picks_up_a_killed_batch_run_by_its_id(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(RESUMABLE))
+    root = tmp_path / "nbllm-dir"
+    env = {
+        **os.environ, "PYTHONPATH": str(Path(nbllm.__file__).parents[1]), "NBLLM_DIR": str(root)
+    }  # fmt: skip
+    with TestServer(batch_delay_s=1.0) as server:
+        child = subprocess.Popen([sys.executable, str(script), server.url, str(root)], env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while server.stats()["batches_created"] < 1:
+                assert child.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.2)
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+        runs = nbllm.runs.list_runs(root)
+        assert len(runs) == 1 and runs["done"][0] == 0
+        job = nbllm.runs.resume(runs["id"][0][:6], root=root, progress=False)
+        result = job.result(timeout=60)
+        assert result.summary.turns_ok == 6
+        assert server.stats()["batches_created"] == 2  # turn 0's batch was re-attached
+        assert server.requests == [] and server.history_errors == 0
+
+
+def test_resume_of_a_run_that_kept_no_call_says_so(tmp_path: Path) -> None:
+    root = tmp_path / "dir"
+    folder = root / "runs" / "abc123"
+    folder.mkdir(parents=True)
+    from nbllm.executor.checkpoint import CheckpointStore, RunIdentity
+
+    identity = RunIdentity(dataset="d", model="m", engine="e", params={}, system=None)
+    CheckpointStore.open(folder / "checkpoint.sqlite", identity, conversations=1, turns=1).close()
+    with pytest.raises(CheckpointError, match="keeps no call to resume"):
+        nbllm.runs.resume("abc", root=root)
+
+
+def test_a_stopped_batch_run_is_finished_by_nbllm_runs_resume(tmp_path, monkeypatch, capsys):
+    """stop() cancels the batch in flight; ``nbllm runs resume ID`` sends its turns again
+    and runs the rest to the end."""
+    from nbllm.cli import main
+
+    monkeypatch.setenv("NBLLM_DIR", str(tmp_path))
+    data = [{"id": f"c{i}", "turns": ["q0?", "q1?"]} for i in range(3)]
+    with TestServer(batch_delay_s=1.0) as server:
+        job = nbllm.submit(
+            data, model="nbllm-test", api_base=server.url, batch_api=True, batch_poll_s=0.02,
+            cache=False, progress=False, stop_grace_s=0.2,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while server.stats()["batches_created"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert job.stop(timeout=30).summary.turns_ok == 0
+        run_id = nbllm.runs.list_runs()["id"][0]
+        capsys.readouterr()
+        assert main(["runs", "resume", run_id[:8]]) == 0
+        out = capsys.readouterr().out
+        assert "6/6 turns ok" in out, out
+        assert server.stats()["batches_cancelled"] == 1
+        assert server.history_errors == 0 and server.requests == []
