@@ -252,7 +252,8 @@ def test_runs_is_part_of_the_package():
     assert importlib.import_module("nbllm.runs") is nbllm.runs
     assert callable(nbllm.runs.list_runs)
     assert callable(nbllm.runs.remove)
-    assert nbllm.runs.__all__ == ["list_runs", "remove"]  # no name that hides a builtin
+    assert callable(nbllm.runs.resume)
+    assert nbllm.runs.__all__ == ["list_runs", "remove", "resume"]  # none hides a builtin
 
 
 def test_list_is_the_first_name_of_list_runs(_nbllm_dir):

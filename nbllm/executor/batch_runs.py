@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from nbllm.engines.base import Engine
 from nbllm.engines.batch.engine import BatchEngine, BatchUpdate
 from nbllm.executor.budget import Budget
 from nbllm.executor.checkpoint import CheckpointStore
 from nbllm.executor.events import BatchUpdated, Event
+from nbllm.types import NOT_RUN, TurnRecord
 
-__all__ = ["attach_batches", "cancel_batches"]
+__all__ = ["attach_batches", "cancel_batches", "pending_rows"]
 
 
 def batch_engines(engines: Iterable[Engine]) -> list[BatchEngine]:
@@ -83,3 +85,26 @@ def cancel_batches(engines: list[BatchEngine], loop: asyncio.AbstractEventLoop) 
 
 
 _KEEP: set[asyncio.Task[int]] = set()  # cancelling tasks, held until done
+
+
+def pending_rows(records: list[TurnRecord], engines: list[BatchEngine]) -> list[TurnRecord]:
+    """``records`` with each turn not run whose request waits in a batch still in flight
+    saying which batch, and how to collect it."""
+    waits: dict[tuple[str, int], str] = {}
+    for engine in engines:
+        then = (
+            "run the same call again (or nbllm.runs.resume) to collect it"
+            if engine.journal is not None
+            else "without a checkpoint, nbllm cannot collect it"
+        )
+        for asked, batch_id in engine.pending().items():
+            waits[asked] = f"pending in batch {batch_id}, which goes on at the provider; {then}"
+    if not waits:
+        return records
+    out = []
+    for record in records:
+        why = waits.get((str(record.conversation_id), record.turn))
+        if why is not None and record.not_run:
+            record = replace(record, error=f"{NOT_RUN}: {why}")
+        out.append(record)
+    return out

@@ -43,7 +43,7 @@ from nbllm.engines.base import Engine
 from nbllm.engines.batch.engine import BatchEngine
 from nbllm.errors import EngineError
 from nbllm.executor.arguments import check_seconds, check_whole
-from nbllm.executor.batch_runs import attach_batches
+from nbllm.executor.batch_runs import attach_batches, pending_rows
 from nbllm.executor.budget import Budget
 from nbllm.executor.cache import KeyChain, ResponseCache
 from nbllm.executor.checkpoint import CheckpointStore
@@ -307,8 +307,9 @@ class Executor(Stopping, Ensembles, Sending):
         unfinished = any(r is None for r in self._records)
         interrupted = interrupted or (self._stopping and self._stop_reason is None and unfinished)
         why = STOPPED if self._stop_reason is None else f"{NOT_RUN}: {self._stop_reason}"
+        rows = complete(self._conversations, self._offsets, self._records, self._done, why)
         result = RunResult(
-            complete(self._conversations, self._offsets, self._records, self._done, why),
+            pending_rows(rows, self._batch_engines) if self._batch_engines else rows,
             conversations=len(conversations),
             wall_s=wall,
             started_at=started_at,

@@ -6,6 +6,7 @@ refused before anything is sent."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -375,3 +376,25 @@ def test_a_stopped_batch_run_is_finished_by_nbllm_runs_resume(tmp_path, monkeypa
         assert "6/6 turns ok" in out, out
         assert server.stats()["batches_cancelled"] == 1
         assert server.history_errors == 0 and server.requests == []
+
+
+async def test_an_interrupted_run_says_which_batch_each_waiting_turn_is_in(tmp_path) -> None:
+    data = [{"id": f"c{i}", "turns": ["q0?", "q1?"]} for i in range(3)]
+    with TestServer(batch_delay_s=30) as server:
+        task = asyncio.create_task(
+            nbllm.arun(
+                data, model="nbllm-test", api_base=server.url, batch_api=True,
+                checkpoint=tmp_path / "c.sqlite", cache=False, **FAST,
+            )  # fmt: skip
+        )
+        while server.stats()["batches_created"] < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        task.cancel()  # an interrupt: the batch is not cancelled
+        result = await task
+        assert server.stats()["batches_cancelled"] == 0
+    batch_id = server.batches[0].id
+    first = result.df[result.df["turn"] == 0]["error"]
+    assert all(e.startswith(f"not run: pending in batch {batch_id}") for e in first)
+    assert all("run the same call again" in e for e in first)
+    assert result.df[result.df["turn"] == 1]["error"].str.startswith("not run: the run was").all()

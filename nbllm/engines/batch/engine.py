@@ -128,6 +128,7 @@ class BatchEngine(Engine):
         self._first_wait: float | None = None
         self._started = False
         self._stopped = False
+        self._cancelled: set[str] = set()  # batches asked to cancel
         self._made = 0  # lines made, for unique custom ids
 
     def __repr__(self) -> str:
@@ -404,11 +405,22 @@ class BatchEngine(Engine):
         asked = 0
         for batch_id in [b for b in self._open if not b.startswith("pending-")]:
             try:
+                self._cancelled.add(batch_id)
                 await self.client.cancel(batch_id)
                 asked += 1
             except EngineError as error:  # ended meanwhile, or the provider refuses
                 log.warning("nbllm: could not cancel batch %s: %s", batch_id, error)
         return asked
+
+    def pending(self) -> dict[tuple[str, int], str]:
+        """The batch each asked (conversation, turn) waits on, for batches not yet collected."""
+        return {
+            (line.conversation, line.turn): batch_id
+            for batch_id, batch in self._open.items()
+            if batch_id not in self._cancelled
+            for line in batch.record.lines
+            if line.conversation is not None and line.turn is not None
+        }
 
     @property
     def in_flight(self) -> list[BatchInfo]:
