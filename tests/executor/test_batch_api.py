@@ -381,12 +381,11 @@ def test_a_stopped_batch_run_is_finished_by_nbllm_runs_resume(tmp_path, monkeypa
 async def test_an_interrupted_run_says_which_batch_each_waiting_turn_is_in(tmp_path) -> None:
     data = [{"id": f"c{i}", "turns": ["q0?", "q1?"]} for i in range(3)]
     with TestServer(batch_delay_s=30) as server:
-        task = asyncio.create_task(
-            nbllm.arun(
-                data, model="nbllm-test", api_base=server.url, batch_api=True,
-                checkpoint=tmp_path / "c.sqlite", cache=False, **FAST,
-            )  # fmt: skip
-        )
+        running = nbllm.arun(
+            data, model="nbllm-test", api_base=server.url, batch_api=True,
+            checkpoint=tmp_path / "c.sqlite", cache=False, **FAST,
+        )  # fmt: skip
+        task = asyncio.create_task(running)
         while server.stats()["batches_created"] < 1:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)
