@@ -46,6 +46,7 @@ COLUMNS = (
     "completion_tokens",
     "finish_reason",
     "cost_usd",
+    "saved_usd",
     "attempts",
     "error",
     "started_at",
@@ -72,6 +73,7 @@ _DTYPES = {
     "completion_tokens": "Int64",
     "finish_reason": "string",
     "cost_usd": "Float64",
+    "saved_usd": "Float64",
     "attempts": "Int64",
     "error": "string",
     "started_at": "datetime",
@@ -79,6 +81,13 @@ _DTYPES = {
     "cached": "bool",
     "resumed": "bool",
 }
+
+
+def _dollars(usd: float | None) -> str:
+    """Dollars saved, to the cent where they are many: ``"$0.0123"``, ``"$12.34"``."""
+    if usd is None:
+        return "-"
+    return f"${usd:.4f}" if abs(usd) < 10 else f"${usd:,.2f}"
 
 
 def _took(seconds: float) -> str:
@@ -115,7 +124,10 @@ class RunSummary:
     ``cost_usd`` add up every row, resumed and cached ones too, as ``df`` does, and so does
     ``cached_tokens``: the prompt tokens engines took from their caches of earlier prompts
     (``cached_tokens_share`` of ``prompt_tokens``; None without prompt tokens). The text
-    shows these two only where some prompt tokens were cached.
+    shows these two only where some prompt tokens were cached. ``saved_usd``: what the
+    answers of a provider's batch API (``batch_api=True``) cost less than they would have
+    live, summed like ``cost_usd`` (which is at the batch price); None, and left out of the
+    text, where no row says.
     ``stop_reason``: why the run ended early by itself, or None. ``verdict`` says it all
     in one line. ``parse_retries``: asks again for answers that did not parse (``retries``
     leaves them out). ``score`` / ``score_metric``: with ``score=`` on the run, the mean
@@ -150,6 +162,7 @@ class RunSummary:
     cached_tokens_share: float | None
     completion_tokens: int
     cost_usd: float | None
+    saved_usd: float | None
     interrupted: bool
     stop_reason: str | None = None
     score: float | None = None
@@ -200,6 +213,7 @@ class RunSummary:
             cached_tokens_share=totals.cached_tokens_share,
             completion_tokens=totals.completion_tokens,
             cost_usd=totals.cost_usd,
+            saved_usd=totals.saved_usd,
             interrupted=interrupted,
             stop_reason=stop_reason,
             score=totals.score,
@@ -273,9 +287,17 @@ class RunSummary:
         left_out = {"deployment_figures", "ensemble_figures"}  # tables of their own
         if not self.cached_tokens:  # an engine without a prompt cache: nothing to say
             left_out |= {"cached_tokens", "cached_tokens_share"}
-        return [
-            (f.name, fmt(getattr(self, f.name))) for f in fields(self) if f.name not in left_out
-        ]
+        if self.saved_usd is None:  # no batch API answered: nothing was saved or lost
+            left_out.add("saved_usd")
+        rows = []
+        for f in fields(self):
+            if f.name in left_out:
+                continue
+            value = fmt(getattr(self, f.name))
+            if f.name == "saved_usd":
+                value = f"saved {_dollars(self.saved_usd)} against live prices (batch API)"
+            rows.append((f.name, value))
+        return rows
 
     def __str__(self) -> str:
         rows = self._formatted()
@@ -369,7 +391,9 @@ class RunResult:
         missing where there is no answer or the engine did not say.
         ``cached_tokens``: how many of ``prompt_tokens`` the engine took from a cache of
         earlier prompts (a provider's prompt cache, a local engine's prefix cache); missing
-        where the engine did not say.
+        where the engine did not say. ``saved_usd``: what a batch API's answer
+        (``batch_api=True``) cost less than a live one (``cost_usd`` is at the batch price);
+        missing for a live answer or where the price is not known.
         """
         import pandas as pd
 

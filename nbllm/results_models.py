@@ -137,12 +137,18 @@ def compare_frame(
     records: Sequence[TurnRecord], models: Sequence[str], scores: Sequence[Any] | None
 ) -> pd.DataFrame:
     """One row per (conversation, turn); per model its answer (and ``parsed``, where any
-    row has one), latency, tokens, cost, error and score (``scores``, by row, where the
-    result is scored); then ``agreement``: the share of the models that answered whose
-    answer is the most common one (as ``agreement_key`` compares them)."""
+    row has one), latency, tokens, cost (and ``saved_usd``, where a batch API answered any
+    row), error and score (``scores``, by row, where the result is scored); then
+    ``agreement``: the share of the models that answered whose answer is the most common
+    one (as ``agreement_key`` compares them)."""
     import pandas as pd
 
     by_parsed = any(r.parsed is not None for r in records)
+    # What a batch API saved sits beside the cost, in the runs that used one.
+    per_model: tuple[str, ...] = _PER_MODEL
+    if any(r.saved_usd is not None for r in records):
+        at = per_model.index("cost_usd") + 1
+        per_model = (*per_model[:at], "saved_usd", *per_model[at:])
     keys: dict[tuple[Any, int], int] = {}
     table: list[dict[str, Any]] = []
     cells: list[list[str | None]] = []
@@ -159,7 +165,7 @@ def compare_frame(
         row[f"answer[{name}]"] = record.answer
         if by_parsed:
             row[f"parsed[{name}]"] = record.parsed
-        for column in _PER_MODEL:
+        for column in per_model:
             row[f"{column}[{name}]"] = getattr(record, column)
         if scores is not None:
             row[f"score[{name}]"] = scores[i]
@@ -173,7 +179,7 @@ def compare_frame(
         columns.append(f"answer[{name}]")
         if by_parsed:
             columns.append(f"parsed[{name}]")
-        columns += [f"{c}[{name}]" for c in _PER_MODEL]
+        columns += [f"{c}[{name}]" for c in per_model]
         if scores is not None:
             columns.append(f"score[{name}]")
     columns.append("agreement")

@@ -38,7 +38,9 @@ class RowTotals:
     rows answered from the cache in this run, so a resumed row is never also cached.
     ``cached_tokens`` adds up the prompt tokens engines took from their prompt caches
     (``TurnRecord.cached_tokens``); ``cached_tokens_share`` is their share of
-    ``prompt_tokens``.
+    ``prompt_tokens``. ``saved_usd`` adds up what batch API answers cost less than live
+    ones (``TurnRecord.saved_usd``), as ``cost_usd`` adds up the costs: None while no row
+    has one.
     ``truncated`` counts answered rows that ``max_tokens`` cut short (``finish_reason``
     ``"length"``), whichever run answered them: the answer in the result is cut either way.
     What this run sent leaves resumed rows out, whose attempts an earlier run made:
@@ -63,6 +65,8 @@ class RowTotals:
         "parse_retries",
         "prompt_tokens",
         "resumed",
+        "saved_known",
+        "saved_sum",
         "score_sum",
         "scored",
         "scorer",
@@ -91,6 +95,8 @@ class RowTotals:
         self.parse_retries = 0
         self.cost_sum = 0.0
         self.cost_known = False
+        self.saved_sum = 0.0
+        self.saved_known = False
         self._latencies = SortedSample()
         self._queue = SortedSample()
         self._service = SortedSample()
@@ -125,6 +131,9 @@ class RowTotals:
         if record.cost_usd is not None:
             self.cost_sum += record.cost_usd
             self.cost_known = True
+        if record.saved_usd is not None:
+            self.saved_sum += record.saved_usd
+            self.saved_known = True
         if record.resumed:
             self.resumed += 1
             return
@@ -187,6 +196,11 @@ class RowTotals:
     def cost_usd(self) -> float | None:
         """The sum of the known costs; None while no row has one."""
         return self.cost_sum if self.cost_known else None
+
+    @property
+    def saved_usd(self) -> float | None:
+        """What the batch API's answers saved against live prices; None while no row says."""
+        return self.saved_sum if self.saved_known else None
 
     def latencies(self) -> list[float]:
         """The latencies of requests answered in this run, sorted (the list itself: read it,

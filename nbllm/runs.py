@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbllm.errors import CheckpointError
+from nbllm.executor.batch_journal import batches_in_flight
 from nbllm.executor.checkpoint import CHECKPOINT_FILE, SCHEMA_VERSION
 from nbllm.executor.storage import lock_holder, lock_if_free, lock_path, nbllm_dir, open_database
 
@@ -42,6 +43,7 @@ COLUMNS = (
     "done",
     "total",
     "conversations",
+    "batches_in_flight",
     "size_bytes",
     "in_use",
     "path",
@@ -91,12 +93,13 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         done = conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0]
+        batches = batches_in_flight(conn)
     except sqlite3.Error as exc:
         msg = f"{path}: not a readable nbllm checkpoint (SQLite says: {exc})"
         raise CheckpointError(msg) from exc
     finally:
         conn.close()
-    return {"meta": meta, "done": done}
+    return {"meta": meta, "done": done, "batches": batches}
 
 
 def _number(value: str | None) -> float | None:
@@ -133,6 +136,7 @@ def _row(folder: Path) -> dict[str, Any]:
         done=found["done"],
         total=_integer(meta.get("turns")),
         conversations=_integer(meta.get("conversations")),
+        batches_in_flight=found["batches"],
     )
     return row
 
@@ -142,6 +146,9 @@ def list_runs(root: str | Path | None = None) -> pd.DataFrame:
 
     Columns: ``id`` (the folder's name, for ``remove``), ``created`` / ``updated`` (UTC),
     ``model``, ``engine``, ``done`` (finished turns), ``total`` (turns), ``conversations``,
+    ``batches_in_flight`` (batches of a provider's batch API, ``batch_api=True``, created
+    and not yet collected: the provider may still be working on them, and running the same
+    call again re-attaches to them; 0 for a run without any),
     ``size_bytes`` (the folder's files), ``in_use`` (a live run holds its lock), ``path``
     and ``error`` (why a run's file could not be read; its figures are then missing).
     Newest first. Nothing is written, not even to a damaged file.
@@ -152,7 +159,7 @@ def list_runs(root: str | Path | None = None) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=builtins.list(COLUMNS))
     for column in ("created", "updated"):
         frame[column] = pd.to_datetime(frame[column].astype("float64"), unit="s", utc=True)
-    for column in ("done", "total", "conversations"):
+    for column in ("done", "total", "conversations", "batches_in_flight"):
         frame[column] = frame[column].astype("Int64")
     frame["size_bytes"] = frame["size_bytes"].astype("int64")
     frame["in_use"] = frame["in_use"].astype("bool")

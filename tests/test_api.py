@@ -30,8 +30,8 @@ def test_run_returns_one_row_per_turn_with_the_documented_columns():
     assert list(result.df.columns) == [
         "conversation_id", "turn", "question", "answer", "parsed", "reference", "model", "engine",
         "deployment", "latency_s", "queue_s", "service_s", "prompt_tokens", "cached_tokens",
-        "completion_tokens", "finish_reason", "cost_usd", "attempts", "error", "started_at",
-        "finished_at", "cached", "resumed",
+        "completion_tokens", "finish_reason", "cost_usd", "saved_usd", "attempts", "error",
+        "started_at", "finished_at", "cached", "resumed",
     ]  # fmt: skip
     assert list(result.df["conversation_id"]) == ["a", "a", "b"]
     assert list(result.df["turn"]) == [0, 1, 0]

@@ -191,6 +191,19 @@ def test_vote_counts_every_models_cached_prompt_tokens_as_it_counts_their_tokens
     assert list(df["cached_tokens"]) == [3, 3]
 
 
+def test_vote_adds_up_what_every_models_batch_answer_saved_as_it_adds_their_cost():
+    def answer(request: ChatRequest) -> nbllm.ChatResponse:
+        saved = {"fast": 0.001, "mid": 0.002, "slow": None}[request.model]  # slow: live
+        return nbllm.ChatResponse("42", request.model, 10, 1, cost_usd=0.001, saved_usd=saved)
+
+    result = nbllm.run(
+        data(2, 1), engine=FakeEngine(answer), model=["fast", "mid", "slow"], ensemble="vote",
+        **FAST,
+    )  # fmt: skip
+    assert list(result.df["saved_usd"]) == pytest.approx([0.003, 0.003])
+    assert result.summary.saved_usd == pytest.approx(0.006)
+
+
 def test_a_tie_goes_to_the_first_model_given():
     fake = Models({"fast": "yes", "mid": "no"})
     result = nbllm.run(

@@ -82,6 +82,7 @@ def test_df_columns_order_and_types(result):
         "completion_tokens": "Int64",
         "finish_reason": "string",
         "cost_usd": "Float64",
+        "saved_usd": "Float64",
         "attempts": "Int64",
         "error": "string",
         "started_at": "datetime64[ns, UTC]",
@@ -91,6 +92,7 @@ def test_df_columns_order_and_types(result):
     }
     assert df["prompt_tokens"].isna().sum() == 2  # missing usage stays missing, not 0
     assert df["cached_tokens"].isna().all()  # the engine did not say: missing, not 0
+    assert df["saved_usd"].isna().all()  # no batch API answered
 
 
 def test_df_times_are_utc_datetimes(result):

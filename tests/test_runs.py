@@ -93,6 +93,7 @@ def test_list_after_two_runs_newest_first(_nbllm_dir):
     assert df["done"].tolist() == [3, 2]
     assert df["total"].tolist() == [3, 2]
     assert df["conversations"].tolist() == [2, 1]
+    assert df["batches_in_flight"].tolist() == [0, 0]  # no batch_api=True
     assert df["engine"].str.startswith("fake ").all()
     assert not df["in_use"].any()
     assert df["error"].isna().all()

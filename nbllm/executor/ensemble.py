@@ -315,6 +315,7 @@ class Ensembles:
             completion_tokens=_sum([r.completion_tokens for r in every]),
             cached_tokens=_sum([r.cached_tokens for r in every]),
             cost_usd=_sum([r.cost_usd for r in every]),
+            saved_usd=_sum([r.saved_usd for r in every]),
             latency_s=max((r.latency_s or 0.0) for r in every),
             queue_s=slowest.queue_s,
             service_s=slowest.service_s,

@@ -7,7 +7,8 @@ end-of-run ``RunSummary`` counts the final rows with, so a live figure and the s
 mean the same thing. What only a live view has is computed here: the pace over a recent
 window, the ETA, the requests in flight, retries as they are sent, errors by kind and
 the last error, a stop on its way, a local engine's preparation before the run and the
-tokens it has generated while the run goes.
+tokens it has generated while the run goes, and the batches of a provider's batch API
+(``batch_api=True``) as last polled.
 Once the run has finished, every figure is the end-of-run summary's (whole-run rates, the
 turns that never ran), so a finished view and ``print(result.summary)`` agree.
 
@@ -23,10 +24,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from nbllm.engines.batch.lines import ENDED
 from nbllm.engines.local.phases import GENERATING
 from nbllm.errors import ConfigError
 from nbllm.executor.events import (
     Alert,
+    BatchUpdated,
     BreakerChanged,
     EnginePhase,
     Event,
@@ -44,11 +47,23 @@ from nbllm.redact import redact
 from nbllm.results import RowTotals, RunSummary, percentile
 from nbllm.types import SKIPPED
 
-__all__ = ["GENERATING", "RunStats", "Snapshot", "error_kind", "one_line"]
+__all__ = [
+    "GENERATING",
+    "BatchFigures",
+    "RunStats",
+    "Snapshot",
+    "batch_figures",
+    "error_kind",
+    "one_line",
+]
 
 
 WINDOW_S = 5.0
 """Rates and the ETA follow the turns finished in the last this-many seconds."""
+
+BATCHES_SHOWN = 8
+"""A snapshot lists at most this many batches (in flight first, the latest first); a run
+of hundreds of batches would otherwise bury every other figure."""
 
 
 def error_kind(error: str) -> str:
@@ -59,6 +74,47 @@ def error_kind(error: str) -> str:
 def one_line(error: str) -> str:
     """``error`` on one line, with anything that looks like a key or token redacted."""
     return redact(" ".join(error.split()))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFigures:
+    """A provider's batch (``batch_api=True``) as last polled: its ``status`` (OpenAI's
+    words), lines ``completed`` and ``failed`` of ``total``, ``age_s`` since it was created
+    and its completion ``window_s`` (None where the provider did not say), and how many of
+    the run's requests are ``waiting`` on it. ``error``: a failed batch's message, on one
+    line, keys redacted."""
+
+    id: str
+    api: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+    age_s: float | None
+    window_s: float | None
+    waiting: int
+    error: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+
+def batch_figures(event: BatchUpdated, now: float) -> BatchFigures:
+    """``event``'s batch as of ``now`` (Unix seconds)."""
+    created, expires = event.created_at, event.expires_at
+    return BatchFigures(
+        id=event.batch_id,
+        api=event.api,
+        status=event.status,
+        total=event.total,
+        completed=event.completed,
+        failed=event.failed,
+        age_s=None if created is None else max(0.0, now - created),
+        window_s=None if created is None or expires is None else max(0.0, expires - created),
+        waiting=event.waiting,
+        error=None if event.error is None else one_line(event.error),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +197,16 @@ class Snapshot:
     #: score= of the run: the mean score of the rows scored so far, and the metric's name.
     score: float | None = None
     score_metric: str | None = None
+    #: batch_api=True: what the batch answers cost less than live ones, summed as
+    #: ``cost_usd`` is (None while no row says).
+    saved_usd: float | None = None
+    #: batch_api=True: the run's batches as last polled, those in flight first, then the
+    #: ended ones, the latest first within each; at most ``BATCHES_SHOWN``.
+    batches: tuple[BatchFigures, ...] = ()
+    #: Batches in flight (not ended), the ones left out of ``batches`` too.
+    batches_in_flight: int = 0
+    #: Batches left out of ``batches`` (beyond ``BATCHES_SHOWN``).
+    batches_not_shown: int = 0
 
     @property
     def turns_ok(self) -> int:
@@ -190,6 +256,7 @@ class RunStats:
         self._alerts: list[str] = []
         self._phase: EnginePhase | None = None
         self._generated: int | None = None
+        self._batches: dict[str, BatchUpdated] = {}  # the latest poll of each batch
         # (finish time, requests sent, tokens) of this run's turns in the recent window,
         # with their running sums. Resumed rows stay out: read back from the checkpoint in a
         # burst at the start, they are not this run's pace.
@@ -228,6 +295,9 @@ class RunStats:
                 self._breakers[event.deployment] = (event.state, event.trips)
             elif isinstance(event, Alert):
                 self._alerts.append(event.message)
+            elif isinstance(event, BatchUpdated):
+                # A batch polled after the run ended (a stop's cancel) still moves.
+                self._batches[event.batch_id] = event
             elif isinstance(event, EnginePhase):
                 if event.phase == GENERATING:
                     # A count that comes late, after the run finished, changes nothing.
@@ -317,6 +387,18 @@ class RunStats:
         with self._lock:
             return self._retries
 
+    def _batch_figures(self, now: float) -> tuple[tuple[BatchFigures, ...], int, int]:
+        """The batches to show at ``now``, how many are in flight, how many left out."""
+        polls = self._batches.values()
+        if not polls:
+            return (), 0, 0
+        in_flight = sum(not poll.ended for poll in polls)
+        latest = sorted(
+            polls, key=lambda p: (p.ended, -(p.created_at if p.created_at is not None else p.t))
+        )
+        shown = tuple(batch_figures(poll, now) for poll in latest[:BATCHES_SHOWN])
+        return shown, in_flight, len(latest) - len(shown)
+
     def snapshot(self, now: float | None = None) -> Snapshot:
         """The figures at ``now`` (Unix seconds, as event times; default: the clock).
 
@@ -364,6 +446,7 @@ class RunStats:
             phase = self._phase if start is None else None
             latencies = rows.latencies()
             by_kind = sorted(self._errors_by_kind.items(), key=lambda kv: (-kv[1], kv[0]))
+            batches, batches_in_flight, batches_not_shown = self._batch_figures(now)
             return Snapshot(
                 model=self._model,
                 engine=self._engine,
@@ -407,4 +490,8 @@ class RunStats:
                 alerts=tuple(self._alerts),
                 score=self._rows.score,
                 score_metric=self._score_metric,
+                saved_usd=rows.saved_usd,
+                batches=batches,
+                batches_in_flight=batches_in_flight,
+                batches_not_shown=batches_not_shown,
             )

@@ -26,6 +26,7 @@ from typing import Any
 from nbllm.errors import ConfigError
 from nbllm.executor.events import (
     Alert,
+    BatchUpdated,
     BreakerChanged,
     EnginePhase,
     Event,
@@ -44,6 +45,8 @@ from nbllm.ui.redraw import RedrawTimer
 from nbllm.ui.snapshot_text import (
     bar_label,
     bar_style,
+    batch_confirm_line,
+    batch_lines,
     error_lines,
     figure_items,
     phase_text,
@@ -51,6 +54,7 @@ from nbllm.ui.snapshot_text import (
     summary_line,
 )
 from nbllm.ui.static_dashboard import (
+    batches_html,
     dashboard_html,
     errors_html,
     figures_html,
@@ -60,13 +64,21 @@ from nbllm.ui.static_dashboard import (
 
 __all__ = ["Dashboard", "GpuGauges"]
 
-_NOTICES = (SharedQuota, LimitChanged, BreakerChanged, Alert)  # drawn with the next redraw
+# Drawn with the next redraw. A batch is polled every batch_poll_s: no hurry either.
+_NOTICES = (SharedQuota, LimitChanged, BreakerChanged, Alert, BatchUpdated)
+
+CONFIRM_S = 10.0
+"""Seconds a Stop pressed while batches are in flight waits for the press that confirms it."""
 
 log = logging.getLogger("nbllm")
 
 _STOP_TOOLTIP = (
     "Stop: no new request is sent; the requests in flight finish and are kept. "
     "Press again to cancel them."
+)
+_CONFIRM_TOOLTIP = (
+    "Press again to cancel the batches in flight and stop; the answers already returned "
+    "are kept. An interrupt or a kernel restart does not cancel them."
 )
 _CANCEL_TOOLTIP = (
     "Cancel the requests still in flight: their turns are not run (running the same "
@@ -159,16 +171,20 @@ class Dashboard:
 
     ``stop``: called by the Stop button (first press: let the requests in flight finish;
     second press: cancel them); without it there is no button, and the dashboard says how
-    to stop a blocking run instead. ``gpu``: False hides the GPU gauges; None or True shows
-    a row per device where there is one (nothing where there is none).
-    ``max_updates_per_s``: the most redraws a second. ``clock``: monotonic seconds, for
-    the redraw timer. ``stats``: a ``RunStats`` that something else feeds (listening
-    before the dashboard), shared by every view of the run; by default the dashboard makes
-    one and feeds it the events it receives.
+    to stop a blocking run instead. While a batch API's batches are in flight, a stop
+    cancels them, work the provider may have half done: the first press only asks ("Cancel
+    N batches?"), and a second within ``CONFIRM_S`` seconds (of ``clock``) stops.
+    ``gpu``: False hides the GPU gauges; None or True shows a row per device where there is
+    one (nothing where there is none). ``max_updates_per_s``: the most redraws a second.
+    ``clock``: monotonic seconds, for the redraw timer and that confirmation. ``stats``: a
+    ``RunStats`` that something else feeds (listening before the dashboard), shared by
+    every view of the run; by default the dashboard makes one and feeds it the events it
+    receives.
 
     Widgets, for reading their state: ``widget`` (the whole VBox), ``title``, ``phase``,
     ``turns_bar`` / ``turns_label``, ``conversations_bar`` / ``conversations_label``,
-    ``figures``, ``errors``, ``status``, ``stop_button``, ``gpu_gauges`` (one per device).
+    ``figures``, ``batches``, ``errors``, ``status``, ``stop_button``, ``gpu_gauges`` (one
+    per device).
     ``widget`` is None where ipywidgets cannot be used; the text and HTML still work.
     """
 
@@ -185,6 +201,7 @@ class Dashboard:
         LimitChanged,
         BreakerChanged,
         Alert,
+        BatchUpdated,  # batch_api=True: the batches in flight, under the figures
     )
 
     def __init__(
@@ -205,6 +222,9 @@ class Dashboard:
         self.gpu_found = self.gpu_monitor.available() if self.gpu_monitor is not None else False
         self._stop = stop
         self._stops_asked = 0
+        self._clock = clock
+        # Until when (of ``clock``) a press confirms a stop that cancels batches, and how many.
+        self._confirm: tuple[float, int] | None = None
         self._finished = False
         self._closed = False
         self._cancel_at: float | None = None  # Unix time the grace for in-flight ends
@@ -316,6 +336,7 @@ class Dashboard:
             errors=error_lines(snap) + self.warnings.lines(),
             phase=phase_text(snap),
             gpu=gpu,
+            batches=batch_lines(snap, blocking=self._stop is None),
         )
 
     def _leave_static_html(self) -> None:
@@ -364,6 +385,7 @@ class Dashboard:
         self.conversations_bar = widgets.IntProgress(min=0, max=0, value=0, layout=bar_layout())
         self.conversations_label = widgets.Label()
         self.figures = widgets.HTML(layout=wide())
+        self.batches = widgets.HTML(layout=wide())
         self.errors = widgets.HTML(layout=wide())
         self.status = widgets.HTML(layout=wide())
         self.gpu_box = widgets.VBox([])
@@ -377,6 +399,7 @@ class Dashboard:
             self.phase,
             *self._bar_rows,
             self.figures,
+            self.batches,
             self.errors,
             self.gpu_box,
             self.status,
@@ -392,16 +415,41 @@ class Dashboard:
     def _on_stop_click(self, _button: Any = None) -> None:
         if self._stop is None or self._finished or self._stops_asked >= 2:
             return  # the run is over (a click from code still reaches here), or cancelled
+        if self._stops_asked == 0 and self._confirming() is None:
+            batches = self.stats.snapshot().batches_in_flight
+            if batches:  # a stop cancels them: ask first, a misclick costs hours
+                self._confirm = (self._clock() + CONFIRM_S, batches)
+                self.render()
+                return
+        confirmed, self._confirm = self._confirm is not None, None
         self._stops_asked += 1
         self._show_stop_state()
         self._stop()
+        if confirmed:
+            self.render()  # the question goes at once, not with the stop's event
+
+    def _confirming(self) -> int | None:
+        """The batches a press now would cancel, while a first press waits for its second;
+        None when none waits (or it waited too long: the next press asks again)."""
+        if self._confirm is None:
+            return None
+        until, batches = self._confirm
+        if self._stops_asked or self._finished or self._clock() > until:
+            self._confirm = None
+            return None
+        return batches
 
     def _show_stop_state(self) -> None:
         """The button says what its next press does."""
         button = self.stop_button
         if button is None:
             return
-        if self._finished:
+        batches = self._confirming()
+        if batches is not None:
+            button.description = f"Cancel {batches:,} batch{'' if batches == 1 else 'es'}?"
+            button.button_style = "danger"
+            button.tooltip = _CONFIRM_TOOLTIP
+        elif self._finished:
             button.disabled = True
             button.description = "stopped" if self._stops_asked else "Stop"
         elif self._stops_asked == 1:
@@ -411,8 +459,15 @@ class Dashboard:
         elif self._stops_asked >= 2:
             button.disabled = True
             button.description = "cancelling…"
+        elif button.button_style == "danger":  # the confirmation lapsed: a plain Stop again
+            button.description = "Stop"
+            button.button_style = ""
+            button.tooltip = _STOP_TOOLTIP
 
     def _status(self, snap: Snapshot) -> str:
+        batches = self._confirming()
+        if batches is not None:
+            return batch_confirm_line(batches)
         if self._closed and not snap.finished:
             return "the run ended before it finished" if snap.started else "the run did not start"
         left = None
@@ -460,6 +515,7 @@ class Dashboard:
             bar.bar_style = style
             label.value = bar_label(done, total, unit)
         _show(self.figures, figures_html(figure_items(snap)) if snap.started and not phase else "")
+        _show(self.batches, batches_html(batch_lines(snap, blocking=self._stop is None)))
         _show(self.errors, errors_html(error_lines(snap) + self.warnings.lines()))
         status = self._status(snap)
         weight = "600" if snap.finished else "normal"

@@ -26,6 +26,10 @@ question, answer, error, latency; text clipped to one line). The full table is
 the embedded local model answers, as ``nbllm.run`` without ``model=`` does. With
 ``--background`` it binds the ``Job`` to ``NAME_job`` at once and the ``RunResult`` to
 ``NAME`` when the job ends (not if it failed: then ``NAME_job.result()`` raises its error).
+``--batch-api`` runs in the background too, as if ``--background`` were given: a provider's
+batch may take up to its completion window (24 h), which a blocking cell would hold the
+kernel for. An interrupt or a kernel restart does not cancel its batches (running the cell
+again re-attaches to them); ``NAME_job.stop()`` or the dashboard's Stop button does.
 
 Where an option's value comes from, first match wins:
 
@@ -174,7 +178,9 @@ def _line_parser() -> _LineParser:
         help="'number', or the name of a callable in the notebook, to read each answer",
     )
     parser.add_argument(
-        "--background", action="store_true", help="run with nbllm.submit; bind NAME_job now"
+        "--background",
+        action="store_true",
+        help="run with nbllm.submit; bind NAME_job now (--batch-api implies it)",
     )
     parser.add_argument("-h", "--help", action="store_true", help="show this help")
     return parser
@@ -336,8 +342,9 @@ class LlmBatchMagics(Magics):
 
         Binds the RunResult to NAME (default ``llm_result``) and shows its verdict and first
         rows. ``--id COLUMN``: the column that names each conversation. ``--background``
-        binds the Job to ``NAME_job`` and the result to NAME when the job ends. Session
-        defaults: ``%llm_config``.
+        binds the Job to ``NAME_job`` and the result to NAME when the job ends;
+        ``--batch-api`` implies it (a batch may take up to 24 h). Session defaults:
+        ``%llm_config``.
         """
         parser = _line_parser()
         try:
@@ -366,8 +373,10 @@ class LlmBatchMagics(Magics):
             msg = f"%%llm_batch: {exc}"
             raise UsageError(msg) from exc
         namespace = self._namespace()
+        # A batch may take its whole completion window (24 h): never block the kernel on it.
+        background = args.background or args.batch_api is True
         try:
-            if args.background:
+            if background:
                 job = nbllm.submit(data, **options)
             else:
                 result = nbllm.run(data, **options)
@@ -375,7 +384,7 @@ class LlmBatchMagics(Magics):
             msg = f"nbllm: {exc}"
             raise UsageError(msg) from exc
 
-        if args.background:
+        if background:
             namespace[f"{name}_job"] = job
             _announce(job, name, namespace)
             return

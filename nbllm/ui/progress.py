@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from nbllm.executor.events import (
+    BatchUpdated,
     EnginePhase,
     Event,
     RetryScheduled,
@@ -20,8 +21,14 @@ from nbllm.executor.events import (
     StopRequested,
     TurnFinished,
 )
-from nbllm.executor.stats import GENERATING, RunStats
-from nbllm.ui.snapshot_text import generated_text, phase_name, truncated_text
+from nbllm.executor.stats import GENERATING, RunStats, batch_figures
+from nbllm.ui.snapshot_text import (
+    batch_line,
+    blocking_batch_note,
+    generated_text,
+    phase_name,
+    truncated_text,
+)
 
 __all__ = ["TextProgress"]
 
@@ -31,14 +38,17 @@ class TextProgress:
 
     A local engine's preparation (``EnginePhase``) gets a bar of its own first; its
     "generating" count during the run and the answers ``max_tokens`` cut short join the
-    postfix (``tokens``, ``cut``) once there are any. The figures
+    postfix (``tokens``, ``cut``) once there are any, and so do a batch API's batches in
+    flight (``batches``); each batch gets a line when it appears and when its status
+    changes (not at every poll), and the first one a note on what a blocking run through a
+    batch API means. The figures
     are read from ``stats``: by default one made here and fed with the events received; a
     ``RunStats`` passed in is fed by its maker (listening before this bar).
 
     ``frames=False`` (for a file or a pipe) draws no bar: one line when each preparation
     phase begins, one when the run starts, one when a stop is asked, one every
     ``line_every_s`` seconds while turns finish (turns done, failed, retries, answers cut
-    short, tokens generated), and the
+    short, tokens generated), the batches' lines, and the
     verdict at the end; ``clock`` (seconds) paces those lines.
     """
 
@@ -50,6 +60,7 @@ class TextProgress:
         TurnFinished,
         StopRequested,
         RunFinished,
+        BatchUpdated,
     )
 
     def __init__(
@@ -71,13 +82,17 @@ class TextProgress:
         self._bar: Any = None
         self._phase_bar: Any = None
         self._phase: str | None = None
-        # (failed, not run, retries, cut short, tokens generated) in the postfix
-        self._shown: tuple[int, ...] = (0, 0, 0, 0, 0)
+        # (failed, not run, retries, cut short, tokens generated, batches) in the postfix
+        self._shown: tuple[int, ...] = (0, 0, 0, 0, 0, 0)
+        self._batch_status: dict[str, str] = {}  # each batch's status, as last written
         self._counted_at = float("-inf")
 
     def __call__(self, event: Event) -> None:
         if self._feeds_stats:
             self.stats.update(event)
+        if isinstance(event, BatchUpdated):
+            self._batch_changed(event)
+            return
         if not self.frames:
             self._write_line(event)
             return
@@ -97,6 +112,7 @@ class TextProgress:
         elif isinstance(event, RunStarted):
             from tqdm import tqdm
 
+            self._batch_status.clear()
             self._close_phase()
             self._bar = tqdm(
                 total=event.turns,
@@ -156,10 +172,11 @@ class TextProgress:
             snap.retries,
             snap.truncated,
             snap.generated_tokens or 0,
+            snap.batches_in_flight,
         )
         if shown != self._shown:
             self._shown = shown
-            failed, not_run, retries, truncated, generated = shown
+            failed, not_run, retries, truncated, generated, batches = shown
             postfix = {"failed": failed, "retries": retries}
             if not_run:
                 postfix["not_run"] = not_run
@@ -167,7 +184,28 @@ class TextProgress:
                 postfix["cut"] = truncated
             if generated:
                 postfix["tokens"] = generated
+            if batches:
+                postfix["batches"] = batches
             self._bar.set_postfix(postfix, refresh=refresh)
+
+    def _batch_changed(self, event: BatchUpdated) -> None:
+        """A line when a batch appears or its status changes: a poll that changed nothing
+        (every ``batch_poll_s``, for hours) says nothing."""
+        before = self._batch_status.get(event.batch_id)
+        if before == event.status:
+            return
+        lines = [] if self._batch_status else [blocking_batch_note(self.stats.snapshot())]
+        self._batch_status[event.batch_id] = event.status
+        lines.append(batch_line(batch_figures(event, event.t)))
+        for line in lines:
+            if self._bar is not None:
+                from tqdm import tqdm
+
+                tqdm.write(f"nbllm: {line}", file=self.file or sys.stderr)
+            else:
+                self._print(line)
+        if self._bar is not None:  # rare (a status change): counted at once, as at the end
+            self._show_counts(final=True, refresh=True)
 
     # -- lines, for a file or a pipe ------------------------------------------------------
 
@@ -181,6 +219,7 @@ class TextProgress:
                 detail = " ".join(event.detail.split())
                 self._print(f"{phase_name(event.phase)}" + (f": {detail}" if detail else "…"))
         elif isinstance(event, RunStarted):
+            self._batch_status.clear()
             self._phase = None
             self._line_at = self._clock()
             resumed = f", {event.resumed:,} resumed from the checkpoint" if event.resumed else ""

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nbllm.executor.stats import Snapshot
+from nbllm.executor.stats import BatchFigures, Snapshot
 
 __all__ = [
     "bar_label",
     "bar_style",
+    "batch_confirm_line",
+    "batch_header",
+    "batch_line",
+    "batch_lines",
+    "blocking_batch_note",
     "error_lines",
     "figure_items",
     "figures_line",
@@ -110,6 +115,8 @@ def figure_items(snap: Snapshot) -> list[str]:
         items.append(f"resumed {snap.resumed:,}")
     if snap.cost_usd:  # unknown, or nothing (a local model): no figure to show
         items.append(f"cost {_cost(snap.cost_usd)}")
+    if snap.saved_usd:  # batch_api=True: the cost is at the batch price
+        items.append(f"saved {_cost(snap.saved_usd)} (batch API)")
     items.append(f"elapsed {format_duration(snap.elapsed_s, tenths=snap.finished)}")
     if not snap.finished:
         items.append(f"ETA {format_duration(snap.eta_s)}")
@@ -241,3 +248,83 @@ def summary_line(snap: Snapshot) -> str:
     else:
         parts += [f"{_rate(snap.requests_per_s)} req/s", f"ETA {format_duration(snap.eta_s)}"]
     return "nbllm: " + ", ".join(parts)
+
+
+# -- batch_api=True ----------------------------------------------------------------------
+
+_DAY_S = 24 * 3600.0  # the completion window both OpenAI and Anthropic give a batch
+
+
+def _span(seconds: float) -> str:
+    """``"42 s"``, ``"2 h 05 min"``, and a window of whole hours as ``"24 h"``."""
+    return format_duration(seconds).removesuffix(" 00 min")
+
+
+def batch_line(batch: BatchFigures) -> str:
+    """One batch: ``"batch_abc123 · in_progress · 120/400 done, 3 failed · 2 h 05 min of
+    24 h · 400 waiting"``. The waiting requests are left out once the batch has ended, and
+    a failed batch says why."""
+    done = f"{batch.completed:,}/{batch.total:,} done"
+    if batch.failed:
+        done += f", {batch.failed:,} failed"
+    parts = [batch.id, batch.status, done]
+    if batch.age_s is not None:
+        window = f" of {_span(batch.window_s)}" if batch.window_s else ""
+        parts.append(f"{_span(batch.age_s)}{window}")
+    if batch.waiting and not batch.ended:
+        parts.append(f"{batch.waiting:,} waiting")
+    if batch.error:
+        parts.append(f"error: {batch.error}")
+    return " · ".join(parts)
+
+
+def batch_header(snap: Snapshot) -> str:
+    """``"3 batches in flight (openai batch API)"``, with the ended ones after a comma;
+    empty for a run without batches."""
+    if not snap.batches:
+        return ""
+    n = snap.batches_in_flight
+    line = f"{n:,} {'batch' if n == 1 else 'batches'} in flight"
+    ended = len(snap.batches) + snap.batches_not_shown - n
+    if ended:
+        line += f", {ended:,} ended"
+    apis = ", ".join(sorted({batch.api for batch in snap.batches}))
+    return f"{line} ({apis} batch API)"
+
+
+def blocking_batch_note(snap: Snapshot) -> str:
+    """What a blocking run through a batch API means for the user: it may wait up to the
+    completion window, there is a way not to, and an interrupt leaves the batches alone."""
+    windows = [b.window_s for b in snap.batches if b.window_s and not b.ended]
+    window = _span(max(windows)) if windows else _span(_DAY_S)
+    return (
+        f"a run through a batch API may take up to its completion window ({window}); "
+        "nbllm.submit(...) or %%llm_batch --background runs it in the background. "
+        "Interrupting does not cancel the batches: running the same call again re-attaches "
+        "to them"
+    )
+
+
+def batch_lines(snap: Snapshot, *, blocking: bool = False) -> list[str]:
+    """The live views' words for a run's batches: the header, a line per batch shown, how
+    many more there are, and for a ``blocking`` run with batches in flight, what that means
+    (``blocking_batch_note``). Empty for a run without batches."""
+    if not snap.batches:
+        return []
+    lines = [batch_header(snap), *(batch_line(batch) for batch in snap.batches)]
+    if snap.batches_not_shown:
+        n = snap.batches_not_shown
+        lines.append(f"… and {n:,} more {'batch' if n == 1 else 'batches'}")
+    if blocking and snap.batches_in_flight and not snap.finished:
+        lines.append(blocking_batch_note(snap))
+    return lines
+
+
+def batch_confirm_line(batches: int) -> str:
+    """What a second press of Stop does while ``batches`` are in flight, and what does not."""
+    these = "the batch" if batches == 1 else f"the {batches:,} batches"
+    return (
+        f"Press again to cancel {these} in flight and stop: the answers already returned are "
+        "kept. An interrupt or a kernel restart does NOT cancel them (running the cell again "
+        "re-attaches)."
+    )

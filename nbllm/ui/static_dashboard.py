@@ -2,9 +2,10 @@
 
 A widget needs its kernel: a notebook reopened later, or exported by nbconvert, shows
 "Error displaying widget" where it was. So when a run ends, the dashboard's output is
-replaced by this rendering of its last snapshot: the title, the bars, the figures, the
-errors and the verdict. Inline styles only (no ``<style>``, no script), which notebook
-viewers keep; where even those are dropped the text still reads on its own.
+replaced by this rendering of its last snapshot: the title, the bars, the figures, a
+batch API's batches, the errors and the verdict. Inline styles only (no ``<style>``, no
+script), which notebook viewers keep; where even those are dropped the text still reads
+on its own.
 The live widget draws its figures and errors with the same pieces.
 """
 
@@ -17,7 +18,14 @@ from nbllm.executor.stats import Snapshot
 from nbllm.ui.gpu import GpuSample
 from nbllm.ui.snapshot_text import bar_label, bar_style, figure_items
 
-__all__ = ["dashboard_html", "errors_html", "figures_html", "progress_html", "title_html"]
+__all__ = [
+    "batches_html",
+    "dashboard_html",
+    "errors_html",
+    "figures_html",
+    "progress_html",
+    "title_html",
+]
 
 # ipywidgets' own bar colours, so the static bars look like the live ones.
 _BAR_COLORS = {
@@ -43,6 +51,15 @@ def errors_html(lines: Sequence[str]) -> str:
         return ""
     rows = "".join(f"<div>{html.escape(line)}</div>" for line in lines)
     return f'<div style="color:{_ERROR_COLOR};overflow-wrap:anywhere;line-height:1.5">{rows}</div>'
+
+
+def batches_html(lines: Sequence[str]) -> str:
+    """A batch API's batches (``nbllm.ui.snapshot_text.batch_lines``): plain text, a line
+    each, wrapping rather than cut; nothing without batches."""
+    if not lines:
+        return ""
+    rows = "".join(f"<div>{html.escape(line)}</div>" for line in lines)
+    return f'<div class="nbllm-batches" style="overflow-wrap:anywhere;line-height:1.5">{rows}</div>'
 
 
 def progress_html(done: float | None, total: float | None, label: str, style: str = "info") -> str:
@@ -79,12 +96,14 @@ def dashboard_html(
     errors: Sequence[str] = (),
     phase: str = "",
     gpu: Sequence[GpuSample] = (),
+    batches: Sequence[str] = (),
 ) -> str:
     """The whole dashboard for ``snap`` as one block of HTML.
 
     ``status``: the verdict (or what to do now); ``errors``: the error lines; ``phase``: a
     local engine's preparation, shown as a bar of its own; ``gpu``: the latest sample of
-    each device (no GPU row without one).
+    each device (no GPU row without one); ``batches``: the lines of a batch API's batches,
+    under the figures.
     """
     style = bar_style(snap)
     rows = [f"<div>{title_html(snap)}</div>"]
@@ -108,6 +127,8 @@ def dashboard_html(
             )
         )
         rows.append(figures_html(figure_items(snap)))
+    if batches:
+        rows.append(batches_html(batches))
     if errors:
         rows.append(errors_html(errors))
     for sample in gpu:

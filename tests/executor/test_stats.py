@@ -363,6 +363,7 @@ def summary_figures(summary: RunSummary) -> dict[str, object]:
         "tokens/s": summary.tokens_per_s,
         "latency": (summary.latency_p50, summary.latency_p95),
         "cost": summary.cost_usd,
+        "saved": summary.saved_usd,
         "interrupted": summary.interrupted,
         "verdict": summary.verdict,
     }
@@ -385,6 +386,7 @@ def snapshot_figures(snap: Snapshot) -> dict[str, object]:
         "tokens/s": snap.tokens_per_s,
         "latency": (snap.latency_p50, snap.latency_p95),
         "cost": snap.cost_usd,
+        "saved": snap.saved_usd,
         "interrupted": snap.interrupted,
         "verdict": snap.verdict,
     }
