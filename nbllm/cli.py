@@ -305,7 +305,7 @@ def _runs(args: argparse.Namespace) -> int:
         where = Path(args.root) if args.root else nbllm_dir()
         print(f"no stored runs under {where / 'runs'}")
         return 0
-    header = ("ID", "CREATED (UTC)", "MODEL", "DONE/TOTAL", "SIZE", "IN USE")
+    header = ("ID", "CREATED (UTC)", "MODEL", "DONE/TOTAL", "BATCHES OUT", "SIZE", "IN USE")
     table = [header]
     notes = []
     for run in df.itertuples(index=False):
@@ -319,6 +319,7 @@ def _runs(args: argparse.Namespace) -> int:
                 created,
                 run.model or "-",
                 done,
+                "-" if pd.isna(run.batches_in_flight) else str(run.batches_in_flight),
                 _size(run.size_bytes),
                 "yes" if run.in_use else "no",
             )

@@ -553,11 +553,11 @@ def test_runs_lists_the_stored_runs(server, tmp_path, _nbllm_dir, capsys):
 
     lines = capsys.readouterr().out.splitlines()
     assert [t.strip() for t in lines[0].split("  ") if t.strip()] == [
-        "ID", "CREATED (UTC)", "MODEL", "DONE/TOTAL", "SIZE", "IN USE"
+        "ID", "CREATED (UTC)", "MODEL", "DONE/TOTAL", "BATCHES OUT", "SIZE", "IN USE"
     ]  # fmt: skip
     fields = lines[1].split()
     assert fields[0] == run_id
-    assert fields[3:] == ["nbllm-test", "3/3", fields[5], "KiB", "no"]
+    assert fields[3:] == ["nbllm-test", "3/3", "0", fields[6], "KiB", "no"]
     assert lines[2].split()[0] == "broken"
     assert lines[3] == "unreadable: broken: no checkpoint.sqlite in this folder"
 
