@@ -101,8 +101,10 @@ class BatchFigures:
 
 
 def batch_figures(event: BatchUpdated, now: float) -> BatchFigures:
-    """``event``'s batch as of ``now`` (Unix seconds)."""
+    """``event``'s batch as of ``now`` (Unix seconds); an ended batch's age stops at the
+    poll that found it ended."""
     created, expires = event.created_at, event.expires_at
+    now = min(now, event.t) if event.ended else now
     return BatchFigures(
         id=event.batch_id,
         api=event.api,

@@ -19,7 +19,7 @@ import nbllm
 from nbllm.engines.batch.lines import BatchLine, BatchRecord
 from nbllm.executor.checkpoint import CheckpointStore, RunIdentity
 from nbllm.executor.events import BatchUpdated, RunFinished, RunStarted, TurnFinished
-from nbllm.executor.stats import BATCHES_SHOWN, BatchFigures, RunStats, Snapshot
+from nbllm.executor.stats import BATCHES_SHOWN, BatchFigures, RunStats, Snapshot, batch_figures
 from nbllm.jobs import Job
 from nbllm.results import COLUMNS, RunResult
 from nbllm.testing import TestServer
@@ -463,3 +463,11 @@ def test_the_magics_help_says_batch_api_runs_in_the_background(shell, capsys):
     shell.run_cell("%llm_batch -h")
     out = " ".join(capsys.readouterr().out.split())
     assert "--batch-api implies it" in out
+
+
+def test_an_ended_batch_s_age_stops_when_it_was_found_ended() -> None:
+    """A batch that took 10 s still shows 10 s later on, not the time since it began."""
+    ended = BatchUpdated("batch_a", "openai", "completed", 4, 4, 0, 90.0, 90.0 + 86400, 0, 100.0)
+    going = replace(ended, status="in_progress", completed=1, t=95.0)
+    assert batch_figures(ended, now=500.0).age_s == 10.0
+    assert batch_figures(going, now=500.0).age_s == 410.0
