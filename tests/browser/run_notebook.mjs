@@ -15,6 +15,8 @@
 // source starts with that prefix, once every cell ran. "narrow_screenshot": right after the
 // mid-run picture the window is made 600 px wide for a moment; the batch cell's picture then,
 // and whether any of its outputs is wider than the cell (cut off, or scrolled sideways).
+// "background" (optional): the batch cell runs in the background (the cell itself ends at
+// once); its mid-run picture is taken while any cell is still busy.
 // "reopen_url" (optional): once saved, the notebook's kernel is shut down and the notebook
 // opened again at that URL in a new window; "reopened" in the report is what it showed, and
 // "reopened_screenshot" (optional) a picture of its batch cell.
@@ -233,7 +235,10 @@ try {
       }, index);
       mark("batch_in_view");
     }
-    if (batch && batch.prompt.includes("*") && share > 0 && share < 1) {
+    // "background": the batch cell returns at once (--background, --batch-api); its run goes
+    // on while a later cell waits for it.
+    const running = batch?.prompt.includes("*") || (opts.background && state.busy_cells > 0);
+    if (batch && running && share > 0 && share < 1) {
       timings.first_progress ??= (Date.now() - t0) / 1000;
       if (!result.midrun && share >= 1 / 3) {
         await cellShot(index, opts.midrun_screenshot);
