@@ -397,3 +397,23 @@ async def test_an_interrupted_run_says_which_batch_each_waiting_turn_is_in(tmp_p
     assert all(e.startswith(f"not run: pending in batch {batch_id}") for e in first)
     assert all("run the same call again" in e for e in first)
     assert result.df[result.df["turn"] == 1]["error"].str.startswith("not run: the run was").all()
+
+
+def test_a_run_begun_live_goes_on_through_batches_from_its_checkpoint(tmp_path) -> None:
+    """A live run stopped by its token cap, run again with batch_api=True: its answered
+    turns are resumed, only the rest go into batches."""
+    data = dataset(4)
+    turns = sum(len(c["turns"]) for c in data)
+    checkpoint = tmp_path / "c.sqlite"
+    with TestServer(batch_delay_s=0.05) as server:
+        options = {"model": "nbllm-test", "api_base": server.url, "cache": False}
+        live = nbllm.run(
+            data, checkpoint=checkpoint, progress=False, max_tokens_total=200, concurrency=2,
+            **options,
+        )  # fmt: skip
+        assert 0 < live.summary.turns_ok < turns, live.summary
+        again = nbllm.run(data, checkpoint=checkpoint, batch_api=True, **FAST, **options)
+        assert again.summary.turns_ok == turns
+        assert again.summary.resumed == live.summary.turns_ok
+        assert len(server.batch_requests) == turns - live.summary.turns_ok
+        assert server.history_errors == 0

@@ -138,7 +138,9 @@ class BatchEngine(Engine):
         return f"{self.client.api} batch API @ {self.client.where}"
 
     def identity(self) -> str:
-        return self.describe()
+        # The same model at the same place answers alike live or in a batch: a run started
+        # live and run again with batch_api=True resumes from the same checkpoint.
+        return self.live.identity() if self.live is not None else self.describe()
 
     def secrets(self) -> tuple[str, ...]:
         return (*self.client.secrets(), *(self.live.secrets() if self.live else ()))
