@@ -93,3 +93,25 @@ def _litellm_clients_dropped(request):
         if cache is not None:
             cache.flush_cache()
         gc.collect()
+
+
+@pytest.fixture
+def shell(monkeypatch):
+    """A real IPython shell with ``%load_ext nbllm`` done, none of the magic's NBLLM_*
+    settings from the environment; the extension, its config and the namespace are reset
+    after."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    from nbllm.ui.magics import ENVIRONMENT
+
+    for variable in ENVIRONMENT.values():
+        monkeypatch.delenv(variable, raising=False)
+    config = Config()
+    config.HistoryManager.enabled = False
+    ip = InteractiveShell.instance(config=config)
+    ip.run_line_magic("load_ext", "nbllm")
+    yield ip
+    ip.run_line_magic("unload_ext", "nbllm")
+    ip.config.pop("LlmBatchMagics", None)  # what %config put there would outlive the test
+    ip.reset(new_session=False)

@@ -17,8 +17,6 @@ from collections.abc import Iterator
 
 import pytest
 from aiohttp import web
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
 
 import nbllm
 from nbllm import prepare
@@ -28,7 +26,6 @@ from nbllm.engines.keys import PLACEHOLDER_KEY, key_for_api_base, provider_key_n
 from nbllm.engines.litellm import import_litellm
 from nbllm.jobs import submit
 from nbllm.types import ChatRequest
-from nbllm.ui.magics import ENVIRONMENT
 
 RECORDS = [{"id": "a", "turns": ["hi"]}]
 NBLLM_KEY = "nbllm-own-server-key-4711"
@@ -424,20 +421,6 @@ def test_a_failed_jobs_repr_masks_keys_in_its_error(monkeypatch):
     assert job.status == "failed"
     assert "RuntimeError" in repr(job)
     _assert_hidden(repr(job))
-
-
-@pytest.fixture
-def shell(monkeypatch):
-    for variable in ENVIRONMENT.values():
-        monkeypatch.delenv(variable, raising=False)
-    config = Config()
-    config.HistoryManager.enabled = False
-    ip = InteractiveShell.instance(config=config)
-    ip.run_line_magic("load_ext", "nbllm")
-    yield ip
-    ip.run_line_magic("unload_ext", "nbllm")
-    ip.config.pop("LlmBatchMagics", None)
-    ip.reset(new_session=False)
 
 
 def test_llm_config_lists_api_base_without_its_password(shell, monkeypatch, capsys):

@@ -23,9 +23,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 from secret_servers import EchoServer
-from traitlets.config import Config
 
 import nbllm
 from nbllm.api import prepare_run
@@ -34,7 +32,6 @@ from nbllm.errors import AuthenticationError, ServerError
 from nbllm.executor.events import RetryScheduled
 from nbllm.serve import EngineServer
 from nbllm.types import ChatRequest, ChatResponse
-from nbllm.ui.magics import ENVIRONMENT
 
 KEY = "sk-nbllm-test-sentinel-not-a-key"
 HEADER_SECRET = "hdrSENTINEL2-5f1e9a77"
@@ -409,20 +406,6 @@ def test_the_command_leaks_nothing(mode, echo, tmp_path, _nbllm_dir):
 
 
 # --------------------------------------------------------------------------- the magic
-
-
-@pytest.fixture
-def shell(monkeypatch):
-    for variable in ENVIRONMENT.values():
-        monkeypatch.delenv(variable, raising=False)
-    config = Config()
-    config.HistoryManager.enabled = False
-    ip = InteractiveShell.instance(config=config)
-    ip.run_line_magic("load_ext", "nbllm")
-    yield ip
-    ip.run_line_magic("unload_ext", "nbllm")
-    ip.config.pop("LlmBatchMagics", None)
-    ip.reset(new_session=False)
 
 
 @pytest.mark.usefixtures("no_provider_keys")

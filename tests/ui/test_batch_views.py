@@ -12,8 +12,6 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
 
 import nbllm
 from nbllm.engines.batch.lines import BatchLine, BatchRecord
@@ -25,7 +23,6 @@ from nbllm.results import COLUMNS, RunResult
 from nbllm.testing import TestServer
 from nbllm.types import TurnRecord
 from nbllm.ui.dashboard import CONFIRM_S, Dashboard
-from nbllm.ui.magics import ENVIRONMENT
 from nbllm.ui.progress import TextProgress
 from nbllm.ui.snapshot_text import (
     batch_header,
@@ -427,19 +424,6 @@ def test_list_runs_reads_a_checkpoint_older_than_the_batches_as_none_in_flight(_
 
 
 # -- the magic ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shell(monkeypatch):
-    for variable in ENVIRONMENT.values():
-        monkeypatch.delenv(variable, raising=False)
-    config = Config()
-    config.HistoryManager.enabled = False
-    ip = InteractiveShell.instance(config=config)
-    ip.run_line_magic("load_ext", "nbllm")
-    yield ip
-    ip.run_line_magic("unload_ext", "nbllm")
-    ip.reset(new_session=False)
 
 
 def test_batch_api_in_the_magic_runs_in_the_background(shell, capsys):

@@ -8,8 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
 
 import nbllm
 from nbllm import api
@@ -18,7 +16,7 @@ from nbllm.config import RunConfig
 from nbllm.jobs import Job
 from nbllm.results import RunResult
 from nbllm.testing import TestServer, messages_key
-from nbllm.ui.magics import ENVIRONMENT, SESSION, LlmBatchMagics, _show
+from nbllm.ui.magics import SESSION, LlmBatchMagics, _show
 from nbllm.ui.preview import PREVIEW_COLUMNS, ResultPreview, clip
 
 SYSTEM = "You are a careful financial analyst."
@@ -27,21 +25,6 @@ TEMPLATE = f"""system: {SYSTEM}
 user: {{question_0}}
 user: {{question_1}}
 """
-
-
-@pytest.fixture
-def shell(monkeypatch):
-    """A shell with ``%load_ext nbllm`` done; the extension and the namespace are reset after."""
-    for variable in ENVIRONMENT.values():
-        monkeypatch.delenv(variable, raising=False)
-    config = Config()
-    config.HistoryManager.enabled = False
-    ip = InteractiveShell.instance(config=config)
-    ip.run_line_magic("load_ext", "nbllm")
-    yield ip
-    ip.run_line_magic("unload_ext", "nbllm")
-    ip.config.pop("LlmBatchMagics", None)  # what %config put there would outlive the test
-    ip.reset(new_session=False)
 
 
 @pytest.fixture
