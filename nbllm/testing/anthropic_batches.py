@@ -22,7 +22,15 @@ from typing import Any
 
 from aiohttp import web
 
-from nbllm.testing.batches import ENDED, BatchBook, BatchJob, BatchLine, LineResult, new_id
+from nbllm.testing.batches import (
+    ENDED,
+    BatchBook,
+    BatchJob,
+    BatchLine,
+    LineResult,
+    listed,
+    new_id,
+)
 
 __all__ = ["add_routes", "read_params"]
 
@@ -165,22 +173,14 @@ class _Routes:
         return web.json_response(_batch_json(job, request))
 
     async def list_batches(self, request: web.Request) -> web.Response:
-        try:
-            limit = int(request.query.get("limit", "20"))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= 1000:
-            return _error(400, "invalid_request_error", "limit: expected 1 to 1000")
-        newest_first = [job for job in reversed(self.book.logged) if job.api == "anthropic"]
-        after = request.query.get("after_id")
-        if after is not None:
-            ids = [job.id for job in newest_first]
-            newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
-        page = [_batch_json(job, request) for job in newest_first[:limit]]
+        found = listed(self.book, "anthropic", request.query, "after_id", 1000)
+        if isinstance(found, str):
+            return _error(400, "invalid_request_error", found)
+        page = [_batch_json(job, request) for job in found[0]]
         return web.json_response(
             {
                 "data": page,
-                "has_more": len(newest_first) > limit,
+                "has_more": found[1],
                 "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None,
             }

@@ -43,6 +43,7 @@ __all__ = [
     "BatchRecord",
     "LineResult",
     "StoredFile",
+    "listed",
     "new_id",
 ]
 
@@ -274,3 +275,22 @@ class BatchBook:
     def _end(self, job: BatchJob, status: str) -> None:
         job.enter(status)
         job.on_end(job)
+
+
+def listed(
+    book: BatchBook, api: str, query: Mapping[str, str], after_key: str, most: int
+) -> tuple[list[BatchJob], bool] | str:
+    """One page of ``api``'s batches, newest first, after the id ``query[after_key]``: the
+    page and whether more follow; or what is wrong with ``limit`` (1 to ``most``)."""
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= most:
+        return f"limit: expected a whole number from 1 to {most}"
+    newest_first = [job for job in reversed(book.logged) if job.api == api]
+    after = query.get(after_key)
+    if after is not None:
+        ids = [job.id for job in newest_first]
+        newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
+    return newest_first[:limit], len(newest_first) > limit

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from nbllm.engines.openai_wire import error_body
-from nbllm.testing.batches import BatchBook, BatchJob, BatchLine, StoredFile, new_id
+from nbllm.testing.batches import BatchBook, BatchJob, BatchLine, StoredFile, listed, new_id
 
 __all__ = ["add_routes", "unauthorized"]
 
@@ -186,18 +186,10 @@ class _Routes:
         return _json(200, _batch_json(job))
 
     async def list_batches(self, request: web.Request) -> web.Response:
-        try:
-            limit = int(request.query.get("limit", "20"))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= 100:
-            return _error(400, "Invalid 'limit': must be a whole number from 1 to 100.", "limit")
-        newest_first = [job for job in reversed(self.book.logged) if job.api == "openai"]
-        after = request.query.get("after")
-        if after is not None:
-            ids = [job.id for job in newest_first]
-            newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
-        page = [_batch_json(job) for job in newest_first[:limit]]
+        found = listed(self.book, "openai", request.query, "after", 100)
+        if isinstance(found, str):
+            return _error(400, found, "limit")
+        page = [_batch_json(job) for job in found[0]]
         return _json(
             200,
             {
@@ -205,7 +197,7 @@ class _Routes:
                 "data": page,
                 "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None,
-                "has_more": len(newest_first) > limit,
+                "has_more": found[1],
             },
         )
 
