@@ -101,27 +101,21 @@ def test_an_expired_batch_sends_again_only_its_unanswered_lines(tmp_path) -> Non
         assert server.requests == []
 
 
-def test_failed_lines_go_live_with_batch_fallback_live(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("fallback", "live_requests", "batch_lines"), [("batch", 0, [5, 2]), ("live", 2, [5])]
+)
+def test_failed_lines_are_sent_again_in_a_batch_or_live(fallback, live_requests, batch_lines):
+    """The server fails the first two lines: they go in the next batch, or live with
+    batch_fallback="live"."""
     data = [{"id": f"c{i}", "turns": ["q?"]} for i in range(5)]
     with TestServer(batch_delay_s=0.05, batch_fail_first=2) as server:
         result = run(
-            server, data, batch_fallback="live", checkpoint=False, cache=False,
+            server, data, batch_fallback=fallback, checkpoint=False, cache=False,
             retries=nbllm.RetryPolicy(initial=0.01),
         )  # fmt: skip
         assert result.summary.turns_ok == 5
-        assert len(server.requests) == 2  # the two failed lines, asked live
-        assert server.stats()["batches_created"] == 1
-
-
-def test_a_failed_line_is_sent_in_the_next_batch_by_default(tmp_path) -> None:
-    data = [{"id": f"c{i}", "turns": ["q?"]} for i in range(5)]
-    with TestServer(batch_delay_s=0.05, batch_fail_first=2) as server:
-        result = run(
-            server, data, checkpoint=False, cache=False, retries=nbllm.RetryPolicy(initial=0.01)
-        )
-        assert result.summary.turns_ok == 5
-        assert server.requests == []
-        assert [b.n_lines for b in server.batches] == [5, 2]
+        assert len(server.requests) == live_requests
+        assert [b.n_lines for b in server.batches] == batch_lines
 
 
 def test_a_refused_batch_puts_the_providers_message_in_the_error_column() -> None:
