@@ -146,7 +146,7 @@ def parse_figures(output: str) -> tuple[list[Figure], list[str]]:
             continue
         if has_target and not verdicts and re.match(r"^targets?\b", text, re.IGNORECASE):
             continue  # the stated target, not a figure
-        if not verdicts and not reported and not re.search(r"\d", text):
+        if not verdicts and not reported and re.search(r"\bverdict\b|^\D*$", text):
             continue  # a table's column titles
         verdict = verdicts[-1] if verdicts else ("reported" if reported else "-")
         target = ""

@@ -152,6 +152,21 @@ def test_no_verdict_keeps_the_closing_lines():
     assert any(line.startswith("shared ") for line in lines)
 
 
+def test_column_titles_are_not_figures():
+    text = (
+        "config                   requests  wall s achieved/R  429s 429 share  target   verdict\n"
+        "fixed rpm=R          180    8.24      0.971    20     11.1%  >= 0.95, 0 429s  MISS\n"
+        "shared goodput/R 0.952, 0 429s   target >= 0.90 with 0 429s  PASS\n"
+    )
+    figures, _ = run_all.parse_figures(text)
+    assert [(f.label, f.verdict) for f in figures] == [
+        ("fixed rpm=R", "MISS"),
+        ("shared goodput/R", "PASS"),
+    ]
+    assert figures[1].value == "0.952, 0 429s"
+    assert figures[1].target == ">= 0.90 with 0 429s"
+
+
 def _results():
     figures, lines = run_all.parse_figures(EXECUTOR)
     ran = run_all.Result(
