@@ -101,7 +101,9 @@ def plain_loop(engine: Any, convs: list[dict[str, Any]], max_tokens: int) -> tup
 def one_request(engine: Any, messages: list[dict[str, str]], generation: Any) -> tuple[int, str]:
     """The engine's model answering one chat, called directly: (new tokens, text)."""
     if engine.name == "llamacpp":  # llama.cpp renders the chat itself
-        answer = engine._run_chat((messages, generation))
+        from nbllm.engines.local.llamacpp import _Chat
+
+        answer = engine._run_chat(_Chat(messages, generation))
         text = answer["choices"][0]["message"]["content"] or ""
         return answer["usage"]["completion_tokens"], text.strip()
     new_ids = engine._generate([engine.encode(messages)], generation, _Unwatched())[0]

@@ -94,6 +94,7 @@ class Result:
     status: str  # "ran", "failed", "skipped"
     date: str
     machine: str
+    commit: str = ""  # nbllm's git commit ("+changes": nbllm/ or benchmarks/ edited since)
     quick: bool = False
     seconds: float | None = None
     figures: list[Figure] = field(default_factory=list)
@@ -325,10 +326,10 @@ def has_cuda() -> bool:
 
 
 def machine() -> str:
-    """One line: CPUs and model, RAM, GPU, Python, torch, nbllm's commit."""
+    """One line: CPUs and model, RAM, GPU, Python, torch."""
     return (
         f"{os.cpu_count()} CPUs ({_cpu_model()}), {_ram_gib()}, {_gpu()}, "
-        f"Python {platform.python_version()}, {_torch_version()}, nbllm {git_commit()}"
+        f"Python {platform.python_version()}, {_torch_version()}"
     )
 
 
@@ -346,7 +347,12 @@ def command_for(bench: Benchmark, quick: bool, json_path: str | None = None) -> 
 
 
 def run_one(
-    bench: Benchmark, quick: bool, machine_line: str, cuda: bool, keep: Path | None = None
+    bench: Benchmark,
+    quick: bool,
+    machine_line: str,
+    cuda: bool,
+    keep: Path | None = None,
+    commit: str = "",
 ) -> Result:
     shown = " ".join(command_for(bench, quick))
     result = Result(
@@ -355,6 +361,7 @@ def run_one(
         status="ran",
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine_line,
+        commit=commit,
         quick=quick and bench.quick,
     )
     if bench.needs and not shutil.which(bench.needs):
@@ -452,6 +459,8 @@ def render_results(results: Sequence[Result]) -> str:
         out.append(f"- command: `{r.command}`")
         out.append(f"- date: {r.date}")
         out.append(f"- machine: {r.machine}")
+        if r.commit:
+            out.append(f"- nbllm commit: {r.commit}")
         out.append(f"- status: {r.status}" + (f" ({r.note})" if r.note else ""))
         if r.seconds is not None:
             out.append(f"- took: {r.seconds:g} s")
@@ -470,12 +479,14 @@ def render_results(results: Sequence[Result]) -> str:
 def render_table(results: Sequence[Result]) -> str:
     """The README's table: one row per figure with a target, one for a benchmark without."""
     rows = [
-        "| benchmark | figure | target | verdict | command | measured |",
+        "| benchmark | figure | target | verdict | command | measured (UTC, nbllm commit) |",
         "|---|---|---|---|---|---|",
     ]
     several = len({r.machine for r in results if r.status == "ran"}) > 1
     for r in results:
-        when = f"{r.date}, {r.machine}" if several and r.status == "ran" else r.date
+        when = ", ".join(filter(None, [r.date, r.commit if r.status == "ran" else ""]))
+        if several and r.status == "ran":
+            when += f", {r.machine}"
         link = f"[{r.name}](benchmarks/README.md)"
         if r.status != "ran":
             what = f"{r.status}: {_cell(r.note)}"
@@ -537,11 +548,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = read_results(results_path.read_text()) if results_path.exists() else {}
     results = dict(previous)
     if not args.no_run:
-        machine_line, cuda = machine(), has_cuda()
+        machine_line, cuda, commit = machine(), has_cuda(), git_commit()
         for bench in BENCHMARKS:
             if bench.name in picked:
                 results[bench.name] = run_one(
-                    bench, args.quick, machine_line, cuda, Path(args.keep) if args.keep else None
+                    bench,
+                    args.quick,
+                    machine_line,
+                    cuda,
+                    Path(args.keep) if args.keep else None,
+                    commit,
                 )
         ordered = [results[n] for n in names if n in results]
         results_path.write_text(render_results(ordered), encoding="utf-8")

@@ -174,7 +174,8 @@ def _results():
         command="python benchmarks/executor_overhead.py --quick",
         status="ran",
         date="2026-12-03 06:00 UTC",
-        machine="2 CPUs (Some CPU), 23 GiB RAM, no GPU, Python 3.11.7, torch 2.13.0, nbllm abc1234",
+        machine="2 CPUs (Some CPU), 23 GiB RAM, no GPU, Python 3.11.7, torch 2.13.0",
+        commit="abc1234",
         quick=True,
         seconds=12.0,
         figures=figures,
@@ -198,6 +199,7 @@ def test_results_md_round_trips():
     assert "| [shared_quota](#shared_quota) | skipped | - | - |" in text
     assert "- command: `python benchmarks/executor_overhead.py --quick`" in text
     assert "- machine: 2 CPUs (Some CPU)" in text
+    assert "- nbllm commit: abc1234" in text
     assert "| nbllm/aiohttp | 0.86 0.97 | >= 0.5 | PASS |" in text
     back = run_all.read_results(text)
     assert list(back) == ["executor_overhead", "shared_quota"]
@@ -222,7 +224,7 @@ def test_readme_table_is_rewritten_between_the_markers():
     assert "nbllm+limits" not in table
     assert (
         "| [executor_overhead](benchmarks/README.md) | nbllm/aiohttp 0.86 0.97 | >= 0.5 | PASS "
-        "| `python benchmarks/executor_overhead.py --quick` | 2026-12-03 06:00 UTC |"
+        "| `python benchmarks/executor_overhead.py --quick` | 2026-12-03 06:00 UTC, abc1234 |"
     ) in table
     assert "| [shared_quota](benchmarks/README.md) | skipped: needs redis-server on PATH |" in table
     assert run_all.update_readme(new, _results()) == new  # rewriting again changes nothing
