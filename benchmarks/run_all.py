@@ -115,10 +115,36 @@ class Result:
 def _split_label(head: str) -> tuple[str, str]:
     """ "nbllm/aiohttp   0.86  0.97" -> ("nbllm/aiohttp", "0.86 0.97")."""
     head = " ".join(head.split())
+    if ": " in head:  # "what was measured, on what: the figures"
+        label, rest = head.split(": ", 1)
+        if re.search(r"\d", rest):
+            return label.strip(), rest.strip()
     match = re.match(r"^(.*?)[\s:]+([-+]?\d[\d,.]*.*)$", head)
     if not match:
         return head.rstrip(":"), ""
     return match.group(1).rstrip(":").strip(), match.group(2).strip()
+
+
+NUMBER = re.compile(r"(?<!\S)[-+]?\d[\d,.]*%?(?!\S)")  # a number standing alone
+
+
+def _name_columns(line: str, header: str) -> str | None:
+    """ "0.84 0.84 0.88" named from the column titles above them, right-aligned as printed:
+    "median 0.84, paired 0.84, by CPU 0.88"; None where the titles do not line up."""
+    head = re.split(r"\(?\btarget|\(reported", line, flags=re.IGNORECASE)[0]
+    head = VERDICT.split(head)[0]
+    numbers = list(NUMBER.finditer(head))
+    rest = head[numbers[0].start() :] if numbers else ""
+    if len(numbers) < 2 or NUMBER.sub("", rest).strip():
+        return None
+    names = []
+    for i, number in enumerate(numbers):
+        start = numbers[i - 1].end() if i else max(0, number.start() - 3)
+        name = header[start : number.end()].strip()
+        if not name or re.search(r"\d", name):
+            return None
+        names.append(f"{name} {number.group()}")
+    return ", ".join(names)
 
 
 def parse_figures(output: str) -> tuple[list[Figure], list[str]]:
@@ -138,8 +164,11 @@ def parse_figures(output: str) -> tuple[list[Figure], list[str]]:
             break
     figures: list[Figure] = []
     used: list[str] = []
+    header = ""
     for line in lines:
         text = line.strip()
+        if text and not re.search(r"\d", text) and not VERDICT.search(text):
+            header = line
         verdicts = VERDICT.findall(text)
         has_target = re.search(r"\btargets?\b", text, re.IGNORECASE) is not None
         reported = "(reported" in text
@@ -163,6 +192,7 @@ def parse_figures(output: str) -> tuple[list[Figure], list[str]]:
             head = VERDICT.split(text)[0]
             target = stated
         label, value = _split_label(head)
+        value = (_name_columns(line, header) if header else None) or value
         if not label and target.lower().startswith("nbllm"):
             label = "nbllm"
         figures.append(Figure(label or "-", value, target, verdict))

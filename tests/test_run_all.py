@@ -69,13 +69,27 @@ targets: shared goodput/R >= 0.90 with 0 429s
 def test_verdict_lines_are_the_figures():
     figures, lines = run_all.parse_figures(EXECUTOR)
     assert [(f.label, f.value, f.target, f.verdict) for f in figures] == [
-        ("nbllm/aiohttp", "0.86 0.97", ">= 0.5", "PASS"),
-        ("nbllm/openai", "24.27 26.28", ">= 2", "PASS"),
-        ("nbllm+limits/nbllm", "0.87 0.89", "", "reported"),
-        ("nbllm+dash/nbllm", "0.89 1.18", ">= 0.95", "MISS"),
+        ("nbllm/aiohttp", "median 0.86, best 0.97", ">= 0.5", "PASS"),
+        ("nbllm/openai", "median 24.27, best 26.28", ">= 2", "PASS"),
+        ("nbllm+limits/nbllm", "median 0.87, best 0.89", "", "reported"),
+        ("nbllm+dash/nbllm", "median 0.89, best 1.18", ">= 0.95", "MISS"),
     ]
     assert len(lines) == 4 and lines[0].startswith("nbllm/aiohttp")
     assert run_all.overall_verdict(figures) == "MISS"
+
+
+def test_columns_are_named_from_the_titles_above():
+    text = (
+        "ratio of req/s       median paired by CPU\n"
+        "checkpoint/none        0.84   0.84   0.88   target >= 0.95  MISS\n"
+    )
+    (figure,), _ = run_all.parse_figures(text)
+    assert figure.value == "median 0.84, paired 0.84, by CPU 0.88"
+    text = (
+        "ratio of req/s    median   best\nrouter-2/single     0.88   0.97   target >= 0.7  PASS\n"
+    )
+    (figure,), _ = run_all.parse_figures(text)
+    assert (figure.label, figure.value) == ("router-2/single", "median 0.88, best 0.97")
 
 
 def test_other_shapes_of_verdict_line():
@@ -84,6 +98,9 @@ def test_other_shapes_of_verdict_line():
         "dashboard/plain req/s 0.951 (by CPU 0.963)  target >= 0.95  PASS\n"
         "p95 gain of first against alone-a: 23.1%   target >= 20%  PASS\n"
         "prefix cache: 2.31x faster (target >= 2.0); same answers: True\n"
+        "prefix reuse, 4 conversations x 3 turns: 5.9 tok/s with the cache, 2.0 without, ratio "
+        "3.01 (target >= 2.0: PASS); same answers: True; prompt tokens reused: 12,386\n"
+        "lowest nbllm / plain ratio: 1.00   target >= 1.0  PASS\n"
     )
     figures, _ = run_all.parse_figures(text)
     assert [(f.label, f.value, f.target, f.verdict) for f in figures] == [
@@ -91,6 +108,13 @@ def test_other_shapes_of_verdict_line():
         ("dashboard/plain req/s", "0.951 (by CPU 0.963)", ">= 0.95", "PASS"),
         ("p95 gain of first against alone-a", "23.1%", ">= 20%", "PASS"),
         ("prefix cache", "2.31x faster", ">= 2.0", "-"),
+        (
+            "prefix reuse, 4 conversations x 3 turns",
+            "5.9 tok/s with the cache, 2.0 without, ratio 3.01",
+            ">= 2.0",
+            "PASS",
+        ),
+        ("lowest nbllm / plain ratio", "1.00", ">= 1.0", "PASS"),
     ]
     assert run_all.overall_verdict(figures) == "PASS"
 
@@ -200,7 +224,7 @@ def test_results_md_round_trips():
     assert "- command: `python benchmarks/executor_overhead.py --quick`" in text
     assert "- machine: 2 CPUs (Some CPU)" in text
     assert "- nbllm commit: abc1234" in text
-    assert "| nbllm/aiohttp | 0.86 0.97 | >= 0.5 | PASS |" in text
+    assert "| nbllm/aiohttp | median 0.86, best 0.97 | >= 0.5 | PASS |" in text
     back = run_all.read_results(text)
     assert list(back) == ["executor_overhead", "shared_quota"]
     assert back["executor_overhead"] == results[0]
@@ -223,7 +247,8 @@ def test_readme_table_is_rewritten_between_the_markers():
     assert table.count("[executor_overhead](benchmarks/README.md)") == 3
     assert "nbllm+limits" not in table
     assert (
-        "| [executor_overhead](benchmarks/README.md) | nbllm/aiohttp 0.86 0.97 | >= 0.5 | PASS "
+        "| [executor_overhead](benchmarks/README.md) | nbllm/aiohttp median 0.86, best 0.97 "
+        "| >= 0.5 | PASS "
         "| `python benchmarks/executor_overhead.py --quick` | 2026-12-03 06:00 UTC, abc1234 |"
     ) in table
     assert "| [shared_quota](benchmarks/README.md) | skipped: needs redis-server on PATH |" in table
@@ -244,7 +269,7 @@ def test_main_rewrites_the_readme_from_results_md(tmp_path):
     assert run_all.main(argv) == 0
     text = readme.read_text()
     assert text.startswith("top\n") and text.endswith("bottom\n")
-    assert "nbllm/openai 24.27 26.28" in text
+    assert "nbllm/openai median 24.27, best 26.28" in text
 
 
 def test_only_names_known_benchmarks(tmp_path, capsys):
