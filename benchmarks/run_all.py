@@ -465,7 +465,9 @@ def _cell(text: str) -> str:
 
 
 def _figure_text(figure: Figure) -> str:
-    return f"{figure.label} {figure.value}".strip()
+    if figure.label in ("", "-") or not figure.value:
+        return figure.value or figure.label
+    return f"{figure.label}: {figure.value}"
 
 
 def render_results(results: Sequence[Result]) -> str:
@@ -509,7 +511,7 @@ def render_results(results: Sequence[Result]) -> str:
 def render_table(results: Sequence[Result]) -> str:
     """The README's table: one row per figure with a target, one for a benchmark without."""
     rows = [
-        "| benchmark | figure | target | verdict | command | measured (UTC, nbllm commit) |",
+        "| benchmark | figure | target | verdict | command | measured (nbllm commit) |",
         "|---|---|---|---|---|---|",
     ]
     several = len({r.machine for r in results if r.status == "ran"}) > 1
@@ -517,20 +519,21 @@ def render_table(results: Sequence[Result]) -> str:
         when = ", ".join(filter(None, [r.date, r.commit if r.status == "ran" else ""]))
         if several and r.status == "ran":
             when += f", {r.machine}"
-        link = f"[{r.name}](benchmarks/README.md)"
+        # The benchmark, its command and when: on its first row only.
+        first = f"| [{r.name}](benchmarks/RESULTS.md#{r.name}) |"
+        tail = f"| `{_cell(r.command)}` | {_cell(when)} |"
         if r.status != "ran":
-            what = f"{r.status}: {_cell(r.note)}"
-            rows.append(f"| {link} | {what} | | | `{_cell(r.command)}` | {_cell(when)} |")
+            rows.append(f"{first} {r.status}: {_cell(r.note)} | | {tail}")
             continue
         targeted = [f for f in r.figures if f.verdict != "reported"]
         if not targeted:
             value = "; ".join(_figure_text(f) for f in r.figures) or "see RESULTS.md"
-            rows.append(f"| {link} | {_cell(value)} | | - | `{_cell(r.command)}` | {_cell(when)} |")
+            rows.append(f"{first} {_cell(value)} | | - {tail}")
             continue
-        for f in targeted:
+        for i, f in enumerate(targeted):
             rows.append(
-                f"| {link} | {_cell(_figure_text(f))} | {_cell(f.target)} | {f.verdict} "
-                f"| `{_cell(r.command)}` | {_cell(when)} |"
+                f"{first if i == 0 else '| |'} {_cell(_figure_text(f))} | {_cell(f.target)} "
+                f"| {f.verdict} {tail if i == 0 else '| | |'}"
             )
     return "\n".join(rows)
 

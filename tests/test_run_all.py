@@ -243,15 +243,22 @@ def test_readme_table_is_rewritten_between_the_markers():
     table = new[new.index(run_all.START) : new.index(run_all.END)]
     assert "python benchmarks/run_all.py --quick --update-readme" in table
     assert "Machine: 2 CPUs (Some CPU)" in table
-    # a row per figure with a target; the reported one is left to RESULTS.md
-    assert table.count("[executor_overhead](benchmarks/README.md)") == 3
+    # a row per figure with a target, the reported one left to RESULTS.md; the benchmark,
+    # its command and date on its first row
     assert "nbllm+limits" not in table
     assert (
-        "| [executor_overhead](benchmarks/README.md) | nbllm/aiohttp median 0.86, best 0.97 "
-        "| >= 0.5 | PASS "
+        "| [executor_overhead](benchmarks/RESULTS.md#executor_overhead) "
+        "| nbllm/aiohttp: median 0.86, best 0.97 | >= 0.5 | PASS "
         "| `python benchmarks/executor_overhead.py --quick` | 2026-12-03 06:00 UTC, abc1234 |"
     ) in table
-    assert "| [shared_quota](benchmarks/README.md) | skipped: needs redis-server on PATH |" in table
+    assert "| | nbllm/openai: median 24.27, best 26.28 | >= 2 | PASS | | |" in table
+    assert "| | nbllm+dash/nbllm: median 0.89, best 1.18 | >= 0.95 | MISS | | |" in table
+    assert (
+        "| [shared_quota](benchmarks/RESULTS.md#shared_quota) | skipped: needs redis-server on "
+        "PATH | | | `python benchmarks/shared_quota.py --quick` | 2026-12-03 06:01 UTC |"
+    ) in table
+    for row in table.splitlines()[3:]:
+        assert row.replace("\\|", "").count("|") == 7, row  # six cells
     assert run_all.update_readme(new, _results()) == new  # rewriting again changes nothing
 
 
@@ -269,7 +276,7 @@ def test_main_rewrites_the_readme_from_results_md(tmp_path):
     assert run_all.main(argv) == 0
     text = readme.read_text()
     assert text.startswith("top\n") and text.endswith("bottom\n")
-    assert "nbllm/openai median 24.27, best 26.28" in text
+    assert "nbllm/openai: median 24.27, best 26.28" in text
 
 
 def test_only_names_known_benchmarks(tmp_path, capsys):
