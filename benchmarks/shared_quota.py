@@ -128,14 +128,20 @@ def main() -> None:
         try:
             print(f"R = {args.rate} per {args.window:g} s, two processes x {args.turns} requests")
             print(f"{'mode':<10} {'ok':>5} {'requests':>9} {'429s':>6} {'goodput/R':>10} busiest")
+            rows = {}
             for mode in ("shared", "separate", "alone"):
-                r = one(mode, url, args.rate, args.window, args.turns)
+                r = rows[mode] = one(mode, url, args.rate, args.window, args.turns)
                 line = f"{mode:<10} {r['ok']:>5} {r['requests']:>9} {r['429s']:>6}"
                 print(f"{line} {r['goodput_of_R']:>10.3f} {r['busiest_window']:>7}")
         finally:
             redis.kill()
             redis.wait()
-    print("targets: shared goodput/R >= 0.90 with 0 429s")
+    shared = rows["shared"]
+    ok = shared["goodput_of_R"] >= 0.90 and shared["429s"] == 0
+    print(
+        f"shared goodput/R {shared['goodput_of_R']:.3f}, {shared['429s']} 429s   "
+        f"target >= 0.90 with 0 429s  {'PASS' if ok else 'MISS'}"
+    )
 
 
 if __name__ == "__main__":
