@@ -297,56 +297,35 @@ def _ram_gib() -> str:
     return "RAM unknown"
 
 
+def _output(command: list[str], timeout: float) -> str | None:
+    """What ``command`` prints (run from the repository), or None when it cannot run."""
+    try:
+        return subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _gpu() -> str:
     if not shutil.which("nvidia-smi"):
         return "no GPU"
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "no GPU"
-    names = [n.strip() for n in out.splitlines() if n.strip()]
+    out = _output(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], 20)
+    names = [n.strip() for n in (out or "").splitlines() if n.strip()]
     return ", ".join(names) if names else "no GPU"
 
 
 def _torch_version() -> str:
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", "import torch; print(torch.__version__)"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "no torch"
-    return f"torch {out.strip()}"
+    out = _output([sys.executable, "-c", "import torch; print(torch.__version__)"], 120)
+    return "no torch" if out is None else f"torch {out}"
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "nbllm", "benchmarks"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    out = _output(["git", "rev-parse", "--short", "HEAD"], 20)
+    dirty = _output(
+        ["git", "status", "--porcelain", "--untracked-files=no", "nbllm", "benchmarks"], 20
+    )
+    if out is None or dirty is None:
         return "unknown"
     return f"{out}+changes" if dirty else out
 
