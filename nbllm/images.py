@@ -39,6 +39,7 @@ __all__ = [
     "content_text",
     "detect_mime",
     "has_images",
+    "prompt_tokens",
 ]
 
 # The magic numbers of the formats vision models take, and two more that are unambiguous.
@@ -210,6 +211,12 @@ def content_chars(content: Any) -> int:
             1 for part in content if isinstance(part, Mapping) and part.get("type") == "image_url"
         )
     return len(content_text(content)) + 4 * IMAGE_TOKENS * images
+
+
+def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """A pre-call estimate of the tokens of ``messages``: about 4 characters a token, an
+    image as ``IMAGE_TOKENS``, a few characters for each message's framing."""
+    return sum(content_chars(m.get("content", "")) + 8 for m in messages) // 4
 
 
 def has_images(conversations: Iterable[Any]) -> bool:

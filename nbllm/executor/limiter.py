@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbllm.errors import ConfigError
-from nbllm.images import content_chars
+from nbllm.images import prompt_tokens
 
 __all__ = ["Grant", "RateLimiter", "estimate_tokens"]
 
@@ -221,6 +221,5 @@ def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, 
 
     Reconciled with the real usage when the answer arrives.
     """
-    chars = sum(content_chars(m.get("content", "")) + 8 for m in messages)
     completion = params.get("max_tokens") or params.get("max_completion_tokens")
-    return chars // 4 + int(completion or _DEFAULT_COMPLETION_ESTIMATE)
+    return prompt_tokens(messages) + int(completion or _DEFAULT_COMPLETION_ESTIMATE)

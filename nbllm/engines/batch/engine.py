@@ -48,6 +48,7 @@ from nbllm.engines.batch.lines import (
 )
 from nbllm.engines.batch.prices import DEFAULT_MAX_OUTPUT, Prices
 from nbllm.errors import EngineError, RequestRejected, RetryableError, ServerError
+from nbllm.images import prompt_tokens
 from nbllm.types import ChatRequest, ChatResponse
 
 __all__ = ["GATHER_MAX_S", "BatchEngine", "BatchUpdate"]
@@ -77,6 +78,7 @@ class _Ask:
     body: dict[str, Any]
     future: asyncio.Future[ChatResponse]
     asking: tuple[str, int] | None
+    prompt_tokens: int  # its messages' estimate, for a budget's worst case
 
 
 @dataclass(eq=False)
@@ -178,7 +180,8 @@ class BatchEngine(Engine):
             if self._stopped:
                 msg = "not sent: the run's batches were cancelled"
                 raise ServerError(msg)
-            self._waiting.append(_Ask(fingerprint, body, future, ASKING.get()))
+            estimate = prompt_tokens(request.messages) if self.budget is not None else 0
+            self._waiting.append(_Ask(fingerprint, body, future, ASKING.get(), estimate))
             self._schedule(loop)
         return await future
 
@@ -250,16 +253,16 @@ class BatchEngine(Engine):
         """How many of ``asks`` the run's budget lets go, their worst case held there."""
         if self.budget is None:
             return len(asks), (0.0, 0)
-        worst = [self._worst(ask.body) for ask in asks]
+        worst = [self._worst(ask) for ask in asks]
         fits = self.budget.fit(worst)
         held = worst[:fits]
         return fits, (sum(c or 0.0 for c, _ in held), sum(t for _, t in held))
 
-    def _worst(self, body: dict[str, Any]) -> tuple[float | None, int]:
-        """A request's worst case: its prompt (about 4 characters a token) and all the
+    def _worst(self, ask: _Ask) -> tuple[float | None, int]:
+        """A request's worst case: its prompt (``nbllm.images.prompt_tokens``) and all the
         answer tokens it may take, at the batch price where known."""
-        prompt = len(json.dumps(body.get("messages", ""))) // 4 + 1
-        answer = body.get("max_tokens") or body.get("max_completion_tokens")
+        prompt = ask.prompt_tokens
+        answer = ask.body.get("max_tokens") or ask.body.get("max_completion_tokens")
         if not isinstance(answer, int):
             answer = self.prices.max_output if self.prices is not None else DEFAULT_MAX_OUTPUT
         cost = self.prices.of(prompt, answer)[0] if self.prices is not None else None
