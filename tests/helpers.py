@@ -284,3 +284,20 @@ def schema_of(path: Path, table: str) -> tuple[str, list[str]]:
     finally:
         conn.close()
     return version[0], columns
+
+
+def after_turns(n: int, action: Callable[[], object]) -> Callable[[Any], None]:
+    """A run listener that calls ``action`` once, when the ``n``-th turn has finished (to
+    kill a replica with requests in flight, say)."""
+    from nbllm.executor.events import TurnFinished
+
+    finished = 0
+
+    def listener(event: Any) -> None:
+        nonlocal finished
+        finished += 1
+        if finished == n:
+            action()
+
+    listener.event_types = (TurnFinished,)  # type: ignore[attr-defined]
+    return listener

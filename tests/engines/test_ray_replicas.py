@@ -9,11 +9,11 @@ import time
 
 import pytest
 from embedded_model import require_embedded_model
+from helpers import after_turns
 
 import nbllm
 from nbllm.engines import ray_replicas
 from nbllm.errors import ConfigError, EngineUnavailable
-from nbllm.executor.events import TurnFinished
 
 DATA = [
     {"id": f"c{i}", "turns": [f"What is {i} + {i}?", "Double it.", "Is that even?"]}
@@ -75,19 +75,14 @@ def test_two_ray_actors_answer_as_one_model_and_a_killed_one_loses_no_turn(local
     ray = local_ray
     reference = run(engine="torch", worker=False)
     killed: list[object] = []
-    finished = 0
 
-    def kill_one(event: TurnFinished) -> None:
+    def kill_one() -> None:
         # Once four turns are answered, actor 1 dies with requests in flight; Ray restarts it.
-        nonlocal finished
-        finished += 1
-        if finished == 4:
-            [replicas] = ray_replicas._shared.values()
-            killed.append(replicas.actors[0])
-            ray.kill(replicas.actors[0], no_restart=False)
+        [replicas] = ray_replicas._shared.values()
+        killed.append(replicas.actors[0])
+        ray.kill(replicas.actors[0], no_restart=False)
 
-    kill_one.event_types = (TurnFinished,)  # type: ignore[attr-defined]
-    result = run(engine="torch", cluster="ray", replicas=2, listeners=[kill_one])
+    result = run(engine="torch", cluster="ray", replicas=2, listeners=[after_turns(4, kill_one)])
     df = result.df
     assert killed, "the run ended before an actor could be killed"
     assert df["error"].isna().all(), df["error"].dropna().tolist()

@@ -8,13 +8,13 @@ import time
 
 import pytest
 from embedded_model import require_embedded_model
+from helpers import after_turns
 
 import nbllm
 from nbllm.engines import replicas as replicas_module
 from nbllm.engines.hardware import GpuInfo, Hardware
 from nbllm.engines.replicas import replica_places, resolve_replicas
 from nbllm.errors import ConfigError
-from nbllm.executor.events import TurnFinished
 
 CPU_2 = Hardware(cpu_count=2, memory_total=None)
 GPUS_2 = Hardware(
@@ -113,20 +113,15 @@ def test_two_replicas_answer_as_one_model_and_a_killed_one_loses_no_turn(stop_re
     assert reference.df["error"].isna().all()
 
     killed: list[int] = []
-    finished = 0
 
-    def kill_one(event: TurnFinished) -> None:
+    def kill_one() -> None:
         # Once four turns are answered, replica 1's process dies with requests in flight.
-        nonlocal finished
-        finished += 1
-        if finished == 4:
-            [replica_set] = replicas_module._shared.values()
-            pid = replica_set.workers[0].pid
-            killed.append(pid)
-            os.kill(pid, signal.SIGKILL)
+        [replica_set] = replicas_module._shared.values()
+        pid = replica_set.workers[0].pid
+        killed.append(pid)
+        os.kill(pid, signal.SIGKILL)
 
-    kill_one.event_types = (TurnFinished,)  # type: ignore[attr-defined]
-    result = run(engine="torch", replicas=2, listeners=[kill_one])
+    result = run(engine="torch", replicas=2, listeners=[after_turns(4, kill_one)])
     df = result.df
     assert killed, "the run ended before a replica could be killed"
     assert df["error"].isna().all(), df["error"].dropna().tolist()
