@@ -2,11 +2,13 @@
 the run up in another kernel, the next morning, without the notebook that started it.
 
 A run with ``batch_api=True`` writes its conversations and its plain options (numbers,
-text, flags; ``api_base`` without a password) into its checkpoint's meta as JSON. Never
-its key, its listeners, a callable or a class (``parse=``, ``response_format=`` as a
-pydantic model), nor ``params`` holding a credential: ``resume`` takes those again as
-keywords. Data that cannot be written as JSON (images given as bytes, conversation ids
-that are not text or numbers) leaves the call unkept, and ``resume`` says so.
+text, flags, and lists and dicts of them, so ``score="numeric"``, ``parse="number"`` and
+``alerts={...}`` too; ``api_base`` without a password) into its checkpoint's meta as JSON.
+Never its key, nor a callable or a class (``listeners=``, ``on_alert=``, a ``parse=``
+or ``score=`` function, ``response_format=`` as a pydantic model), nor ``params`` holding
+a credential: ``resume`` takes those again as keywords. Data that cannot be written as
+JSON (images given as bytes, conversation ids that are not text or numbers) leaves the
+call unkept, and ``resume`` says so.
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ from nbllm.types import Conversation
 
 __all__ = ["call_of", "call_text"]
 
-#: Options never kept: secrets, code, and what only the calling process has.
-_NEVER = frozenset(
-    {"api_key", "listeners", "on_alert", "parse", "response_format", "score", "alerts", "router"}
-)
+#: Never kept, whatever its value: the key (code and classes are not plain, so not kept).
+_NEVER = frozenset({"api_key"})
 _PLAIN = (str, int, float, bool, type(None))
 
 

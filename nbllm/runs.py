@@ -237,7 +237,8 @@ def resume(run_id: str, root: str | Path | None = None, **options: Any) -> Job:
 
     The run's conversations and plain options come from its checkpoint (``nbllm.run_call``);
     ``options`` are given again over them: the key (``api_key=``, else the environment's,
-    as for any run), ``parse=``, ``response_format=``, ``listeners=``, or ``progress=``.
+    as for any run), what was code or a class (a ``parse=`` or ``score=`` function,
+    ``response_format=`` as a pydantic model, ``listeners=``, ``on_alert=``), or ``progress=``.
     Batches still in flight are followed again, never created again; answers that came
     back meanwhile are collected. A run whose call was not kept is a ``CheckpointError``.
     """

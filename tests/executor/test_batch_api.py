@@ -411,3 +411,23 @@ def test_a_run_begun_live_goes_on_through_batches_from_its_checkpoint(tmp_path) 
         assert again.summary.resumed == live.summary.turns_ok
         assert len(server.batch_requests) == turns - live.summary.turns_ok
         assert server.history_errors == 0
+
+
+def test_a_kept_call_keeps_plain_options_and_never_the_key() -> None:
+    from nbllm.config import RunConfig
+    from nbllm.dataset import load_conversations
+    from nbllm.run_call import call_of, call_text
+
+    conversations = load_conversations([{"id": "a", "turns": ["q?"], "references": ["1"]}])
+    config = RunConfig(
+        model="openai/gpt-4o-mini", batch_api=True, api_key="key-not-kept", score="numeric",
+        parse="number", alerts={"latency_p95_s": 1.0}, parse_retries=0,
+    )  # fmt: skip
+    text = call_text(config, conversations)
+    assert text is not None and "key-not-kept" not in text
+    again, options = call_of(text, "here")
+    assert again == conversations
+    assert (options["score"], options["parse"], options["alerts"]) == (
+        "numeric", "number", {"latency_p95_s": 1.0}
+    )  # fmt: skip
+    assert "api_key" not in options
