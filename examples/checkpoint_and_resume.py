@@ -20,11 +20,8 @@ DATA = Path(__file__).resolve().parent / "data" / "finqa_sample.jsonl"
 
 
 def resumed(result: nbllm.RunResult, server: TestServer) -> None:
-    """How many turns came back from the checkpoint (rows with resumed=True), how many
-    requests the server saw."""
-    print(
-        f"  resumed {int(result.df['resumed'].sum())} turns, requests sent: {len(server.requests)}"
-    )
+    """How many turns came back from the checkpoint, how many requests the server saw."""
+    print(f"  resumed {result.summary.resumed} turns, requests sent: {len(server.requests)}")
 
 
 def main() -> None:
