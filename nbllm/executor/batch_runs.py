@@ -35,11 +35,11 @@ class _RunBudget:
         self.budget = budget
         self.stop_for = stop_for
 
-    def fit(self, worst: list[tuple[float | None, int]]) -> int:
-        fits, why = self.budget.fit(worst)
+    def fit(self, worst: list[tuple[float | None, int]]) -> tuple[int, tuple[float, int]]:
+        fits, held, why = self.budget.fit(worst)
         if why is not None:
             self.stop_for(why)
-        return fits
+        return fits, held
 
     def release(self, cost: float, tokens: int) -> None:
         self.budget.release(cost, tokens)

@@ -98,30 +98,38 @@ class Budget:
         self.cost_usd += cost
         return cost
 
-    def fit(self, worst: list[tuple[float | None, int]]) -> tuple[int, str | None]:
-        """How many of these requests (each its worst-case cost and tokens, in order) fit
-        under the caps with what is spent and held; those are held. With fewer than all,
-        why the rest does not fit."""
+    def fit(
+        self, worst: list[tuple[float | None, int]]
+    ) -> tuple[int, tuple[float, int], str | None]:
+        """How many of these requests (each its worst-case cost, None where unknown, and
+        tokens, in order) fit under the caps with what is spent and held; those are held.
+        Returns that count, what was held (dollars, tokens: the amounts to ``release``)
+        and, with fewer than all, why the rest does not fit."""
         cost, tokens = self.cost_usd + self.reserved_usd, self.tokens + self.reserved_tokens
-        taken = 0
+        held_usd, held_tokens, taken = 0.0, 0, 0
         price = self.cost_per_1k_tokens
-        worst = [(c if c is not None or price is None else t * price / 1000, t) for c, t in worst]
+        broken: tuple[str, float | None] | None = None
         for line_cost, line_tokens in worst:
-            if self.max_cost_usd is not None and cost + (line_cost or 0.0) > self.max_cost_usd:
+            if line_cost is None:
+                line_cost = 0.0 if price is None else line_tokens * price / 1000
+            if self.max_cost_usd is not None and cost + line_cost > self.max_cost_usd:
+                broken = ("max_cost_usd", self.max_cost_usd)
                 break
             if self.max_tokens_total is not None and tokens + line_tokens > self.max_tokens_total:
+                broken = ("max_tokens_total", self.max_tokens_total)
                 break
-            cost += line_cost or 0.0
-            tokens += line_tokens
-            taken += 1
-        held = worst[:taken]
-        self.reserved_usd += sum(c or 0.0 for c, _ in held)
-        self.reserved_tokens += sum(t for _, t in held)
-        if taken == len(worst):
-            return taken, None
-        cap = "max_cost_usd" if self.max_cost_usd is not None else "max_tokens_total"
-        value = self.max_cost_usd if cap == "max_cost_usd" else self.max_tokens_total
-        return taken, f"budget: {cap}={value!r} would be passed by a batch's worst case"
+            cost, tokens = cost + line_cost, tokens + line_tokens
+            held_usd, held_tokens, taken = (
+                held_usd + line_cost,
+                held_tokens + line_tokens,
+                taken + 1,
+            )
+        self.reserved_usd += held_usd
+        self.reserved_tokens += held_tokens
+        why = None
+        if broken is not None:
+            why = f"budget: {broken[0]}={broken[1]!r} would be passed by a batch's worst case"
+        return taken, (held_usd, held_tokens), why
 
     def release(self, cost: float, tokens: int) -> None:
         """A batch has ended: what it held is free (its answers are charged as they come)."""

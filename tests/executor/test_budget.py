@@ -140,3 +140,20 @@ async def test_a_rerun_with_a_higher_cap_resumes_and_sends_nothing_twice(tmp_pat
 def test_a_bad_cap_is_refused(options, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
         Budget(**options)
+
+
+def test_a_batch_holds_its_worst_case_and_releases_exactly_that() -> None:
+    """An unknown cost is held at cost_per_1k_tokens; releasing what fit() held frees it."""
+    budget = Budget(max_cost_usd=1.0, cost_per_1k_tokens=1.0)
+    fits, held, why = budget.fit([(None, 400), (None, 400), (None, 400)])
+    assert (fits, held) == (2, (0.8, 800)) and why is not None and "max_cost_usd" in why
+    budget.release(*held)
+    assert (budget.reserved_usd, budget.reserved_tokens) == (0.0, 0)
+    assert budget.fit([(None, 400)])[0] == 1
+
+
+def test_a_batch_that_breaks_the_token_cap_names_it() -> None:
+    budget = Budget(max_cost_usd=100.0, max_tokens_total=10)
+    fits, held, why = budget.fit([(0.01, 50)])
+    assert (fits, held) == (0, (0.0, 0))
+    assert why == "budget: max_tokens_total=10 would be passed by a batch's worst case"

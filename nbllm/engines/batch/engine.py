@@ -253,10 +253,7 @@ class BatchEngine(Engine):
         """How many of ``asks`` the run's budget lets go, their worst case held there."""
         if self.budget is None:
             return len(asks), (0.0, 0)
-        worst = [self._worst(ask) for ask in asks]
-        fits = self.budget.fit(worst)
-        held = worst[:fits]
-        return fits, (sum(c or 0.0 for c, _ in held), sum(t for _, t in held))
+        return self.budget.fit([self._worst(ask) for ask in asks])
 
     def _worst(self, ask: _Ask) -> tuple[float | None, int]:
         """A request's worst case: its prompt (``nbllm.images.prompt_tokens``) and all the

@@ -98,9 +98,9 @@ class BatchRecord:
 class BatchBudget(Protocol):
     """A run's spending cap, as a batch engine sees it."""
 
-    def fit(self, worst: list[tuple[float | None, int]]) -> int:
+    def fit(self, worst: list[tuple[float | None, int]]) -> tuple[int, tuple[float, int]]:
         """How many of these requests (each its worst-case dollars, None where unknown,
-        and tokens) fit; those are held until ``release``."""
+        and tokens) fit, and what was held for them (dollars, tokens) until ``release``."""
         ...
 
     def release(self, cost: float, tokens: int) -> None: ...
