@@ -118,12 +118,8 @@ class Budget:
             if self.max_tokens_total is not None and tokens + line_tokens > self.max_tokens_total:
                 broken = ("max_tokens_total", self.max_tokens_total)
                 break
-            cost, tokens = cost + line_cost, tokens + line_tokens
-            held_usd, held_tokens, taken = (
-                held_usd + line_cost,
-                held_tokens + line_tokens,
-                taken + 1,
-            )
+            cost, tokens, taken = cost + line_cost, tokens + line_tokens, taken + 1
+            held_usd, held_tokens = held_usd + line_cost, held_tokens + line_tokens
         self.reserved_usd += held_usd
         self.reserved_tokens += held_tokens
         why = None
