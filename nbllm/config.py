@@ -39,6 +39,7 @@ __all__ = [
     "leaf_types",
     "parse_run_option",
     "show",
+    "shown_option",
     "takes_auto",
     "text_type",
 ]
@@ -415,11 +416,7 @@ class RunConfig(BaseModel):
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # pydantic's repr, str and pretty-printers all read these.
         for name, value in super().__repr_args__():
-            if name in ("api_base", "redis_url") and isinstance(value, str):
-                value = public_url(value)
-            elif name in ("params", "router") and isinstance(value, (Mapping, list)):
-                value = hidden({name: value})[name]
-            yield name, value
+            yield name, shown_option(name, value) if name is not None else value
 
     @field_validator("model")
     @classmethod
@@ -456,6 +453,16 @@ class RunConfig(BaseModel):
         """What reads the answers (``response_format`` / ``parse``); ConfigError if either
         is not something it can be."""
         return make_parser(self.response_format, self.parse)
+
+
+def shown_option(name: str, value: Any) -> Any:
+    """An option's value fit to show or store: URLs (``api_base``, ``redis_url``) without a
+    password, every credential-like value in ``params`` and ``router`` hidden."""
+    if name in ("api_base", "redis_url") and isinstance(value, str):
+        return public_url(value)
+    if name in ("params", "router") and isinstance(value, (Mapping, list)):
+        return hidden({name: value})[name]
+    return value
 
 
 def show() -> str:

@@ -3,12 +3,12 @@ the run up in another kernel, the next morning, without the notebook that starte
 
 A run with ``batch_api=True`` writes its conversations and its plain options (numbers,
 text, flags, and lists and dicts of them, so ``score="numeric"``, ``parse="number"`` and
-``alerts={...}`` too; ``api_base`` without a password) into its checkpoint's meta as JSON.
-Never its key, nor a callable or a class (``listeners=``, ``on_alert=``, a ``parse=``
-or ``score=`` function, ``response_format=`` as a pydantic model), nor ``params`` holding
-a credential: ``resume`` takes those again as keywords. Data that cannot be written as
-JSON (images given as bytes, conversation ids that are not text or numbers) leaves the
-call unkept, and ``resume`` says so.
+``alerts={...}`` too; URLs without a password: ``config.shown_option``) into its
+checkpoint's meta as JSON. Never its key, nor a callable or a class (``listeners=``,
+``on_alert=``, a ``parse=`` or ``score=`` function, ``response_format=`` as a pydantic
+model), nor ``params`` holding a credential: ``resume`` takes those again as keywords.
+Data that cannot be written as JSON (images given as bytes, conversation ids that are
+not text or numbers) leaves the call unkept, and ``resume`` says so.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from nbllm.config import RunConfig
+from nbllm.config import RunConfig, shown_option
 from nbllm.errors import CheckpointError
-from nbllm.redact import hidden, public_url
 from nbllm.types import Conversation
 
 __all__ = ["call_of", "call_text"]
@@ -47,11 +46,10 @@ def call_text(config: RunConfig, conversations: Sequence[Conversation]) -> str |
         value = getattr(config, name)
         if name in _NEVER or not _plain(value):
             continue
-        if name == "api_base" and isinstance(value, str):
-            value = public_url(value)
-        if name == "params" and hidden(value) != value:
+        shown = shown_option(name, value)
+        if shown != value and name in ("params", "router"):
             continue  # a credential among them: given again to resume
-        options[name] = value
+        options[name] = shown
     if not all(isinstance(c.id, (str, int)) and not isinstance(c.id, bool) for c in conversations):
         return None
     data = [dataclasses.asdict(c) for c in conversations]

@@ -422,9 +422,10 @@ def test_a_kept_call_keeps_plain_options_and_never_the_key() -> None:
     config = RunConfig(
         model="openai/gpt-4o-mini", batch_api=True, api_key="key-not-kept", score="numeric",
         parse="number", alerts={"latency_p95_s": 1.0}, parse_retries=0,
+        redis_url="redis://:password-not-kept@127.0.0.1:6379/0",
     )  # fmt: skip
     text = call_text(config, conversations)
-    assert text is not None and "key-not-kept" not in text
+    assert text is not None and "key-not-kept" not in text and "password-not-kept" not in text
     again, options = call_of(text, "here")
     assert again == conversations
     assert (options["score"], options["parse"], options["alerts"]) == (
