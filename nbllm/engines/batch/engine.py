@@ -2,7 +2,7 @@
 
 The executor asks it as it asks any engine, one request per turn, and each conversation's
 next turn is asked the moment its answer arrives; the engine gathers the requests that
-arrive together (``gather_s`` after the last, at most ``GATHER_MAX_S`` after the first)
+arrive together (``GATHER_S`` after the last, at most ``GATHER_MAX_S`` after the first)
 into one batch. So a run's first batch holds every conversation's turn 0, and when a
 batch ends, the conversations it answered go on at once into the next batch, while
 others still wait on theirs. A wave larger than the provider's limits (requests, bytes,
@@ -44,18 +44,21 @@ from nbllm.engines.batch.lines import (
     BatchJournal,
     BatchLine,
     BatchRecord,
-    custom_ids,
+    custom_id,
 )
 from nbllm.engines.batch.prices import DEFAULT_MAX_OUTPUT, Prices
+from nbllm.engines.local.batching import settle
 from nbllm.errors import EngineError, RequestRejected, RetryableError, ServerError
 from nbllm.images import prompt_tokens
 from nbllm.types import ChatRequest, ChatResponse
 
-__all__ = ["GATHER_MAX_S", "BatchEngine", "BatchUpdate"]
+__all__ = ["GATHER_MAX_S", "GATHER_S", "BatchEngine", "BatchUpdate"]
 
 log = logging.getLogger("nbllm")
 
-#: Seconds a request waits at most for others to join its batch.
+#: Seconds a batch waits for more requests after the last one arrived, and at most after
+#: the first: the next turns of the conversations a batch answered arrive within these.
+GATHER_S = 0.25
 GATHER_MAX_S = 5.0
 #: Tries to read an ended batch's answers before its requests fail (and are asked again).
 _READ_TRIES = 5
@@ -69,7 +72,6 @@ class BatchUpdate:
     api: str
     info: BatchInfo
     waiting: int
-    window_s: float | None
 
 
 @dataclass(eq=False)
@@ -86,7 +88,6 @@ class _Batch:
     record: BatchRecord
     waiters: dict[str, asyncio.Future[ChatResponse]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
-    info: BatchInfo | None = None
     held: tuple[float, int] = (0.0, 0)  # the budget's hold: worst-case dollars, tokens
 
 
@@ -104,7 +105,6 @@ class BatchEngine(Engine):
         max_batches: int = 4,
         max_requests: int | None = None,
         poll_s: float = 30.0,
-        gather_s: float = 0.25,
         prices: Prices | None = None,
     ) -> None:
         super().__init__()
@@ -115,12 +115,10 @@ class BatchEngine(Engine):
         self.max_batches = max_batches
         self.max_requests = min(max_requests or client.max_requests, client.max_requests)
         self.poll_s = poll_s
-        self.gather_s = gather_s
         self.prices = prices
         self.journal: BatchJournal | None = None
         self.budget: BatchBudget | None = None
         self.on_update: Callable[[BatchUpdate], None] | None = None
-        self.batches_created = 0
         self._waiting: deque[_Ask] = deque()
         self._open: dict[str, _Batch] = {}
         self._known: dict[str, deque[tuple[str, str]]] = defaultdict(deque)
@@ -207,7 +205,7 @@ class BatchEngine(Engine):
             self._first_wait = now
         if self._timer is not None:
             self._timer.cancel()
-        wait = min(self.gather_s, self._first_wait + GATHER_MAX_S - now)
+        wait = min(GATHER_S, self._first_wait + GATHER_MAX_S - now)
         self._timer = loop.call_later(max(0.0, wait), self._flush)
 
     def _flush(self) -> None:
@@ -216,6 +214,7 @@ class BatchEngine(Engine):
         loop = asyncio.get_running_loop()
         while self._waiting and len(self._open) < self.max_batches and not self._stopped:
             asks: list[_Ask] = []
+            ids: list[str] = []
             lines: list[bytes] = []
             size = 0
             while self._waiting and len(asks) < self.max_requests:
@@ -223,13 +222,14 @@ class BatchEngine(Engine):
                 if ask.future.done():  # its asker has gone
                     self._waiting.popleft()
                     continue
-                ids = custom_ids(1, [ask.fingerprint], self._made)
-                line = self.client.line(ids[0], ask.body)
+                line_id = custom_id(ask.fingerprint, self._made)
+                line = self.client.line(line_id, ask.body)
                 if asks and size + len(line) + 1 > self.client.max_bytes:
                     break
                 self._made += 1
                 self._waiting.popleft()
                 asks.append(ask)
+                ids.append(line_id)
                 lines.append(line)
                 size += len(line) + 1
             if not asks:
@@ -240,13 +240,13 @@ class BatchEngine(Engine):
                 for ask in [*asks[fits:], *self._waiting]:
                     _settle(ask.future, ServerError("not sent: the run's budget is spent"))
                 self._waiting.clear()
-                del asks[fits:], lines[fits:]
+                del asks[fits:], ids[fits:], lines[fits:]
             if not asks:
                 return
             batch = _Batch(BatchRecord("", self.client.api, time.time(), None, None, ()))
             self._open[f"pending-{id(batch)}"] = batch  # counts against the cap at once
             batch.held = held
-            batch.task = loop.create_task(self._create(batch, asks, lines))
+            batch.task = loop.create_task(self._create(batch, asks, ids, lines))
         self._first_wait = loop.time() if self._waiting else None
 
     def _hold(self, asks: list[_Ask]) -> tuple[int, tuple[float, int]]:
@@ -265,7 +265,9 @@ class BatchEngine(Engine):
         cost = self.prices.of(prompt, answer)[0] if self.prices is not None else None
         return cost, prompt + answer
 
-    async def _create(self, batch: _Batch, asks: list[_Ask], lines: list[bytes]) -> None:
+    async def _create(
+        self, batch: _Batch, asks: list[_Ask], ids: list[str], lines: list[bytes]
+    ) -> None:
         placeholder = f"pending-{id(batch)}"
         try:
             info = await self.client.create(lines)
@@ -277,7 +279,6 @@ class BatchEngine(Engine):
                 _settle(ask.future, error)
             self._flush_soon()
             return
-        ids = [json.loads(line)["custom_id"] for line in lines]
         record = BatchRecord(
             info.id, self.client.api, info.created_at or time.time(), info.expires_at,
             info.input_file_id,
@@ -291,7 +292,6 @@ class BatchEngine(Engine):
         batch.waiters = {i: a.future for i, a in zip(ids, asks, strict=True)}
         del self._open[placeholder]
         self._open[info.id] = batch
-        self.batches_created += 1
         if self.journal is not None:
             self.journal.created(record)  # committed: a kill from here on re-attaches
         await self._follow(batch, info)
@@ -321,11 +321,8 @@ class BatchEngine(Engine):
             log.warning("nbllm: batch %s cannot be followed: %s", batch_id, error)
             if self.journal is not None:
                 self.journal.collected(batch_id, "lost", {})  # its requests are asked again
-            for line in batch.record.lines:
-                self._failed.add(line.fingerprint)
-                known = self._known.get(line.fingerprint)
-                if known and (batch_id, line.custom_id) in known:
-                    known.remove((batch_id, line.custom_id))
+            self._failed.update(line.fingerprint for line in batch.record.lines)
+            self._forget(batch)
             for future in batch.waiters.values():
                 _settle(future, error)
         finally:
@@ -369,27 +366,26 @@ class BatchEngine(Engine):
                 _settle(future, result)
             elif isinstance(result, ChatResponse):
                 self._answers[line.fingerprint] = result  # for an asker still to come
-        for line in batch.record.lines:  # lines of a re-attached batch nobody asked for
+        self._forget(batch)
+
+    def _forget(self, batch: _Batch) -> None:
+        """A batch collected (or lost): requests no longer wait on its lines, even those of a
+        re-attached batch that no request of this run asked for."""
+        for line in batch.record.lines:
             known = self._known.get(line.fingerprint)
-            if known and (info.id, line.custom_id) in known:
-                known.remove((info.id, line.custom_id))
+            if known and (batch.record.id, line.custom_id) in known:
+                known.remove((batch.record.id, line.custom_id))
 
     def _priced(self, response: ChatResponse) -> ChatResponse:
-        response = replace(response, engine=self.name)
         if self.prices is None:
             return response
         cost, saved = self.prices.of(response.prompt_tokens, response.completion_tokens)
         return replace(response, cost_usd=cost, saved_usd=saved)
 
     def _report(self, batch: _Batch, info: BatchInfo) -> None:
-        batch.info = info
-        if self.on_update is None:
-            return
-        waiting = sum(not f.done() for f in batch.waiters.values())
-        created = info.created_at or batch.record.created_at
-        expires = info.expires_at or batch.record.expires_at
-        window = expires - created if expires is not None else None
-        self.on_update(BatchUpdate(self.client.api, info, waiting, window))
+        if self.on_update is not None:
+            waiting = sum(not f.done() for f in batch.waiters.values())
+            self.on_update(BatchUpdate(self.client.api, info, waiting))
 
     def _flush_soon(self) -> None:
         if self._waiting and not self._stopped:
@@ -424,11 +420,6 @@ class BatchEngine(Engine):
             if line.conversation is not None and line.turn is not None
         }
 
-    @property
-    def in_flight(self) -> list[BatchInfo]:
-        """The batches followed now, as last reported."""
-        return [b.info for b in self._open.values() if b.info is not None]
-
     async def aclose(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -445,12 +436,7 @@ class BatchEngine(Engine):
 
 
 def _settle(future: asyncio.Future[ChatResponse], result: ChatResponse | EngineError) -> None:
-    if future.done():
-        return
-    if isinstance(result, ChatResponse):
-        future.set_result(result)
-    else:
-        future.set_exception(result)
+    settle(future, result, isinstance(result, EngineError))
 
 
 def _fields(response: ChatResponse) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -131,6 +131,7 @@ class BatchJournal(Protocol):
         ...
 
 
-def custom_ids(count: int, prints: Sequence[str], start: int) -> list[str]:
-    """Ids unique within a batch and valid for every provider (``[A-Za-z0-9_-]{1,64}``)."""
-    return [f"r{start + i}-{prints[i][:16]}" for i in range(count)]
+def custom_id(fingerprint: str, n: int) -> str:
+    """The ``n``-th line's id: unique within a batch and valid for every provider
+    (``[A-Za-z0-9_-]{1,64}``)."""
+    return f"r{n}-{fingerprint[:16]}"

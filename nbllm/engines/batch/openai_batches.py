@@ -28,7 +28,7 @@ __all__ = ["OpenAIBatches"]
 
 ENDPOINT = "/v1/chat/completions"
 WINDOW = "24h"
-#: Seconds an expired line waited, for its message.
+#: The error code of a line an expired batch left unanswered.
 _EXPIRED = "batch_expired"
 
 
