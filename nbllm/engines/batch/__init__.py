@@ -71,8 +71,9 @@ def batch_engine(
         client = AnthropicBatches(api_base, api_key)
     else:
         client = OpenAIBatches(api_base, api_key)
-    # A provider's model has a price; a server's own name ("my-model") is not looked up.
-    prices = prices_of(model) if "/" in model else None
+    # A provider's model has a price (a bare name goes to OpenAI, as litellm sends it); a
+    # server's own name at api_base ("my-model") is looked up only with a provider prefix.
+    prices = prices_of(model) if api_base is None or "/" in model else None
     return BatchEngine(
         client, live=live, fallback=fallback, max_batches=max_batches,
         max_requests=max_requests, poll_s=poll_s, prices=prices,
