@@ -5,9 +5,9 @@ for ``/v1/messages``); once its ``processing_status`` is ``ended`` its results a
 file at ``results_url``. Anthropic's statuses become OpenAI's words in ``BatchInfo``
 (in_progress, cancelling, then completed, expired or cancelled). A chat request becomes
 Anthropic's shape here: system messages go to ``system``, ``max_tokens`` is required
-(``DEFAULT_MAX_TOKENS`` where the run sets none), and a ``response_format`` schema is
-asked for in the system prompt (Anthropic has no such field); the run's parser checks the
-answer as it does any other.
+(``DEFAULT_MAX_TOKENS`` where the run sets none), and a ``response_format`` is asked for
+in the system prompt (Anthropic has no such field; ``local.base.json_instruction``). The
+run's parser checks the answer as it does any other.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any
 
 from nbllm.engines.batch.http import BatchClient, number
 from nbllm.engines.batch.lines import BatchInfo
-from nbllm.errors import EngineError, RequestRejected, RequestTimeout, ServerError
+from nbllm.engines.http_status import error_for_status
+from nbllm.engines.local.base import json_instruction
+from nbllm.errors import EngineError, RequestTimeout, ServerError
 from nbllm.images import content_text
 from nbllm.types import ChatRequest, ChatResponse
 
@@ -48,10 +50,8 @@ class AnthropicBatches(BatchClient):
     def body(self, request: ChatRequest) -> dict[str, Any]:
         params = dict(request.params)
         system = [content_text(m["content"]) for m in request.messages if m["role"] == "system"]
-        asked = params.get("response_format")
-        if isinstance(asked, Mapping):
-            schema = asked.get("json_schema", {}).get("schema") or asked
-            system.append(f"Answer with JSON only, following this schema: {json.dumps(schema)}")
+        if params.get("response_format") is not None:  # asked in the system prompt, which
+            system.append(json_instruction(params["response_format"]))  # no later turn repeats
         body: dict[str, Any] = {
             "model": request.model.removeprefix("anthropic/"),
             "max_tokens": params.get("max_tokens") or DEFAULT_MAX_TOKENS,
@@ -175,7 +175,5 @@ def _result(result: Any, batch_id: str) -> ChatResponse | EngineError:
     error = result.get("error") if isinstance(result, dict) else None
     inner = error.get("error", error) if isinstance(error, dict) else {}
     inner = inner if isinstance(inner, dict) else {}
-    message = f"in batch {batch_id}: {inner.get('message') or result}"
-    if inner.get("type") == "invalid_request_error":
-        return RequestRejected(f"HTTP 400: {message}", status=400)
-    return ServerError(f"HTTP 500: {message}", status=500)
+    status = 400 if inner.get("type") == "invalid_request_error" else 500
+    return error_for_status(status, f"in batch {batch_id}: {inner.get('message') or result}")

@@ -391,6 +391,17 @@ def require(module: str, extra: str, engine: str) -> Any:
         raise EngineUnavailable(msg) from exc
 
 
+def json_instruction(response_format: Any) -> str:
+    """``response_format`` asked in words, for a model that cannot be held to it: a single
+    JSON object, following the schema where it gives one."""
+    inner = response_format.get("json_schema") if isinstance(response_format, Mapping) else None
+    schema = inner.get("schema") if isinstance(inner, Mapping) else None
+    note = "Answer with a single JSON object"
+    if schema is not None:
+        note += " that follows this JSON schema: " + json.dumps(schema, ensure_ascii=False)
+    return note + ", and nothing else."
+
+
 def schema_in_prompt(request: ChatRequest) -> ChatRequest:
     """A request that asks for ``response_format``, as a local model is asked it: the schema
     in the last message, as an instruction (a local engine has no constrained decoding
@@ -399,12 +410,7 @@ def schema_in_prompt(request: ChatRequest) -> ChatRequest:
     if wanted is None or not request.messages:
         return request
     params = {k: v for k, v in request.params.items() if k != "response_format"}
-    inner = wanted.get("json_schema") if isinstance(wanted, Mapping) else None
-    schema = inner.get("schema") if isinstance(inner, Mapping) else None
-    note = "Answer with a single JSON object"
-    if schema is not None:
-        note += " that follows this JSON schema: " + json.dumps(schema, ensure_ascii=False)
     last = request.messages[-1]
-    content = f"{last.get('content', '')}\n\n{note}, and nothing else."
+    content = f"{last.get('content', '')}\n\n{json_instruction(wanted)}"
     messages = [*request.messages[:-1], {**last, "content": content}]
     return dataclasses.replace(request, messages=messages, params=params)
