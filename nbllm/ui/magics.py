@@ -374,7 +374,15 @@ class LlmBatchMagics(Magics):
             raise UsageError(msg) from exc
         namespace = self._namespace()
         # A batch may take its whole completion window (24 h): never block the kernel on it.
-        background = args.background or args.batch_api is True
+        # The line's --batch-api, else $NBLLM_BATCH_API's or nbllm.toml's (nbllm.settings).
+        batch_api = args.batch_api
+        if batch_api is None:
+            try:
+                batch_api = source_of("batch_api")[0]
+            except ConfigError as exc:
+                msg = f"nbllm: {exc}"
+                raise UsageError(msg) from None
+        background = args.background or batch_api is True
         try:
             if background:
                 job = nbllm.submit(data, **options)

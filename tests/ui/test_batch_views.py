@@ -443,6 +443,21 @@ def test_batch_api_in_the_magic_runs_in_the_background(shell, capsys):
         assert "batch" in (result.engine or "")
 
 
+def test_batch_api_from_the_environment_runs_in_the_background(shell, monkeypatch):
+    """batch_api from $NBLLM_BATCH_API (or nbllm.toml) holds the kernel no more than the flag."""
+    monkeypatch.setenv("NBLLM_BATCH_API", "true")
+    with TestServer(batch_delay_s=30) as server:
+        shell.user_ns["df"] = pd.DataFrame({"q": ["What was revenue?"]})
+        line = f"df -m nbllm-test --api-base {server.url} -o bt --batch-poll-s 0.05 --no-checkpoint"
+        began = time.perf_counter()
+        cell = shell.run_cell(f"%%llm_batch {line}\nuser: {{q}}\n")
+        assert cell.error_in_exec is None
+        assert time.perf_counter() - began < 10
+        job = shell.user_ns["bt_job"]
+        assert isinstance(job, Job)
+        job.stop(timeout=30)
+
+
 def test_the_magics_help_says_batch_api_runs_in_the_background(shell, capsys):
     shell.run_cell("%llm_batch -h")
     out = " ".join(capsys.readouterr().out.split())
