@@ -65,7 +65,8 @@ def progress_listener(
     from nbllm.ui.progress import TextProgress
 
     # Asked for where stderr is a file or a pipe: lines, never a bar's carriage returns.
-    return TextProgress(stats=stats, frames=terminal)
+    # A run with a stop callable is in the background: no note that the call blocks.
+    return TextProgress(stats=stats, frames=terminal, blocking=stop is None)
 
 
 def with_gpu_samples(result: RunResult, progress: Any) -> RunResult:

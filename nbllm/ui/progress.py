@@ -71,8 +71,10 @@ class TextProgress:
         frames: bool = True,
         line_every_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        blocking: bool = True,
     ) -> None:
         self.file = file
+        self.blocking = blocking  # a call that waits for the run: batches get a note on that
         self.stats = stats if stats is not None else RunStats()
         self.frames = frames
         self.line_every_s = line_every_s
@@ -194,7 +196,8 @@ class TextProgress:
         before = self._batch_status.get(event.batch_id)
         if before == event.status:
             return
-        lines = [] if self._batch_status else [blocking_batch_note(self.stats.snapshot())]
+        first = not self._batch_status and self.blocking
+        lines = [blocking_batch_note(self.stats.snapshot())] if first else []
         self._batch_status[event.batch_id] = event.status
         lines.append(batch_line(batch_figures(event, event.t)))
         for line in lines:

@@ -326,6 +326,15 @@ def test_text_lines_say_each_batch_status_change_not_each_poll():
     ]
 
 
+def test_a_run_in_the_background_gets_no_note_that_the_call_blocks():
+    out = io.StringIO()
+    bar = TextProgress(file=out, frames=False, blocking=False)
+    bar(started())
+    bar(polled("b1", "validating", completed=0, failed=0, t=T0 + 10))
+    assert "completion window" not in out.getvalue()
+    assert "nbllm: b1 · validating" in out.getvalue()
+
+
 def test_the_bar_counts_the_batches_in_flight_in_its_postfix():
     out = io.StringIO()
     bar = TextProgress(file=out)
