@@ -215,7 +215,7 @@ def submit(
     max_tokens_total: int | None = None,
     cost_per_1k_tokens: float | None = None,
     batch_api: bool = False,
-    batch_fallback: str = "batch",
+    batch_fallback: Literal["batch", "live"] = "batch",
     max_batches: int = 4,
     batch_max_requests: int | None = None,
     batch_poll_s: float = 30.0,

@@ -188,7 +188,7 @@ class CheckpointStore(GroupWriter):
     """
 
     insert = f"INSERT OR REPLACE INTO turns ({_COLUMNS})"
-    width = 21
+    width = len(_COLUMNS.split(","))
 
     def __init__(self, conn: Any, path: Path, lock: FileLock, **writer: Any) -> None:
         super().__init__(conn, **writer)

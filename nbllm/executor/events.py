@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from nbllm.engines.batch.lines import ENDED
 from nbllm.types import TurnRecord
 
 __all__ = [
@@ -222,7 +223,7 @@ class BatchUpdated:
 
     @property
     def ended(self) -> bool:
-        return self.status in ("completed", "failed", "expired", "cancelled")
+        return self.status in ENDED
 
 
 Event = (
