@@ -45,9 +45,8 @@ class KVBackend(Protocol):
         """Arrays stacked along their first axis."""
 
     def select(self, array: Any, rows: np.ndarray, start: int) -> Any:
-        """``array[rows, :, start:]``."""
-
-    def copy(self, array: Any) -> Any: ...
+        """``array[rows, :, start:]``: a new array (indexing by an array of rows copies),
+        which shares no memory with ``array``."""
 
     def nbytes(self, array: Any) -> int: ...
 
@@ -153,13 +152,12 @@ class KVBatch:
         return scores
 
     def row(self, index: int) -> Layers:
-        """A copy of row ``index``'s keys and values, ``[1, heads, its tokens, dim]``."""
+        """A copy of row ``index``'s keys and values, ``[1, heads, its tokens, dim]``
+        (``select`` copies already)."""
         b = self.backend
         start = self.width - self.lengths[index]
         at = np.array([index])
-        return [
-            (b.copy(b.select(k, at, start)), b.copy(b.select(v, at, start))) for k, v in self.layers
-        ]
+        return [(b.select(k, at, start), b.select(v, at, start)) for k, v in self.layers]
 
     def keep(self, indices: Sequence[int]) -> None:
         """Keep only the rows ``indices`` (in that order); drop the columns none of them uses."""

@@ -193,9 +193,6 @@ class OnnxBackend:
     def select(self, array: Any, rows: np.ndarray, start: int) -> Any:
         return array[rows, :, start:]
 
-    def copy(self, array: Any) -> Any:
-        return np.array(array, copy=True)
-
     def nbytes(self, array: Any) -> int:
         return int(array.nbytes)
 

@@ -65,9 +65,6 @@ class TorchBackend:
 
         return array[torch.from_numpy(rows).to(array.device), :, start:]
 
-    def copy(self, array: Any) -> Any:
-        return array.clone()
-
     def nbytes(self, array: Any) -> int:
         return int(array.numel() * array.element_size())
 
