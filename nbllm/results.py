@@ -24,6 +24,7 @@ __all__ = [
     "RowTotals",
     "RunResult",
     "RunSummary",
+    "dollars",
     "percentile",
     "request_latency",
 ]
@@ -83,8 +84,8 @@ _DTYPES = {
 }
 
 
-def _dollars(usd: float | None) -> str:
-    """Dollars saved, to the cent where they are many: ``"$0.0123"``, ``"$12.34"``."""
+def dollars(usd: float | None) -> str:
+    """Dollars, to the cent where they are many: ``"$0.0123"``, ``"$12.34"``."""
     if usd is None:
         return "-"
     return f"${usd:.4f}" if abs(usd) < 10 else f"${usd:,.2f}"
@@ -295,7 +296,7 @@ class RunSummary:
                 continue
             value = fmt(getattr(self, f.name))
             if f.name == "saved_usd":
-                value = f"saved {_dollars(self.saved_usd)} against live prices (batch API)"
+                value = f"saved {dollars(self.saved_usd)} against live prices (batch API)"
             rows.append((f.name, value))
         return rows
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from nbllm.executor.stats import BatchFigures, Snapshot
+from nbllm.results import dollars
 
 __all__ = [
     "bar_label",
@@ -76,10 +77,6 @@ def _rate(value: float | None) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
 
 
-def _cost(usd: float) -> str:
-    return f"${usd:.4f}" if usd < 10 else f"${usd:,.2f}"
-
-
 def figure_items(snap: Snapshot) -> list[str]:
     """Every figure of the snapshot but the bars', one short item each.
 
@@ -114,9 +111,9 @@ def figure_items(snap: Snapshot) -> list[str]:
     if snap.resumed:
         items.append(f"resumed {snap.resumed:,}")
     if snap.cost_usd:  # unknown, or nothing (a local model): no figure to show
-        items.append(f"cost {_cost(snap.cost_usd)}")
+        items.append(f"cost {dollars(snap.cost_usd)}")
     if snap.saved_usd:  # batch_api=True: the cost is at the batch price
-        items.append(f"saved {_cost(snap.saved_usd)} (batch API)")
+        items.append(f"saved {dollars(snap.saved_usd)} (batch API)")
     items.append(f"elapsed {format_duration(snap.elapsed_s, tenths=snap.finished)}")
     if not snap.finished:
         items.append(f"ETA {format_duration(snap.eta_s)}")
