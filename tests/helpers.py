@@ -301,3 +301,13 @@ def after_turns(n: int, action: Callable[[], object]) -> Callable[[Any], None]:
 
     listener.event_types = (TurnFinished,)  # type: ignore[attr-defined]
     return listener
+
+
+class FakeClock:
+    """A clock that stands still until a test moves ``now``."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -70,7 +70,6 @@ class PipInstall:
     requirements: list[Requirement]
     no_deps: bool = False
     options: list[str] = field(default_factory=list)
-    line: int = 0
 
 
 # --------------------------------------------------------------------------- what binder installs
@@ -82,8 +81,8 @@ def project_requirement(target: str) -> Requirement:
     return Requirement(f"nbllm{extras}")
 
 
-def parse_pip_args(args: list[str], line: int = 0) -> PipInstall:
-    install = PipInstall([], line=line)
+def parse_pip_args(args: list[str]) -> PipInstall:
+    install = PipInstall([])
     i = 0
     while i < len(args):
         arg = args[i]
@@ -119,7 +118,7 @@ def post_build_installs(path: Path) -> list[PipInstall]:
     """The ``pip install`` commands of a shell script, in order."""
     text = path.read_text(encoding="utf-8").replace("\\\n", " ")
     installs = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for raw in text.splitlines():
         line = raw.split(" #", 1)[0].strip()
         if line.startswith("#"):
             continue
@@ -132,7 +131,7 @@ def post_build_installs(path: Path) -> list[PipInstall]:
                 "install",
             ]:
                 skip = 2 if words[start] == "pip" else 4
-                installs.append(parse_pip_args(words[start + skip :], number))
+                installs.append(parse_pip_args(words[start + skip :]))
                 break
     return installs
 

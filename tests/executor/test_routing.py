@@ -7,18 +7,11 @@ import random
 from collections import Counter
 
 import pytest
+from helpers import FakeClock
 
 from nbllm.errors import ConfigError
 from nbllm.executor.deployments import Deployment, DeploymentList, load_deployments
 from nbllm.executor.routing import LATENCY_WEIGHT, DeploymentLoad, Router, routing_options
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def deployments(*specs: tuple[str, str, dict[str, object]], **settings: object) -> DeploymentList:
@@ -70,7 +63,7 @@ def test_the_same_seed_gives_the_same_picks():
 
 
 def test_least_busy_picks_the_fewest_in_flight():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     listed = deployments(("g", "a", {}), ("g", "b", {}), ("g", "c", {}))
     loads = loads_of(listed, clock)
     for name, busy in (("a@h", 3), ("b@h", 1), ("c@h", 2)):
@@ -86,7 +79,7 @@ def test_least_busy_picks_the_fewest_in_flight():
 
 
 def test_latency_based_measures_each_then_keeps_to_the_fastest():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     listed = deployments(("g", "a", {}), ("g", "b", {}), ("g", "c", {}))
     loads = loads_of(listed, clock)
     chooser = router(listed, "latency-based")
@@ -109,7 +102,7 @@ def test_latency_based_measures_each_then_keeps_to_the_fastest():
 
 
 def test_latency_based_measures_again_what_it_has_not_heard_from_in_a_window():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     listed = deployments(("g", "a", {}), ("g", "b", {}))
     loads = loads_of(listed, clock)
     chooser = router(listed, "latency-based")
@@ -127,7 +120,7 @@ def test_latency_based_measures_again_what_it_has_not_heard_from_in_a_window():
 
 
 def test_latency_based_spreads_while_none_is_measured_yet():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     listed = deployments(("g", "a", {}), ("g", "b", {}))
     loads = loads_of(listed, clock)
     chooser = router(listed, "latency-based")
@@ -139,7 +132,7 @@ def test_latency_based_spreads_while_none_is_measured_yet():
 
 
 def test_usage_based_picks_the_lowest_share_of_its_own_limit():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     listed = deployments(
         ("g", "a", {"rpm": 100}), ("g", "b", {"rpm": 10}), ("g", "c", {"tpm": 1000})
     )
@@ -173,7 +166,7 @@ def test_usage_based_picks_the_lowest_share_of_its_own_limit():
 
 
 def test_usage_based_measures_one_without_limits_against_the_largest_rpm():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     listed = deployments(("g", "a", {"rpm": 100}), ("g", "n", {}))
     loads = loads_of(listed, clock)
     for name, sent in (("a@h", 10), ("n@h", 5)):
@@ -187,7 +180,7 @@ def test_usage_based_measures_one_without_limits_against_the_largest_rpm():
 
 
 def test_usage_based_counts_requests_sent_not_only_answered():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     listed = deployments(("g", "a", {"rpm": 60}), ("g", "b", {"rpm": 60}))
     loads = loads_of(listed, clock)
     chooser = router(listed, "usage-based")
@@ -230,7 +223,7 @@ def test_order_keeps_to_the_lowest_available_order():
 
 
 def test_a_deployment_with_free_slots_is_preferred_to_a_full_one():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     listed = deployments(
         ("g", "small", {"max_parallel_requests": 2, "weight": 100}), ("g", "big", {"weight": 1})
     )
@@ -288,7 +281,7 @@ def test_an_unknown_group_is_a_config_error():
 
 
 def test_a_load_counts_in_flight_and_refuses_a_finish_without_a_start():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     load = DeploymentLoad(clock=clock, window_s=10)
     load.start()
     load.start()

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
+from helpers import FakeClock
 
 import nbllm
 from nbllm.engines.batch.lines import BatchLine, BatchRecord
@@ -64,14 +65,6 @@ def row(i: int = 0, *, cost: float | None = 0.002, saved: float | None = 0.002) 
         f"c{i}", 0, f"q{i}", answer="a", latency_s=60.0, prompt_tokens=10,
         completion_tokens=5, cost_usd=cost, saved_usd=saved, attempts=1,
     )  # fmt: skip
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- the statistics -------------------------------------------------------------------------

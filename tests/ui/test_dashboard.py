@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import FakeClock
 
 import nbllm
 from nbllm.errors import ConfigError
@@ -83,14 +84,6 @@ def started(turns: int = 10, conversations: int = 5, t: float = 0.0, resumed: in
 
 def done(rec: TurnRecord, t: float, *, last: bool = False, in_flight: int = 0) -> TurnFinished:
     return TurnFinished(rec, in_flight, t, last)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- RunStats ---------------------------------------------------------------------------
