@@ -17,7 +17,6 @@ import json
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
 
 import aiohttp
 
@@ -25,6 +24,7 @@ from nbllm.engines.base import Engine
 from nbllm.engines.http_status import error_for_status, public_url, rate_limit_headers
 from nbllm.engines.openai_wire import (
     TIMEOUT_ERROR_CODE,
+    chat_body,
     error_code,
     error_message,
     read_completion,
@@ -91,12 +91,9 @@ class OpenAIEngine(Engine):
         return {}
 
     async def _complete(self, request: ChatRequest) -> ChatResponse:
-        model = request.model.removeprefix("openai/")
-        body: dict[str, Any] = {"model": model, "messages": list(request.messages)}
-        body.update(request.params)
-        # The OpenAI client's conventions for what is not a body field.
-        headers = {**(body.pop("extra_headers", None) or {}), **self._timeout_headers(request)}
-        body.update(body.pop("extra_body", None) or {})
+        body = chat_body(request)
+        model = body["model"]
+        headers = {**(request.params.get("extra_headers") or {}), **self._timeout_headers(request)}
         timeout = self._client_timeout(request)
         session = self._get_session()
         try:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nbllm.errors import RequestRejected
-from nbllm.types import ChatResponse, Message
+from nbllm.types import ChatRequest, ChatResponse, Message
 
 __all__ = [
     "SERVE_API_KEY_ENV",
@@ -34,7 +34,9 @@ __all__ = [
     "TIMEOUT_ERROR_CODE",
     "TIMEOUT_HEADER",
     "BadChatRequest",
+    "chat_body",
     "completion_body",
+    "completion_of",
     "error_body",
     "error_code",
     "error_message",
@@ -203,6 +205,20 @@ def parse_timeout(value: str | None) -> float | None:
 # --------------------------------------------------------------------- what clients read
 
 
+def chat_body(request: ChatRequest) -> dict[str, Any]:
+    """The ``/chat/completions`` body of ``request`` (no ``openai/`` prefix on the model),
+    following the OpenAI client's conventions: ``extra_body`` is merged into the body, and
+    ``extra_headers`` (headers, which the caller sends where it can) are left out."""
+    body: dict[str, Any] = {
+        "model": request.model.removeprefix("openai/"),
+        "messages": list(request.messages),
+        **request.params,
+    }
+    body.pop("extra_headers", None)
+    body.update(body.pop("extra_body", None) or {})
+    return body
+
+
 def read_completion(raw: bytes, model: str) -> ChatResponse:
     """The answer in a ``chat.completion`` body; ``model`` where the body names none.
 
@@ -212,6 +228,15 @@ def read_completion(raw: bytes, model: str) -> ChatResponse:
     """
     try:
         payload = json.loads(raw)
+    except ValueError as exc:
+        msg = "not a chat completion"
+        raise ValueError(msg) from exc
+    return completion_of(payload, model)
+
+
+def completion_of(payload: Any, model: str) -> ChatResponse:
+    """``read_completion`` of a body already parsed."""
+    try:
         choice = payload["choices"][0]
         text = choice["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError) as exc:

@@ -20,7 +20,7 @@ import aiohttp
 from nbllm.engines.batch.http import BatchClient, number
 from nbllm.engines.batch.lines import BatchInfo
 from nbllm.engines.http_status import error_for_status
-from nbllm.engines.openai_wire import read_completion
+from nbllm.engines.openai_wire import chat_body, completion_of
 from nbllm.errors import EngineError, RequestTimeout
 from nbllm.types import ChatRequest, ChatResponse
 
@@ -44,14 +44,7 @@ class OpenAIBatches(BatchClient):
         super().__init__(api_base or "https://api.openai.com/v1", headers, api_key)
 
     def body(self, request: ChatRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": request.model.removeprefix("openai/"),
-            "messages": list(request.messages),
-        }
-        body.update(request.params)
-        body.pop("extra_headers", None)  # a line has no headers of its own
-        body.update(body.pop("extra_body", None) or {})
-        return body
+        return chat_body(request)  # without extra_headers: a line has no headers of its own
 
     def line(self, custom_id: str, body: Mapping[str, Any]) -> bytes:
         line = {"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": body}
@@ -138,7 +131,7 @@ def _result(line: dict[str, Any], batch_id: str) -> tuple[str, ChatResponse | En
     if isinstance(response, dict) and response.get("status_code") == 200:
         body = response.get("body")
         try:
-            return custom_id, read_completion(json.dumps(body).encode(), "")
+            return custom_id, completion_of(body, "")
         except ValueError:
             return custom_id, EngineError(f"batch {batch_id}: a line answered {str(body)[:200]}")
     if isinstance(error, dict) and error.get("code") == _EXPIRED:
