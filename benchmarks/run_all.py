@@ -54,10 +54,11 @@ class Benchmark:
     gpu: bool = False  # needs a CUDA GPU
     timeout_s: float = 1800.0
     args: tuple[str, ...] = ()
+    file: str | None = None  # the script's name, where the entry's differs (a GPU variant)
 
     @property
     def script(self) -> str:
-        return f"benchmarks/{self.name}.py"
+        return f"benchmarks/{self.file or self.name}.py"
 
 
 BENCHMARKS = (
@@ -74,6 +75,10 @@ BENCHMARKS = (
     Benchmark("batch_api", json=False),
     Benchmark("shared_quota", json=False, needs="redis-server"),
     Benchmark("local_engines", timeout_s=3600.0),
+    # The torch parts on CUDA and vLLM's comparison: skipped, and listed so, without a GPU.
+    Benchmark(
+        "local_engines_gpu", file="local_engines", gpu=True, args=("--gpu",), timeout_s=3600.0
+    ),
 )
 
 
