@@ -37,6 +37,8 @@ __all__ = [
     "RunConfig",
     "config_of_call",
     "leaf_types",
+    "option_about",
+    "option_reader",
     "parse_run_option",
     "show",
     "shown_option",
@@ -480,7 +482,8 @@ def config_of_call(call: Mapping[str, Any]) -> RunConfig:
     return RunConfig(**{name: call[name] for name in RunConfig.model_fields})
 
 
-def _about(name: str, key: str) -> str | None:
+def option_about(name: str, key: str) -> str | None:
+    """What the schema says of option ``name`` under ``key`` ("expected", "metavar")."""
     extra = RunConfig.model_fields[name].json_schema_extra
     value = extra.get(key) if isinstance(extra, dict) else None
     return None if value is None else str(value)
@@ -491,7 +494,7 @@ def _one_line(exc: ValidationError, options: Mapping[str, Any]) -> str:
     name = str(error["loc"][0])
     if error["type"] == "extra_forbidden":
         return f"{name}= is not a run option; the options are {', '.join(RunConfig.model_fields)}"
-    return f"{name}= expected {_about(name, 'expected')}, got {_shown(name, options[name])}"
+    return f"{name}= expected {option_about(name, 'expected')}, got {_shown(name, options[name])}"
 
 
 def _shown(name: str, got: Any) -> str:
@@ -541,7 +544,8 @@ def takes_auto(name: str) -> bool:
     return "auto" in leaf_types(RunConfig.model_fields[name].annotation)
 
 
-def _reader(name: str) -> Any:
+def option_reader(name: str) -> Any:
+    """The function that reads option ``name`` from text (a flag, a setting)."""
     kind = text_type(name)
     if not takes_auto(name):
         return kind
@@ -559,7 +563,7 @@ def parse_run_option(name: str, text: str) -> Any:
     checked by the schema's rules; ``ConfigError`` otherwise."""
     kind = text_type(name)
     try:
-        value = _reader(name)(text)
+        value = option_reader(name)(text)
     except ValueError:
         what = "a whole number" if kind is int else "a number"
         what += " or 'auto'" if takes_auto(name) else ""

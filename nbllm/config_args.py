@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from nbllm.config import RunConfig, _about, _reader, takes_many, text_type
+from nbllm.config import RunConfig, option_about, option_reader, takes_many, text_type
 
 __all__ = ["add_run_arguments"]
 
@@ -51,11 +51,11 @@ def add_run_arguments(
             parser.add_argument(*flags, "--" + name.replace("_", "-"), **kwargs)
             continue
         if text_type(name) is not str:
-            kwargs["type"] = _reader(name)
+            kwargs["type"] = option_reader(name)
         if takes_many(name):
             kwargs["action"] = _OneOrMore  # given again: one more
         if choices and name in choices:
             kwargs["choices"] = choices[name]
         else:
-            kwargs["metavar"] = _about(name, "metavar")
+            kwargs["metavar"] = option_about(name, "metavar")
         parser.add_argument(*flags, "--" + name.replace("_", "-"), **kwargs)
